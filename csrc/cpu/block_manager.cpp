@@ -1,0 +1,6 @@
+// Placeholder: filled by the change that implements this op family.
+#include <pybind11/pybind11.h>
+
+namespace py = pybind11;
+
+void register_block_manager(py::module_& m) { (void)m; }

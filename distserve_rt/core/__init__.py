@@ -1,0 +1,1 @@
+"""Requests, the paged KV pool and its block manager, schedulers."""
