@@ -80,3 +80,16 @@ def set_num_threads(num_threads: int) -> None:
 
 def get_num_threads() -> int:
     return cpu_module().get_num_threads()
+
+
+def call(name: str, device: torch.device, *args: object) -> object:
+    """Calls native function `name` on the module for `device`.
+
+    Both modules export the same names with the same arguments; the CUDA ones take one more
+    trailing argument, the current stream of `device` (as cudaStream_t), so kernels order
+    after the caller's work without a synchronisation.
+    """
+    module = module_for(device)
+    if device.type == "cuda":
+        args = (*args, torch.cuda.current_stream(device).cuda_stream)
+    return getattr(module, name)(*args)
