@@ -46,7 +46,7 @@ format: $(DEPS_STAMP)
 	$(VENV)/bin/clang-format -i $(CXX_FILES)
 
 bench: $(BUILD_STAMP)
-	$(PY) -m pytest bench -q --benchmark-only
+	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/pytest_benchmark_cpu.json
 
 clean:
 	rm -rf build $(VENV) distserve_rt/*.so *.egg-info

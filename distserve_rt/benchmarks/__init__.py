@@ -1,0 +1,1 @@
+"""Benchmark cases and result records shared by `drt-run bench-ops` and `bench/`."""
