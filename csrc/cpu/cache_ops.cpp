@@ -1,6 +1,207 @@
-// Placeholder: filled by the change that implements this op family.
+// Launchers and bindings of the cache ops (write_kv, copy_blocks) of the CPU module.
+// The launchers check every value a caller can get wrong, including the data-dependent ones
+// (slot and block ids: a cheap host loop on CPU), name the bad one in a ValueError, then run
+// the kernels of include/distserve_rt/cpu/cache.h with the GIL released.
 #include <pybind11/pybind11.h>
 
-namespace py = pybind11;
+#include <algorithm>
+#include <cstdint>
+#include <functional>
+#include <utility>
+#include <vector>
 
-void register_cache_ops(py::module_& m) { (void)m; }
+#include "common/launcher.h"
+#include "distserve_rt/cpu/cache.h"
+#include "distserve_rt/cpu/dtype.h"
+
+namespace py = pybind11;
+using namespace pybind11::literals;
+
+namespace {
+
+using drt::check_arg;
+
+// Names the two tokens that share `slot` (only called once a duplicate is known to exist).
+void throw_duplicate_slot(const int64_t* slot_mapping, int64_t num_tokens, int64_t slot) {
+  int64_t first = -1;
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    if (slot_mapping[t] != slot) continue;
+    check_arg(first < 0, "slot_mapping[", first, "] and slot_mapping[", t, "] are both ", slot,
+              ": two tokens would write one slot of the KV cache (a scheduler bug); each ",
+              "non-negative slot may appear at most once per call");
+    first = t;
+  }
+}
+
+// Slots in [0, num_slots) or negative (padding), and no slot written twice: two tokens in one
+// slot would silently leave the cache holding whichever copy ran last.
+void check_slot_mapping(const int64_t* slot_mapping,  // [num_tokens]
+                        int64_t num_tokens, int64_t num_slots) {
+  std::vector<int64_t> slots;  // [<= num_tokens] the non-negative slots
+  slots.reserve(static_cast<std::size_t>(num_tokens));
+  for (int64_t t = 0; t < num_tokens; ++t) {
+    const int64_t slot = slot_mapping[t];
+    if (slot < 0) continue;
+    check_arg(slot < num_slots, "slot_mapping[", t, "] = ", slot, " is out of range: slots must ",
+              "be < num_blocks * block_size = ", num_slots, " (negative = padding)");
+    slots.push_back(slot);
+  }
+  // One sequence's tokens take increasing slots, so an O(n) pass often settles it; otherwise
+  // sort a copy (4096 slots: tens of microseconds, next to milliseconds of copying).
+  if (std::adjacent_find(slots.begin(), slots.end(), std::greater_equal<int64_t>()) ==
+      slots.end()) {
+    return;
+  }
+  std::sort(slots.begin(), slots.end());
+  const auto duplicate = std::adjacent_find(slots.begin(), slots.end());
+  if (duplicate != slots.end()) throw_duplicate_slot(slot_mapping, num_tokens, *duplicate);
+}
+
+void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
+              std::uintptr_t slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
+              int64_t head_dim, int64_t key_token_stride, int64_t value_token_stride,
+              int64_t num_blocks, int64_t block_size, int64_t kv_block_stride, int dtype_code) {
+  const drt::DType dtype = drt::to_dtype(dtype_code);
+  check_arg(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
+  check_arg(num_kv_heads >= 1, "num_kv_heads must be >= 1, got ", num_kv_heads);
+  check_arg(head_dim >= 1, "head_dim must be >= 1, got ", head_dim);
+  check_arg(num_blocks >= 0, "num_blocks must be >= 0, got ", num_blocks);
+  check_arg(block_size >= 1, "block_size must be >= 1, got ", block_size);
+  const int64_t token_numel = num_kv_heads * head_dim;
+  check_arg(key_token_stride >= token_numel, "key_token_stride (", key_token_stride,
+            ") must be >= num_kv_heads * head_dim (", token_numel, ") so tokens do not overlap");
+  check_arg(value_token_stride >= token_numel, "value_token_stride (", value_token_stride,
+            ") must be >= num_kv_heads * head_dim (", token_numel, ") so tokens do not overlap");
+  const int64_t block_numel = 2 * token_numel * block_size;
+  check_arg(kv_block_stride >= block_numel, "kv_block_stride (", kv_block_stride,
+            ") must be >= 2 * num_kv_heads * block_size * head_dim (", block_numel,
+            ") so blocks do not overlap");
+  if (num_tokens == 0) return;
+  check_arg(key != 0 && value != 0 && kv_cache != 0 && slot_mapping != 0,
+            "key, value, kv_cache and slot_mapping must be non-null pointers");
+
+  const drt::cpu::WriteKVParams params{drt::as_ptr<const void>(key),
+                                       drt::as_ptr<const void>(value),
+                                       drt::as_ptr<void>(kv_cache),
+                                       drt::as_ptr<const int64_t>(slot_mapping),
+                                       num_tokens,
+                                       num_kv_heads,
+                                       head_dim,
+                                       key_token_stride,
+                                       value_token_stride,
+                                       num_blocks,
+                                       block_size,
+                                       kv_block_stride};
+  py::gil_scoped_release no_gil;
+  check_slot_mapping(params.slot_mapping, num_tokens, num_blocks * block_size);
+  const drt::Status status =
+      DRT_CPU_DISPATCH_DTYPE(dtype, scalar_t, [&] { return drt::cpu::write_kv<scalar_t>(params); });
+  drt::throw_if_error(status, "write_kv");
+}
+
+std::uintptr_t block_address(std::uintptr_t base, int64_t block, int64_t stride_bytes) {
+  return base + static_cast<std::uintptr_t>(block) * static_cast<std::uintptr_t>(stride_bytes);
+}
+
+// When src and dst share memory, no pair may read bytes that another (or the same) pair
+// writes: the copy order would decide the result. `writes` = (dst block, pair) sorted by
+// block, hence by address, and disjoint (distinct blocks, stride >= block_bytes).
+void check_no_read_of_written(const drt::cpu::CopyBlocksParams& p,
+                              const std::vector<std::pair<int64_t, int64_t>>& writes) {
+  const auto src = reinterpret_cast<std::uintptr_t>(p.src);
+  const auto dst = reinterpret_cast<std::uintptr_t>(p.dst);
+  const auto bytes = static_cast<std::uintptr_t>(p.block_bytes);
+  const std::uintptr_t src_end = block_address(src, p.src_num_blocks - 1, p.src_block_stride_bytes);
+  const std::uintptr_t dst_end = block_address(dst, p.dst_num_blocks - 1, p.dst_block_stride_bytes);
+  if (src >= dst_end + bytes || dst >= src_end + bytes) return;  // separate allocations
+  std::vector<std::uintptr_t> write_begin;                       // [num_pairs] sorted
+  write_begin.reserve(writes.size());
+  for (const auto& w : writes) {
+    write_begin.push_back(block_address(dst, w.first, p.dst_block_stride_bytes));
+  }
+  for (int64_t i = 0; i < p.num_pairs; ++i) {
+    const int64_t src_block = p.block_mapping[2 * i];
+    const std::uintptr_t read_begin = block_address(src, src_block, p.src_block_stride_bytes);
+    // The write starting last before the read ends is the only one that can reach into it.
+    const auto after = std::lower_bound(write_begin.begin(), write_begin.end(), read_begin + bytes);
+    if (after == write_begin.begin()) continue;
+    const auto k = static_cast<std::size_t>(after - write_begin.begin() - 1);
+    check_arg(write_begin[k] + bytes <= read_begin, "block_mapping[", i, "] reads src block ",
+              src_block, " while block_mapping[", writes[k].second, "] writes dst block ",
+              writes[k].first, " over the same memory (src and dst share one pool); a block ",
+              "both read and written in one call would make the result depend on copy order");
+  }
+}
+
+// Ids in range, each dst block written once, and no block both read and written.
+void check_block_mapping(const drt::cpu::CopyBlocksParams& p) {
+  std::vector<std::pair<int64_t, int64_t>> writes;  // [num_pairs] (dst block, pair)
+  writes.reserve(static_cast<std::size_t>(p.num_pairs));
+  for (int64_t i = 0; i < p.num_pairs; ++i) {
+    const int64_t src_block = p.block_mapping[2 * i];
+    const int64_t dst_block = p.block_mapping[2 * i + 1];
+    check_arg(src_block >= 0 && src_block < p.src_num_blocks, "block_mapping[", i, "] = (",
+              src_block, ", ", dst_block, "): src block ", src_block, " is out of range [0, ",
+              p.src_num_blocks, ")");
+    check_arg(dst_block >= 0 && dst_block < p.dst_num_blocks, "block_mapping[", i, "] = (",
+              src_block, ", ", dst_block, "): dst block ", dst_block, " is out of range [0, ",
+              p.dst_num_blocks, ")");
+    writes.emplace_back(dst_block, i);
+  }
+  std::sort(writes.begin(), writes.end());
+  for (std::size_t k = 1; k < writes.size(); ++k) {
+    check_arg(writes[k].first != writes[k - 1].first, "block_mapping[", writes[k - 1].second,
+              "] and block_mapping[", writes[k].second, "] both write dst block ", writes[k].first,
+              "; each dst block may be written at most once per call");
+  }
+  if (p.block_bytes > 0) check_no_read_of_written(p, writes);
+}
+
+void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_mapping,
+                 int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
+                 int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
+                 int64_t block_bytes) {
+  check_arg(num_pairs >= 0, "num_pairs must be >= 0, got ", num_pairs);
+  check_arg(src_num_blocks >= 0, "src_num_blocks must be >= 0, got ", src_num_blocks);
+  check_arg(dst_num_blocks >= 0, "dst_num_blocks must be >= 0, got ", dst_num_blocks);
+  check_arg(block_bytes >= 0, "block_bytes must be >= 0, got ", block_bytes);
+  check_arg(src_block_stride_bytes >= block_bytes, "src_block_stride_bytes (",
+            src_block_stride_bytes, ") must be >= block_bytes (", block_bytes,
+            ") so blocks of src do not overlap");
+  check_arg(dst_block_stride_bytes >= block_bytes, "dst_block_stride_bytes (",
+            dst_block_stride_bytes, ") must be >= block_bytes (", block_bytes,
+            ") so blocks of dst do not overlap");
+  if (num_pairs == 0) return;
+  check_arg(src != 0 && dst != 0 && block_mapping != 0,
+            "src, dst and block_mapping must be non-null pointers");
+
+  const drt::cpu::CopyBlocksParams params{drt::as_ptr<const void>(src),
+                                          drt::as_ptr<void>(dst),
+                                          drt::as_ptr<const int64_t>(block_mapping),
+                                          num_pairs,
+                                          src_num_blocks,
+                                          dst_num_blocks,
+                                          src_block_stride_bytes,
+                                          dst_block_stride_bytes,
+                                          block_bytes};
+  py::gil_scoped_release no_gil;
+  check_block_mapping(params);
+  drt::throw_if_error(drt::cpu::copy_blocks(params), "copy_blocks");
+}
+
+}  // namespace
+
+void register_cache_ops(py::module_& m) {
+  m.def("write_kv", &write_kv,
+        "Scatters key/value [num_tokens, num_kv_heads, head_dim] into one layer's kv_cache "
+        "[num_blocks, 2, num_kv_heads, block_size, head_dim] at slot_mapping (int64, < 0 = "
+        "padding). Pointers are ints, strides in elements.",
+        "key"_a, "value"_a, "kv_cache"_a, "slot_mapping"_a, "num_tokens"_a, "num_kv_heads"_a,
+        "head_dim"_a, "key_token_stride"_a, "value_token_stride"_a, "num_blocks"_a, "block_size"_a,
+        "kv_block_stride"_a, "dtype"_a);
+  m.def("copy_blocks", &copy_blocks,
+        "Copies block_bytes from src block s to dst block d for every row (s, d) of "
+        "block_mapping (int64 [num_pairs, 2]). Pointers are ints, strides in bytes.",
+        "src"_a, "dst"_a, "block_mapping"_a, "num_pairs"_a, "src_num_blocks"_a, "dst_num_blocks"_a,
+        "src_block_stride_bytes"_a, "dst_block_stride_bytes"_a, "block_bytes"_a);
+}

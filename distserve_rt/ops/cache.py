@@ -1,9 +1,220 @@
-"""Placeholder until the op family is implemented."""
+"""KV-cache ops: write the new tokens' K/V into the paged pool, copy blocks between pools.
+
+``write_kv`` is what every attention layer does for its new tokens (prefill and decode);
+``copy_blocks`` is the primitive of the KV transfer engine (one block = one request's KV for
+all layers, see ``distserve_rt.core.kv_cache``) and of copy-on-write.
+
+The wrappers check types, shapes, dtypes, devices and contiguity; the native launchers check
+the ids (slots, block ids) against the pools. Both raise ValueError naming the bad argument.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from distserve_rt import _native
+from distserve_rt.ops._checks import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES_64,
+    check_dim,
+    check_inner_contiguous,
+    check_tensor,
+)
 
 
-def write_kv(*args, **kwargs):
-    raise NotImplementedError("write_kv is not implemented yet")
+def _dim0_stride(tensor: torch.Tensor, row_numel: int) -> int:
+    """Elements between rows of dim 0. With fewer than two rows torch may report any stride
+    (e.g. after unsqueeze); the row size is then exact and keeps the launcher's
+    "rows do not overlap" check meaningful."""
+    return tensor.stride(0) if tensor.shape[0] > 1 else row_numel
 
 
-def copy_blocks(*args, **kwargs):
-    raise NotImplementedError("copy_blocks is not implemented yet")
+def _check_rows_contiguous(name: str, tensor: torch.Tensor) -> None:
+    """Dims 1.. dense. write_kv runs per layer per step, where the generic per-dim check is
+    most of the wrapper's cost, so the common contiguous case skips it."""
+    if not tensor.is_contiguous():
+        check_inner_contiguous(name, tensor, 1)
+
+
+def _check_device(name: str, tensor: torch.Tensor, device: torch.device, of: str) -> None:
+    if tensor.device != device:
+        raise ValueError(
+            f"{name} is on {tensor.device}; it must be on {device} (the device of {of})"
+        )
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Writes the new tokens' key/value into one layer's paged KV cache, in place.
+
+    Args:
+        key: ``[num_tokens, num_kv_heads, head_dim]``; heads x dim contiguous, any token
+            stride (so a slice of a packed qkv projection works without a copy).
+        value: same shape, dtype and device as ``key``; its own token stride.
+        kv_cache: ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``, same dtype as
+            ``key``; dims 1.. contiguous, dim 0 any stride (``layer_view`` of a pool).
+        slot_mapping: int64 ``[num_tokens]``; token t goes to block ``slot // block_size``,
+            offset ``slot % block_size``. Negative slots are padding and skipped. A slot must
+            not appear twice (ValueError), nor be >= num_blocks * block_size.
+    """
+    key = check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES)
+    device = key.device
+    num_tokens, num_kv_heads, head_dim = key.shape
+    value = check_tensor("value", value, ndim=3, dtypes=(key.dtype,))
+    _check_device("value", value, device, "key")
+    if value.shape != key.shape:
+        raise ValueError(
+            f"value has shape {tuple(value.shape)}; it must match key {tuple(key.shape)}"
+        )
+    kv_cache = check_tensor("kv_cache", kv_cache, ndim=5, dtypes=(key.dtype,))
+    _check_device("kv_cache", kv_cache, device, "key")
+    check_dim("kv_cache", kv_cache, 1, 2, "K and V")
+    check_dim("kv_cache", kv_cache, 2, num_kv_heads, "num_kv_heads of key")
+    check_dim("kv_cache", kv_cache, 4, head_dim, "head_dim of key")
+    slot_mapping = check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES_64)
+    _check_device("slot_mapping", slot_mapping, device, "key")
+    check_dim("slot_mapping", slot_mapping, 0, num_tokens, "num_tokens of key")
+    _check_rows_contiguous("key", key)
+    _check_rows_contiguous("value", value)
+    _check_rows_contiguous("kv_cache", kv_cache)
+    if not slot_mapping.is_contiguous():
+        raise ValueError(f"slot_mapping must be contiguous, got strides {slot_mapping.stride()}")
+    if num_tokens == 0:
+        return
+    num_blocks, _, _, block_size, _ = kv_cache.shape
+    token_numel = num_kv_heads * head_dim
+    _native.call(
+        "write_kv",
+        device,
+        key.data_ptr(),
+        value.data_ptr(),
+        kv_cache.data_ptr(),
+        slot_mapping.data_ptr(),
+        num_tokens,
+        num_kv_heads,
+        head_dim,
+        _dim0_stride(key, token_numel),
+        _dim0_stride(value, token_numel),
+        num_blocks,
+        block_size,
+        _dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
+        _native.dtype_code(key.dtype),
+    )
+
+
+def _as_block_mapping(
+    block_mapping: torch.Tensor | Sequence[Sequence[int]], device: torch.device
+) -> torch.Tensor | None:
+    """The mapping as an int64 ``[num_pairs, 2]`` tensor on `device`; None when empty."""
+    if not isinstance(block_mapping, torch.Tensor):
+        if not isinstance(block_mapping, Sequence):
+            raise ValueError(
+                "block_mapping must be an int64 tensor [num_pairs, 2] or a list of "
+                f"(src, dst) pairs, got {type(block_mapping).__name__}"
+            )
+        if len(block_mapping) == 0:
+            return None
+        # No dtype forced: a float in the list must fail the int64 check, not be truncated.
+        block_mapping = torch.tensor(block_mapping, device=device)
+    mapping = check_tensor("block_mapping", block_mapping, dtypes=INDEX_DTYPES_64, contiguous=True)
+    _check_device("block_mapping", mapping, device, "src and dst")
+    if mapping.dim() != 2 or mapping.shape[1] != 2:
+        raise ValueError(
+            f"block_mapping must have shape [num_pairs, 2] (src block, dst block), "
+            f"got {tuple(mapping.shape)}"
+        )
+    return mapping if mapping.shape[0] > 0 else None
+
+
+def copy_blocks(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    block_mapping: torch.Tensor | Sequence[Sequence[int]],
+) -> None:
+    """Copies blocks of `src` into blocks of `dst`, bit for bit: ``dst[d] = src[s]`` for each
+    row ``(s, d)`` of `block_mapping`, all in one call.
+
+    Args:
+        src: a pool whose dim 0 indexes blocks, e.g. ``[num_blocks, num_layers, 2,
+            num_kv_heads, block_size, head_dim]``; each block (dims 1..) contiguous, dim 0
+            any stride.
+        dst: the same per-block shape and dtype as `src`, on the same device (cpu -> cpu or
+            cuda -> cuda on one device); may be `src` itself or share its memory.
+        block_mapping: int64 ``[num_pairs, 2]`` on the pools' device, or a list of
+            ``(src, dst)`` pairs. Ids must be in range and each dst block written at most
+            once; when src and dst share memory, no block may be both read and written
+            (the copy order would decide the result). Empty: nothing happens.
+    """
+    src = check_tensor("src", src)
+    dst = check_tensor("dst", dst)
+    if src.dim() < 1 or dst.dim() < 1:
+        raise ValueError(
+            f"src and dst must have a block dimension (dim 0), got shapes "
+            f"{tuple(src.shape)} and {tuple(dst.shape)}"
+        )
+    if dst.dtype != src.dtype:
+        raise ValueError(f"dst has dtype {dst.dtype}; it must match src ({src.dtype})")
+    if dst.shape[1:] != src.shape[1:]:
+        raise ValueError(
+            f"dst blocks have shape {tuple(dst.shape[1:])}; they must match the blocks of src "
+            f"{tuple(src.shape[1:])} (pools {tuple(src.shape)} and {tuple(dst.shape)})"
+        )
+    if dst.device != src.device:
+        raise ValueError(
+            f"dst is on {dst.device} and src on {src.device}; copy_blocks copies within one "
+            "device (cpu -> cpu, or cuda -> cuda on the same device)"
+        )
+    _check_rows_contiguous("src", src)
+    _check_rows_contiguous("dst", dst)
+    mapping = _as_block_mapping(block_mapping, src.device)
+    if mapping is None:
+        return
+    block_numel = math.prod(src.shape[1:])
+    element_size = src.element_size()
+    _native.call(
+        "copy_blocks",
+        src.device,
+        src.data_ptr(),
+        dst.data_ptr(),
+        mapping.data_ptr(),
+        mapping.shape[0],
+        src.shape[0],
+        dst.shape[0],
+        _dim0_stride(src, block_numel) * element_size,
+        _dim0_stride(dst, block_numel) * element_size,
+        block_numel * element_size,
+    )
+
+
+def reference_write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Plain-torch ``write_kv``: one token at a time, in place, no checks."""
+    block_size = kv_cache.shape[3]
+    for token, slot in enumerate(slot_mapping.tolist()):
+        if slot < 0:
+            continue
+        block, offset = divmod(slot, block_size)
+        kv_cache[block, 0, :, offset, :] = key[token]
+        kv_cache[block, 1, :, offset, :] = value[token]
+
+
+def reference_copy_blocks(
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    block_mapping: torch.Tensor | Sequence[Sequence[int]],
+) -> None:
+    """Plain-torch ``copy_blocks``: one block at a time in mapping order, in place."""
+    pairs = block_mapping.tolist() if isinstance(block_mapping, torch.Tensor) else block_mapping
+    for src_block, dst_block in pairs:
+        dst[dst_block] = src[src_block]
