@@ -44,9 +44,10 @@ class KVCacheSpec:
     def __post_init__(self) -> None:
         for name in ("num_blocks", "num_layers", "num_kv_heads", "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            # bool is an int subclass; True as a size is a bug, not 1.
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.block_size not in ALLOWED_BLOCK_SIZES:
+        if type(self.block_size) is not int or self.block_size not in ALLOWED_BLOCK_SIZES:
             raise ValueError(
                 f"block_size must be one of {ALLOWED_BLOCK_SIZES}, got {self.block_size!r}"
             )

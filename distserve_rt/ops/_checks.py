@@ -23,9 +23,11 @@ def check_tensor(
     ndim: int | None = None,
     dtypes: Sequence[torch.dtype] | None = None,
     device: torch.device | None = None,
+    device_of: str = "query",
     contiguous: bool = False,
 ) -> torch.Tensor:
-    """Checks one tensor argument and returns it (typed)."""
+    """Checks one tensor argument and returns it (typed). `device_of` names the argument
+    whose device `device` is, for the message."""
     if not isinstance(value, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
     if ndim is not None and value.dim() != ndim:
@@ -35,7 +37,9 @@ def check_tensor(
     if dtypes is not None and value.dtype not in dtypes:
         raise ValueError(f"{name} has dtype {value.dtype}; allowed: {_names(dtypes)}")
     if device is not None and value.device != device:
-        raise ValueError(f"{name} is on {value.device}, expected {device} (same as query)")
+        raise ValueError(
+            f"{name} is on {value.device}, it must be on {device} (the device of {device_of})"
+        )
     if contiguous and not value.is_contiguous():
         raise ValueError(
             f"{name} must be contiguous, got shape {tuple(value.shape)} "

@@ -39,13 +39,6 @@ def _check_rows_contiguous(name: str, tensor: torch.Tensor) -> None:
         check_inner_contiguous(name, tensor, 1)
 
 
-def _check_device(name: str, tensor: torch.Tensor, device: torch.device, of: str) -> None:
-    if tensor.device != device:
-        raise ValueError(
-            f"{name} is on {tensor.device}; it must be on {device} (the device of {of})"
-        )
-
-
 def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -68,18 +61,18 @@ def write_kv(
     device = key.device
     num_tokens, num_kv_heads, head_dim = key.shape
     value = check_tensor("value", value, ndim=3, dtypes=(key.dtype,))
-    _check_device("value", value, device, "key")
+    check_tensor("value", value, device=device, device_of="key")
     if value.shape != key.shape:
         raise ValueError(
             f"value has shape {tuple(value.shape)}; it must match key {tuple(key.shape)}"
         )
     kv_cache = check_tensor("kv_cache", kv_cache, ndim=5, dtypes=(key.dtype,))
-    _check_device("kv_cache", kv_cache, device, "key")
+    check_tensor("kv_cache", kv_cache, device=device, device_of="key")
     check_dim("kv_cache", kv_cache, 1, 2, "K and V")
     check_dim("kv_cache", kv_cache, 2, num_kv_heads, "num_kv_heads of key")
     check_dim("kv_cache", kv_cache, 4, head_dim, "head_dim of key")
     slot_mapping = check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES_64)
-    _check_device("slot_mapping", slot_mapping, device, "key")
+    check_tensor("slot_mapping", slot_mapping, device=device, device_of="key")
     check_dim("slot_mapping", slot_mapping, 0, num_tokens, "num_tokens of key")
     _check_rows_contiguous("key", key)
     _check_rows_contiguous("value", value)
@@ -124,7 +117,7 @@ def _as_block_mapping(
         # No dtype forced: a float in the list must fail the int64 check, not be truncated.
         block_mapping = torch.tensor(block_mapping, device=device)
     mapping = check_tensor("block_mapping", block_mapping, dtypes=INDEX_DTYPES_64, contiguous=True)
-    _check_device("block_mapping", mapping, device, "src and dst")
+    check_tensor("block_mapping", mapping, device=device, device_of="src and dst")
     if mapping.dim() != 2 or mapping.shape[1] != 2:
         raise ValueError(
             f"block_mapping must have shape [num_pairs, 2] (src block, dst block), "
