@@ -77,17 +77,22 @@ void raise_for(BlockStatus status, const char* op, std::int64_t request_id) {
 // Numpy's own conversion would truncate [1.5] to [1], a silent wrong request id, so the
 // element type is checked first: only integer arrays convert, and only by safe casts.
 Int64Array as_int64_array(const py::handle& value, const char* name) {
+  // check_arg evaluates its message eagerly: repr/str only on the failing path, since the
+  // repr of a 256-id array alone costs ~300 us.
   const py::array array = py::array::ensure(value);
-  check_arg(static_cast<bool>(array), name, " must be a 1-D sequence of ints, got ",
-            std::string(py::repr(value)));
+  if (!array) {
+    check_arg(false, name, " must be a 1-D sequence of ints, got ", std::string(py::repr(value)));
+  }
   check_arg(array.ndim() == 1, name, " must be 1-D, got ", array.ndim(), " dimensions");
   if (array.size() == 0) return Int64Array(0);  // [] is float64 to numpy
   const char kind = array.dtype().kind();
-  check_arg(kind == 'i' || kind == 'u', name, " must hold ints, got dtype ",
-            std::string(py::str(array.dtype())));
-  Int64Array ids = Int64Array::ensure(array);
-  check_arg(static_cast<bool>(ids), name, " must fit int64, got dtype ",
-            std::string(py::str(array.dtype())));
+  if (kind != 'i' && kind != 'u') {
+    check_arg(false, name, " must hold ints, got dtype ", std::string(py::str(array.dtype())));
+  }
+  Int64Array ids = Int64Array::ensure(array);  // safe casts only: uint64 fails
+  if (!ids) {
+    check_arg(false, name, " must fit int64, got dtype ", std::string(py::str(array.dtype())));
+  }
   return ids;
 }
 

@@ -389,6 +389,11 @@ def test_append_slots_batch_is_all_or_nothing():
         ([True], None, "request_ids must hold ints, got dtype bool"),
         ([[0, 1]], None, "request_ids must be 1-D, got 2 dimensions"),
         (3, None, "request_ids must be 1-D, got 0 dimensions"),
+        (
+            [[0], [0, 1]],
+            None,
+            r"request_ids must be a 1-D sequence of ints, got \[\[0\], \[0, 1\]\]",
+        ),
         (np.array([1], dtype=np.uint64), None, "request_ids must fit int64, got dtype uint64"),
         ([0], [2.0], "num_new_tokens must hold ints, got dtype float64"),
     ],

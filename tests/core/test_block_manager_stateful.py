@@ -21,7 +21,7 @@ import copy
 import math
 
 import numpy as np
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -122,10 +122,13 @@ class BlockManagerMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def allocate(self, data) -> None:
         capacity = self.model.num_blocks * self.model.block_size
-        num_tokens = data.draw(st.integers(0, capacity + self.model.block_size), "num_tokens")
+        # Mostly short prompts, so that several requests live at once and share blocks.
+        short = st.integers(0, 3 * self.model.block_size)
+        num_tokens = data.draw(short | st.integers(0, capacity + self.model.block_size))
         rid, self.next_id = self.next_id, self.next_id + 1
         expected = self.model.can_allocate(num_tokens)
         assert self.bm.can_allocate(num_tokens) is expected
+        event(f"can_allocate {expected.name}")
         if expected is not AllocStatus.OK:
             try:
                 self.bm.allocate(rid, num_tokens)
@@ -171,9 +174,11 @@ class BlockManagerMachine(RuleBasedStateMachine):
         else:
             result = self.bm.append_slots_batch(ids, counts)
         if not fits:
+            event("append: out of blocks")
             assert result is None
             return
         assert result is not None
+        event(f"append: {len(result.block_copies)} copies on write")
         self.model = after
         self.write(result, [t for new_tokens in tokens for t in new_tokens])
         expected_slots = [
@@ -250,8 +255,8 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 
 BlockManagerMachine.TestCase.settings = settings(
-    max_examples=150,
-    stateful_step_count=40,
+    max_examples=500,
+    stateful_step_count=50,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
