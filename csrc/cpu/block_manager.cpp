@@ -263,6 +263,31 @@ py::array_t<std::int32_t> seq_lens(const BlockManager& self, const py::handle& r
   return out;
 }
 
+AllocStatus can_allocate(const BlockManager& self, std::int64_t num_tokens) {
+  check_arg(num_tokens >= 0, "can_allocate: num_tokens must be >= 0, got ", num_tokens);
+  return self.can_allocate(num_tokens);
+}
+
+void fork_request(BlockManager& self, std::int64_t parent_id, std::int64_t child_id) {
+  const BlockStatus status = self.fork(parent_id, child_id);
+  raise_for(status, "fork", status == BlockStatus::kDuplicateRequest ? child_id : parent_id);
+}
+
+void free_request(BlockManager& self, std::int64_t request_id) {
+  raise_for(self.free(request_id), "free", request_id);
+}
+
+bool can_append_slots(BlockManager& self, std::int64_t request_id, std::int64_t num_new_tokens) {
+  return blocks_to_append_one(self, request_id, num_new_tokens, "can_append_slots") <=
+         self.num_free_blocks();
+}
+
+std::int64_t num_tokens_of(const BlockManager& self, std::int64_t request_id) {
+  const std::int64_t num_tokens = self.num_tokens(request_id);
+  if (num_tokens < 0) raise_for(BlockStatus::kUnknownRequest, "num_tokens", request_id);
+  return num_tokens;
+}
+
 }  // namespace
 
 void register_block_manager(py::module_& m) {
@@ -271,6 +296,8 @@ void register_block_manager(py::module_& m) {
       .value("LATER", AllocStatus::kLater)
       .value("NEVER", AllocStatus::kNever);
 
+  const auto request_id = py::arg("request_id");
+  const auto request_ids = py::arg("request_ids");
   py::class_<BlockManager>(m, "BlockManager")
       .def(py::init(&make_block_manager), py::arg("num_blocks"), py::arg("block_size"),
            py::arg("watermark"))
@@ -280,53 +307,20 @@ void register_block_manager(py::module_& m) {
       .def_property_readonly("num_free_blocks", &BlockManager::num_free_blocks)
       .def_property_readonly("num_used_blocks", &BlockManager::num_used_blocks)
       .def_property_readonly("num_requests", &BlockManager::num_requests)
-      .def("has_request", &BlockManager::has_request, py::arg("request_id"))
-      .def(
-          "can_allocate",
-          [](const BlockManager& self, std::int64_t num_tokens) {
-            check_arg(num_tokens >= 0, "can_allocate: num_tokens must be >= 0, got ", num_tokens);
-            return self.can_allocate(num_tokens);
-          },
-          py::arg("num_tokens"))
-      .def("allocate", &allocate, py::arg("request_id"), py::arg("num_tokens"))
-      .def(
-          "fork",
-          [](BlockManager& self, std::int64_t parent_id, std::int64_t child_id) {
-            const BlockStatus status = self.fork(parent_id, child_id);
-            raise_for(status, "fork",
-                      status == BlockStatus::kDuplicateRequest ? child_id : parent_id);
-          },
-          py::arg("parent_id"), py::arg("child_id"))
-      .def(
-          "free",
-          [](BlockManager& self, std::int64_t request_id) {
-            raise_for(self.free(request_id), "free", request_id);
-          },
-          py::arg("request_id"))
-      .def(
-          "can_append_slots",
-          [](BlockManager& self, std::int64_t request_id, std::int64_t num_new_tokens) {
-            return blocks_to_append_one(self, request_id, num_new_tokens, "can_append_slots") <=
-                   self.num_free_blocks();
-          },
-          py::arg("request_id"), py::arg("num_new_tokens"))
-      .def("append_slots", &append_slots, py::arg("request_id"), py::arg("num_new_tokens"))
-      .def("append_slots_batch", &append_slots_batch, py::arg("request_ids"),
-           py::arg("num_new_tokens"))
-      .def("num_blocks_to_append", &num_blocks_to_append, py::arg("request_ids"),
-           py::arg("num_new_tokens"))
-      .def("slot_mapping", &slot_mapping, py::arg("request_id"), py::arg("start"), py::arg("end"))
-      .def("block_table", &block_table, py::arg("request_id"))
-      .def("block_tables", &block_tables, py::arg("request_ids"), py::arg("max_blocks_per_seq"))
-      .def("seq_lens", &seq_lens, py::arg("request_ids"))
-      .def(
-          "num_tokens",
-          [](const BlockManager& self, std::int64_t request_id) {
-            const std::int64_t num_tokens = self.num_tokens(request_id);
-            if (num_tokens < 0) raise_for(BlockStatus::kUnknownRequest, "num_tokens", request_id);
-            return num_tokens;
-          },
-          py::arg("request_id"))
+      .def("has_request", &BlockManager::has_request, request_id)
+      .def("can_allocate", &can_allocate, py::arg("num_tokens"))
+      .def("allocate", &allocate, request_id, py::arg("num_tokens"))
+      .def("fork", &fork_request, py::arg("parent_id"), py::arg("child_id"))
+      .def("free", &free_request, request_id)
+      .def("can_append_slots", &can_append_slots, request_id, py::arg("num_new_tokens"))
+      .def("append_slots", &append_slots, request_id, py::arg("num_new_tokens"))
+      .def("append_slots_batch", &append_slots_batch, request_ids, py::arg("num_new_tokens"))
+      .def("num_blocks_to_append", &num_blocks_to_append, request_ids, py::arg("num_new_tokens"))
+      .def("slot_mapping", &slot_mapping, request_id, py::arg("start"), py::arg("end"))
+      .def("block_table", &block_table, request_id)
+      .def("block_tables", &block_tables, request_ids, py::arg("max_blocks_per_seq"))
+      .def("seq_lens", &seq_lens, request_ids)
+      .def("num_tokens", &num_tokens_of, request_id)
       .def("refcounts", [](const BlockManager& self) { return to_numpy(self.refcounts()); })
       .def("free_blocks", [](const BlockManager& self) { return to_numpy(self.free_blocks()); })
       .def("check_invariants", &BlockManager::check_invariants);

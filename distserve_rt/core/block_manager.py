@@ -25,6 +25,7 @@ changed, and the scheduler preempts or waits.
 from __future__ import annotations
 
 import enum
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -221,7 +222,11 @@ class BlockManager:
         return self._native.num_requests
 
     def __contains__(self, request_id: object) -> bool:
-        return isinstance(request_id, int) and self._native.has_request(request_id)
+        """Whether `request_id` (any int-like, numpy ints included) is allocated."""
+        try:
+            return self._native.has_request(operator.index(request_id))
+        except (TypeError, OverflowError):
+            return False
 
     def stats(self) -> BlockManagerStats:
         native = self._native

@@ -169,7 +169,8 @@ def test_request_ids_span_int64():
     assert bm.seq_lens([-(2**63), 2**63 - 1]).tolist() == [3, 3]
     with pytest.raises(TypeError):
         bm.allocate(2**63, 3)
-    assert "x" not in bm and 5 not in bm
+    assert "x" not in bm and 5 not in bm and 2**64 not in bm and 1.0 not in bm
+    assert np.int64(-1) in bm
 
 
 # ---- append ------------------------------------------------------------------------------
