@@ -1,0 +1,268 @@
+"""The paged-KV block manager: which blocks of the KV pool hold each request's tokens.
+
+A scheduler asks it, every step, whether a request can be admitted (`can_allocate`), builds
+a request's block_table when it is (`allocate`), grows the tables of running requests by
+the tokens of the step (`append_slots_batch`), and gives the blocks back when a request
+finishes or is preempted (`free`). Its outputs are what the kernels take: `slot_mapping`
+(int64, slot = block * block_size + offset) for ``write_kv``, padded `block_tables` and
+`seq_lens` (int32) for the attention ops, `block_copies` (int64 pairs) for ``copy_blocks``.
+
+Blocks are reference counted so that requests can share a prefix (`fork`, e.g. parallel
+sampling): a block returns to the free list only when its last owner frees it, and writing
+into a shared last block copies it first (copy-on-write, reported in
+`AppendResult.block_copies`; the caller copies those blocks before writing the new KV).
+
+The data structure is native (include/distserve_rt/block_manager.h): every call costs
+O(the blocks and requests it touches); the free list is a stack, so a freed block is the
+next one reused while it is still warm in cache. Not thread-safe: one scheduler owns it.
+
+Errors the caller made (an unknown or duplicate request id, a negative count, allocating
+when `can_allocate` is not OK) raise ValueError naming the request and the value. Running
+out of blocks while appending is not an error: `append_slots*` return None, nothing has
+changed, and the scheduler preempts or waits.
+"""
+
+from __future__ import annotations
+
+import enum
+import operator
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from distserve_rt import _C
+from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
+
+# Request ids of a batch call: a list/tuple of ints, or a 1-D integer numpy array or CPU
+# tensor (floats and bools are rejected, never truncated).
+RequestIds = Sequence[int] | np.ndarray
+
+
+class AllocStatus(enum.Enum):
+    """Whether a new request of some number of tokens can be admitted."""
+
+    OK = 0
+    """Enough free blocks remain above the watermark: `allocate` will succeed."""
+    LATER = 1
+    """Not now; possible once running requests free blocks."""
+    NEVER = 2
+    """Needs more blocks than the pool can ever grant a new request (num_blocks minus the
+    watermark): the request must be rejected, waiting will not help."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """What `append_slots` / `append_slots_batch` did."""
+
+    slot_mapping: np.ndarray
+    """int64 [total new tokens]: the slot of each new token, requests in batch order."""
+    block_copies: np.ndarray
+    """int64 [num_pairs, 2]: (src block, dst block) copy-on-write pairs. The caller must copy
+    these blocks (``ops.copy_blocks(pool, pool, block_copies)``) before writing the new
+    tokens' KV; empty when no request wrote into a shared block."""
+
+
+@dataclass(frozen=True, slots=True)
+class BlockManagerStats:
+    """One snapshot of the pool, for logs and metrics."""
+
+    num_blocks: int
+    num_free_blocks: int
+    num_used_blocks: int
+    usage: float
+    """num_used_blocks / num_blocks, in [0, 1]."""
+    num_requests: int
+
+
+class BlockManager:
+    """Paged-KV block allocator with reference counts (vLLM's BlockSpaceManager shape).
+
+    Args:
+        num_blocks: blocks in the KV pool (>= 1).
+        block_size: tokens per block: 8, 16 or 32.
+        watermark: fraction of the blocks kept free when admitting new requests, in [0, 1),
+            so that running requests can still grow without an immediate preemption.
+            The watermark is ``int(watermark * num_blocks)`` blocks; appends may use it.
+    """
+
+    def __init__(self, num_blocks: int, block_size: int = 16, watermark: float = 0.01) -> None:
+        for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{name} must be an int, got {value!r}")
+        if block_size not in ALLOWED_BLOCK_SIZES:
+            raise ValueError(f"block_size must be one of {ALLOWED_BLOCK_SIZES}, got {block_size}")
+        if not isinstance(watermark, (int, float)) or isinstance(watermark, bool):
+            raise ValueError(f"watermark must be a float in [0, 1), got {watermark!r}")
+        # The native constructor checks the ranges (num_blocks, watermark) and says why.
+        self._native = _C.BlockManager(num_blocks, block_size, float(watermark))
+        self._watermark = float(watermark)
+
+    # ---- admission --------------------------------------------------------------------
+
+    def can_allocate(self, num_tokens: int) -> AllocStatus:
+        """Whether a new request holding `num_tokens` (>= 0) tokens can be allocated now."""
+        return AllocStatus(int(self._native.can_allocate(num_tokens)))
+
+    def allocate(self, request_id: int, num_tokens: int) -> None:
+        """Builds the block_table of new request `request_id` for token positions
+        0..num_tokens-1 (``ceil(num_tokens / block_size)`` blocks).
+
+        Raises ValueError when the id is already allocated or `can_allocate(num_tokens)`
+        is not OK: check it first.
+        """
+        self._native.allocate(request_id, num_tokens)
+
+    def fork(self, parent_id: int, child_id: int) -> None:
+        """New request `child_id` shares all of `parent_id`'s tokens and blocks (each
+        block's refcount + 1); no block is taken until one of them writes into a shared
+        block. Raises ValueError for an unknown parent or an existing child id."""
+        self._native.fork(parent_id, child_id)
+
+    def free(self, request_id: int) -> None:
+        """Drops the request; each of its blocks returns to the free list when no other
+        request shares it. Raises ValueError for an unknown (or already freed) id."""
+        self._native.free(request_id)
+
+    # ---- growth -----------------------------------------------------------------------
+
+    def can_append_slots(self, request_id: int, num_new_tokens: int = 1) -> bool:
+        """Whether `append_slots(request_id, num_new_tokens)` would succeed now (it may use
+        the watermark blocks, which exist for exactly this)."""
+        return self._native.can_append_slots(request_id, num_new_tokens)
+
+    def append_slots(self, request_id: int, num_new_tokens: int = 1) -> AppendResult | None:
+        """Adds `num_new_tokens` (>= 1) token positions to the request, growing its
+        block_table as needed.
+
+        Returns the new tokens' slots and any copy-on-write pair, or None when the free
+        blocks do not suffice (nothing changed: preempt a request or wait).
+        """
+        result = self._native.append_slots(request_id, num_new_tokens)
+        return None if result is None else AppendResult(*result)
+
+    def append_slots_batch(
+        self, request_ids: RequestIds, num_new_tokens: RequestIds | None = None
+    ) -> AppendResult | None:
+        """`append_slots` for a whole step: request_ids[i] gains num_new_tokens[i] tokens
+        (one each when None, a decode step). ``slot_mapping`` lists the requests' new slots
+        in batch order. All or nothing: None when the batch does not fit the free blocks,
+        and then nothing changed. A request may appear once per batch."""
+        result = self._native.append_slots_batch(request_ids, num_new_tokens)
+        return None if result is None else AppendResult(*result)
+
+    def num_blocks_to_append(
+        self, request_ids: RequestIds, num_new_tokens: RequestIds | None = None
+    ) -> int:
+        """Free blocks `append_slots_batch` with the same arguments would take, copy-on-write
+        included. A scheduler preempts until this is <= num_free_blocks."""
+        return self._native.num_blocks_to_append(request_ids, num_new_tokens)
+
+    # ---- kernel inputs ----------------------------------------------------------------
+
+    def block_table(self, request_id: int) -> np.ndarray:
+        """int32 [ceil(num_tokens / block_size)]: the request's block ids (a copy)."""
+        return self._native.block_table(request_id)
+
+    def block_tables(
+        self, request_ids: RequestIds, max_blocks_per_seq: int | None = None
+    ) -> np.ndarray:
+        """int32 [len(request_ids), max_blocks_per_seq]: block_table rows padded with block
+        0 (a valid id, never read below seq_lens). `max_blocks_per_seq` defaults to the
+        widest row; a smaller value raises ValueError."""
+        return self._native.block_tables(request_ids, max_blocks_per_seq)
+
+    def seq_lens(self, request_ids: RequestIds) -> np.ndarray:
+        """int32 [len(request_ids)]: tokens each request holds."""
+        return self._native.seq_lens(request_ids)
+
+    def num_tokens(self, request_id: int) -> int:
+        """Tokens the request holds (its positions are 0..num_tokens-1)."""
+        return self._native.num_tokens(request_id)
+
+    def slot_mapping(self, request_id: int, start: int = 0, end: int | None = None) -> np.ndarray:
+        """int64 [end - start]: slots of the request's positions start..end-1 (end defaults
+        to num_tokens), e.g. a prefill chunk's ``write_kv`` slot_mapping."""
+        return self._native.slot_mapping(request_id, start, end)
+
+    # ---- state ------------------------------------------------------------------------
+
+    @property
+    def num_blocks(self) -> int:
+        return self._native.num_blocks
+
+    @property
+    def block_size(self) -> int:
+        return self._native.block_size
+
+    @property
+    def watermark(self) -> float:
+        return self._watermark
+
+    @property
+    def watermark_blocks(self) -> int:
+        """Blocks `can_allocate` keeps free: ``int(watermark * num_blocks)``."""
+        return self._native.watermark_blocks
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self._native.num_free_blocks
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self._native.num_used_blocks
+
+    @property
+    def usage(self) -> float:
+        """Fraction of the blocks in use, in [0, 1]."""
+        return self._native.num_used_blocks / self._native.num_blocks
+
+    @property
+    def num_requests(self) -> int:
+        return self._native.num_requests
+
+    def __contains__(self, request_id: object) -> bool:
+        """Whether `request_id` (any int-like, numpy ints included) is allocated."""
+        try:
+            return self._native.has_request(operator.index(request_id))
+        except (TypeError, OverflowError):
+            return False
+
+    def stats(self) -> BlockManagerStats:
+        native = self._native
+        num_used = native.num_used_blocks
+        return BlockManagerStats(
+            num_blocks=native.num_blocks,
+            num_free_blocks=native.num_free_blocks,
+            num_used_blocks=num_used,
+            usage=num_used / native.num_blocks,
+            num_requests=native.num_requests,
+        )
+
+    # ---- debugging --------------------------------------------------------------------
+
+    def refcounts(self) -> np.ndarray:
+        """int32 [num_blocks]: requests sharing each block (0 = free). A copy."""
+        return self._native.refcounts()
+
+    def free_blocks(self) -> np.ndarray:
+        """int32 [num_free_blocks]: the free stack, bottom to top (the last is handed out
+        next). A copy."""
+        return self._native.free_blocks()
+
+    def check_invariants(self) -> None:
+        """Recomputes the bookkeeping from the block tables (O(num_blocks + total table
+        length), for tests and debugging); raises RuntimeError naming the first broken
+        invariant: refcount == number of block_tables holding the block, no block listed
+        twice in one table or in the free list, free exactly when the refcount is 0, and
+        every table sized ceil(num_tokens / block_size)."""
+        problem = self._native.check_invariants()
+        if problem:
+            raise RuntimeError(f"block manager is inconsistent: {problem}")
+
+    def __repr__(self) -> str:
+        return (
+            f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
+            f"watermark={self.watermark}, num_free_blocks={self.num_free_blocks}, "
+            f"num_requests={self.num_requests})"
+        )
