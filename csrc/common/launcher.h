@@ -12,6 +12,8 @@
 namespace drt {
 
 // Throws ValueError("<what>") when `ok` is false. Use for every value a caller can get wrong.
+// The message parts are evaluated at the call even when `ok` holds: pass cheap values only
+// (numbers, string literals), never something built for the message, on hot paths.
 template <typename... Args>
 inline void check_arg(bool ok, const Args&... what) {
   if (ok) return;
