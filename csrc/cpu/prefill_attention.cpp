@@ -44,6 +44,8 @@ void check_shapes(const PrefillArgs& a) {
             "softmax_scale must be a positive finite float, got ", a.softmax_scale);
   check_arg(a.query != 0 && a.key != 0 && a.value != 0 && a.out != 0 && a.cu_seqlens != 0,
             "query, key, value, out and cu_seqlens must be non-null pointers");
+  // Token strides only matter between rows: smaller ones would make rows overlap.
+  if (a.num_tokens <= 1) return;
   const int64_t q_row = a.num_heads * a.head_dim;
   const int64_t kv_row = a.num_kv_heads * a.head_dim;
   check_arg(a.query_token_stride >= q_row, "query_token_stride (", a.query_token_stride,

@@ -61,32 +61,19 @@ def prefill_attention(
             ``0 .. prefix_lens[i] - 1`` read from ``kv_cache`` through ``block_table``.
         slot_mapping: int64 ``[num_tokens]``: if given, the new K/V are written to these
             slots (``block * block_size + offset``; negative = padding, skipped) before
-            attending, as ``write_kv`` does. Slots must not hold prefix tokens of the batch.
+            attending, exactly as ``write_kv`` followed by this op.
         out: ``[num_tokens, num_heads, head_dim]`` to write into (heads x dim contiguous);
             allocated when None.
 
     Dtypes: float32, float16 or bfloat16 for query, key, value, kv_cache and out alike;
-    accumulation is in fp32.
+    accumulation is in fp32. The CPU kernel uses a temporary fp32 copy of the new K/V
+    (8 * num_tokens * num_kv_heads * head_dim bytes).
     """
-    query = check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    query, key, value = _check_qkv(query, key, value)
     device, dtype = query.device, query.dtype
-    _native.module_for(device)  # unsupported device: ValueError before any work on it
     num_tokens, num_heads, head_dim = query.shape
-    key = _check_like_query("key", key, query)
-    value = _check_like_query("value", value, query)
     num_kv_heads = key.shape[1]
-    check_head_dims(num_heads, num_kv_heads)
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
-    for name, tensor in (("key", key), ("value", value)):
-        check_dim(name, tensor, 0, num_tokens, "num_tokens of query")
-        check_dim(name, tensor, 2, head_dim, "head_dim of query")
-    check_dim("value", value, 1, num_kv_heads, "num_kv_heads of key")
-    for name, tensor in (("query", query), ("key", key), ("value", value)):
-        check_inner_contiguous(name, tensor, 1)
-    cu_seqlens = check_tensor(
-        "cu_seqlens", cu_seqlens, ndim=1, dtypes=INDEX_DTYPES_32, device=device, contiguous=True
-    )
+    cu_seqlens = _check_index("cu_seqlens", cu_seqlens, 1, INDEX_DTYPES_32, device)
     if cu_seqlens.shape[0] < 1:
         raise ValueError("cu_seqlens must have batch + 1 >= 1 elements, got 0")
     batch = cu_seqlens.shape[0] - 1
@@ -102,7 +89,7 @@ def prefill_attention(
         out = check_tensor("out", out, ndim=3, dtypes=(dtype,), device=device)
         if out.shape != query.shape:
             raise ValueError(f"out has shape {tuple(out.shape)}, expected {tuple(query.shape)}")
-        check_inner_contiguous("out", out, 1)
+        _check_token_rows("out", out)
     _native.call(
         "prefill_attention",
         device,
@@ -122,6 +109,46 @@ def prefill_attention(
         _native.dtype_code(dtype),
     )
     return out
+
+
+def _check_qkv(
+    query: object, key: object, value: object
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """query [num_tokens, num_heads, head_dim], key/value [num_tokens, num_kv_heads,
+    head_dim]: same dtype and device, a supported device, GQA head counts."""
+    query = check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    _native.module_for(query.device)  # unsupported device: ValueError before any work on it
+    num_tokens, num_heads, head_dim = query.shape
+    key = _check_like_query("key", key, query)
+    value = _check_like_query("value", value, query)
+    check_head_dims(num_heads, key.shape[1])
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    for name, tensor in (("key", key), ("value", value)):
+        check_dim(name, tensor, 0, num_tokens, "num_tokens of query")
+        check_dim(name, tensor, 2, head_dim, "head_dim of query")
+    check_dim("value", value, 1, key.shape[1], "num_kv_heads of key")
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        _check_token_rows(name, tensor)
+    return query, key, value
+
+
+def _check_token_rows(name: str, tensor: torch.Tensor) -> None:
+    """Each token's [heads, head_dim] is dense and tokens do not overlap (any larger token
+    stride is fine: slices of a packed qkv tensor need no copy)."""
+    check_inner_contiguous(name, tensor, 1)
+    row = tensor.shape[1] * tensor.shape[2]
+    if tensor.shape[0] > 1 and tensor.stride(0) < row:
+        raise ValueError(
+            f"{name} has token stride {tensor.stride(0)} < num_heads * head_dim = {row} "
+            f"(shape {tuple(tensor.shape)}, strides {tensor.stride()}): rows would overlap"
+        )
+
+
+def _check_index(
+    name: str, tensor: object, ndim: int, dtypes: tuple[torch.dtype, ...], device: torch.device
+) -> torch.Tensor:
+    return check_tensor(name, tensor, ndim=ndim, dtypes=dtypes, device=device, contiguous=True)
 
 
 def _check_like_query(name: str, tensor: object, query: torch.Tensor) -> torch.Tensor:
@@ -164,24 +191,15 @@ def _check_cache_args(
         )
     max_blocks_per_seq = 0
     if block_table is not None:
-        block_table = check_tensor(
-            "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES_32, device=device,
-            contiguous=True,
-        )  # fmt: skip
-        prefix_lens = check_tensor(
-            "prefix_lens", prefix_lens, ndim=1, dtypes=INDEX_DTYPES_32, device=device,
-            contiguous=True,
-        )  # fmt: skip
+        block_table = _check_index("block_table", block_table, 2, INDEX_DTYPES_32, device)
+        prefix_lens = _check_index("prefix_lens", prefix_lens, 1, INDEX_DTYPES_32, device)
         check_dim("block_table", block_table, 0, batch, "batch = len(cu_seqlens) - 1")
         check_dim("prefix_lens", prefix_lens, 0, batch, "batch = len(cu_seqlens) - 1")
         max_blocks_per_seq = block_table.shape[1]
         if max_blocks_per_seq < 1:
             raise ValueError(f"block_table has shape {tuple(block_table.shape)}: no columns")
     if slot_mapping is not None:
-        slot_mapping = check_tensor(
-            "slot_mapping", slot_mapping, ndim=1, dtypes=INDEX_DTYPES_64, device=device,
-            contiguous=True,
-        )  # fmt: skip
+        slot_mapping = _check_index("slot_mapping", slot_mapping, 1, INDEX_DTYPES_64, device)
         check_dim("slot_mapping", slot_mapping, 0, key.shape[0], "num_tokens of query")
     return (
         *(_native.ptr(t) for t in (kv_cache, block_table, prefix_lens, slot_mapping)),

@@ -70,8 +70,9 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_matches_reference(device, generator, dtype, head_dim, group):
     num_kv_heads = 2
-    q, k, v = random_qkv(MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, dtype,
-                         device, generator)  # fmt: skip
+    q, k, v = random_qkv(
+        MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, dtype, device, generator
+    )
     cu_seqlens = cu_seqlens_of(MIXED_LENS, device)
     out = prefill_attention(q, k, v, cu_seqlens)
     assert out.shape == q.shape and out.dtype == dtype
@@ -85,8 +86,9 @@ def test_matches_reference(device, generator, dtype, head_dim, group):
 def test_paged_prefix_matches_reference(device, generator, dtype, block_size, group, write_kv):
     prefix_lens, seq_lens = [0, 5, 70, 17, 64], [3, 1, 30, 64, 9]
     num_kv_heads, head_dim = 2, 64
-    q, k, v = random_qkv(seq_lens, num_kv_heads * group, num_kv_heads, head_dim, dtype, device,
-                         generator)  # fmt: skip
+    q, k, v = random_qkv(
+        seq_lens, num_kv_heads * group, num_kv_heads, head_dim, dtype, device, generator
+    )
     kv_cache, block_table, prefix, slots = paged_prefix(
         prefix_lens, seq_lens, num_kv_heads, head_dim, block_size, dtype, device, generator
     )
@@ -155,8 +157,9 @@ def test_query_key_value_sliced_from_packed_qkv(device, generator, dtype):
     assert not q.is_contiguous()
     cu_seqlens = cu_seqlens_of(seq_lens, device)
     out = prefill_attention(q, k, v, cu_seqlens)
-    expected = reference_prefill_attention(q.contiguous(), k.contiguous(), v.contiguous(),
-                                           cu_seqlens)  # fmt: skip
+    expected = reference_prefill_attention(
+        q.contiguous(), k.contiguous(), v.contiguous(), cu_seqlens
+    )
     assert_close(out, expected)
 
 
@@ -168,6 +171,35 @@ def test_single_token_and_empty_sequences(device, generator):
     # One visible key: the output is that token's value row, repeated over the group (MQA).
     assert_close(out, v.expand(-1, 4, -1))
     assert_close(out, reference_prefill_attention(q, k, v, cu_seqlens))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_prefill_equals_one_pass(device, generator, dtype):
+    """A sequence prefilled in chunks (each writes its K/V, the next reads them as its
+    prefix) gives the one-pass result: the path chunked prefill schedulers rely on."""
+    chunks, num_kv_heads, head_dim, block_size = [37, 64, 1, 48], 2, 64, 16
+    q, k, v = random_qkv([sum(chunks)], 8, num_kv_heads, head_dim, dtype, device, generator)
+    kv_cache, block_table, _, slots = paged_prefix(
+        [0], [sum(chunks)], num_kv_heads, head_dim, block_size, dtype, device, generator
+    )
+    outs, start = [], 0
+    for n in chunks:
+        rows = slice(start, start + n)
+        outs.append(
+            prefill_attention(
+                q[rows],
+                k[rows],
+                v[rows],
+                cu_seqlens_of([n], device),
+                kv_cache=kv_cache,
+                block_table=block_table,
+                slot_mapping=slots[rows],
+                prefix_lens=torch.tensor([start], dtype=torch.int32, device=device),
+            )
+        )
+        start += n
+    one_pass = prefill_attention(q, k, v, cu_seqlens_of([sum(chunks)], device))
+    assert_close(torch.cat(outs), one_pass)
 
 
 def test_result_does_not_depend_on_thread_count(generator):
@@ -195,9 +227,16 @@ def valid_args(device, generator) -> dict:
     kv_cache, block_table, prefix, slots = paged_prefix(
         prefix_lens, seq_lens, 2, 64, 8, torch.float32, device, generator
     )
-    return {"query": q, "key": k, "value": v, "cu_seqlens": cu_seqlens_of(seq_lens, device),
-            "kv_cache": kv_cache, "block_table": block_table, "prefix_lens": prefix,
-            "slot_mapping": slots}  # fmt: skip
+    return {
+        "query": q,
+        "key": k,
+        "value": v,
+        "cu_seqlens": cu_seqlens_of(seq_lens, device),
+        "kv_cache": kv_cache,
+        "block_table": block_table,
+        "prefix_lens": prefix,
+        "slot_mapping": slots,
+    }
 
 
 def call(args: dict) -> torch.Tensor:
@@ -242,7 +281,7 @@ BAD_ARGS = {
             "cu_seqlens": a["cu_seqlens"],
         },
         r"head_dim must be in \[1, 256\], got 320",
-    ),  # fmt: skip
+    ),
     "query_inner_stride": (
         replace("query", lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
         r"query must be contiguous in dimensions 1..",
@@ -250,6 +289,10 @@ BAD_ARGS = {
     "key_inner_stride": (
         replace("key", lambda t: t.repeat_interleave(2, dim=2)[..., ::2]),
         r"key must be contiguous in dimensions 1..",
+    ),
+    "out_rows_overlap": (
+        lambda a: {**a, "out": torch.empty_like(a["query"][:1]).expand_as(a["query"])},
+        r"out has token stride 0 < num_heads \* head_dim = 256",
     ),
     "out_shape": (lambda a: {**a, "out": a["query"][:, :2]}, r"out has shape \(8, 2, 64\)"),
     "cache_not_kv": (replace("kv_cache", lambda t: t[:, :1]), r"kv_cache has shape .*dimension 1"),

@@ -11,20 +11,22 @@
 //
 // Tiling: query tiles hold kTileRows = 64 rows (tokens = 64 / group), so one converted K/V
 // tile feeds 64 rows and the per-thread scratch (~150 KiB at head_dim 128) stays in L2.
-// New K/V are packed once per call into fp32 [2, num_kv_heads, num_tokens, ld]: a token's
-// row of one kv head is only head_dim elements but tokens sit num_kv_heads * head_dim (or a
-// whole qkv row) apart, so reading them per tile touched a new page per key and converted
-// each key once per query tile; packed, a key tile is a contiguous fp32 block used in place.
-// The fused K/V write to the cache shares that pass (its one read of key/value). Prefix
-// tiles are already contiguous per block and kv head; they are converted per tile.
+// New K/V are packed once per call into fp32 [2, num_kv_heads, num_tokens, ld] (workspace:
+// 8 * num_tokens * num_kv_heads * head_dim bytes): a token's row of one kv head is only
+// head_dim elements but tokens sit num_kv_heads * head_dim (or a whole qkv row) apart, so
+// reading them per tile touched a new page per key and converted each key once per query
+// tile; packed, a key tile is a contiguous fp32 block used in place. The fused K/V write to
+// the cache shares that pass (its one read of key/value) and completes before any prefix is
+// read, so the result is exactly write_kv followed by attention. Prefix tiles are already
+// contiguous per block and kv head; they are converted per tile.
 //
 // Threading: one OpenMP region. The pack pass splits tokens statically (uniform work); the
 // attention loop runs all (query tile, kv head) items with schedule(dynamic, 1), heaviest
 // first (causal: late tiles of long sequences see the most keys), so uneven lengths still
 // balance. Items share no output rows, so results do not depend on the thread count.
 //
-// Contract (checked by the launcher in csrc/, not here): cu_seqlens sane, ids in range, the
-// new tokens' slots do not hold prefix tokens that this batch reads.
+// Contract (checked by the launcher in csrc/, not here): cu_seqlens sane, ids in range.
+// Duplicate slots in slot_mapping race as in write_kv (one of the writes wins).
 #pragma once
 
 #include <algorithm>
