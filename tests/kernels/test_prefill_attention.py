@@ -79,6 +79,22 @@ def test_matches_reference(device, generator, dtype, head_dim, group):
     assert_close(out, reference_prefill_attention(q, k, v, cu_seqlens))
 
 
+@pytest.mark.parametrize(
+    ("group", "num_kv_heads", "head_dim"),
+    [(3, 2, 32), (100, 1, 16), (5, 3, 256)],
+    ids=["group3", "group100", "head_dim256"],
+)
+def test_uneven_groups_and_head_dims(device, generator, group, num_kv_heads, head_dim):
+    """Groups that do not divide the 64-row tile (padding rows), groups wider than one
+    64-row score chunk, and the largest head_dim."""
+    q, k, v = random_qkv(
+        MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, torch.float32, device, generator
+    )
+    cu_seqlens = cu_seqlens_of(MIXED_LENS, device)
+    out = prefill_attention(q, k, v, cu_seqlens)
+    assert_close(out, reference_prefill_attention(q, k, v, cu_seqlens))
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 @pytest.mark.parametrize("group", [1, 4])
