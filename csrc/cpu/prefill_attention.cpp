@@ -1,6 +1,222 @@
-// Placeholder: filled by the change that implements this op family.
+// Launcher of the CPU prefill attention (include/distserve_rt/cpu/prefill_attention.h):
+// checks every argument, including the data-dependent ones (cu_seqlens, prefix_lens, block
+// ids, slot ids: a cheap host loop here, so the kernel never reads or writes out of bounds),
+// dispatches on dtype and runs the kernel without the GIL.
+#include "distserve_rt/cpu/prefill_attention.h"
+
 #include <pybind11/pybind11.h>
+
+#include <cmath>
+#include <cstdint>
+
+#include "common/launcher.h"
 
 namespace py = pybind11;
 
-void register_prefill_attention(py::module_& m) { (void)m; }
+namespace {
+
+// The native ABI's arguments, in its order (see distserve_rt/ops/prefill_attention.py).
+struct PrefillArgs {
+  std::uintptr_t query, key, value, out, cu_seqlens;
+  int64_t batch, num_tokens, max_seqlen_q, num_heads, num_kv_heads, head_dim;
+  int64_t query_token_stride, key_token_stride, value_token_stride, out_token_stride;
+  double softmax_scale;
+  std::uintptr_t kv_cache, block_table, prefix_lens, slot_mapping;
+  int64_t num_blocks, block_size, kv_block_stride, max_blocks_per_seq;
+  int dtype;
+};
+
+constexpr int64_t kIntMax = 0x7fffffff;
+
+void check_shapes(const PrefillArgs& a) {
+  using drt::check_arg;
+  check_arg(a.batch >= 0 && a.batch < kIntMax, "batch must be >= 0, got ", a.batch);
+  check_arg(a.num_tokens >= 0 && a.num_tokens < kIntMax, "num_tokens must be >= 0, got ",
+            a.num_tokens);
+  check_arg(a.max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", a.max_seqlen_q);
+  check_arg(a.num_kv_heads >= 1 && a.num_heads >= 1 && a.num_heads % a.num_kv_heads == 0 &&
+                a.num_heads < kIntMax,
+            "num_heads (", a.num_heads, ") must be a positive multiple of num_kv_heads (",
+            a.num_kv_heads, ")");
+  check_arg(a.head_dim >= 1 && a.head_dim <= drt::cpu::kMaxHeadDim, "head_dim must be in [1, ",
+            drt::cpu::kMaxHeadDim, "], got ", a.head_dim);
+  check_arg(std::isfinite(a.softmax_scale) && a.softmax_scale > 0,
+            "softmax_scale must be a positive finite float, got ", a.softmax_scale);
+  check_arg(a.query != 0 && a.key != 0 && a.value != 0 && a.out != 0 && a.cu_seqlens != 0,
+            "query, key, value, out and cu_seqlens must be non-null pointers");
+  // Token strides only matter between rows: smaller ones would make rows overlap.
+  if (a.num_tokens <= 1) return;
+  const int64_t q_row = a.num_heads * a.head_dim;
+  const int64_t kv_row = a.num_kv_heads * a.head_dim;
+  check_arg(a.query_token_stride >= q_row, "query_token_stride (", a.query_token_stride,
+            ") must be >= num_heads * head_dim (", q_row, ")");
+  check_arg(a.out_token_stride >= q_row, "out_token_stride (", a.out_token_stride,
+            ") must be >= num_heads * head_dim (", q_row, ")");
+  check_arg(a.key_token_stride >= kv_row && a.value_token_stride >= kv_row, "key_token_stride (",
+            a.key_token_stride, ") and value_token_stride (", a.value_token_stride,
+            ") must be >= num_kv_heads * head_dim (", kv_row, ")");
+}
+
+void check_cache_shapes(const PrefillArgs& a) {
+  using drt::check_arg;
+  if (a.kv_cache == 0) {
+    check_arg(a.block_table == 0 && a.prefix_lens == 0 && a.slot_mapping == 0,
+              "block_table, prefix_lens and slot_mapping need kv_cache (got kv_cache = 0)");
+    return;
+  }
+  check_arg(a.num_blocks >= 1 && a.num_blocks < kIntMax, "num_blocks must be >= 1, got ",
+            a.num_blocks);
+  check_arg(a.block_size >= 1 && a.block_size < kIntMax, "block_size must be >= 1, got ",
+            a.block_size);
+  const int64_t block_numel = 2 * a.num_kv_heads * a.block_size * a.head_dim;
+  check_arg(a.kv_block_stride >= block_numel, "kv_block_stride (", a.kv_block_stride,
+            ") must be >= 2 * num_kv_heads * block_size * head_dim (", block_numel, ")");
+  check_arg((a.block_table == 0) == (a.prefix_lens == 0),
+            "block_table and prefix_lens must be given together");
+  if (a.prefix_lens != 0) {
+    check_arg(a.max_blocks_per_seq >= 1 && a.max_blocks_per_seq < kIntMax,
+              "max_blocks_per_seq must be >= 1, got ", a.max_blocks_per_seq);
+  }
+}
+
+void check_cu_seqlens(const PrefillArgs& a) {
+  using drt::check_arg;
+  const auto* cu_seqlens = drt::as_ptr<const int32_t>(a.cu_seqlens);  // [batch + 1]
+  check_arg(cu_seqlens[0] == 0, "cu_seqlens[0] must be 0, got ", cu_seqlens[0]);
+  for (int64_t i = 0; i < a.batch; ++i) {
+    const int64_t seq_len = int64_t(cu_seqlens[i + 1]) - cu_seqlens[i];
+    check_arg(seq_len >= 0, "cu_seqlens must be non-decreasing, got cu_seqlens[", i,
+              "] = ", cu_seqlens[i], " > cu_seqlens[", i + 1, "] = ", cu_seqlens[i + 1]);
+    check_arg(seq_len <= a.max_seqlen_q, "sequence ", i, " has ", seq_len,
+              " tokens, more than max_seqlen_q = ", a.max_seqlen_q);
+  }
+  check_arg(cu_seqlens[a.batch] == a.num_tokens, "cu_seqlens[batch] = ", cu_seqlens[a.batch],
+            " must equal num_tokens = ", a.num_tokens);
+}
+
+void check_prefix(const PrefillArgs& a) {
+  using drt::check_arg;
+  if (a.prefix_lens == 0) return;
+  const auto* cu_seqlens = drt::as_ptr<const int32_t>(a.cu_seqlens);    // [batch + 1]
+  const auto* prefix_lens = drt::as_ptr<const int32_t>(a.prefix_lens);  // [batch]
+  const auto* block_table = drt::as_ptr<const int32_t>(a.block_table);
+  // block_table: [batch, max_blocks_per_seq]
+  const int64_t capacity = a.max_blocks_per_seq * a.block_size;
+  for (int64_t i = 0; i < a.batch; ++i) {
+    const int64_t prefix_len = prefix_lens[i];
+    const int64_t seq_len = int64_t(cu_seqlens[i + 1]) - cu_seqlens[i];
+    check_arg(prefix_len >= 0, "prefix_lens[", i, "] must be >= 0, got ", prefix_len);
+    check_arg(prefix_len + seq_len <= capacity, "sequence ", i, ": prefix_lens[", i,
+              "] + new tokens = ", prefix_len, " + ", seq_len, " exceeds max_blocks_per_seq (",
+              a.max_blocks_per_seq, ") * block_size (", a.block_size, ") = ", capacity);
+    const int64_t num_prefix_blocks = (prefix_len + a.block_size - 1) / a.block_size;
+    for (int64_t b = 0; b < num_prefix_blocks; ++b) {
+      const int32_t block = block_table[i * a.max_blocks_per_seq + b];
+      check_arg(block >= 0 && block < a.num_blocks, "block_table[", i, "][", b, "] = ", block,
+                " is out of range [0, num_blocks = ", a.num_blocks, ")");
+    }
+  }
+}
+
+void check_slot_mapping(const PrefillArgs& a) {
+  if (a.slot_mapping == 0) return;
+  const auto* slot_mapping = drt::as_ptr<const int64_t>(a.slot_mapping);  // [num_tokens]
+  const int64_t num_slots = a.num_blocks * a.block_size;
+  for (int64_t t = 0; t < a.num_tokens; ++t) {
+    drt::check_arg(slot_mapping[t] < num_slots, "slot_mapping[", t, "] = ", slot_mapping[t],
+                   " is out of range: slots are < num_blocks * block_size = ", num_slots,
+                   " (negative = padding)");
+  }
+}
+
+template <typename T>
+drt::cpu::PrefillAttentionParams<T> make_params(const PrefillArgs& a) {
+  using drt::as_ptr;
+  return {as_ptr<const T>(a.query),
+          as_ptr<const T>(a.key),
+          as_ptr<const T>(a.value),
+          as_ptr<T>(a.out),
+          as_ptr<const int32_t>(a.cu_seqlens),
+          int(a.batch),
+          int(a.num_tokens),
+          int(a.num_heads),
+          int(a.num_kv_heads),
+          int(a.head_dim),
+          a.query_token_stride,
+          a.key_token_stride,
+          a.value_token_stride,
+          a.out_token_stride,
+          float(a.softmax_scale),
+          as_ptr<T>(a.kv_cache),
+          as_ptr<const int32_t>(a.block_table),
+          as_ptr<const int32_t>(a.prefix_lens),
+          as_ptr<const int64_t>(a.slot_mapping),
+          int(a.block_size),
+          a.kv_block_stride,
+          int(a.max_blocks_per_seq)};
+}
+
+void prefill_attention(const PrefillArgs& a) {
+  const drt::DType dtype = drt::to_dtype(a.dtype);
+  check_shapes(a);
+  check_cache_shapes(a);
+  check_cu_seqlens(a);
+  check_prefix(a);
+  check_slot_mapping(a);
+  drt::Status status;
+  {
+    py::gil_scoped_release no_gil;
+    status = DRT_CPU_DISPATCH_DTYPE(
+        dtype, scalar_t, [&] { return drt::cpu::prefill_attention(make_params<scalar_t>(a)); });
+  }
+  drt::throw_if_error(status, "prefill_attention");
+}
+
+}  // namespace
+
+void register_prefill_attention(py::module_& m) {
+  m.def(
+      "prefill_attention",
+      [](std::uintptr_t query, std::uintptr_t key, std::uintptr_t value, std::uintptr_t out,
+         std::uintptr_t cu_seqlens, int64_t batch, int64_t num_tokens, int64_t max_seqlen_q,
+         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t query_token_stride,
+         int64_t key_token_stride, int64_t value_token_stride, int64_t out_token_stride,
+         double softmax_scale, std::uintptr_t kv_cache, std::uintptr_t block_table,
+         std::uintptr_t prefix_lens, std::uintptr_t slot_mapping, int64_t num_blocks,
+         int64_t block_size, int64_t kv_block_stride, int64_t max_blocks_per_seq, int dtype) {
+        prefill_attention({query,
+                           key,
+                           value,
+                           out,
+                           cu_seqlens,
+                           batch,
+                           num_tokens,
+                           max_seqlen_q,
+                           num_heads,
+                           num_kv_heads,
+                           head_dim,
+                           query_token_stride,
+                           key_token_stride,
+                           value_token_stride,
+                           out_token_stride,
+                           softmax_scale,
+                           kv_cache,
+                           block_table,
+                           prefix_lens,
+                           slot_mapping,
+                           num_blocks,
+                           block_size,
+                           kv_block_stride,
+                           max_blocks_per_seq,
+                           dtype});
+      },
+      py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("cu_seqlens"),
+      py::arg("batch"), py::arg("num_tokens"), py::arg("max_seqlen_q"), py::arg("num_heads"),
+      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("query_token_stride"),
+      py::arg("key_token_stride"), py::arg("value_token_stride"), py::arg("out_token_stride"),
+      py::arg("softmax_scale"), py::arg("kv_cache"), py::arg("block_table"), py::arg("prefix_lens"),
+      py::arg("slot_mapping"), py::arg("num_blocks"), py::arg("block_size"),
+      py::arg("kv_block_stride"), py::arg("max_blocks_per_seq"), py::arg("dtype"),
+      "Causal varlen prefill attention (GQA, optional paged prefix and fused K/V write). "
+      "Pointers are ints, strides in elements; see distserve_rt.ops.prefill_attention.");
+}
