@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/launcher.h"
+#include "common/slot_mapping_checks.h"
 
 namespace py = pybind11;
 
@@ -120,13 +121,8 @@ void check_prefix(const PrefillArgs& a) {
 
 void check_slot_mapping(const PrefillArgs& a) {
   if (a.slot_mapping == 0) return;
-  const auto* slot_mapping = drt::as_ptr<const int64_t>(a.slot_mapping);  // [num_tokens]
-  const int64_t num_slots = a.num_blocks * a.block_size;
-  for (int64_t t = 0; t < a.num_tokens; ++t) {
-    drt::check_arg(slot_mapping[t] < num_slots, "slot_mapping[", t, "] = ", slot_mapping[t],
-                   " is out of range: slots are < num_blocks * block_size = ", num_slots,
-                   " (negative = padding)");
-  }
+  drt::check_slot_mapping(drt::as_ptr<const int64_t>(a.slot_mapping),  // [num_tokens]
+                          a.num_tokens, a.num_blocks * a.block_size);
 }
 
 template <typename T>

@@ -323,7 +323,7 @@ BAD_ARGS = {
     "no_kv_cache": (lambda a: {**a, "kv_cache": None}, r"block_table was given without kv_cache"),
     "scale_negative": (lambda a: {**a, "softmax_scale": -1.0}, r"softmax_scale must be a posit"),
     "max_seqlen_negative": (lambda a: {**a, "max_seqlen": -1}, r"max_seqlen must be a non-neg"),
-    "key_wrong_device": (replace("key", lambda t: t.to("meta")), r"key is on meta, expected"),
+    "key_wrong_device": (replace("key", lambda t: t.to("meta")), r"key is on meta, it must be on"),
     "cache_wrong_device": (replace("kv_cache", lambda t: t.to("meta")), r"kv_cache is on meta"),
     "query_wrong_device": (
         lambda a: {name: t.to("meta") for name, t in a.items()},
@@ -373,6 +373,11 @@ BAD_VALUES = {
     "slot_out_of_range": (
         replace("slot_mapping", lambda t: set_index(t, 2, 10_000)),
         r"slot_mapping\[2\] = 10000 is out of range",
+    ),
+    # Two tokens in one slot: the fused write would race (same rule as write_kv).
+    "slot_duplicate": (
+        replace("slot_mapping", lambda t: set_index(t, 3, int(t[1]))),
+        r"slot_mapping\[1\] and slot_mapping\[3\] are both",
     ),
 }
 
