@@ -182,10 +182,13 @@ def _pool(gen, num_blocks, num_kv_heads, head_dim, block_size, dtype) -> torch.T
     return pool  # [num_blocks, 2 layers, 2, num_kv_heads, block_size, head_dim]
 
 
-def _block_tables(gen, seq_lens, block_size, num_blocks) -> torch.Tensor:
+def _block_tables(gen, seq_lens, block_size) -> tuple[int, torch.Tensor]:
+    """A pool size and a block table [batch, max_blocks_per_seq] of distinct shuffled ids
+    (a pool after some churn), with spare blocks that no sequence uses."""
     max_blocks = max(math.ceil(n / block_size) for n in seq_lens)
+    num_blocks = len(seq_lens) * max_blocks + 3
     ids = torch.randperm(num_blocks, generator=gen)[: len(seq_lens) * max_blocks]
-    return ids.view(len(seq_lens), max_blocks).to(torch.int32)  # [batch, max_blocks_per_seq]
+    return num_blocks, ids.view(len(seq_lens), max_blocks).to(torch.int32)
 
 
 def _to_cuda(*tensors):
@@ -277,9 +280,8 @@ DECODE_GRID = [
 def test_decode_attention_matches_cpu(
     generator, dtype, head_dim, block_size, num_heads, num_kv_heads, seq_lens
 ):
-    num_blocks = sum(math.ceil(n / block_size) for n in seq_lens) + 4
-    pool = _pool(generator, num_blocks * 2, num_kv_heads, head_dim, block_size, dtype)
-    block_table = _block_tables(generator, seq_lens, block_size, num_blocks * 2)
+    num_blocks, block_table = _block_tables(generator, seq_lens, block_size)
+    pool = _pool(generator, num_blocks, num_kv_heads, head_dim, block_size, dtype)
     seq_lens_t = torch.tensor(seq_lens, dtype=torch.int32)
     query = _rand((len(seq_lens), num_heads, head_dim), dtype, generator)
     expected = ops.decode_attention(query, layer_view(pool, 1), block_table, seq_lens_t)
@@ -344,9 +346,8 @@ def test_prefill_attention_matches_cpu(
     block_size = 16
     prefix = num_prefix or [0] * len(num_new)
     totals = [p + n for p, n in zip(prefix, num_new, strict=True)]
-    num_blocks = sum(math.ceil(t / block_size) for t in totals) + 3
+    num_blocks, block_table = _block_tables(generator, totals, block_size)
     pool = _pool(generator, num_blocks, num_kv_heads, head_dim, block_size, dtype)
-    block_table = _block_tables(generator, totals, block_size, num_blocks)
     cu_seqlens = torch.tensor([0, *torch.tensor(num_new).cumsum(0).tolist()], dtype=torch.int32)
     num_tokens = int(cu_seqlens[-1])
     query = _rand((num_tokens, num_heads, head_dim), dtype, generator)
