@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything the GPU machine has to do, in one call (device time is short):
+#   1. build both native modules from source with the CUDA module forced on (DRT_CUDA=ON),
+#      for sm_90a only (the H200), keeping ptxas' register/spill report;
+#   2. count tensor-core instructions in the SASS (the prefill kernel must show HMMA);
+#   3. run every `cuda`-marked test;
+#   4. run the GPU benchmarks (JSON + PNG), printing a short table last.
+# Usage: bash bench/gpu/run_all.sh [--quick]     (results under $OUT, else bench/results/gpu)
+# At most 8 files land in $OUT (the device tool's limit): build.log, ptxas.txt, sass.txt,
+# pytest_cuda.log, pytest_cuda.xml, bench.log, gpu_kernels.json, gpu_kernels.png.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+OUT=${OUT:-$PWD/bench/results/gpu}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BIN=$(dirname "$(command -v "$PY")")
+CMAKE=$(command -v cmake || echo "$BIN/cmake")
+NINJA=$(command -v ninja || echo "$BIN/ninja")
+export PYTHONUNBUFFERED=1
+status=0
+
+echo "== build (DRT_CUDA=ON, archs ${DRT_CUDA_ARCHS:-90a})"
+start=$(date +%s)
+if ! { "$CMAKE" -S . -B build/gpu -G Ninja -DDRT_CUDA=ON -DCMAKE_MAKE_PROGRAM="$NINJA" \
+         -DDRT_CUDA_ARCHS="${DRT_CUDA_ARCHS:-90a}" -DPython_EXECUTABLE="$(command -v "$PY")" \
+         "-DCMAKE_CUDA_FLAGS=-Xptxas -v" &&
+       "$CMAKE" --build build/gpu -j "$(nproc)"; } >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED (full log: build.log)"
+  exit 1
+fi
+echo "built in $(($(date +%s) - start)) s"
+# One line per kernel: registers, spills, shared memory.
+grep -E "Compiling entry|registers|spill" "$OUT/build.log" | paste - - - |
+  sed -E 's/ptxas info *: //g; s/Compiling entry function//' >"$OUT/ptxas.txt"
+grep -E "spill (stores|loads)" "$OUT/ptxas.txt" | grep -vE " 0 bytes spill stores, 0 bytes spill loads" |
+  sed 's/^/SPILLS: /' | head -20
+
+echo "== SASS: tensor-core instructions per kernel"
+if command -v cuobjdump >/dev/null; then
+  cuobjdump --dump-sass distserve_rt/_cuda*.so >"$OUT/sass.txt" 2>&1
+  awk '/Function :/ {name=$3} /HMMA|HGMMA/ {count[name]++} END {for (n in count) print count[n], n}' \
+    "$OUT/sass.txt" | sort -rn | head -12
+  # Keep only the per-kernel summary: the full dump is larger than what comes back.
+  awk '/Function :/ {name=$3} /HMMA|HGMMA|LDSM|LDGSTS|STL|LDL/ {split($0, a, /[ ;]+/); for (i in a) if (a[i] ~ /^(HMMA|HGMMA|LDSM|LDGSTS|STL|LDL)/) c[name" "a[i]]++} END {for (k in c) print c[k], k}' \
+    "$OUT/sass.txt" | sort -k2 >"$OUT/sass.summary" && mv "$OUT/sass.summary" "$OUT/sass.txt"
+else
+  echo "cuobjdump not found" | tee "$OUT/sass.txt"
+fi
+
+echo "== cuda tests"
+"$PY" -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/pytest_cuda.xml" \
+  >"$OUT/pytest_cuda.log" 2>&1 || status=1
+tail -25 "$OUT/pytest_cuda.log"
+
+echo "== GPU benchmarks"
+"$PY" bench/gpu/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+exit $status

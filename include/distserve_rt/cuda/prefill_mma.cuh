@@ -1,0 +1,101 @@
+// Tensor-core prefill attention for fp16/bf16 (FlashAttention-2 forward, mma.sync m16n8k16).
+//
+// Grid (M-tile slot, kv_head, seq). A CTA (4 warps) runs 64-row M tiles of packed
+// (token, head) rows of one KV head, striding over the sequence's tiles, so the grid's
+// x size (from max_seqlen_q) only sizes the launch and never limits what is computed.
+// Each warp owns 16 rows: Q fragments stay in registers for the whole key loop, S = Q K^T
+// and O += P V run on tensor cores with fp32 accumulators, and P goes from the S
+// accumulators straight into A fragments. K and V tiles (64 keys) alternate in shared
+// memory: V(n) loads while S(n) is computed, K(n + 1) while O += P V(n) runs.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "distserve_rt/cuda/cp_async.cuh"
+#include "distserve_rt/cuda/prefill_mma_steps.cuh"
+#include "distserve_rt/cuda/prefill_tiles.cuh"
+
+namespace drt::cuda {
+namespace prefill_mma_detail {
+
+// One M tile: packed rows m0 .. m0 + kBlockM against keys 0 .. (its last query position).
+// `writer`: this CTA also writes the new tokens' K/V into the pool (fused write_kv).
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void attend_m_tile(uint4* q_tile, uint4* k_tile, uint4* v_tile,
+                                              const PrefillParams& p, const PrefillSeq& s, int seq,
+                                              int kv_head, int m0, bool writer) {
+  using Cfg = PrefillMmaConfig<T, HEAD_DIM>;
+  constexpr int kN = Cfg::kBlockN;
+  constexpr int kThreads = Cfg::kThreads;
+  const int lane = threadIdx.x % 32;
+  int row_pos[2];  // query positions of this thread's rows (group, group + 8)
+  for (int h = 0; h < 2; ++h) {
+    row_pos[h] = s.prefix + (m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h) / p.group;
+  }
+  const int last_token = min(s.num_q - 1, (m0 + Cfg::kBlockM - 1) / p.group);
+  const int kv_len = s.prefix + s.num_q;
+  const int num_n_tiles = (s.prefix + last_token + 1 + kN - 1) / kN;
+
+  load_q_tile<T, HEAD_DIM, Cfg::kBlockM, kThreads>(q_tile, p, s, kv_head, m0);
+  load_kv_tile<T, HEAD_DIM, kN, kThreads>(k_tile, 0, p, s, seq, kv_head, 0);
+  cp_async_commit();
+  uint32_t qf[HEAD_DIM / 16][4];
+  MmaRows<HEAD_DIM> st;
+  st.m[0] = st.m[1] = -INFINITY;
+  st.l[0] = st.l[1] = 0.f;
+#pragma unroll
+  for (int d = 0; d < HEAD_DIM / 8; ++d) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.f;
+
+  for (int nt = 0; nt < num_n_tiles; ++nt) {
+    const int n0 = nt * kN;
+    cp_async_wait<0>();
+    __syncthreads();  // K(nt) (and Q) landed; every warp is done with V(nt - 1)
+    if (nt == 0) load_q_fragments<T, HEAD_DIM>(qf, q_tile);
+    if (writer) write_new_kv_rows<T, HEAD_DIM, kN, kThreads>(k_tile, 0, p, s, kv_head, n0);
+    load_kv_tile<T, HEAD_DIM, kN, kThreads>(v_tile, 1, p, s, seq, kv_head, n0);
+    cp_async_commit();
+    float sp[kN / 8][4];  // S, then P in place
+    qk_tile<T, HEAD_DIM, kN>(sp, qf, k_tile);
+    softmax_tile<HEAD_DIM, kN>(sp, st, row_pos, n0, kv_len, p.scale_log2);
+    cp_async_wait<0>();
+    __syncthreads();  // V(nt) landed; every warp is done with K(nt)
+    if (writer) write_new_kv_rows<T, HEAD_DIM, kN, kThreads>(v_tile, 1, p, s, kv_head, n0);
+    if (nt + 1 < num_n_tiles) {
+      load_kv_tile<T, HEAD_DIM, kN, kThreads>(k_tile, 0, p, s, seq, kv_head, n0 + kN);
+    }
+    cp_async_commit();
+    pv_tile<T, HEAD_DIM, kN>(st, sp, v_tile);
+  }
+  store_o_rows<T, HEAD_DIM>(st, p, s, kv_head, m0);
+  __syncthreads();  // the next M tile refills the tiles
+}
+
+}  // namespace prefill_mma_detail
+
+template <typename T, int HEAD_DIM>
+__global__ void __launch_bounds__(128) prefill_mma_kernel(const PrefillParams p) {
+  using Cfg = PrefillMmaConfig<T, HEAD_DIM>;
+  extern __shared__ uint4 smem[];  // Q, K, V tiles: [kBlockM, HEAD_DIM] each, padded rows
+  uint4* q_tile = smem;
+  uint4* k_tile = smem + Cfg::kTileWords;
+  uint4* v_tile = smem + 2 * Cfg::kTileWords;
+  const int seq = blockIdx.z;
+  const int kv_head = blockIdx.y;
+  const PrefillSeq s = prefill_seq(p, seq);
+  const int64_t num_rows = static_cast<int64_t>(s.num_q) * p.group;
+  const int num_m_tiles = static_cast<int>((num_rows + Cfg::kBlockM - 1) / Cfg::kBlockM);
+  for (int mt = blockIdx.x; mt < num_m_tiles; mt += gridDim.x) {
+    const int m0 = mt * Cfg::kBlockM;
+    if (s.bad) {
+      store_nan_rows<T, HEAD_DIM, Cfg::kBlockM, Cfg::kThreads>(p, s, kv_head, m0);
+      continue;
+    }
+    const bool writer = p.slot_mapping != nullptr && mt == num_m_tiles - 1;
+    prefill_mma_detail::attend_m_tile<T, HEAD_DIM>(q_tile, k_tile, v_tile, p, s, seq, kv_head, m0,
+                                                   writer);
+  }
+}
+
+}  // namespace drt::cuda
