@@ -90,6 +90,10 @@ def call(name: str, device: torch.device, *args: object) -> object:
     after the caller's work without a synchronisation.
     """
     module = module_for(device)
-    if device.type == "cuda":
-        args = (*args, torch.cuda.current_stream(device).cuda_stream)
-    return getattr(module, name)(*args)
+    if device.type != "cuda":
+        return getattr(module, name)(*args)
+    # torch reports every device's default stream as 0, so the launcher can only know which
+    # GPU a default-stream call is for from the current device: make it the tensors' device.
+    with torch.cuda.device(device):
+        stream = torch.cuda.current_stream(device).cuda_stream
+        return getattr(module, name)(*args, stream)
