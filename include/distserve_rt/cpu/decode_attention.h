@@ -159,10 +159,13 @@ inline const T* cache_tile(const DecodeAttentionParams& p, const int32_t* blocks
 }
 
 // Scores then probabilities of tokens [begin, end) for the group, then their V rows added to
-// the accumulators: K and V tiles are each streamed once per chunk.
+// the accumulators: K and V tiles are each streamed once per chunk. Blocks are scattered, so
+// the hardware prefetcher cannot run ahead across them; software prefetches keep memory busy
+// while the tiles in hand are computed: the K pass fetches the next K tile and this V tile,
+// the V pass fetches the next chunk's K tiles (up to item_end).
 template <typename T, int kDim>
 void attend_chunk(const DecodeAttentionParams& p, const int32_t* blocks, int64_t kv_head,
-                  int64_t begin, int64_t end, Scratch& s) {
+                  int64_t begin, int64_t end, int64_t item_end, Scratch& s) {
   const int64_t dim = kDim > 0 ? kDim : p.head_dim;
   const int64_t group = p.num_heads / p.num_kv_heads;
   const int64_t bs = p.block_size;
@@ -170,8 +173,6 @@ void attend_chunk(const DecodeAttentionParams& p, const int32_t* blocks, int64_t
   const int64_t v_index = p.num_kv_heads + kv_head;
   for (int64_t pos = begin; pos < end; pos += bs) {
     const int64_t n = std::min(bs, end - pos);
-    // Blocks are scattered, so the hardware prefetcher cannot run ahead across them: fetch
-    // the next K tile, and this block's V tile for the V pass below.
     if (pos + bs < end) prefetch(cache_tile<T>(p, blocks, pos + bs, kv_head), tile_bytes);
     prefetch(cache_tile<T>(p, blocks, pos, v_index), tile_bytes);
     const float* k = tile_as_float(cache_tile<T>(p, blocks, pos, kv_head), n * dim, s.k_tile);
@@ -186,6 +187,8 @@ void attend_chunk(const DecodeAttentionParams& p, const int32_t* blocks, int64_t
   }
   for (int64_t pos = begin; pos < end; pos += bs) {
     const int64_t n = std::min(bs, end - pos);
+    const int64_t next_k = end + (pos - begin);
+    if (next_k < item_end) prefetch(cache_tile<T>(p, blocks, next_k, kv_head), tile_bytes);
     const float* v = tile_as_float(cache_tile<T>(p, blocks, pos, v_index), n * dim, s.v_tile);
     tile_accumulate<kDim>(s.scores + (pos - begin), v, group, n, dim, s.chunk_tokens, s.acc);
   }
@@ -204,7 +207,8 @@ void attend_item(const DecodeAttentionParams& p, int64_t seq, int64_t kv_head, i
   std::fill(s.row_sum, s.row_sum + group, 0.0f);
   const int32_t* blocks = p.block_table + seq * p.max_blocks_per_seq;
   for (int64_t pos = token_begin; pos < token_end; pos += s.chunk_tokens)
-    attend_chunk<T, kDim>(p, blocks, kv_head, pos, std::min(pos + s.chunk_tokens, token_end), s);
+    attend_chunk<T, kDim>(p, blocks, kv_head, pos, std::min(pos + s.chunk_tokens, token_end),
+                          token_end, s);
 
   if (dst.partial_out != nullptr) {
     std::memcpy(dst.partial_out, s.acc, group * dim * sizeof(float));
