@@ -12,6 +12,10 @@
 
 #include "distserve_rt/cpu/dtype.h"
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 namespace drt::cpu::decode_detail {
 
 // exp(x) for x <= 0 as a branch-free polynomial (Cephes expf, ~1 ulp) that vectorises in
@@ -69,8 +73,17 @@ inline float half_bits_to_float(uint16_t h) {
 }
 template <>
 inline const float* tile_as_float<fp16>(const fp16* src, int64_t count, float* scratch) {
+  int64_t i = 0;
+#if defined(__F16C__)
+  // The one intrinsic here: vcvtph2ps converts 8 halves in one instruction, where the
+  // portable bit-level version below takes ~12 (fp16 decode was ~45% slower than bf16).
+  for (; i + 8 <= count; i += 8) {
+    const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+    _mm256_storeu_ps(scratch + i, _mm256_cvtph_ps(half));
+  }
+#endif
 #pragma omp simd
-  for (int64_t i = 0; i < count; ++i) scratch[i] = half_bits_to_float(src[i].bits);
+  for (int64_t j = i; j < count; ++j) scratch[j] = half_bits_to_float(src[j].bits);
   return scratch;
 }
 
