@@ -13,15 +13,20 @@
 // Threading and splits. A work item is (sequence, kv head, split): it computes every query
 // head of that kv head's GQA group, so each K/V row is read from memory once per group, and
 // one (block, kv head) is a dense [block_size, head_dim] tile (HND layout) that is streamed,
-// converted to fp32 once and reused by the group's heads from L1. Decode is bandwidth-bound,
-// so what matters is keeping every thread streaming: when batch * num_kv_heads gives fewer
-// than kItemsPerThread items per thread (short batches of long contexts), each sequence is
-// cut into splits of split_tokens tokens (a multiple of block_size, at least
-// kMinSplitTokens so a split's fixed cost - loading q, writing a partial row - stays small).
-// Splits write an unnormalised partial output + running max + running sum to the workspace
-// and a second pass merges them (log-sum-exp). A sequence shorter than split_tokens has one
-// split and writes `out` directly. Items run longest first under a dynamic schedule, so
-// mixed-length batches balance across threads.
+// converted to fp32 once and reused by the group's heads from L1. An item walks its tokens
+// in chunks of ~256 (whole blocks): scores of the chunk's K tiles, one online-softmax update
+// per head, then the chunk's V tiles, with software prefetch one step ahead of each pass.
+// Decode is bandwidth-bound, so what matters is keeping every thread streaming: when
+// batch * num_kv_heads gives fewer than kDecodeItemsPerThread items per thread (short
+// batches of long contexts), each sequence is cut into splits of split_tokens tokens (a
+// multiple of block_size, at least kDecodeMinSplitTokens so a split's fixed cost - loading
+// q, writing a partial row, merging - stays small). Splits write an unnormalised partial
+// output + running max + running sum to the workspace and a second pass merges them
+// (log-sum-exp). A sequence no longer than split_tokens has one split and writes `out`
+// directly. Items run longest first under a dynamic schedule (OpenMP, the thread count of
+// the calling thread), so mixed-length batches balance across threads. The split count is
+// per call, from max_seq_len: with very few kv heads, one long sequence in a large batch of
+// short ones is not split and may finish last.
 #pragma once
 
 #include <omp.h>
@@ -57,10 +62,13 @@ struct DecodeAttentionParams {
   int64_t num_blocks, block_size, kv_block_stride, max_blocks_per_seq;
 };
 
-constexpr int64_t kDecodeMaxHeadDim = 256;
+constexpr int64_t kDecodeMaxHeadDim = 256;  // bounds the per-thread scratch
 constexpr int64_t kDecodeMaxBlockSize = 64;
+// About one chunk: a shorter split costs more (q load, partial row, merge) than it spreads.
 constexpr int64_t kDecodeMinSplitTokens = 256;
-constexpr int64_t kDecodeMaxSplits = 64;
+constexpr int64_t kDecodeMaxSplits = 64;  // bounds the workspace on many-core machines
+// Items per thread wanted before splitting: a few, so the dynamic schedule can even out
+// items of unequal length instead of one thread finishing last.
 constexpr int64_t kDecodeItemsPerThread = 4;
 
 struct DecodeSplitPlan {
