@@ -55,27 +55,10 @@ def decode_attention(
     Returns ``out`` (allocated like ``query`` when not given). Raises ValueError on bad
     arguments; on CPU that includes ``seq_lens`` and the block ids they use.
     """
-    query = check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    _check_inputs(query, kv_cache, block_table, seq_lens)
     device = query.device
     batch, num_heads, head_dim = query.shape
-    check_inner_contiguous("query", query, 1)
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"query has head_dim {head_dim}; supported: 1..{MAX_HEAD_DIM}")
-    kv_cache = check_tensor("kv_cache", kv_cache, ndim=5, device=device)
-    _check_same_dtype("kv_cache", kv_cache, query)
-    check_dim("kv_cache", kv_cache, 1, 2, "K and V")
-    check_dim("kv_cache", kv_cache, 4, head_dim, "head_dim of query")
-    check_inner_contiguous("kv_cache", kv_cache, 1)
     num_blocks, _, num_kv_heads, block_size, _ = kv_cache.shape
-    check_head_dims(num_heads, num_kv_heads)
-    block_table = check_tensor(
-        "block_table", block_table, ndim=2, dtypes=INDEX_DTYPES_32, device=device, contiguous=True
-    )
-    check_dim("block_table", block_table, 0, batch, "batch of query")
-    seq_lens = check_tensor(
-        "seq_lens", seq_lens, ndim=1, dtypes=INDEX_DTYPES_32, device=device, contiguous=True
-    )
-    check_dim("seq_lens", seq_lens, 0, batch, "batch of query")
     out = _check_or_make_out(out, query)
     scale = resolve_scale(softmax_scale, head_dim)
     if batch == 0:
@@ -86,6 +69,7 @@ def decode_attention(
     workspace_bytes = _native.call(
         "decode_attention_workspace_bytes", device, batch, num_heads, head_dim, max_seq_len
     )
+    # [workspace_bytes] scratch for the split partials (fp32 rows), owned by this call
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     _native.call(
         "decode_attention",
@@ -112,6 +96,26 @@ def decode_attention(
         _native.dtype_code(query.dtype),
     )
     return out
+
+
+def _check_inputs(query: object, kv_cache: object, block_table: object, seq_lens: object) -> None:
+    query = check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    device = query.device
+    batch, num_heads, head_dim = query.shape
+    check_inner_contiguous("query", query, 1)
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"query has head_dim {head_dim}; supported: 1..{MAX_HEAD_DIM}")
+    kv_cache = check_tensor("kv_cache", kv_cache, ndim=5, device=device)
+    _check_same_dtype("kv_cache", kv_cache, query)
+    check_dim("kv_cache", kv_cache, 1, 2, "K and V")
+    check_dim("kv_cache", kv_cache, 4, head_dim, "head_dim of query")
+    check_inner_contiguous("kv_cache", kv_cache, 1)
+    check_head_dims(num_heads, kv_cache.shape[2])
+    for name, tensor, ndim in (("block_table", block_table, 2), ("seq_lens", seq_lens, 1)):
+        tensor = check_tensor(
+            name, tensor, ndim=ndim, dtypes=INDEX_DTYPES_32, device=device, contiguous=True
+        )
+        check_dim(name, tensor, 0, batch, "batch of query")
 
 
 def _check_same_dtype(name: str, tensor: torch.Tensor, query: torch.Tensor) -> None:
