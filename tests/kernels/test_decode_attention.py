@@ -59,7 +59,7 @@ def assert_matches_reference(out, query, kv_cache, block_table, seq_lens, softma
 
 
 @pytest.fixture
-def num_threads():
+def restore_num_threads():
     """Restores the kernels' thread count after a test that changes it."""
     before = _native.get_num_threads()
     yield
@@ -90,7 +90,7 @@ def test_matches_reference(device, generator, dtype, head_dim, group, block_size
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("threads", [1, 2, 5])
-def test_long_contexts_split_across_threads(device, generator, num_threads, dtype, threads):
+def test_long_contexts_split_across_threads(device, generator, restore_num_threads, dtype, threads):
     """Few (sequence, kv head) items and thousands of tokens: the kernel splits each sequence
     and merges the partial results; the split count follows the thread count."""
     _native.set_num_threads(threads)
@@ -325,7 +325,7 @@ def _native_args(inputs, out, workspace_bytes, workspace=0, dtype_code=0):
     )
 
 
-def test_native_checks_workspace_and_dtype(inputs, num_threads):
+def test_native_checks_workspace_and_dtype(inputs, restore_num_threads):
     """The launcher refuses a workspace below what its split plan needs (the Python wrapper
     always sizes it; direct callers of the native ABI might not) and unknown dtype codes."""
     _native.set_num_threads(4)
