@@ -234,11 +234,11 @@ BAD_TENSORS = {
     "seq_lens batch": (lambda q, kv, bt, sl: {"seq_lens": sl[:1]}, r"seq_lens has shape"),
     "kv_cache device": (
         lambda q, kv, bt, sl: {"kv_cache": torch.empty(kv.shape, device="meta")},
-        r"kv_cache is on meta, expected cpu",
+        r"kv_cache is on meta, it must be on cpu \(the device of query\)",
     ),
     "seq_lens device": (
         lambda q, kv, bt, sl: {"seq_lens": torch.empty(2, dtype=torch.int32, device="meta")},
-        r"seq_lens is on meta, expected cpu",
+        r"seq_lens is on meta, it must be on cpu \(the device of query\)",
     ),
     "seq_len 0": (
         lambda q, kv, bt, sl: {"seq_lens": torch.tensor([20, 0], dtype=torch.int32)},
