@@ -34,6 +34,8 @@ class OpCase:
     """Bytes read + written by one call (for GB/s)."""
     flops: int = 0
     """Floating-point operations of one call (for GFLOP/s)."""
+    memory_bound: bool = False
+    """Report GB/s rather than GFLOP/s (decode attention reads every KV byte once)."""
     extra: dict[str, object] = field(default_factory=dict)
 
     @property
@@ -124,6 +126,7 @@ def decode_attention_case(
         tolerance=_tolerance(dtype),
         bytes_moved=kv_bytes + 2 * query.numel() * query.element_size(),
         flops=4 * batch * num_heads * context_len * head_dim,
+        memory_bound=True,
     )
 
 

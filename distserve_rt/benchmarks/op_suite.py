@@ -70,7 +70,7 @@ def run_suite(cases: Iterable[OpCase], min_time_s: float = 0.3) -> list[OpResult
 
 def _throughput(result: OpResult) -> str:
     c = result.case
-    if c.flops:
+    if c.flops and not c.memory_bound:
         return f"{c.flops / result.ours.median_s / 1e9:8.1f} GFLOP/s"
     if c.bytes_moved:
         return f"{c.bytes_moved / result.ours.median_s / 1e9:8.2f} GB/s"
