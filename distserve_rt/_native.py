@@ -74,7 +74,10 @@ def ptr(tensor: torch.Tensor | None) -> int:
 
 
 def set_num_threads(num_threads: int) -> None:
-    """Threads used by the CPU kernels (OpenMP). Default: OMP_NUM_THREADS or all cores."""
+    """Threads used by the CPU kernels (OpenMP), for calls from any Python thread.
+
+    Default: OMP_NUM_THREADS or all cores. torch's CPU build shares the same OpenMP runtime,
+    so also set ``torch.set_num_threads`` when torch ops run between ours."""
     cpu_module().set_num_threads(int(num_threads))
 
 

@@ -12,6 +12,7 @@
 
 #include "common/launcher.h"
 #include "common/slot_mapping_checks.h"
+#include "cpu/threads.h"
 #include "distserve_rt/cpu/cache.h"
 #include "distserve_rt/cpu/dtype.h"
 
@@ -27,6 +28,7 @@ void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
               std::uintptr_t slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
               int64_t head_dim, int64_t key_token_stride, int64_t value_token_stride,
               int64_t num_blocks, int64_t block_size, int64_t kv_block_stride, int dtype_code) {
+  drt::cpu::apply_num_threads();
   const drt::DType dtype = drt::to_dtype(dtype_code);
   check_arg(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
   check_arg(num_kv_heads >= 1, "num_kv_heads must be >= 1, got ", num_kv_heads);
@@ -43,7 +45,9 @@ void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
             ") must be >= 2 * num_kv_heads * block_size * head_dim (", block_numel,
             ") so blocks do not overlap");
   if (num_tokens == 0) return;
-  check_arg(key != 0 && value != 0 && kv_cache != 0 && slot_mapping != 0,
+  // A pool of zero blocks has a null data pointer; then every slot must be padding (checked
+  // below against num_slots = 0) and the cache is never touched.
+  check_arg(key != 0 && value != 0 && slot_mapping != 0 && (kv_cache != 0 || num_blocks == 0),
             "key, value, kv_cache and slot_mapping must be non-null pointers");
 
   const drt::cpu::WriteKVParams params{drt::as_ptr<const void>(key),
@@ -127,6 +131,7 @@ void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_ma
                  int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
                  int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
                  int64_t block_bytes) {
+  drt::cpu::apply_num_threads();
   check_arg(num_pairs >= 0, "num_pairs must be >= 0, got ", num_pairs);
   check_arg(src_num_blocks >= 0, "src_num_blocks must be >= 0, got ", src_num_blocks);
   check_arg(dst_num_blocks >= 0, "dst_num_blocks must be >= 0, got ", dst_num_blocks);

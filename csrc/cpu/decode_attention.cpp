@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/launcher.h"
+#include "cpu/threads.h"
 
 namespace py = pybind11;
 
@@ -71,7 +72,7 @@ int64_t workspace_bytes(int64_t batch, int64_t num_heads, int64_t head_dim, int6
   check_arg(head_dim >= 1, "head_dim must be >= 1, got ", head_dim);
   check_arg(max_seq_len >= 1, "max_seq_len must be >= 1, got ", max_seq_len);
   return drt::cpu::decode_workspace_bytes_upper_bound(batch, num_heads, head_dim, max_seq_len,
-                                                      omp_get_max_threads());
+                                                      drt::cpu::effective_num_threads());
 }
 
 void decode_attention(std::uintptr_t query, std::uintptr_t out, std::uintptr_t kv_cache,
@@ -106,7 +107,7 @@ void decode_attention(std::uintptr_t query, std::uintptr_t out, std::uintptr_t k
   // The split plan depends on the thread count, so the workspace is checked against the plan
   // this call will run (what decode_attention_workspace_bytes returned bounds it).
   const drt::cpu::DecodeSplitPlan plan = drt::cpu::plan_decode_splits(
-      batch, num_kv_heads, max_seq_len, block_size, omp_get_max_threads());
+      batch, num_kv_heads, max_seq_len, block_size, drt::cpu::effective_num_threads());
   const int64_t needed = drt::cpu::decode_workspace_bytes(plan, batch, num_heads, head_dim);
   check_arg(workspace_bytes >= needed && (needed == 0 || workspace != 0), "workspace_bytes ",
             workspace_bytes, " is too small: this call needs ", needed,

@@ -1,7 +1,10 @@
 // The CPU module `distserve_rt._C`: one registration function per op family, each in its
 // own binding file beside this one.
-#include <omp.h>
 #include <pybind11/pybind11.h>
+
+#include <string>
+
+#include "cpu/threads.h"
 
 namespace py = pybind11;
 
@@ -12,12 +15,13 @@ void register_block_manager(py::module_& m);      // block_manager.cpp
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "distserve_rt CPU kernels and block manager";
-  // Kernels use OpenMP over the threads set here (default: OMP_NUM_THREADS or all cores).
+  // Kernels use OpenMP over the threads set here, from whichever thread calls them
+  // (threads.h); default: OMP_NUM_THREADS or all cores.
   m.def("set_num_threads", [](int n) {
     if (n < 1) throw std::invalid_argument("num_threads must be >= 1, got " + std::to_string(n));
-    omp_set_num_threads(n);
+    drt::cpu::configured_num_threads().store(n);
   });
-  m.def("get_num_threads", []() { return omp_get_max_threads(); });
+  m.def("get_num_threads", []() { return drt::cpu::effective_num_threads(); });
   register_cache_ops(m);
   register_prefill_attention(m);
   register_decode_attention(m);

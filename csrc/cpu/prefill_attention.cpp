@@ -6,11 +6,13 @@
 
 #include <pybind11/pybind11.h>
 
+#include <climits>
 #include <cmath>
 #include <cstdint>
 
 #include "common/launcher.h"
 #include "common/slot_mapping_checks.h"
+#include "cpu/threads.h"
 
 namespace py = pybind11;
 
@@ -43,8 +45,10 @@ void check_shapes(const PrefillArgs& a) {
             drt::cpu::kMaxHeadDim, "], got ", a.head_dim);
   check_arg(std::isfinite(a.softmax_scale) && a.softmax_scale > 0,
             "softmax_scale must be a positive finite float, got ", a.softmax_scale);
-  check_arg(a.query != 0 && a.key != 0 && a.value != 0 && a.out != 0 && a.cu_seqlens != 0,
-            "query, key, value, out and cu_seqlens must be non-null pointers");
+  // Empty tensors have null data pointers: a batch with no new tokens is valid (and a no-op).
+  check_arg(a.cu_seqlens != 0, "cu_seqlens must be a non-null pointer");
+  check_arg(a.num_tokens == 0 || (a.query != 0 && a.key != 0 && a.value != 0 && a.out != 0),
+            "query, key, value and out must be non-null pointers");
   // Token strides only matter between rows: smaller ones would make rows overlap.
   if (a.num_tokens <= 1) return;
   const int64_t q_row = a.num_heads * a.head_dim;
@@ -107,6 +111,9 @@ void check_prefix(const PrefillArgs& a) {
     const int64_t prefix_len = prefix_lens[i];
     const int64_t seq_len = int64_t(cu_seqlens[i + 1]) - cu_seqlens[i];
     check_arg(prefix_len >= 0, "prefix_lens[", i, "] must be >= 0, got ", prefix_len);
+    // The kernel keeps token positions in int.
+    check_arg(prefix_len + seq_len <= INT32_MAX, "sequence ", i, ": prefix_lens[", i,
+              "] + new tokens = ", prefix_len + seq_len, " exceeds INT32_MAX positions");
     check_arg(prefix_len + seq_len <= capacity, "sequence ", i, ": prefix_lens[", i,
               "] + new tokens = ", prefix_len, " + ", seq_len, " exceeds max_blocks_per_seq (",
               a.max_blocks_per_seq, ") * block_size (", a.block_size, ") = ", capacity);
@@ -153,12 +160,14 @@ drt::cpu::PrefillAttentionParams<T> make_params(const PrefillArgs& a) {
 }
 
 void prefill_attention(const PrefillArgs& a) {
+  drt::cpu::apply_num_threads();
   const drt::DType dtype = drt::to_dtype(a.dtype);
   check_shapes(a);
   check_cache_shapes(a);
   check_cu_seqlens(a);
   check_prefix(a);
   check_slot_mapping(a);
+  if (a.num_tokens == 0) return;  // every sequence empty: nothing to attend or write
   drt::Status status;
   {
     py::gil_scoped_release no_gil;

@@ -82,3 +82,12 @@ def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     if not (isinstance(softmax_scale, (int, float)) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive float, got {softmax_scale!r}")
     return float(softmax_scale)
+
+
+def dim0_stride(tensor: torch.Tensor, row_numel: int) -> int:
+    """Elements between rows of dim 0, what native code takes as a token/block stride.
+
+    With fewer than two rows torch may report any stride (e.g. after unsqueeze or a
+    transpose); the row size is then exact and keeps the launchers' "rows do not overlap"
+    checks meaningful."""
+    return tensor.stride(0) if tensor.shape[0] > 1 else row_numel

@@ -6,6 +6,9 @@ all layers, see ``distserve_rt.core.kv_cache``) and of copy-on-write.
 
 The wrappers check types, shapes, dtypes, devices and contiguity; the native launchers check
 the ids (slots, block ids) against the pools. Both raise ValueError naming the bad argument.
+On CUDA, ids inside device tensors are not checked on the host (that would cost a device
+synchronisation per call): the kernels skip out-of-range ids instead of touching memory
+outside the pools, and duplicate slots or destination blocks are the caller's to rule out.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from distserve_rt import _native
@@ -22,14 +26,8 @@ from distserve_rt.ops._checks import (
     check_dim,
     check_inner_contiguous,
     check_tensor,
+    dim0_stride,
 )
-
-
-def _dim0_stride(tensor: torch.Tensor, row_numel: int) -> int:
-    """Elements between rows of dim 0. With fewer than two rows torch may report any stride
-    (e.g. after unsqueeze); the row size is then exact and keeps the launcher's
-    "rows do not overlap" check meaningful."""
-    return tensor.stride(0) if tensor.shape[0] > 1 else row_numel
 
 
 def _check_rows_contiguous(name: str, tensor: torch.Tensor) -> None:
@@ -43,7 +41,7 @@ def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
     kv_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
+    slot_mapping: torch.Tensor | np.ndarray,
 ) -> None:
     """Writes the new tokens' key/value into one layer's paged KV cache, in place.
 
@@ -53,10 +51,13 @@ def write_kv(
         value: same shape, dtype and device as ``key``; its own token stride.
         kv_cache: ``[num_blocks, 2, num_kv_heads, block_size, head_dim]``, same dtype as
             ``key``; dims 1.. contiguous, dim 0 any stride (``layer_view`` of a pool).
-        slot_mapping: int64 ``[num_tokens]``; token t goes to block ``slot // block_size``,
-            offset ``slot % block_size``. Negative slots are padding and skipped. A slot must
-            not appear twice (ValueError), nor be >= num_blocks * block_size.
+        slot_mapping: int64 ``[num_tokens]`` (tensor or numpy array); token t goes to block
+            ``slot // block_size``, offset ``slot % block_size``. Negative slots are padding
+            and skipped. A slot must not appear twice (ValueError), nor be >= num_blocks *
+            block_size.
     """
+    if isinstance(slot_mapping, np.ndarray):  # the block manager's AppendResult.slot_mapping
+        slot_mapping = torch.from_numpy(slot_mapping).to(getattr(key, "device", "cpu"))
     key = check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES)
     device = key.device
     num_tokens, num_kv_heads, head_dim = key.shape
@@ -93,23 +94,29 @@ def write_kv(
         num_tokens,
         num_kv_heads,
         head_dim,
-        _dim0_stride(key, token_numel),
-        _dim0_stride(value, token_numel),
+        dim0_stride(key, token_numel),
+        dim0_stride(value, token_numel),
         num_blocks,
         block_size,
-        _dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
+        dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
         _native.dtype_code(key.dtype),
     )
 
 
 def _as_block_mapping(
-    block_mapping: torch.Tensor | Sequence[Sequence[int]], device: torch.device
+    block_mapping: torch.Tensor | np.ndarray | Sequence[Sequence[int]], device: torch.device
 ) -> torch.Tensor | None:
-    """The mapping as an int64 ``[num_pairs, 2]`` tensor on `device`; None when empty."""
+    """The mapping as an int64 ``[num_pairs, 2]`` tensor on `device`; None when empty.
+
+    numpy arrays are what the block manager returns (``AppendResult.block_copies``)."""
+    if isinstance(block_mapping, np.ndarray):
+        if block_mapping.size == 0:
+            return None
+        block_mapping = torch.from_numpy(block_mapping).to(device)
     if not isinstance(block_mapping, torch.Tensor):
         if not isinstance(block_mapping, Sequence):
             raise ValueError(
-                "block_mapping must be an int64 tensor [num_pairs, 2] or a list of "
+                "block_mapping must be an int64 tensor or numpy array [num_pairs, 2] or a list of "
                 f"(src, dst) pairs, got {type(block_mapping).__name__}"
             )
         if len(block_mapping) == 0:
@@ -180,8 +187,8 @@ def copy_blocks(
         mapping.shape[0],
         src.shape[0],
         dst.shape[0],
-        _dim0_stride(src, block_numel) * element_size,
-        _dim0_stride(dst, block_numel) * element_size,
+        dim0_stride(src, block_numel) * element_size,
+        dim0_stride(dst, block_numel) * element_size,
         block_numel * element_size,
     )
 

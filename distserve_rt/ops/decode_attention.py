@@ -8,6 +8,8 @@ query heads of that kv head's GQA group, and split long contexts across threads
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from distserve_rt import _native
@@ -18,6 +20,7 @@ from distserve_rt.ops._checks import (
     check_head_dims,
     check_inner_contiguous,
     check_tensor,
+    dim0_stride,
     resolve_scale,
 )
 
@@ -86,12 +89,12 @@ def decode_attention(
         num_heads,
         num_kv_heads,
         head_dim,
-        query.stride(0),
-        out.stride(0),
+        dim0_stride(query, num_heads * head_dim),
+        dim0_stride(out, num_heads * head_dim),
         scale,
         num_blocks,
         block_size,
-        kv_cache.stride(0),
+        dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
         max_blocks_per_seq,
         _native.dtype_code(query.dtype),
     )

@@ -9,6 +9,8 @@ checked by the CPU launcher; the CUDA kernels skip out-of-range ids instead (no 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from distserve_rt import _native
@@ -20,8 +22,10 @@ from distserve_rt.ops._checks import (
     check_head_dims,
     check_inner_contiguous,
     check_tensor,
+    dim0_stride,
     resolve_scale,
 )
+from distserve_rt.ops.cache import reference_write_kv
 
 MAX_HEAD_DIM = 256
 
@@ -100,10 +104,10 @@ def prefill_attention(
         num_heads,
         num_kv_heads,
         head_dim,
-        query.stride(0),
-        key.stride(0),
-        value.stride(0),
-        out.stride(0),
+        dim0_stride(query, num_heads * head_dim),
+        dim0_stride(key, num_kv_heads * head_dim),
+        dim0_stride(value, num_kv_heads * head_dim),
+        dim0_stride(out, num_heads * head_dim),
         scale,
         *cache,
         _native.dtype_code(dtype),
@@ -205,7 +209,7 @@ def _check_cache_args(
         *(_native.ptr(t) for t in (kv_cache, block_table, prefix_lens, slot_mapping)),
         num_blocks,
         block_size,
-        kv_cache.stride(0),
+        dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
         max_blocks_per_seq,
     )
 
@@ -229,11 +233,7 @@ def reference_prefill_attention(
     group = num_heads // key.shape[1]
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     if slot_mapping is not None:
-        block_size = kv_cache.shape[3]
-        for token, slot in enumerate(slot_mapping.tolist()):
-            if slot >= 0:
-                kv_cache[slot // block_size, 0, :, slot % block_size] = key[token]
-                kv_cache[slot // block_size, 1, :, slot % block_size] = value[token]
+        reference_write_kv(key, value, kv_cache, slot_mapping)
     out = torch.empty(query.shape, dtype=torch.float32, device=query.device)
     bounds = cu_seqlens.tolist()
     for i in range(len(bounds) - 1):
