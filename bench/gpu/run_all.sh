@@ -53,6 +53,19 @@ echo "== cuda tests"
   >"$OUT/pytest_cuda.log" 2>&1 || status=1
 tail -25 "$OUT/pytest_cuda.log"
 
+# memcheck over the CPU-vs-CUDA agreement tests (a subset: memcheck slows kernels ~100x).
+# Appended to pytest_cuda.log: the device tool brings back at most 8 files.
+echo "== compute-sanitizer memcheck"
+if command -v compute-sanitizer >/dev/null; then
+  { echo; echo "== compute-sanitizer --tool memcheck"
+    compute-sanitizer --tool memcheck --error-exitcode 9 --print-limit 20 \
+      "$PY" -m pytest -q -x -m cuda tests/kernels/test_cuda_module.py -p no:cacheprovider \
+      -k "not graph"; } >>"$OUT/pytest_cuda.log" 2>&1 || status=1
+  grep -E "ERROR SUMMARY|passed|failed" "$OUT/pytest_cuda.log" | tail -3
+else
+  echo "compute-sanitizer not found" | tee -a "$OUT/pytest_cuda.log"
+fi
+
 echo "== GPU benchmarks"
 "$PY" bench/gpu/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
