@@ -135,7 +135,7 @@ void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_ma
   check_arg(num_pairs >= 0, "num_pairs must be >= 0, got ", num_pairs);
   check_arg(src_num_blocks >= 0, "src_num_blocks must be >= 0, got ", src_num_blocks);
   check_arg(dst_num_blocks >= 0, "dst_num_blocks must be >= 0, got ", dst_num_blocks);
-  check_arg(block_bytes >= 0, "block_bytes must be >= 0, got ", block_bytes);
+  check_arg(block_bytes >= 1, "block_bytes must be >= 1, got ", block_bytes);
   check_arg(src_block_stride_bytes >= block_bytes, "src_block_stride_bytes (",
             src_block_stride_bytes, ") must be >= block_bytes (", block_bytes,
             ") so blocks of src do not overlap");

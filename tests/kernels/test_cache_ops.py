@@ -421,7 +421,7 @@ def test_copy_blocks_rejects_bad_input(generator, case):
         ("num_pairs", -1, "num_pairs must be >= 0"),
         ("src_num_blocks", -1, "src_num_blocks must be >= 0"),
         ("dst_num_blocks", -1, "dst_num_blocks must be >= 0"),
-        ("block_bytes", -1, "block_bytes must be >= 0"),
+        ("block_bytes", 0, "block_bytes must be >= 1"),
         ("src_block_stride_bytes", 4095, r"src_block_stride_bytes \(4095\) must be >= block"),
         ("dst_block_stride_bytes", 100, r"dst_block_stride_bytes \(100\) must be >= block"),
         ("block_mapping", 0, "must be non-null pointers"),
