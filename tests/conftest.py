@@ -34,3 +34,11 @@ def device(request) -> torch.device:
 def generator() -> torch.Generator:
     """Fresh seeded generator: random, never-zero inputs that are reproducible."""
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def restore_num_threads():
+    """Tests that change the CPU kernels' thread count put it back afterwards."""
+    before = _native.get_num_threads()
+    yield
+    _native.set_num_threads(before)

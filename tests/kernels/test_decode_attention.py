@@ -58,14 +58,6 @@ def assert_matches_reference(out, query, kv_cache, block_table, seq_lens, softma
     torch.testing.assert_close(out.float(), expected, atol=tol, rtol=tol)
 
 
-@pytest.fixture
-def restore_num_threads():
-    """Restores the kernels' thread count after a test that changes it."""
-    before = _native.get_num_threads()
-    yield
-    _native.set_num_threads(before)
-
-
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4, 8])
