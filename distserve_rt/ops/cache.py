@@ -105,32 +105,75 @@ def write_kv(
 
 def _as_block_mapping(
     block_mapping: torch.Tensor | np.ndarray | Sequence[Sequence[int]], device: torch.device
-) -> torch.Tensor | None:
-    """The mapping as an int64 ``[num_pairs, 2]`` tensor on `device`; None when empty.
-
-    numpy arrays are what the block manager returns (``AppendResult.block_copies``)."""
+) -> tuple[torch.Tensor | None, bool]:
+    """The mapping as an int64 ``[num_pairs, 2]`` tensor (None when empty), and whether it
+    came from the host (a list or a numpy array, such as the block manager's
+    ``AppendResult.block_copies``) and still needs moving to `device`."""
+    from_host = not isinstance(block_mapping, torch.Tensor)
     if isinstance(block_mapping, np.ndarray):
-        if block_mapping.size == 0:
-            return None
-        block_mapping = torch.from_numpy(block_mapping).to(device)
-    if not isinstance(block_mapping, torch.Tensor):
+        block_mapping = torch.from_numpy(np.ascontiguousarray(block_mapping))
+    elif from_host:
         if not isinstance(block_mapping, Sequence):
             raise ValueError(
-                "block_mapping must be an int64 tensor or numpy array [num_pairs, 2] or a list of "
-                f"(src, dst) pairs, got {type(block_mapping).__name__}"
+                "block_mapping must be an int64 tensor or numpy array [num_pairs, 2] or a "
+                f"list of (src, dst) pairs, got {type(block_mapping).__name__}"
             )
         if len(block_mapping) == 0:
-            return None
+            return None, True
         # No dtype forced: a float in the list must fail the int64 check, not be truncated.
-        block_mapping = torch.tensor(block_mapping, device=device)
+        block_mapping = torch.tensor(block_mapping)
     mapping = check_tensor("block_mapping", block_mapping, dtypes=INDEX_DTYPES_64, contiguous=True)
-    check_tensor("block_mapping", mapping, device=device, device_of="src and dst")
+    if not from_host:
+        check_tensor("block_mapping", mapping, device=device, device_of="src and dst")
     if mapping.dim() != 2 or mapping.shape[1] != 2:
         raise ValueError(
             f"block_mapping must have shape [num_pairs, 2] (src block, dst block), "
             f"got {tuple(mapping.shape)}"
         )
-    return mapping if mapping.shape[0] > 0 else None
+    return (mapping if mapping.shape[0] > 0 else None), from_host
+
+
+def check_block_mapping_on_host(
+    mapping: torch.Tensor,  # [num_pairs, 2] int64 on the CPU
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    block_bytes: int,
+) -> None:
+    """The CPU launcher's id rules, for mappings headed to CUDA pools while still on the host
+    (free to check there; ids already in device memory are guarded by the kernel instead):
+    ids in range, each dst block written once, and no memory both read and written."""
+    pairs = mapping.numpy()
+    for col, name, pool in ((0, "src", src), (1, "dst", dst)):
+        bad = np.flatnonzero((pairs[:, col] < 0) | (pairs[:, col] >= pool.shape[0]))
+        if bad.size:
+            i = int(bad[0])
+            raise ValueError(
+                f"block_mapping[{i}] = {pairs[i].tolist()}: {name} block {pairs[i, col]} is out "
+                f"of range [0, {pool.shape[0]})"
+            )
+    dst_ids, first, counts = np.unique(pairs[:, 1], return_index=True, return_counts=True)
+    if (counts > 1).any():
+        block = int(dst_ids[counts > 1][0])
+        rows = np.flatnonzero(pairs[:, 1] == block)[:2].tolist()
+        raise ValueError(
+            f"block_mapping[{rows[0]}] and block_mapping[{rows[1]}] both write dst block "
+            f"{block}; each dst block may be written at most once per call"
+        )
+    # Byte ranges: a write that overlaps any read makes the result depend on copy order.
+    src_stride = dim0_stride(src, math.prod(src.shape[1:])) * src.element_size()
+    dst_stride = dim0_stride(dst, math.prod(dst.shape[1:])) * dst.element_size()
+    reads = src.data_ptr() + pairs[:, 0] * src_stride
+    writes = dst.data_ptr() + pairs[:, 1] * dst_stride
+    reads.sort()
+    # For each write, the last read starting before its end must end before it starts.
+    idx = np.searchsorted(reads, writes + block_bytes, side="left") - 1
+    hit = np.flatnonzero((idx >= 0) & (reads[np.maximum(idx, 0)] + block_bytes > writes))
+    if hit.size:
+        i = int(hit[0])
+        raise ValueError(
+            f"block_mapping[{i}] = {pairs[i].tolist()} writes memory that the same call reads "
+            "(src and dst share storage); the copy order would decide the result"
+        )
 
 
 def copy_blocks(
@@ -147,10 +190,12 @@ def copy_blocks(
             any stride.
         dst: the same per-block shape and dtype as `src`, on the same device (cpu -> cpu or
             cuda -> cuda on one device); may be `src` itself or share its memory.
-        block_mapping: int64 ``[num_pairs, 2]`` on the pools' device, or a list of
-            ``(src, dst)`` pairs. Ids must be in range and each dst block written at most
-            once; when src and dst share memory, no block may be both read and written
-            (the copy order would decide the result). Empty: nothing happens.
+        block_mapping: int64 ``[num_pairs, 2]`` on the pools' device, or on the host as a
+            numpy array or a list of ``(src, dst)`` pairs. Ids must be in range and each dst
+            block written at most once; when src and dst share memory, no block may be both
+            read and written (the copy order would decide the result). ValueError otherwise,
+            except for CUDA ids already in device memory: the kernel skips out-of-range ids.
+            Empty: nothing happens.
     """
     src = check_tensor("src", src)
     dst = check_tensor("dst", dst)
@@ -173,11 +218,15 @@ def copy_blocks(
         )
     _check_rows_contiguous("src", src)
     _check_rows_contiguous("dst", dst)
-    mapping = _as_block_mapping(block_mapping, src.device)
+    mapping, from_host = _as_block_mapping(block_mapping, src.device)
     if mapping is None:
         return
     block_numel = math.prod(src.shape[1:])
     element_size = src.element_size()
+    if from_host and src.device.type != "cpu":
+        # On CPU the launcher checks the ids; for a device they are only free to check here.
+        check_block_mapping_on_host(mapping, src, dst, block_numel * element_size)
+    mapping = mapping.to(src.device)
     _native.call(
         "copy_blocks",
         src.device,

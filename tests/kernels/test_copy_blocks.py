@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from distserve_rt import _native, ops
 from distserve_rt.core.kv_cache import KVCacheSpec
-from distserve_rt.ops.cache import copy_blocks, reference_copy_blocks
+from distserve_rt.ops.cache import check_block_mapping_on_host, copy_blocks, reference_copy_blocks
 from tests.kernels.cache_helpers import (
     DTYPES,
     randn,
@@ -269,3 +269,40 @@ def test_copy_blocks_property_matches_reference_or_rejects(case, seed):
     reference_copy_blocks(src.clone(), expected, mapping)
     copy_blocks(src, dst, mapping)
     assert torch.equal(dst, expected)
+
+
+# ---- host-side checks of mappings headed to a device -------------------------------------
+# copy_blocks runs them for list/numpy mappings with CUDA pools; they are plain functions of
+# the pools' layout, so CPU tensors test them here.
+
+
+def _host_pools(generator):
+    pool = randn((8, 4, 16), torch.float32, generator, "cpu")  # [num_blocks, ...]
+    return pool, pool.clone()
+
+
+@pytest.mark.parametrize(
+    ("pairs", "message"),
+    [
+        ([[0, 1], [8, 2]], r"block_mapping\[1\] = \[8, 2\]: src block 8 is out of range"),
+        ([[0, -1]], r"dst block -1 is out of range \[0, 8\)"),
+        ([[0, 3], [1, 3]], r"block_mapping\[0\] and block_mapping\[1\] both write dst block 3"),
+    ],
+)
+def test_host_mapping_check_rejects_bad_ids(generator, pairs, message):
+    src, dst = _host_pools(generator)
+    mapping = torch.tensor(pairs)
+    with pytest.raises(ValueError, match=message):
+        check_block_mapping_on_host(mapping, src, dst, 4 * 16 * 4)
+
+
+def test_host_mapping_check_rejects_read_write_overlap_in_one_pool(generator):
+    pool, _ = _host_pools(generator)
+    block_bytes = 4 * 16 * 4
+    check_block_mapping_on_host(torch.tensor([[0, 1], [2, 3]]), pool, pool, block_bytes)
+    with pytest.raises(ValueError, match=r"block_mapping\[0\] = \[0, 1\] writes memory"):
+        check_block_mapping_on_host(torch.tensor([[0, 1], [1, 0]]), pool, pool, block_bytes)
+    # Views of one allocation that do not overlap are fine (pool[:4] -> pool[4:]).
+    check_block_mapping_on_host(torch.tensor([[0, 0], [3, 3]]), pool[:4], pool[4:], block_bytes)
+    with pytest.raises(ValueError, match="writes memory that the same call reads"):
+        check_block_mapping_on_host(torch.tensor([[2, 0]]), pool[:4], pool[2:], block_bytes)
