@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/launcher.h"
+#include "common/shape_checks.h"
 #include "common/slot_mapping_checks.h"
 #include "cpu/threads.h"
 #include "distserve_rt/cpu/cache.h"
@@ -30,20 +31,8 @@ void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
               int64_t num_blocks, int64_t block_size, int64_t kv_block_stride, int dtype_code) {
   drt::cpu::apply_num_threads();
   const drt::DType dtype = drt::to_dtype(dtype_code);
-  check_arg(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
-  check_arg(num_kv_heads >= 1, "num_kv_heads must be >= 1, got ", num_kv_heads);
-  check_arg(head_dim >= 1, "head_dim must be >= 1, got ", head_dim);
-  check_arg(num_blocks >= 0, "num_blocks must be >= 0, got ", num_blocks);
-  check_arg(block_size >= 1, "block_size must be >= 1, got ", block_size);
-  const int64_t token_numel = num_kv_heads * head_dim;
-  check_arg(key_token_stride >= token_numel, "key_token_stride (", key_token_stride,
-            ") must be >= num_kv_heads * head_dim (", token_numel, ") so tokens do not overlap");
-  check_arg(value_token_stride >= token_numel, "value_token_stride (", value_token_stride,
-            ") must be >= num_kv_heads * head_dim (", token_numel, ") so tokens do not overlap");
-  const int64_t block_numel = 2 * token_numel * block_size;
-  check_arg(kv_block_stride >= block_numel, "kv_block_stride (", kv_block_stride,
-            ") must be >= 2 * num_kv_heads * block_size * head_dim (", block_numel,
-            ") so blocks do not overlap");
+  drt::check_write_kv_shapes(num_tokens, num_kv_heads, head_dim, key_token_stride,
+                             value_token_stride, num_blocks, block_size, kv_block_stride);
   if (num_tokens == 0) return;
   // A pool of zero blocks has a null data pointer; then every slot must be padding (checked
   // below against num_slots = 0) and the cache is never touched.
@@ -132,16 +121,8 @@ void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_ma
                  int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
                  int64_t block_bytes) {
   drt::cpu::apply_num_threads();
-  check_arg(num_pairs >= 0, "num_pairs must be >= 0, got ", num_pairs);
-  check_arg(src_num_blocks >= 0, "src_num_blocks must be >= 0, got ", src_num_blocks);
-  check_arg(dst_num_blocks >= 0, "dst_num_blocks must be >= 0, got ", dst_num_blocks);
-  check_arg(block_bytes >= 1, "block_bytes must be >= 1, got ", block_bytes);
-  check_arg(src_block_stride_bytes >= block_bytes, "src_block_stride_bytes (",
-            src_block_stride_bytes, ") must be >= block_bytes (", block_bytes,
-            ") so blocks of src do not overlap");
-  check_arg(dst_block_stride_bytes >= block_bytes, "dst_block_stride_bytes (",
-            dst_block_stride_bytes, ") must be >= block_bytes (", block_bytes,
-            ") so blocks of dst do not overlap");
+  drt::check_copy_blocks_shapes(num_pairs, src_num_blocks, dst_num_blocks, src_block_stride_bytes,
+                                dst_block_stride_bytes, block_bytes);
   if (num_pairs == 0) return;
   check_arg(src != 0 && dst != 0 && block_mapping != 0,
             "src, dst and block_mapping must be non-null pointers");

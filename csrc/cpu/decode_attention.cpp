@@ -6,10 +6,10 @@
 #include <omp.h>
 #include <pybind11/pybind11.h>
 
-#include <cmath>
 #include <cstdint>
 
 #include "common/launcher.h"
+#include "common/shape_checks.h"
 #include "cpu/threads.h"
 
 namespace py = pybind11;
@@ -18,29 +18,12 @@ namespace {
 
 using drt::check_arg;
 
+// This backend's own limits, after the rules shared with CUDA (common/shape_checks.h).
 void check_sizes(const drt::cpu::DecodeAttentionParams& p) {
-  check_arg(p.batch >= 0, "batch must be >= 0, got ", p.batch);
-  check_arg(p.max_seq_len >= 1, "max_seq_len must be >= 1, got ", p.max_seq_len);
-  check_arg(p.num_kv_heads >= 1 && p.num_heads >= 1 && p.num_heads % p.num_kv_heads == 0,
-            "num_heads (", p.num_heads, ") must be a positive multiple of num_kv_heads (",
-            p.num_kv_heads, ")");
-  check_arg(p.head_dim >= 1 && p.head_dim <= drt::cpu::kDecodeMaxHeadDim, "head_dim ", p.head_dim,
+  check_arg(p.head_dim <= drt::cpu::kDecodeMaxHeadDim, "head_dim ", p.head_dim,
             " is not supported: must be in [1, ", drt::cpu::kDecodeMaxHeadDim, "]");
-  check_arg(p.block_size >= 1 && p.block_size <= drt::cpu::kDecodeMaxBlockSize, "block_size ",
-            p.block_size, " is not supported: must be in [1, ", drt::cpu::kDecodeMaxBlockSize, "]");
-  check_arg(p.num_blocks >= 1, "num_blocks must be >= 1, got ", p.num_blocks);
-  check_arg(p.max_blocks_per_seq >= 1, "max_blocks_per_seq must be >= 1, got ",
-            p.max_blocks_per_seq);
-  const int64_t row = p.num_heads * p.head_dim;
-  check_arg(p.query_stride >= row, "query_stride ", p.query_stride,
-            " must be >= num_heads * head_dim = ", row);
-  check_arg(p.out_stride >= row, "out_stride ", p.out_stride,
-            " must be >= num_heads * head_dim = ", row);
-  const int64_t block_elems = 2 * p.num_kv_heads * p.block_size * p.head_dim;
-  check_arg(p.kv_block_stride >= block_elems, "kv_block_stride ", p.kv_block_stride,
-            " must be >= 2 * num_kv_heads * block_size * head_dim = ", block_elems);
-  check_arg(std::isfinite(p.softmax_scale) && p.softmax_scale > 0.0f,
-            "softmax_scale must be a positive finite float, got ", p.softmax_scale);
+  check_arg(p.block_size <= drt::cpu::kDecodeMaxBlockSize, "block_size ", p.block_size,
+            " is not supported: must be in [1, ", drt::cpu::kDecodeMaxBlockSize, "]");
   check_arg(p.batch == 0 || (p.query != nullptr && p.out != nullptr && p.kv_cache != nullptr &&
                              p.block_table != nullptr && p.seq_lens != nullptr),
             "query, out, kv_cache, block_table and seq_lens must be non-null pointers");
@@ -67,10 +50,7 @@ void check_seq_lens_and_blocks(const drt::cpu::DecodeAttentionParams& p) {
 }
 
 int64_t workspace_bytes(int64_t batch, int64_t num_heads, int64_t head_dim, int64_t max_seq_len) {
-  check_arg(batch >= 0, "batch must be >= 0, got ", batch);
-  check_arg(num_heads >= 1, "num_heads must be >= 1, got ", num_heads);
-  check_arg(head_dim >= 1, "head_dim must be >= 1, got ", head_dim);
-  check_arg(max_seq_len >= 1, "max_seq_len must be >= 1, got ", max_seq_len);
+  drt::check_decode_workspace_shapes(batch, num_heads, head_dim, max_seq_len);
   return drt::cpu::decode_workspace_bytes_upper_bound(batch, num_heads, head_dim, max_seq_len,
                                                       drt::cpu::effective_num_threads());
 }
@@ -83,6 +63,9 @@ void decode_attention(std::uintptr_t query, std::uintptr_t out, std::uintptr_t k
                       int64_t num_blocks, int64_t block_size, int64_t kv_block_stride,
                       int64_t max_blocks_per_seq, int dtype_code) {
   const drt::DType dtype = drt::to_dtype(dtype_code);
+  drt::check_decode_shapes(batch, max_seq_len, num_heads, num_kv_heads, head_dim, query_stride,
+                           out_stride, softmax_scale, num_blocks, block_size, kv_block_stride,
+                           max_blocks_per_seq);
   drt::cpu::DecodeAttentionParams p{drt::as_ptr<const void>(query),
                                     drt::as_ptr<void>(out),
                                     drt::as_ptr<const void>(kv_cache),

@@ -7,10 +7,10 @@
 #include <pybind11/pybind11.h>
 
 #include <climits>
-#include <cmath>
 #include <cstdint>
 
 #include "common/launcher.h"
+#include "common/shape_checks.h"
 #include "common/slot_mapping_checks.h"
 #include "cpu/threads.h"
 
@@ -29,59 +29,21 @@ struct PrefillArgs {
   int dtype;
 };
 
-constexpr int64_t kIntMax = 0x7fffffff;
-
+// The rules shared with the CUDA launcher (common/shape_checks.h), then this backend's own:
+// its head_dim limit and the pointers it reads.
 void check_shapes(const PrefillArgs& a) {
   using drt::check_arg;
-  check_arg(a.batch >= 0 && a.batch < kIntMax, "batch must be >= 0, got ", a.batch);
-  check_arg(a.num_tokens >= 0 && a.num_tokens < kIntMax, "num_tokens must be >= 0, got ",
-            a.num_tokens);
-  check_arg(a.max_seqlen_q >= 0, "max_seqlen_q must be >= 0, got ", a.max_seqlen_q);
-  check_arg(a.num_kv_heads >= 1 && a.num_heads >= 1 && a.num_heads % a.num_kv_heads == 0 &&
-                a.num_heads < kIntMax,
-            "num_heads (", a.num_heads, ") must be a positive multiple of num_kv_heads (",
-            a.num_kv_heads, ")");
-  check_arg(a.head_dim >= 1 && a.head_dim <= drt::cpu::kMaxHeadDim, "head_dim must be in [1, ",
-            drt::cpu::kMaxHeadDim, "], got ", a.head_dim);
-  check_arg(std::isfinite(a.softmax_scale) && a.softmax_scale > 0,
-            "softmax_scale must be a positive finite float, got ", a.softmax_scale);
+  drt::check_prefill_shapes(a.batch, a.num_tokens, a.max_seqlen_q, a.num_heads, a.num_kv_heads,
+                            a.head_dim, a.query_token_stride, a.key_token_stride,
+                            a.value_token_stride, a.out_token_stride, a.softmax_scale, a.kv_cache,
+                            a.block_table, a.prefix_lens, a.slot_mapping, a.num_blocks,
+                            a.block_size, a.kv_block_stride, a.max_blocks_per_seq);
+  check_arg(a.head_dim <= drt::cpu::kMaxHeadDim, "head_dim must be in [1, ", drt::cpu::kMaxHeadDim,
+            "], got ", a.head_dim);
   // Empty tensors have null data pointers: a batch with no new tokens is valid (and a no-op).
   check_arg(a.cu_seqlens != 0, "cu_seqlens must be a non-null pointer");
   check_arg(a.num_tokens == 0 || (a.query != 0 && a.key != 0 && a.value != 0 && a.out != 0),
             "query, key, value and out must be non-null pointers");
-  // Token strides only matter between rows: smaller ones would make rows overlap.
-  if (a.num_tokens <= 1) return;
-  const int64_t q_row = a.num_heads * a.head_dim;
-  const int64_t kv_row = a.num_kv_heads * a.head_dim;
-  check_arg(a.query_token_stride >= q_row, "query_token_stride (", a.query_token_stride,
-            ") must be >= num_heads * head_dim (", q_row, ")");
-  check_arg(a.out_token_stride >= q_row, "out_token_stride (", a.out_token_stride,
-            ") must be >= num_heads * head_dim (", q_row, ")");
-  check_arg(a.key_token_stride >= kv_row && a.value_token_stride >= kv_row, "key_token_stride (",
-            a.key_token_stride, ") and value_token_stride (", a.value_token_stride,
-            ") must be >= num_kv_heads * head_dim (", kv_row, ")");
-}
-
-void check_cache_shapes(const PrefillArgs& a) {
-  using drt::check_arg;
-  if (a.kv_cache == 0) {
-    check_arg(a.block_table == 0 && a.prefix_lens == 0 && a.slot_mapping == 0,
-              "block_table, prefix_lens and slot_mapping need kv_cache (got kv_cache = 0)");
-    return;
-  }
-  check_arg(a.num_blocks >= 1 && a.num_blocks < kIntMax, "num_blocks must be >= 1, got ",
-            a.num_blocks);
-  check_arg(a.block_size >= 1 && a.block_size < kIntMax, "block_size must be >= 1, got ",
-            a.block_size);
-  const int64_t block_numel = 2 * a.num_kv_heads * a.block_size * a.head_dim;
-  check_arg(a.kv_block_stride >= block_numel, "kv_block_stride (", a.kv_block_stride,
-            ") must be >= 2 * num_kv_heads * block_size * head_dim (", block_numel, ")");
-  check_arg((a.block_table == 0) == (a.prefix_lens == 0),
-            "block_table and prefix_lens must be given together");
-  if (a.prefix_lens != 0) {
-    check_arg(a.max_blocks_per_seq >= 1 && a.max_blocks_per_seq < kIntMax,
-              "max_blocks_per_seq must be >= 1, got ", a.max_blocks_per_seq);
-  }
 }
 
 void check_cu_seqlens(const PrefillArgs& a) {
@@ -163,7 +125,6 @@ void prefill_attention(const PrefillArgs& a) {
   drt::cpu::apply_num_threads();
   const drt::DType dtype = drt::to_dtype(a.dtype);
   check_shapes(a);
-  check_cache_shapes(a);
   check_cu_seqlens(a);
   check_prefix(a);
   check_slot_mapping(a);

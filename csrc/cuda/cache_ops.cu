@@ -6,6 +6,7 @@
 #include <string>
 #include <vector>
 
+#include "common/shape_checks.h"
 #include "cuda/cuda_utils.h"
 #include "cuda/ops.h"
 #include "cuda/pointer_checks.h"
@@ -29,14 +30,8 @@ void check_copy_args(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t bloc
                      int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
                      int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
                      int64_t block_bytes) {
-  check_arg(num_pairs >= 0, "num_pairs must be >= 0, got ", num_pairs);
-  check_arg(src_num_blocks >= 0, "src_num_blocks must be >= 0, got ", src_num_blocks);
-  check_arg(dst_num_blocks >= 0, "dst_num_blocks must be >= 0, got ", dst_num_blocks);
-  check_arg(block_bytes >= 1, "block_bytes must be >= 1, got ", block_bytes);
-  check_arg(src_block_stride_bytes >= block_bytes, "src_block_stride_bytes (",
-            src_block_stride_bytes, ") must be >= block_bytes (", block_bytes, ")");
-  check_arg(dst_block_stride_bytes >= block_bytes, "dst_block_stride_bytes (",
-            dst_block_stride_bytes, ") must be >= block_bytes (", block_bytes, ")");
+  check_copy_blocks_shapes(num_pairs, src_num_blocks, dst_num_blocks, src_block_stride_bytes,
+                           dst_block_stride_bytes, block_bytes);
   if (num_pairs == 0) return;
   check_arg(src != 0 && dst != 0 && block_mapping != 0,
             "src, dst and block_mapping must be non-null pointers when num_pairs > 0");
@@ -50,19 +45,8 @@ void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
               int64_t num_blocks, int64_t block_size, int64_t kv_block_stride, int64_t dtype_code,
               std::uintptr_t stream) {
   const DType dtype = to_dtype(static_cast<int>(dtype_code));
-  check_arg(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
-  check_arg(num_kv_heads >= 1, "num_kv_heads must be >= 1, got ", num_kv_heads);
-  check_arg(head_dim >= 1, "head_dim must be >= 1, got ", head_dim);
-  check_arg(num_blocks >= 0, "num_blocks must be >= 0, got ", num_blocks);
-  check_arg(block_size >= 1, "block_size must be >= 1, got ", block_size);
-  const int64_t token_elems = num_kv_heads * head_dim;
-  check_arg(key_token_stride >= token_elems, "key_token_stride (", key_token_stride,
-            ") must be >= num_kv_heads * head_dim (", token_elems, ")");
-  check_arg(value_token_stride >= token_elems, "value_token_stride (", value_token_stride,
-            ") must be >= num_kv_heads * head_dim (", token_elems, ")");
-  check_arg(kv_block_stride >= 2 * token_elems * block_size, "kv_block_stride (", kv_block_stride,
-            ") must be >= 2 * num_kv_heads * block_size * head_dim (", 2 * token_elems * block_size,
-            ")");
+  check_write_kv_shapes(num_tokens, num_kv_heads, head_dim, key_token_stride, value_token_stride,
+                        num_blocks, block_size, kv_block_stride);
   if (num_tokens == 0) return;
   check_arg(key != 0 && value != 0 && kv_cache != 0 && slot_mapping != 0,
             "key, value, kv_cache and slot_mapping must be non-null pointers");

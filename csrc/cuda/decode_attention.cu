@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/shape_checks.h"
 #include "cuda/cuda_utils.h"
 #include "cuda/ops.h"
 #include "distserve_rt/cuda/decode_attention.cuh"
@@ -14,31 +15,16 @@ namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
 
-void check_decode_shapes(int64_t batch, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                         int64_t query_stride, int64_t out_stride, int64_t num_blocks,
-                         int64_t block_size, int64_t kv_block_stride, int64_t max_blocks_per_seq) {
-  check_arg(batch >= 0 && batch <= kMaxGridYZ, "batch must be in [0, ", kMaxGridYZ, "], got ",
-            batch);
-  check_arg(num_heads >= 1 && num_heads <= kMaxGridYZ, "num_heads must be in [1, ", kMaxGridYZ,
-            "], got ", num_heads);
-  check_arg(num_kv_heads >= 1 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
-            ") must be a positive multiple of num_kv_heads (", num_kv_heads, ")");
+// CUDA's own size limits, checked before the shared rules (common/shape_checks.h): grid
+// dimensions and the head_dim x block_size instantiations.
+void check_cuda_decode_limits(int64_t batch, int64_t num_heads, int64_t head_dim,
+                              int64_t block_size) {
+  check_arg(batch <= kMaxGridYZ, "batch must be in [0, ", kMaxGridYZ, "], got ", batch);
+  check_arg(num_heads <= kMaxGridYZ, "num_heads must be in [1, ", kMaxGridYZ, "], got ", num_heads);
   check_arg(head_dim == 64 || head_dim == 128, "head_dim ", head_dim,
             " is not supported by the CUDA decode_attention; allowed: 64, 128");
   check_arg(block_size == 8 || block_size == 16 || block_size == 32, "block_size ", block_size,
             " is not supported by the CUDA decode_attention; allowed: 8, 16, 32");
-  check_arg(query_stride >= num_heads * head_dim, "query_stride (", query_stride,
-            ") must be >= num_heads * head_dim (", num_heads * head_dim, ")");
-  check_arg(out_stride >= num_heads * head_dim, "out_stride (", out_stride,
-            ") must be >= num_heads * head_dim (", num_heads * head_dim, ")");
-  check_arg(num_blocks >= 0 && num_blocks <= INT32_MAX, "num_blocks must be in [0, 2^31), got ",
-            num_blocks);
-  check_arg(kv_block_stride >= 2 * num_kv_heads * block_size * head_dim, "kv_block_stride (",
-            kv_block_stride, ") must be >= 2 * num_kv_heads * block_size * head_dim (",
-            2 * num_kv_heads * block_size * head_dim, ")");
-  check_arg(max_blocks_per_seq >= 1 && max_blocks_per_seq <= INT32_MAX / block_size,
-            "max_blocks_per_seq must be in [1, ", INT32_MAX / block_size, "], got ",
-            max_blocks_per_seq);
 }
 
 // The kernels read and write 16 bytes per thread: rows and pointers must allow it.
@@ -62,10 +48,7 @@ void check_decode_alignment(std::uintptr_t query, std::uintptr_t out, std::uintp
 
 int64_t decode_attention_workspace_bytes(int64_t batch, int64_t num_heads, int64_t head_dim,
                                          int64_t max_seq_len, std::uintptr_t /*stream*/) {
-  check_arg(batch >= 0, "batch must be >= 0, got ", batch);
-  check_arg(num_heads >= 1, "num_heads must be >= 1, got ", num_heads);
-  check_arg(head_dim >= 1, "head_dim must be >= 1, got ", head_dim);
-  check_arg(max_seq_len >= 1, "max_seq_len must be >= 1, got ", max_seq_len);
+  check_decode_workspace_shapes(batch, num_heads, head_dim, max_seq_len);
   return drt::cuda::decode_workspace_bytes(batch, num_heads, head_dim, max_seq_len);
 }
 
@@ -77,11 +60,11 @@ void decode_attention(std::uintptr_t query, std::uintptr_t out, std::uintptr_t k
                       int64_t num_blocks, int64_t block_size, int64_t kv_block_stride,
                       int64_t max_blocks_per_seq, int64_t dtype_code, std::uintptr_t stream) {
   const DType dtype = to_dtype(static_cast<int>(dtype_code));
-  check_decode_shapes(batch, num_heads, num_kv_heads, head_dim, query_stride, out_stride,
-                      num_blocks, block_size, kv_block_stride, max_blocks_per_seq);
-  check_arg(max_seq_len >= 1, "max_seq_len must be >= 1, got ", max_seq_len);
-  check_arg(std::isfinite(softmax_scale) && softmax_scale > 0,
-            "softmax_scale must be a positive finite number, got ", softmax_scale);
+  // The backend limits first: an unsupported head_dim is named before the strides it breaks.
+  check_cuda_decode_limits(batch, num_heads, head_dim, block_size);
+  check_decode_shapes(batch, max_seq_len, num_heads, num_kv_heads, head_dim, query_stride,
+                      out_stride, softmax_scale, num_blocks, block_size, kv_block_stride,
+                      max_blocks_per_seq);
   const int64_t needed = drt::cuda::decode_workspace_bytes(batch, num_heads, head_dim, max_seq_len);
   check_arg(workspace_bytes >= needed, "workspace_bytes (", workspace_bytes, ") is less than the ",
             needed, " bytes decode_attention_workspace_bytes(batch=", batch,

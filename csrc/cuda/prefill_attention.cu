@@ -5,6 +5,7 @@
 #include <cmath>
 #include <cstdint>
 
+#include "common/shape_checks.h"
 #include "cuda/cuda_utils.h"
 #include "cuda/ops.h"
 #include "distserve_rt/cuda/prefill_attention.cuh"
@@ -14,57 +15,14 @@ namespace {
 
 constexpr int64_t kMaxGridYZ = 65535;  // CUDA's limit on gridDim.y and gridDim.z
 
-void check_prefill_shapes(int64_t batch, int64_t num_tokens, int64_t max_seqlen_q,
-                          int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                          int64_t query_stride, int64_t key_stride, int64_t value_stride,
-                          int64_t out_stride, double softmax_scale) {
-  check_arg(batch >= 0 && batch <= kMaxGridYZ, "batch must be in [0, ", kMaxGridYZ, "], got ",
-            batch);
-  check_arg(num_tokens >= 0 && num_tokens <= INT32_MAX, "num_tokens must be in [0, 2^31), got ",
-            num_tokens);
-  check_arg(max_seqlen_q >= 0 && max_seqlen_q <= INT32_MAX,
-            "max_seqlen_q must be in [0, 2^31), got ", max_seqlen_q);
-  check_arg(num_kv_heads >= 1 && num_kv_heads <= kMaxGridYZ, "num_kv_heads must be in [1, ",
-            kMaxGridYZ, "], got ", num_kv_heads);
-  check_arg(num_heads >= 1 && num_heads % num_kv_heads == 0, "num_heads (", num_heads,
-            ") must be a positive multiple of num_kv_heads (", num_kv_heads, ")");
+// CUDA's own size limits, checked before the shared rules (common/shape_checks.h): grid
+// dimensions and the head_dims with a kernel.
+void check_cuda_prefill_limits(int64_t batch, int64_t num_kv_heads, int64_t head_dim) {
+  check_arg(batch <= kMaxGridYZ, "batch must be in [0, ", kMaxGridYZ, "], got ", batch);
+  check_arg(num_kv_heads <= kMaxGridYZ, "num_kv_heads must be in [1, ", kMaxGridYZ, "], got ",
+            num_kv_heads);
   check_arg(head_dim == 64 || head_dim == 128, "head_dim ", head_dim,
             " is not supported by the CUDA prefill_attention; allowed: 64, 128");
-  check_arg(query_stride >= num_heads * head_dim, "query_token_stride (", query_stride,
-            ") must be >= num_heads * head_dim (", num_heads * head_dim, ")");
-  check_arg(out_stride >= num_heads * head_dim, "out_token_stride (", out_stride,
-            ") must be >= num_heads * head_dim (", num_heads * head_dim, ")");
-  check_arg(key_stride >= num_kv_heads * head_dim, "key_token_stride (", key_stride,
-            ") must be >= num_kv_heads * head_dim (", num_kv_heads * head_dim, ")");
-  check_arg(value_stride >= num_kv_heads * head_dim, "value_token_stride (", value_stride,
-            ") must be >= num_kv_heads * head_dim (", num_kv_heads * head_dim, ")");
-  check_arg(std::isfinite(softmax_scale) && softmax_scale > 0,
-            "softmax_scale must be a positive finite number, got ", softmax_scale);
-}
-
-void check_prefill_cache(std::uintptr_t kv_cache, std::uintptr_t block_table,
-                         std::uintptr_t prefix_lens, std::uintptr_t slot_mapping,
-                         int64_t num_blocks, int64_t block_size, int64_t kv_block_stride,
-                         int64_t max_blocks_per_seq, int64_t num_kv_heads, int64_t head_dim,
-                         int64_t elem) {
-  if (kv_cache == 0) {
-    check_arg(prefix_lens == 0 && slot_mapping == 0,
-              "prefix_lens and slot_mapping need a kv_cache (kv_cache is null)");
-    return;
-  }
-  check_arg(prefix_lens == 0 || block_table != 0, "prefix_lens needs a block_table");
-  check_arg(num_blocks >= 0 && num_blocks <= INT32_MAX, "num_blocks must be in [0, 2^31), got ",
-            num_blocks);
-  check_arg(block_size >= 1, "block_size must be >= 1, got ", block_size);
-  check_arg(kv_block_stride >= 2 * num_kv_heads * block_size * head_dim, "kv_block_stride (",
-            kv_block_stride, ") must be >= 2 * num_kv_heads * block_size * head_dim (",
-            2 * num_kv_heads * block_size * head_dim, ")");
-  check_arg(prefix_lens == 0 || (max_blocks_per_seq >= 1 && max_blocks_per_seq <= INT32_MAX),
-            "max_blocks_per_seq must be in [1, 2^31) with prefix_lens, got ", max_blocks_per_seq);
-  check_arg(aligned16(kv_cache) && aligned16_elems(kv_block_stride, elem),
-            "kv_cache must be 16-byte aligned with a 16-byte multiple block stride "
-            "(kv_block_stride ",
-            kv_block_stride, ")");
 }
 
 void check_row_alignment(std::uintptr_t ptr, int64_t stride, int64_t elem, const char* name) {
@@ -87,11 +45,19 @@ void prefill_attention(std::uintptr_t query, std::uintptr_t key, std::uintptr_t 
                        std::uintptr_t stream) {
   const DType dtype = to_dtype(static_cast<int>(dtype_code));
   const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
+  // The backend limits first: an unsupported head_dim is named before the strides it breaks.
+  check_cuda_prefill_limits(batch, num_kv_heads, head_dim);
   check_prefill_shapes(batch, num_tokens, max_seqlen_q, num_heads, num_kv_heads, head_dim,
                        query_token_stride, key_token_stride, value_token_stride, out_token_stride,
-                       softmax_scale);
-  check_prefill_cache(kv_cache, block_table, prefix_lens, slot_mapping, num_blocks, block_size,
-                      kv_block_stride, max_blocks_per_seq, num_kv_heads, head_dim, elem);
+                       softmax_scale, kv_cache, block_table, prefix_lens, slot_mapping, num_blocks,
+                       block_size, kv_block_stride, max_blocks_per_seq);
+  // 16-byte loads of the cache.
+  if (kv_cache != 0) {
+    check_arg(aligned16(kv_cache) && aligned16_elems(kv_block_stride, elem),
+              "kv_cache must be 16-byte aligned with a 16-byte multiple block stride "
+              "(kv_block_stride ",
+              kv_block_stride, ")");
+  }
   if (batch == 0 || num_tokens == 0) return;
   check_arg(query != 0 && key != 0 && value != 0 && out != 0 && cu_seqlens != 0,
             "query, key, value, out and cu_seqlens must be non-null pointers");

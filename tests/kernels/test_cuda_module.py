@@ -124,11 +124,11 @@ def _prefill_args(**overrides):
     "overrides, message",
     [
         (dict(head_dim=80), "head_dim 80 .* allowed: 64, 128"),
-        (dict(prefix_lens=FAKE), "prefix_lens and slot_mapping need a kv_cache"),
-        (dict(slot_mapping=FAKE), "prefix_lens and slot_mapping need a kv_cache"),
+        (dict(prefix_lens=FAKE), "block_table, prefix_lens and slot_mapping need a kv_cache"),
+        (dict(slot_mapping=FAKE), "block_table, prefix_lens and slot_mapping need a kv_cache"),
         (
             dict(kv_cache=FAKE, prefix_lens=FAKE, num_blocks=8, kv_block_stride=4096),
-            "prefix_lens needs a block_table",
+            "block_table and prefix_lens must be given together",
         ),
         (dict(kv_cache=FAKE, num_blocks=8, kv_block_stride=64), "kv_block_stride .64."),
         (dict(key_token_stride=64), "key_token_stride .64. must be >="),
