@@ -76,6 +76,22 @@ def check_head_dims(num_heads: int, num_kv_heads: int) -> None:
         )
 
 
+MAX_HEAD_DIM = 256
+"""Largest head_dim the CPU kernels take (the CUDA launchers accept 64 and 128)."""
+
+
+def check_head_dim(name: str, head_dim: int) -> None:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"{name} has head_dim {head_dim}; supported: 1..{MAX_HEAD_DIM}")
+
+
+def check_int(name: str, value: object, minimum: int) -> int:
+    """An int >= minimum; bool is refused (True as a length is a bug, not 1)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return value
+
+
 def resolve_scale(softmax_scale: float | None, head_dim: int) -> float:
     if softmax_scale is None:
         return head_dim**-0.5

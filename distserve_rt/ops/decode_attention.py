@@ -17,14 +17,14 @@ from distserve_rt.ops._checks import (
     FLOAT_DTYPES,
     INDEX_DTYPES_32,
     check_dim,
+    check_head_dim,
     check_head_dims,
     check_inner_contiguous,
+    check_int,
     check_tensor,
     dim0_stride,
     resolve_scale,
 )
-
-MAX_HEAD_DIM = 256
 
 
 def decode_attention(
@@ -106,8 +106,7 @@ def _check_inputs(query: object, kv_cache: object, block_table: object, seq_lens
     device = query.device
     batch, num_heads, head_dim = query.shape
     check_inner_contiguous("query", query, 1)
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"query has head_dim {head_dim}; supported: 1..{MAX_HEAD_DIM}")
+    check_head_dim("query", head_dim)
     kv_cache = check_tensor("kv_cache", kv_cache, ndim=5, device=device)
     _check_same_dtype("kv_cache", kv_cache, query)
     check_dim("kv_cache", kv_cache, 1, 2, "K and V")
@@ -145,9 +144,7 @@ def _resolve_max_seq_len(max_seq_len: int | None, seq_lens: torch.Tensor, capaci
             # Below 1 is a bad seq_lens entry: pass 1 and let the launcher name the entry.
             return max(1, int(seq_lens.max()))
         return capacity
-    if isinstance(max_seq_len, bool) or not isinstance(max_seq_len, int) or max_seq_len < 1:
-        raise ValueError(f"max_seq_len must be a positive int, got {max_seq_len!r}")
-    return max_seq_len
+    return check_int("max_seq_len", max_seq_len, 1)
 
 
 def reference_decode_attention(

@@ -19,15 +19,15 @@ from distserve_rt.ops._checks import (
     INDEX_DTYPES_32,
     INDEX_DTYPES_64,
     check_dim,
+    check_head_dim,
     check_head_dims,
     check_inner_contiguous,
+    check_int,
     check_tensor,
     dim0_stride,
     resolve_scale,
 )
 from distserve_rt.ops.cache import reference_write_kv
-
-MAX_HEAD_DIM = 256
 
 
 def prefill_attention(
@@ -82,9 +82,9 @@ def prefill_attention(
         raise ValueError("cu_seqlens must have batch + 1 >= 1 elements, got 0")
     batch = cu_seqlens.shape[0] - 1
     if max_seqlen is None:
-        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if batch > 0 else 0
-    elif not isinstance(max_seqlen, int) or max_seqlen < 0:
-        raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
+        max_seqlen = _default_max_seqlen(cu_seqlens, num_tokens)
+    else:
+        check_int("max_seqlen", max_seqlen, 0)
     scale = resolve_scale(softmax_scale, head_dim)
     cache = _check_cache_args(kv_cache, block_table, prefix_lens, slot_mapping, query, key, batch)
     if out is None:
@@ -126,8 +126,7 @@ def _check_qkv(
     key = _check_like_query("key", key, query)
     value = _check_like_query("value", value, query)
     check_head_dims(num_heads, key.shape[1])
-    if not 1 <= head_dim <= MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [1, {MAX_HEAD_DIM}], got {head_dim}")
+    check_head_dim("query", head_dim)
     for name, tensor in (("key", key), ("value", value)):
         check_dim(name, tensor, 0, num_tokens, "num_tokens of query")
         check_dim(name, tensor, 2, head_dim, "head_dim of query")
@@ -147,6 +146,14 @@ def _check_token_rows(name: str, tensor: torch.Tensor) -> None:
             f"{name} has token stride {tensor.stride(0)} < num_heads * head_dim = {row} "
             f"(shape {tuple(tensor.shape)}, strides {tensor.stride()}): rows would overlap"
         )
+
+
+def _default_max_seqlen(cu_seqlens: torch.Tensor, num_tokens: int) -> int:
+    """The exact longest sequence on CPU; on a device, num_tokens: a valid upper bound that
+    needs no device synchronisation (pass max_seqlen to size the CUDA grid exactly)."""
+    if cu_seqlens.device.type != "cpu" or cu_seqlens.shape[0] < 2:
+        return num_tokens
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
 
 
 def _check_index(

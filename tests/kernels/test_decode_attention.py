@@ -272,7 +272,7 @@ def test_unused_block_table_entries_are_not_checked(inputs):
     ("kwargs", "message"),
     [
         ({"softmax_scale": -1.0}, r"softmax_scale must be a positive float"),
-        ({"max_seq_len": 0}, r"max_seq_len must be a positive int, got 0"),
+        ({"max_seq_len": 0}, r"max_seq_len must be an int >= 1, got 0"),
         ({"max_seq_len": 39}, r"seq_lens\[1\] = 40 is out of range: .*max_seq_len = 39"),
         ({"out": torch.empty(2, 8, 32)}, r"out has shape \(2, 8, 32\); it must match query"),
         ({"out": torch.empty(2, 8, 64, dtype=torch.float16)}, r"out has dtype torch.float16"),

@@ -296,7 +296,7 @@ BAD_ARGS = {
             "value": a["value"].repeat(1, 1, 5),
             "cu_seqlens": a["cu_seqlens"],
         },
-        r"head_dim must be in \[1, 256\], got 320",
+        r"query has head_dim 320; supported: 1..256",
     ),
     "query_inner_stride": (
         replace("query", lambda t: t.transpose(0, 1).contiguous().transpose(0, 1)),
@@ -322,7 +322,9 @@ BAD_ARGS = {
     ),
     "no_kv_cache": (lambda a: {**a, "kv_cache": None}, r"block_table was given without kv_cache"),
     "scale_negative": (lambda a: {**a, "softmax_scale": -1.0}, r"softmax_scale must be a posit"),
-    "max_seqlen_negative": (lambda a: {**a, "max_seqlen": -1}, r"max_seqlen must be a non-neg"),
+    "max_seqlen_negative": (lambda a: {**a, "max_seqlen": -1}, r"max_seqlen must be an int >= 0"),
+    # True is an int to Python; as a length it is a bug (decode refuses it the same way).
+    "max_seqlen_bool": (lambda a: {**a, "max_seqlen": True}, r"max_seqlen must be an int >= 0"),
     "key_wrong_device": (replace("key", lambda t: t.to("meta")), r"key is on meta, it must be on"),
     "cache_wrong_device": (replace("kv_cache", lambda t: t.to("meta")), r"kv_cache is on meta"),
     "query_wrong_device": (
