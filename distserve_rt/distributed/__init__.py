@@ -1,0 +1,5 @@
+"""Tensor- and pipeline-parallel groups (torch.distributed: gloo on CPU, NCCL on GPU)."""
+
+from distserve_rt.distributed.parallel_state import ParallelContext, partition_layers
+
+__all__ = ["ParallelContext", "partition_layers"]

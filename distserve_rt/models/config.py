@@ -1,0 +1,187 @@
+"""Architecture shape of a causal LM: what the model code, the KV pool and the planner need.
+
+One dataclass for both families we run (Llama and OPT). It is built from a Hugging Face
+``config.json`` (`ModelConfig.from_hf_config`) or taken from a preset (`models/presets.py`),
+so the planner reasons about OPT-175B with the same numbers the runtime would load.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+ARCHITECTURES = ("llama", "opt")
+
+# HF `architectures[0]` / `model_type` -> our family name.
+_HF_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "llama",
+    "OPTForCausalLM": "opt",
+}
+_HF_MODEL_TYPES = {"llama": "llama", "mistral": "llama", "opt": "opt"}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelConfig:
+    """Shape and hyper-parameters of one model (all counts are for the whole model, TP=1)."""
+
+    architecture: str
+    """"llama" (RMSNorm, RoPE, SwiGLU, GQA) or "opt" (LayerNorm, learned positions, ReLU)."""
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    """FFN inner width (OPT's ``ffn_dim``)."""
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    max_position_embeddings: int
+    norm_eps: float = 1e-5
+    """RMSNorm eps (Llama) or LayerNorm eps (OPT)."""
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    # Llama only.
+    rope_theta: float = 10000.0
+    rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
+    """HF ``rope_scaling`` dict, e.g. ``{"rope_type": "llama3", "factor": 8.0, ...}``."""
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    # OPT only.
+    do_layer_norm_before: bool = True
+    word_embed_proj_dim: int | None = None
+    """OPT-350m projects embeddings to/from a smaller width; None means hidden_size."""
+    enable_bias: bool = True
+    name: str = ""
+    """Preset name or model path, for messages and reports."""
+
+    def __post_init__(self) -> None:
+        if self.architecture not in ARCHITECTURES:
+            raise ValueError(
+                f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}"
+            )
+        for key in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads != 0:
+            raise ValueError(
+                f"num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads})"
+            )
+
+    # ---- sizes the KV pool and the planner use ----------------------------------------
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def kv_bytes_per_token(self, dtype_bytes: int = 2) -> int:
+        """KV cache bytes one token takes over all layers (K and V)."""
+        return 2 * self.num_layers * self.kv_size * dtype_bytes
+
+    def num_params(self) -> int:
+        """Parameter count (embeddings counted once when tied)."""
+        h, f, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        attn = h * self.q_size + 2 * h * self.kv_size + self.q_size * h
+        if self.architecture == "llama":
+            mlp = 3 * h * f
+            norms = 2 * h
+            bias = (self.q_size + 2 * self.kv_size + h) * self.attention_bias
+            bias += (2 * f + h) * self.mlp_bias
+            final = h
+            positions = 0
+        else:
+            mlp = 2 * h * f
+            norms = 4 * h  # two LayerNorms with weight and bias
+            bias = (self.q_size + 2 * self.kv_size + h + f + h) * self.enable_bias
+            final = 2 * h
+            positions = (self.max_position_embeddings + 2) * h  # OPT's offset of 2
+        per_layer = attn + mlp + norms + bias
+        embed = v * h
+        lm_head = 0 if self.tie_word_embeddings else v * h
+        return self.num_layers * per_layer + embed + lm_head + final + positions
+
+    def weight_bytes(self, dtype_bytes: int = 2) -> int:
+        return self.num_params() * dtype_bytes
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ---- Hugging Face config.json ------------------------------------------------------
+
+    @classmethod
+    def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:
+        """Build from a parsed HF ``config.json``; unknown architectures raise ValueError."""
+        arch = _family(hf)
+        eos = hf.get("eos_token_id")
+        if isinstance(eos, list):  # Llama-3 instruct lists several; the first is the EOS
+            eos = eos[0] if eos else None
+        common = dict(
+            architecture=arch,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=hf["num_attention_heads"],
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "opt")),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=eos,
+            pad_token_id=hf.get("pad_token_id"),
+            name=name,
+        )
+        try:
+            if arch == "llama":
+                num_heads = hf["num_attention_heads"]
+                return cls(
+                    **common,
+                    intermediate_size=hf["intermediate_size"],
+                    num_kv_heads=hf.get("num_key_value_heads") or num_heads,
+                    head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+                    norm_eps=hf.get("rms_norm_eps", 1e-6),
+                    rope_theta=float(hf.get("rope_theta", 10000.0)),
+                    rope_scaling=hf.get("rope_scaling"),
+                    attention_bias=bool(hf.get("attention_bias", False)),
+                    mlp_bias=bool(hf.get("mlp_bias", False)),
+                )
+            return cls(
+                **common,
+                intermediate_size=hf["ffn_dim"],
+                num_kv_heads=hf["num_attention_heads"],
+                head_dim=hf["hidden_size"] // hf["num_attention_heads"],
+                norm_eps=1e-5,
+                do_layer_norm_before=bool(hf.get("do_layer_norm_before", True)),
+                word_embed_proj_dim=hf.get("word_embed_proj_dim"),
+                enable_bias=bool(hf.get("enable_bias", True)),
+            )
+        except KeyError as exc:
+            what = name or "the model"
+            raise ValueError(f"config.json of {what} lacks {exc.args[0]!r}") from None
+
+
+def _family(hf: dict[str, Any]) -> str:
+    for arch in hf.get("architectures") or ():
+        if arch in _HF_ARCHITECTURES:
+            return _HF_ARCHITECTURES[arch]
+    model_type = hf.get("model_type")
+    if model_type in _HF_MODEL_TYPES:
+        return _HF_MODEL_TYPES[model_type]
+    raise ValueError(
+        f"unsupported architecture {hf.get('architectures')!r} (model_type {model_type!r}); "
+        f"supported: {sorted(_HF_ARCHITECTURES)}"
+    )
