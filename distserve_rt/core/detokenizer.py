@@ -50,6 +50,12 @@ class IncrementalDetokenizer:
         self._skip_special_tokens = skip_special_tokens
         # Only the context window of the prompt is kept: output text never needs more.
         context = list(prompt_token_ids[-INITIAL_CONTEXT_TOKENS:])
+        # A prompt ending inside a UTF-8 character would lend its bytes to the output's
+        # first character; decode the output on its own instead (output == decode(output)).
+        if tokenizer.decode(context, skip_special_tokens=skip_special_tokens).endswith(
+            _REPLACEMENT_CHAR
+        ):
+            context = []
         self._token_ids: list[int] = context
         self._prefix_offset = 0
         self._read_offset = len(context)
