@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import torch
 
-# top-p first looks for each row's nucleus among this many most likely tokens (a cheap
-# `topk`); only rows whose nucleus is larger (flat distributions) sort the whole row.
-# A full sort of 256 x 32000 costs ~300 ms on two CPU cores, topk(256) ~20 ms.
-TOP_P_CANDIDATES = 256
+# On CPU, top-p looks for each row's nucleus among the 256 most likely tokens (a cheap
+# `topk`), then among 2048 for the rows whose nucleus is larger, and only then sorts the
+# whole row. A full sort of 256 x 32000 costs ~300 ms on two CPU cores, topk(256) ~20 ms.
+TOP_P_CANDIDATES = (256, 2048)
 
 
 def mask_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> None:
@@ -42,22 +42,36 @@ def mask_top_p(probs: torch.Tensor, top_p: torch.Tensor) -> None:
     tokens before it in descending order is < top_p, so the most likely is always kept).
     ``probs [num_rows, vocab]`` (rows sum to 1); ``top_p`` float32 ``[num_rows]`` in (0, 1].
     """
-    vocab = probs.shape[1]
     keeps_all = top_p >= 1.0
-    if probs.is_cuda or vocab <= TOP_P_CANDIDATES:
-        # A full sort is cheap on a GPU, and avoids the host sync the CPU path needs.
+    if probs.is_cuda:
+        # A full sort is cheap on a GPU, and avoids the host syncs of the CPU path.
         threshold, _ = _nucleus_threshold(probs.sort(dim=-1, descending=True).values, top_p)
     else:
-        candidates = probs.topk(TOP_P_CANDIDATES, dim=-1).values
-        threshold, fits = _nucleus_threshold(candidates, top_p)
-        # Host sync: free on CPU. Rows whose nucleus is larger than the candidates sort all.
-        rows = torch.nonzero(~(fits | keeps_all)).squeeze(1)
-        if rows.numel():
-            full = probs[rows].sort(dim=-1, descending=True).values
-            threshold[rows] = _nucleus_threshold(full, top_p[rows])[0]
+        threshold = _nucleus_threshold_cpu(probs, top_p, keeps_all)
     # p = 1 keeps everything, whatever rounding did to the cumulative sum.
     threshold.masked_fill_(keeps_all.unsqueeze(1), 0.0)
     probs.masked_fill_(probs < threshold, 0.0)
+
+
+def _nucleus_threshold_cpu(
+    probs: torch.Tensor, top_p: torch.Tensor, keeps_all: torch.Tensor
+) -> torch.Tensor:
+    """Each row's threshold ``[num_rows, 1]`` from ever larger candidate sets (host syncs
+    are free on CPU); the rows left after the last set sort all their tokens."""
+    vocab = probs.shape[1]
+    threshold = torch.zeros(probs.shape[0], 1, dtype=probs.dtype)
+    rows = torch.nonzero(~keeps_all).squeeze(1)
+    for num_candidates in (*TOP_P_CANDIDATES, vocab):
+        if not rows.numel():
+            break
+        if num_candidates >= vocab:
+            candidates = probs[rows].sort(dim=-1, descending=True).values
+        else:
+            candidates = probs[rows].topk(num_candidates, dim=-1).values
+        row_threshold, fits = _nucleus_threshold(candidates, top_p[rows])
+        threshold[rows[fits]] = row_threshold[fits]
+        rows = rows[~fits]
+    return threshold
 
 
 def _nucleus_threshold(

@@ -212,7 +212,7 @@ def test_top_p_candidate_path_matches_full_sort(monkeypatch):
             for i in range(8)
         ]
     )
-    monkeypatch.setattr(truncation, "TOP_P_CANDIDATES", 4)
+    monkeypatch.setattr(truncation, "TOP_P_CANDIDATES", (2, 8))
     got = probs.clone()
     truncation.mask_top_p(got, top_p)
     assert torch.equal(got > 0, expected > 0)
