@@ -96,16 +96,19 @@ def run(args) -> int:
     result = planner.run()
     seconds = time.perf_counter() - start
     best = result.best
+    prefill = PhasePlacement(best.prefill[0], best.prefill[1], result.num_prefill)
+    decode = PhasePlacement(best.decode[0], best.decode[1], result.num_decode)
+    fits = prefill.num_devices + decode.num_devices <= inputs.cluster.num_devices
     placement = PlacementFile(
         model=args.model,
         placement="disaggregated",
-        prefill=PhasePlacement(best.prefill[0], best.prefill[1], result.num_prefill),
-        decode=PhasePlacement(best.decode[0], best.decode[1], result.num_decode),
-        cluster=inputs.cluster.to_dict(),
+        prefill=prefill,
+        decode=decode,
+        # Only a placement that fits is validated against (and written with) the cluster.
+        cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
         predicted={"per_device_goodput": best.per_device, **result.predicted},
     )
-    fits = placement.num_devices <= inputs.cluster.num_devices
     out = {
         "search_seconds": seconds,
         "placement": placement.to_dict(),

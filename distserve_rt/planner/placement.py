@@ -198,7 +198,10 @@ class Planner:
 
     def _algorithm1(self):
         i, c = self.inputs, self.inputs.cluster
-        best: dict[SimMode, tuple[float, int, int, InstanceSpec, GoodputResult]] = {}
+        found: dict[SimMode, list[tuple[int, int, InstanceSpec, GoodputResult]]] = {
+            SimMode.PREFILL_ONLY: [],
+            SimMode.DECODE_ONLY: [],
+        }
         configs = [
             (tp, pp)
             for tp in divisors(i.model.num_heads, c.devices_per_node)
@@ -208,25 +211,24 @@ class Planner:
             if not self._feasible(tp, pp, "instance"):
                 continue
             link = c.intra_link if tp * pp <= c.devices_per_node else c.inter_link
-            for mode, budget in (
-                (SimMode.PREFILL_ONLY, i.prefill_max_batch_tokens),
-                (SimMode.DECODE_ONLY, i.prefill_max_batch_tokens),
-            ):
-                spec = self._instance(tp, pp, link, budget)
+            spec = self._instance(tp, pp, link, i.prefill_max_batch_tokens)
+            for mode in found:
                 g = self.phase_goodput(spec, mode, (mode, tp, pp))
-                if g.rate > 0 and g.per_device > best.get(mode, (0.0,))[0]:
-                    best[mode] = (g.per_device, tp, pp, spec, g)
-        if len(best) < 2:
+                if g.rate > 0:
+                    found[mode].append((tp, pp, spec, g))
+        # Best mix whose one prefill + one decode instance fits the cluster; per-device
+        # goodput of the mix carrying rate r is r / (r/gp·dev_p + r/gd·dev_d).
+        pairs = [
+            (1.0 / (p[2].num_devices / p[3].rate + d[2].num_devices / d[3].rate), p, d)
+            for p in found[SimMode.PREFILL_ONLY]
+            for d in found[SimMode.DECODE_ONLY]
+            if p[2].num_devices + d[2].num_devices <= c.num_devices
+        ]
+        if not pairs:
             return [], None, None
-        (_, tp_p, pp_p, pre, gp), (_, tp_d, pp_d, dec, gd) = (
-            best[SimMode.PREFILL_ONLY],
-            best[SimMode.DECODE_ONLY],
-        )
+        per_dev, (tp_p, pp_p, pre, gp), (tp_d, pp_d, dec, gd) = max(pairs, key=lambda x: x[0])
         streams = min(pre.num_devices, dec.num_devices)
         spec = DisaggSpec(pre, dec, kv_transfer=self._kv_transfer(c.inter_link, streams))
-        # One prefill + one decode instance is the unit; per-device goodput of the mix that
-        # carries a rate r is r / (r/gp·dev_p + r/gd·dev_d).
-        per_dev = 1.0 / (pre.num_devices / gp.rate + dec.num_devices / gd.rate)
         unit = GoodputResult(
             per_dev * (pre.num_devices + dec.num_devices),
             pre.num_devices + dec.num_devices,
