@@ -5,9 +5,13 @@ for the slice a rank reads. So a dummy model is the same model whatever the TP/P
 (TP=2 logits equal TP=1 logits, as with a real checkpoint), it is deterministic given the
 seed, and a TP rank of a 175B dummy never materialises more than its own shard.
 
-Distribution (HF's initialisation, the magnitudes a trained model has, so activations stay
-finite in bf16 and tiny models emit varied tokens): matrices and biases uniform with std
-0.02; norm weights 1; OPT's position table std 0.02 like the token embedding.
+Distribution: uniform, std 0.02 for matrices and biases (HF's initialisation, so activations
+stay finite in bf16), norm weights 1. The embeddings are larger, because with everything at
+0.02 the attention output (an average over the context) swamps the current token's
+embedding and a random model repeats one token forever: untied token embeddings get std 0.2
+(the residual stream then carries the current token) and OPT's position table 0.5 (tied
+embeddings must stay small: a dominant token embedding would make the tied LM head echo the
+current token). With these the tiny presets emit varied greedy tokens.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import torch
 from distserve_rt.models.weights import WeightMap
 
 STD = 0.02
+UNTIED_TOKEN_EMBEDDING_STD = 0.2
+POSITION_EMBEDDING_STD = 0.5
 _MASK32 = 0xFFFFFFFF
 # Multipliers below 2**31, so every product of a 32-bit value fits int64 without overflow.
 _MUL1, _MUL2 = 0x7FEB352D, 0x5BD1E995
@@ -32,9 +38,18 @@ class DummyTensor:
     `layers.weight_utils` (``get_shape``; ``[a:b]`` rows or ``[:, a:b]`` columns)."""
 
     def __init__(
-        self, name: str, shape: tuple[int, ...], seed: int, device: Any, fill: float | None = None
+        self,
+        name: str,
+        shape: tuple[int, ...],
+        seed: int,
+        device: Any,
+        *,
+        std: float = STD,
+        fill: float | None = None,
     ) -> None:
-        self.name, self.shape, self.device, self.fill = name, tuple(shape), device, fill
+        """Values uniform with std `std`, or all `fill` when given."""
+        self.name, self.shape, self.device = name, tuple(shape), device
+        self.std, self.fill = std, fill
         self.key = (zlib.crc32(name.encode()) ^ (seed * 0x9E3779B1)) & _MASK32
 
     def get_shape(self) -> list[int]:
@@ -62,13 +77,13 @@ class DummyTensor:
         return out
 
     def _values(self, flat_index: torch.Tensor) -> torch.Tensor:
-        """Uniform(-a, a) with std `STD` from each element's index (a 32-bit integer hash)."""
+        """Uniform(-a, a) with std `self.std` from each element's index (a 32-bit hash)."""
         x = (flat_index & _MASK32) ^ self.key
         x = ((x ^ (x >> 16)) * _MUL1) & _MASK32
         x = ((x ^ (x >> 15)) * _MUL2) & _MASK32
         x = x ^ (x >> 16)
         unit = x.to(torch.float32) * (1.0 / 2**32)  # [0, 1)
-        return (2.0 * unit - 1.0) * (STD * math.sqrt(3.0))
+        return (2.0 * unit - 1.0) * (self.std * math.sqrt(3.0))
 
 
 def _as_ranges(index: Any, shape: tuple[int, ...]) -> tuple[range, range]:
@@ -86,11 +101,18 @@ def _as_ranges(index: Any, shape: tuple[int, ...]) -> tuple[range, range]:
     return ranges[0], (ranges[1] if len(ranges) > 1 else range(0))
 
 
-def dummy_tensors(weight_map: WeightMap, seed: int, device: Any) -> dict[str, DummyTensor]:
-    """One `DummyTensor` per checkpoint name of `weight_map` (norm weights are ones)."""
+def dummy_tensors(
+    weight_map: WeightMap, seed: int, device: Any, *, tie_word_embeddings: bool
+) -> dict[str, DummyTensor]:
+    """One `DummyTensor` per checkpoint name of `weight_map` (see the module docstring)."""
     tensors = {}
     for name, target in weight_map.items():
-        is_norm_weight = len(target.shape) == 1 and "norm" in name and name.endswith(".weight")
-        fill = 1.0 if is_norm_weight else None
-        tensors[name] = DummyTensor(name, target.shape, seed, device, fill)
+        std, fill = STD, None
+        if len(target.shape) == 1 and "norm" in name and name.endswith(".weight"):
+            fill = 1.0
+        elif "embed_positions" in name:
+            std = POSITION_EMBEDDING_STD
+        elif "embed_tokens" in name and not tie_word_embeddings:
+            std = UNTIED_TOKEN_EMBEDDING_STD
+        tensors[name] = DummyTensor(name, target.shape, seed, device, std=std, fill=fill)
     return tensors

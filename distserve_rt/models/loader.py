@@ -68,7 +68,9 @@ def load_model(
         config = get_preset(model[len(DUMMY_PREFIX) :])
         torch_dtype = resolve_dtype(dtype, None, device)
         stage = build_model(config, parallel, torch_dtype, device)
-        tensors = dummy_tensors(stage.stage_weight_map(), seed, device)
+        tensors = dummy_tensors(
+            stage.stage_weight_map(), seed, device, tie_word_embeddings=config.tie_word_embeddings
+        )
         load_stage_weights(stage, stage.stage_weight_map(), tensors)
         return stage, config
     directory = _check_directory(model)
