@@ -85,6 +85,11 @@ class PagedRunner:
             metadata.decode_block_table = torch.from_numpy(bm.block_tables(d_ids))
             metadata.decode_seq_lens = torch.from_numpy(seq_lens)
             metadata.decode_max_seq_len = int(seq_lens.max())
+        device = self.pools[0].device
+        for field in ("slot_mapping", "prefill_cu_seqlens", "prefill_prefix_lens"):
+            setattr(metadata, field, _to(getattr(metadata, field), device))
+        for field in ("prefill_block_table", "decode_block_table", "decode_seq_lens"):
+            setattr(metadata, field, _to(getattr(metadata, field), device))
         return metadata
 
     def _run(self, input_ids, positions, metadata) -> torch.Tensor:
@@ -95,6 +100,10 @@ class PagedRunner:
             ids = input_ids if hidden is None else None
             hidden = stage(ids, positions, pool, metadata, hidden)
         return self.stages[-1].compute_logits(hidden)
+
+
+def _to(tensor: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(device)
 
 
 def greedy_generate(runner: PagedRunner, prompt: Sequence[int], num_new_tokens: int) -> list[int]:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from distserve_rt.distributed import ParallelContext
-from distserve_rt.models import PRESETS, build_model, load_model
+from distserve_rt.models import PRESETS, CausalLM, build_model, load_model
 from distserve_rt.models.registry import model_class
 from tests.models.paged_runner import PagedRunner, greedy_generate
 
@@ -89,3 +89,26 @@ def test_pipeline_stages_chained_equal_whole_model(name):
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown model preset 'gpt-5'"):
         load_model("dummy:gpt-5")
+
+
+def test_models_satisfy_the_causal_lm_protocol():
+    model, _ = load_model("dummy:opt-tiny")
+    assert isinstance(model, CausalLM)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny"])
+def test_cuda_matches_cpu(name):
+    """The same dummy model on the GPU kernels and on the CPU ones (fp32)."""
+    prompt = list(range(50, 75))
+    results = {}
+    for device in ("cpu", "cuda"):
+        model, _ = load_model(f"dummy:{name}", dtype="float32", device=device)
+        runner = PagedRunner(model)
+        prefill = runner.step(prefills=[(0, prompt)]).cpu()
+        decode = runner.step(decodes=[(0, 9)]).cpu()
+        results[device] = (prefill, decode, greedy_generate(PagedRunner(model), prompt, 8))
+    cpu, cuda = results["cpu"], results["cuda"]
+    torch.testing.assert_close(cuda[0], cpu[0], rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(cuda[1], cpu[1], rtol=1e-3, atol=1e-3)
+    assert cuda[2] == cpu[2]
