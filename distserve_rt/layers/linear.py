@@ -35,7 +35,11 @@ from distserve_rt.layers.weight_utils import (
 )
 
 
-def _make_param(shape: Sequence[int], dtype: torch.dtype, device: Any, loader, shard_ids):
+def _make_param(
+    shape: Sequence[int], dtype: torch.dtype, device: Any, loader, shard_ids: Sequence[Any]
+) -> torch.nn.Parameter:
+    """An uninitialised inference parameter that knows how to load itself (`loader`) and
+    which checkpoint shards it needs (`shard_ids`)."""
     param = torch.nn.Parameter(torch.empty(tuple(shape), dtype=dtype, device=device), False)
     param.weight_loader = loader
     param.shard_ids = tuple(shard_ids)
@@ -68,7 +72,16 @@ class _LinearBase(torch.nn.Module):
 class ReplicatedLinear(_LinearBase):
     """``y = x W^T + b`` with the full weight on every rank."""
 
-    def __init__(self, in_features, out_features, *, bias, parallel, dtype, device) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool,
+        parallel: ParallelContext,
+        dtype: torch.dtype,
+        device: Any,
+    ) -> None:
         super().__init__(
             (out_features, in_features), out_features if bias else None, parallel, dtype, device
         )
