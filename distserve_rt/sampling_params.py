@@ -20,7 +20,7 @@ class SamplingParams:
     n: int = 1
     """Completions per prompt. Only 1 is supported (parallel sampling is not built)."""
     temperature: float = 1.0
-    """0 means greedy; otherwise logits are divided by it before softmax."""
+    """0 means greedy; otherwise logits are divided by it before softmax (finite)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = -1
@@ -90,9 +90,11 @@ def _check_float(
     name: str, value: object, low: float, high: float, *, low_open: bool = False
 ) -> None:
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok or (value == math.inf and high == math.inf)
     if ok:
         ok = (value > low if low_open else value >= low) and value <= high
     if not ok:
-        bracket = "(" if low_open else "["
-        raise ValueError(f"{name} must be in {bracket}{low}, {high}], got {value!r}")
+        # Infinity is never allowed: temperature=inf would turn masked -inf logits into NaN.
+        left = "(" if low_open else "["
+        right = ")" if high == math.inf else "]"
+        allowed = f"{left}{low}, {high}{right}"
+        raise ValueError(f"{name} must be a finite number in {allowed}, got {value!r}")

@@ -129,6 +129,7 @@ class ModelConfig:
     def from_hf_config(cls, hf: dict[str, Any], name: str = "") -> ModelConfig:
         """Build from a parsed HF ``config.json``; unknown architectures raise ValueError."""
         arch = _family(hf)
+        _check_activation(hf, arch)
         eos = hf.get("eos_token_id")
         if isinstance(eos, list):  # Llama-3 instruct lists several; the first is the EOS
             eos = eos[0] if eos else None
@@ -154,8 +155,8 @@ class ModelConfig:
                     num_kv_heads=hf.get("num_key_value_heads") or num_heads,
                     head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
                     norm_eps=hf.get("rms_norm_eps", 1e-6),
-                    rope_theta=float(hf.get("rope_theta", 10000.0)),
-                    rope_scaling=hf.get("rope_scaling"),
+                    rope_theta=_rope_theta(hf),
+                    rope_scaling=_rope_scaling(hf),
                     attention_bias=bool(hf.get("attention_bias", False)),
                     mlp_bias=bool(hf.get("mlp_bias", False)),
                 )
@@ -172,6 +173,40 @@ class ModelConfig:
         except KeyError as exc:
             what = name or "the model"
             raise ValueError(f"config.json of {what} lacks {exc.args[0]!r}") from None
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    # transformers >= 5 writes rope_theta inside "rope_parameters"; older files at top level.
+    params = hf.get("rope_parameters") or {}
+    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+
+
+def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
+    """The scaling dict (``rope_scaling``, or transformers 5's ``rope_parameters`` without
+    its theta); None for plain RoPE."""
+    scaling = hf.get("rope_scaling") or hf.get("rope_parameters")
+    if not scaling:
+        return None
+    scaling = {k: v for k, v in scaling.items() if k != "rope_theta"}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    return None if rope_type == "default" else scaling
+
+
+_ACTIVATIONS = {"llama": ("hidden_act", "silu"), "opt": ("activation_function", "relu")}
+
+
+def _check_activation(hf: dict[str, Any], arch: str) -> None:
+    """Our Llama is SwiGLU and our OPT ReLU; other activations would silently differ."""
+    key, allowed = _ACTIVATIONS[arch]
+    value = hf.get(key, allowed)
+    if value != allowed:
+        raise ValueError(
+            f"config.json has {key}={value!r}; only {allowed!r} is supported for {arch}"
+        )
+    if arch == "opt" and hf.get("_remove_final_layer_norm", False):
+        raise ValueError("OPT checkpoints with _remove_final_layer_norm=True are not supported")
+    if arch == "opt" and not hf.get("layer_norm_elementwise_affine", True):
+        raise ValueError("OPT with layer_norm_elementwise_affine=False is not supported")
 
 
 def _family(hf: dict[str, Any]) -> str:

@@ -1,0 +1,122 @@
+"""Flags shared by `drt-run simulate` and `drt-run plan`, and what they build."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from distserve_rt.metrics.slo import SLO
+from distserve_rt.models.config import ModelConfig
+from distserve_rt.models.presets import get_preset
+from distserve_rt.planner.cluster import ClusterSpec
+from distserve_rt.workloads import SLO_PRESETS, LengthDist, Workload, get_slo_preset
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--model",
+        default="opt-13b",
+        help="model preset name (e.g. opt-13b, opt-175b) or a path to an HF config.json "
+        "or to a directory holding one (default: %(default)s)",
+    )
+    p.add_argument(
+        "--profile",
+        default="a100-80g-distserve",
+        help="latency profile: built-in a100-80g-distserve / a100-80g-vllm (DistServe's "
+        "A100 fits) or a profile JSON file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dataset",
+        default="chat",
+        help="request lengths: sharegpt|chat, humaneval|code, longbench, "
+        "summarization (default: %(default)s); ignored with --fixed-lengths",
+    )
+    p.add_argument(
+        "--fixed-lengths",
+        metavar="PROMPT,OUTPUT",
+        help="synthetic workload: every request has these prompt/output token counts",
+    )
+    p.add_argument(
+        "--num-requests",
+        type=int,
+        default=300,
+        help="requests simulated per rate, sampled from the dataset (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
+    p.add_argument(
+        "--cv",
+        type=float,
+        default=1.0,
+        help="arrival burstiness: 1 = Poisson, else gamma with this CV (default: 1)",
+    )
+    p.add_argument(
+        "--slo-preset",
+        choices=sorted(SLO_PRESETS),
+        help="the paper's Table 1 SLOs (overrides --ttft/--tpot)",
+    )
+    p.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, s (default: %(default)s)")
+    p.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, s (default: %(default)s)")
+    p.add_argument(
+        "--target",
+        type=float,
+        default=0.9,
+        help="SLO attainment target, 0..1 (default: %(default)s)",
+    )
+    p.add_argument("--num-nodes", type=int, default=1, help="nodes (default: 1)")
+    p.add_argument("--devices-per-node", type=int, default=8, help="devices per node (default: 8)")
+    p.add_argument(
+        "--device-memory-gib", type=float, default=80.0, help="memory per device, GiB (default: 80)"
+    )
+    p.add_argument(
+        "--intra-node-gbps",
+        type=float,
+        default=300.0,
+        help="per-device link inside a node, GB/s (default: 300, NVLink A100)",
+    )
+    p.add_argument(
+        "--inter-node-gbps",
+        type=float,
+        default=25.0,
+        help="per-device network across nodes, GB/s (default: 25 = 200 Gb/s)",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+
+
+def load_model(spec: str) -> ModelConfig:
+    path = Path(spec)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" and path.is_file():
+        return ModelConfig.from_hf_config(json.loads(path.read_text()), name=spec)
+    return get_preset(spec)
+
+
+def build_workload(args) -> Workload:
+    if args.fixed_lengths:
+        try:
+            prompt, output = (int(x) for x in args.fixed_lengths.split(","))
+        except ValueError:
+            raise ValueError(
+                f"--fixed-lengths must be PROMPT,OUTPUT, got {args.fixed_lengths!r}"
+            ) from None
+        return Workload.synthetic(
+            args.num_requests, LengthDist("fixed", prompt), LengthDist("fixed", output)
+        )
+    return Workload.from_dataset(args.dataset).sample(args.num_requests, seed=args.seed)
+
+
+def build_slo(args) -> SLO:
+    if args.slo_preset:
+        return get_slo_preset(args.slo_preset).slo
+    return SLO(args.ttft, args.tpot)
+
+
+def build_cluster(args) -> ClusterSpec:
+    return ClusterSpec(
+        args.num_nodes,
+        args.devices_per_node,
+        args.device_memory_gib,
+        args.intra_node_gbps,
+        args.inter_node_gbps,
+    )

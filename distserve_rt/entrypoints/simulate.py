@@ -1,0 +1,111 @@
+"""`drt-run simulate`: one configuration at one or more rates."""
+
+from __future__ import annotations
+
+import json
+
+from distserve_rt.entrypoints import planner_args
+from distserve_rt.planner.cluster import build_instance
+from distserve_rt.planner.goodput import GoodputEvaluator
+from distserve_rt.planner.instance_timing import kv_transfer_s
+from distserve_rt.planner.profiles import load_profile
+from distserve_rt.planner.simulator import ColocatedPolicy, DisaggSpec, KVTransferSpec
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "simulate", help="simulate one configuration at one or more rates", description=__doc__
+    )
+    planner_args.add_common(p)
+    p.add_argument(
+        "--placement",
+        choices=["disaggregated", "colocated"],
+        default="disaggregated",
+        help="disaggregated prefill/decode instances or one colocated instance",
+    )
+    p.add_argument(
+        "--policy",
+        choices=[x.value for x in ColocatedPolicy],
+        default="continuous_batching",
+        help="colocated scheduling policy",
+    )
+    p.add_argument("--prefill-tp", type=int, default=1, help="prefill (or colocated) TP degree")
+    p.add_argument("--prefill-pp", type=int, default=1, help="prefill PP degree")
+    p.add_argument("--decode-tp", type=int, default=1, help="decode TP degree")
+    p.add_argument("--decode-pp", type=int, default=1, help="decode PP degree")
+    p.add_argument("--num-prefill", type=int, default=1, help="prefill instances")
+    p.add_argument("--num-decode", type=int, default=1, help="decode instances")
+    p.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=512,
+        help="prefill batch budget L_m; colocated: per-step token budget (default 512)",
+    )
+    p.add_argument(
+        "--kv-link",
+        choices=["intra", "inter"],
+        default="intra",
+        help="link the KV cache crosses: NVLink inside a node or the network",
+    )
+    p.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[1.0],
+        help="request rates to simulate, req/s (default: 1.0)",
+    )
+    p.set_defaults(handler=run)
+
+
+def _spec(args, model, profile, cluster):
+    kw = dict(cluster=cluster, profile=profile, max_batch_tokens=args.max_batch_tokens)
+    if args.placement == "colocated":
+        return build_instance(model, args.prefill_tp, 1, stage_link=cluster.intra_link, **kw)
+    link = cluster.intra_link if args.kv_link == "intra" else cluster.inter_link
+    pre = build_instance(model, args.prefill_tp, args.prefill_pp, stage_link=link, **kw)
+    dec = build_instance(model, args.decode_tp, args.decode_pp, stage_link=link, **kw)
+    streams = min(pre.num_devices, dec.num_devices)
+    kv = KVTransferSpec(kv_transfer_s(model, 1, link, streams) - link.latency_s, link.latency_s)
+    return DisaggSpec(pre, dec, args.num_prefill, args.num_decode, kv)
+
+
+def run(args) -> int:
+    model = planner_args.load_model(args.model)
+    cluster = planner_args.build_cluster(args)
+    spec = _spec(args, model, load_profile(args.profile), cluster)
+    evaluator = GoodputEvaluator(
+        planner_args.build_workload(args),
+        planner_args.build_slo(args),
+        args.target,
+        cv=args.cv,
+        seed=args.seed,
+    )
+    policy = ColocatedPolicy(args.policy) if args.placement == "colocated" else None
+    rows = []
+    for rate in args.rates:
+        result = evaluator.simulate(spec, rate, policy=policy)
+        rows.append(
+            {
+                "rate": rate,
+                **result.summary(evaluator.slo).to_dict(),
+                "mean_breakdown_s": result.mean_breakdown(),
+            }
+        )
+    out = {
+        "model": model.name,
+        "placement": args.placement,
+        "num_devices": spec.num_devices,
+        "slo": {"ttft_s": evaluator.slo.ttft_s, "tpot_s": evaluator.slo.tpot_s},
+        "runs": rows,
+    }
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(f"{model.name} {args.placement} on {spec.num_devices} devices")
+    print(f"{'rate':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")
+    for r in rows:
+        print(
+            f"{r['rate']:8.3f} {r['attainment']['joint']:7.1%} {r['ttft_s']['p90']:9.3f} "
+            f"{r['tpot_s']['p90']:9.4f}"
+        )
+    return 0

@@ -1,0 +1,133 @@
+"""The cluster a placement is searched for, and how instances are built on it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from distserve_rt.models.config import ModelConfig
+from distserve_rt.planner.instance_timing import (
+    Link,
+    PipelineTiming,
+    distserve_kv_capacity,
+    kv_capacity_tokens,
+)
+from distserve_rt.planner.profiles import ProfileSet
+from distserve_rt.planner.simulator import InstanceSpec
+
+GIB = 1024**3
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Nodes of identical devices. Bandwidths are per device, one direction, GB/s (1e9 B/s)."""
+
+    num_nodes: int = 1
+    devices_per_node: int = 8
+    device_memory_gib: float = 80.0
+    intra_node_gbps: float = 300.0
+    """NVLink (A100: 300 GB/s each way)."""
+    inter_node_gbps: float = 25.0
+    """Network per device (one 200 Gb/s NIC per GPU = 25 GB/s)."""
+    link_latency_s: float = 5e-6
+    memory_utilization: float = 0.9
+
+    def __post_init__(self) -> None:
+        for key in ("num_nodes", "devices_per_node"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+        for key in ("device_memory_gib", "intra_node_gbps", "inter_node_gbps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"{key} must be > 0, got {getattr(self, key)!r}")
+        if not 0 < self.memory_utilization <= 1:
+            raise ValueError(
+                f"memory_utilization must be in (0, 1], got {self.memory_utilization!r}"
+            )
+
+    @property
+    def num_devices(self) -> int:
+        return self.num_nodes * self.devices_per_node
+
+    @property
+    def intra_link(self) -> Link:
+        return Link(self.intra_node_gbps * 1e9, self.link_latency_s)
+
+    @property
+    def inter_link(self) -> Link:
+        return Link(self.inter_node_gbps * 1e9, self.link_latency_s)
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def kv_capacity(model: ModelConfig, tp: int, pp: int, cluster: ClusterSpec, hardware: str) -> int:
+    """KV tokens of a (tp, pp) instance: DistServe's table on its own A100-80GB setting (so
+    our numbers match its simulator), the weights-left-over formula otherwise."""
+    if hardware == "a100-80g" and cluster.device_memory_gib == 80.0:
+        got = distserve_kv_capacity(model.name, tp, pp)
+        if got is not None:
+            return got
+    return kv_capacity_tokens(
+        model,
+        tp,
+        pp,
+        cluster.device_memory_gib * GIB,
+        memory_utilization=cluster.memory_utilization,
+    )
+
+
+def infeasibility(
+    model: ModelConfig,
+    tp: int,
+    pp: int,
+    cluster: ClusterSpec,
+    hardware: str,
+    max_seq_len: int,
+    max_tp: int | None = None,
+) -> list[str]:
+    """Why a (tp, pp) instance cannot run ``model`` on ``cluster``; empty when it can."""
+    reasons = []
+    max_tp = cluster.devices_per_node if max_tp is None else max_tp
+    if model.num_heads % tp:
+        reasons.append(f"tp={tp} does not divide num_heads={model.num_heads}")
+    if model.num_layers % pp:
+        reasons.append(f"pp={pp} does not divide num_layers={model.num_layers}")
+    if tp > max_tp:
+        reasons.append(f"tp={tp} exceeds {max_tp} devices per node (TP stays inside a node)")
+    if tp * pp > cluster.num_devices:
+        reasons.append(f"tp*pp={tp * pp} exceeds the cluster's {cluster.num_devices} devices")
+    if not reasons:
+        cap = kv_capacity(model, tp, pp, cluster, hardware)
+        if cap < max_seq_len:
+            reasons.append(
+                f"weights + KV do not fit: {cap} KV tokens free, the longest request needs "
+                f"{max_seq_len}"
+            )
+    return reasons
+
+
+def build_instance(
+    model: ModelConfig,
+    tp: int,
+    pp: int,
+    *,
+    cluster: ClusterSpec,
+    profile: ProfileSet,
+    stage_link: Link,
+    max_batch_tokens: int,
+    max_num_seqs: int = 256,
+) -> InstanceSpec:
+    """An InstanceSpec of ``model`` on ``tp × pp`` devices of ``cluster``."""
+    pipeline = PipelineTiming(pp, model.hidden_size, stage_link if pp > 1 else None)
+    return InstanceSpec(
+        latency=profile.latency_model(model, tp),
+        kv_capacity_tokens=kv_capacity(model, tp, pp, cluster, profile.hardware),
+        pp=pp,
+        pipeline=pipeline,
+        max_batch_tokens=max_batch_tokens,
+        max_num_seqs=max_num_seqs,
+    )
+
+
+def divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]

@@ -1,0 +1,205 @@
+"""Goodput: the highest request rate meeting an SLO attainment target, per device.
+
+Every rate tried replays the same requests with the same unit inter-arrival gaps scaled by
+1/rate (common random numbers), so attainment falls (almost) monotonically with rate and a
+bracket-then-bisect search is stable: double or halve the rate until attainment crosses the
+target, then bisect until the bracket is within ``rel_tol`` of its upper end. The result
+is the bracket's lower end, a rate that was simulated and met the target.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from distserve_rt.metrics.slo import SLO, slo_scale
+from distserve_rt.planner.simulator import (
+    ColocatedPolicy,
+    ColocatedSimulator,
+    DisaggregatedSimulator,
+    DisaggSpec,
+    InstanceSpec,
+    SimMode,
+    SimResult,
+)
+from distserve_rt.workloads.arrivals import unit_interarrivals
+from distserve_rt.workloads.workload import Workload
+
+
+@dataclass(frozen=True)
+class GoodputResult:
+    rate: float
+    """Highest rate found with attainment >= target (req/s); 0 if none down to min_rate."""
+    num_devices: int
+    num_simulations: int
+    curve: tuple[tuple[float, float], ...] = ()
+    """(rate, attainment) of every simulated rate, sorted by rate."""
+
+    @property
+    def per_device(self) -> float:
+        return self.rate / self.num_devices
+
+
+def search_rate(
+    attainment_at: Callable[[float], float],
+    target: float,
+    *,
+    rate_hint: float = 1.0,
+    rel_tol: float = 0.02,
+    min_rate: float = 1e-3,
+    max_rate: float = 1e5,
+) -> tuple[float, dict[float, float]]:
+    """Highest rate with ``attainment_at(rate) >= target`` (bracket + bisection).
+
+    Returns ``(rate, {rate: attainment})`` of everything it simulated; rate 0.0 when even
+    ``min_rate`` misses the target.
+    """
+    if not 0 < target <= 1:
+        raise ValueError(f"target must be in (0, 1], got {target!r}")
+    if not 0 < rel_tol < 1:
+        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
+    seen: dict[float, float] = {}
+
+    def ok(rate: float) -> bool:
+        if rate not in seen:
+            seen[rate] = attainment_at(rate)
+        return seen[rate] >= target
+
+    rate = min(max(rate_hint, min_rate), max_rate)
+    if ok(rate):
+        lo, hi = rate, rate * 2
+        while hi <= max_rate and ok(hi):
+            lo, hi = hi, hi * 2
+        if hi > max_rate:
+            return lo, seen
+    else:
+        hi, lo = rate, rate / 2
+        while lo >= min_rate and not ok(lo):
+            hi, lo = lo, lo / 2
+        if lo < min_rate:
+            return 0.0, seen
+    while (hi - lo) > rel_tol * hi:
+        mid = (lo + hi) / 2
+        if ok(mid):
+            lo = mid
+        else:
+            hi = mid
+    return lo, seen
+
+
+@dataclass
+class GoodputEvaluator:
+    """Simulates configurations on one sampled workload and scores them against ``slo``."""
+
+    workload: Workload
+    slo: SLO
+    target: float = 0.9
+    rel_tol: float = 0.02
+    cv: float = 1.0
+    seed: int = 0
+    _gaps: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.target <= 1:
+            raise ValueError(f"target must be in (0, 1], got {self.target!r}")
+        self._gaps = np.cumsum(
+            unit_interarrivals(self.workload.num_requests, cv=self.cv, seed=self.seed)
+        )
+
+    def arrivals(self, rate: float) -> np.ndarray:
+        return self._gaps / rate
+
+    def simulate(
+        self,
+        spec: DisaggSpec | InstanceSpec,
+        rate: float,
+        *,
+        mode=SimMode.FULL,
+        policy: ColocatedPolicy | None = None,
+    ) -> SimResult:
+        """Disaggregated ``spec`` in ``mode``, or an InstanceSpec: colocated under ``policy``,
+        or alone in its phase (``mode`` prefill_only / decode_only, no policy)."""
+        w = self.workload
+        mode = SimMode(mode)
+        if isinstance(spec, InstanceSpec) and policy is None:
+            if mode is SimMode.FULL:
+                raise ValueError("an InstanceSpec needs a colocated policy or a phase-only mode")
+            sim = DisaggregatedSimulator(DisaggSpec(spec, spec), mode)
+        elif isinstance(spec, InstanceSpec):
+            sim = ColocatedSimulator(spec, policy)
+        else:
+            sim = DisaggregatedSimulator(spec, mode)
+        return sim.run(self.arrivals(rate), w.prompt_lens, w.output_lens)
+
+    def attainment(self, result: SimResult, mode: SimMode = SimMode.FULL) -> float:
+        """Joint attainment, or TTFT-only (prefill_only) / TPOT-only (decode_only).
+
+        Scored as the lower of all requests and the later half (by arrival): a finite run
+        above capacity can still meet the SLOs on average (TPOT spreads a long wait over
+        many tokens), but its queue grows, so its later requests fare worse; a stable rate
+        scores the same on both.
+        """
+        mode = SimMode(mode)
+        if mode is SimMode.PREFILL_ONLY:
+            met = result.ttft <= self.slo.ttft_s
+        elif mode is SimMode.DECODE_ONLY:
+            met = result.tpot <= self.slo.tpot_s
+        else:
+            met = (result.ttft <= self.slo.ttft_s) & (result.tpot <= self.slo.tpot_s)
+        return float(min(met.mean(), met[met.size // 2 :].mean()))
+
+    def goodput(
+        self,
+        spec,
+        *,
+        mode=SimMode.FULL,
+        policy=None,
+        rate_hint: float = 1.0,
+        num_devices: int | None = None,
+    ) -> GoodputResult:
+        """Highest rate meeting ``target`` for ``spec`` (see `simulate` for the arguments)."""
+        mode = SimMode(mode)
+        bound = math.inf if mode is SimMode.PREFILL_ONLY else self.decode_rate_bound(spec)
+
+        def at(rate: float) -> float:
+            if rate > bound:
+                return 0.0  # above steady-state decode throughput: the queue grows forever
+            return self.attainment(self.simulate(spec, rate, mode=mode, policy=policy), mode)
+
+        rate, seen = search_rate(at, self.target, rate_hint=rate_hint, rel_tol=self.rel_tol)
+        devices = num_devices if num_devices is not None else spec.num_devices
+        return GoodputResult(rate, devices, len(seen), tuple(sorted(seen.items())))
+
+    def decode_rate_bound(self, spec: DisaggSpec | InstanceSpec) -> float:
+        """Most requests/s the decode side can finish in steady state (an upper bound).
+
+        A finite run cannot show overload of the decode side by itself: requests pile up in
+        a burst, and TPOT spreads their wait over hundreds of tokens. At most
+        ``B = min(max_num_seqs, capacity / mean(prompt + output))`` requests decode at once,
+        each for ``mean(output) − 1`` steps of the step time at batch B, so no rate above
+        ``B / (steps × step time)`` is sustainable.
+        """
+        num = 1
+        if isinstance(spec, DisaggSpec):
+            spec, num = spec.decode, spec.num_decode
+        w = self.workload
+        mean_out = float(w.output_lens.mean())
+        batch = min(
+            spec.max_num_seqs,
+            int(spec.kv_capacity_tokens // float((w.prompt_lens + w.output_lens).mean())),
+        )
+        if batch < 1:
+            return 0.0
+        lane_batch = max(1, batch // spec.pp)
+        ctx = float(w.prompt_lens.mean()) + mean_out / 2
+        step = spec.latency.decode_s(lane_batch, int(lane_batch * ctx))
+        step += (spec.pp - 1) * spec.pipeline.hop_s(lane_batch)
+        return num * batch / (max(mean_out - 1, 1.0) * step)
+
+    def slo_scale(self, spec, rate: float, *, policy=None) -> float:
+        """Tightest factor on both SLOs that ``target`` of the requests meet at ``rate``."""
+        result = self.simulate(spec, rate, policy=policy)
+        return slo_scale(result.ttft, result.tpot, self.slo, self.target)

@@ -1,0 +1,217 @@
+"""Latency profiles: versioned JSON files of fitted coefficients for one kind of hardware.
+
+Schema (``schema_version`` 1; times in ms, lengths in tokens)::
+
+    {"schema_version": 1, "hardware": "a100-80g", "units": "ms", "source": "...",
+     "entries": [{"model": "opt-13b", "tp": 1, "form": "fitted",
+                  "coefficients": {"prefill": [a, b, c], "decode_small": [a, b, c],
+                                   "decode_large": [a, b, c], "decode_threshold": 95},
+                  "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...}}],
+     "analytic": {"coefficients": {"c1": .., ..., "attn_block_size": 128},
+                  "fit_error": {...}}}           # optional
+
+Built-in profiles (package data): ``a100-80g-distserve`` and ``a100-80g-vllm``, DistServe's
+fitted A100-80GB coefficients for its own kernels and for vLLM's (its baseline), from
+`LLMServe/DistServe` ``simdistserve/estimators/profile_data/`` at commit ``82831f1``
+(Apache-2.0); see ``distserve_rt/data/README.md``.
+
+A (model, TP) with no fitted entry gets the paper's analytic form, whose C1..C5 are
+hardware constants: taken from ``analytic`` when the file has it, otherwise fitted on the
+spot from synthetic samples of every fitted entry of the file whose model is a known preset
+(`ProfileSet.analytic_coefficients`). The prediction is an extrapolation across models and
+TP degrees; its fit error on the profiled entries is reported so users can judge it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distserve_rt.models.config import ModelConfig
+from distserve_rt.models.presets import PRESETS
+from distserve_rt.planner.latency_model import (
+    AnalyticCoefficients,
+    AnalyticLatencyModel,
+    FittedCoefficients,
+    FittedLatencyModel,
+    LatencyModel,
+)
+from distserve_rt.planner.profile_fit import FitError, fit_analytic_form
+from distserve_rt.workloads.datasets import data_path
+
+SCHEMA_VERSION = 1
+
+BUILTIN_PROFILES = {
+    "a100-80g-distserve": "distserve_profiler_a100_80g.distserve.json",
+    "a100-80g-vllm": "distserve_profiler_a100_80g.vllm.json",
+}
+_DISTSERVE_SOURCE = (
+    "LLMServe/DistServe simdistserve/estimators/profile_data/{file} @ 82831f1 (Apache-2.0)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class ProfileEntry:
+    """Fitted coefficients of one (model, TP) on the profile's hardware."""
+
+    model: str
+    tp: int
+    coefficients: FittedCoefficients
+    fit_error: dict[str, FitError] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tp, int) or self.tp < 1:
+            raise ValueError(f"tp of {self.model!r} must be a positive int, got {self.tp!r}")
+
+
+@dataclass
+class ProfileSet:
+    """All profiled (model, TP) pairs of one kind of hardware."""
+
+    hardware: str
+    entries: list[ProfileEntry]
+    source: str = ""
+    analytic: AnalyticCoefficients | None = None
+    analytic_fit_error: dict[str, FitError] = field(default_factory=dict)
+
+    def find(self, model: str, tp: int) -> ProfileEntry | None:
+        for entry in self.entries:
+            if entry.model == model and entry.tp == tp:
+                return entry
+        return None
+
+    def analytic_coefficients(self) -> AnalyticCoefficients:
+        """The paper's C1..C5 for this hardware (fitted from the entries on first use)."""
+        if self.analytic is None:
+            self.analytic, self.analytic_fit_error = _fit_analytic_from_entries(self)
+        return self.analytic
+
+    def latency_model(self, model: ModelConfig, tp: int) -> LatencyModel:
+        """Fitted model for (model.name, tp) if profiled, else the analytic form (see module)."""
+        entry = self.find(model.name, tp)
+        if entry is not None:
+            return FittedLatencyModel(entry.coefficients, tp)
+        return AnalyticLatencyModel(self.analytic_coefficients(), model, tp)
+
+    def to_dict(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "schema_version": SCHEMA_VERSION,
+            "hardware": self.hardware,
+            "units": "ms",
+            "source": self.source,
+            "entries": [
+                {
+                    "model": e.model,
+                    "tp": e.tp,
+                    "form": "fitted",
+                    "coefficients": e.coefficients.to_dict(),
+                    "fit_error": {k: v.to_dict() for k, v in e.fit_error.items()},
+                }
+                for e in self.entries
+            ],
+        }
+        if self.analytic is not None:
+            out["analytic"] = {
+                "coefficients": self.analytic.to_dict(),
+                "fit_error": {k: v.to_dict() for k, v in self.analytic_fit_error.items()},
+            }
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+
+def _fit_errors(raw: dict) -> dict[str, FitError]:
+    return {k: FitError(v["mean_rel"], v["max_rel"], v["num_samples"]) for k, v in raw.items()}
+
+
+def profile_from_dict(raw: dict, where: str = "profile") -> ProfileSet:
+    """Parse the schema above; ValueError naming what is wrong."""
+    version = raw.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{where}: schema_version must be {SCHEMA_VERSION}, got {version!r}")
+    if raw.get("units", "ms") != "ms":
+        raise ValueError(f"{where}: units must be 'ms', got {raw.get('units')!r}")
+    try:
+        entries = [
+            ProfileEntry(
+                e["model"],
+                e["tp"],
+                FittedCoefficients(**e["coefficients"]),
+                _fit_errors(e.get("fit_error", {})),
+            )
+            for e in raw["entries"]
+        ]
+        analytic, analytic_err = None, {}
+        if "analytic" in raw:
+            analytic = AnalyticCoefficients(**raw["analytic"]["coefficients"])
+            analytic_err = _fit_errors(raw["analytic"].get("fit_error", {}))
+        return ProfileSet(raw["hardware"], entries, raw.get("source", ""), analytic, analytic_err)
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{where}: malformed profile ({type(exc).__name__}: {exc})") from None
+
+
+def _from_distserve(raw: dict, hardware: str, source: str) -> ProfileSet:
+    """DistServe's ``{"facebook/opt-13b": {"1": {...}}}`` layout -> a ProfileSet."""
+    entries = []
+    for hf_name, by_tp in raw.items():
+        for tp, co in by_tp.items():
+            coeffs = FittedCoefficients(
+                co["prefill"],
+                co["decoding_smallbs"],
+                co["decoding_largebs"],
+                int(co["decoding_large_small_bs_threshold"]),
+            )
+            entries.append(ProfileEntry(hf_name.split("/")[-1], int(tp), coeffs))
+    return ProfileSet(hardware, entries, source)
+
+
+def load_profile(name_or_path: str | Path) -> ProfileSet:
+    """A built-in profile by name (``a100-80g-distserve``, ``a100-80g-vllm``) or a JSON file."""
+    if str(name_or_path) in BUILTIN_PROFILES:
+        filename = BUILTIN_PROFILES[str(name_or_path)]
+        raw = json.loads(data_path(filename).read_text())
+        return _from_distserve(raw, "a100-80g", _DISTSERVE_SOURCE.format(file=filename))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise ValueError(
+            f"profile {str(name_or_path)!r} is neither a built-in ({sorted(BUILTIN_PROFILES)}) "
+            f"nor an existing file"
+        )
+    return profile_from_dict(json.loads(path.read_text()), str(path))
+
+
+def _synthetic_samples(entry: ProfileEntry, model: ModelConfig):
+    """Step times the entry's fitted form predicts over a grid of batches (ms)."""
+    lm = FittedLatencyModel(entry.coefficients, entry.tp)
+    prefill = []
+    for length in (64, 256, 512, 1024, 2048):
+        for num in (1, 2, 4):
+            lens = [length] * num
+            prefill.append((model, entry.tp, lens, lm.prefill_s(sum(lens), num * length**2) * 1e3))
+    decode = []
+    for batch in (1, 8, 32, 64, 128, 256):
+        for ctx in (128, 512, 1024, 2048):
+            lens = [ctx] * batch
+            decode.append((model, entry.tp, lens, lm.decode_s(batch, batch * (ctx + 1)) * 1e3))
+    return prefill, decode
+
+
+def _fit_analytic_from_entries(profile: ProfileSet):
+    prefill, decode = [], []
+    for entry in profile.entries:
+        if entry.model in PRESETS:
+            p, d = _synthetic_samples(entry, PRESETS[entry.model])
+            prefill += p
+            decode += d
+    if not prefill:
+        raise ValueError(
+            f"profile {profile.hardware!r} has no analytic coefficients and none of its models "
+            f"({sorted({e.model for e in profile.entries})}) is a known preset to fit them from; "
+            f"profile this (model, tp) or add an 'analytic' section"
+        )
+    return fit_analytic_form(prefill, decode)

@@ -1,0 +1,102 @@
+"""What the simulator runs: instance specs (latency model, parallelism, memory, batching)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+from distserve_rt.planner.instance_timing import PipelineTiming
+from distserve_rt.planner.latency_model import LatencyModel
+
+
+class SimMode(str, Enum):
+    """Which phases a disaggregated run simulates.
+
+    ``prefill_only``/``decode_only`` are the paper's Algorithm 1 building blocks: a prefill
+    instance scored on TTFT alone, a decode instance (prompts arrive already prefilled, KV
+    ready) scored on TPOT alone.
+    """
+
+    FULL = "full"
+    PREFILL_ONLY = "prefill_only"
+    DECODE_ONLY = "decode_only"
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """One instance (TP × PP devices) of one phase, or a colocated one."""
+
+    latency: LatencyModel
+    """Whole-model step times on ``tp`` devices (one stage's share is 1/pp of it)."""
+    kv_capacity_tokens: int
+    """KV tokens the instance holds (all its devices together)."""
+    pp: int = 1
+    pipeline: PipelineTiming | None = None
+    """Hops between stages; required when pp > 1."""
+    max_batch_tokens: int = 512
+    """Prefill: L_m, the prompt-token budget of one batch (a longer prompt runs alone).
+    Colocated: the per-step token budget (vLLM's max_num_batched_tokens, or the chunk
+    budget of chunked prefill)."""
+    max_num_seqs: int = 256
+    """Most requests decoding at once in this instance (vLLM's max_num_seqs)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pp, int) or self.pp < 1:
+            raise ValueError(f"pp must be a positive int, got {self.pp!r}")
+        if self.pipeline is None:
+            object.__setattr__(self, "pipeline", PipelineTiming(1))
+        if self.pipeline.pp != self.pp:
+            raise ValueError(f"pipeline.pp ({self.pipeline.pp}) must equal pp ({self.pp})")
+        for key in ("kv_capacity_tokens", "max_batch_tokens", "max_num_seqs"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+
+    @property
+    def tp(self) -> int:
+        return self.latency.tp
+
+    @property
+    def num_devices(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass(frozen=True)
+class KVTransferSpec:
+    """KV migration cost: ``latency_s + prompt tokens × seconds_per_token``."""
+
+    seconds_per_token: float = 0.0
+    latency_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.seconds_per_token < 0 or self.latency_s < 0:
+            raise ValueError(
+                f"KV transfer times must be >= 0, got seconds_per_token="
+                f"{self.seconds_per_token!r} latency_s={self.latency_s!r}"
+            )
+
+    def seconds(self, num_tokens: int) -> float:
+        return self.latency_s + num_tokens * self.seconds_per_token
+
+
+@dataclass(frozen=True)
+class DisaggSpec:
+    """``num_prefill`` prefill and ``num_decode`` decode instances and the KV path between."""
+
+    prefill: InstanceSpec
+    decode: InstanceSpec
+    num_prefill: int = 1
+    num_decode: int = 1
+    kv_transfer: KVTransferSpec = KVTransferSpec()
+
+    def __post_init__(self) -> None:
+        for key in ("num_prefill", "num_decode"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{key} must be a positive int, got {value!r}")
+
+    @property
+    def num_devices(self) -> int:
+        return (
+            self.num_prefill * self.prefill.num_devices + self.num_decode * self.decode.num_devices
+        )

@@ -1,0 +1,19 @@
+"""Request workloads: length datasets, synthetic lengths, arrival processes, SLO presets."""
+
+from distserve_rt.workloads.arrivals import arrival_times, unit_interarrivals
+from distserve_rt.workloads.datasets import DATASET_ALIASES, DATASETS, load_lengths
+from distserve_rt.workloads.slo_presets import SLO_PRESETS, SLOPreset, get_slo_preset
+from distserve_rt.workloads.workload import LengthDist, Workload
+
+__all__ = [
+    "DATASETS",
+    "DATASET_ALIASES",
+    "SLO_PRESETS",
+    "LengthDist",
+    "SLOPreset",
+    "Workload",
+    "arrival_times",
+    "get_slo_preset",
+    "load_lengths",
+    "unit_interarrivals",
+]

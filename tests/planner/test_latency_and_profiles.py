@@ -1,0 +1,97 @@
+"""Latency-model forms, DistServe's shipped coefficients, and profile fits."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distserve_rt.models.presets import get_preset
+from distserve_rt.planner.latency_model import (
+    AnalyticCoefficients,
+    AnalyticLatencyModel,
+    FittedCoefficients,
+    FittedLatencyModel,
+)
+from distserve_rt.planner.profile_fit import fit_fitted_form
+from distserve_rt.planner.profiles import load_profile, profile_from_dict
+
+
+def test_fitted_form_hand_computed():
+    lm = FittedLatencyModel(
+        FittedCoefficients((10, 0.1, 1e-5), (20, 0.001, 0.05), (5, 0.002, 0.2), 95)
+    )
+    # prefill: 10 + 0.1*300 + 1e-5*(100^2+200^2) = 10 + 30 + 0.5 ms
+    assert lm.prefill_s(300, 100**2 + 200**2) == pytest.approx(40.5e-3)
+    # small batch: 20 + 0.001*1000 + 0.05*10 ms; large: 5 + 0.002*5000 + 0.2*100
+    assert lm.decode_s(10, 1000) == pytest.approx(21.5e-3)
+    assert lm.decode_s(100, 5000) == pytest.approx(35e-3)
+
+
+def test_analytic_form_hand_computed():
+    model = get_preset("opt-tiny")  # h=256, m=1024, 4 layers
+    co = AnalyticCoefficients(1e-9, 2e-9, 3.0, 4e-9, 5e-9, c6=0.0, attn_block_size=128)
+    lm = AnalyticLatencyModel(co, model, tp=2)
+    h, m, layers, t, t2 = 256, 1024, 4, 100, 100**2
+    want = layers / 2 * (1e-9 * (4 * t * h * h + 2 * t * h * m) + 2e-9 * 3 * h * t2 / 128) + 3.0
+    assert lm.prefill_s(t, t2) == pytest.approx(want * 1e-3)
+    want = layers / 2 * (4e-9 * (4 * h * h + 2 * h * m) + 5e-9 * 3 * h * 500)
+    assert lm.decode_s(7, 500) == pytest.approx(want * 1e-3)
+
+
+def test_distserve_profile_loads_with_its_formula():
+    prof = load_profile("a100-80g-distserve")
+    lm = prof.latency_model(get_preset("opt-13b"), 1)
+    # DistServe JSON, facebook/opt-13b tp 1 "prefill" and "decoding_smallbs"/"largebs".
+    a, b, c = 18.10254647486372, 0.1019122572698738, 7.122264314252114e-06
+    assert lm.prefill_s(512, 512**2) == pytest.approx((a + b * 512 + c * 512**2) * 1e-3)
+    a, b, c = 19.934702624895458, 0.0006269356524350583, 0.03850697740828398
+    assert lm.decode_s(8, 8 * 1001) == pytest.approx((a + b * 8 * 1001 + c * 8) * 1e-3)
+    a, b, c = 7.1661889468253595, 0.0005798000403396046, 0.15831096191764046
+    assert lm.decode_s(95, 95000) == pytest.approx((a + b * 95000 + c * 95) * 1e-3)
+    assert {(e.model, e.tp) for e in prof.entries} >= {("opt-13b", 4), ("opt-66b", 8)}
+
+
+def test_unprofiled_model_uses_analytic_form_fitted_on_same_hardware():
+    prof = load_profile("a100-80g-distserve")
+    lm = prof.latency_model(get_preset("opt-175b"), 8)
+    assert isinstance(lm, AnalyticLatencyModel)
+    assert prof.analytic_fit_error["prefill"].mean_rel < 0.2
+    # Bigger model, same TP: slower than OPT-66B's fitted time.
+    lm66 = prof.latency_model(get_preset("opt-66b"), 8)
+    assert lm.prefill_s(1024, 1024**2) > lm66.prefill_s(1024, 1024**2)
+
+
+def test_profile_round_trip_and_schema_check(tmp_path):
+    prof = load_profile("a100-80g-vllm")
+    prof.analytic_coefficients()
+    path = prof.save(tmp_path / "p.json")
+    again = load_profile(path)
+    assert again.find("opt-66b", 3).coefficients == prof.find("opt-66b", 3).coefficients
+    assert again.analytic == prof.analytic
+    with pytest.raises(ValueError, match="schema_version"):
+        profile_from_dict({"schema_version": 99})
+    with pytest.raises(ValueError, match="neither a built-in"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_fit_recovers_known_coefficients_from_noisy_samples():
+    rng = np.random.default_rng(0)
+    true = FittedLatencyModel(
+        FittedCoefficients((15, 0.08, 4e-6), (12, 4e-4, 0.06), (9, 3e-4, 0.09))
+    )
+    prefill, decode = [], []
+    for _ in range(60):
+        lens = rng.integers(16, 2048, rng.integers(1, 5))
+        t = true.prefill_s(int(lens.sum()), int((lens**2).sum())) * 1e3
+        prefill.append((lens, t * (1 + rng.normal(0, 0.01))))
+    for _ in range(120):
+        ctx = rng.integers(16, 2048, rng.integers(1, 200))
+        t = true.decode_s(ctx.size, int((ctx + 1).sum())) * 1e3
+        decode.append((ctx, t * (1 + rng.normal(0, 0.01))))
+    co, err = fit_fitted_form(prefill, decode)
+    np.testing.assert_allclose(co.prefill, (15, 0.08, 4e-6), rtol=0.1)
+    np.testing.assert_allclose(co.decode_small, (12, 4e-4, 0.06), rtol=0.15)
+    np.testing.assert_allclose(co.decode_large, (9, 3e-4, 0.09), rtol=0.15)
+    assert err["prefill"].mean_rel < 0.02 and err["decode_large"].max_rel < 0.05
+    with pytest.raises(ValueError, match="cannot fit"):
+        fit_fitted_form(prefill[:2], decode)

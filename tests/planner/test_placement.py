@@ -1,0 +1,125 @@
+"""Placement search, constraints, placement file, paper direction, CLI smoke tests."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from distserve_rt.entrypoints.cli import main
+from distserve_rt.metrics.slo import SLO
+from distserve_rt.models.presets import get_preset
+from distserve_rt.planner.cluster import ClusterSpec, build_instance, infeasibility
+from distserve_rt.planner.goodput import GoodputEvaluator, search_rate
+from distserve_rt.planner.placement_file import load_placement, placement_from_dict
+from distserve_rt.planner.profiles import load_profile
+from distserve_rt.planner.simulator import SimMode
+from distserve_rt.workloads import Workload
+
+
+def test_search_rate_brackets_and_bisects():
+    rate, seen = search_rate(lambda r: 1.0 if r <= 3.3 else 0.0, 0.9, rate_hint=1.0, rel_tol=0.01)
+    assert 3.3 * 0.99 <= rate <= 3.3
+    assert search_rate(lambda r: 0.0, 0.9)[0] == 0.0
+
+
+def test_infeasible_configs_are_rejected_with_reasons():
+    cluster = ClusterSpec(num_nodes=1, devices_per_node=8)
+    m = get_preset("opt-175b")
+    reasons = infeasibility(m, 1, 1, cluster, "a100-80g", 2048)
+    assert any("do not fit" in r for r in reasons)
+    assert any("num_heads" in r for r in infeasibility(m, 5, 1, cluster, "a100-80g", 2048))
+    assert any("num_layers" in r for r in infeasibility(m, 8, 5, cluster, "a100-80g", 2048))
+    assert any("devices per node" in r for r in infeasibility(m, 16, 1, cluster, "x", 2048))
+    assert infeasibility(get_preset("opt-13b"), 1, 1, cluster, "a100-80g", 2048) == []
+
+
+def test_disaggregation_beats_colocated_opt13b_chat():
+    """The paper's direction (Fig. 8, chatbot OPT-13B) with DistServe's A100 coefficients.
+
+    As in DistServe's own evaluation, the vLLM baseline runs on DistServe's profile of vLLM's
+    kernels (a100-80g-vllm). With one profile for both, on our ShareGPT stand-in lengths
+    (longer Llama-2-token prompts) colocated comes out ahead; see the planner report.
+    """
+    w = Workload.from_dataset("chat").sample(300, seed=0)
+    ev = GoodputEvaluator(w, SLO(0.25, 0.1), rel_tol=0.03)
+    m, cluster = get_preset("opt-13b"), ClusterSpec()
+    ours, vllm = load_profile("a100-80g-distserve"), load_profile("a100-80g-vllm")
+    best_disagg, best_colocated = 0.0, 0.0
+    phase = {}
+    for tp in (1, 2, 4):
+        kw = dict(cluster=cluster, stage_link=cluster.intra_link, max_batch_tokens=512)
+        inst = build_instance(m, tp, 1, profile=ours, **kw)
+        for mode in (SimMode.PREFILL_ONLY, SimMode.DECODE_ONLY):
+            g = ev.goodput(inst, mode=mode, rate_hint=2.0)
+            phase[mode] = max(phase.get(mode, 0.0), g.per_device)
+        col = build_instance(m, tp, 1, profile=vllm, **{**kw, "max_batch_tokens": 2048})
+        g = ev.goodput(col, policy="continuous_batching", rate_hint=2.0)
+        best_colocated = max(best_colocated, g.per_device)
+    # Algorithm 1: prefill and decode replicated independently.
+    best_disagg = 1 / (1 / phase[SimMode.PREFILL_ONLY] + 1 / phase[SimMode.DECODE_ONLY])
+    assert best_disagg > best_colocated > 0
+
+
+def _plan_args(tmp_path, *extra):
+    return [
+        "plan",
+        "--model",
+        "opt-13b",
+        "--rate",
+        "3",
+        "--num-requests",
+        "120",
+        "--output",
+        str(tmp_path / "p.yaml"),
+        "--json",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("affinity", ["high", "low"])
+def test_plan_cli_json_and_placement_file(tmp_path, capsys, affinity):
+    assert main(_plan_args(tmp_path, "--affinity", affinity, "--num-nodes", "4")) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ranked"] and out["ranked"][0]["per_device_goodput"] > 0
+    placement = load_placement(out["placement_file"])
+    assert placement.placement == "disaggregated" and placement.decode is not None
+    assert placement.prefill.num_instances == math.ceil(placement.prefill.num_instances)
+    assert placement.to_dict() == load_placement(placement.save(tmp_path / "again.yaml")).to_dict()
+
+
+def test_plan_cli_plot(tmp_path, capsys):
+    assert main(_plan_args(tmp_path, "--plot", str(tmp_path / "a.png"))) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "a.png").stat().st_size > 1000 and out["plot"]
+
+
+def test_simulate_cli_json(capsys):
+    args = ["simulate", "--rates", "1", "2", "--num-requests", "100", "--json"]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["rate"] for r in out["runs"]] == [1.0, 2.0]
+    assert set(out["runs"][0]["mean_breakdown_s"]) >= {"prefill_queue", "transfer", "decode"}
+    assert main([*args, "--placement", "colocated", "--policy", "chunked_prefill"]) == 0
+
+
+def test_placement_file_validation_errors():
+    good = {
+        "model": "opt-13b",
+        "placement": "disaggregated",
+        "prefill": {"tp": 1, "pp": 1, "num_instances": 2},
+        "decode": {"tp": 2, "pp": 1, "num_instances": 1},
+        "cluster": {"num_nodes": 1, "devices_per_node": 8},
+    }
+    assert placement_from_dict(good).num_devices == 4
+    with pytest.raises(ValueError, match="placement must be one of"):
+        placement_from_dict({**good, "placement": "split"})
+    with pytest.raises(ValueError, match="tp must be a positive int"):
+        placement_from_dict({**good, "prefill": {"tp": 0, "pp": 1, "num_instances": 1}})
+    with pytest.raises(ValueError, match="decode must be given"):
+        placement_from_dict({**good, "decode": None})
+    with pytest.raises(ValueError, match="cluster has 8"):
+        placement_from_dict({**good, "prefill": {"tp": 8, "pp": 1, "num_instances": 1}})
+    with pytest.raises(ValueError, match="unknown keys"):
+        placement_from_dict({**good, "extra": 1})

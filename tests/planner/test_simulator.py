@@ -1,0 +1,106 @@
+"""Simulator checks: M/D/1 queueing formulas (DistServe §3.1), invariants, paper direction."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distserve_rt.metrics.slo import SLO, attainment, slo_scale
+from distserve_rt.planner.instance_timing import Link, PipelineTiming
+from distserve_rt.planner.latency_model import ConstantLatencyModel
+from distserve_rt.planner.simulator import (
+    ColocatedSimulator,
+    DisaggregatedSimulator,
+    DisaggSpec,
+    InstanceSpec,
+    KVTransferSpec,
+    SimMode,
+)
+from distserve_rt.workloads import arrival_times
+
+NUM = 40000
+D = 0.1  # prefill time of one request, s
+RATE = 4.0  # req/s: utilisation R·D = 0.4 on one device
+
+
+def _mean_ttft(spec: InstanceSpec) -> float:
+    arrival = arrival_times(NUM, RATE, seed=1)
+    lens = np.full(NUM, 100)
+    sim = DisaggregatedSimulator(DisaggSpec(spec, spec), SimMode.PREFILL_ONLY)
+    return float(sim.run(arrival, lens, np.full(NUM, 2)).ttft.mean())
+
+
+def test_md1_single_device():
+    # L_m below two prompts: no batching.
+    spec = InstanceSpec(ConstantLatencyModel(D, 0.01), 10**6, max_batch_tokens=100)
+    want = D + RATE * D**2 / (2 * (1 - RATE * D))
+    assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
+
+
+def test_md1_two_way_inter_op():
+    # Two stages of D/2 each, free hops: the queue sees D_m = D/2, a request spends D_s = D.
+    pipe = PipelineTiming(2, hidden_size=1, link=Link(1e30, 0.0))
+    spec = InstanceSpec(
+        ConstantLatencyModel(D, 0.01), 10**6, pp=2, pipeline=pipe, max_batch_tokens=100
+    )
+    want = D + RATE * D**2 / (4 * (2 - RATE * D))
+    assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
+
+
+@pytest.mark.parametrize("speedup", [1.6, 2.0])
+def test_md1_two_way_intra_op(speedup):
+    spec = InstanceSpec(ConstantLatencyModel(D / speedup, 0.01, tp=2), 10**6, max_batch_tokens=100)
+    want = D / speedup + RATE * D**2 / (2 * speedup * (speedup - RATE * D))
+    assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
+
+
+def test_disaggregated_breakdown_adds_up_and_decode_tpot():
+    pre = InstanceSpec(ConstantLatencyModel(0.05, 0.02), 10**6)
+    dec = InstanceSpec(ConstantLatencyModel(0.05, 0.02), 10**6)
+    spec = DisaggSpec(
+        pre, dec, num_prefill=2, num_decode=2, kv_transfer=KVTransferSpec(1e-5, 0.001)
+    )
+    n = 300
+    arrival = arrival_times(n, 5.0, seed=0)
+    prompt = np.random.default_rng(0).integers(10, 500, n)
+    out = np.random.default_rng(1).integers(1, 50, n)
+    res = DisaggregatedSimulator(spec).run(arrival, prompt, out)
+    parts = res.breakdown()
+    total = sum(parts.values())
+    np.testing.assert_allclose(total, res.finish - res.arrival, atol=1e-9)
+    for name, v in parts.items():
+        assert (v >= -1e-12).all(), name
+    # Light load, constant 20 ms steps: TPOT is the step time once decoding.
+    multi = out > 1
+    np.testing.assert_allclose(res.finish[multi] - res.decode_start[multi], 0.02 * (out[multi] - 1))
+    assert np.isfinite(res.finish).all()
+
+
+def test_requests_that_never_fit_fail_instead_of_hanging():
+    spec = InstanceSpec(ConstantLatencyModel(0.01, 0.01), 200)
+    arrival = np.array([0.0, 0.1])
+    res = DisaggregatedSimulator(DisaggSpec(spec, spec)).run(arrival, [50, 150], [10, 100])
+    assert np.isfinite(res.finish[0]) and np.isinf(res.finish[1])
+    col = ColocatedSimulator(spec, "continuous_batching").run(arrival, [50, 150], [10, 100])
+    assert np.isfinite(col.finish[0]) and np.isinf(col.finish[1])
+
+
+@pytest.mark.parametrize("policy", ["continuous_batching", "chunked_prefill"])
+def test_colocated_policies_finish_everything(policy):
+    spec = InstanceSpec(ConstantLatencyModel(0.05, 0.02), 5000, max_batch_tokens=256)
+    n = 200
+    arrival = arrival_times(n, 3.0, seed=0)
+    prompt = np.random.default_rng(0).integers(10, 600, n)
+    out = np.random.default_rng(1).integers(1, 40, n)
+    res = ColocatedSimulator(spec, policy).run(arrival, prompt, out)
+    assert np.isfinite(res.finish).all()
+    assert (res.prefill_end >= res.arrival).all() and (res.finish >= res.prefill_end).all()
+
+
+def test_slo_metrics():
+    ttft = np.array([0.1, 0.2, 0.3, 0.4])
+    tpot = np.array([0.01, 0.05, 0.01, 0.01])
+    a = attainment(ttft, tpot, SLO(0.3, 0.02))
+    assert (a.joint, a.ttft, a.tpot) == (0.5, 0.75, 0.75)
+    # 75% need max(ttft/0.3, tpot/0.02) <= s: ratios 0.33, 2.5, 1.0, 1.33 -> third smallest.
+    assert slo_scale(ttft, tpot, SLO(0.3, 0.02), 0.75) == pytest.approx(4 / 3)
