@@ -1,0 +1,208 @@
+"""What every policy shares: queues, admission into the KV pool, preemption by recompute,
+abort, rejection, and packing a step's KV bookkeeping into a `SchedulerOutput`.
+
+Policies (continuous batching, chunked prefill, and later the disaggregated prefill and
+decode schedulers) only decide *which* requests and *how many* tokens; these helpers keep
+the invariants (blocks conserved, no request lost, ``num_computed_tokens`` consistent).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+
+from distserve_rt.core.block_manager import AllocStatus, BlockManager, BlockManagerStats
+from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.core.scheduler.interface import (
+    ScheduledPrefill,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
+
+
+class SchedulerBase(Scheduler):
+    """Queues and KV bookkeeping; subclasses implement `schedule`.
+
+    ``waiting``: FCFS deque of WAITING and PREEMPTED requests (preempted ones at the front).
+    ``running``: requests holding blocks whose prefill is complete (they decode).
+    ``prefilling``: requests holding blocks with a partially computed prefill (chunked).
+    """
+
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.prefilling: list[Request] = []
+        self._live: dict[str, Request] = {}
+        self._finished: list[Request] = []
+        # Finished requests are dropped from `running` lazily, once per schedule(), so that
+        # finishing k of n requests costs O(n), not O(k * n).
+        self._num_stale_running = 0
+
+    # ---- the Scheduler interface ------------------------------------------------------
+
+    def add_request(self, request: Request) -> None:
+        if request.request_id in self._live:
+            raise ValueError(f"request_id {request.request_id!r} is already live")
+        if request.status is not RequestStatus.WAITING:
+            raise ValueError(f"a new request must be WAITING, got {request.status.name}")
+        max_len = self.config.max_model_len
+        if request.num_prompt_tokens >= max_len:
+            # The first generated token must fit the context too, hence >=.
+            self._reject(
+                request,
+                f"prompt has {request.num_prompt_tokens} tokens; it must be shorter than "
+                f"max_model_len={max_len}",
+                request.arrival_time,
+            )
+            return
+        self._live[request.request_id] = request
+        self.waiting.append(request)
+
+    def finish_request(self, request: Request, status: RequestStatus, now: float) -> None:
+        if self._live.pop(request.request_id, None) is None:
+            raise ValueError(f"request {request.request_id!r} is not live")
+        if request.status is RequestStatus.RUNNING:
+            self._drop_running(request)
+            self.block_manager.free(request.seq_id)
+        else:
+            self.waiting.remove(request)
+        request.finish(status, now)
+
+    def abort_request(self, request_id: str, now: float) -> Request | None:
+        request = self._live.get(request_id)
+        if request is None:
+            return None
+        self.finish_request(request, RequestStatus.FINISHED_ABORTED, now)
+        self._finished.append(request)
+        return request
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running) - self._num_stale_running + len(self.prefilling)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._live) or bool(self._finished)
+
+    def kv_stats(self) -> BlockManagerStats:
+        return self.block_manager.stats()
+
+    # ---- helpers for policies -----------------------------------------------------------
+
+    def _begin_step(self) -> list[Request]:
+        """Drops stale finished requests from `running`; returns (and clears) the requests
+        finished inside the scheduler since the last step."""
+        if self._num_stale_running:
+            self._filter_running()
+        finished, self._finished = self._finished, []
+        return finished
+
+    def _try_admit(self, request: Request, now: float) -> AllocStatus:
+        """Allocates blocks for all of the request's tokens (prompt, plus generated ones
+        when it is recomputed); on NEVER the request is rejected. The caller pops it from
+        `waiting` when OK or NEVER."""
+        bm = self.block_manager
+        status = bm.can_allocate(request.num_tokens)
+        if status is AllocStatus.OK:
+            bm.allocate(request.seq_id, request.num_tokens)
+            request.status = RequestStatus.RUNNING
+            request.mark_scheduled(now)
+        elif status is AllocStatus.NEVER:
+            self._live.pop(request.request_id)
+            self._reject(
+                request,
+                f"needs {request.num_tokens} tokens of KV cache, more than the pool can ever "
+                f"grant one request ({bm.num_blocks} blocks of {bm.block_size} tokens, "
+                f"{bm.watermark_blocks} kept as watermark)",
+                now,
+            )
+        return status
+
+    def _reserve_decodes(
+        self, now: float, preempted: list[Request]
+    ) -> tuple[list[Request], np.ndarray]:
+        """One slot for every running request, preempting the most recently arrived
+        request holding blocks (running or prefilling) until the rest fit. Returns the
+        decodes and their slot_mapping (int64 [num_decodes])."""
+        decodes = self.running
+        while decodes:
+            result = self.block_manager.append_slots_batch([r.seq_id for r in decodes])
+            if result is not None:
+                for request in decodes:
+                    request.num_computed_tokens += 1
+                # A copy: policies append requests that finish their prefill to `running`.
+                return list(decodes), result.slot_mapping
+            victim = self._preempt_latest(now)
+            preempted.append(victim)
+            decodes = self.running
+        return [], np.zeros(0, dtype=np.int64)
+
+    def _preempt_latest(self, now: float) -> Request:
+        """Preemption by recompute of the most recently arrived request holding blocks:
+        its blocks are freed and it goes to the front of the waiting queue."""
+        victim = max(self.running + self.prefilling, key=lambda r: (r.arrival_time, r.seq_id))
+        self._drop_running(victim)
+        self.block_manager.free(victim.seq_id)
+        victim.mark_preempted(now)
+        self._filter_running()
+        self.waiting.appendleft(victim)
+        return victim
+
+    def _schedule_chunk(self, request: Request, num_new_tokens: int) -> ScheduledPrefill:
+        """Commits a prefill chunk of an admitted request."""
+        prefix_len = request.num_computed_tokens
+        request.num_computed_tokens = prefix_len + num_new_tokens
+        return ScheduledPrefill(
+            request, num_new_tokens, prefix_len, request.num_computed_tokens == request.num_tokens
+        )
+
+    def _build_output(
+        self,
+        prefills: list[ScheduledPrefill],
+        decodes: list[Request],
+        decode_slots: np.ndarray,
+        preempted: list[Request],
+        finished: list[Request],
+    ) -> SchedulerOutput:
+        bm = self.block_manager
+        out = SchedulerOutput(prefills=prefills, decodes=decodes, preempted=preempted)
+        out.finished = finished
+        if prefills:
+            chunks = [
+                bm.slot_mapping(p.request.seq_id, p.prefix_len, p.prefix_len + p.num_new_tokens)
+                for p in prefills
+            ]
+            out.slot_mapping = np.concatenate([*chunks, decode_slots])
+            out.num_prefill_tokens = sum(p.num_new_tokens for p in prefills)
+            if any(p.prefix_len for p in prefills):
+                out.prefill_block_tables = bm.block_tables([p.request.seq_id for p in prefills])
+        else:
+            out.slot_mapping = decode_slots
+        if decodes:
+            ids = [r.seq_id for r in decodes]
+            out.decode_block_tables = bm.block_tables(ids)
+            out.decode_seq_lens = bm.seq_lens(ids)
+        return out
+
+    def _drop_running(self, request: Request) -> None:
+        """Takes a RUNNING request out of its queue; the caller then changes its status
+        (which is what `_filter_running` goes by) and frees its blocks."""
+        if request in self.prefilling:
+            self.prefilling.remove(request)
+        else:
+            self._num_stale_running += 1  # dropped from `running` by _filter_running
+
+    def _filter_running(self) -> None:
+        self.running = [r for r in self.running if r.status is RequestStatus.RUNNING]
+        self._num_stale_running = 0
+
+    def _reject(self, request: Request, message: str, now: float) -> None:
+        request.finish(RequestStatus.FINISHED_ERROR, now, error=message)
+        self._finished.append(request)

@@ -1,0 +1,126 @@
+"""`EngineConfig`: everything a colocated engine instance is built from.
+
+One schema for Python kwargs (``LLM(model, **engine_kwargs)``), the CLI and config files:
+each field's docstring is its help text. Validated on construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
+from distserve_rt.core.scheduler import POLICIES, SchedulerConfig
+
+GiB = 1 << 30
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Configuration of one colocated engine (one instance doing prefill and decode)."""
+
+    model: str = "dummy:llama-tiny"
+    """A local Hugging Face directory, or ``dummy:<preset>`` (random weights, no files)."""
+    dtype: str | torch.dtype = "auto"
+    """Weights and KV cache dtype: "auto" (the checkpoint's; float32 for dummy models on
+    CPU), "float32", "bfloat16" or "float16"."""
+    device: str = "cpu"
+    """"cpu", "cuda" or "cuda:<index>"."""
+    seed: int = 0
+    """Seed of dummy weights and of requests without their own seed."""
+    policy: str = "continuous_batching"
+    """"continuous_batching" (vLLM: prefill first) or "chunked_prefill" (Sarathi-Serve:
+    decodes first, prefill chunks fill the token budget)."""
+    block_size: int = 16
+    """Tokens per KV block: 8, 16 or 32."""
+    kv_cache_memory_bytes: int = 1 * GiB
+    """CPU: bytes of the KV pool (checked against the available RAM)."""
+    gpu_memory_utilization: float = 0.9
+    """GPU: fraction of device memory for weights + activations + KV cache, in (0, 1]."""
+    watermark: float = 0.01
+    """Fraction of KV blocks kept free when admitting requests (running ones grow into it)."""
+    max_num_seqs: int = 256
+    """Requests holding KV at once at most (the decode batch size limit)."""
+    max_num_batched_tokens: int | None = None
+    """Tokens per step at most. Default: max(max_model_len, 2048) for continuous batching
+    (a whole prompt must fit a step), 512 for chunked prefill (the chunk budget)."""
+    max_model_len: int | None = None
+    """Context length (prompt + output). Default: the model's max_position_embeddings."""
+    tensor_parallel_size: int = 1
+    """Devices one instance shards each layer over (> 1 is not built yet)."""
+    pipeline_parallel_size: int = 1
+    """Pipeline stages of one instance (> 1 is not built yet)."""
+    log_stats_interval_s: float = 10.0
+    """Seconds between the one-line stats logs; 0 disables them."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be a non-empty str, got {self.model!r}")
+        if not isinstance(self.device, str) or not (
+            self.device == "cpu" or self.device.startswith("cuda")
+        ):
+            raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.block_size not in ALLOWED_BLOCK_SIZES or isinstance(self.block_size, bool):
+            raise ValueError(
+                f"block_size must be one of {ALLOWED_BLOCK_SIZES}, got {self.block_size!r}"
+            )
+        _check_int("seed", self.seed, 0)
+        _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
+        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        for name in ("max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) is not None:
+                _check_int(name, getattr(self, name), 1)
+        _check_fraction("gpu_memory_utilization", self.gpu_memory_utilization, low_open=True)
+        _check_fraction("watermark", self.watermark, high_open=True)
+        if not isinstance(self.log_stats_interval_s, (int, float)) or self.log_stats_interval_s < 0:
+            raise ValueError(
+                f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s!r}"
+            )
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            _check_int(name, getattr(self, name), 1)
+            if getattr(self, name) > 1:
+                raise NotImplementedError(
+                    f"{name}={getattr(self, name)}: the multi-process TP/PP executor is not "
+                    "built yet; only 1 is supported"
+                )
+
+    def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
+        """Resolves the defaults that depend on the model (its context length)."""
+        max_model_len = self.max_model_len or model_max_len
+        if max_model_len > model_max_len:
+            raise ValueError(
+                f"max_model_len={max_model_len} exceeds the model's max_position_embeddings "
+                f"({model_max_len})"
+            )
+        budget = self.max_num_batched_tokens
+        if budget is None:
+            budget = 512 if self.policy == "chunked_prefill" else max(max_model_len, 2048)
+        return SchedulerConfig(
+            max_num_seqs=self.max_num_seqs,
+            max_num_batched_tokens=budget,
+            max_model_len=max_model_len,
+        )
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def _check_int(name: str, value: object, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def _check_fraction(
+    name: str, value: object, *, low_open: bool = False, high_open: bool = False
+) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if ok:
+        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
+    if not ok:
+        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
+        raise ValueError(f"{name} must be in {interval}, got {value!r}")

@@ -1,0 +1,92 @@
+"""What `LLM.generate` and `LLMEngine.step` return, shaped like vLLM's outputs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from distserve_rt.core.request import Request
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    """One completion of a request (``n == 1``: always index 0)."""
+
+    index: int
+    text: str
+    """Detokenized output ('' when the engine runs without a tokenizer)."""
+    token_ids: list[int]
+    finish_reason: str | None
+    """"stop", "length", "abort", "error", or None while running."""
+    stop_reason: int | str | None = None
+    """The stop token id or stop string that ended it (None for EOS and length)."""
+    logprobs: list[Any] | None = None
+    """Per-token logprobs when SamplingParams.logprobs is set."""
+
+
+@dataclass(slots=True)
+class RequestMetrics:
+    """Lifecycle times (``time.monotonic()`` seconds) and the latencies derived from them."""
+
+    arrival_time: float
+    first_scheduled_time: float | None
+    first_token_time: float | None
+    last_token_time: float | None
+    finished_time: float | None
+    time_in_queue: float | None
+    """first_scheduled - arrival."""
+    ttft: float | None
+    """Time to first token: first_token - arrival."""
+    tpot: float | None
+    """Mean time per output token after the first (None with fewer than 2 tokens)."""
+    e2e_latency: float | None
+    num_preemptions: int = 0
+
+    @classmethod
+    def from_request(cls, request: Request) -> RequestMetrics:
+        times = request.token_times
+        return cls(
+            arrival_time=request.arrival_time,
+            first_scheduled_time=request.first_scheduled_time,
+            first_token_time=request.first_token_time,
+            last_token_time=times[-1] if times else None,
+            finished_time=request.finished_time,
+            time_in_queue=request.queue_time,
+            ttft=request.ttft,
+            tpot=request.tpot,
+            e2e_latency=request.e2e_latency,
+            num_preemptions=request.num_preemptions,
+        )
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """The state of one request: its prompt, its completion so far, and its timings."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+    finished: bool
+    metrics: RequestMetrics
+    error: str | None = None
+    """Why the request failed (finish_reason "error")."""
+
+    @classmethod
+    def from_request(cls, request: Request) -> RequestOutput:
+        completion = CompletionOutput(
+            index=0,
+            text=request.output_text,
+            token_ids=request.output_token_ids,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+        )
+        return cls(
+            request_id=request.request_id,
+            prompt=request.prompt,
+            prompt_token_ids=request.prompt_token_ids,
+            outputs=[completion],
+            finished=request.is_finished,
+            metrics=RequestMetrics.from_request(request),
+            error=request.error,
+        )

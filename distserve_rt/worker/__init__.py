@@ -1,0 +1,1 @@
+"""Workers: the model runner (prepare inputs -> run -> sample), KV sizing, executors."""

@@ -1,0 +1,124 @@
+"""A worker: one device's model stage, its KV pool and its model runner.
+
+Built in two phases, as the KV pool's size depends on the model: `Worker(...)` loads the
+model; `init_kv_cache(scheduler_config)` measures memory, allocates the pool and the runner.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
+from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
+from distserve_rt.engine.config import EngineConfig
+from distserve_rt.logger import init_logger
+from distserve_rt.models.config import ModelConfig
+from distserve_rt.models.interface import CausalLM
+from distserve_rt.worker import kv_sizing
+from distserve_rt.worker.model_runner import ModelRunner, ModelRunnerOutput, SampleFn
+from distserve_rt.worker.sampling import greedy_sample
+
+logger = init_logger(__name__)
+
+
+class Worker:
+    """Owns the model, the KV pool (sized from memory) and the runner of one device.
+
+    Args:
+        config: the engine configuration (model, dtype, device, KV sizing).
+        model: an already built model (tests pass fakes); loaded from `config.model`
+            with `distserve_rt.models.load_model` when None.
+        sample: the sampling function; greedy (argmax) by default.
+    """
+
+    def __init__(
+        self, config: EngineConfig, model: CausalLM | None = None, sample: SampleFn | None = None
+    ) -> None:
+        self.config = config
+        self.device = torch.device(config.device)
+        self.model = load_model(config, self.device) if model is None else model
+        self.sample = sample or greedy_sample
+        self.kv_pool: torch.Tensor | None = None
+        self._runner: ModelRunner | None = None
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return self.model.config
+
+    @property
+    def num_kv_blocks(self) -> int:
+        return 0 if self.kv_pool is None else self.kv_pool.shape[0]
+
+    @property
+    def runner(self) -> ModelRunner:
+        if self._runner is None:
+            raise RuntimeError("init_kv_cache() must run before the worker executes steps")
+        return self._runner
+
+    def init_kv_cache(self, scheduler_config: SchedulerConfig) -> int:
+        """Sizes and allocates the KV pool for these limits; returns its block count."""
+        sc = scheduler_config
+        spec = self._kv_spec(num_blocks=1)
+        max_blocks = kv_sizing.max_useful_blocks(sc.max_num_seqs, sc.max_model_len, spec.block_size)
+        if self.device.type == "cpu":
+            num_blocks = kv_sizing.num_cpu_blocks(
+                self.config.kv_cache_memory_bytes, spec.block_bytes, max_blocks
+            )
+        else:
+            # A runner over a one-block pool, only for the profile run (it reads no cache).
+            probe = self._make_runner(allocate_kv_pool(spec, self.device), sc)
+            num_blocks = kv_sizing.num_gpu_blocks(
+                lambda: probe.profile_run(sc.max_num_batched_tokens, sc.max_num_seqs),
+                self.config.gpu_memory_utilization,
+                spec.block_bytes,
+                max_blocks,
+                self.device,
+            )
+            del probe
+        self.kv_pool = allocate_kv_pool(self._kv_spec(num_blocks), self.device)
+        self._runner = self._make_runner(self.kv_pool, sc)
+        logger.info(
+            "KV pool: %d blocks of %d tokens (%.1f MiB, %s)",
+            num_blocks,
+            spec.block_size,
+            num_blocks * spec.block_bytes / (1 << 20),
+            spec.dtype,
+        )
+        return num_blocks
+
+    def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
+        runner = self.runner
+        return runner.execute(runner.prepare_inputs(scheduler_output))
+
+    def _make_runner(self, kv_pool: torch.Tensor, sc: SchedulerConfig) -> ModelRunner:
+        return ModelRunner(
+            self.model, kv_pool, self.sample, sc.max_num_batched_tokens, sc.max_num_seqs
+        )
+
+    def _kv_spec(self, num_blocks: int) -> KVCacheSpec:
+        mc = self.model_config
+        return KVCacheSpec(
+            num_blocks=num_blocks,
+            num_layers=self.model.end_layer - self.model.start_layer,
+            num_kv_heads=mc.num_kv_heads,
+            head_dim=mc.head_dim,
+            block_size=self.config.block_size,
+            dtype=_model_dtype(self.model),
+        )
+
+
+def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
+    """`distserve_rt.models.load_model` for this engine's model, dtype and device."""
+    from distserve_rt.models import load_model as _load  # lands with the models branch
+
+    model, _ = _load(config.model, dtype=config.dtype, device=device, seed=config.seed)
+    return model
+
+
+def _model_dtype(model: CausalLM) -> torch.dtype:
+    """The KV cache takes the dtype of the model's weights."""
+    if isinstance(model, torch.nn.Module):
+        for param in model.parameters():
+            if param.is_floating_point():
+                return param.dtype
+    raise ValueError(f"cannot tell the dtype of {type(model).__name__}: it has no float weights")
