@@ -86,6 +86,15 @@ class ShmTransport(KVTransport):
             region_bytes=region.nbytes,
         )  # fmt: skip
 
+    def unregister_pool(self, pool: torch.Tensor) -> None:
+        """Unlinks the pool's region: peers can no longer open it, and their transfers that
+        have not started fail. Call it once every transfer reading the pool is final; the
+        tensor stays usable here."""
+        region = self._owned.pop(pool.data_ptr(), None)
+        if region is None:
+            raise ValueError("pool was not allocated by this transport (or already unregistered)")
+        region.close()
+
     def open_peer(self, descriptor: PoolDescriptor) -> ShmPeer:
         if descriptor.transport != self.name:
             raise ValueError(
