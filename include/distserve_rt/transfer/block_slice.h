@@ -18,6 +18,13 @@
 
 #include "distserve_rt/common.h"
 
+// The geometry helpers run on the host and inside the CUDA kernel (block_slice.cuh).
+#if defined(__CUDACC__)
+#define DRT_HOST_DEVICE __host__ __device__
+#else
+#define DRT_HOST_DEVICE
+#endif
+
 namespace drt::transfer {
 
 // One pool as the copy sees it (bytes, not elements).
@@ -56,25 +63,26 @@ struct SliceRuns {
   int64_t run_bytes;
 };
 
-inline bool slice_is_mergeable(const SliceCopyParams& p) {
+DRT_HOST_DEVICE inline bool slice_is_mergeable(const SliceCopyParams& p) {
   // Every head of both pools: (layer, K|V) runs are adjacent in both blocks.
   return p.slice.num_heads == p.src_pool.num_kv_heads &&
          p.slice.num_heads == p.dst_pool.num_kv_heads;
 }
 
-inline SliceRuns slice_runs(const SliceCopyParams& p) {
+DRT_HOST_DEVICE inline SliceRuns slice_runs(const SliceCopyParams& p) {
   const int64_t head_run = p.slice.num_heads * p.head_bytes;
   if (slice_is_mergeable(p)) return {1, 2 * p.slice.num_layers * head_run};
   return {2 * p.slice.num_layers, head_run};
 }
 
 // Bytes moved per (src block, dst block) pair.
-inline int64_t slice_bytes_per_pair(const SliceCopyParams& p) {
+DRT_HOST_DEVICE inline int64_t slice_bytes_per_pair(const SliceCopyParams& p) {
   return 2 * p.slice.num_layers * p.slice.num_heads * p.head_bytes;
 }
 
 // Byte offset of run `run` inside a source (is_src) or destination block.
-inline int64_t slice_run_offset(const SliceCopyParams& p, int64_t run, bool is_src) {
+DRT_HOST_DEVICE inline int64_t slice_run_offset(const SliceCopyParams& p, int64_t run,
+                                                bool is_src) {
   const PoolGeometry& pool = is_src ? p.src_pool : p.dst_pool;
   const int64_t layer_start = is_src ? p.slice.src_layer_start : p.slice.dst_layer_start;
   const int64_t head_start = is_src ? p.slice.src_head_start : p.slice.dst_head_start;
@@ -112,6 +120,7 @@ inline Status copy_block_slices(const SliceCopyParams& p, int num_threads) {
   const int64_t chunks_per_pair = runs.num_runs * chunks_per_run;
   const int64_t num_chunks = p.num_pairs * chunks_per_pair;
   const bool parallel = num_threads > 1 && num_chunks > 1;
+  (void)parallel;  // unused where this header is compiled without OpenMP (nvcc's host pass)
   int num_bad_pairs = 0;
 #pragma omp parallel for num_threads(num_threads) if (parallel) schedule(static) \
     reduction(+ : num_bad_pairs)
