@@ -3,16 +3,36 @@
 // worker (or the CUDA poller) moves records forward while Python threads poll or wait.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
 #include <mutex>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <tuple>
 #include <unordered_map>
 
 namespace drt::transfer {
+
+// Polls `done()` for up to `spin_s` seconds, yielding the core between polls; returns
+// done(). Thread hand-offs through a futex cost tens of microseconds in a VM, the whole
+// budget of a small transfer. Yielding (not a pause loop) matters when the waiter and the
+// thread it waits for share a core: a pure spin would hold the core for all of spin_s.
+template <typename Pred>
+inline bool spin_until(Pred done, double spin_s) {
+  if (done()) return true;
+  if (spin_s <= 0) return false;
+  const auto end = std::chrono::steady_clock::now() +
+                   std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+                       std::chrono::duration<double>(spin_s));
+  do {
+    std::this_thread::yield();
+    if (done()) return true;
+  } while (std::chrono::steady_clock::now() < end);
+  return false;
+}
 
 // Must match distserve_rt.transfer.base.TransferStatus.
 enum class TransferState : int {
@@ -79,8 +99,10 @@ class TransferRegistry {
     return to_snapshot(find(id));
   }
 
-  // Blocks (the caller releases the GIL) until the transfer is final or timeout_s passed.
-  TransferSnapshot wait(int64_t id, double timeout_s) {
+  // Blocks (the caller releases the GIL) until the transfer is final or timeout_s passed;
+  // spins for the first min(spin_s, timeout_s) seconds before sleeping.
+  TransferSnapshot wait(int64_t id, double timeout_s, double spin_s = 0.0) {
+    spin_until([&] { return is_final(state(id)); }, std::min(spin_s, timeout_s));
     std::unique_lock<std::mutex> lock(mutex_);
     const auto deadline =
         Clock::now() + std::chrono::duration_cast<Clock::duration>(

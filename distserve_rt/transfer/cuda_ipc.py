@@ -31,6 +31,7 @@ from distserve_rt.transfer.base import (
     TransferStatus,
 )
 from distserve_rt.transfer.descriptor import (
+    WHOLE_BLOCKS,
     KVSlice,
     PoolDescriptor,
     PoolGeometry,
@@ -148,8 +149,10 @@ class CudaIpcTransport(KVTransport):
         desc = peer.descriptor
         geometry = PoolGeometry.of(dst_pool)
         check_compatible(desc, geometry)
-        slice_args = (kv_slice or KVSlice()).resolve(desc, geometry)
-        mapping = block_mapping(src_block_ids, dst_block_ids, desc.num_blocks, geometry.num_blocks)
+        slice_args = (kv_slice or WHOLE_BLOCKS).resolve(desc, geometry)
+        mapping = block_mapping(
+            src_block_ids, dst_block_ids, desc.num_blocks, geometry.num_blocks, check_ids=False
+        )  # the engine checks the ids (same rules and words) before queueing
         src_pool = (desc.num_blocks, desc.num_layers, desc.num_kv_heads, desc.block_stride_bytes)
         transfer_id = self._engine.submit(
             peer.region_id, desc.offset_bytes, src_pool, dst_pool.data_ptr(),

@@ -87,8 +87,11 @@ class PoolDescriptor:
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+_ELEMENT_SIZES = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
+
+
 def _element_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return _ELEMENT_SIZES[dtype]  # a table: this runs on every submit
 
 
 def describe_pool(
@@ -195,6 +198,10 @@ class KVSlice:
                 self.src_head_start, self.dst_head_start, num_heads)  # fmt: skip
 
 
+WHOLE_BLOCKS = KVSlice()
+"""The default slice: every layer and head of the source, at the same positions."""
+
+
 @dataclass(frozen=True, slots=True)
 class PoolGeometry:
     """The local (destination) pool as a transfer sees it."""
@@ -209,6 +216,21 @@ class PoolGeometry:
 
     @classmethod
     def of(cls, pool: torch.Tensor) -> PoolGeometry:
+        """Checks `pool` (`check_pool`) and describes it; cached per pool layout, since
+        transports call it on every submit."""
+        # The layout decides everything here (not the address), so equal pools share it.
+        is_tensor = isinstance(pool, torch.Tensor)
+        key = (pool.shape, pool.stride(), pool.dtype) if is_tensor else None
+        geometry = _GEOMETRY_CACHE.get(key)
+        if geometry is None:
+            geometry = cls._describe(pool)
+            if len(_GEOMETRY_CACHE) >= 64:  # pools are few and long-lived: a small table
+                _GEOMETRY_CACHE.clear()
+            _GEOMETRY_CACHE[key] = geometry
+        return geometry
+
+    @classmethod
+    def _describe(cls, pool: torch.Tensor) -> PoolGeometry:
         check_pool("dst_pool", pool)
         num_blocks, num_layers, _, num_kv_heads, block_size, head_dim = pool.shape
         return cls(num_blocks, num_layers, num_kv_heads, block_size, head_dim, pool.dtype,
@@ -217,6 +239,9 @@ class PoolGeometry:
     def as_tuple(self) -> tuple[int, int, int, int]:
         """What the native engines take: (num_blocks, num_layers, num_kv_heads, stride)."""
         return (self.num_blocks, self.num_layers, self.num_kv_heads, self.block_stride_bytes)
+
+
+_GEOMETRY_CACHE: dict[tuple, PoolGeometry] = {}
 
 
 def check_compatible(src: PoolDescriptor, dst: PoolGeometry) -> None:
@@ -239,10 +264,16 @@ def block_mapping(
     dst_block_ids: Sequence[int] | np.ndarray | torch.Tensor,
     src_num_blocks: int,
     dst_num_blocks: int,
+    check_ids: bool = True,
 ) -> np.ndarray:
-    """int64 ``[num_pairs, 2]`` (src, dst) after the checks every backend applies before
-    anything is copied: equal lengths, ids in range (ValueError naming the id and the pool
-    size), each dst block written at most once."""
+    """int64 ``[num_pairs, 2]`` (src, dst), contiguous.
+
+    With `check_ids`, the rules every backend applies before anything is copied: ids in
+    range (ValueError naming the id and the pool size) and each dst block written at most
+    once. The native engines check the same rules, with the same words, in C++
+    (csrc/common/transfer_checks.h), so their transports pass ``check_ids=False`` rather
+    than pay for the checks twice on the per-request path.
+    """
     src = _as_ids("src_block_ids", src_block_ids)
     dst = _as_ids("dst_block_ids", dst_block_ids)
     if src.shape != dst.shape:
@@ -250,32 +281,45 @@ def block_mapping(
             f"src_block_ids has {src.size} ids and dst_block_ids {dst.size}; they pair up "
             "one to one"
         )
-    for name, ids, size, which in (
-        ("src", src, src_num_blocks, "source (peer)"),
-        ("dst", dst, dst_num_blocks, "destination (local)"),
+    mapping = np.empty((src.size, 2), dtype=np.int64)
+    mapping[:, 0] = src
+    mapping[:, 1] = dst
+    if check_ids:
+        _check_ids(mapping, src_num_blocks, dst_num_blocks)
+    return mapping
+
+
+def _check_ids(mapping: np.ndarray, src_num_blocks: int, dst_num_blocks: int) -> None:
+    for col, name, which, size in (
+        (0, "src", "source", src_num_blocks),
+        (1, "dst", "destination", dst_num_blocks),
     ):
+        ids = mapping[:, col]
         bad = np.flatnonzero((ids < 0) | (ids >= size))
         if bad.size:
+            i = int(bad[0])
             raise ValueError(
-                f"{name} block id {int(ids[bad[0]])} (position {int(bad[0])}) is out of range: "
-                f"the {which} pool has {size} blocks"
+                f"{name} block id {int(ids[i])} (pair {i}) is out of range: the {which} pool "
+                f"has {size} blocks"
             )
-    uniq, counts = np.unique(dst, return_counts=True)
-    if (counts > 1).any():
+    order = np.argsort(mapping[:, 1], kind="stable")
+    dst_sorted = mapping[order, 1]
+    twice = np.flatnonzero(dst_sorted[1:] == dst_sorted[:-1])
+    if twice.size:
+        k = int(twice[0])
         raise ValueError(
-            f"dst block id {int(uniq[counts > 1][0])} appears more than once; each dst block "
-            "may be written at most once per transfer"
+            f"pairs {int(order[k])} and {int(order[k + 1])} both write dst block "
+            f"{int(dst_sorted[k])}; each dst block may be written at most once per transfer"
         )
-    return np.ascontiguousarray(np.stack([src, dst], axis=1))
 
 
 def _as_ids(name: str, ids: Sequence[int] | np.ndarray | torch.Tensor) -> np.ndarray:
     if isinstance(ids, torch.Tensor):
         ids = ids.detach().cpu().numpy()
-    array = np.asarray(ids)
+    array = np.asarray(ids if isinstance(ids, np.ndarray | list | tuple) else list(ids))
     if array.size == 0:
         return np.zeros(0, dtype=np.int64)
-    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+    if array.ndim != 1 or array.dtype.kind not in "iu":
         raise ValueError(
             f"{name} must be a 1-D sequence of integer block ids, got dtype {array.dtype} "
             f"shape {array.shape}"

@@ -28,6 +28,7 @@ from distserve_rt.transfer.base import (
     TransferStatus,
 )
 from distserve_rt.transfer.descriptor import (
+    WHOLE_BLOCKS,
     KVSlice,
     PoolDescriptor,
     PoolGeometry,
@@ -142,7 +143,7 @@ class FakeTransport(KVTransport):
             raise ValueError(f"peer must come from open_peer, got {type(peer).__name__}")
         geometry = PoolGeometry.of(dst_pool)
         check_compatible(peer, geometry)
-        slice_args = (kv_slice or KVSlice()).resolve(peer, geometry)
+        slice_args = (kv_slice or WHOLE_BLOCKS).resolve(peer, geometry)
         mapping = block_mapping(src_block_ids, dst_block_ids, peer.num_blocks, geometry.num_blocks)
         failure = self._pending_failures.pop(0) if self._pending_failures else None
         transfer = _FakeTransfer(peer, dst_pool, mapping, slice_args, self._clock(), failure)

@@ -71,6 +71,12 @@ def test_block_mapping_checks():
         block_mapping([1], [0, 3], 4, 4)
     with pytest.raises(ValueError, match="integer block ids"):
         block_mapping([1.0], [0], 4, 4)
+    with pytest.raises(ValueError, match=r"src block id 4 \(pair 1\) .* source pool has 4"):
+        block_mapping([0, 4], [0, 1], 4, 8)
+    with pytest.raises(ValueError, match="pairs 0 and 2 both write dst block 5"):
+        block_mapping([0, 1, 2], [5, 1, 5], 4, 8)
+    # Native transports leave the checks to their engines (tests/transfer/test_shm_*).
+    assert block_mapping([0, 4], [5, 5], 4, 8, check_ids=False).tolist() == [[0, 5], [4, 5]]
 
 
 def test_pool_geometry_rejects_non_contiguous_blocks():

@@ -45,11 +45,11 @@ def test_bad_ids_rejected_before_any_copy(transport):
     src.fill_(1.0)
     peer = transport.open_peer(transport.register_pool(src))
     dst = torch.zeros(SPEC.shape)
-    with pytest.raises(ValueError, match=r"src block id 4 .*source \(peer\) pool has 4 blocks"):
+    with pytest.raises(ValueError, match=r"src block id 4 \(pair 1\) .*source pool has 4 blocks"):
         transport.submit(peer, dst, [0, 4], [0, 1])
-    with pytest.raises(ValueError, match=r"dst block id -1 .*destination \(local\) pool has 4"):
+    with pytest.raises(ValueError, match=r"dst block id -1 \(pair 1\) .*destination pool has 4"):
         transport.submit(peer, dst, [0, 1], [2, -1])
-    with pytest.raises(ValueError, match="dst block id 2 appears more than once"):
+    with pytest.raises(ValueError, match="pairs 0 and 1 both write dst block 2"):
         transport.submit(peer, dst, [0, 1], [2, 2])
     assert transport.stats().num_submitted == 0
     assert torch.count_nonzero(dst) == 0
