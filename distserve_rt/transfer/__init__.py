@@ -17,6 +17,7 @@ from distserve_rt.transfer.base import (
     TransferStatus,
 )
 from distserve_rt.transfer.descriptor import KVSlice, PoolDescriptor, PoolGeometry
+from distserve_rt.transfer.reslice import KVPull, Parallelism, kv_head_range, plan_kv_pulls
 
 TRANSPORTS = ("shm", "cuda_ipc", "fake")
 
@@ -44,8 +45,10 @@ def create_transport(name: str, **kwargs: object) -> KVTransport:
 
 __all__ = [
     "TRANSPORTS",
+    "KVPull",
     "KVSlice",
     "KVTransport",
+    "Parallelism",
     "PeerUnavailableError",
     "PoolDescriptor",
     "PoolGeometry",
@@ -54,4 +57,6 @@ __all__ = [
     "TransferStats",
     "TransferStatus",
     "create_transport",
+    "kv_head_range",
+    "plan_kv_pulls",
 ]
