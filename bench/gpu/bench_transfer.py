@@ -63,9 +63,9 @@ def producer(conn, transport_name: str, specs: list[KVCacheSpec]) -> None:
             pool = transport.allocate_pool(spec)
             ints = pool.view(-1).view(torch.int32)
             ints.copy_(pattern(ints, 0, seed))
-            transport.mark_ready(pool)
-            pools.append(pool)
             descriptors.append(transport.register_pool(pool).to_bytes())
+            transport.mark_ready(pool)  # after register_pool, which creates the event
+            pools.append(pool)
         if transport_name == "cuda_ipc":
             torch.cuda.synchronize()
         conn.send(descriptors)
