@@ -102,8 +102,12 @@ def time_pull(transport, peer, dst, src_ids, dst_ids, kv_slice, reps: int):
 
 
 def time_plain_copy(num_bytes: int, device: torch.device, reps: int) -> float:
+    """Median seconds of ``dst.copy_(src)`` (cudaMemcpy D2D on a GPU; on CPU one thread,
+    as the shm worker copies on one: a 2-thread team on a loaded machine waits ms)."""
     src = torch.empty(num_bytes, dtype=torch.uint8, device=device).random_()
     dst = torch.empty_like(src)
+    if device.type == "cpu":
+        torch.set_num_threads(1)  # this script's process only: a benchmark, not a library
     times = []
     for i in range(reps + 3):
         if device.type == "cuda":
