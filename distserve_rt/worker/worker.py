@@ -16,7 +16,7 @@ from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.worker import kv_sizing
 from distserve_rt.worker.model_runner import ModelRunner, ModelRunnerOutput, SampleFn
-from distserve_rt.worker.sampling import greedy_sample
+from distserve_rt.worker.sampling import RequestSampler
 
 logger = init_logger(__name__)
 
@@ -28,7 +28,7 @@ class Worker:
         config: the engine configuration (model, dtype, device, KV sizing).
         model: an already built model (tests pass fakes); loaded from `config.model`
             with `distserve_rt.models.load_model` when None.
-        sample: the sampling function; greedy (argmax) by default.
+        sample: the sampling function; `RequestSampler` (the full `Sampler`) by default.
     """
 
     def __init__(
@@ -37,7 +37,8 @@ class Worker:
         self.config = config
         self.device = torch.device(config.device)
         self.model = load_model(config, self.device) if model is None else model
-        self.sample = sample or greedy_sample
+        mc = self.model.config
+        self.sample = sample or RequestSampler(mc.eos_token_id, mc.vocab_size, self.device)
         self.kv_pool: torch.Tensor | None = None
         self._runner: ModelRunner | None = None
 
