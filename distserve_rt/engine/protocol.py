@@ -1,0 +1,90 @@
+"""`EngineClient`: what the HTTP server and the serving benchmark need from an engine.
+
+`AsyncLLM` implements it for every placement (colocated, or disaggregated prefill/decode
+instances), so `drt-run serve` and `drt-run bench` never depend on how the engine is laid
+out. Tests implement it with a fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from distserve_rt.outputs import RequestOutput
+from distserve_rt.sampling_params import SamplingParams
+
+PromptType = str | dict[str, Any]
+"""Text, or ``{"prompt_token_ids": [...]}`` (vLLM's TokensPrompt)."""
+
+
+class EngineOverloadedError(RuntimeError):
+    """Admission refused: the engine's queues are full. The server answers 503."""
+
+
+class EngineDeadError(RuntimeError):
+    """The engine (or every instance of one phase) is gone; nothing more will be served."""
+
+
+@dataclass(slots=True)
+class InstanceStats:
+    """A point-in-time view of one instance, for /metrics and the periodic stats log."""
+
+    name: str
+    """e.g. "prefill-0", "decode-1", "colocated-0"."""
+    role: str
+    """"prefill", "decode" or "colocated"."""
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    """Fraction of the instance's KV blocks in use, 0..1."""
+    alive: bool = True
+
+
+@dataclass(slots=True)
+class TransferTotals:
+    """KV transfers since start (all zero for colocated placements)."""
+
+    transport: str = "none"
+    num_transfers: int = 0
+    num_failures: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(slots=True)
+class EngineStats:
+    instances: list[InstanceStats] = field(default_factory=list)
+    transfers: TransferTotals = field(default_factory=TransferTotals)
+
+
+@runtime_checkable
+class EngineClient(Protocol):
+    model_name: str
+    """The name clients use in the OpenAI ``model`` field."""
+    max_model_len: int
+
+    @property
+    def tokenizer(self) -> Any:
+        """`distserve_rt.tokenizer.Tokenizer` (encode/decode/apply_chat_template)."""
+
+    def generate(
+        self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Submits a request and yields its cumulative `RequestOutput` whenever it has new
+        tokens (the first one as soon as the first token exists); the last has
+        ``finished=True`` (finish_reason "error" with ``error`` set when it failed).
+
+        Raises ValueError for invalid input (the server answers 400) and
+        `EngineOverloadedError` when admission is refused (503). Closing the iterator
+        early (client disconnect) aborts the request.
+        """
+
+    async def abort(self, request_id: str) -> None:
+        """Stops the request wherever it is and frees its KV; unknown ids are ignored."""
+
+    def stats(self) -> EngineStats:
+        """Queue lengths, KV usage and transfer totals, cheap enough for every scrape."""
+
+    async def check_health(self) -> None:
+        """Raises `EngineDeadError` when the engine cannot serve."""
