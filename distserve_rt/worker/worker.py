@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from distserve_rt import models
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
 from distserve_rt.engine.config import EngineConfig
@@ -110,9 +111,7 @@ class Worker:
 
 def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
     """`distserve_rt.models.load_model` for this engine's model, dtype and device."""
-    from distserve_rt.models import load_model as _load  # lands with the models branch
-
-    model, _ = _load(config.model, dtype=config.dtype, device=device, seed=config.seed)
+    model, _ = models.load_model(config.model, dtype=config.dtype, device=device, seed=config.seed)
     return model
 
 
