@@ -1,8 +1,8 @@
 """Engine benchmarks: the CPU cost of a decode step with the model removed, and tokens/s of
 the tiny dummy models.
 
-Run: ``PYTHONPATH=. python -m distserve_rt.benchmarks.engine_step --threads 2
---json bench/results/engine_cpu.json``
+Run: ``OMP_WAIT_POLICY=PASSIVE PYTHONPATH=. python -m distserve_rt.benchmarks.engine_step
+--threads 2 --json bench/results/engine_cpu.json``
 
 Step cost: `LLMEngine.step` (schedule -> prepare_inputs -> postprocess, stop checks and
 lifecycle events included) at a batch of 256 running requests, where the executor runs the
@@ -12,6 +12,7 @@ real `ModelRunner.prepare_inputs` and returns tokens without a model or a sample
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 
@@ -136,7 +137,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{t['total_tokens_per_s']:.0f} total tok/s ({t['shape']})"
         )
     if args.json:
-        save_result(args.json, {"engine_step_cpu_cost": steps, "tiny_model_throughput": throughput})
+        # Two OpenMP pools (torch's, ours) spinning on 2 shared cores slow decode steps
+        # up to 40x; the wait policy is part of the result (bench/README.md).
+        env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset)")}
+        payload = {"env": env, "engine_step_cpu_cost": steps, "tiny_model_throughput": throughput}
+        save_result(args.json, payload)
     return 0
 
 

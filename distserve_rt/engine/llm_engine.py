@@ -194,10 +194,11 @@ class LLMEngine:
         self._streaming.discard(request.request_id)
 
     def _maybe_log_stats(self, now: float) -> None:
-        scheduler = self.scheduler
-        self._stats.maybe_log(
-            now, scheduler.num_running, scheduler.num_waiting, self.block_manager.stats()
-        )
+        if self._stats.due(now):
+            scheduler = self.scheduler
+            self._stats.log(
+                now, scheduler.num_running, scheduler.num_waiting, self.block_manager.stats()
+            )
 
     def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
         vocab_size = self.model_config.vocab_size

@@ -171,3 +171,12 @@ def test_logprobs_per_token():
     for token, row in zip(c.token_ids, c.logprobs, strict=True):
         assert token in row and len(row) == 2  # greedy: the sampled token is the top one
         assert row[token] == max(row.values()) and all(v <= 0 for v in row.values())
+
+
+def test_periodic_stats_line(caplog):
+    llm = make_llm()
+    llm.llm_engine._stats._interval_s = 1e-9  # every step
+    with caplog.at_level("INFO", logger="distserve_rt"):
+        generate(llm)
+    lines = [r.getMessage() for r in caplog.records if "tok/s" in r.getMessage()]
+    assert lines and "running" in lines[-1] and "KV usage" in lines[-1]
