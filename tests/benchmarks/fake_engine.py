@@ -3,7 +3,8 @@
 Each request waits ``ttft_s``, yields its first token, then one token per ``per_token_s``
 until ``max_tokens``; cumulative outputs, as `AsyncLLM` yields them. Request ids in
 ``fail_ids`` end with finish_reason "error", in ``reject_ids`` raise
-`EngineOverloadedError` at submission, in ``hang_ids`` never produce a token. Closing a
+`EngineOverloadedError` at submission, in ``hang_ids`` never produce a token. With ``max_num_running`` at most that many requests run
+at once and the rest queue (a server with a capacity). Closing a
 stream early records the id in ``aborted`` (the EngineClient contract: that aborts it).
 """
 
@@ -31,10 +32,13 @@ class FakeEngine:
         fail_ids: frozenset[str] = frozenset(),
         reject_ids: frozenset[str] = frozenset(),
         hang_ids: frozenset[str] = frozenset(),
+        max_num_running: int | None = None,
     ) -> None:
         self.ttft_s, self.per_token_s = ttft_s, per_token_s
         self.max_model_len = max_model_len
         self.fail_ids, self.reject_ids, self.hang_ids = fail_ids, reject_ids, hang_ids
+        self.max_num_running = max_num_running
+        self._slots: asyncio.Semaphore | None = None  # made on the running loop
         self._tokenizer = ByteTokenizer(512, 1, 2)
         self.received: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: list[str] = []
@@ -55,7 +59,18 @@ class FakeEngine:
         return self._stream(request_id, ids, sampling_params)
 
     async def _stream(self, request_id, ids, params) -> AsyncIterator[RequestOutput]:
+        if self.max_num_running is None:
+            async for output in self._run(request_id, ids, params, time.monotonic()):
+                yield output
+            return
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.max_num_running)
         arrival = time.monotonic()
+        async with self._slots:  # queueing: TTFT grows with load past capacity
+            async for output in self._run(request_id, ids, params, arrival):
+                yield output
+
+    async def _run(self, request_id, ids, params, arrival) -> AsyncIterator[RequestOutput]:
         tokens: list[int] = []
         finished = False
         try:
