@@ -3,9 +3,10 @@
 Each request waits ``ttft_s``, yields its first token, then one token per ``per_token_s``
 until ``max_tokens``; cumulative outputs, as `AsyncLLM` yields them. Request ids in
 ``fail_ids`` end with finish_reason "error", in ``reject_ids`` raise
-`EngineOverloadedError` at submission, in ``hang_ids`` never produce a token. With ``max_num_running`` at most that many requests run
-at once and the rest queue (a server with a capacity). Closing a
-stream early records the id in ``aborted`` (the EngineClient contract: that aborts it).
+`EngineOverloadedError` at submission, in ``hang_ids`` never produce a token. With
+``max_num_running``, at most that many run at once and the rest queue (a server with a
+capacity). Closing a stream early records the id in ``aborted`` (the EngineClient
+contract: that aborts it).
 """
 
 from __future__ import annotations

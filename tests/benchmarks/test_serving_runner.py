@@ -25,7 +25,10 @@ from tests.benchmarks.fake_engine import FakeEngine
 WORKLOAD = Workload("tiny", np.array([5, 9, 3, 7, 4, 6]), np.array([4, 2, 6, 1, 3, 5]))
 
 
-def make_bench(engine, *, slo=SLO(0.5, 0.5), timeout_s=None, workload=WORKLOAD):
+LOOSE_SLO = SLO(0.5, 0.5)
+
+
+def make_bench(engine, *, slo=LOOSE_SLO, timeout_s=None, workload=WORKLOAD):
     info = RunInfo("distserve_rt", engine.model_name, "dummy", "fake", math.inf, 1.0, None, 0)
     return ServingBenchmark(
         InProcessBackend(engine),
