@@ -25,15 +25,14 @@ def _points(data: dict[str, Any]) -> list[tuple[float, float]]:
     return points
 
 
-def attainment_curves(paths: list[str | Path]) -> tuple[dict[str, list], float]:
-    """``{label: [(rate, attainment), ...]}`` from result files, and their common target."""
+def attainment_curves(results: list[dict[str, Any]]) -> tuple[dict[str, list], float]:
+    """``{label: [(rate, attainment), ...]}`` from loaded results, and their common target."""
     curves: dict[str, list[tuple[float, float]]] = {}
     targets = set()
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+    for i, data in enumerate(results):
         if "attainment" not in data and "runs" not in data:
-            raise ValueError(f"{path} is not a drt-run bench result (no attainment or runs)")
-        label = data.get("label") or data.get("backend") or Path(path).stem
+            raise ValueError(f"result {i} is not a drt-run bench result (no attainment or runs)")
+        label = data.get("label") or data.get("backend") or f"run {i}"
         curves.setdefault(label, []).extend(_points(data))
         targets.add(float(data["slo"]["target"]))
     if len(targets) > 1:
@@ -41,9 +40,14 @@ def attainment_curves(paths: list[str | Path]) -> tuple[dict[str, list], float]:
     return {k: sorted(set(v)) for k, v in curves.items()}, targets.pop() if targets else 0.9
 
 
-def plot_results(paths: list[str | Path], output: str | Path) -> Path:
-    """Overlays the attainment-vs-rate lines of ``paths`` in one PNG at ``output``."""
-    if not paths:
-        raise ValueError("give at least one result JSON to plot")
-    curves, target = attainment_curves(paths)
+def plot_summaries(results: list[dict[str, Any]], output: str | Path) -> Path:
+    """Overlays the attainment-vs-rate lines of loaded ``results`` in one PNG."""
+    if not results:
+        raise ValueError("give at least one result to plot")
+    curves, target = attainment_curves(results)
     return plot_attainment(curves, target, output)
+
+
+def plot_results(paths: list[str | Path], output: str | Path) -> Path:
+    """Overlays the attainment-vs-rate lines of the JSON files ``paths`` in one PNG."""
+    return plot_summaries([json.loads(Path(p).read_text()) for p in paths], output)
