@@ -65,7 +65,7 @@ class FakeEngine:
         self.requests: dict[str, SubmittedRequest] = {}
         self.aborted: list[str] = []
         self.closed_early: list[str] = []
-        self.num_finished = 0
+        self.finished_ids: set[str] = set()
         self.running: set[str] = set()
         self.shutdown_called = False
 
@@ -105,7 +105,7 @@ class FakeEngine:
                     raise RuntimeError("fake engine crash")
                 out = self._output(request_id, ids, tokens, logprobs, reason, arrival, error)
                 if reason is not None:
-                    self.num_finished += 1
+                    self.finished_ids.add(request_id)
                     self.running.discard(request_id)
                 yield out
                 if reason is not None:
@@ -159,9 +159,12 @@ class FakeEngine:
         )
 
     async def abort(self, request_id: str) -> None:
-        if request_id in self.running:
+        # Recorded even when the iterator was already closed (a cancelled read closes it
+        # first): the server must still call abort, which is what the tests check.
+        unfinished = request_id in self.requests and request_id not in self.finished_ids
+        if unfinished and request_id not in self.aborted:
             self.aborted.append(request_id)
-            self.running.discard(request_id)
+        self.running.discard(request_id)
 
     def stats(self) -> EngineStats:
         num_running = len(self.running)
@@ -170,7 +173,9 @@ class FakeEngine:
                 InstanceStats("prefill-0", "prefill", 0, num_running, 0.125),
                 InstanceStats("decode-0", "decode", num_running, 0, 0.25),
             ],
-            transfers=TransferTotals("fake", self.num_finished, 1, 4096 * self.num_finished, 0.5),
+            transfers=TransferTotals(
+                "fake", len(self.finished_ids), 1, 4096 * len(self.finished_ids), 0.5
+            ),
         )
 
     async def check_health(self) -> None:

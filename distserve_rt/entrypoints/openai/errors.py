@@ -67,12 +67,25 @@ def validation_error(exc: RequestValidationError) -> OpenAIError:
     if not errors:
         return bad_request("invalid request body")
     first = errors[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    loc = [str(part) for part in first.get("loc", ()) if _is_field(part)]
     param = ".".join(loc) or None
     message = first.get("msg", "invalid value")
     if param:
         message = f"{param}: {message} (got {first.get('input')!r})"
     return bad_request(message, param)
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "dict", "list", "none"}
+
+
+def _is_field(part: str | int) -> bool:
+    """Whether a pydantic error location part names a field or an index, not the body or
+    a union member pydantic tried ("str", "list[int]", "ChatMessage", "function-after")."""
+    if isinstance(part, int):
+        return True
+    return not (
+        part == "body" or part in _TYPE_TAGS or any(c in part for c in "[-") or part[:1].isupper()
+    )
 
 
 def install_error_handlers(app: FastAPI) -> None:
