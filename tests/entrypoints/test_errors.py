@@ -127,8 +127,8 @@ async def test_overloaded_engine_is_503(client, engine, stream):
 
 async def test_dead_engine_is_503_and_health_503(client, engine):
     engine.dead = True
-    r = await client.post("/v1/chat/completions", json={"messages": [{"role": "user",
-                                                                       "content": "x"}]})  # fmt: skip
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    r = await client.post("/v1/chat/completions", json=body)
     assert r.status_code == 503 and "dead" in r.json()["error"]["message"]
     r = await client.get("/health")
     assert r.status_code == 503 and r.json()["error"]["code"] == 503
