@@ -74,8 +74,9 @@ class ServingMetrics:
             "(stop, length, abort, error).", ["finish_reason"], registry=r,
         )  # fmt: skip
         self.rejected = Counter(
-            "distserve_requests_rejected", "Requests refused before generation, by HTTP "
-            "status.", ["status"], registry=r,
+            "distserve_requests_rejected", "Requests the engine or the server's "
+            "concurrency limit refused at admission, by HTTP status (429, 503, 400).",
+            ["status"], registry=r,
         )  # fmt: skip
         self.prompt_tokens = Counter(
             "distserve_prompt_tokens", "Prompt tokens of finished requests.", registry=r
