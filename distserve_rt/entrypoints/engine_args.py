@@ -80,6 +80,10 @@ def add_engine_args(p: argparse.ArgumentParser) -> None:
         help="placement file written by `drt-run plan` (prefill/decode instances "
         "and their TP/PP); default: one colocated instance",
     )
+    _add_capacity_args(g)
+
+
+def _add_capacity_args(g) -> None:
     g.add_argument(
         "--policy",
         choices=sorted(POLICIES),

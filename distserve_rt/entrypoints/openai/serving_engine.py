@@ -95,26 +95,16 @@ def sampling_params(
 ) -> SamplingParams:
     """Checks unsupported fields and the context length, then builds `SamplingParams`
     (whose ValueError becomes a 400 naming the field)."""
-    for name, value, allowed in request.unsupported_values():
+    unsupported = request.unsupported_values()
+    if unsupported:
+        name, value, allowed = unsupported[0]
         raise bad_request(f"{name}={value!r} is not supported; allowed: {allowed}", name)
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
+    check_context_length(ctx.engine.max_model_len, num_prompt_tokens, max_tokens, prompt_param)
     max_len = ctx.engine.max_model_len
-    if num_prompt_tokens >= max_len:
-        raise bad_request(
-            f"the prompt has {num_prompt_tokens} tokens but max_model_len is {max_len}: "
-            f"at most {max_len - 1} prompt tokens leave room for one output token",
-            prompt_param,
-        )
-    if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
-        raise bad_request(
-            f"max_model_len is {max_len} tokens, but {num_prompt_tokens} prompt tokens + "
-            f"max_tokens {max_tokens} = {num_prompt_tokens + max_tokens}; lower max_tokens "
-            f"to at most {max_len - num_prompt_tokens}",
-            "max_tokens",
-        )
     kwargs = dict(
         max_tokens=max_tokens if max_tokens is not None else max_len - num_prompt_tokens,
         temperature=request.temperature,
@@ -138,6 +128,25 @@ def sampling_params(
         match = re.match(r"\w+", str(exc))
         param = match.group(0) if match and match.group(0) in kwargs else None
         raise bad_request(str(exc), param) from exc
+
+
+def check_context_length(
+    max_len: int, num_prompt_tokens: int, max_tokens: int | None, prompt_param: str
+) -> None:
+    """The prompt, plus max_tokens when given, must fit in max_model_len (400 otherwise)."""
+    if num_prompt_tokens >= max_len:
+        raise bad_request(
+            f"the prompt has {num_prompt_tokens} tokens but max_model_len is {max_len}: "
+            f"at most {max_len - 1} prompt tokens leave room for one output token",
+            prompt_param,
+        )
+    if max_tokens is not None and num_prompt_tokens + max_tokens > max_len:
+        raise bad_request(
+            f"max_model_len is {max_len} tokens, but {num_prompt_tokens} prompt tokens + "
+            f"max_tokens {max_tokens} = {num_prompt_tokens + max_tokens}; lower max_tokens "
+            f"to at most {max_len - num_prompt_tokens}",
+            "max_tokens",
+        )
 
 
 async def start_generation(
