@@ -25,6 +25,7 @@ from distserve_rt.engine.protocol import EngineClient
 from distserve_rt.planner.placement_file import load_placement
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEFAULT_MODEL = "dummy:llama-tiny"
 
 # flag dest -> EngineConfig field (the same name today; kept explicit so a renamed flag
 # cannot silently stop reaching the engine).
@@ -58,12 +59,13 @@ def positive_int(text: str) -> int:
 def add_engine_args(p: argparse.ArgumentParser) -> None:
     """The flags of `EngineConfig` a server needs, plus ``--placement``; defaults are
     EngineConfig's (see its field docs for the details)."""
-    g = p.add_argument_group("engine")
+    # A group passed in (drt-run bench) is used as is: argparse deprecates nested groups.
+    g = p if isinstance(p, argparse._ArgumentGroup) else p.add_argument_group("engine")
     g.add_argument(
         "--model",
-        default="dummy:llama-tiny",
+        default=None,
         help="local HF model directory, or dummy:<preset> (random weights, no "
-        "files) (default: %(default)s)",
+        f"files) (default: {DEFAULT_MODEL}; with drt-run bench --base-url: the server's)",
     )
     g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV dtype")
     g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default: cpu)")
@@ -141,7 +143,9 @@ def _add_capacity_args(g) -> None:
 
 def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """`EngineConfig` keyword arguments from the parsed flags."""
-    return {name: getattr(args, name) for name in _ENGINE_FIELDS}
+    kwargs = {name: getattr(args, name) for name in _ENGINE_FIELDS}
+    kwargs["model"] = kwargs["model"] or DEFAULT_MODEL
+    return kwargs
 
 
 def build_engine_client(args: argparse.Namespace) -> EngineClient:

@@ -19,9 +19,11 @@ from tests.entrypoints.fake_engine import FakeEngine
 def test_defaults_bind_loopback_and_serve_the_tiny_dummy_model():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.api_key) == ("127.0.0.1", 8000, None)
-    assert args.model == "dummy:llama-tiny" and args.placement is None
+    assert args.model is None and args.placement is None
     assert args.max_concurrent_requests is None
-    assert engine_args.engine_kwargs(args)["policy"] == "continuous_batching"
+    kwargs = engine_args.engine_kwargs(args)
+    assert kwargs["model"] == "dummy:llama-tiny"
+    assert kwargs["policy"] == "continuous_batching"
 
 
 def test_help_lists_server_and_engine_flags(capsys):
