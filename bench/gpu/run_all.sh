@@ -4,7 +4,9 @@
 #      for sm_90a only (the H200), keeping ptxas' register/spill report;
 #   2. count tensor-core instructions in the SASS (the prefill kernel must show HMMA);
 #   3. run every `cuda`-marked test;
-#   4. run the GPU benchmarks (JSON + PNG), printing a short table last.
+#   4. run the GPU benchmarks (JSON + PNG), printing a short table last;
+#   5. run the KV transfer benchmark (cuda_ipc between two processes vs a D2D copy); its
+#      rows go into gpu_kernels.json ("kv_transfer") and its table into bench.log.
 # Usage: bash bench/gpu/run_all.sh [--quick]     (results under $OUT, else bench/results/gpu)
 # At most 8 files land in $OUT (the device tool's limit): build.log, ptxas.txt, sass.txt,
 # pytest_cuda.log, pytest_cuda.xml, bench.log, gpu_kernels.json, gpu_kernels.png.
@@ -68,5 +70,9 @@ fi
 
 echo "== GPU benchmarks"
 "$PY" bench/gpu/bench_kernels.py --out "$OUT" "$@" 2>&1 | tee "$OUT/bench.log" | tail -60
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== KV transfer benchmark (cuda_ipc, two processes)"
+"$PY" bench/gpu/bench_transfer.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/bench.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
 exit $status

@@ -12,6 +12,7 @@ void register_cache_ops(py::module_& m);          // cache_ops.cpp: write_kv, co
 void register_prefill_attention(py::module_& m);  // prefill_attention.cpp
 void register_decode_attention(py::module_& m);   // decode_attention.cpp
 void register_block_manager(py::module_& m);      // block_manager.cpp
+void register_transfer(py::module_& m);           // transfer_shm.cpp: ShmTransferEngine
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "distserve_rt CPU kernels and block manager";
@@ -26,4 +27,5 @@ PYBIND11_MODULE(_C, m) {
   register_prefill_attention(m);
   register_decode_attention(m);
   register_block_manager(m);
+  register_transfer(m);
 }

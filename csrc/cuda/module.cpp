@@ -9,6 +9,7 @@
 #include <string>
 
 #include "cuda/ops.h"
+#include "cuda/transfer.h"
 
 namespace py = pybind11;
 namespace ops = drt::cuda_ops;
@@ -93,4 +94,5 @@ PYBIND11_MODULE(_cuda, m) {
   register_cache_ops(m);
   register_attention(m);
   register_devices(m);
+  ops::register_transfer(m);  // transfer_ipc.cpp: IpcTransferEngine (cuda_ipc backend)
 }
