@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from distserve_rt import _native
@@ -42,6 +41,9 @@ from distserve_rt.workloads import LengthDist, Workload, unit_interarrivals
 
 MODEL = "dummy:llama-tiny"
 RESULTS = Path(__file__).parent / "results"
+
+# Imported after distserve_rt, which sets OMP_WAIT_POLICY=PASSIVE before libgomp loads.
+import torch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

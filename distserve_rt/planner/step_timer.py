@@ -5,7 +5,8 @@
 paged KV pool, one step at a time (no engine loop, no scheduler policy), so a sample is the
 pure step cost the engine pays per step: **input preparation** (`ModelRunner.prepare_inputs`:
 host buffers, `AttentionMetadata`, host-to-device copies), **the model** (all layers, the KV
-writes, paged attention) and **the sampler** (logits of the sampled rows and greedy sampling).
+writes, paged attention) and **the sampler** (logits of the sampled rows, then the engine's
+`RequestSampler` on greedy requests).
 Not included: the scheduler's decision and the engine's postprocessing (appending tokens,
 stop checks), which run on the host between steps.
 
@@ -30,7 +31,7 @@ from distserve_rt.core.scheduler import ScheduledPrefill, SchedulerOutput
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.worker.model_runner import ModelRunner, SampleFn
-from distserve_rt.worker.sampling import greedy_sample
+from distserve_rt.worker.sampling import RequestSampler
 
 STEP_INCLUDES = ("prepare_inputs", "model", "sampler")
 """What a `RunnerStepTimer` sample covers (written into the profile)."""
@@ -63,7 +64,8 @@ class RunnerStepTimer:
         block_size: tokens per KV block.
         max_num_batched_tokens, max_num_seqs: the largest step (runner buffer sizes).
         repeats: timed runs per sample (the median is kept), after ``warmup`` untimed ones.
-        sample: the runner's sampling function (greedy, as the engine's default).
+        sample: the runner's sampling function; None = the engine's default
+            (`RequestSampler`), run on greedy requests as the benchmarks send.
     """
 
     def __init__(
@@ -76,7 +78,7 @@ class RunnerStepTimer:
         max_num_seqs: int,
         repeats: int = 5,
         warmup: int = 1,
-        sample: SampleFn = greedy_sample,
+        sample: SampleFn | None = None,
     ) -> None:
         if repeats < 1 or warmup < 0:
             raise ValueError(f"need repeats >= 1 and warmup >= 0, got {repeats!r}, {warmup!r}")
@@ -93,6 +95,8 @@ class RunnerStepTimer:
         )
         # [num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]
         self.kv_pool = allocate_kv_pool(spec, device)
+        if sample is None:
+            sample = RequestSampler(config.eos_token_id, config.vocab_size, device)
         self.runner = ModelRunner(model, self.kv_pool, sample, max_num_batched_tokens, max_num_seqs)
         self.block_manager = BlockManager(num_blocks, block_size, watermark=0.0)
         self.device = device
