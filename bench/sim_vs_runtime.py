@@ -15,6 +15,7 @@ batching policy meets 90% attainment. ``--ttft``/``--tpot``/``--rates`` fix them
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -209,6 +210,8 @@ def _save(args, profile, workload, slo, setups, runs) -> None:
             "fit_error": {k: v.to_dict() for k, v in entry.fit_error.items()},
             "threads": profile.measurement.get("threads"),
         },
+        # Other processes on the cores show up as runtime latency the profile did not see.
+        "load_average_1min_at_end": os.getloadavg()[0],
         "max_abs_attainment_diff_pp": max(
             100 * abs(r["runtime"]["attainment"] - r["simulated"]["attainment"]) for r in runs
         ),
