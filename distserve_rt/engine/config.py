@@ -7,6 +7,8 @@ each field's docstring is its help text. Validated on construction.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,8 +16,13 @@ import torch
 
 from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
 from distserve_rt.core.scheduler import POLICIES, SchedulerConfig
+from distserve_rt.ops._checks import FLOAT_DTYPES
 
 GiB = 1 << 30
+
+
+DTYPE_NAMES = ("auto", "float32", "bfloat16", "float16")
+_DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,10 +66,12 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ValueError(f"model must be a non-empty str, got {self.model!r}")
-        if not isinstance(self.device, str) or not (
-            self.device == "cpu" or self.device.startswith("cuda")
-        ):
+        if not isinstance(self.device, str) or not _DEVICE_RE.fullmatch(self.device):
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
+        if isinstance(self.dtype, str) and self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        if not isinstance(self.dtype, str) and self.dtype not in FLOAT_DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES} or {FLOAT_DTYPES}")
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
         if self.block_size not in ALLOWED_BLOCK_SIZES or isinstance(self.block_size, bool):
@@ -77,7 +86,8 @@ class EngineConfig:
                 _check_int(name, getattr(self, name), 1)
         _check_fraction("gpu_memory_utilization", self.gpu_memory_utilization, low_open=True)
         _check_fraction("watermark", self.watermark, high_open=True)
-        if not isinstance(self.log_stats_interval_s, (int, float)) or self.log_stats_interval_s < 0:
+        interval = self.log_stats_interval_s
+        if not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
             raise ValueError(
                 f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s!r}"
             )

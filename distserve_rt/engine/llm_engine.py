@@ -10,6 +10,7 @@ Not thread-safe: one caller drives `step` (the async front end runs it in one lo
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import time
 from collections.abc import Sequence
@@ -30,6 +31,9 @@ from distserve_rt.worker.model_runner import ModelRunnerOutput, SampleFn
 from distserve_rt.worker.worker import Worker
 
 logger = init_logger(__name__)
+
+MAX_LOGPROBS = 20
+"""Top logprobs a request may ask for (vLLM's default max_logprobs)."""
 
 _STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
@@ -92,7 +96,7 @@ class LLMEngine:
         raise ValueError."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = sampling_params or SamplingParams()
+        params = self._check_params(request_id, sampling_params or SamplingParams())
         token_ids = self._check_token_ids(request_id, prompt_token_ids)
         max_model_len = self.scheduler_config.max_model_len
         # Raises ValueError for stop strings without a tokenizer, before anything is queued.
@@ -133,7 +137,10 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Runs one step; returns the outputs of finished (and streaming) requests."""
         scheduler_output = self.scheduler.schedule(time.monotonic())
-        runner_output = self._execute(scheduler_output)
+        try:
+            runner_output = self._execute(scheduler_output)
+        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
+            return self._fail_step(scheduler_output, exc, time.monotonic())
         return self._postprocess(scheduler_output, runner_output, time.monotonic())
 
     def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
@@ -174,6 +181,29 @@ class LLMEngine:
             outputs.append(RequestOutput.from_request(request))
         return outputs
 
+    def _fail_step(
+        self, scheduler_output: SchedulerOutput, exc: Exception, now: float
+    ) -> list[RequestOutput]:
+        """The step's requests finish with finish_reason "error" and their KV is freed (the
+        scheduler already counted the step's tokens as computed, so they cannot resume);
+        requests outside the step go on. A broken executor fails every later step the same
+        way, so nothing waits forever."""
+        num = len(scheduler_output.prefills) + len(scheduler_output.decodes)
+        logger.exception("engine step failed; failing the %d requests in it", num)
+        message = f"engine step failed: {type(exc).__name__}: {exc}"
+        finished = list(scheduler_output.finished)
+        step_requests = [p.request for p in scheduler_output.prefills]
+        step_requests += scheduler_output.decodes
+        for request in step_requests:
+            request.error = message
+            self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
+            finished.append(request)
+        outputs = []
+        for request in finished:
+            self._finalize(request)
+            outputs.append(RequestOutput.from_request(request))
+        return outputs
+
     def _stop_checker(self, params: SamplingParams, prompt_token_ids: list[int]) -> StopChecker:
         detokenizer = None
         if self.tokenizer is not None:
@@ -199,6 +229,25 @@ class LLMEngine:
             self._stats.log(
                 now, scheduler.num_running, scheduler.num_waiting, self.block_manager.stats()
             )
+
+    def _check_params(self, request_id: str, params: SamplingParams) -> SamplingParams:
+        """Model-dependent checks (SamplingParams checks the rest on its own), so a bad
+        request fails here rather than in the sampler, where it would fail a whole step.
+        Returns the params with the model's extra EOS ids added to the stop ids."""
+        vocab_size = self.model_config.vocab_size
+        for t in params.stop_token_ids:
+            if t >= vocab_size:
+                raise ValueError(
+                    f"request {request_id!r}: stop_token_ids must be in [0, {vocab_size}), got {t}"
+                )
+        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+            raise ValueError(
+                f"request {request_id!r}: logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}"
+            )
+        extra = [t for t in self.model_config.extra_eos_token_ids if t not in params.stop_token_ids]
+        if extra and not params.ignore_eos:
+            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra)
+        return params
 
     def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
         vocab_size = self.model_config.vocab_size

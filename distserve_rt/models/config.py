@@ -43,6 +43,9 @@ class ModelConfig:
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
     pad_token_id: int | None = None
+    extra_eos_token_ids: tuple[int, ...] = ()
+    """Further ids that end a turn (Llama-3.1-Instruct lists 128001, 128008 and 128009):
+    the engine stops on them as on eos_token_id unless ignore_eos."""
     # Llama only.
     rope_theta: float = 10000.0
     rope_scaling: dict[str, Any] | None = field(default=None, hash=False, compare=False)
@@ -131,8 +134,9 @@ class ModelConfig:
         arch = _family(hf)
         _check_activation(hf, arch)
         eos = hf.get("eos_token_id")
-        if isinstance(eos, list):  # Llama-3 instruct lists several; the first is the EOS
-            eos = eos[0] if eos else None
+        extra_eos: tuple[int, ...] = ()
+        if isinstance(eos, list):  # Llama-3 instruct lists several: all of them end a turn
+            eos, extra_eos = (eos[0], tuple(eos[1:])) if eos else (None, ())
         common = dict(
             architecture=arch,
             vocab_size=hf["vocab_size"],
@@ -143,9 +147,17 @@ class ModelConfig:
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "opt")),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
+            extra_eos_token_ids=extra_eos,
             pad_token_id=hf.get("pad_token_id"),
             name=name,
         )
+        window = hf.get("sliding_window")
+        if window is not None and window < common["max_position_embeddings"]:
+            # Mistral-7B-v0.1: attention past the window would silently differ from the model.
+            raise ValueError(
+                f"sliding_window={window} (< max_position_embeddings "
+                f"{common['max_position_embeddings']}): sliding-window attention is not supported"
+            )
         try:
             if arch == "llama":
                 num_heads = hf["num_attention_heads"]

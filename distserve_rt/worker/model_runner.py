@@ -91,7 +91,7 @@ class ModelRunner:
         self._logits_rows = buffer(max_num_seqs, torch.int64)  # [max_num_seqs]
         self._cu_seqlens = buffer(max_num_seqs + 1, torch.int32)  # [max_num_seqs + 1]
         self._prefix_lens = buffer(max_num_seqs, torch.int32)  # [max_num_seqs]
-        self._arange = np.arange(max(max_tokens, 1 << 16), dtype=np.int64)
+        self._arange = np.arange(max_tokens, dtype=np.int64)  # row indices of a step
 
     # ---- prepare ----------------------------------------------------------------------
 
@@ -135,7 +135,9 @@ class ModelRunner:
             n, prefix = chunk.num_new_tokens, chunk.prefix_len
             end = start + n
             ids[start:end] = chunk.request.token_ids[prefix : prefix + n]
-            pos[start:end] = self._arange[prefix : prefix + n]
+            # np.arange, not a slice of _arange: a chunk may start past any fixed bound
+            # (context lengths reach 128k).
+            pos[start:end] = np.arange(prefix, prefix + n)
             cu[i + 1] = end
             self._prefix_lens[i] = prefix
             if chunk.produces_token:
@@ -185,7 +187,7 @@ class ModelRunner:
         lens[: num_tokens % num_seqs] += 1
         cu = np.zeros(num_seqs + 1, dtype=np.int32)
         np.cumsum(lens, out=cu[1:])
-        positions = np.concatenate([self._arange[:n] for n in lens])
+        positions = np.concatenate([np.arange(n) for n in lens])
         metadata = AttentionMetadata(
             num_prefill_tokens=num_tokens,
             num_decode_tokens=0,

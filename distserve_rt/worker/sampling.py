@@ -34,8 +34,17 @@ class RequestSampler:
         device: where the logits are (and the requests' generators are made).
     """
 
-    def __init__(self, eos_token_id: int | None, vocab_size: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        eos_token_id: int | None,
+        vocab_size: int,
+        device: torch.device,
+        seed: int | None = None,
+    ) -> None:
         self._sampler = Sampler()
+        # Unseeded requests draw from one engine-wide stream, seeded by EngineConfig.seed so
+        # two engines with the same seed and the same requests give the same tokens.
+        self._batch_generator = None if seed is None else make_generator(seed, device)
         self._eos_token_id = eos_token_id
         self._vocab_size = vocab_size
         self._device = device
@@ -56,6 +65,7 @@ class RequestSampler:
             eos_token_id=self._eos_token_id,
             vocab_size=self._vocab_size,
             device=self._device,
+            batch_generator=self._batch_generator,
         )
         out = self._sampler(logits, metadata)
         if out.logprobs is None:

@@ -39,7 +39,9 @@ class Worker:
         self.device = torch.device(config.device)
         self.model = load_model(config, self.device) if model is None else model
         mc = self.model.config
-        self.sample = sample or RequestSampler(mc.eos_token_id, mc.vocab_size, self.device)
+        self.sample = sample or RequestSampler(
+            mc.eos_token_id, mc.vocab_size, self.device, seed=config.seed
+        )
         self.kv_pool: torch.Tensor | None = None
         self._runner: ModelRunner | None = None
 
