@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 from distserve_rt.core.request import Request
 
@@ -20,8 +19,9 @@ class CompletionOutput:
     """"stop", "length", "abort", "error", or None while running."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended it (None for EOS and length)."""
-    logprobs: list[Any] | None = None
-    """Per-token logprobs when SamplingParams.logprobs is set."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per output token: {token id: logprob} of the sampled token and the top
+    SamplingParams.logprobs tokens; None when not asked."""
 
 
 @dataclass(slots=True)
@@ -102,6 +102,7 @@ class RequestOutput:
             token_ids=request.output_token_ids,
             finish_reason=request.finish_reason,
             stop_reason=request.stop_reason,
+            logprobs=None if request.logprobs is None else list(request.logprobs),
         )
         return cls(
             request_id=request.request_id,

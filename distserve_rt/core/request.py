@@ -21,6 +21,7 @@ import enum
 
 import torch
 
+from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.sampling_params import SamplingParams
 
 
@@ -90,6 +91,8 @@ class Request:
         "num_computed_tokens",
         "num_preemptions",
         "generator",
+        "stop_checker",
+        "logprobs",
         "error",
         "stop_reason",
         "output_text",
@@ -127,8 +130,11 @@ class Request:
         self.num_computed_tokens = 0
         self.num_preemptions = 0
         self.generator: torch.Generator | None = None
-        if sampling_params.seed is not None:
-            self.generator = torch.Generator().manual_seed(sampling_params.seed)
+        """The request's own random stream (seeded requests), made by the sampler on the
+        logits' device at its first token and kept across steps and preemptions."""
+        self.stop_checker: StopChecker | None = None
+        """Owned by the engine: stop rules and the text to stream."""
+        self.logprobs: list[dict[int, float]] | None = None
         self.error: str | None = None
         self.stop_reason: int | str | None = None
         """The stop token id or stop string that ended the request (None for EOS/length)."""

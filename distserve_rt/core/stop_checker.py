@@ -55,6 +55,10 @@ class StopCheckResult:
     """The stop token id or stop string that ended it; None for EOS, LENGTH or running."""
 
 
+# What a token-only request that keeps running gets back (shared: do not mutate).
+_CONTINUE = StopCheckResult(text_delta="", finish_reason=None)
+
+
 class StopChecker:
     """Per-request stop logic; see the module docstring for the rules."""
 
@@ -85,6 +89,16 @@ class StopChecker:
         self._num_streamed_chars = 0
         self.num_output_tokens = 0
         self.finish_reason: FinishReason | None = None
+        # Fast path of `append` (token ids only, no stop token, below the length limits):
+        # the engine calls append for every running request every step (256 per step).
+        self._fast_path = detokenizer is None
+        eos = {eos_token_id} if eos_token_id is not None and not params.ignore_eos else set()
+        self._stop_or_eos_ids = self._stop_ids | eos
+        max_by_context = max_model_len - num_prompt_tokens
+        max_tokens = params.max_tokens
+        self._max_num_output_tokens = (
+            max_by_context if max_tokens is None else min(max_tokens, max_by_context)
+        )
 
     @property
     def output_text(self) -> str:
@@ -95,6 +109,14 @@ class StopChecker:
         """Takes the next output token; returns the text to stream and whether it stops."""
         if self.finish_reason is not None:
             raise RuntimeError(f"append after the request finished ({self.finish_reason})")
+        if (
+            self._fast_path
+            and token_id not in self._stop_or_eos_ids
+            and self.num_output_tokens + 1 < self._max_num_output_tokens
+        ):
+            # Without a detokenizer there is no text and no stop string: nothing can stop.
+            self.num_output_tokens += 1
+            return _CONTINUE
         self.num_output_tokens += 1
         may_stop = self.num_output_tokens >= self._params.min_tokens
         stop_token = may_stop and self._is_stop_token(token_id)

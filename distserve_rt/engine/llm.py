@@ -16,8 +16,10 @@ from tqdm import tqdm
 
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.llm_engine import LLMEngine
+from distserve_rt.models.config import ModelConfig
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.tokenizer import Tokenizer, get_tokenizer
 
 # A prompt: text, or {"prompt_token_ids": [...]} (already tokenized).
 Prompt = str | dict[str, Any]
@@ -127,8 +129,6 @@ class LLM:
         )
 
 
-def load_tokenizer(config: EngineConfig, model_config):
+def load_tokenizer(config: EngineConfig, model_config: ModelConfig) -> Tokenizer:
     """The model's tokenizer (``tokenizer.json`` of an HF directory, bytes for dummy:)."""
-    from distserve_rt.tokenizer import get_tokenizer  # lands with the models branch
-
     return get_tokenizer(config.model, model_config)

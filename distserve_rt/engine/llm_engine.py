@@ -15,8 +15,10 @@ import time
 from collections.abc import Sequence
 
 from distserve_rt.core.block_manager import BlockManager
+from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import Scheduler, SchedulerOutput, make_scheduler
+from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.logger import init_logger
@@ -29,6 +31,11 @@ from distserve_rt.worker.worker import Worker
 
 logger = init_logger(__name__)
 
+_STATUS = {
+    FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
+    FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
+}
+
 
 class LLMEngine:
     """Colocated engine: requests in, `RequestOutput`s out, one `step` at a time.
@@ -39,7 +46,8 @@ class LLMEngine:
         sample: the sampling function of the runner (greedy by default).
         executor: a prebuilt executor (benchmarks pass one without a model); built from
             `config` (a `UniprocExecutor`) when None.
-        tokenizer: decodes output text at finish; None keeps token ids only (text '').
+        tokenizer: detokenizes outputs incrementally (stop strings, streaming); None keeps
+            token ids only (text '', stop strings refused).
     """
 
     def __init__(
@@ -85,21 +93,23 @@ class LLMEngine:
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
-        if params.stop:
-            raise NotImplementedError(
-                "stop strings need the incremental detokenizer (distserve_rt.core."
-                "stop_checker), which is not merged yet"
-            )
         token_ids = self._check_token_ids(request_id, prompt_token_ids)
+        max_model_len = self.scheduler_config.max_model_len
+        # Raises ValueError for stop strings without a tokenizer, before anything is queued.
+        checker = None if len(token_ids) >= max_model_len else self._stop_checker(params, token_ids)
         request = Request(
             request_id,
             next(self._seq_ids),
             token_ids,
             params,
             time.monotonic() if arrival_time is None else arrival_time,
-            self.scheduler_config.max_model_len,
+            max_model_len,
             prompt=prompt,
         )
+        # No checker: the prompt leaves no room in the context and the scheduler rejects it.
+        request.stop_checker = checker
+        if params.logprobs is not None:
+            request.logprobs = []
         self._requests[request_id] = request
         if stream:
             self._streaming.add(request_id)
@@ -141,12 +151,19 @@ class LLMEngine:
         requests = scheduler_output.sampling_requests()
         for request, token_id in zip(requests, runner_output.sampled_token_ids, strict=True):
             request.append_token(token_id, now)
-            status = self._check_stop(request, token_id)
-            if status is not None:
-                self.scheduler.finish_request(request, status, now)
+            result = request.stop_checker.append(token_id)
+            if result.text_delta:
+                request.output_text += result.text_delta
+            if result.finish_reason is not None:
+                request.stop_reason = result.stop_reason
+                self.scheduler.finish_request(request, _STATUS[result.finish_reason], now)
                 finished.append(request)
             elif streaming and request.request_id in streaming:
                 updated.append(request)
+        if runner_output.logprobs is not None:
+            for request, row in zip(requests, runner_output.logprobs, strict=True):
+                if request.logprobs is not None:
+                    request.logprobs.append(row)
         self._stats.record_step(
             scheduler_output.num_prefill_tokens, len(requests), len(scheduler_output.preempted)
         )
@@ -157,41 +174,31 @@ class LLMEngine:
             outputs.append(RequestOutput.from_request(request))
         return outputs
 
-    def _check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        """EOS and stop token ids (after min_tokens), then the length limits."""
-        params = request.sampling_params
-        if request.num_output_tokens >= params.min_tokens:
-            if token_id in params.stop_token_ids:
-                request.stop_reason = token_id
-                return RequestStatus.FINISHED_STOPPED
-            if token_id == self.model_config.eos_token_id and not params.ignore_eos:
-                return RequestStatus.FINISHED_STOPPED
-        if request.num_tokens >= request.max_num_tokens:
-            return RequestStatus.FINISHED_LENGTH
-        return None
+    def _stop_checker(self, params: SamplingParams, prompt_token_ids: list[int]) -> StopChecker:
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_token_ids, params.skip_special_tokens
+            )
+        return StopChecker(
+            params,
+            eos_token_id=self.model_config.eos_token_id,
+            num_prompt_tokens=len(prompt_token_ids),
+            max_model_len=self.scheduler_config.max_model_len,
+            detokenizer=detokenizer,
+        )
 
     def _finalize(self, request: Request) -> None:
-        """Drops the request from the engine and decodes its text (once, at the end)."""
+        """Drops the request from the engine's tables."""
         self._requests.pop(request.request_id, None)
         self._streaming.discard(request.request_id)
-        if self.tokenizer is None or not request.num_output_tokens:
-            return
-        token_ids = request.output_token_ids
-        stopped_by_token = (
-            request.status is RequestStatus.FINISHED_STOPPED
-            and not request.sampling_params.include_stop_str_in_output
-        )
-        if stopped_by_token:
-            token_ids = token_ids[:-1]  # the stop token's text is not part of the output
-        request.output_text = self.tokenizer.decode(
-            token_ids, skip_special_tokens=request.sampling_params.skip_special_tokens
-        )
 
     def _maybe_log_stats(self, now: float) -> None:
-        scheduler = self.scheduler
-        self._stats.maybe_log(
-            now, scheduler.num_running, scheduler.num_waiting, self.block_manager.stats()
-        )
+        if self._stats.due(now):
+            scheduler = self.scheduler
+            self._stats.log(
+                now, scheduler.num_running, scheduler.num_waiting, self.block_manager.stats()
+            )
 
     def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
         vocab_size = self.model_config.vocab_size

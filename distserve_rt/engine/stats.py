@@ -23,12 +23,12 @@ class StatsLogger:
         self._num_generated_tokens += num_generated
         self._num_preemptions += num_preempted
 
-    def maybe_log(
-        self, now: float, num_running: int, num_waiting: int, kv: BlockManagerStats
-    ) -> None:
-        elapsed = now - self._last_time
-        if not self._interval_s or elapsed < self._interval_s:
-            return
+    def due(self, now: float) -> bool:
+        """Whether `log` should run now (cheap: the engine asks every step)."""
+        return bool(self._interval_s) and now - self._last_time >= self._interval_s
+
+    def log(self, now: float, num_running: int, num_waiting: int, kv: BlockManagerStats) -> None:
+        elapsed = max(now - self._last_time, 1e-9)
         self._logger.info(
             "prefill %.1f tok/s, generation %.1f tok/s | running %d, waiting %d | "
             "KV usage %.1f%% of %d blocks | preemptions %d",

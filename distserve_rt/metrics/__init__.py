@@ -1,5 +1,6 @@
 """Request-level serving metrics: SLO attainment, latency percentiles, goodput."""
 
+from distserve_rt.metrics.rate_search import search_rate
 from distserve_rt.metrics.slo import (
     SLO,
     Attainment,
@@ -16,6 +17,7 @@ __all__ = [
     "LatencySummary",
     "attainment",
     "latency_percentiles",
+    "search_rate",
     "slo_scale",
     "summarize",
 ]

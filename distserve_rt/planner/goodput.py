@@ -10,11 +10,11 @@ is the bracket's lower end, a rate that was simulated and met the target.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from distserve_rt.metrics.rate_search import search_rate
 from distserve_rt.metrics.slo import SLO, slo_scale
 from distserve_rt.planner.simulator import (
     ColocatedPolicy,
@@ -41,53 +41,6 @@ class GoodputResult:
     @property
     def per_device(self) -> float:
         return self.rate / self.num_devices
-
-
-def search_rate(
-    attainment_at: Callable[[float], float],
-    target: float,
-    *,
-    rate_hint: float = 1.0,
-    rel_tol: float = 0.02,
-    min_rate: float = 1e-3,
-    max_rate: float = 1e5,
-) -> tuple[float, dict[float, float]]:
-    """Highest rate with ``attainment_at(rate) >= target`` (bracket + bisection).
-
-    Returns ``(rate, {rate: attainment})`` of everything it simulated; rate 0.0 when even
-    ``min_rate`` misses the target.
-    """
-    if not 0 < target <= 1:
-        raise ValueError(f"target must be in (0, 1], got {target!r}")
-    if not 0 < rel_tol < 1:
-        raise ValueError(f"rel_tol must be in (0, 1), got {rel_tol!r}")
-    seen: dict[float, float] = {}
-
-    def ok(rate: float) -> bool:
-        if rate not in seen:
-            seen[rate] = attainment_at(rate)
-        return seen[rate] >= target
-
-    rate = min(max(rate_hint, min_rate), max_rate)
-    if ok(rate):
-        lo, hi = rate, rate * 2
-        while hi <= max_rate and ok(hi):
-            lo, hi = hi, hi * 2
-        if hi > max_rate:
-            return lo, seen
-    else:
-        hi, lo = rate, rate / 2
-        while lo >= min_rate and not ok(lo):
-            hi, lo = lo, lo / 2
-        if lo < min_rate:
-            return 0.0, seen
-    while (hi - lo) > rel_tol * hi:
-        mid = (lo + hi) / 2
-        if ok(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo, seen
 
 
 @dataclass

@@ -52,6 +52,11 @@ class ByteTokenizer:
             if value is not None:
                 self._special_text[value] = text
 
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Ids that are not text: ``0 .. NUM_SPECIAL_IDS - 1`` and bos/eos/pad (sorted)."""
+        return sorted(self._special_text)
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = [b + NUM_SPECIAL_IDS for b in text.encode("utf-8")]
         if add_special_tokens and self.bos_token_id is not None:

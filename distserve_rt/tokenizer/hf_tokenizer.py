@@ -53,6 +53,13 @@ class HFTokenizer:
     def vocab_size(self) -> int:
         return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def all_special_ids(self) -> list[int]:
+        """Added tokens marked special in tokenizer.json, plus bos/eos (sorted)."""
+        ids = {i for i, tok in self._tokenizer.get_added_tokens_decoder().items() if tok.special}
+        ids.update(i for i in (self.bos_token_id, self.eos_token_id) if i is not None)
+        return sorted(ids)
+
     def _special_id(self, config: dict[str, Any], key: str, default: int | None) -> int | None:
         text = _token_text(config.get(key))
         if text is None:

@@ -23,9 +23,11 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler import SchedulerOutput
 from distserve_rt.layers.attention import AttentionMetadata
 from distserve_rt.models.interface import CausalLM
+from distserve_rt.worker.sampling import SampledTokens
 
-# logits float32 [n, vocab_size] and the n requests (row order) -> int64 [n] token ids.
-SampleFn = Callable[[torch.Tensor, list[Request]], torch.Tensor]
+# logits float32 [n, vocab_size] (may be overwritten) and the n requests (row order) ->
+# their tokens (see `worker.sampling.RequestSampler`).
+SampleFn = Callable[[torch.Tensor, list[Request]], SampledTokens]
 
 
 @dataclass(slots=True)
@@ -50,6 +52,8 @@ class ModelRunnerOutput:
 
     sampled_token_ids: list[int]
     """One token per request of `SchedulerOutput.sampling_requests()`, same order."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per sampled row: {token id: logprob}; None when no row asked for logprobs."""
 
 
 class ModelRunner:
@@ -168,8 +172,9 @@ class ModelRunner:
         if not model_input.sampling_requests:
             return ModelRunnerOutput(sampled_token_ids=[])
         logits = self.model.compute_logits(hidden[model_input.logits_rows])
-        token_ids = self.sample(logits, model_input.sampling_requests)
-        return ModelRunnerOutput(sampled_token_ids=token_ids.tolist())
+        sampled = self.sample(logits, model_input.sampling_requests)
+        # .tolist() is the step's one device sync: tokens go to the host scheduler.
+        return ModelRunnerOutput(sampled.token_ids.tolist(), sampled.logprobs)
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:

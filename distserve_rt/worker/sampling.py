@@ -1,24 +1,77 @@
 """The runner's sampling function: logits of the needed rows -> one token per request.
 
-Until the sampler (`layers.sampler`, top-k/top-p/min-p, seeds, logprobs) lands, only greedy
-requests are served; any other raises NotImplementedError rather than sampling differently
-from what the request asked.
+A thin adapter from the engine's `Request`s to `layers.sampler.Sampler`: it builds the
+step's `SamplingMetadata` (params, generated-token counts for min_tokens, per-request
+generators) and hands back tokens and, when a row asked, its logprobs.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from distserve_rt.core.request import Request
+from distserve_rt.layers.sampler import Sampler
+from distserve_rt.layers.sampling_metadata import SamplingMetadata, make_generator
 
 
-def greedy_sample(logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-    """``logits`` float32 [n, vocab_size] -> int64 [n]: the argmax of each row."""
-    for request in requests:
-        if not request.sampling_params.greedy:
-            raise NotImplementedError(
-                f"request {request.request_id!r} asks for temperature="
-                f"{request.sampling_params.temperature}: random sampling needs "
-                "distserve_rt.layers.sampler, which is not merged yet; use temperature=0"
-            )
-    return logits.argmax(dim=-1)
+@dataclass(slots=True)
+class SampledTokens:
+    token_ids: torch.Tensor
+    """int64 [n], on the logits' device."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per row: {token id: raw logprob} of the sampled token and the top-k the request
+    asked for (vLLM's shape); None when no row asked."""
+
+
+class RequestSampler:
+    """Samples one token per request row with `Sampler`.
+
+    Args:
+        eos_token_id: suppressed (with stop_token_ids) until a request's min_tokens.
+        vocab_size: columns of the logits.
+        device: where the logits are (and the requests' generators are made).
+    """
+
+    def __init__(self, eos_token_id: int | None, vocab_size: int, device: torch.device) -> None:
+        self._sampler = Sampler()
+        self._eos_token_id = eos_token_id
+        self._vocab_size = vocab_size
+        self._device = device
+
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+        """``logits`` float32 [n, vocab_size] (overwritten) and the n requests, row order."""
+        generators = []
+        for r in requests:
+            seed = r.sampling_params.seed
+            if seed is not None and r.generator is None:
+                # Made once per request: its stream continues across steps and preemptions.
+                r.generator = make_generator(seed, self._device)
+            generators.append(r.generator)
+        metadata = SamplingMetadata.build(
+            [r.sampling_params for r in requests],
+            [r.num_output_tokens for r in requests],
+            generators,
+            eos_token_id=self._eos_token_id,
+            vocab_size=self._vocab_size,
+            device=self._device,
+        )
+        out = self._sampler(logits, metadata)
+        if out.logprobs is None:
+            return SampledTokens(out.token_ids)
+        return SampledTokens(out.token_ids, _logprob_dicts(out, requests))
+
+
+def _logprob_dicts(out, requests: list[Request]) -> list[dict[int, float]]:
+    lp = out.logprobs
+    sampled = out.token_ids.tolist()
+    sampled_lp = lp.sampled_logprobs.tolist()
+    top_ids, top_lp = lp.topk_token_ids.tolist(), lp.topk_logprobs.tolist()
+    rows = []
+    for i, r in enumerate(requests):
+        k = r.sampling_params.logprobs or 0
+        row = dict(zip(top_ids[i][:k], top_lp[i][:k], strict=True))
+        row[sampled[i]] = sampled_lp[i]
+        rows.append(row)
+    return rows

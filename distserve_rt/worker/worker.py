@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import torch
 
+from distserve_rt import models
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
 from distserve_rt.engine.config import EngineConfig
@@ -18,7 +19,7 @@ from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.worker import kv_sizing
 from distserve_rt.worker.model_runner import ModelRunner, ModelRunnerOutput, SampleFn
-from distserve_rt.worker.sampling import greedy_sample
+from distserve_rt.worker.sampling import RequestSampler
 
 logger = init_logger(__name__)
 
@@ -30,7 +31,7 @@ class Worker:
         config: the engine configuration (model, dtype, device, KV sizing).
         model: an already built model (tests pass fakes); loaded from `config.model`
             with `distserve_rt.models.load_model` when None.
-        sample: the sampling function; greedy (argmax) by default.
+        sample: the sampling function; `RequestSampler` (the full `Sampler`) by default.
         allocate_pool: allocates the KV pool from its spec (a KV transport's
             ``allocate_pool``, so that peers can read it); `allocate_kv_pool` when None.
     """
@@ -45,7 +46,8 @@ class Worker:
         self.config = config
         self.device = torch.device(config.device)
         self.model = load_model(config, self.device) if model is None else model
-        self.sample = sample or greedy_sample
+        mc = self.model.config
+        self.sample = sample or RequestSampler(mc.eos_token_id, mc.vocab_size, self.device)
         self._allocate_pool = allocate_pool or (lambda spec: allocate_kv_pool(spec, self.device))
         self.kv_pool: torch.Tensor | None = None
         self._runner: ModelRunner | None = None
@@ -118,9 +120,7 @@ class Worker:
 
 def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
     """`distserve_rt.models.load_model` for this engine's model, dtype and device."""
-    from distserve_rt.models import load_model as _load  # lands with the models branch
-
-    model, _ = _load(config.model, dtype=config.dtype, device=device, seed=config.seed)
+    model, _ = models.load_model(config.model, dtype=config.dtype, device=device, seed=config.seed)
     return model
 
 

@@ -83,27 +83,27 @@ class FakeCausalLM(torch.nn.Module):
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head).float()
 
-    @torch.inference_mode()
-    def reference_greedy(self, prompt: list[int], num_tokens: int, stop_ids=()) -> list[int]:
-        """Greedy decoding with no KV cache: the whole sequence recomputed for each token."""
-        tokens = list(prompt)
-        out: list[int] = []
-        for _ in range(num_tokens):
-            n = len(tokens)
-            metadata = AttentionMetadata(
-                num_prefill_tokens=n,
-                num_decode_tokens=0,
-                slot_mapping=None,
-                prefill_cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
-                prefill_max_seqlen=n,
-            )
-            hidden = self(torch.tensor(tokens), torch.arange(n), None, metadata)
-            token = int(self.compute_logits(hidden[-1:]).argmax())
-            out.append(token)
-            tokens.append(token)
-            if token in stop_ids:
-                break
-        return out
+    def reference_greedy(self, prompt: list[int], num_tokens: int) -> list[int]:
+        return reference_greedy(self, prompt, num_tokens)
+
+
+@torch.inference_mode()
+def reference_greedy(model, prompt: list[int], num_tokens: int) -> list[int]:
+    """Greedy decoding of any `CausalLM` with no KV cache: the whole sequence recomputed
+    for each token, one request at a time (the plainest loop there is)."""
+    tokens = list(prompt)
+    for _ in range(num_tokens):
+        n = len(tokens)
+        metadata = AttentionMetadata(
+            num_prefill_tokens=n,
+            num_decode_tokens=0,
+            slot_mapping=None,
+            prefill_cu_seqlens=torch.tensor([0, n], dtype=torch.int32),
+            prefill_max_seqlen=n,
+        )
+        hidden = model(torch.tensor(tokens), torch.arange(n), None, metadata)
+        tokens.append(int(model.compute_logits(hidden[-1:]).argmax()))
+    return tokens[len(prompt) :]
 
 
 def history_token(token_ids: list[int], vocab_size: int = 64) -> int:

@@ -139,3 +139,44 @@ def test_invalid_inputs():
     bad, good = llm.generate([long_prompt, {"prompt_token_ids": [4, 5]}], params, use_tqdm=False)
     assert bad.outputs[0].finish_reason == "error" and "max_model_len" in bad.error
     assert good.outputs[0].finish_reason == "length" and len(good.outputs[0].token_ids) == 2
+
+
+def test_seeded_sampling_is_batch_and_preemption_independent():
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=100 + i, max_tokens=10, ignore_eos=True)
+        for i in range(len(PROMPTS))
+    ]
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    runs = []
+    for policy, budget, num_blocks in [
+        ("continuous_batching", None, 64),
+        ("continuous_batching", None, 7),
+        ("chunked_prefill", 5, 7),
+    ]:
+        outs = make_llm(policy, budget, num_blocks).generate(prompts, params, use_tqdm=False)
+        runs.append([o.outputs[0].token_ids for o in outs])
+    alone = [
+        make_llm().generate(p, sp, use_tqdm=False)[0].outputs[0].token_ids
+        for p, sp in zip(prompts, params, strict=True)
+    ]
+    assert runs[0] == runs[1] == runs[2] == alone
+
+
+def test_logprobs_per_token():
+    llm = make_llm()
+    params = SamplingParams(temperature=0, max_tokens=3, logprobs=2, ignore_eos=True)
+    (out,) = llm.generate({"prompt_token_ids": PROMPTS[0]}, params, use_tqdm=False)
+    c = out.outputs[0]
+    assert len(c.logprobs) == 3
+    for token, row in zip(c.token_ids, c.logprobs, strict=True):
+        assert token in row and len(row) == 2  # greedy: the sampled token is the top one
+        assert row[token] == max(row.values()) and all(v <= 0 for v in row.values())
+
+
+def test_periodic_stats_line(caplog):
+    llm = make_llm()
+    llm.llm_engine._stats._interval_s = 1e-9  # every step
+    with caplog.at_level("INFO", logger="distserve_rt"):
+        generate(llm)
+    lines = [r.getMessage() for r in caplog.records if "tok/s" in r.getMessage()]
+    assert lines and "running" in lines[-1] and "KV usage" in lines[-1]

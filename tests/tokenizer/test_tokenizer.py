@@ -126,3 +126,16 @@ def test_model_chat_template(tmp_path):
     (path / "chat_template.jinja").write_text("{{ raise_exception('no system role') }}")
     with pytest.raises(TemplateError, match="no system role"):
         HFTokenizer(path).apply_chat_template(MESSAGES)
+
+
+def test_all_special_ids_match_transformers(tokenizer_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    ours = HFTokenizer(tokenizer_dir)
+    ref = PreTrainedTokenizerFast(
+        tokenizer_file=str(tokenizer_dir / "tokenizer.json"), bos_token="<s>", eos_token="</s>"
+    )
+    assert set(ref.all_special_ids) <= set(ours.all_special_ids)
+    assert {1, 2} <= set(ours.all_special_ids)
+    # Byte tokenizer: the reserved ids below the byte range (bos/eos/pad live there).
+    assert get_tokenizer("dummy:opt-tiny").all_special_ids == list(range(NUM_SPECIAL_IDS))

@@ -10,7 +10,7 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler import ScheduledPrefill, SchedulerOutput
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.worker.model_runner import ModelRunner
-from distserve_rt.worker.sampling import greedy_sample
+from distserve_rt.worker.sampling import RequestSampler
 from tests.engine.fakes import FakeCausalLM
 
 BS = 8
@@ -26,7 +26,7 @@ def make_request(seq_id: int, prompt_len: int, num_output: int = 0) -> Request:
 
 def make_runner(num_blocks: int = 32) -> ModelRunner:
     pool = torch.zeros(num_blocks, 2, 2, 1, BS, 16)
-    return ModelRunner(FakeCausalLM(), pool, greedy_sample, 64, 8)
+    return ModelRunner(FakeCausalLM(), pool, RequestSampler(2, 64, pool.device), 64, 8)
 
 
 def test_mixed_batch_layout():

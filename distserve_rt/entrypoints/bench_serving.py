@@ -1,0 +1,263 @@
+"""`drt-run bench`: the serving benchmark (TTFT/TPOT/ITL/E2E, SLO attainment, goodput).
+
+Sends a workload (a paper dataset's lengths, or random lengths) with forced output lengths
+at one or more Poisson/gamma rates, in process or to an OpenAI-compatible server
+(--base-url), prints vllm bench serve's table plus SLO attainment, and optionally searches
+the per-device goodput (the highest rate meeting the attainment target / --num-devices).
+`drt-run bench-plot` overlays saved results (e.g. disaggregated vs colocated).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from distserve_rt.benchmarks.environment import environment
+from distserve_rt.benchmarks.serving import (
+    BenchSettings,
+    EventLoop,
+    InProcessBackend,
+    OpenAIHTTPBackend,
+    ServingBenchmark,
+)
+from distserve_rt.benchmarks.serving.http_backend import fetch_model_card
+from distserve_rt.benchmarks.serving.plot import plot_results, plot_summaries
+from distserve_rt.benchmarks.serving.report import RunInfo, format_table
+from distserve_rt.benchmarks.serving.request_set import tokenizer_special_ids
+from distserve_rt.benchmarks.serving.sweep import BenchmarkAborted, sweep_json
+from distserve_rt.entrypoints import bench_serving_args
+from distserve_rt.metrics.slo import SLO
+from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "bench",
+        help="serving benchmark: latency, SLO attainment, goodput (in-process or HTTP)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        conflict_handler="resolve",  # the in-process engine's flags may also define --model
+    )
+    bench_serving_args.add_all(p)
+    p.set_defaults(handler=run)
+    plot = sub.add_parser(
+        "bench-plot", help="overlay drt-run bench results: SLO attainment vs rate (PNG)"
+    )
+    plot.add_argument("results", nargs="+", help="result JSONs saved by drt-run bench")
+    plot.add_argument("--output", "-o", default="attainment.png", help="PNG path")
+    plot.set_defaults(handler=run_plot)
+
+
+def run_plot(args: argparse.Namespace) -> int:
+    print(f"saved {plot_results(args.results, args.output)}")
+    return 0
+
+
+def build_slo(args: argparse.Namespace) -> SLO:
+    preset = get_slo_preset(args.slo_preset).slo if args.slo_preset else SLO(0.25, 0.1)
+    ttft = args.slo_ttft_ms / 1000 if args.slo_ttft_ms is not None else preset.ttft_s
+    tpot = args.slo_tpot_ms / 1000 if args.slo_tpot_ms is not None else preset.tpot_s
+    return SLO(ttft, tpot)
+
+
+def build_workload(args: argparse.Namespace) -> Workload:
+    if args.num_prompts < 1:
+        raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    name = args.dataset_name
+    if name is None:
+        name = get_slo_preset(args.slo_preset).dataset if args.slo_preset else "sharegpt"
+    if name != "random":
+        return Workload.from_dataset(name).sample(args.num_prompts, seed=args.seed)
+    if not 0 <= args.random_range_ratio < 1:
+        raise ValueError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
+
+    def dist(length: int, flag: str) -> LengthDist:
+        if length < 1:
+            raise ValueError(f"{flag} must be >= 1, got {length}")
+        r = args.random_range_ratio
+        if r == 0:
+            return LengthDist("fixed", length)
+        low, high = max(1, math.floor(length * (1 - r))), math.ceil(length * (1 + r))
+        return LengthDist("uniform", low=low, high=high)
+
+    prompt = dist(args.random_input_len, "--random-input-len")
+    output = dist(args.random_output_len, "--random-output-len")
+    return Workload.synthetic(args.num_prompts, prompt, output, seed=args.seed)
+
+
+def _http_target(args, loop: EventLoop) -> dict[str, Any]:
+    from distserve_rt.tokenizer import get_tokenizer
+
+    card: dict[str, Any] = {}
+    if args.model is None or args.max_model_len is None:
+        card = loop.run(fetch_model_card(args.base_url, args.api_key))
+    model = args.model or card["id"]
+    max_len = args.max_model_len or card.get("max_model_len")
+    if max_len is None:
+        raise ValueError(f"{args.base_url}/v1/models does not give max_model_len; pass it")
+    tokenizer_id = args.tokenizer or model
+    backend = OpenAIHTTPBackend(
+        args.base_url, args.api_key, model=model, temperature=args.temperature
+    )
+    return dict(
+        backend=backend,
+        model_id=model,
+        tokenizer_id=tokenizer_id,
+        tokenizer=get_tokenizer(tokenizer_id),
+        max_model_len=int(max_len),
+        engine=None,
+    )
+
+
+def _in_process_target(args) -> dict[str, Any]:
+    try:
+        from distserve_rt.entrypoints.engine_args import build_engine_client
+    except ImportError as exc:
+        raise NotImplementedError(
+            "the in-process drt-run bench builds its engine with "
+            "distserve_rt.entrypoints.engine_args.build_engine_client (drt-run serve's engine "
+            f"flags), which is not available here ({exc}); run against a server with --base-url"
+        ) from None
+    engine = build_engine_client(args)
+    return dict(
+        backend=InProcessBackend(engine, temperature=args.temperature),
+        model_id=engine.model_name,
+        tokenizer_id=getattr(args, "tokenizer", None) or engine.model_name,
+        tokenizer=engine.tokenizer,
+        max_model_len=engine.max_model_len,
+        engine=engine,
+    )
+
+
+def _save(path: Path, payload: dict[str, Any]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    return path
+
+
+def _metadata(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--metadata takes KEY=VALUE, got {item!r}")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        return _run(args)
+    except BenchmarkAborted as exc:
+        print(f"drt-run bench: aborted: {exc}")
+        return 1
+    except ValueError as exc:
+        raise SystemExit(f"drt-run bench: {exc}") from None
+
+
+def _settings(args: argparse.Namespace) -> BenchSettings:
+    return BenchSettings(
+        build_slo(args),
+        target=args.attainment_target,
+        burstiness=args.burstiness,
+        seed=args.seed,
+        timeout_s=args.request_timeout,
+        max_concurrency=args.max_concurrency,
+        disable_tqdm=args.disable_tqdm,
+    )
+
+
+def _run(args: argparse.Namespace) -> int:
+    settings, workload, metadata = _settings(args), build_workload(args), _metadata(args.metadata)
+    provenance = environment()
+    with EventLoop() as loop:
+        target = _http_target(args, loop) if args.base_url else _in_process_target(args)
+        backend = target["backend"]
+        info = RunInfo(
+            backend=backend.name,
+            model_id=target["model_id"],
+            tokenizer_id=target["tokenizer_id"],
+            label=args.label or backend.name,
+            request_rate=math.inf,
+            burstiness=args.burstiness,
+            max_concurrency=args.max_concurrency,
+            num_clipped=0,
+        )
+        bench = ServingBenchmark(
+            backend,
+            workload,
+            info,
+            settings,
+            vocab_size=target["tokenizer"].vocab_size,
+            special_ids=tokenizer_special_ids(target["tokenizer"]),
+            max_model_len=target["max_model_len"],
+            loop=loop,
+        )
+        try:
+            search = _bench(args, bench, metadata, provenance)
+        finally:
+            loop.run(backend.close())
+            shutdown = getattr(target["engine"], "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+    _finish(args, bench, search, provenance)
+    return 0
+
+
+def _bench(args, bench: ServingBenchmark, metadata, provenance):
+    for rate in args.request_rate:
+        run = bench.run_at(rate)
+        print(f"Traffic request rate: {rate:g}, burstiness {args.burstiness:g}")
+        if run.result["num_clipped"]:
+            print(f"{run.result['num_clipped']} requests clipped to max_model_len")
+        info = replace(bench.info, request_rate=rate, num_clipped=run.result["num_clipped"])
+        print(format_table(info, run.metrics))
+        if args.save_result:
+            payload = {**run.result, **metadata, "provenance": provenance}
+            name = args.result_filename if len(args.request_rate) == 1 else None
+            base = bench.info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
+            name = name or f"{bench.info.label}-{rate:g}qps-{base}-{payload['date']}.json"
+            print(f"saved {_save(Path(args.result_dir) / name, payload)}")
+    if not args.goodput_search:
+        return None
+    finite = [r for r in args.request_rate if math.isfinite(r)]
+    return bench.goodput_search(
+        num_devices=args.num_devices,
+        rate_hint=finite[0] if finite else 1.0,
+        rel_tol=args.goodput_rel_tol,
+        min_rate=args.goodput_min_rate,
+        max_rate=args.goodput_max_rate,
+    )
+
+
+def _finish(args, bench: ServingBenchmark, search, provenance) -> None:
+    runs = sorted(bench.runs, key=lambda r: r.rate)
+    if len(runs) > 1 or args.slo_scale:
+        print(
+            f"\n{'rate':>8} {'attain':>7} {'ttft':>7} {'tpot':>7} {'goodput':>8} {'slo scale':>9}"
+        )
+        for r in runs:
+            a = r.metrics.attainment
+            print(
+                f"{r.rate:8.3g} {a.joint:7.1%} {a.ttft:7.1%} {a.tpot:7.1%} "
+                f"{r.metrics.request_goodput:8.3f} {r.metrics.slo_scale:9.3f}"
+            )
+    if search is not None:
+        print(
+            f"Goodput: {search.rate:.3f} req/s at >= {bench.settings.target:.0%} attainment; "
+            f"per device: {search.per_device:.3f} req/s over {search.num_devices} device(s) "
+            "(--num-devices; on CPU a device is one core the engine uses)"
+        )
+    if len(runs) < 2 and search is None:
+        return  # one run: its JSON says it all, and one point is no curve
+    summary = sweep_json(bench, search, provenance)
+    base = bench.info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
+    sweep_path = Path(args.result_dir) / f"{bench.info.label}-sweep-{base}.json"
+    if args.save_result:
+        print(f"saved {_save(sweep_path, summary)}")
+    if args.save_result or args.plot:
+        print(f"saved {plot_summaries([summary], args.plot or sweep_path.with_suffix('.png'))}")

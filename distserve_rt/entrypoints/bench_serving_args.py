@@ -1,0 +1,168 @@
+"""The flags of `drt-run bench` (names follow ``vllm bench serve`` where one exists)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+from distserve_rt.workloads import DATASET_ALIASES, DATASETS, SLO_PRESETS
+
+ENGINE_ARGS_MODULE = "distserve_rt.entrypoints.engine_args"
+
+
+def _rate(text: str) -> float:
+    value = float(text)  # accepts "inf"
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"a rate must be > 0 req/s or inf, got {text!r}")
+    return value
+
+
+def add_target_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("target (an HTTP server with --base-url, else an in-process engine)")
+    g.add_argument(
+        "--base-url",
+        help="OpenAI-compatible server, e.g. http://127.0.0.1:8000; without it the engine "
+        "runs in this process (its flags are drt-run serve's)",
+    )
+    g.add_argument("--api-key", help="bearer token for the server (default: none)")
+    g.add_argument(
+        "--model",
+        help="HTTP: model name sent to the server (default: the first of /v1/models); "
+        "in-process: the model to load (an HF directory or dummy:<preset>)",
+    )
+    g.add_argument(
+        "--tokenizer",
+        help="HTTP: tokenizer whose vocabulary prompt ids are drawn from: an HF directory or "
+        "dummy:<preset> (default: --model)",
+    )
+    g.add_argument(
+        "--max-model-len",
+        type=int,
+        help="HTTP: context length requests are clipped to (default: max_model_len from "
+        "/v1/models); in-process it is the engine's",
+    )
+    g.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default: 0)"
+    )
+    # The engine's flags are drt-run serve's, from the module that builds the in-process
+    # engine (written beside the server); until it exists only --base-url runs.
+    try:
+        engine_args = importlib.import_module(ENGINE_ARGS_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != ENGINE_ARGS_MODULE:
+            raise
+        return
+    add = getattr(engine_args, "add_engine_args", None)
+    if add is not None:
+        add(p.add_argument_group("in-process engine (as drt-run serve)"))
+
+
+def add_workload_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("workload")
+    names = sorted({*DATASETS, *DATASET_ALIASES, "random"})
+    g.add_argument(
+        "--dataset-name",
+        choices=names,
+        help="request lengths: a paper dataset (shipped with the package) or random "
+        "(default: the --slo-preset's dataset, else sharegpt)",
+    )
+    g.add_argument("--num-prompts", type=int, default=100, help="requests per run (default: 100)")
+    g.add_argument("--random-input-len", type=int, default=128, help="random: prompt tokens")
+    g.add_argument("--random-output-len", type=int, default=32, help="random: output tokens")
+    g.add_argument(
+        "--random-range-ratio",
+        type=float,
+        default=0.0,
+        help="random: lengths uniform in [len*(1-r), len*(1+r)] (default: 0, fixed)",
+    )
+    g.add_argument("--seed", type=int, default=0, help="lengths, prompt ids and arrivals seed")
+
+
+def add_load_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("load")
+    g.add_argument(
+        "--request-rate",
+        type=_rate,
+        nargs="+",
+        default=[float("inf")],
+        help="one or more rates, req/s; inf sends every request at once (default: inf)",
+    )
+    g.add_argument(
+        "--burstiness",
+        type=float,
+        default=1.0,
+        help="1 = Poisson arrivals; else gamma gaps with this shape (<1 burstier)",
+    )
+    g.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: any)")
+    g.add_argument(
+        "--request-timeout",
+        type=float,
+        default=600.0,
+        help="seconds before a request counts as failed (default: 600)",
+    )
+    g.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
+
+
+def add_slo_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("SLOs and goodput")
+    g.add_argument(
+        "--slo-preset", choices=sorted(SLO_PRESETS), help="the paper's Table 1 SLOs (and dataset)"
+    )
+    g.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO, ms (default: 250)")
+    g.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO, ms (default: 100)")
+    g.add_argument(
+        "--attainment-target",
+        type=float,
+        default=0.9,
+        help="fraction of requests that must meet both SLOs (default: 0.9)",
+    )
+    g.add_argument(
+        "--goodput-search",
+        action="store_true",
+        help="find the highest rate meeting the target (bracket + bisection over runs) and "
+        "report it per device",
+    )
+    g.add_argument(
+        "--num-devices",
+        type=int,
+        default=1,
+        help="devices the engine uses, for per-device goodput (on CPU: the cores it uses)",
+    )
+    g.add_argument(
+        "--goodput-rel-tol",
+        type=float,
+        default=0.1,
+        help="stop bisecting when the bracket is this close (relative; default: 0.1)",
+    )
+    g.add_argument("--goodput-min-rate", type=_rate, default=0.05, help="lowest rate tried")
+    g.add_argument("--goodput-max-rate", type=_rate, default=1000.0, help="highest rate tried")
+    g.add_argument(
+        "--slo-scale",
+        action="store_true",
+        help="print the SLO-scale table: per rate, the tightest factor on both SLOs that the "
+        "target fraction met (always saved in the JSON)",
+    )
+
+
+def add_output_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("output")
+    g.add_argument("--label", help="run label, one line per label in plots (default: backend)")
+    g.add_argument(
+        "--save-result",
+        action="store_true",
+        help="save one vLLM-compatible JSON per rate (and a sweep JSON + PNG for sweeps)",
+    )
+    g.add_argument("--result-dir", default=".", help="where results go (default: .)")
+    g.add_argument("--result-filename", help="file name of a single run's JSON")
+    g.add_argument("--plot", help="PNG of attainment vs rate (default with --save-result)")
+    g.add_argument(
+        "--metadata", nargs="*", metavar="KEY=VALUE", default=[], help="extra keys for the JSON"
+    )
+
+
+def add_all(p: argparse.ArgumentParser) -> None:
+    add_target_args(p)
+    add_workload_args(p)
+    add_load_args(p)
+    add_slo_args(p)
+    add_output_args(p)
