@@ -170,8 +170,9 @@ class DisaggConfig:
     """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
     debug_verify_kv: bool = False
     """Hash the KV blocks on both sides of every migration and fail on a mismatch."""
-    debug_never_pull: bool = False
-    """Decode instances never pull (tests of leases and back-pressure)."""
+    debug_pull_delay_s: float = 0.0
+    """Decode instances start pulling only this many seconds after they are ready (tests
+    of leases and back-pressure; ``math.inf``: never)."""
     stats_interval_s: float = 0.05
     """Seconds between the instances' load reports."""
 
@@ -187,6 +188,8 @@ class DisaggConfig:
                 raise ValueError(
                     f"on_lease_expiry must be 'fail' or 'retry', got {self.on_lease_expiry!r}"
                 ) from None
+        if not isinstance(self.debug_pull_delay_s, (int, float)) or self.debug_pull_delay_s < 0:
+            raise ValueError(f"debug_pull_delay_s must be >= 0, got {self.debug_pull_delay_s!r}")
         for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

@@ -19,7 +19,7 @@ class DecodeInstance(Instance):
         assert self.worker.kv_pool is not None  # init_kv_cache allocated it
         config = spec.disagg_config
         self.puller = KVPuller(self.transport, self.worker.kv_pool, config.debug_verify_kv)
-        self._never_pull = config.debug_never_pull
+        self._pull_from = time.monotonic() + config.debug_pull_delay_s
         # Migrations whose source KV the prefill instance still holds for us.
         self._sources: dict[str, msg.Migrate] = {}
         self._abort_after_pull: set[str] = set()
@@ -81,7 +81,7 @@ class DecodeInstance(Instance):
     # ---- the step ---------------------------------------------------------------------------
 
     def step(self, now: float) -> None:
-        if not self._never_pull:
+        if now >= self._pull_from:
             for request in self.scheduler.admit_migrations(now):
                 dst = self.block_manager.block_table(request.seq_id)
                 self.puller.start(request, self._sources[request.request_id], dst, now)
