@@ -228,11 +228,11 @@ class AsyncLLM:
         core = self._core
         try:
             while not self._stopping.is_set():
-                busy = core.has_unfinished_requests()
-                self._drain_commands(block=not busy)
-                if core.has_unfinished_requests():
-                    for output in core.step(_BUSY_WAIT_S):
-                        self._deliver(output)
+                self._drain_commands(block=not core.has_unfinished_requests())
+                # Stepped when idle too: the controller keeps reading the instances' load
+                # reports and failures (a colocated step without requests does nothing).
+                for output in core.step(_BUSY_WAIT_S):
+                    self._deliver(output)
         except Exception as exc:  # noqa: BLE001 (every stream learns why, then the thread ends)
             logger.exception("the engine failed")
             self._dead = f"the engine failed: {exc!r}"
