@@ -11,12 +11,13 @@ def build_parser() -> argparse.ArgumentParser:
         prog="drt-run", description="distserve_rt: disaggregated prefill/decode LLM serving"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from distserve_rt.entrypoints import bench_ops, bench_serving, plan, simulate
+    from distserve_rt.entrypoints import bench_ops, bench_serving, generate, plan, simulate
 
     bench_ops.add_parser(sub)
     bench_serving.add_parser(sub)
     simulate.add_parser(sub)
     plan.add_parser(sub)
+    generate.add_parser(sub)
     return parser
 
 
