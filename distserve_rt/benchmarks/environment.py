@@ -27,6 +27,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def hardware_name(device: str | torch.device = "cpu") -> str:
+    """What a latency profile was measured on: the GPU's name, or the CPU model."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model()
+
+
 def git_commit() -> str:
     root = Path(distserve_rt.__file__).resolve().parent.parent
     try:

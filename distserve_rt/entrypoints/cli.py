@@ -3,7 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
+
+# One subcommand per module of distserve_rt.entrypoints; each has add_parser(subparsers),
+# which registers the command and its handler. In the order `drt-run --help` lists them.
+COMMANDS = (
+    "serve",
+    "generate",
+    "bench_serving",
+    "plan",
+    "simulate",
+    "profile",
+    "bench_ops",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -11,13 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="drt-run", description="distserve_rt: disaggregated prefill/decode LLM serving"
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    from distserve_rt.entrypoints import bench_ops, bench_serving, generate, plan, simulate
-
-    bench_ops.add_parser(sub)
-    bench_serving.add_parser(sub)
-    simulate.add_parser(sub)
-    plan.add_parser(sub)
-    generate.add_parser(sub)
+    for name in COMMANDS:
+        importlib.import_module(f"distserve_rt.entrypoints.{name}").add_parser(sub)
     return parser
 
 

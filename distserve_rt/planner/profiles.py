@@ -8,7 +8,11 @@ Schema (``schema_version`` 1; times in ms, lengths in tokens)::
                                    "decode_large": [a, b, c], "decode_threshold": 95},
                   "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...}}],
      "analytic": {"coefficients": {"c1": .., ..., "attn_block_size": 128},
-                  "fit_error": {...}}}           # optional
+                  "fit_error": {...}},           # optional
+     "measurement": {"device": "cpu", "dtype": "float32", "threads": 2, ...}}  # optional
+
+``measurement`` records how a profile made by `drt-run profile` was measured (device,
+dtype, threads, what a step includes, the grid, the raw samples); it is kept as read.
 
 Built-in profiles (package data): ``a100-80g-distserve`` and ``a100-80g-vllm``, DistServe's
 fitted A100-80GB coefficients for its own kernels and for vLLM's (its baseline), from
@@ -74,6 +78,8 @@ class ProfileSet:
     source: str = ""
     analytic: AnalyticCoefficients | None = None
     analytic_fit_error: dict[str, FitError] = field(default_factory=dict)
+    measurement: dict[str, object] = field(default_factory=dict)
+    """How the profile was measured (`drt-run profile`); empty for DistServe's files."""
 
     def find(self, model: str, tp: int) -> ProfileEntry | None:
         for entry in self.entries:
@@ -116,6 +122,8 @@ class ProfileSet:
                 "coefficients": self.analytic.to_dict(),
                 "fit_error": {k: v.to_dict() for k, v in self.analytic_fit_error.items()},
             }
+        if self.measurement:
+            out["measurement"] = self.measurement
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -150,7 +158,14 @@ def profile_from_dict(raw: dict, where: str = "profile") -> ProfileSet:
         if "analytic" in raw:
             analytic = AnalyticCoefficients(**raw["analytic"]["coefficients"])
             analytic_err = _fit_errors(raw["analytic"].get("fit_error", {}))
-        return ProfileSet(raw["hardware"], entries, raw.get("source", ""), analytic, analytic_err)
+        return ProfileSet(
+            raw["hardware"],
+            entries,
+            raw.get("source", ""),
+            analytic,
+            analytic_err,
+            dict(raw.get("measurement", {})),
+        )
     except (KeyError, TypeError) as exc:
         raise ValueError(f"{where}: malformed profile ({type(exc).__name__}: {exc})") from None
 

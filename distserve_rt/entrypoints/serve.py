@@ -1,0 +1,129 @@
+"""`drt-run serve`: the OpenAI-compatible HTTP server (FastAPI + uvicorn) over the engine.
+
+Binds 127.0.0.1 unless ``--host`` says otherwise. ``--api-key`` (or the ``DRT_API_KEY``
+environment variable) makes /v1/* require ``Authorization: Bearer <key>``. On SIGINT or
+SIGTERM uvicorn stops accepting connections, lets open ones finish for up to
+``--shutdown-timeout`` seconds, and then the engine is shut down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+import os
+
+import uvicorn
+
+from distserve_rt.engine.protocol import EngineClient
+from distserve_rt.entrypoints import engine_args
+from distserve_rt.entrypoints.openai import build_app
+from distserve_rt.logger import init_logger
+
+logger = init_logger(__name__)
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port in [0, 65535], got {value}")
+    return value
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="OpenAI-compatible HTTP server", description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
+    p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer <key>' on /v1/* (default: $DRT_API_KEY, or none)",
+    )
+    p.add_argument(
+        "--served-model-name",
+        default=None,
+        help="the name clients put in 'model' (default: the engine's model name)",
+    )
+    p.add_argument(
+        "--max-concurrent-requests",
+        type=engine_args.positive_int,
+        default=None,
+        help="generation requests in flight at most; more get 429 (default: no limit)",
+    )
+    p.add_argument("--log-level", choices=LOG_LEVELS, default="info")
+    p.add_argument(
+        "--shutdown-timeout",
+        type=float,
+        default=10.0,
+        help="seconds open requests get to finish on shutdown (default: %(default)s)",
+    )
+    engine_args.add_engine_args(p)
+    p.set_defaults(handler=run)
+
+
+def resolve_api_key(args: argparse.Namespace) -> str | None:
+    return args.api_key or os.environ.get("DRT_API_KEY") or None
+
+
+def build_server(engine: EngineClient, args: argparse.Namespace) -> uvicorn.Server:
+    """The uvicorn server for `engine` with the serve flags (it does not run yet)."""
+    api_key = resolve_api_key(args)
+    if api_key is None and not _is_loopback(args.host):
+        logger.warning(
+            "serving on %s without an API key: anyone who can reach it can use the model "
+            "(set --api-key or DRT_API_KEY)",
+            args.host,
+        )
+    app = build_app(
+        engine,
+        api_key=api_key,
+        served_model_name=args.served_model_name,
+        max_concurrent=args.max_concurrent_requests,
+    )
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=args.shutdown_timeout,
+        lifespan="off",
+    )
+    return uvicorn.Server(config)
+
+
+def run_server(server: uvicorn.Server, engine: EngineClient) -> int:
+    """Serves until SIGINT/SIGTERM (or ``server.should_exit``), then shuts the engine
+    down, also when serving failed."""
+    try:
+        server.run()
+    finally:
+        shutdown = getattr(engine, "shutdown", None)
+        if shutdown is None:
+            logger.warning("%s has no shutdown(); nothing to stop", type(engine).__name__)
+        else:
+            shutdown()
+    # uvicorn reports a failed bind by exiting its loop without raising.
+    return 0 if server.started else 1
+
+
+def run(args: argparse.Namespace) -> int:
+    logging.getLogger("distserve_rt").setLevel(args.log_level.upper())
+    engine = engine_args.build_engine_client(args)
+    return run_server(build_server(engine, args), engine)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
