@@ -14,6 +14,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from distserve_rt import ops
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool, layer_view
 from distserve_rt.engine import LLM, EngineConfig, LLMEngine
+from distserve_rt.engine.async_llm import AsyncLLM
+from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.outputs import CompletionOutput, RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 
@@ -21,6 +23,10 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LLM",
+    "AsyncLLM",
+    "DisaggConfig",
+    "PhaseConfig",
+    "Placement",
     "CompletionOutput",
     "EngineConfig",
     "KVCacheSpec",

@@ -25,6 +25,26 @@ class CompletionOutput:
 
 
 @dataclass(slots=True)
+class LatencyBreakdown:
+    """Where a disaggregated request's time went (seconds; the paper's Figure 10). A phase
+    that did not happen (the request stopped at its first token, failed) is None."""
+
+    prefill_queue: float | None = None
+    """arrival -> its prefill batch starts."""
+    prefill: float | None = None
+    """The prefill step that produced its first token."""
+    transfer_queue: float | None = None
+    """First token -> the decode instance starts pulling the KV (waits for room)."""
+    transfer: float | None = None
+    """The KV pull, submit -> done."""
+    decode_queue: float | None = None
+    """KV landed -> its first decode step starts."""
+    decode: float | None = None
+    """First decode step -> finished."""
+    transfer_bytes: int | None = None
+
+
+@dataclass(slots=True)
 class RequestMetrics:
     """Lifecycle times (``time.monotonic()`` seconds) and the latencies derived from them."""
 
@@ -41,6 +61,8 @@ class RequestMetrics:
     """Mean time per output token after the first (None with fewer than 2 tokens)."""
     e2e_latency: float | None
     num_preemptions: int = 0
+    breakdown: LatencyBreakdown | None = None
+    """Disaggregated placements only (None when colocated)."""
 
     @classmethod
     def from_request(cls, request: Request) -> RequestMetrics:

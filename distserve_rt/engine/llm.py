@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.llm_engine import LLMEngine
+from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -26,19 +27,46 @@ Prompt = str | dict[str, Any]
 
 
 class LLM:
-    """A colocated engine for offline use.
+    """An engine for offline use: colocated (`LLMEngine`) or disaggregated (`Controller`).
 
     Args:
         model: a local HF directory or ``dummy:<preset>``.
         dtype: "auto", "float32", "bfloat16" or "float16".
+        placement: a `Placement`, "colocated" (default), "disaggregated" (1 prefill + 1
+            decode instance) or a placement YAML file. Disaggregated instances are spawned
+            processes: scripts need an ``if __name__ == "__main__":`` guard.
+        disagg_config: a `DisaggConfig` (leases, retries, pinning) for disaggregated ones.
         engine_kwargs: the other `EngineConfig` fields (policy, device, max_num_seqs, ...).
     """
 
-    def __init__(self, model: str = "dummy:llama-tiny", dtype: str = "auto", **engine_kwargs):
+    def __init__(
+        self,
+        model: str = "dummy:llama-tiny",
+        dtype: str = "auto",
+        placement: Placement | str | None = None,
+        disagg_config: DisaggConfig | None = None,
+        **engine_kwargs,
+    ):
         config = EngineConfig(model=model, dtype=dtype, **engine_kwargs)
-        self.llm_engine = LLMEngine(config)
+        placement = Placement.parse(placement)
+        if placement.is_disaggregated:
+            from distserve_rt.engine.controller import Controller
+
+            self.llm_engine = Controller(config, placement, disagg_config)
+        else:
+            self.llm_engine = LLMEngine(config)
         self.llm_engine.tokenizer = load_tokenizer(config, self.llm_engine.model_config)
         self._ids = itertools.count()
+
+    def shutdown(self) -> None:
+        """Stops the engine (the instance processes of a disaggregated placement)."""
+        self.llm_engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @classmethod
     def from_engine(cls, engine: LLMEngine) -> LLM:

@@ -10,6 +10,7 @@ import sys
 # which registers the command and its handler. In the order `drt-run --help` lists them.
 COMMANDS = (
     "serve",
+    "generate",
     "bench_serving",
     "plan",
     "simulate",

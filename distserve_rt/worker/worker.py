@@ -6,6 +6,8 @@ model; `init_kv_cache(scheduler_config)` measures memory, allocates the pool and
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from distserve_rt import models
@@ -30,10 +32,16 @@ class Worker:
         model: an already built model (tests pass fakes); loaded from `config.model`
             with `distserve_rt.models.load_model` when None.
         sample: the sampling function; `RequestSampler` (the full `Sampler`) by default.
+        allocate_pool: allocates the KV pool from its spec (a KV transport's
+            ``allocate_pool``, so that peers can read it); `allocate_kv_pool` when None.
     """
 
     def __init__(
-        self, config: EngineConfig, model: CausalLM | None = None, sample: SampleFn | None = None
+        self,
+        config: EngineConfig,
+        model: CausalLM | None = None,
+        sample: SampleFn | None = None,
+        allocate_pool: Callable[[KVCacheSpec], torch.Tensor] | None = None,
     ) -> None:
         self.config = config
         self.device = torch.device(config.device)
@@ -42,6 +50,7 @@ class Worker:
         self.sample = sample or RequestSampler(
             mc.eos_token_id, mc.vocab_size, self.device, seed=config.seed
         )
+        self._allocate_pool = allocate_pool or (lambda spec: allocate_kv_pool(spec, self.device))
         self.kv_pool: torch.Tensor | None = None
         self._runner: ModelRunner | None = None
 
@@ -79,7 +88,7 @@ class Worker:
                 self.device,
             )
             del probe
-        self.kv_pool = allocate_kv_pool(self._kv_spec(num_blocks), self.device)
+        self.kv_pool = self._allocate_pool(self._kv_spec(num_blocks))
         self._runner = self._make_runner(self.kv_pool, sc)
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB, %s)",

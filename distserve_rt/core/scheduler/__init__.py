@@ -6,12 +6,14 @@ from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.scheduler.base import SchedulerBase
 from distserve_rt.core.scheduler.chunked_prefill import ChunkedPrefillScheduler
 from distserve_rt.core.scheduler.continuous_batching import ContinuousBatchingScheduler
+from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.core.scheduler.interface import (
     ScheduledPrefill,
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
 )
+from distserve_rt.core.scheduler.prefill import MigrationLease, PrefillScheduler
 
 POLICIES: dict[str, type[SchedulerBase]] = {
     "continuous_batching": ContinuousBatchingScheduler,
@@ -30,6 +32,9 @@ __all__ = [
     "POLICIES",
     "ChunkedPrefillScheduler",
     "ContinuousBatchingScheduler",
+    "DecodeScheduler",
+    "MigrationLease",
+    "PrefillScheduler",
     "ScheduledPrefill",
     "Scheduler",
     "SchedulerBase",

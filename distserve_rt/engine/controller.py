@@ -1,0 +1,458 @@
+"""The controller of a disaggregated placement: prefill and decode instances in their own
+processes, requests dispatched to them, KV migrations brokered, tokens streamed back.
+
+Lifecycle of a request (see engine/disagg/README.md for the protocol and failure rules)::
+
+    add_request ──NewRequest──► prefill instance with the fewest queued prompt tokens
+    ◄──PrefillDone (first token, streamed at once; block ids of its KV)
+    ──Migrate──► least-loaded decode instance (fewest requests; ties: most free blocks)
+                 it pulls the KV when it has room ──MigrationDone──► ReleaseKV to prefill
+    ◄──Tokens (one per decode step) ... until finish_reason is set
+
+It has `LLMEngine`'s driving interface (add_request / abort_request / step /
+has_unfinished_requests), so `LLM` and `AsyncLLM` drive either one. Not thread-safe: one
+thread drives it. Nothing waits without a timeout.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from collections.abc import Sequence
+from multiprocessing import connection
+
+from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg import recovery
+from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
+from distserve_rt.engine.disagg.launcher import InstanceHandle
+from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
+from distserve_rt.engine.placement import DisaggConfig, Placement
+from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
+from distserve_rt.logger import init_logger
+from distserve_rt.outputs import RequestOutput
+from distserve_rt.sampling_params import SamplingParams
+
+logger = init_logger(__name__)
+
+
+class Controller:
+    """Starts the instances of `placement` and drives requests through them.
+
+    Args:
+        config: the instances' engine settings (model, block size, limits; its
+            max_num_batched_tokens is the prefill budget L_m).
+        placement: a disaggregated `Placement` (TP = PP = 1 per instance for now).
+        disagg_config: leases, retries, transport, pinning, launcher.
+    """
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        placement: Placement,
+        disagg_config: DisaggConfig | None = None,
+    ) -> None:
+        if not placement.is_disaggregated:
+            raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
+        placement.check_supported()
+        if config.device != "cpu":
+            raise NotImplementedError(
+                "disaggregated placements run on CPU only for now: giving each instance its "
+                "own GPU (and cuda_ipc pulls between them) is not wired up yet"
+            )
+        self.config = config
+        self.placement = placement
+        self.disagg_config = dc = disagg_config or DisaggConfig()
+        self.transport_name = dc.transport_name(config.device)
+        self.tokenizer = None
+        self.instances = self._launch()
+        # Runs once: at shutdown(), garbage collection, or interpreter exit.
+        self._finalizer = weakref.finalize(self, _stop_all, list(self.instances))
+        self.requests: dict[str, TrackedRequest] = {}
+        """Live requests by id (the failure rules in disagg/recovery.py walk them)."""
+        self._outputs: list[RequestOutput] = []
+        self._closed = False
+        try:
+            self.model_config = self._wait_ready()
+        except BaseException:
+            self.shutdown()
+            raise
+        self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
+
+    # ---- start-up ----------------------------------------------------------------------
+
+    def _specs(self) -> list[InstanceSpec]:
+        p, dc = self.placement, self.disagg_config
+        assert p.prefill is not None and p.decode is not None
+        roles = [InstanceRole.PREFILL] * p.prefill.num_instances
+        roles += [InstanceRole.DECODE] * p.decode.num_instances
+        pin = dc.pin_cpus and dc.launcher == "process"
+        groups = p.cpu_core_groups() if pin else [None] * len(roles)
+        index = {InstanceRole.PREFILL: 0, InstanceRole.DECODE: 0}
+        specs = []
+        for role, cores in zip(roles, groups, strict=True):
+            spec = InstanceSpec(role, index[role], self.config, dc, self.transport_name, cores)
+            specs.append(spec)
+            index[role] += 1
+        return specs
+
+    def _launch(self) -> list[InstanceHandle]:
+        in_process = self.disagg_config.launcher == "thread"
+        return [InstanceHandle(spec, in_process) for spec in self._specs()]
+
+    def _wait_ready(self):
+        deadline = time.monotonic() + self.disagg_config.startup_timeout_s
+        readies: dict[int, msg.Ready] = {}
+        while len(readies) < len(self.instances):
+            for i, handle in enumerate(self.instances):
+                if i in readies:
+                    continue
+                if handle.conn.poll(0.01):
+                    reply = _recv(handle)
+                    if not isinstance(reply, msg.Ready):
+                        raise RuntimeError(f"{handle.name} failed to start: {_describe(reply)}")
+                    readies[i] = reply
+                elif not handle.is_running():
+                    raise RuntimeError(f"{handle.name} exited during start-up")
+            if time.monotonic() > deadline:
+                missing = [h.name for i, h in enumerate(self.instances) if i not in readies]
+                raise TimeoutError(
+                    f"instances {missing} not ready after startup_timeout_s="
+                    f"{self.disagg_config.startup_timeout_s}"
+                )
+        descriptors = {
+            h.spec.index: readies[i].pool_descriptor
+            for i, h in enumerate(self.instances)
+            if h.role is InstanceRole.PREFILL
+        }
+        for handle in self.decodes():
+            handle.send(msg.PeerPools(descriptors))  # type: ignore[arg-type]
+        logger.info(
+            "disaggregated: %s (transport %s)",
+            ", ".join(f"{h.name} pid {h.pid} cores {h.spec.cpu_cores}" for h in self.instances),
+            self.transport_name,
+        )
+        return readies[0].model_config
+
+    # ---- instances ------------------------------------------------------------------------
+
+    def prefills(self, alive_only: bool = True) -> list[InstanceHandle]:
+        return [
+            h for h in self.instances
+            if h.role is InstanceRole.PREFILL and (h.alive or not alive_only)
+        ]  # fmt: skip
+
+    def decodes(self, alive_only: bool = True) -> list[InstanceHandle]:
+        return [
+            h for h in self.instances
+            if h.role is InstanceRole.DECODE and (h.alive or not alive_only)
+        ]  # fmt: skip
+
+    def prefill(self, index: int) -> InstanceHandle:
+        return self.prefills(alive_only=False)[index]
+
+    def decode(self, index: int) -> InstanceHandle:
+        return self.decodes(alive_only=False)[index]
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        stream: bool = False,
+    ) -> None:
+        """Queues a request on the prefill instance with the fewest queued tokens. Raises
+        ValueError for invalid input, EngineDeadError when no prefill instance lives."""
+        if request_id in self.requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        if params.stop:
+            raise NotImplementedError(
+                "stop strings are not supported by disaggregated placements yet (the "
+                "instances see token ids only); use stop_token_ids"
+            )
+        ids = _check_token_ids(request_id, prompt_token_ids, self.model_config.vocab_size)
+        now = time.monotonic() if arrival_time is None else arrival_time
+        tracked = TrackedRequest(request_id, prompt, ids, params, now, stream)
+        if not self.prefills():
+            raise EngineDeadError("every prefill instance is dead")
+        self.requests[request_id] = tracked
+        self.dispatch_prefill(tracked)
+
+    def dispatch_prefill(self, tracked: TrackedRequest) -> None:
+        live = self.prefills()
+        if not live:
+            self.finish(tracked, "error", error="no prefill instance is alive")
+            return
+        target = min(live, key=lambda h: h.num_queued_tokens)
+        tracked.phase = Phase.PREFILLING
+        tracked.prefill_index = target.spec.index
+        tracked.decode_index = None
+        tracked.num_queued_tokens = len(tracked.token_ids)
+        target.num_queued_tokens += tracked.num_queued_tokens
+        target.send(
+            msg.NewRequest(
+                tracked.request_id,
+                tracked.token_ids,
+                len(tracked.prompt_token_ids),
+                tracked.sampling_params,
+                tracked.arrival_time,
+            )
+        )
+
+    def abort_request(self, request_id: str) -> bool:
+        """Aborts a live request wherever it is (finish_reason "abort" at once); its KV is
+        freed by the instances. False when the id is unknown or finished."""
+        tracked = self.requests.get(request_id)
+        if tracked is None:
+            return False
+        if tracked.phase is Phase.PREFILLING:
+            self.prefill(tracked.prefill_index).send(msg.Abort(request_id))  # type: ignore[arg-type]
+        else:
+            self.decode(tracked.decode_index).send(msg.Abort(request_id))  # type: ignore[arg-type]
+        self.finish(tracked, "abort")
+        return True
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests) or bool(self._outputs)
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return len(self.requests)
+
+    # ---- the loop -------------------------------------------------------------------------
+
+    def step(self, timeout_s: float = 0.05) -> list[RequestOutput]:
+        """Handles the instances' messages (waiting up to `timeout_s` for the first);
+        returns the outputs of finished requests and the new tokens of streaming ones."""
+        if not self._outputs:
+            self._receive(timeout_s)
+        outputs, self._outputs = self._outputs, []
+        return outputs
+
+    def _receive(self, timeout_s: float) -> None:
+        live = [h for h in self.instances if h.alive]
+        waitables: list = [h.conn for h in live] + [h.sentinel for h in live if h.sentinel]
+        for ready in connection.wait(waitables, timeout_s):
+            for handle in live:
+                if ready is handle.conn and handle.alive:
+                    self._drain(handle)
+                elif ready == handle.sentinel and handle.alive:
+                    self._drain(handle)  # what it sent before dying still counts
+                    recovery.on_instance_death(self, handle, "its process exited")
+        for handle in live:
+            if handle.alive and handle.sentinel is None and not handle.is_running():
+                recovery.on_instance_death(self, handle, "its thread exited")
+
+    def _drain(self, handle: InstanceHandle) -> None:
+        try:
+            while handle.alive and handle.conn.poll():
+                self._handle_message(handle, handle.conn.recv())
+        except (EOFError, OSError):
+            recovery.on_instance_death(self, handle, "its pipe closed")
+
+    def _handle_message(self, handle: InstanceHandle, m: object) -> None:
+        if isinstance(m, msg.InstanceStatus):
+            handle.status = m
+        elif isinstance(m, msg.PrefillDone):
+            self._on_prefill_done(handle, m)
+        elif isinstance(m, msg.Tokens):
+            self._on_tokens(m)
+        elif isinstance(m, msg.MigrationDone):
+            self._on_migration_done(m)
+        elif isinstance(m, msg.LeaseExpired):
+            recovery.on_lease_expired(self, m)
+        elif isinstance(m, msg.RevokeResult):
+            recovery.on_revoke_result(self, m)
+        elif isinstance(m, msg.Fatal):
+            recovery.on_instance_death(self, handle, m.error)
+        else:
+            raise RuntimeError(f"unexpected message from {handle.name}: {m!r}")
+
+    def _on_prefill_done(self, handle: InstanceHandle, m: msg.PrefillDone) -> None:
+        tracked = self.requests.get(m.request_id)
+        if tracked is None or tracked.phase is not Phase.PREFILLING:
+            if m.finish_reason is None:
+                handle.send(msg.ReleaseKV(m.request_id))  # aborted meanwhile: nobody pulls
+            return
+        handle.num_queued_tokens -= tracked.num_queued_tokens
+        tracked.num_queued_tokens = 0
+        tracked.prefill_start_time = m.prefill_start_time
+        tracked.prefill_end_time = m.time
+        tracked.append_tokens([m.token_id], m.time)
+        if m.finish_reason is not None:
+            self.finish(tracked, m.finish_reason, m.stop_reason)
+            return
+        self._emit_stream(tracked)
+        self._forward_migration(tracked, handle, m)
+
+    def _forward_migration(
+        self, tracked: TrackedRequest, prefill: InstanceHandle, m: msg.PrefillDone
+    ) -> None:
+        live = self.decodes()
+        if not live:
+            prefill.send(msg.ReleaseKV(m.request_id))
+            self.finish(tracked, "error", error="no decode instance is alive")
+            return
+        target = min(live, key=_decode_load)
+        target.num_assigned += 1
+        tracked.phase = Phase.MIGRATING
+        tracked.decode_index = target.spec.index
+        target.send(
+            msg.Migrate(
+                tracked.request_id, prefill.spec.index, m.block_ids, tracked.token_ids,
+                len(tracked.prompt_token_ids), tracked.sampling_params, tracked.arrival_time,
+                m.kv_digest,
+            )
+        )  # fmt: skip
+
+    def _on_migration_done(self, m: msg.MigrationDone) -> None:
+        self.prefill(m.prefill_index).send(msg.ReleaseKV(m.request_id))
+        tracked = self.requests.get(m.request_id)
+        if tracked is None or tracked.phase is not Phase.MIGRATING:
+            return
+        tracked.pull_start_time, tracked.pull_end_time = m.pull_start_time, m.pull_end_time
+        if m.ok:
+            tracked.phase = Phase.DECODING
+            tracked.transfer_bytes = m.num_bytes
+        # A failed pull is ended by the decode instance's Tokens message.
+
+    def _on_tokens(self, m: msg.Tokens) -> None:
+        tracked = self.requests.get(m.request_id)
+        if tracked is None:
+            return  # aborted at the controller already
+        if m.first_decode_time is not None:
+            tracked.first_decode_time = m.first_decode_time
+        tracked.append_tokens(m.token_ids, m.time)
+        if m.finish_reason is not None:
+            self.finish(tracked, m.finish_reason, m.stop_reason, m.error)
+        elif m.token_ids:
+            self._emit_stream(tracked)
+
+    # ---- outputs --------------------------------------------------------------------------
+
+    def _emit_stream(self, tracked: TrackedRequest) -> None:
+        if tracked.stream:
+            self._outputs.append(tracked.to_output())
+
+    def finish(
+        self,
+        tracked: TrackedRequest,
+        finish_reason: str,
+        stop_reason: int | str | None = None,
+        error: str | None = None,
+    ) -> None:
+        self.requests.pop(tracked.request_id, None)
+        self.release_load(tracked)
+        tracked.phase = Phase.FINISHED
+        tracked.finished_time = time.monotonic()
+        tracked.finish_reason, tracked.stop_reason = finish_reason, stop_reason
+        tracked.error = error
+        tracked.text = self._final_text(tracked)
+        self._outputs.append(tracked.to_output())
+
+    def release_load(self, tracked: TrackedRequest) -> None:
+        if tracked.num_queued_tokens and tracked.prefill_index is not None:
+            self.prefill(tracked.prefill_index).num_queued_tokens -= tracked.num_queued_tokens
+            tracked.num_queued_tokens = 0
+        if tracked.decode_index is not None:
+            self.decode(tracked.decode_index).num_assigned -= 1
+            tracked.decode_index = None
+
+    def _final_text(self, tracked: TrackedRequest) -> str:
+        ids = tracked.output_token_ids
+        if self.tokenizer is None or not ids:
+            return ""
+        params = tracked.sampling_params
+        if tracked.finish_reason == "stop" and not params.include_stop_str_in_output:
+            ids = ids[:-1]  # the stop token's text is not part of the output
+        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
+
+    # ---- stats, health, shutdown ----------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        instances, totals = [], TransferTotals(transport=self.transport_name)
+        for h in self.instances:
+            s = h.status
+            instances.append(
+                InstanceStats(
+                    h.name, h.role.value, s.num_running if s else 0, s.num_waiting if s else 0,
+                    s.kv_usage if s else 0.0, alive=h.alive,
+                )
+            )  # fmt: skip
+            if s is not None:
+                totals.num_transfers += s.num_transfers
+                totals.num_failures += s.num_transfer_failures
+                totals.bytes += s.transfer_bytes
+                totals.seconds += s.transfer_seconds
+        return EngineStats(instances, totals)
+
+    def num_kv_verified(self) -> int:
+        """Migrations whose KV digest was checked equal (debug_verify_kv), as last reported."""
+        return sum(h.status.num_kv_verified for h in self.instances if h.status is not None)
+
+    def check_health(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the controller was shut down")
+        for role, live in (("prefill", self.prefills()), ("decode", self.decodes())):
+            if not live:
+                raise EngineDeadError(f"every {role} instance is dead")
+
+    def shutdown(self) -> None:
+        """Stops every instance (Shutdown, then kill after 10 s), unlinks their KV pools."""
+        if self._closed:
+            return
+        self._closed = True
+        self._finalizer()
+        for tracked in list(self.requests.values()):
+            self.finish(tracked, "abort")
+
+    def __enter__(self) -> Controller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+
+def _stop_all(instances: list[InstanceHandle]) -> None:
+    for handle in instances:
+        handle.send(msg.Shutdown())
+    for handle in instances:
+        handle.stop(timeout_s=10.0)
+    from distserve_rt.transfer.shm_region import sweep_stale_regions
+
+    sweep_stale_regions()  # pools of instances that were killed (SIGKILL skips cleanup)
+
+
+def _decode_load(handle: InstanceHandle) -> tuple[int, int]:
+    free = handle.status.num_free_blocks if handle.status is not None else 0
+    return (handle.num_assigned, -free)
+
+
+def _recv(handle: InstanceHandle) -> object:
+    try:
+        return handle.conn.recv()
+    except (EOFError, OSError) as exc:
+        return exc
+
+
+def _describe(reply: object) -> str:
+    return reply.error if isinstance(reply, msg.Fatal) else repr(reply)
+
+
+def _check_token_ids(request_id: str, token_ids: Sequence[int], vocab_size: int) -> list[int]:
+    ids = list(token_ids)
+    if not ids:
+        raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(
+                f"request {request_id!r}: prompt_token_ids must be ints in [0, {vocab_size}), "
+                f"got {t!r}"
+            )
+    return ids

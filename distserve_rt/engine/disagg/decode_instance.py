@@ -1,0 +1,152 @@
+"""A decode instance: admits announced migrations when its pool has room, pulls their KV
+(`kv_migration.KVPuller`), then decodes them with continuous batching."""
+
+from __future__ import annotations
+
+import time
+
+from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.core.scheduler.decode import DecodeScheduler
+from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
+from distserve_rt.engine.disagg.kv_migration import FinishedPull, KVPuller, PullOutcome
+
+
+class DecodeInstance(Instance):
+    def __init__(self, spec: InstanceSpec) -> None:
+        super().__init__(spec)
+        self.scheduler = DecodeScheduler(self.scheduler_config, self.block_manager)
+        assert self.worker.kv_pool is not None  # init_kv_cache allocated it
+        config = spec.disagg_config
+        self.puller = KVPuller(self.transport, self.worker.kv_pool, config.debug_verify_kv)
+        self._pull_from = time.monotonic() + config.debug_pull_delay_s
+        # Migrations whose source KV the prefill instance still holds for us.
+        self._sources: dict[str, msg.Migrate] = {}
+        self._abort_after_pull: set[str] = set()
+        self._decoding: set[str] = set()  # requests that had their first decode step
+
+    def ready_message(self) -> msg.Ready:
+        return msg.Ready(self.spec.name, self.model_config, self.block_manager.num_blocks)
+
+    def handle(self, message: object, now: float) -> None:
+        if isinstance(message, msg.Migrate):
+            request = self.make_request(message)
+            request.num_computed_tokens = request.num_tokens - 1
+            self._sources[message.request_id] = message
+            self.scheduler.add_migrated(request)
+        elif isinstance(message, msg.Revoke):
+            self._revoke(message.request_id, now)
+        elif isinstance(message, msg.Abort):
+            self._abort(message.request_id, now)
+        elif isinstance(message, msg.PeerPools):
+            self.puller.open_peers(message.descriptors)
+        else:
+            raise ValueError(f"{self.spec.name} got an unexpected message {message!r}")
+
+    def _pending(self, request_id: str) -> Request | None:
+        return next((r for r in self.scheduler.pending if r.request_id == request_id), None)
+
+    def _revoke(self, request_id: str, now: float) -> None:
+        request = self._pending(request_id)
+        if request is None:
+            self.outbox.append(msg.RevokeResult(request_id, -1, revoked=False))
+            return
+        self.scheduler.drop_migration(request, RequestStatus.FINISHED_ERROR, now)
+        source = self._sources.pop(request_id)  # the controller releases the source KV
+        self.outbox.append(msg.RevokeResult(request_id, source.prefill_index, revoked=True))
+
+    def _abort(self, request_id: str, now: float) -> None:
+        if request_id in self.scheduler.pulling:
+            self._abort_after_pull.add(request_id)  # the transfer still writes its blocks
+            return
+        request = self._pending(request_id)
+        if request is not None:
+            self.scheduler.drop_migration(request, RequestStatus.FINISHED_ABORTED, now)
+            self._release_source(request_id, False, now, now, error="aborted")
+            self.outbox.append(self.finished_tokens(request, now))
+            return
+        self.scheduler.abort_request(request_id, now)  # reported by the next schedule
+
+    def _release_source(
+        self, request_id: str, ok: bool, start: float, end: float, num_bytes: int = 0, error=None
+    ) -> None:
+        migration = self._sources.pop(request_id, None)
+        if migration is not None:
+            self.outbox.append(
+                msg.MigrationDone(
+                    request_id, migration.prefill_index, ok, start, end, num_bytes, error
+                )
+            )
+
+    # ---- the step ---------------------------------------------------------------------------
+
+    def step(self, now: float) -> None:
+        if now >= self._pull_from:
+            for request in self.scheduler.admit_migrations(now):
+                dst = self.block_manager.block_table(request.seq_id)
+                self.puller.start(request, self._sources[request.request_id], dst, now)
+        for finished in self.puller.poll(time.monotonic()):
+            self._finish_pull(finished)
+        out = self.scheduler.schedule(now)
+        for request in out.finished:  # aborted, or rejected (never fits this pool)
+            self._decoding.discard(request.request_id)
+            self._release_source(request.request_id, False, now, now, error=request.error)
+            self.outbox.append(self.finished_tokens(request, now))
+        if out.is_empty:
+            return
+        start = time.monotonic()  # after the pulls above (the decode queue ends here)
+        result = self.worker.execute(out)
+        end = time.monotonic()
+        tokens = result.sampled_token_ids
+        for request, token_id in zip(out.sampling_requests(), tokens, strict=True):
+            self._emit(request, token_id, start, end)
+
+    def _finish_pull(self, finished: FinishedPull) -> None:
+        pull, request = finished.pull, finished.pull.request
+        request_id = request.request_id
+        ok = finished.outcome is PullOutcome.SUCCESS
+        self._release_source(
+            request_id, ok, pull.start_time, finished.end_time, pull.handle.num_bytes,
+            finished.error,
+        )  # fmt: skip
+        if ok and request_id not in self._abort_after_pull:
+            self.scheduler.complete_migration(request)
+            return
+        aborted = request_id in self._abort_after_pull
+        self._abort_after_pull.discard(request_id)
+        status = RequestStatus.FINISHED_ABORTED if aborted else RequestStatus.FINISHED_ERROR
+        self.scheduler.drop_migration(request, status, finished.end_time)
+        request.error = None if aborted else finished.error
+        self.outbox.append(self.finished_tokens(request, finished.end_time))
+
+    def _emit(self, request: Request, token_id: int, start: float, end: float) -> None:
+        request.append_token(token_id, end)
+        tokens = msg.Tokens(request.request_id, [token_id], end)
+        if request.request_id not in self._decoding:
+            self._decoding.add(request.request_id)
+            tokens.first_decode_time = start
+        status = self.check_stop(request, token_id)
+        if status is not None:
+            self.scheduler.finish_request(request, status, end)
+            self._decoding.discard(request.request_id)
+            tokens.finish_reason = request.finish_reason
+            tokens.stop_reason = request.stop_reason
+        self.outbox.append(tokens)
+
+    def poll_interval_s(self) -> float:
+        s = self.scheduler
+        if s.running or s.waiting:
+            return 0.0
+        if self.puller.pulls:
+            return 0.0002  # a pull of a few blocks takes microseconds to milliseconds
+        return 0.0005 if s.pending else 0.02
+
+    def status(self) -> msg.InstanceStatus:
+        s, bm = self.scheduler, self.block_manager
+        t = self.transport.stats()
+        return msg.InstanceStatus(
+            s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage,
+            num_transfers=t.num_succeeded, num_transfer_failures=t.num_failed,
+            transfer_bytes=t.bytes_succeeded, transfer_seconds=t.seconds_succeeded,
+            num_kv_verified=self.puller.num_verified,
+        )  # fmt: skip

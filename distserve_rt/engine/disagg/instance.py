@@ -1,0 +1,206 @@
+"""What prefill and decode instances share: their spec, model + KV pool set-up, the stop
+rules, and the loop an instance process runs (receive -> schedule -> execute -> send).
+"""
+
+from __future__ import annotations
+
+import abc
+import contextlib
+import enum
+import itertools
+import os
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+
+from distserve_rt.core.block_manager import BlockManager
+from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
+from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.placement import DisaggConfig
+from distserve_rt.logger import init_logger
+from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.transfer import create_transport
+from distserve_rt.worker.worker import Worker
+
+logger = init_logger(__name__)
+
+
+class InstanceRole(enum.Enum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSpec:
+    """Everything an instance process is built from (pickled to the spawned process)."""
+
+    role: InstanceRole
+    index: int
+    engine_config: EngineConfig
+    """Model, device (this instance's), block size, limits."""
+    disagg_config: DisaggConfig
+    transport: str
+    cpu_cores: tuple[int, ...] | None = None
+    """Cores to pin the process to (None: no pinning)."""
+
+    @property
+    def name(self) -> str:
+        return f"{self.role.value}-{self.index}"
+
+
+class Instance(abc.ABC):
+    """One prefill or decode instance: a worker (model + KV pool), a scheduler, an outbox.
+
+    The loop calls `handle` for every incoming message, then `step(now)`, then sends what
+    `take_outbox` returns. Nothing here blocks.
+    """
+
+    def __init__(self, spec: InstanceSpec) -> None:
+        self.spec = spec
+        config = spec.engine_config
+        self.transport = create_transport(spec.transport)
+        self.worker = Worker(config, allocate_pool=self._allocate_pool)
+        self.model_config = self.worker.model_config
+        self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
+        num_blocks = self.worker.init_kv_cache(self.scheduler_config)
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.watermark)
+        self.outbox: list[object] = []
+        self._seq_ids = itertools.count()
+
+    def _allocate_pool(self, spec: KVCacheSpec) -> torch.Tensor:
+        return allocate_kv_pool(spec, self.worker.device)
+
+    @abc.abstractmethod
+    def ready_message(self) -> msg.Ready: ...
+
+    @abc.abstractmethod
+    def handle(self, message: object, now: float) -> None: ...
+
+    @abc.abstractmethod
+    def step(self, now: float) -> None:
+        """Schedules and runs one batch (if any); queues the resulting messages."""
+
+    @abc.abstractmethod
+    def poll_interval_s(self) -> float:
+        """How long the loop may wait for messages before the next step: 0 with work to
+        compute, short with transfers in flight, longer when idle."""
+
+    @abc.abstractmethod
+    def status(self) -> msg.InstanceStatus: ...
+
+    def take_outbox(self) -> list[object]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def make_request(self, m: msg.NewRequest | msg.Migrate) -> Request:
+        """A `Request` of this instance for the controller's request (prompt + generated)."""
+        request = Request(
+            m.request_id,
+            next(self._seq_ids),
+            m.token_ids[: m.num_prompt_tokens],
+            m.sampling_params,
+            m.arrival_time,
+            self.scheduler_config.max_model_len,
+        )
+        request.token_ids.extend(m.token_ids[m.num_prompt_tokens :])
+        return request
+
+    def check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
+        return check_stop(request, token_id, self.model_config.eos_token_id)
+
+    def finished_tokens(self, request: Request, now: float) -> msg.Tokens:
+        """The message ending `request` (no new token)."""
+        return msg.Tokens(
+            request.request_id, [], now, request.finish_reason, request.stop_reason, request.error
+        )
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+def check_stop(request: Request, token_id: int, eos_token_id: int | None) -> RequestStatus | None:
+    """EOS and stop token ids (after min_tokens), then the length limits (the rules of
+    `LLMEngine._check_stop`). Stop strings are rejected before a request gets here."""
+    params: SamplingParams = request.sampling_params
+    if request.num_output_tokens >= params.min_tokens:
+        if token_id in params.stop_token_ids:
+            request.stop_reason = token_id
+            return RequestStatus.FINISHED_STOPPED
+        if token_id == eos_token_id and not params.ignore_eos:
+            return RequestStatus.FINISHED_STOPPED
+    if request.num_tokens >= request.max_num_tokens:
+        return RequestStatus.FINISHED_LENGTH
+    return None
+
+
+# ---- the process ---------------------------------------------------------------------------
+
+
+def run_instance(spec: InstanceSpec, conn: Connection, in_process: bool = False) -> None:
+    """Entry point of an instance (a spawned process, or a thread with `in_process`).
+
+    Returns when the controller sends Shutdown or its end of the pipe closes (the
+    controller died: an orphan instance must not live on).
+    """
+    instance: Instance | None = None
+    try:
+        if not in_process:
+            _configure_process(spec)
+        instance = build_instance(spec)
+        conn.send(instance.ready_message())
+        _loop(instance, conn)
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass  # the controller is gone
+    except Exception:  # noqa: BLE001 (reported to the controller, then the process ends)
+        error = f"{spec.name} failed:\n{traceback.format_exc()}"
+        logger.error("%s", error)
+        with contextlib.suppress(OSError, EOFError):
+            conn.send(msg.Fatal(error))
+    finally:
+        if instance is not None:
+            instance.close()
+
+
+def build_instance(spec: InstanceSpec) -> Instance:
+    if spec.role is InstanceRole.PREFILL:
+        from distserve_rt.engine.disagg.prefill_instance import PrefillInstance
+
+        return PrefillInstance(spec)
+    from distserve_rt.engine.disagg.decode_instance import DecodeInstance
+
+    return DecodeInstance(spec)
+
+
+def _configure_process(spec: InstanceSpec) -> None:
+    """Pins the process to its cores and sizes the thread pools to them."""
+    if spec.cpu_cores is None:
+        return
+    from distserve_rt import ops
+
+    os.sched_setaffinity(0, spec.cpu_cores)
+    torch.set_num_threads(len(spec.cpu_cores))
+    ops.set_num_threads(len(spec.cpu_cores))
+
+
+def _loop(instance: Instance, conn: Connection) -> None:
+    interval = instance.spec.disagg_config.stats_interval_s
+    next_status = 0.0
+    while True:
+        if conn.poll(instance.poll_interval_s()):
+            while conn.poll():
+                message = conn.recv()
+                if isinstance(message, msg.Shutdown):
+                    return
+                instance.handle(message, time.monotonic())
+        now = time.monotonic()
+        instance.step(now)
+        for message in instance.take_outbox():
+            conn.send(message)
+        if now >= next_status:
+            conn.send(instance.status())
+            next_status = now + interval

@@ -1,0 +1,84 @@
+"""Starting instances: one spawned process each (or a thread, for fast tests), and the
+controller's handle on it (pipe, liveness, last load report)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from multiprocessing.connection import Connection
+
+from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
+from distserve_rt.engine.disagg.messages import InstanceStatus
+
+
+class InstanceHandle:
+    """The controller's end of one instance."""
+
+    def __init__(self, spec: InstanceSpec, in_process: bool) -> None:
+        self.spec = spec
+        parent, child = multiprocessing.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._thread: threading.Thread | None = None
+        if in_process:
+            self._thread = threading.Thread(
+                target=run_instance, args=(spec, child, True), name=spec.name, daemon=True
+            )
+            self._thread.start()
+        else:
+            ctx = multiprocessing.get_context("spawn")
+            self._process = ctx.Process(
+                target=run_instance, args=(spec, child), name=f"drt-{spec.name}", daemon=True
+            )
+            self._process.start()
+            child.close()  # only the child holds it now: its death closes the pipe
+        self.alive = True
+        self.status: InstanceStatus | None = None
+        self.num_queued_tokens = 0
+        """Prefill: prompt tokens dispatched and not prefilled yet."""
+        self.num_assigned = 0
+        """Decode: requests forwarded to it and not finished."""
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def role(self) -> InstanceRole:
+        return self.spec.role
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def sentinel(self) -> int | None:
+        """Readable when the process has exited (None for a thread)."""
+        return None if self._process is None else self._process.sentinel
+
+    def is_running(self) -> bool:
+        if self._process is not None:
+            return self._process.is_alive()
+        return self._thread is not None and self._thread.is_alive()
+
+    def send(self, message: object) -> bool:
+        """Sends unless the instance is dead; False when it could not."""
+        if not self.alive:
+            return False
+        try:
+            self.conn.send(message)
+        except (OSError, EOFError):
+            return False
+        return True
+
+    def stop(self, timeout_s: float) -> None:
+        """Joins the instance (after Shutdown was sent), killing a process that hangs."""
+        self.alive = False
+        if self._process is not None:
+            self._process.join(timeout_s)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout_s)
+        elif self._thread is not None:
+            self._thread.join(timeout_s)
+        self.conn.close()

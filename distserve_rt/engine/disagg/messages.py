@@ -1,0 +1,169 @@
+"""Messages between the controller and the instance processes (multiprocessing Pipes).
+
+Small slots dataclasses of plain types (ints, floats, strings, lists), pickled by the
+pipe; never a tensor: KV bytes move directly between the instances' pools. Times are
+``time.monotonic()`` seconds, comparable across processes (Linux CLOCK_MONOTONIC is
+system-wide).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from distserve_rt.sampling_params import SamplingParams
+
+# ---- controller -> instance ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class NewRequest:
+    """Prefill this request (to a prefill instance). ``token_ids`` = prompt + tokens already
+    generated (non-empty only when retried: they are prefilled too)."""
+
+    request_id: str
+    token_ids: list[int]
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    arrival_time: float
+
+
+@dataclass(slots=True)
+class Migrate:
+    """Pull this request's KV from prefill instance `prefill_index` (to a decode instance)."""
+
+    request_id: str
+    prefill_index: int
+    block_ids: list[int]
+    """The prefill pool's blocks holding the KV of ``token_ids[:-1]``."""
+    token_ids: list[int]
+    """Prompt + generated tokens; the last one's KV is computed by the first decode step."""
+    num_prompt_tokens: int
+    sampling_params: SamplingParams
+    arrival_time: float
+    kv_digest: str | None = None
+    """Hash of the source blocks (debug_verify_kv), compared after the pull."""
+
+
+@dataclass(slots=True)
+class ReleaseKV:
+    """The KV of this request will not be read (pulled, given up, or its reader died): free
+    its blocks (to the prefill instance that announced it)."""
+
+    request_id: str
+
+
+@dataclass(slots=True)
+class Revoke:
+    """The lease expired: drop the migration if its pull has not started (to decode)."""
+
+    request_id: str
+
+
+@dataclass(slots=True)
+class Abort:
+    request_id: str
+
+
+@dataclass(slots=True)
+class PeerPools:
+    """The prefill instances' pool descriptors (to decode instances, once at start-up)."""
+
+    descriptors: dict[int, bytes]
+
+
+@dataclass(slots=True)
+class Shutdown:
+    pass
+
+
+# ---- instance -> controller ----------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Ready:
+    name: str
+    model_config: object
+    """`ModelConfig` of the loaded model (plain dataclass)."""
+    num_blocks: int
+    pool_descriptor: bytes | None = None
+    """Prefill instances: their pool's `PoolDescriptor.to_bytes()`."""
+
+
+@dataclass(slots=True)
+class Tokens:
+    """New tokens of a request (and its end, when `finish_reason` is set)."""
+
+    request_id: str
+    token_ids: list[int]
+    time: float
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    error: str | None = None
+    first_decode_time: float | None = None
+    """Decode instances: when its first decode step started (the decode queue ends)."""
+
+
+@dataclass(slots=True)
+class PrefillDone:
+    """A prefill produced the request's next token; its KV awaits migration unless
+    `finish_reason` is set (it stopped at its first token and holds no KV any more)."""
+
+    request_id: str
+    token_id: int
+    time: float
+    prefill_start_time: float
+    block_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    kv_digest: str | None = None
+
+
+@dataclass(slots=True)
+class MigrationDone:
+    """A decode instance is done with a migration's source KV (the controller forwards it
+    to the prefill instance as `ReleaseKV`)."""
+
+    request_id: str
+    prefill_index: int
+    ok: bool
+    pull_start_time: float
+    pull_end_time: float
+    num_bytes: int = 0
+    error: str | None = None
+
+
+@dataclass(slots=True)
+class LeaseExpired:
+    request_id: str
+
+
+@dataclass(slots=True)
+class RevokeResult:
+    request_id: str
+    prefill_index: int
+    """The prefill instance holding the KV (freed by the controller when revoked)."""
+    revoked: bool
+    """True: dropped before any pull (the KV may be reused); False: the pull is under way or
+    done and a `MigrationDone` follows (or already went out)."""
+
+
+@dataclass(slots=True)
+class InstanceStatus:
+    """Periodic load report."""
+
+    num_running: int
+    num_waiting: int
+    num_free_blocks: int
+    kv_usage: float
+    num_transfers: int = 0
+    num_transfer_failures: int = 0
+    transfer_bytes: int = 0
+    transfer_seconds: float = 0.0
+    num_kv_verified: int = 0
+
+
+@dataclass(slots=True)
+class Fatal:
+    """The instance loop raised; the process exits after sending this."""
+
+    error: str

@@ -1,0 +1,86 @@
+"""A prefill instance: FCFS prefill batches; the first token of each request is sent at once;
+its KV is announced and held in the (exported) pool until a decode instance pulled it."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from distserve_rt.core.kv_cache import KVCacheSpec
+from distserve_rt.core.request import Request
+from distserve_rt.core.scheduler.prefill import PrefillScheduler
+from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
+from distserve_rt.engine.disagg.kv_migration import kv_digest
+
+
+class PrefillInstance(Instance):
+    def __init__(self, spec: InstanceSpec) -> None:
+        super().__init__(spec)
+        self.scheduler = PrefillScheduler(self.scheduler_config, self.block_manager)
+        pool = self.worker.kv_pool
+        assert pool is not None  # init_kv_cache allocated it
+        self.pool = pool
+        self.descriptor = self.transport.register_pool(pool).to_bytes()
+        self._lease_s = spec.disagg_config.kv_lease_timeout_s
+        self._verify = spec.disagg_config.debug_verify_kv
+
+    def _allocate_pool(self, spec: KVCacheSpec) -> torch.Tensor:
+        return self.transport.allocate_pool(spec)  # decode instances read it
+
+    def ready_message(self) -> msg.Ready:
+        return msg.Ready(
+            self.spec.name, self.model_config, self.block_manager.num_blocks, self.descriptor
+        )
+
+    def handle(self, message: object, now: float) -> None:
+        if isinstance(message, msg.NewRequest):
+            self.scheduler.add_request(self.make_request(message))
+        elif isinstance(message, msg.ReleaseKV):
+            self.scheduler.release_migration(message.request_id)
+        elif isinstance(message, msg.Abort):
+            # A request awaiting migration is not touched: its decode instance answers.
+            self.scheduler.abort_request(message.request_id, now)
+        else:
+            raise ValueError(f"{self.spec.name} got an unexpected message {message!r}")
+
+    def step(self, now: float) -> None:
+        out = self.scheduler.schedule(now)
+        for request in out.finished:  # aborted or rejected
+            self.outbox.append(self.finished_tokens(request, now))
+        if not out.is_empty:
+            result = self.worker.execute(out)
+            self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
+            end = time.monotonic()
+            for request, token_id in zip(
+                out.sampling_requests(), result.sampled_token_ids, strict=True
+            ):
+                self._after_prefill(request, token_id, now, end)
+        for request in self.scheduler.expired_leases(now, self._lease_s):
+            self.outbox.append(msg.LeaseExpired(request.request_id))
+
+    def _after_prefill(self, request: Request, token_id: int, start: float, end: float) -> None:
+        request.append_token(token_id, end)
+        done = msg.PrefillDone(request.request_id, token_id, end, start)
+        status = self.check_stop(request, token_id)
+        if status is not None:
+            self.scheduler.finish_request(request, status, end)
+            done.finish_reason = request.finish_reason
+            done.stop_reason = request.stop_reason
+        else:
+            self.scheduler.start_migration(request, end)
+            block_ids = self.scheduler.block_ids(request)
+            done.block_ids = block_ids.tolist()
+            if self._verify:
+                done.kv_digest = kv_digest(self.pool, block_ids)
+        self.outbox.append(done)
+
+    def poll_interval_s(self) -> float:
+        # Waiting requests may be held back by a full pool: re-check soon, without spinning.
+        return 0.0005 if self.scheduler.num_waiting else 0.02
+
+    def status(self) -> msg.InstanceStatus:
+        s = self.scheduler
+        bm = self.block_manager
+        return msg.InstanceStatus(s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage)

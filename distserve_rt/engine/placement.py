@@ -1,0 +1,207 @@
+"""Where the phases run: `Placement` (colocated, or disaggregated prefill/decode instances)
+and `DisaggConfig` (the knobs of the disaggregated runtime).
+
+From Python objects, CLI flags (`add_placement_args` / `placement_from_args`) or the YAML
+file `drt-run plan` writes (`Placement.from_file`). Validated at construction; what the
+runtime cannot run yet is rejected by `check_supported` at start-up.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, load_placement
+
+
+class PlacementKind(enum.Enum):
+    COLOCATED = "colocated"
+    DISAGGREGATED = "disaggregated"
+
+
+class LeaseExpiryAction(enum.Enum):
+    FAIL = "fail"
+    """The request ends with finish_reason "error" saying the KV was not pulled in time."""
+    RETRY = "retry"
+    """The request is prefilled again (prompt + generated tokens) on a prefill instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class PhaseConfig:
+    """One phase's instances."""
+
+    tp: int = 1
+    """Tensor-parallel devices per instance."""
+    pp: int = 1
+    """Pipeline stages per instance."""
+    num_instances: int = 1
+    cpu_cores: int = 1
+    """CPU: cores each instance is pinned to (disjoint between instances)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tp", "pp", "num_instances", "cpu_cores"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Colocated (one instance does both phases) or disaggregated (xPyD)."""
+
+    kind: PlacementKind = PlacementKind.COLOCATED
+    prefill: PhaseConfig | None = None
+    decode: PhaseConfig | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.kind, PlacementKind):
+            raise ValueError(f"kind must be a PlacementKind, got {self.kind!r}")
+        disagg = self.kind is PlacementKind.DISAGGREGATED
+        if disagg != (self.prefill is not None and self.decode is not None):
+            raise ValueError(
+                "a disaggregated placement needs prefill and decode PhaseConfigs, a colocated "
+                f"one neither (kind={self.kind.value}, prefill={self.prefill}, "
+                f"decode={self.decode})"
+            )
+
+    @classmethod
+    def colocated(cls) -> Placement:
+        return cls()
+
+    @classmethod
+    def disaggregated(
+        cls, prefill: PhaseConfig | None = None, decode: PhaseConfig | None = None
+    ) -> Placement:
+        """Defaults: 1 prefill + 1 decode instance, TP = PP = 1, one core each."""
+        return cls(PlacementKind.DISAGGREGATED, prefill or PhaseConfig(), decode or PhaseConfig())
+
+    @classmethod
+    def parse(cls, value: str | Placement | None) -> Placement:
+        """A Placement, "colocated", "disaggregated" (1P1D) or a placement YAML path."""
+        if value is None or isinstance(value, Placement):
+            return value or cls()
+        if value == PlacementKind.COLOCATED.value:
+            return cls()
+        if value == PlacementKind.DISAGGREGATED.value:
+            return cls.disaggregated()
+        if isinstance(value, str) and Path(value).suffix in (".yaml", ".yml"):
+            return cls.from_file(value)
+        raise ValueError(
+            f"placement must be 'colocated', 'disaggregated' or a placement .yaml file, "
+            f"got {value!r}"
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> Placement:
+        return cls.from_placement_file(load_placement(path))
+
+    @classmethod
+    def from_placement_file(cls, pf: PlacementFile) -> Placement:
+        if pf.placement == PlacementKind.COLOCATED.value:
+            return cls()
+
+        def phase(p: PhasePlacement | None) -> PhaseConfig:
+            assert p is not None  # PlacementFile checked it for disaggregated placements
+            return PhaseConfig(tp=p.tp, pp=p.pp, num_instances=p.num_instances)
+
+        return cls.disaggregated(phase(pf.prefill), phase(pf.decode))
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.kind is PlacementKind.DISAGGREGATED
+
+    def check_supported(self) -> None:
+        """Raises NotImplementedError for what the runtime cannot run yet (start-up check).
+
+        Supported: any number of prefill and decode instances, each TP = PP = 1. The KV
+        transfer (`transfer.plan_kv_pulls`) re-slices any prefill TP x PP into any decode
+        TP x PP, but an instance spanning several devices needs a multi-process TP/PP
+        executor (worker/executor.py has only UniprocExecutor), which is not built yet.
+        """
+        for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
+            if phase is not None and (phase.tp > 1 or phase.pp > 1):
+                raise NotImplementedError(
+                    f"{name} tp={phase.tp}, pp={phase.pp}: an instance over several devices "
+                    "needs the multi-process TP/PP executor (worker/executor.py has only "
+                    "UniprocExecutor); every instance must have tp=1, pp=1 for now"
+                )
+
+    def cpu_core_groups(self, available: list[int] | None = None) -> list[tuple[int, ...]]:
+        """Disjoint core groups: prefill instances first, then decode instances. Raises
+        ValueError when the cores this process may use do not suffice."""
+        assert self.prefill is not None and self.decode is not None
+        cores = sorted(os.sched_getaffinity(0)) if available is None else list(available)
+        sizes = [self.prefill.cpu_cores] * self.prefill.num_instances
+        sizes += [self.decode.cpu_cores] * self.decode.num_instances
+        if sum(sizes) > len(cores):
+            raise ValueError(
+                f"the placement pins {len(sizes)} instances to {sum(sizes)} CPU cores but only "
+                f"{len(cores)} are available ({cores}); lower num_instances or cpu_cores, or "
+                "set DisaggConfig(pin_cpus=False) to share cores"
+            )
+        groups, start = [], 0
+        for size in sizes:
+            groups.append(tuple(cores[start : start + size]))
+            start += size
+        return groups
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggConfig:
+    """Knobs of the disaggregated runtime (the instances' engine settings come from
+    `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
+
+    transport: str = "auto"
+    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc"."""
+    kv_lease_timeout_s: float = 30.0
+    """Seconds a finished prefill's KV may wait for a decode instance to pull it."""
+    on_lease_expiry: LeaseExpiryAction = LeaseExpiryAction.FAIL
+    retry_on_instance_failure: bool = False
+    """Re-prefill the requests of a dead instance on a live one (else they end in error)."""
+    max_retries: int = 1
+    """Times one request may be re-prefilled (lease expiry or instance death)."""
+    pin_cpus: bool = True
+    """CPU: pin each instance to its own cores (PhaseConfig.cpu_cores)."""
+    startup_timeout_s: float = 300.0
+    """Seconds for every instance to load its model and report ready."""
+    launcher: str = "process"
+    """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
+    debug_verify_kv: bool = False
+    """Hash the KV blocks on both sides of every migration and fail on a mismatch."""
+    debug_pull_delay_s: float = 0.0
+    """Decode instances start pulling only this many seconds after they are ready (tests
+    of leases and back-pressure; ``math.inf``: never)."""
+    stats_interval_s: float = 0.05
+    """Seconds between the instances' load reports."""
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("auto", "shm", "cuda_ipc"):
+            raise ValueError(
+                f"transport must be 'auto', 'shm' or 'cuda_ipc', got {self.transport!r}"
+            )
+        if isinstance(self.on_lease_expiry, str):
+            try:
+                object.__setattr__(self, "on_lease_expiry", LeaseExpiryAction(self.on_lease_expiry))
+            except ValueError:
+                raise ValueError(
+                    f"on_lease_expiry must be 'fail' or 'retry', got {self.on_lease_expiry!r}"
+                ) from None
+        if not isinstance(self.debug_pull_delay_s, (int, float)) or self.debug_pull_delay_s < 0:
+            raise ValueError(f"debug_pull_delay_s must be >= 0, got {self.debug_pull_delay_s!r}")
+        for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
+        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
+            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        if self.max_retries < 0:
+            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        if self.launcher not in ("process", "thread"):
+            raise ValueError(f"launcher must be 'process' or 'thread', got {self.launcher!r}")
+
+    def transport_name(self, device: str) -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "shm" if device == "cpu" else "cuda_ipc"
