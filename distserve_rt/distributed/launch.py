@@ -215,12 +215,16 @@ class WorkerGroup:
         except (EOFError, OSError):
             return "closed its connection (the process died)"
         if answer[0] == "error":
-            return f"raised:\n{answer[1]}"
+            lines = answer[1].strip().splitlines()
+            return f"raised {lines[-1] if lines else 'an error'}\nworker traceback:\n{answer[1]}"
         return answer
 
     def _fail(self, rank: int, why: str) -> None:
-        self.failed = f"worker {rank} {why}"
-        raise WorkerFailedError(f"{self.failed}; the instance must be shut down")
+        summary, _, detail = why.partition("\n")
+        self.failed = f"worker {rank} {summary}"
+        raise WorkerFailedError(
+            f"{self.failed}; the instance must be shut down" + (f"\n{detail}" if detail else "")
+        )
 
     def _check_alive(self) -> None:
         if self.failed is not None:

@@ -56,6 +56,8 @@ class MultiprocExecutor(Executor):
         check_parallel_sizes(mc.num_heads, mc.num_kv_heads, mc.num_layers, tp, pp)
         self._timeout_s = launch.timeout_s
         self._group: WorkerGroup | None = WorkerGroup(launch, run_worker, (config,))
+        self.processes = list(self._group.processes)
+        """The worker processes, rank order (kept after `shutdown`, to check they exited)."""
         try:
             self._model_config: ModelConfig = self._group.gather(self._timeout_s)[0]
         except BaseException:
