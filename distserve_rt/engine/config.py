@@ -57,9 +57,11 @@ class EngineConfig:
     max_model_len: int | None = None
     """Context length (prompt + output). Default: the model's max_position_embeddings."""
     tensor_parallel_size: int = 1
-    """Devices one instance shards each layer over (> 1 is not built yet)."""
+    """Devices (CPU: processes) one instance shards each layer over; must divide the
+    model's attention and key/value head counts. > 1 runs one worker process per rank."""
     pipeline_parallel_size: int = 1
-    """Pipeline stages of one instance (> 1 is not built yet)."""
+    """Pipeline stages of one instance (at most the model's layer count), each in its own
+    process(es); the engine keeps this many batches in flight (virtual engines)."""
     log_stats_interval_s: float = 10.0
     """Seconds between the one-line stats logs; 0 disables them."""
 
@@ -91,13 +93,10 @@ class EngineConfig:
             raise ValueError(
                 f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s!r}"
             )
+        # Checks against the model (heads, layers) and the machine (devices) run when the
+        # executor starts (`worker.multiproc_executor`), before any process is spawned.
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
             _check_int(name, getattr(self, name), 1)
-            if getattr(self, name) > 1:
-                raise NotImplementedError(
-                    f"{name}={getattr(self, name)}: the multi-process TP/PP executor is not "
-                    "built yet; only 1 is supported"
-                )
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """Resolves the defaults that depend on the model (its context length)."""

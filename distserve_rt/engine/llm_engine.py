@@ -5,6 +5,11 @@ A step is small methods in sequence::
     schedule (policy, KV blocks)  ->  execute (prepare inputs -> model -> sample)
                                   ->  postprocess (append tokens, stops, free, outputs)
 
+With ``pipeline_parallel_size = k`` the engine has k virtual engines (`engine.virtual_engine`):
+`step` first submits a batch for every virtual engine that has none in flight, then waits
+for the oldest batch and postprocesses it, so up to k batches move through the stages.
+With k = 1 this is exactly schedule -> execute -> postprocess.
+
 Not thread-safe: one caller drives `step` (the async front end runs it in one loop).
 """
 
@@ -13,15 +18,23 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections import deque
 from collections.abc import Sequence
 
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.core.request import Request, RequestStatus
-from distserve_rt.core.scheduler import Scheduler, SchedulerOutput, make_scheduler
+from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
+from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.stats import StatsLogger
+from distserve_rt.engine.virtual_engine import (
+    VirtualEngine,
+    combined_kv_stats,
+    least_loaded,
+    make_virtual_engines,
+)
 from distserve_rt.logger import init_logger
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.outputs import RequestOutput
@@ -49,7 +62,8 @@ class LLMEngine:
         model: a prebuilt model (tests); `config.model` is loaded when None.
         sample: the sampling function of the runner (greedy by default).
         executor: a prebuilt executor (benchmarks pass one without a model); built from
-            `config` (a `UniprocExecutor`) when None.
+            `config` when None: a `UniprocExecutor`, or a `MultiprocExecutor` when
+            tensor_parallel_size * pipeline_parallel_size > 1.
         tokenizer: detokenizes outputs incrementally (stop strings, streaming); None keeps
             token ids only (text '', stop strings refused).
     """
@@ -64,19 +78,35 @@ class LLMEngine:
         tokenizer=None,
     ) -> None:
         self.config = config = config or EngineConfig()
-        self.executor = executor or UniprocExecutor(Worker(config, model=model, sample=sample))
+        self.executor = executor or make_executor(config, model, sample)
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
         num_blocks = self.executor.init_kv_cache(self.scheduler_config)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.watermark)
-        self.scheduler: Scheduler = make_scheduler(
-            config.policy, self.scheduler_config, self.block_manager
+        self.virtual_engines = make_virtual_engines(
+            config.pipeline_parallel_size,
+            num_blocks,
+            config.block_size,
+            config.watermark,
+            config.policy,
+            self.scheduler_config,
         )
+        # (virtual engine, its batch, executor handle or None when nothing ran), oldest first
+        self._in_flight: deque[tuple[VirtualEngine, SchedulerOutput, object]] = deque()
         self.tokenizer = tokenizer
         self._requests: dict[str, Request] = {}
         self._streaming: set[str] = set()
         self._seq_ids = itertools.count()
         self._stats = StatsLogger(logger, config.log_stats_interval_s, time.monotonic())
+
+    @property
+    def scheduler(self) -> Scheduler:
+        """Virtual engine 0's scheduler (the only one unless pipeline_parallel_size > 1)."""
+        return self.virtual_engines[0].scheduler
+
+    @property
+    def block_manager(self) -> BlockManager:
+        """Virtual engine 0's block manager (the only one unless pipeline_parallel_size > 1)."""
+        return self.virtual_engines[0].block_manager
 
     # ---- requests ---------------------------------------------------------------------
 
@@ -117,16 +147,21 @@ class LLMEngine:
         self._requests[request_id] = request
         if stream:
             self._streaming.add(request_id)
-        self.scheduler.add_request(request)
+        least_loaded(self.virtual_engines).scheduler.add_request(request)
         return request
 
     def abort_request(self, request_id: str) -> bool:
         """Aborts a live request (finish_reason "abort", reported by the next `step`);
         False when it is unknown or already finished."""
-        return self.scheduler.abort_request(request_id, time.monotonic()) is not None
+        now = time.monotonic()
+        return any(
+            ve.scheduler.abort_request(request_id, now) is not None for ve in self.virtual_engines
+        )
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return bool(self._in_flight) or any(
+            ve.scheduler.has_unfinished_requests() for ve in self.virtual_engines
+        )
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -135,41 +170,79 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the outputs of finished (and streaming) requests."""
-        scheduler_output = self.scheduler.schedule(time.monotonic())
-        try:
-            runner_output = self._execute(scheduler_output)
-        except Exception as exc:  # noqa: BLE001 - a failed step fails its requests, not the engine
-            return self._fail_step(scheduler_output, exc, time.monotonic())
-        return self._postprocess(scheduler_output, runner_output, time.monotonic())
+        """Runs one step; returns the outputs of finished (and streaming) requests.
 
-    def _execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
-        if scheduler_output.is_empty:
-            return ModelRunnerOutput(sampled_token_ids=[])
-        return self.executor.execute(scheduler_output)
+        Submits a batch for every idle virtual engine, then completes the oldest batch. A
+        batch that fails finishes its own requests with finish_reason "error"; the others
+        go on. A dead executor (`WorkerFailedError`) fails its batch, then raises."""
+        self._submit_idle()
+        if not self._in_flight:
+            return []
+        ve, scheduler_output, handle = self._in_flight.popleft()
+        ve.busy = False
+        try:
+            if isinstance(handle, BaseException):
+                raise handle
+            runner_output = (
+                ModelRunnerOutput(sampled_token_ids=[])
+                if handle is None
+                else self.executor.wait(handle)
+            )
+        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests only
+            outputs = self._fail_step(ve, scheduler_output, exc, time.monotonic())
+            if isinstance(exc, WorkerFailedError):
+                raise
+            return outputs
+        return self._postprocess(ve, scheduler_output, runner_output, time.monotonic())
+
+    def _submit_idle(self) -> None:
+        """Schedules and submits a batch on every virtual engine without one in flight."""
+        now = time.monotonic()
+        for ve in self.virtual_engines:
+            if ve.busy or not ve.scheduler.has_unfinished_requests():
+                continue
+            scheduler_output = ve.scheduler.schedule(now)
+            handle: object = None
+            if not scheduler_output.is_empty:
+                try:
+                    handle = self.executor.execute_async(scheduler_output, ve.block_offset)
+                except Exception as exc:  # noqa: BLE001 - reported by step() with its batch
+                    handle = exc
+            ve.busy = True
+            self._in_flight.append((ve, scheduler_output, handle))
 
     def _postprocess(
-        self, scheduler_output: SchedulerOutput, runner_output: ModelRunnerOutput, now: float
+        self,
+        ve: VirtualEngine,
+        scheduler_output: SchedulerOutput,
+        runner_output: ModelRunnerOutput,
+        now: float,
     ) -> list[RequestOutput]:
         """Appends the sampled tokens, finishes stopped requests, builds the outputs."""
         finished = list(scheduler_output.finished)  # aborted or rejected by the scheduler
         streaming = self._streaming
         updated: list[Request] = []
         requests = scheduler_output.sampling_requests()
-        for request, token_id in zip(requests, runner_output.sampled_token_ids, strict=True):
+        # A request aborted while its batch was in flight (PP) gets no token.
+        live = [not r.status.is_finished for r in requests]
+        for request, token_id, is_live in zip(
+            requests, runner_output.sampled_token_ids, live, strict=True
+        ):
+            if not is_live:
+                continue
             request.append_token(token_id, now)
             result = request.stop_checker.append(token_id)
             if result.text_delta:
                 request.output_text += result.text_delta
             if result.finish_reason is not None:
                 request.stop_reason = result.stop_reason
-                self.scheduler.finish_request(request, _STATUS[result.finish_reason], now)
+                ve.scheduler.finish_request(request, _STATUS[result.finish_reason], now)
                 finished.append(request)
             elif streaming and request.request_id in streaming:
                 updated.append(request)
         if runner_output.logprobs is not None:
-            for request, row in zip(requests, runner_output.logprobs, strict=True):
-                if request.logprobs is not None:
+            for request, row, is_live in zip(requests, runner_output.logprobs, live, strict=True):
+                if is_live and request.logprobs is not None:
                     request.logprobs.append(row)
         self._stats.record_step(
             scheduler_output.num_prefill_tokens, len(requests), len(scheduler_output.preempted)
@@ -179,10 +252,12 @@ class LLMEngine:
         for request in finished:
             self._finalize(request)
             outputs.append(RequestOutput.from_request(request))
+        if finished:
+            self.executor.release_requests([r.seq_id for r in finished])
         return outputs
 
     def _fail_step(
-        self, scheduler_output: SchedulerOutput, exc: Exception, now: float
+        self, ve: VirtualEngine, scheduler_output: SchedulerOutput, exc: Exception, now: float
     ) -> list[RequestOutput]:
         """The step's requests finish with finish_reason "error" and their KV is freed (the
         scheduler already counted the step's tokens as computed, so they cannot resume);
@@ -195,8 +270,10 @@ class LLMEngine:
         step_requests = [p.request for p in scheduler_output.prefills]
         step_requests += scheduler_output.decodes
         for request in step_requests:
+            if request.is_finished:  # aborted while its batch was in flight
+                continue
             request.error = message
-            self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
+            ve.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
             finished.append(request)
         outputs = []
         for request in finished:
@@ -225,9 +302,12 @@ class LLMEngine:
 
     def _maybe_log_stats(self, now: float) -> None:
         if self._stats.due(now):
-            scheduler = self.scheduler
+            schedulers = [ve.scheduler for ve in self.virtual_engines]
             self._stats.log(
-                now, scheduler.num_running, scheduler.num_waiting, self.block_manager.stats()
+                now,
+                sum(s.num_running for s in schedulers),
+                sum(s.num_waiting for s in schedulers),
+                combined_kv_stats(self.virtual_engines),
             )
 
     def _check_params(self, request_id: str, params: SamplingParams) -> SamplingParams:
@@ -263,4 +343,23 @@ class LLMEngine:
         return ids
 
     def shutdown(self) -> None:
+        self._in_flight.clear()
         self.executor.shutdown()
+
+
+def make_executor(
+    config: EngineConfig, model: CausalLM | None = None, sample: SampleFn | None = None
+) -> Executor:
+    """The executor `config` asks for: one worker in this process, or TP x PP processes."""
+    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
+        return UniprocExecutor(Worker(config, model=model, sample=sample))
+    if model is not None or sample is not None:
+        raise ValueError(
+            "a prebuilt model or sample function cannot be used with tensor_parallel_size "
+            f"{config.tensor_parallel_size} x pipeline_parallel_size "
+            f"{config.pipeline_parallel_size}: each worker process loads its own shard"
+        )
+    # Imported here: it imports engine.config, whose package imports this module.
+    from distserve_rt.worker.multiproc_executor import MultiprocExecutor
+
+    return MultiprocExecutor(config)

@@ -1,13 +1,20 @@
 """The executor seam: the engine hands it a step, it returns the sampled tokens.
 
-`UniprocExecutor` runs one worker in the engine's process (TP = PP = 1). A multi-process
-TP/PP executor implements the same interface: it broadcasts the step to its workers and
-returns the last stage's output, so the engine does not change.
+`UniprocExecutor` runs one worker in the engine's process (TP = PP = 1).
+`worker.multiproc_executor.MultiprocExecutor` implements the same interface over TP x PP
+worker processes: it ships the step to its workers and returns the last stage's output.
+
+Steps can be in flight: ``execute_async`` submits one and returns a handle, ``wait`` returns
+its output; outputs are waited for in submission order. A pipeline of k stages needs k
+steps in flight to keep every stage busy (the engine's virtual engines provide them). The
+default ``execute_async`` runs the step at once (one in flight), so an executor that only
+implements ``execute`` still works with one virtual engine.
 """
 
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
 from distserve_rt.models.config import ModelConfig
@@ -33,9 +40,37 @@ class Executor(abc.ABC):
         """Runs one step: prepare inputs -> model -> sample. The output has one token per
         request of ``scheduler_output.sampling_requests()``."""
 
+    def execute_async(self, scheduler_output: SchedulerOutput, block_offset: int = 0) -> object:
+        """Submits a step; returns the handle to `wait` on. ``block_offset`` is added to
+        every block id of the step (the virtual engine's share of the pool)."""
+        if block_offset:
+            raise NotImplementedError(
+                f"{type(self).__name__} runs one virtual engine (block_offset 0), got "
+                f"block_offset={block_offset}"
+            )
+        return _Done(self.execute(scheduler_output))
+
+    def wait(self, handle: object) -> ModelRunnerOutput:
+        """The output of a submitted step (handles are waited for in submission order)."""
+        if not isinstance(handle, _Done):
+            raise ValueError(f"not a handle of this executor: {handle!r}")
+        return handle.output
+
+    def release_requests(self, seq_ids: Sequence[int]) -> None:  # noqa: B027 (optional hook)
+        """These requests finished: drop any state kept for them (remote sampling state)."""
+
     @abc.abstractmethod
     def shutdown(self) -> None:
         """Releases the workers and their memory; the executor is unusable afterwards."""
+
+
+class _Done:
+    """Handle of a step that already ran."""
+
+    __slots__ = ("output",)
+
+    def __init__(self, output: ModelRunnerOutput) -> None:
+        self.output = output
 
 
 class UniprocExecutor(Executor):

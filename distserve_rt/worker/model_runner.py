@@ -24,6 +24,7 @@ from distserve_rt.core.scheduler import SchedulerOutput
 from distserve_rt.layers.attention import AttentionMetadata
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.worker.sampling import SampledTokens
+from distserve_rt.worker.step_batch import StepBatch
 
 # logits float32 [n, vocab_size] (may be overwritten) and the n requests (row order) ->
 # their tokens (see `worker.sampling.RequestSampler`).
@@ -96,64 +97,73 @@ class ModelRunner:
     # ---- prepare ----------------------------------------------------------------------
 
     def prepare_inputs(self, out: SchedulerOutput) -> ModelInput:
-        num_p, num_d = out.num_prefill_tokens, len(out.decodes)
+        """The step's inputs from the scheduler's decisions (in-process path)."""
+        return self.prepare_batch(StepBatch.from_scheduler_output(out), out.sampling_requests())
+
+    def prepare_batch(self, batch: StepBatch, sampling_requests: list | None = None) -> ModelInput:
+        """The step's inputs from its arrays alone (a remote worker has no `Request`s:
+        ``sampling_requests`` is then None and its sampler works from seq ids)."""
+        num_p, num_d = batch.num_prefill_tokens, batch.num_decodes
         num_tokens = num_p + num_d
-        num_rows = self._fill_prefills(out)
+        num_rows = self._fill_prefills(batch)
         if num_d:
-            ids = self._input_ids
-            ids[num_p:num_tokens] = [r.token_ids[-1] for r in out.decodes]
-            np.subtract(out.decode_seq_lens, 1, out=self._positions[num_p:num_tokens])
+            np.subtract(batch.decode_seq_lens, 1, out=self._positions[num_p:num_tokens])
             self._logits_rows[num_rows : num_rows + num_d] = self._arange[num_p:num_tokens]
             num_rows += num_d
         metadata = AttentionMetadata(
             num_prefill_tokens=num_p,
             num_decode_tokens=num_d,
-            slot_mapping=self._to_device(out.slot_mapping),
+            slot_mapping=self._to_device(batch.slot_mapping),
         )
-        if out.prefills:
-            self._prefill_metadata(out, metadata)
+        if len(batch.prefill_num_new_tokens):
+            self._prefill_metadata(batch, metadata)
         if num_d:
-            metadata.decode_block_table = self._to_device(out.decode_block_tables)
-            metadata.decode_seq_lens = self._to_device(out.decode_seq_lens)
-            metadata.decode_max_seq_len = int(out.decode_seq_lens.max())
-        copies = out.block_copies
+            metadata.decode_block_table = self._to_device(batch.decode_block_tables)
+            metadata.decode_seq_lens = self._to_device(batch.decode_seq_lens)
+            metadata.decode_max_seq_len = int(batch.decode_seq_lens.max())
+        copies = batch.block_copies
+        self._input_ids[:num_tokens] = batch.input_ids  # pinned on CUDA: an async copy
         return ModelInput(
             input_ids=self._to_device(self._input_ids[:num_tokens]),
             positions=self._to_device(self._positions[:num_tokens]),
             metadata=metadata,
             logits_rows=self._to_device(self._logits_rows[:num_rows]),
-            sampling_requests=out.sampling_requests(),
+            sampling_requests=sampling_requests or [],
             block_copies=self._to_device(copies) if len(copies) else None,
         )
 
-    def _fill_prefills(self, out: SchedulerOutput) -> int:
+    def _fill_prefills(self, batch: StepBatch) -> int:
         """Writes the prefill rows of the host buffers; returns the logits rows so far."""
-        ids, pos, cu = self._input_ids, self._positions, self._cu_seqlens
+        pos, cu = self._positions, self._cu_seqlens
         start = num_rows = 0
         cu[0] = 0
-        for i, chunk in enumerate(out.prefills):
-            n, prefix = chunk.num_new_tokens, chunk.prefix_len
+        chunks = zip(
+            batch.prefill_num_new_tokens.tolist(),
+            batch.prefill_prefix_lens.tolist(),
+            batch.prefill_produces_token.tolist(),
+            strict=True,
+        )
+        for i, (n, prefix, produces_token) in enumerate(chunks):
             end = start + n
-            ids[start:end] = chunk.request.token_ids[prefix : prefix + n]
             # np.arange, not a slice of _arange: a chunk may start past any fixed bound
             # (context lengths reach 128k).
             pos[start:end] = np.arange(prefix, prefix + n)
             cu[i + 1] = end
             self._prefix_lens[i] = prefix
-            if chunk.produces_token:
+            if produces_token:
                 self._logits_rows[num_rows] = end - 1
                 num_rows += 1
             start = end
         return num_rows
 
-    def _prefill_metadata(self, out: SchedulerOutput, metadata: AttentionMetadata) -> None:
-        num_prefills = len(out.prefills)
+    def _prefill_metadata(self, batch: StepBatch, metadata: AttentionMetadata) -> None:
+        num_prefills = len(batch.prefill_num_new_tokens)
         metadata.prefill_cu_seqlens = self._to_device(self._cu_seqlens[: num_prefills + 1])
-        metadata.prefill_max_seqlen = max(p.num_new_tokens for p in out.prefills)
-        if out.prefill_block_tables is not None:
+        metadata.prefill_max_seqlen = int(batch.prefill_num_new_tokens.max())
+        if batch.prefill_block_tables is not None:
             # Only chunks that continue a cached prefix read the cache through a table.
             metadata.prefill_prefix_lens = self._to_device(self._prefix_lens[:num_prefills])
-            metadata.prefill_block_table = self._to_device(out.prefill_block_tables)
+            metadata.prefill_block_table = self._to_device(batch.prefill_block_tables)
 
     def _to_device(self, array: np.ndarray) -> torch.Tensor:
         tensor = torch.from_numpy(array)
@@ -166,17 +176,34 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, model_input: ModelInput) -> ModelRunnerOutput:
         """Runs the model on the step, samples the needed rows; returns the tokens."""
-        if model_input.block_copies is not None:
-            ops.copy_blocks(self.kv_pool, self.kv_pool, model_input.block_copies)
-        hidden = self.model(
-            model_input.input_ids, model_input.positions, self.kv_pool, model_input.metadata
-        )
+        hidden = self.run_model(model_input)
         if not model_input.sampling_requests:
             return ModelRunnerOutput(sampled_token_ids=[])
-        logits = self.model.compute_logits(hidden[model_input.logits_rows])
+        logits = self.compute_logits(model_input, hidden)
         sampled = self.sample(logits, model_input.sampling_requests)
         # .tolist() is the step's one device sync: tokens go to the host scheduler.
         return ModelRunnerOutput(sampled.token_ids.tolist(), sampled.logprobs)
+
+    @torch.inference_mode()
+    def run_model(
+        self, model_input: ModelInput, intermediate: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """This stage's forward: ``[num_tokens, hidden_size]`` (``intermediate``: the previous
+        stage's output, None on the first stage)."""
+        if model_input.block_copies is not None:
+            ops.copy_blocks(self.kv_pool, self.kv_pool, model_input.block_copies)
+        return self.model(
+            model_input.input_ids,
+            model_input.positions,
+            self.kv_pool,
+            model_input.metadata,
+            intermediate,
+        )
+
+    @torch.inference_mode()
+    def compute_logits(self, model_input: ModelInput, hidden: torch.Tensor) -> torch.Tensor:
+        """Last stage: float32 ``[num_sampling, vocab_size]`` of the sampled rows."""
+        return self.model.compute_logits(hidden[model_input.logits_rows])
 
     @torch.inference_mode()
     def profile_run(self, num_tokens: int, num_seqs: int) -> None:
@@ -195,7 +222,20 @@ class ModelRunner:
             prefill_cu_seqlens=self._to_device(cu),
             prefill_max_seqlen=int(lens.max()),
         )
+        parallel = getattr(self.model, "parallel", None)  # fakes are one whole-model stage
+        first = parallel is None or parallel.is_first_stage
+        last = parallel is None or parallel.is_last_stage
         input_ids = torch.zeros(num_tokens, dtype=torch.int64, device=self.device)
-        hidden = self.model(input_ids, self._to_device(positions), None, metadata)
-        logits = self.model.compute_logits(hidden[self._to_device(cu[1:].astype(np.int64) - 1)])
-        del logits
+        # A later pipeline stage gets activations instead of ids (their values do not matter).
+        intermediate = None
+        if not first:
+            hidden_size = self.model.config.hidden_size
+            intermediate = torch.zeros(
+                num_tokens, hidden_size, dtype=self.kv_pool.dtype, device=self.device
+            )
+        hidden = self.model(
+            input_ids if first else None, self._to_device(positions), None, metadata, intermediate
+        )
+        if last:
+            logits = self.model.compute_logits(hidden[self._to_device(cu[1:].astype(np.int64) - 1)])
+            del logits

@@ -7,13 +7,27 @@ generators) and hands back tokens and, when a row asked, its logprobs.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
-from distserve_rt.core.request import Request
 from distserve_rt.layers.sampler import Sampler
 from distserve_rt.layers.sampling_metadata import SamplingMetadata, make_generator
+from distserve_rt.sampling_params import SamplingParams
+
+
+class SamplingRequest(Protocol):
+    """What sampling reads of a request: `core.request.Request` in the engine process, a
+    small per-request record in a remote sampling worker (`worker.worker_process`)."""
+
+    sampling_params: SamplingParams
+    generator: torch.Generator | None
+    """Made here on first use for a seeded request, then kept by the request."""
+
+    @property
+    def num_output_tokens(self) -> int: ...
 
 
 @dataclass(slots=True)
@@ -49,7 +63,7 @@ class RequestSampler:
         self._vocab_size = vocab_size
         self._device = device
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SampledTokens:
+    def __call__(self, logits: torch.Tensor, requests: Sequence[SamplingRequest]) -> SampledTokens:
         """``logits`` float32 [n, vocab_size] (overwritten) and the n requests, row order."""
         generators = []
         for r in requests:
@@ -73,7 +87,7 @@ class RequestSampler:
         return SampledTokens(out.token_ids, _logprob_dicts(out, requests))
 
 
-def _logprob_dicts(out, requests: list[Request]) -> list[dict[int, float]]:
+def _logprob_dicts(out, requests: Sequence[SamplingRequest]) -> list[dict[int, float]]:
     lp = out.logprobs
     sampled = out.token_ids.tolist()
     sampled_lp = lp.sampled_logprobs.tolist()

@@ -13,6 +13,7 @@ import torch
 from distserve_rt import models
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
+from distserve_rt.distributed.parallel_state import ParallelContext
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.logger import init_logger
 from distserve_rt.models.config import ModelConfig
@@ -34,6 +35,9 @@ class Worker:
         sample: the sampling function; `RequestSampler` (the full `Sampler`) by default.
         allocate_pool: allocates the KV pool from its spec (a KV transport's
             ``allocate_pool``, so that peers can read it); `allocate_kv_pool` when None.
+        parallel: this worker's TP/PP position (a `worker.worker_process` rank); one rank
+            holding the whole model by default.
+        device: overrides `config.device` (each TP/PP rank has its own CUDA device).
     """
 
     def __init__(
@@ -42,10 +46,16 @@ class Worker:
         model: CausalLM | None = None,
         sample: SampleFn | None = None,
         allocate_pool: Callable[[KVCacheSpec], torch.Tensor] | None = None,
+        *,
+        parallel: ParallelContext | None = None,
+        device: torch.device | None = None,
     ) -> None:
         self.config = config
-        self.device = torch.device(config.device)
-        self.model = load_model(config, self.device) if model is None else model
+        self.parallel = parallel or ParallelContext()
+        self.device = device or torch.device(config.device)
+        if model is None:
+            model = load_model(config, self.device, self.parallel)
+        self.model = model
         mc = self.model.config
         self.sample = sample or RequestSampler(
             mc.eos_token_id, mc.vocab_size, self.device, seed=config.seed
@@ -70,6 +80,13 @@ class Worker:
 
     def init_kv_cache(self, scheduler_config: SchedulerConfig) -> int:
         """Sizes and allocates the KV pool for these limits; returns its block count."""
+        num_blocks = self.measure_kv_blocks(scheduler_config)
+        self.allocate_kv_cache(scheduler_config, num_blocks)
+        return num_blocks
+
+    def measure_kv_blocks(self, scheduler_config: SchedulerConfig) -> int:
+        """Blocks this worker's memory holds for these limits (TP/PP ranks take the minimum
+        over the instance before `allocate_kv_cache`)."""
         sc = scheduler_config
         spec = self._kv_spec(num_blocks=1)
         max_blocks = kv_sizing.max_useful_blocks(sc.max_num_seqs, sc.max_model_len, spec.block_size)
@@ -88,7 +105,13 @@ class Worker:
                 self.device,
             )
             del probe
-        self.kv_pool = self._allocate_pool(self._kv_spec(num_blocks))
+        return num_blocks
+
+    def allocate_kv_cache(self, scheduler_config: SchedulerConfig, num_blocks: int) -> None:
+        """Allocates a pool of `num_blocks` blocks (replacing any earlier one) and the runner."""
+        sc, spec = scheduler_config, self._kv_spec(num_blocks)
+        self.kv_pool = None  # free the old pool before allocating the new one
+        self.kv_pool = self._allocate_pool(spec)
         self._runner = self._make_runner(self.kv_pool, sc)
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB, %s)",
@@ -97,7 +120,6 @@ class Worker:
             num_blocks * spec.block_bytes / (1 << 20),
             spec.dtype,
         )
-        return num_blocks
 
     def execute(self, scheduler_output: SchedulerOutput) -> ModelRunnerOutput:
         runner = self.runner
@@ -113,16 +135,21 @@ class Worker:
         return KVCacheSpec(
             num_blocks=num_blocks,
             num_layers=self.model.end_layer - self.model.start_layer,
-            num_kv_heads=mc.num_kv_heads,
+            # TP splits kv heads over ranks (the model checked that TP divides them).
+            num_kv_heads=mc.num_kv_heads // self.parallel.tp_size,
             head_dim=mc.head_dim,
             block_size=self.config.block_size,
             dtype=_model_dtype(self.model),
         )
 
 
-def load_model(config: EngineConfig, device: torch.device) -> CausalLM:
-    """`distserve_rt.models.load_model` for this engine's model, dtype and device."""
-    model, _ = models.load_model(config.model, dtype=config.dtype, device=device, seed=config.seed)
+def load_model(
+    config: EngineConfig, device: torch.device, parallel: ParallelContext | None = None
+) -> CausalLM:
+    """`distserve_rt.models.load_model` for this engine's model, dtype, device and rank."""
+    model, _ = models.load_model(
+        config.model, dtype=config.dtype, device=device, parallel=parallel, seed=config.seed
+    )
     return model
 
 

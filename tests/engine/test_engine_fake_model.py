@@ -131,8 +131,8 @@ def test_invalid_inputs():
         llm.generate([{"prompt_token_ids": [1]}], [SamplingParams()] * 2, use_tqdm=False)
     with pytest.raises(ValueError, match="policy"):
         EngineConfig(policy="round_robin")
-    with pytest.raises(NotImplementedError, match="tensor_parallel_size"):
-        EngineConfig(tensor_parallel_size=2)
+    with pytest.raises(ValueError, match="tensor_parallel_size must be an int >= 1, got 0"):
+        EngineConfig(tensor_parallel_size=0)
     # A prompt the context can never hold finishes with an error; the others still run.
     long_prompt = {"prompt_token_ids": [3] * 256}
     params = SamplingParams(temperature=0, max_tokens=2)

@@ -1,0 +1,127 @@
+"""The main loop of one TP/PP worker process (started by `distributed.launch.WorkerGroup`).
+
+Messages from the driver (`worker.multiproc_executor`), one tuple each, handled in order:
+
+* ``("measure_kv", SchedulerConfig)`` -> the blocks this rank's memory holds;
+* ``("allocate_kv", SchedulerConfig, num_blocks)`` -> None, once the pool exists;
+* ``("step", StepBatch, StepSampling)`` -> answered by the sampling rank only (the last
+  stage's TP rank 0): ``(token_ids, logprobs)``. Stage k > 0 receives the activations
+  ``[num_tokens, hidden_size]`` of stage k - 1 (the same TP rank) before it runs; every
+  stage processes steps in order, so stage 0 runs step i + 1 while stage 1 runs step i;
+* ``None`` (or EOF) -> exit.
+
+Right after start-up every rank answers with its `ModelConfig` (the model is loaded).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+import torch
+import torch.distributed as dist
+
+from distserve_rt.distributed.launch import RankContext, recv_message, send_ok
+from distserve_rt.engine.config import EngineConfig
+from distserve_rt.logger import init_logger
+from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.worker.step_batch import StepBatch, StepSampling
+from distserve_rt.worker.worker import Worker
+
+logger = init_logger(__name__)
+
+
+@dataclass(slots=True)
+class SamplingState:
+    """A request as the sampling rank knows it (a `worker.sampling.SamplingRequest`)."""
+
+    sampling_params: SamplingParams
+    generator: torch.Generator | None = None
+    num_output_tokens: int = 0
+
+
+class WorkerProcess:
+    """One rank: its `Worker` (model stage, KV pool, runner) and, on the sampling rank, the
+    per-request sampling state."""
+
+    def __init__(self, ctx: RankContext, conn: Connection, config: EngineConfig) -> None:
+        self.ctx = ctx
+        self.conn = conn
+        self.worker = Worker(config, parallel=ctx.parallel, device=ctx.device)
+        p = ctx.parallel
+        self.is_sampler = p.is_last_stage and p.tp_rank == 0
+        self.requests: dict[int, SamplingState] = {}
+        self._pending_send: tuple[dist.Work, torch.Tensor] | None = None
+
+    def run(self) -> None:
+        send_ok(self.conn, self.worker.model_config)
+        while (message := recv_message(self.conn)) is not None:
+            kind = message[0]
+            if kind == "step":
+                self.step(message[1], message[2])
+            elif kind == "measure_kv":
+                send_ok(self.conn, self.worker.measure_kv_blocks(message[1]))
+            elif kind == "allocate_kv":
+                self.worker.allocate_kv_cache(message[1], message[2])
+                send_ok(self.conn)
+            else:
+                raise ValueError(f"unknown message kind {kind!r}")
+        self._finish_send()
+
+    @torch.inference_mode()
+    def step(self, batch: StepBatch, sampling: StepSampling) -> None:
+        runner = self.worker.runner
+        model_input = runner.prepare_batch(batch)
+        intermediate = None
+        if self.ctx.prev_rank is not None:
+            hidden_size = self.worker.model_config.hidden_size
+            intermediate = torch.empty(
+                batch.num_tokens, hidden_size, dtype=runner.kv_pool.dtype, device=runner.device
+            )
+            dist.recv(intermediate, src=self.ctx.prev_rank)
+        hidden = runner.run_model(model_input, intermediate)
+        if self.ctx.next_rank is not None:
+            self._send(hidden)
+            return
+        token_ids: list[int] = []
+        logprobs = None
+        rows = self._sampling_requests(sampling) if self.is_sampler else []
+        # Every TP rank of the last stage joins the logits all-gather; one of them samples.
+        if len(model_input.logits_rows):
+            logits = runner.compute_logits(model_input, hidden)
+            if self.is_sampler:
+                sampled = self.worker.sample(logits, rows)
+                token_ids, logprobs = sampled.token_ids.tolist(), sampled.logprobs
+        if self.is_sampler:
+            send_ok(self.conn, (token_ids, logprobs))
+
+    def _sampling_requests(self, sampling: StepSampling) -> list[SamplingState]:
+        for seq_id in sampling.finished:
+            self.requests.pop(seq_id, None)
+        for seq_id, params in sampling.new_params:
+            self.requests[seq_id] = SamplingState(params)
+        rows = []
+        for seq_id, num_output in zip(
+            sampling.seq_ids.tolist(), sampling.num_output_tokens.tolist(), strict=True
+        ):
+            state = self.requests[seq_id]
+            state.num_output_tokens = num_output
+            rows.append(state)
+        return rows
+
+    def _send(self, hidden: torch.Tensor) -> None:
+        """Sends activations to the next stage without waiting for it to receive them (the
+        previous send must have completed: one in flight keeps the tensor alive)."""
+        self._finish_send()
+        hidden = hidden.contiguous()
+        self._pending_send = (dist.isend(hidden, dst=self.ctx.next_rank), hidden)
+
+    def _finish_send(self) -> None:
+        if self._pending_send is not None:
+            self._pending_send[0].wait()
+            self._pending_send = None
+
+
+def run_worker(ctx: RankContext, conn: Connection, config: EngineConfig) -> None:
+    """`distributed.launch.WorkerTarget` of the engine's workers."""
+    WorkerProcess(ctx, conn, config).run()
