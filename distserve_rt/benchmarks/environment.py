@@ -64,6 +64,9 @@ def environment() -> dict[str, object]:
             "cpu": cpu_model(),
             "num_cpus": os.cpu_count(),
             "platform": platform.platform(),
+            # 1/5/15-minute load when the result was taken: on a shared machine it says how
+            # much the numbers may be disturbed.
+            "load_average": list(os.getloadavg()),
         },
         "threads": {
             "distserve_rt": _native.get_num_threads(),

@@ -126,18 +126,13 @@ class AsyncLLM:
 
     @classmethod
     def from_engine_args(cls, args: Any) -> AsyncLLM:
-        """From parsed CLI flags: `entrypoints.engine_args.build_engine_client`'s
-        (``args.engine_kwargs`` and ``args.placement_file``, as drt-run serve and bench
-        pass them), or `engine.cli_args.add_engine_args`'s (drt-run generate)."""
-        if hasattr(args, "engine_kwargs"):
-            config = EngineConfig(**args.engine_kwargs)
-            pf = args.placement_file
-            placement = Placement.from_placement_file(pf) if pf else Placement.colocated()
-            disagg_config = DisaggConfig()
-        else:
-            from distserve_rt.engine.cli_args import configs_from_args
+        """From flags parsed by `entrypoints.engine_args.add_engine_args` (drt-run serve,
+        bench and generate), through its `configs_from_args`; ``args.served_model_name``,
+        when present, names the model for clients."""
+        # Imported here: the CLI schema sits above the engine (entrypoints -> engine).
+        from distserve_rt.entrypoints.engine_args import configs_from_args
 
-            config, placement, disagg_config = configs_from_args(args)
+        config, placement, disagg_config = configs_from_args(args)
         return cls.from_config(
             config, placement, disagg_config, getattr(args, "served_model_name", None)
         )

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,12 +25,17 @@ from distserve_rt.benchmarks.serving import (
     OpenAIHTTPBackend,
     ServingBenchmark,
 )
+from distserve_rt.benchmarks.serving.compare import (
+    CompareEntry,
+    compare_json,
+    format_compare_table,
+)
 from distserve_rt.benchmarks.serving.http_backend import fetch_model_card
 from distserve_rt.benchmarks.serving.plot import plot_results, plot_summaries
 from distserve_rt.benchmarks.serving.report import RunInfo, format_table
 from distserve_rt.benchmarks.serving.request_set import tokenizer_special_ids
 from distserve_rt.benchmarks.serving.sweep import BenchmarkAborted, sweep_json
-from distserve_rt.entrypoints import bench_serving_args
+from distserve_rt.entrypoints import bench_serving_args, engine_args
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
 
@@ -71,7 +77,8 @@ def build_workload(args: argparse.Namespace) -> Workload:
     if name is None:
         name = get_slo_preset(args.slo_preset).dataset if args.slo_preset else "sharegpt"
     if name != "random":
-        return Workload.from_dataset(name).sample(args.num_prompts, seed=args.seed)
+        workload = Workload.from_dataset(name).sample(args.num_prompts, seed=args.seed)
+        return workload.scaled(args.length_scale)
     if not 0 <= args.random_range_ratio < 1:
         raise ValueError(f"--random-range-ratio must be in [0, 1), got {args.random_range_ratio}")
 
@@ -86,7 +93,8 @@ def build_workload(args: argparse.Namespace) -> Workload:
 
     prompt = dist(args.random_input_len, "--random-input-len")
     output = dist(args.random_output_len, "--random-output-len")
-    return Workload.synthetic(args.num_prompts, prompt, output, seed=args.seed)
+    workload = Workload.synthetic(args.num_prompts, prompt, output, seed=args.seed)
+    return workload.scaled(args.length_scale)
 
 
 def _http_target(args, loop: EventLoop) -> dict[str, Any]:
@@ -113,16 +121,13 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
     )
 
 
-def _in_process_target(args) -> dict[str, Any]:
-    try:
-        from distserve_rt.entrypoints.engine_args import build_engine_client
-    except ImportError as exc:
-        raise NotImplementedError(
-            "the in-process drt-run bench builds its engine with "
-            "distserve_rt.entrypoints.engine_args.build_engine_client (drt-run serve's engine "
-            f"flags), which is not available here ({exc}); run against a server with --base-url"
-        ) from None
-    engine = build_engine_client(args)
+def _in_process_target(args, entry: CompareEntry | None) -> dict[str, Any]:
+    if entry is None:
+        engine = engine_args.build_engine_client(args)
+    else:
+        engine = engine_args.build_engine_client(
+            args, placement=entry.placement, policy=entry.policy
+        )
     return dict(
         backend=InProcessBackend(engine, temperature=args.temperature),
         model_id=engine.model_name,
@@ -171,41 +176,97 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
     )
 
 
+def _check_compare(args: argparse.Namespace) -> None:
+    if args.compare and args.base_url:
+        raise ValueError("--compare runs in-process engines; it cannot be used with --base-url")
+    if args.compare and args.placement is not None:
+        raise ValueError("--compare gives each setup's placement; drop --placement")
+    labels = [e.label for e in args.compare or ()]
+    if len(set(labels)) != len(labels):
+        raise ValueError(f"--compare lists a setup twice: {labels}")
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_compare(args)
     settings, workload, metadata = _settings(args), build_workload(args), _metadata(args.metadata)
     provenance = environment()
+    outcomes = []
     with EventLoop() as loop:
-        target = _http_target(args, loop) if args.base_url else _in_process_target(args)
-        backend = target["backend"]
-        info = RunInfo(
-            backend=backend.name,
-            model_id=target["model_id"],
-            tokenizer_id=target["tokenizer_id"],
-            label=args.label or backend.name,
-            request_rate=math.inf,
-            burstiness=args.burstiness,
-            max_concurrency=args.max_concurrency,
-            num_clipped=0,
-        )
-        bench = ServingBenchmark(
-            backend,
-            workload,
-            info,
-            settings,
-            vocab_size=target["tokenizer"].vocab_size,
-            special_ids=tokenizer_special_ids(target["tokenizer"]),
-            max_model_len=target["max_model_len"],
-            loop=loop,
-        )
-        try:
-            search = _bench(args, bench, metadata, provenance)
-        finally:
-            loop.run(backend.close())
-            shutdown = getattr(target["engine"], "shutdown", None)
-            if shutdown is not None:
-                shutdown()
-    _finish(args, bench, search, provenance)
+        for entry in args.compare or [None]:
+            bench, search = _run_target(
+                args, loop, entry, (settings, workload, metadata, provenance)
+            )
+            if search is not None or len(bench.runs) > 1 or args.slo_scale:
+                print(f"\n--- {bench.info.label}")
+            _finish(args, bench, search, provenance)
+            outcomes.append((bench, search))
+    if args.compare:
+        _finish_compare(args, outcomes, provenance)
     return 0
+
+
+def _run_target(args, loop: EventLoop, entry: CompareEntry | None, common: tuple):
+    """Builds one target (the server, the in-process engine, or one --compare setup), runs
+    the rates and the goodput search on it, and shuts its engine down. ``common``: the
+    settings, workload, metadata and provenance every target shares."""
+    settings, workload, metadata, provenance = common
+    target = _http_target(args, loop) if args.base_url else _in_process_target(args, entry)
+    backend = target["backend"]
+    label = entry.label if entry is not None else args.label or backend.name
+    info = RunInfo(
+        backend=backend.name,
+        model_id=target["model_id"],
+        tokenizer_id=target["tokenizer_id"],
+        label=label,
+        request_rate=math.inf,
+        burstiness=args.burstiness,
+        max_concurrency=args.max_concurrency,
+        num_clipped=0,
+    )
+    bench = ServingBenchmark(
+        backend,
+        workload,
+        info,
+        settings,
+        vocab_size=target["tokenizer"].vocab_size,
+        special_ids=tokenizer_special_ids(target["tokenizer"]),
+        max_model_len=target["max_model_len"],
+        loop=loop,
+    )
+    try:
+        search = _bench(args, bench, metadata, provenance)
+    finally:
+        loop.run(backend.close())
+        shutdown = getattr(target["engine"], "shutdown", None)
+        if shutdown is not None:
+            shutdown()
+    return bench, search
+
+
+def _finish_compare(args, outcomes, provenance) -> None:
+    """The side-by-side table of the --compare setups at the asked rates; with
+    --save-result one JSON (``--result-filename`` or compare-<model>.json) and its PNG."""
+    rows = [
+        (bench.info.label, run)
+        for rate in args.request_rate
+        for bench, _ in outcomes
+        for run in bench.runs
+        if run.rate == rate and run.source == "sweep"
+    ]
+    searches = {bench.info.label: search for bench, search in outcomes}
+    print("\n============ Setups side by side (same requests, same arrivals) ============")
+    print(format_compare_table(rows, searches))
+    slo = outcomes[0][0].settings.slo
+    print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
+    if not args.save_result:
+        return
+    sweeps = [sweep_json(bench, search, provenance) for bench, search in outcomes]
+    payload = {**compare_json(sweeps, rows), **_metadata(args.metadata), "provenance": provenance}
+    payload["load_average_at_end"] = list(os.getloadavg())
+    base = outcomes[0][0].info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
+    path = _save(Path(args.result_dir) / (args.result_filename or f"compare-{base}.json"), payload)
+    print(f"saved {path}")
+    print(f"saved {plot_summaries(sweeps, path.with_suffix('.png'))}")
 
 
 def _bench(args, bench: ServingBenchmark, metadata, provenance):
@@ -218,7 +279,8 @@ def _bench(args, bench: ServingBenchmark, metadata, provenance):
         print(format_table(info, run.metrics))
         if args.save_result:
             payload = {**run.result, **metadata, "provenance": provenance}
-            name = args.result_filename if len(args.request_rate) == 1 else None
+            single = len(args.request_rate) == 1 and not args.compare
+            name = args.result_filename if single else None
             base = bench.info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
             name = name or f"{bench.info.label}-{rate:g}qps-{base}-{payload['date']}.json"
             print(f"saved {_save(Path(args.result_dir) / name, payload)}")

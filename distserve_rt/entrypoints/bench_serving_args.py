@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 
+from distserve_rt.benchmarks.serving.compare import CompareEntry
+from distserve_rt.entrypoints import engine_args
 from distserve_rt.workloads import DATASET_ALIASES, DATASETS, SLO_PRESETS
-
-ENGINE_ARGS_MODULE = "distserve_rt.entrypoints.engine_args"
 
 
 def _rate(text: str) -> float:
@@ -17,7 +16,27 @@ def _rate(text: str) -> float:
     return value
 
 
+def _compare_entry(text: str) -> CompareEntry:
+    try:
+        return CompareEntry.parse(text)
+    except (ValueError, OSError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _length_scale(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a factor > 0, got {text!r}")
+    return value
+
+
 def add_target_args(p: argparse.ArgumentParser) -> None:
+    # The in-process engine's flags first: the target group's --model and --max-model-len
+    # below replace theirs (the parser resolves conflicts) with help that covers HTTP too.
+    engine_args.add_engine_args(p)
     g = p.add_argument_group("target (an HTTP server with --base-url, else an in-process engine)")
     g.add_argument(
         "--base-url",
@@ -38,23 +57,21 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-model-len",
         type=int,
-        help="HTTP: context length requests are clipped to (default: max_model_len from "
-        "/v1/models); in-process it is the engine's",
+        help="context length requests are clipped to; HTTP default: max_model_len from "
+        "/v1/models; in-process: the engine's context length (default: the model's)",
     )
     g.add_argument(
         "--temperature", type=float, default=0.0, help="sampling temperature (default: 0)"
     )
-    # The engine's flags are drt-run serve's, from the module that builds the in-process
-    # engine (written beside the server); until it exists only --base-url runs.
-    try:
-        engine_args = importlib.import_module(ENGINE_ARGS_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != ENGINE_ARGS_MODULE:
-            raise
-        return
-    add = getattr(engine_args, "add_engine_args", None)
-    if add is not None:
-        add(p.add_argument_group("in-process engine (as drt-run serve)"))
+    g.add_argument(
+        "--compare",
+        nargs="+",
+        type=_compare_entry,
+        metavar="PLACEMENT[:POLICY]",
+        help="in-process: run the same requests on each setup in turn (colocated, "
+        "disaggregated, a placement YAML; colocated:chunked_prefill picks the policy) and "
+        "print them side by side; the engine flags apply to every setup",
+    )
 
 
 def add_workload_args(p: argparse.ArgumentParser) -> None:
@@ -75,7 +92,20 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
         default=0.0,
         help="random: lengths uniform in [len*(1-r), len*(1+r)] (default: 0, fixed)",
     )
-    g.add_argument("--seed", type=int, default=0, help="lengths, prompt ids and arrivals seed")
+    g.add_argument(
+        "--length-scale",
+        type=_length_scale,
+        default=1.0,
+        metavar="FACTOR",
+        help="multiply every prompt and output length by FACTOR (rounded, >= 1 token), e.g. "
+        "to fit a paper dataset to a tiny model on CPU (default: 1)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="lengths, prompt ids and arrivals seed (in-process: also the engine's)",
+    )
 
 
 def add_load_args(p: argparse.ArgumentParser) -> None:

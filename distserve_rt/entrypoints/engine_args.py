@@ -1,49 +1,47 @@
-"""Engine flags of `drt-run serve` (and later `drt-run bench --backend local`), and
-`build_engine_client(args)`, which turns them into the `EngineClient` the server serves.
+"""The engine flags, one schema for `drt-run serve`, `drt-run bench` (in-process) and
+`drt-run generate`, and the one function that turns them into the engine's configs::
 
-The engine is `distserve_rt.engine.async_llm.AsyncLLM`, imported lazily (it lands with the
-disaggregated runtime). The contract it must meet::
+    add_engine_args(parser)                    # the flags below
+    config, placement, disagg = configs_from_args(parser.parse_args())
+    engine = build_engine_client(args)         # AsyncLLM.from_engine_args(args)
 
-    AsyncLLM.from_engine_args(args: argparse.Namespace) -> AsyncLLM   # an EngineClient
+Three groups of flags:
 
-where ``args`` carries the flags below plus, already validated by `build_engine_client`:
+- `EngineConfig` fields (``--model``, ``--policy``, ``--max-num-seqs``, ...). Their help is the
+  field's docstring in `engine/config.py`, read once from the source, and a flag left unset
+  keeps the field's default, so the defaults live in one place.
+- ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
+  (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...).
+- The `DisaggConfig` knobs a user turns (``--kv-lease-timeout-s``, ``--no-pin-cpus``, ...);
+  its debug and test-only fields stay Python-only.
 
-- ``args.engine_kwargs``: `EngineConfig` keyword arguments (``EngineConfig(**kwargs)``);
-- ``args.placement_file``: the `PlacementFile` of ``--placement`` (None: one colocated
-  instance with ``--policy``).
-
-and it should have ``shutdown()``, which `drt-run serve` calls when uvicorn exits.
+A bad value (an unknown placement, an unreadable placement file, a size like ``12XB``) is an
+argparse error naming the flag and the value; combinations that only make sense together
+are checked by `configs_from_args` (ValueError naming the flags).
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import functools
+import inspect
+import itertools
+import re
+import textwrap
+from dataclasses import MISSING, fields
 from typing import Any
 
+from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
 from distserve_rt.core.scheduler import POLICIES
+from distserve_rt.engine.config import DTYPE_NAMES, EngineConfig
+from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.protocol import EngineClient
-from distserve_rt.planner.placement_file import load_placement
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
-DEFAULT_MODEL = "dummy:llama-tiny"
+PHASES = ("prefill", "decode")
 
-# flag dest -> EngineConfig field (the same name today; kept explicit so a renamed flag
-# cannot silently stop reaching the engine).
-_ENGINE_FIELDS = (
-    "model",
-    "dtype",
-    "device",
-    "seed",
-    "policy",
-    "block_size",
-    "max_model_len",
-    "max_num_seqs",
-    "max_num_batched_tokens",
-    "gpu_memory_utilization",
-    "kv_cache_memory_bytes",
-    "tensor_parallel_size",
-    "pipeline_parallel_size",
-)
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]i?b?|b)?\s*", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 
 
 def positive_int(text: str) -> int:
@@ -56,118 +54,228 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_engine_args(p: argparse.ArgumentParser) -> None:
-    """The flags of `EngineConfig` a server needs, plus ``--placement``; defaults are
-    EngineConfig's (see its field docs for the details)."""
-    # A group passed in (drt-run bench) is used as is: argparse deprecates nested groups.
-    g = p if isinstance(p, argparse._ArgumentGroup) else p.add_argument_group("engine")
-    g.add_argument(
-        "--model",
-        default=None,
-        help="local HF model directory, or dummy:<preset> (random weights, no "
-        f"files) (default: {DEFAULT_MODEL}; with drt-run bench --base-url: the server's)",
-    )
-    g.add_argument("--dtype", choices=DTYPES, default="auto", help="weights and KV dtype")
-    g.add_argument("--device", default="cpu", help="cpu, cuda or cuda:<index> (default: cpu)")
-    g.add_argument(
-        "--seed",
-        type=int,
-        default=0,
-        help="seed of dummy weights and of requests without their own seed",
-    )
+def memory_size(text: str) -> int:
+    """Bytes from ``"1073741824"``, ``"64MiB"``, ``"1.5GiB"``, ``"512MB"`` (argparse type).
+
+    KiB/MiB/GiB/TiB and the short K/M/G/T are binary (2**10 steps); KB/MB/GB/TB decimal."""
+    match = _SIZE_RE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"must be a size in bytes, optionally with a unit (KiB, MiB, GiB, TiB, KB, MB, "
+            f"GB, TB), e.g. 64MiB or 1GiB, got {text!r}"
+        )
+    number, unit = match.group(1), (match.group(2) or "").lower()
+    decimal = unit.endswith("b") and len(unit) == 2  # "mb", not "mib" or "b"
+    scale = 1000 ** ("kmgt".index(unit[0]) + 1) if decimal else _SIZE_UNITS[unit.rstrip("ib")]
+    value = int(float(number) * scale)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
+def placement_arg(text: str) -> Placement:
+    """``colocated``, ``disaggregated`` (1 prefill + 1 decode) or a placement YAML file."""
+    try:
+        return Placement.parse(text)
+    except (ValueError, OSError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """``{field: docstring}`` of a dataclass whose fields carry a string literal below them
+    (the convention of `EngineConfig` and `DisaggConfig`), whitespace collapsed."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for node, after in itertools.pairwise(body):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(after, ast.Expr)
+            and isinstance(after.value, ast.Constant)
+            and isinstance(after.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def _help(cls: type, name: str) -> str:
+    """The field's docstring plus its default, escaped for argparse's %-formatting."""
+    doc = field_docs(cls).get(name, "")
+    default = next(f.default for f in fields(cls) if f.name == name)
+    if default not in (None, MISSING):
+        doc += f" (default: {getattr(default, 'value', default)})"
+    text = doc
+    return text.replace("%", "%%")
+
+
+# EngineConfig field -> argparse keywords. Flags default to None ("keep EngineConfig's
+# default"), so a field's default is written once, in engine/config.py.
+_ENGINE_FLAGS: dict[str, dict[str, Any]] = {
+    "model": {"metavar": "DIR|dummy:<preset>"},
+    "dtype": {"choices": DTYPE_NAMES},
+    "device": {"metavar": "cpu|cuda[:I]"},
+    "seed": {"type": int, "metavar": "N"},
+    "policy": {"choices": sorted(POLICIES)},
+    "block_size": {"type": int, "choices": ALLOWED_BLOCK_SIZES},
+    "kv_cache_memory_bytes": {"type": memory_size, "metavar": "SIZE"},
+    "gpu_memory_utilization": {"type": float},
+    "watermark": {"type": float},
+    "max_num_seqs": {"type": positive_int},
+    "max_num_batched_tokens": {"type": positive_int},
+    "max_model_len": {"type": positive_int},
+    "tensor_parallel_size": {"type": positive_int, "aliases": ("-tp",)},
+    "pipeline_parallel_size": {"type": positive_int, "aliases": ("-pp",)},
+    "log_stats_interval_s": {"type": float},
+}
+
+# DisaggConfig field -> (flag, argparse keywords); launcher, debug_* and stats_interval_s are
+# test knobs, left to Python.
+_DISAGG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
+    "transport": ("--kv-transport", {"choices": ("auto", "shm", "cuda_ipc")}),
+    "kv_lease_timeout_s": ("--kv-lease-timeout-s", {"type": float}),
+    "on_lease_expiry": (
+        "--on-lease-expiry",
+        {
+            "choices": ("fail", "retry"),
+            # Its enum members carry the docs, not the field.
+            "help": "when a lease expires: fail ends the request with an error, retry "
+            "prefills it again (default: fail)",
+        },
+    ),
+    "retry_on_instance_failure": ("--retry-on-instance-failure", {"action": "store_true"}),
+    "max_retries": ("--max-retries", {"type": int}),
+    "startup_timeout_s": ("--startup-timeout-s", {"type": float}),
+}
+
+
+def add_engine_args(p: argparse._ActionsContainer) -> None:
+    """Adds the engine, placement and disaggregation flags to a parser (in two argument
+    groups) or to a group passed in (argparse deprecates nested groups)."""
+    own = isinstance(p, argparse.ArgumentParser)
+    g = p.add_argument_group("engine (EngineConfig)") if own else p
+    for name, kwargs in _ENGINE_FLAGS.items():
+        kwargs = dict(kwargs)
+        flags = ("--" + name.replace("_", "-"), *kwargs.pop("aliases", ()))
+        kwargs.update(_metavar(kwargs), dest=name, default=None, help=_help(EngineConfig, name))
+        g.add_argument(*flags, **kwargs)
+    g = p.add_argument_group("placement (colocated or disaggregated)") if own else p
+    _add_placement_args(g)
+
+
+def _add_placement_args(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--placement",
-        metavar="YAML",
+        type=placement_arg,
         default=None,
-        help="placement file written by `drt-run plan` (prefill/decode instances "
-        "and their TP/PP); default: one colocated instance",
+        metavar="colocated|disaggregated|FILE.yaml",
+        help="colocated: one instance does both phases (--policy); disaggregated: 1 prefill "
+        "+ 1 decode instance (change with the flags below); or a placement file `drt-run "
+        "plan` writes (default: colocated)",
     )
-    _add_capacity_args(g)
-
-
-def _add_capacity_args(g) -> None:
+    for phase in PHASES:
+        g.add_argument(
+            f"--num-{phase}-instances", type=positive_int, default=None, metavar="N",
+            help=f"disaggregated: {phase} instances (default: the placement's, else 1)",
+        )  # fmt: skip
+        for key, what in (("tp", "tensor-parallel"), ("pp", "pipeline-parallel")):
+            g.add_argument(
+                f"--{phase}-{key}", type=positive_int, default=None, metavar="N",
+                help=f"disaggregated: {what} size of each {phase} instance",
+            )  # fmt: skip
     g.add_argument(
-        "--policy",
-        choices=sorted(POLICIES),
-        default="continuous_batching",
-        help="scheduling policy of a colocated instance",
-    )
-    g.add_argument(
-        "--block-size", type=int, choices=(8, 16, 32), default=16, help="tokens per KV block"
-    )
-    g.add_argument(
-        "--max-model-len",
+        "--cpu-cores-per-instance",
         type=positive_int,
+        metavar="N",
         default=None,
-        help="context length (prompt + output); default: the model's",
+        help="disaggregated, " + _help(PhaseConfig, "cpu_cores"),
     )
     g.add_argument(
-        "--max-num-seqs",
-        type=positive_int,
-        default=256,
-        help="requests holding KV at once per instance",
+        "--no-pin-cpus",
+        dest="pin_cpus",
+        action="store_false",
+        help="disaggregated, CPU: let the instances share every core instead of pinning each "
+        "to its own",
     )
-    g.add_argument(
-        "--max-num-batched-tokens",
-        type=positive_int,
-        default=None,
-        help="tokens per step at most (prefill budget L_m)",
-    )
-    g.add_argument(
-        "--gpu-memory-utilization",
-        type=float,
-        default=0.9,
-        help="GPU: fraction of device memory the engine may use",
-    )
-    g.add_argument(
-        "--kv-cache-memory-bytes",
-        type=positive_int,
-        default=1 << 30,
-        help="CPU: bytes of the KV pool",
-    )
-    g.add_argument(
-        "--tensor-parallel-size",
-        "-tp",
-        type=positive_int,
-        default=1,
-        help="TP degree of a colocated instance (placement files set their own)",
-    )
-    g.add_argument(
-        "--pipeline-parallel-size",
-        "-pp",
-        type=positive_int,
-        default=1,
-        help="PP degree of a colocated instance",
-    )
+    for name, (flag, kwargs) in _DISAGG_FLAGS.items():
+        kwargs = {"help": _help(DisaggConfig, name), **_metavar(kwargs), **kwargs}
+        kwargs["help"] = "disaggregated: " + kwargs["help"]
+        g.add_argument(flag, dest=name, default=None, **kwargs)
 
 
-def engine_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """`EngineConfig` keyword arguments from the parsed flags."""
-    kwargs = {name: getattr(args, name) for name in _ENGINE_FIELDS}
-    kwargs["model"] = kwargs["model"] or DEFAULT_MODEL
-    return kwargs
+def _metavar(kwargs: dict[str, Any]) -> dict[str, str]:
+    """Short metavars (N, SECONDS, X) instead of argparse's upper-cased flag names."""
+    if "choices" in kwargs or "action" in kwargs or "metavar" in kwargs:
+        return {}
+    kind = kwargs.get("type")
+    if kind in (int, positive_int):
+        return {"metavar": "N"}
+    return {"metavar": "X"} if kind is float else {}
 
 
-def build_engine_client(args: argparse.Namespace) -> EngineClient:
-    """The engine for `drt-run serve` (see the module docstring for the contract).
+def configs_from_args(
+    args: argparse.Namespace, placement: Placement | None = None
+) -> tuple[EngineConfig, Placement, DisaggConfig]:
+    """The engine's configs from flags of `add_engine_args`; flags left unset keep the
+    dataclasses' defaults. ``placement`` replaces ``--placement`` (`drt-run bench
+    --compare`); the per-phase flags apply to it when it is disaggregated.
 
-    Raises ValueError for a bad placement file, and NotImplementedError while AsyncLLM
-    does not exist yet (never a silent substitute engine)."""
-    args.engine_kwargs = engine_kwargs(args)
-    args.placement_file = load_placement(args.placement) if args.placement else None
-    try:
-        from distserve_rt.engine.async_llm import AsyncLLM
-    except ModuleNotFoundError as exc:
-        if exc.name != "distserve_rt.engine.async_llm":
-            raise  # a dependency of AsyncLLM is missing: that error is the useful one
-        raise NotImplementedError(
-            "drt-run serve needs distserve_rt.engine.async_llm.AsyncLLM, which lands with "
-            "the disaggregated runtime; it is not in this build"
-        ) from exc
-    engine = AsyncLLM.from_engine_args(args)
-    if not isinstance(engine, EngineClient):
-        raise TypeError(
-            f"AsyncLLM.from_engine_args returned {type(engine).__name__}, "
-            "which does not implement EngineClient"
-        )
-    return engine
+    Raises ValueError naming the flags when per-phase flags come with ``--placement``
+    colocated, and the dataclasses' ValueErrors for values they refuse.
+    """
+    engine = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
+    disagg = {k: getattr(args, k) for k in _DISAGG_FLAGS if getattr(args, k, None) is not None}
+    if getattr(args, "pin_cpus", True) is False:
+        disagg["pin_cpus"] = False
+    if placement is None:
+        placement = placement_from_args(args)
+    elif placement.is_disaggregated:
+        placement = placement_from_args(args, placement)
+    return EngineConfig(**engine), placement, DisaggConfig(**disagg)
+
+
+def placement_from_args(args: argparse.Namespace, placement: Placement | None = None) -> Placement:
+    """``placement`` (default: ``--placement``'s, else colocated) with the per-phase flags
+    applied. ValueError when they are given for a colocated placement."""
+    placement = placement or getattr(args, "placement", None) or Placement.colocated()
+    overrides = {phase: _phase_overrides(args, phase) for phase in PHASES}
+    cores = getattr(args, "cpu_cores_per_instance", None)
+    if not placement.is_disaggregated:
+        given = sorted("--" + d.replace("_", "-") for o in overrides.values() for d in o.values())
+        given += ["--cpu-cores-per-instance"] if cores is not None else []
+        if given:
+            raise ValueError(
+                f"{', '.join(given)} need --placement disaggregated (or a disaggregated "
+                "placement file); the placement is colocated"
+            )
+        return placement
+    phases = []
+    for phase in PHASES:
+        base: PhaseConfig = getattr(placement, phase)
+        values = {"tp": base.tp, "pp": base.pp, "num_instances": base.num_instances}
+        values["cpu_cores"] = base.cpu_cores if cores is None else cores
+        values.update({key: getattr(args, dest) for key, dest in overrides[phase].items()})
+        phases.append(PhaseConfig(**values))
+    return Placement.disaggregated(*phases)
+
+
+def _phase_overrides(args: argparse.Namespace, phase: str) -> dict[str, str]:
+    """``{PhaseConfig field: args attribute}`` of the per-phase flags that were given."""
+    dests = {"num_instances": f"num_{phase}_instances", "tp": f"{phase}_tp", "pp": f"{phase}_pp"}
+    return {k: d for k, d in dests.items() if getattr(args, d, None) is not None}
+
+
+def build_engine_client(
+    args: argparse.Namespace, *, placement: Placement | None = None, policy: str | None = None
+) -> EngineClient:
+    """The engine of the flags (`AsyncLLM.from_engine_args`), or of the flags with another
+    placement and colocated policy (`drt-run bench --compare` builds one per entry)."""
+    from distserve_rt.engine.async_llm import AsyncLLM
+
+    if placement is None and policy is None:
+        return AsyncLLM.from_engine_args(args)
+    config, placement, disagg = configs_from_args(args, placement)
+    if policy is not None:
+        config = config.replace(policy=policy)
+    return AsyncLLM.from_config(config, placement, disagg, getattr(args, "served_model_name", None))

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from distserve_rt.engine.cli_args import add_engine_args, configs_from_args
 from distserve_rt.engine.llm import LLM
+from distserve_rt.entrypoints.engine_args import add_engine_args, configs_from_args
 from distserve_rt.sampling_params import SamplingParams
 
 
@@ -20,12 +20,15 @@ def add_parser(sub) -> None:
     s.add_argument("--top-k", type=int, default=-1)
     s.add_argument("--sampling-seed", type=int, default=None, help="per-request seed")
     s.add_argument("--ignore-eos", action="store_true")
-    add_engine_args(p.add_argument_group("engine"))
+    add_engine_args(p)
     p.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    config, placement, disagg = configs_from_args(args)
+    try:
+        config, placement, disagg = configs_from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"drt-run generate: {exc}") from None
     params = SamplingParams(
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.sampling_seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,

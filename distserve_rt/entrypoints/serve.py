@@ -116,7 +116,10 @@ def run_server(server: uvicorn.Server, engine: EngineClient) -> int:
 
 def run(args: argparse.Namespace) -> int:
     logging.getLogger("distserve_rt").setLevel(args.log_level.upper())
-    engine = engine_args.build_engine_client(args)
+    try:
+        engine = engine_args.build_engine_client(args)
+    except ValueError as exc:
+        raise SystemExit(f"drt-run serve: {exc}") from None
     return run_server(build_server(engine, args), engine)
 
 

@@ -112,6 +112,20 @@ class Workload:
         idx = np.random.default_rng(seed).integers(0, self.num_requests, num_requests)
         return Workload(self.name, self.prompt_lens[idx], self.output_lens[idx])
 
+    def scaled(self, factor: float) -> Workload:
+        """Every length times ``factor``, rounded, at least 1 token (a paper dataset shrunk
+        to a tiny model's speed keeps its prompt/output mix and its spread)."""
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not factor > 0:
+            raise ValueError(f"factor must be a number > 0, got {factor!r}")
+        if factor == 1:
+            return self
+
+        def scale(lens: np.ndarray) -> np.ndarray:
+            return np.maximum(1, np.rint(lens * factor)).astype(np.int64)
+
+        name = f"{self.name}x{factor:g}"
+        return Workload(name, scale(self.prompt_lens), scale(self.output_lens))
+
     def arrivals(self, rate: float, *, cv: float = 1.0, seed: int = 0) -> np.ndarray:
         """Arrival times (s, float64 ``[num_requests]``) at ``rate`` req/s; see `arrival_times`."""
         return arrival_times(self.num_requests, rate, cv=cv, seed=seed)

@@ -9,9 +9,9 @@ import asyncio
 import pytest
 
 from distserve_rt.engine.async_llm import AsyncLLM
-from distserve_rt.engine.cli_args import add_engine_args, configs_from_args
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineClient, EngineOverloadedError
+from distserve_rt.entrypoints.engine_args import add_engine_args, configs_from_args
 from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy
 
 
@@ -82,7 +82,7 @@ def test_flags_build_configs_and_reject_unsupported_parallelism():
     config, placement, disagg = configs_from_args(args)
     assert placement.decode.num_instances == 2 and placement.prefill.num_instances == 1
     assert config.max_model_len == 64 and disagg.pin_cpus
-    with pytest.raises(ValueError, match="need --placement disaggregated"):
+    with pytest.raises(ValueError, match="--num-decode-instances need --placement disagg"):
         configs_from_args(parser.parse_args(["--num-decode-instances", "2"]))
     args = parser.parse_args(["--placement", "disaggregated", "--decode-tp", "2"])
     with pytest.raises(NotImplementedError, match="multi-process TP/PP executor"):
