@@ -234,6 +234,7 @@ def _run_target(args, loop: EventLoop, entry: CompareEntry | None, common: tuple
         loop=loop,
     )
     try:
+        bench.warm_up(args.num_warmups)
         search = _bench(args, bench, metadata, provenance)
     finally:
         loop.run(backend.close())

@@ -130,6 +130,13 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
         default=600.0,
         help="seconds before a request counts as failed (default: 600)",
     )
+    g.add_argument(
+        "--num-warmups",
+        type=int,
+        default=1,
+        help="requests sent at once (8 output tokens at most) and discarded before the runs "
+        "of each target, so that no run pays a fresh engine's one-time costs (default: 1)",
+    )
     g.add_argument("--disable-tqdm", action="store_true", help="no progress bar")
 
 

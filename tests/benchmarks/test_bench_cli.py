@@ -93,7 +93,8 @@ def test_http_sweep_saves_vllm_json_sweep_and_plot(server_url, tmp_path, capsys)
 def test_in_process_uses_build_engine_client(monkeypatch, capsys):
     engine = FakeEngine(max_model_len=10)
     monkeypatch.setattr(engine_args, "build_engine_client", lambda args, **_: engine)
-    assert main(["bench", *COMMON, "--request-rate", "200", "--slo-scale"]) == 0
+    argv = ["bench", *COMMON, "--request-rate", "200", "--slo-scale", "--num-warmups", "0"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "Successful requests:                     6" in out
     assert "6 requests clipped to max_model_len" in out  # 8 + 4 > 10

@@ -54,7 +54,9 @@ def test_compare_runs_every_setup_on_the_same_requests(monkeypatch, tmp_path, ca
         (True, None),
         (False, "chunked_prefill"),
     ]
-    received = [[ids for _, ids, _ in engine.received[:6]] for _, _, engine in built]
+    # One warm-up request (8 output tokens at most), unscored, then the runs.
+    assert [rid for rid, _, _ in built[0][2].received[:2]] == ["warmup-0", "bench-0"]
+    received = [[ids for _, ids, _ in engine.received[:7]] for _, _, engine in built]
     assert received[0] == received[1] == received[2]  # same requests, in the same order
     assert out.index("Serving Benchmark Result") < out.index(SIDE_BY_SIDE)
     table = out[out.index(SIDE_BY_SIDE) :].splitlines()

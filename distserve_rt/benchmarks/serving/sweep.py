@@ -111,6 +111,27 @@ class ServingBenchmark:
         self.loop = loop
         self.runs: list[RunResult] = []
 
+    def warm_up(self, num_requests: int, max_tokens: int = 8) -> None:
+        """Sends the first ``num_requests`` requests at once (at most ``max_tokens`` output
+        tokens each) and discards them, as ``vllm bench serve --num-warmups`` does: a fresh
+        engine's first steps pay one-time costs (allocations, the first KV pull, worker
+        wake-up) that would otherwise land on whichever run comes first.
+
+        Raises `BenchmarkAborted` when a warm-up request fails (the runs would fail too)."""
+        if num_requests < 0:
+            raise ValueError(f"num_requests must be >= 0, got {num_requests!r}")
+        if num_requests == 0:
+            return
+        warm = self.workload.sample(num_requests, seed=self.settings.seed)
+        warm = replace(warm, output_lens=warm.output_lens.clip(max=max_tokens))
+        request_set = build_requests(
+            warm, rate=math.inf, seed=self.settings.seed, id_prefix="warmup-", **self._token_args
+        )
+        run = self.loop.run(run_requests(self.backend, request_set, disable_tqdm=True))
+        failed = [r.error for r in run.records if not r.success]
+        if failed:
+            raise BenchmarkAborted(f"{len(failed)} warm-up request(s) failed: {failed[0]}")
+
     def run_at(self, rate: float, source: str = "sweep") -> RunResult:
         """Sends the workload at ``rate`` req/s (inf: all at once) and scores it."""
         s = self.settings
