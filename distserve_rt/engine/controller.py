@@ -21,12 +21,15 @@ import weakref
 from collections.abc import Sequence
 from multiprocessing import connection
 
+from distserve_rt.core.detokenizer import IncrementalDetokenizer
+from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg import recovery
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
 from distserve_rt.engine.disagg.launcher import InstanceHandle
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
+from distserve_rt.engine.llm_engine import check_sampling_params
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
 from distserve_rt.logger import init_logger
@@ -170,19 +173,45 @@ class Controller:
         ValueError for invalid input, EngineDeadError when no prefill instance lives."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = sampling_params or SamplingParams()
-        if params.stop:
-            raise NotImplementedError(
-                "stop strings are not supported by disaggregated placements yet (the "
-                "instances see token ids only); use stop_token_ids"
-            )
+        params = check_sampling_params(
+            request_id, sampling_params or SamplingParams(), self.model_config
+        )
         ids = _check_token_ids(request_id, prompt_token_ids, self.model_config.vocab_size)
         now = time.monotonic() if arrival_time is None else arrival_time
         tracked = TrackedRequest(request_id, prompt, ids, params, now, stream)
+        # Raises ValueError for stop strings without a tokenizer, before anything is queued.
+        tracked.stop_checker = self._stop_checker(params, ids)
+        if params.logprobs is not None:
+            tracked.logprobs = []
         if not self.prefills():
             raise EngineDeadError("every prefill instance is dead")
         self.requests[request_id] = tracked
         self.dispatch_prefill(tracked)
+
+    def _stop_checker(self, params: SamplingParams, prompt_ids: list[int]) -> StopChecker | None:
+        """The request's detokenizer + stop rules, run here on the streamed tokens.
+
+        Why here and not in the decode instance: the controller sees every token of a
+        request in order (the first from prefill, the rest from decode, again after a
+        retry), already holds the tokenizer, and builds the outputs; the instances keep
+        deciding EOS / stop ids / length on token ids (the same rules, so both sides agree)
+        and a stop string, which only text reveals, aborts the request on its instance.
+        """
+        max_model_len = self.scheduler_config.max_model_len
+        if len(prompt_ids) >= max_model_len:
+            return None  # no room for output: the prefill instance rejects it
+        detokenizer = None
+        if self.tokenizer is not None:
+            detokenizer = IncrementalDetokenizer(
+                self.tokenizer, prompt_ids, params.skip_special_tokens
+            )
+        return StopChecker(
+            params,
+            eos_token_id=self.model_config.eos_token_id,
+            num_prompt_tokens=len(prompt_ids),
+            max_model_len=max_model_len,
+            detokenizer=detokenizer,
+        )
 
     def dispatch_prefill(self, tracked: TrackedRequest) -> None:
         live = self.prefills()
@@ -284,9 +313,15 @@ class Controller:
         tracked.num_queued_tokens = 0
         tracked.prefill_start_time = m.prefill_start_time
         tracked.prefill_end_time = m.time
-        tracked.append_tokens([m.token_id], m.time)
+        logprobs = None if m.logprobs is None else [m.logprobs]
+        stopped = tracked.append_tokens([m.token_id], m.time, logprobs)
+        tracked.generator_state = m.generator_state
         if m.finish_reason is not None:
             self.finish(tracked, m.finish_reason, m.stop_reason)
+            return
+        if stopped is not None:  # a stop string: the KV awaiting migration is not needed
+            handle.send(msg.ReleaseKV(m.request_id))
+            self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
             return
         self._emit_stream(tracked)
         self._forward_migration(tracked, handle, m)
@@ -307,7 +342,7 @@ class Controller:
             msg.Migrate(
                 tracked.request_id, prefill.spec.index, m.block_ids, tracked.token_ids,
                 len(tracked.prompt_token_ids), tracked.sampling_params, tracked.arrival_time,
-                m.kv_digest,
+                m.kv_digest, tracked.generator_state,
             )
         )  # fmt: skip
 
@@ -328,9 +363,14 @@ class Controller:
             return  # aborted at the controller already
         if m.first_decode_time is not None:
             tracked.first_decode_time = m.first_decode_time
-        tracked.append_tokens(m.token_ids, m.time)
+        stopped = tracked.append_tokens(m.token_ids, m.time, m.logprobs)
         if m.finish_reason is not None:
             self.finish(tracked, m.finish_reason, m.stop_reason, m.error)
+        elif stopped is not None:
+            # A stop string the decode instance cannot see: it would decode on; the abort
+            # frees its KV, and tokens it sent meanwhile are dropped (the request is gone).
+            self.decode(tracked.decode_index).send(msg.Abort(m.request_id))  # type: ignore[arg-type]
+            self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
         elif m.token_ids:
             self._emit_stream(tracked)
 
@@ -353,7 +393,6 @@ class Controller:
         tracked.finished_time = time.monotonic()
         tracked.finish_reason, tracked.stop_reason = finish_reason, stop_reason
         tracked.error = error
-        tracked.text = self._final_text(tracked)
         self._outputs.append(tracked.to_output())
 
     def release_load(self, tracked: TrackedRequest) -> None:
@@ -363,15 +402,6 @@ class Controller:
         if tracked.decode_index is not None:
             self.decode(tracked.decode_index).num_assigned -= 1
             tracked.decode_index = None
-
-    def _final_text(self, tracked: TrackedRequest) -> str:
-        ids = tracked.output_token_ids
-        if self.tokenizer is None or not ids:
-            return ""
-        params = tracked.sampling_params
-        if tracked.finish_reason == "stop" and not params.include_stop_str_in_output:
-            ids = ids[:-1]  # the stop token's text is not part of the output
-        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     # ---- stats, health, shutdown ----------------------------------------------------------
 

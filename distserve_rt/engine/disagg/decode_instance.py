@@ -9,7 +9,12 @@ from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import FinishedPull, KVPuller, PullOutcome
+from distserve_rt.engine.disagg.kv_migration import (
+    FinishedPull,
+    KVPuller,
+    PullOutcome,
+    restore_generator,
+)
 
 
 class DecodeInstance(Instance):
@@ -32,6 +37,8 @@ class DecodeInstance(Instance):
         if isinstance(message, msg.Migrate):
             request = self.make_request(message)
             request.num_computed_tokens = request.num_tokens - 1
+            if message.generator_state is not None:
+                request.generator = restore_generator(message.generator_state, self.worker.device)
             self._sources[message.request_id] = message
             self.scheduler.add_migrated(request)
         elif isinstance(message, msg.Revoke):
@@ -97,9 +104,12 @@ class DecodeInstance(Instance):
         start = time.monotonic()  # after the pulls above (the decode queue ends here)
         result = self.worker.execute(out)
         end = time.monotonic()
-        tokens = result.sampled_token_ids
-        for request, token_id in zip(out.sampling_requests(), tokens, strict=True):
-            self._emit(request, token_id, start, end)
+        requests = out.sampling_requests()
+        logprobs = result.logprobs or [None] * len(requests)
+        for request, token_id, row in zip(
+            requests, result.sampled_token_ids, logprobs, strict=True
+        ):
+            self._emit(request, token_id, row, start, end)
 
     def _finish_pull(self, finished: FinishedPull) -> None:
         pull, request = finished.pull, finished.pull.request
@@ -119,9 +129,13 @@ class DecodeInstance(Instance):
         request.error = None if aborted else finished.error
         self.outbox.append(self.finished_tokens(request, finished.end_time))
 
-    def _emit(self, request: Request, token_id: int, start: float, end: float) -> None:
+    def _emit(
+        self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float
+    ) -> None:
         request.append_token(token_id, end)
         tokens = msg.Tokens(request.request_id, [token_id], end)
+        if request.sampling_params.logprobs is not None:
+            tokens.logprobs = [logprobs]  # type: ignore[list-item]
         if request.request_id not in self._decoding:
             self._decoding.add(request.request_id)
             tokens.first_decode_time = start

@@ -125,7 +125,8 @@ class Instance(abc.ABC):
 
 def check_stop(request: Request, token_id: int, eos_token_id: int | None) -> RequestStatus | None:
     """EOS and stop token ids (after min_tokens), then the length limits (the rules of
-    `LLMEngine._check_stop`). Stop strings are rejected before a request gets here."""
+    `LLMEngine._check_stop`). Stop strings need the text: the controller applies them and
+    aborts the request here when one matches."""
     params: SamplingParams = request.sampling_params
     if request.num_output_tokens >= params.min_tokens:
         if token_id in params.stop_token_ids:

@@ -124,3 +124,16 @@ class KVPuller:
             return FinishedPull(pull, PullOutcome.FAILED, now, error)
         self.num_verified += 1
         return FinishedPull(pull, PullOutcome.SUCCESS, now)
+
+
+def generator_state(generator: torch.Generator) -> bytes:
+    """A seeded request's random stream as bytes (it migrates with the KV, so the decode
+    instance draws what the colocated engine would draw next)."""
+    return generator.get_state().numpy().tobytes()
+
+
+def restore_generator(state: bytes, device: torch.device) -> torch.Generator:
+    """The generator `generator_state` saved, on `device` (where the decode logits are)."""
+    generator = torch.Generator(device=device)
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator

@@ -42,6 +42,9 @@ class Migrate:
     arrival_time: float
     kv_digest: str | None = None
     """Hash of the source blocks (debug_verify_kv), compared after the pull."""
+    generator_state: bytes | None = None
+    """Seeded requests: the prefill sampler's `torch.Generator.get_state()` bytes, so the
+    decode instance continues the same random stream (seeded outputs equal colocated)."""
 
 
 @dataclass(slots=True)
@@ -101,6 +104,8 @@ class Tokens:
     error: str | None = None
     first_decode_time: float | None = None
     """Decode instances: when its first decode step started (the decode queue ends)."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per token of `token_ids` (SamplingParams.logprobs set): {token id: logprob}."""
 
 
 @dataclass(slots=True)
@@ -116,6 +121,10 @@ class PrefillDone:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     kv_digest: str | None = None
+    logprobs: dict[int, float] | None = None
+    """The first token's {token id: logprob} (SamplingParams.logprobs set)."""
+    generator_state: bytes | None = None
+    """Seeded requests: the generator state after sampling the first token."""
 
 
 @dataclass(slots=True)

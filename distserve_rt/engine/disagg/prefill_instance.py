@@ -12,7 +12,7 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler.prefill import PrefillScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import kv_digest
+from distserve_rt.engine.disagg.kv_migration import generator_state, kv_digest
 
 
 class PrefillInstance(Instance):
@@ -53,16 +53,24 @@ class PrefillInstance(Instance):
             result = self.worker.execute(out)
             self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
             end = time.monotonic()
-            for request, token_id in zip(
-                out.sampling_requests(), result.sampled_token_ids, strict=True
+            requests = out.sampling_requests()
+            logprobs = result.logprobs or [None] * len(requests)
+            for request, token_id, row in zip(
+                requests, result.sampled_token_ids, logprobs, strict=True
             ):
-                self._after_prefill(request, token_id, now, end)
+                self._after_prefill(request, token_id, row, now, end)
         for request in self.scheduler.expired_leases(now, self._lease_s):
             self.outbox.append(msg.LeaseExpired(request.request_id))
 
-    def _after_prefill(self, request: Request, token_id: int, start: float, end: float) -> None:
+    def _after_prefill(
+        self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float
+    ) -> None:
         request.append_token(token_id, end)
         done = msg.PrefillDone(request.request_id, token_id, end, start)
+        if request.sampling_params.logprobs is not None:
+            done.logprobs = logprobs
+        if request.generator is not None:
+            done.generator_state = generator_state(request.generator)
         status = self.check_stop(request, token_id)
         if status is not None:
             self.scheduler.finish_request(request, status, end)
