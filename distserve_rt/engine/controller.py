@@ -16,6 +16,7 @@ thread drives it. Nothing waits without a timeout.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import weakref
 from collections.abc import Sequence
@@ -45,7 +46,8 @@ class Controller:
     Args:
         config: the instances' engine settings (model, block size, limits; its
             max_num_batched_tokens is the prefill budget L_m).
-        placement: a disaggregated `Placement` (TP = PP = 1 per instance for now).
+        placement: a disaggregated `Placement` (TP x PP per phase: see
+            `Placement.check_supported`).
         disagg_config: leases, retries, transport, pinning, launcher.
     """
 
@@ -58,6 +60,12 @@ class Controller:
         if not placement.is_disaggregated:
             raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
         placement.check_supported()
+        dc = disagg_config or DisaggConfig()
+        if placement.max_num_ranks > 1 and dc.debug_verify_kv:
+            raise NotImplementedError(
+                "debug_verify_kv hashes a whole instance's pool and is not wired for TP x PP "
+                "instances (each rank holds a slice); set debug_verify_kv=False"
+            )
         if config.device != "cpu":
             raise NotImplementedError(
                 "disaggregated placements run on CPU only for now: giving each instance its "
@@ -93,8 +101,17 @@ class Controller:
         groups = p.cpu_core_groups() if pin else [None] * len(roles)
         index = {InstanceRole.PREFILL: 0, InstanceRole.DECODE: 0}
         specs = []
+        configs = {
+            role: dataclasses.replace(
+                self.config, tensor_parallel_size=phase.tp, pipeline_parallel_size=phase.pp
+            )
+            for role, phase in ((InstanceRole.PREFILL, p.prefill), (InstanceRole.DECODE, p.decode))
+        }
         for role, cores in zip(roles, groups, strict=True):
-            spec = InstanceSpec(role, index[role], self.config, dc, self.transport_name, cores)
+            spec = InstanceSpec(
+                role, index[role], configs[role], dc, self.transport_name, cores,
+                prefill_parallelism=(p.prefill.tp, p.prefill.pp),
+            )  # fmt: skip
             specs.append(spec)
             index[role] += 1
         return specs
@@ -124,7 +141,7 @@ class Controller:
                     f"{self.disagg_config.startup_timeout_s}"
                 )
         descriptors = {
-            h.spec.index: readies[i].pool_descriptor
+            h.spec.index: readies[i].pool_descriptors
             for i, h in enumerate(self.instances)
             if h.role is InstanceRole.PREFILL
         }
@@ -177,6 +194,13 @@ class Controller:
             request_id, sampling_params or SamplingParams(), self.model_config
         )
         ids = _check_token_ids(request_id, prompt_token_ids, self.model_config.vocab_size)
+        if params.seed is not None and params.temperature > 0 and self.placement.max_num_ranks > 1:
+            raise NotImplementedError(
+                f"request {request_id!r}: seeded sampling on TP x PP instances would restart "
+                "its random stream on the decode instance (the generator lives in the "
+                "sampling worker process and is not migrated yet); use seed=None or "
+                "instances with tp=pp=1"
+            )
         now = time.monotonic() if arrival_time is None else arrival_time
         tracked = TrackedRequest(request_id, prompt, ids, params, now, stream)
         # Raises ValueError for stop strings without a tokenizer, before anything is queued.

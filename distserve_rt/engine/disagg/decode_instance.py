@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.engine.disagg import messages as msg
@@ -12,18 +14,31 @@ from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
 from distserve_rt.engine.disagg.kv_migration import (
     FinishedPull,
     KVPuller,
+    PullGeometry,
     PullOutcome,
     restore_generator,
 )
+from distserve_rt.engine.disagg.rank_kv import RankPuller
+from distserve_rt.transfer import Parallelism
 
 
 class DecodeInstance(Instance):
     def __init__(self, spec: InstanceSpec) -> None:
         super().__init__(spec)
         self.scheduler = DecodeScheduler(self.scheduler_config, self.block_manager)
-        assert self.worker.kv_pool is not None  # init_kv_cache allocated it
         config = spec.disagg_config
-        self.puller = KVPuller(self.transport, self.worker.kv_pool, config.debug_verify_kv)
+        mc, ec = self.model_config, spec.engine_config
+        geometry = PullGeometry(
+            mc.num_layers, mc.num_kv_heads, Parallelism(*spec.prefill_parallelism),
+            Parallelism(ec.tensor_parallel_size, ec.pipeline_parallel_size),
+        )  # fmt: skip
+        self.puller: KVPuller | RankPuller
+        if self.worker is not None:
+            assert self.worker.kv_pool is not None  # init_kv_cache allocated it
+            pool = self.worker.kv_pool
+            self.puller = KVPuller(self.transport, pool, config.debug_verify_kv, geometry)
+        else:
+            self.puller = RankPuller(self.executor, geometry)  # type: ignore[arg-type]
         self._pull_from = time.monotonic() + config.debug_pull_delay_s
         # Migrations whose source KV the prefill instance still holds for us.
         self._sources: dict[str, msg.Migrate] = {}
@@ -38,7 +53,8 @@ class DecodeInstance(Instance):
             request = self.make_request(message)
             request.num_computed_tokens = request.num_tokens - 1
             if message.generator_state is not None:
-                request.generator = restore_generator(message.generator_state, self.worker.device)
+                device = torch.device(self.spec.engine_config.device)
+                request.generator = restore_generator(message.generator_state, device)
             self._sources[message.request_id] = message
             self.scheduler.add_migrated(request)
         elif isinstance(message, msg.Revoke):
@@ -96,13 +112,14 @@ class DecodeInstance(Instance):
             self._finish_pull(finished)
         out = self.scheduler.schedule(now)
         for request in out.finished:  # aborted, or rejected (never fits this pool)
+            self.release(request)
             self._decoding.discard(request.request_id)
             self._release_source(request.request_id, False, now, now, error=request.error)
             self.outbox.append(self.finished_tokens(request, now))
         if out.is_empty:
             return
         start = time.monotonic()  # after the pulls above (the decode queue ends here)
-        result = self.worker.execute(out)
+        result = self.executor.execute(out)
         end = time.monotonic()
         requests = out.sampling_requests()
         logprobs = result.logprobs or [None] * len(requests)
@@ -116,7 +133,7 @@ class DecodeInstance(Instance):
         request_id = request.request_id
         ok = finished.outcome is PullOutcome.SUCCESS
         self._release_source(
-            request_id, ok, pull.start_time, finished.end_time, pull.handle.num_bytes,
+            request_id, ok, pull.start_time, finished.end_time, finished.num_bytes,
             finished.error,
         )  # fmt: skip
         if ok and request_id not in self._abort_after_pull:
@@ -142,6 +159,7 @@ class DecodeInstance(Instance):
         status = self.check_stop(request, token_id)
         if status is not None:
             self.scheduler.finish_request(request, status, end)
+            self.release(request)
             self._decoding.discard(request.request_id)
             tokens.finish_reason = request.finish_reason
             tokens.stop_reason = request.stop_reason
@@ -157,10 +175,10 @@ class DecodeInstance(Instance):
 
     def status(self) -> msg.InstanceStatus:
         s, bm = self.scheduler, self.block_manager
-        t = self.transport.stats()
+        num_ok, num_failed, num_bytes, seconds = self.puller.totals()
         return msg.InstanceStatus(
             s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage,
-            num_transfers=t.num_succeeded, num_transfer_failures=t.num_failed,
-            transfer_bytes=t.bytes_succeeded, transfer_seconds=t.seconds_succeeded,
+            num_transfers=num_ok, num_transfer_failures=num_failed,
+            transfer_bytes=num_bytes, transfer_seconds=seconds,
             num_kv_verified=self.puller.num_verified,
         )  # fmt: skip

@@ -27,9 +27,12 @@ class InstanceHandle:
             self._thread.start()
         else:
             ctx = multiprocessing.get_context("spawn")
+            # A daemonic process may not start children; a TP x PP instance starts its
+            # worker processes (they exit with it: their pipes to it close).
             self._process = ctx.Process(
-                target=run_instance, args=(spec, child), name=f"drt-{spec.name}", daemon=True
-            )
+                target=run_instance, args=(spec, child), name=f"drt-{spec.name}",
+                daemon=spec.num_ranks == 1,
+            )  # fmt: skip
             self._process.start()
             child.close()  # only the child holds it now: its death closes the pipe
         self.alive = True

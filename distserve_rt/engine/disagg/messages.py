@@ -71,7 +71,8 @@ class Abort:
 class PeerPools:
     """The prefill instances' pool descriptors (to decode instances, once at start-up)."""
 
-    descriptors: dict[int, bytes]
+    descriptors: dict[int, list[bytes]]
+    """Prefill instance index -> one descriptor per rank (`Ready.pool_descriptors`)."""
 
 
 @dataclass(slots=True)
@@ -88,8 +89,9 @@ class Ready:
     model_config: object
     """`ModelConfig` of the loaded model (plain dataclass)."""
     num_blocks: int
-    pool_descriptor: bytes | None = None
-    """Prefill instances: their pool's `PoolDescriptor.to_bytes()`."""
+    pool_descriptors: list[bytes] | None = None
+    """Prefill instances: their pools' `PoolDescriptor.to_bytes()`, one per rank in rank
+    order (``pp_rank * tp + tp_rank``)."""
 
 
 @dataclass(slots=True)
