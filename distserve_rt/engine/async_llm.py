@@ -190,11 +190,9 @@ class AsyncLLM:
             raise EngineDeadError(self._dead)
         self._core.check_health()
 
-    async def shutdown(self) -> None:
-        self.shutdown_sync()
-
-    def shutdown_sync(self) -> None:
-        """Stops the engine thread and the engine (idempotent)."""
+    def shutdown(self) -> None:
+        """Stops the engine thread and the engine (idempotent). Synchronous, as vLLM's, so
+        a server can call it after its event loop has stopped."""
         if self._stopping.is_set():
             return
         self._stopping.set()
@@ -206,7 +204,7 @@ class AsyncLLM:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self.shutdown()
+        self.shutdown()
 
     # ---- input -------------------------------------------------------------------------
 
