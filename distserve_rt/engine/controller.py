@@ -16,21 +16,17 @@ thread drives it. Nothing waits without a timeout.
 
 from __future__ import annotations
 
-import dataclasses
 import time
 import weakref
 from collections.abc import Sequence
 from multiprocessing import connection
 
-from distserve_rt.core.detokenizer import IncrementalDetokenizer
-from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
-from distserve_rt.engine.disagg import recovery
-from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
-from distserve_rt.engine.disagg.launcher import InstanceHandle
+from distserve_rt.engine.disagg.instance import InstanceRole
+from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
-from distserve_rt.engine.llm_engine import check_sampling_params
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
 from distserve_rt.logger import init_logger
@@ -92,33 +88,10 @@ class Controller:
 
     # ---- start-up ----------------------------------------------------------------------
 
-    def _specs(self) -> list[InstanceSpec]:
-        p, dc = self.placement, self.disagg_config
-        assert p.prefill is not None and p.decode is not None
-        roles = [InstanceRole.PREFILL] * p.prefill.num_instances
-        roles += [InstanceRole.DECODE] * p.decode.num_instances
-        pin = dc.pin_cpus and dc.launcher == "process"
-        groups = p.cpu_core_groups() if pin else [None] * len(roles)
-        index = {InstanceRole.PREFILL: 0, InstanceRole.DECODE: 0}
-        specs = []
-        configs = {
-            role: dataclasses.replace(
-                self.config, tensor_parallel_size=phase.tp, pipeline_parallel_size=phase.pp
-            )
-            for role, phase in ((InstanceRole.PREFILL, p.prefill), (InstanceRole.DECODE, p.decode))
-        }
-        for role, cores in zip(roles, groups, strict=True):
-            spec = InstanceSpec(
-                role, index[role], configs[role], dc, self.transport_name, cores,
-                prefill_parallelism=(p.prefill.tp, p.prefill.pp),
-            )  # fmt: skip
-            specs.append(spec)
-            index[role] += 1
-        return specs
-
     def _launch(self) -> list[InstanceHandle]:
         in_process = self.disagg_config.launcher == "thread"
-        return [InstanceHandle(spec, in_process) for spec in self._specs()]
+        specs = instance_specs(self.config, self.placement, self.disagg_config, self.transport_name)
+        return [InstanceHandle(spec, in_process) for spec in specs]
 
     def _wait_ready(self):
         deadline = time.monotonic() + self.disagg_config.startup_timeout_s
@@ -190,52 +163,17 @@ class Controller:
         ValueError for invalid input, EngineDeadError when no prefill instance lives."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = check_sampling_params(
-            request_id, sampling_params or SamplingParams(), self.model_config
-        )
-        ids = _check_token_ids(request_id, prompt_token_ids, self.model_config.vocab_size)
-        if params.seed is not None and params.temperature > 0 and self.placement.max_num_ranks > 1:
-            raise NotImplementedError(
-                f"request {request_id!r}: seeded sampling on TP x PP instances would restart "
-                "its random stream on the decode instance (the generator lives in the "
-                "sampling worker process and is not migrated yet); use seed=None or "
-                "instances with tp=pp=1"
-            )
         now = time.monotonic() if arrival_time is None else arrival_time
-        tracked = TrackedRequest(request_id, prompt, ids, params, now, stream)
-        # Raises ValueError for stop strings without a tokenizer, before anything is queued.
-        tracked.stop_checker = self._stop_checker(params, ids)
-        if params.logprobs is not None:
-            tracked.logprobs = []
+        tracked = admission.admit(
+            request_id, prompt, prompt_token_ids, sampling_params or SamplingParams(), now,
+            stream, model_config=self.model_config,
+            max_model_len=self.scheduler_config.max_model_len, tokenizer=self.tokenizer,
+            max_num_ranks=self.placement.max_num_ranks,
+        )  # fmt: skip
         if not self.prefills():
             raise EngineDeadError("every prefill instance is dead")
         self.requests[request_id] = tracked
         self.dispatch_prefill(tracked)
-
-    def _stop_checker(self, params: SamplingParams, prompt_ids: list[int]) -> StopChecker | None:
-        """The request's detokenizer + stop rules, run here on the streamed tokens.
-
-        Why here and not in the decode instance: the controller sees every token of a
-        request in order (the first from prefill, the rest from decode, again after a
-        retry), already holds the tokenizer, and builds the outputs; the instances keep
-        deciding EOS / stop ids / length on token ids (the same rules, so both sides agree)
-        and a stop string, which only text reveals, aborts the request on its instance.
-        """
-        max_model_len = self.scheduler_config.max_model_len
-        if len(prompt_ids) >= max_model_len:
-            return None  # no room for output: the prefill instance rejects it
-        detokenizer = None
-        if self.tokenizer is not None:
-            detokenizer = IncrementalDetokenizer(
-                self.tokenizer, prompt_ids, params.skip_special_tokens
-            )
-        return StopChecker(
-            params,
-            eos_token_id=self.model_config.eos_token_id,
-            num_prompt_tokens=len(prompt_ids),
-            max_model_len=max_model_len,
-            detokenizer=detokenizer,
-        )
 
     def dispatch_prefill(self, tracked: TrackedRequest) -> None:
         live = self.prefills()
@@ -497,16 +435,3 @@ def _recv(handle: InstanceHandle) -> object:
 
 def _describe(reply: object) -> str:
     return reply.error if isinstance(reply, msg.Fatal) else repr(reply)
-
-
-def _check_token_ids(request_id: str, token_ids: Sequence[int], vocab_size: int) -> list[int]:
-    ids = list(token_ids)
-    if not ids:
-        raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise ValueError(
-                f"request {request_id!r}: prompt_token_ids must be ints in [0, {vocab_size}), "
-                f"got {t!r}"
-            )
-    return ids
