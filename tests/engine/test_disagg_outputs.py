@@ -13,7 +13,7 @@ from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
-from tests.engine.disagg_helpers import PROMPTS, engine_config
+from tests.engine.disagg_helpers import PROMPTS, engine_config, kv_idle, settle
 
 # Found in the greedy texts of PROMPTS on dummy:llama-tiny (byte tokenizer): requests 2, 3
 # and 4 stop at one of them after several tokens, 0 and 1 run to max_tokens.
@@ -72,6 +72,7 @@ def test_stop_strings_cut_text_and_stream_like_colocated(colocated, controller, 
         assert len(token_ids) < 16 and text.endswith(stop) == include_stop
         # hold-back: no streamed text ever showed the stop string or text after it
         assert all(text.startswith(s) for s in streamed)
+    settle(controller, lambda: kv_idle(controller))  # the stopped requests' KV was freed
 
 
 def test_logprobs_of_every_token_equal_colocated(colocated, controller):
