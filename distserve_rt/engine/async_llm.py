@@ -263,11 +263,7 @@ class AsyncLLM:
             self._send(request_id, exc)
 
     def _deliver(self, output: RequestOutput) -> None:
-        if not output.finished:
-            tokenizer = self.tokenizer
-            completion = output.outputs[0]
-            if tokenizer is not None and not completion.text:
-                completion.text = tokenizer.decode(completion.token_ids)
+        # Both cores fill the text (StopChecker), holding back what may become a stop string.
         self._send(output.request_id, output)
 
     def _send(self, request_id: str, item: object) -> None:

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 from multiprocessing import connection
 
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
-from distserve_rt.engine.disagg import recovery
-from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
-from distserve_rt.engine.disagg.launcher import InstanceHandle
+from distserve_rt.engine.disagg.instance import InstanceRole
+from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
@@ -42,7 +42,8 @@ class Controller:
     Args:
         config: the instances' engine settings (model, block size, limits; its
             max_num_batched_tokens is the prefill budget L_m).
-        placement: a disaggregated `Placement` (TP = PP = 1 per instance for now).
+        placement: a disaggregated `Placement` (TP x PP per phase: see
+            `Placement.check_supported`).
         disagg_config: leases, retries, transport, pinning, launcher.
     """
 
@@ -55,6 +56,12 @@ class Controller:
         if not placement.is_disaggregated:
             raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
         placement.check_supported()
+        dc = disagg_config or DisaggConfig()
+        if placement.max_num_ranks > 1 and dc.debug_verify_kv:
+            raise NotImplementedError(
+                "debug_verify_kv hashes a whole instance's pool and is not wired for TP x PP "
+                "instances (each rank holds a slice); set debug_verify_kv=False"
+            )
         if config.device != "cpu":
             raise NotImplementedError(
                 "disaggregated placements run on CPU only for now: giving each instance its "
@@ -81,24 +88,10 @@ class Controller:
 
     # ---- start-up ----------------------------------------------------------------------
 
-    def _specs(self) -> list[InstanceSpec]:
-        p, dc = self.placement, self.disagg_config
-        assert p.prefill is not None and p.decode is not None
-        roles = [InstanceRole.PREFILL] * p.prefill.num_instances
-        roles += [InstanceRole.DECODE] * p.decode.num_instances
-        pin = dc.pin_cpus and dc.launcher == "process"
-        groups = p.cpu_core_groups() if pin else [None] * len(roles)
-        index = {InstanceRole.PREFILL: 0, InstanceRole.DECODE: 0}
-        specs = []
-        for role, cores in zip(roles, groups, strict=True):
-            spec = InstanceSpec(role, index[role], self.config, dc, self.transport_name, cores)
-            specs.append(spec)
-            index[role] += 1
-        return specs
-
     def _launch(self) -> list[InstanceHandle]:
         in_process = self.disagg_config.launcher == "thread"
-        return [InstanceHandle(spec, in_process) for spec in self._specs()]
+        specs = instance_specs(self.config, self.placement, self.disagg_config, self.transport_name)
+        return [InstanceHandle(spec, in_process) for spec in specs]
 
     def _wait_ready(self):
         deadline = time.monotonic() + self.disagg_config.startup_timeout_s
@@ -121,7 +114,7 @@ class Controller:
                     f"{self.disagg_config.startup_timeout_s}"
                 )
         descriptors = {
-            h.spec.index: readies[i].pool_descriptor
+            h.spec.index: readies[i].pool_descriptors
             for i, h in enumerate(self.instances)
             if h.role is InstanceRole.PREFILL
         }
@@ -170,15 +163,13 @@ class Controller:
         ValueError for invalid input, EngineDeadError when no prefill instance lives."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = sampling_params or SamplingParams()
-        if params.stop:
-            raise NotImplementedError(
-                "stop strings are not supported by disaggregated placements yet (the "
-                "instances see token ids only); use stop_token_ids"
-            )
-        ids = _check_token_ids(request_id, prompt_token_ids, self.model_config.vocab_size)
         now = time.monotonic() if arrival_time is None else arrival_time
-        tracked = TrackedRequest(request_id, prompt, ids, params, now, stream)
+        tracked = admission.admit(
+            request_id, prompt, prompt_token_ids, sampling_params or SamplingParams(), now,
+            stream, model_config=self.model_config,
+            max_model_len=self.scheduler_config.max_model_len, tokenizer=self.tokenizer,
+            max_num_ranks=self.placement.max_num_ranks,
+        )  # fmt: skip
         if not self.prefills():
             raise EngineDeadError("every prefill instance is dead")
         self.requests[request_id] = tracked
@@ -284,9 +275,15 @@ class Controller:
         tracked.num_queued_tokens = 0
         tracked.prefill_start_time = m.prefill_start_time
         tracked.prefill_end_time = m.time
-        tracked.append_tokens([m.token_id], m.time)
+        logprobs = None if m.logprobs is None else [m.logprobs]
+        stopped = tracked.append_tokens([m.token_id], m.time, logprobs)
+        tracked.generator_state = m.generator_state
         if m.finish_reason is not None:
             self.finish(tracked, m.finish_reason, m.stop_reason)
+            return
+        if stopped is not None:  # a stop string: the KV awaiting migration is not needed
+            handle.send(msg.ReleaseKV(m.request_id))
+            self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
             return
         self._emit_stream(tracked)
         self._forward_migration(tracked, handle, m)
@@ -307,7 +304,7 @@ class Controller:
             msg.Migrate(
                 tracked.request_id, prefill.spec.index, m.block_ids, tracked.token_ids,
                 len(tracked.prompt_token_ids), tracked.sampling_params, tracked.arrival_time,
-                m.kv_digest,
+                m.kv_digest, tracked.generator_state,
             )
         )  # fmt: skip
 
@@ -328,9 +325,14 @@ class Controller:
             return  # aborted at the controller already
         if m.first_decode_time is not None:
             tracked.first_decode_time = m.first_decode_time
-        tracked.append_tokens(m.token_ids, m.time)
+        stopped = tracked.append_tokens(m.token_ids, m.time, m.logprobs)
         if m.finish_reason is not None:
             self.finish(tracked, m.finish_reason, m.stop_reason, m.error)
+        elif stopped is not None:
+            # A stop string the decode instance cannot see: it would decode on; the abort
+            # frees its KV, and tokens it sent meanwhile are dropped (the request is gone).
+            self.decode(tracked.decode_index).send(msg.Abort(m.request_id))  # type: ignore[arg-type]
+            self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
         elif m.token_ids:
             self._emit_stream(tracked)
 
@@ -353,7 +355,6 @@ class Controller:
         tracked.finished_time = time.monotonic()
         tracked.finish_reason, tracked.stop_reason = finish_reason, stop_reason
         tracked.error = error
-        tracked.text = self._final_text(tracked)
         self._outputs.append(tracked.to_output())
 
     def release_load(self, tracked: TrackedRequest) -> None:
@@ -363,15 +364,6 @@ class Controller:
         if tracked.decode_index is not None:
             self.decode(tracked.decode_index).num_assigned -= 1
             tracked.decode_index = None
-
-    def _final_text(self, tracked: TrackedRequest) -> str:
-        ids = tracked.output_token_ids
-        if self.tokenizer is None or not ids:
-            return ""
-        params = tracked.sampling_params
-        if tracked.finish_reason == "stop" and not params.include_stop_str_in_output:
-            ids = ids[:-1]  # the stop token's text is not part of the output
-        return self.tokenizer.decode(ids, skip_special_tokens=params.skip_special_tokens)
 
     # ---- stats, health, shutdown ----------------------------------------------------------
 
@@ -443,16 +435,3 @@ def _recv(handle: InstanceHandle) -> object:
 
 def _describe(reply: object) -> str:
     return reply.error if isinstance(reply, msg.Fatal) else repr(reply)
-
-
-def _check_token_ids(request_id: str, token_ids: Sequence[int], vocab_size: int) -> list[int]:
-    ids = list(token_ids)
-    if not ids:
-        raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise ValueError(
-                f"request {request_id!r}: prompt_token_ids must be ints in [0, {vocab_size}), "
-                f"got {t!r}"
-            )
-    return ids

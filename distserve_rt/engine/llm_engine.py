@@ -36,6 +36,7 @@ from distserve_rt.engine.virtual_engine import (
     make_virtual_engines,
 )
 from distserve_rt.logger import init_logger
+from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -311,23 +312,7 @@ class LLMEngine:
             )
 
     def _check_params(self, request_id: str, params: SamplingParams) -> SamplingParams:
-        """Model-dependent checks (SamplingParams checks the rest on its own), so a bad
-        request fails here rather than in the sampler, where it would fail a whole step.
-        Returns the params with the model's extra EOS ids added to the stop ids."""
-        vocab_size = self.model_config.vocab_size
-        for t in params.stop_token_ids:
-            if t >= vocab_size:
-                raise ValueError(
-                    f"request {request_id!r}: stop_token_ids must be in [0, {vocab_size}), got {t}"
-                )
-        if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-            raise ValueError(
-                f"request {request_id!r}: logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}"
-            )
-        extra = [t for t in self.model_config.extra_eos_token_ids if t not in params.stop_token_ids]
-        if extra and not params.ignore_eos:
-            params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra)
-        return params
+        return check_sampling_params(request_id, params, self.model_config)
 
     def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
         vocab_size = self.model_config.vocab_size
@@ -363,3 +348,26 @@ def make_executor(
     from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(config)
+
+
+def check_sampling_params(
+    request_id: str, params: SamplingParams, model_config: ModelConfig
+) -> SamplingParams:
+    """Model-dependent checks (SamplingParams checks the rest on its own), so a bad
+    request fails at admission rather than in the sampler, where it would fail a whole
+    step. Returns the params with the model's extra EOS ids added to the stop ids (the
+    colocated engine and the disaggregated controller both admit requests through it)."""
+    vocab_size = model_config.vocab_size
+    for t in params.stop_token_ids:
+        if t >= vocab_size:
+            raise ValueError(
+                f"request {request_id!r}: stop_token_ids must be in [0, {vocab_size}), got {t}"
+            )
+    if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
+        raise ValueError(
+            f"request {request_id!r}: logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}"
+        )
+    extra = [t for t in model_config.extra_eos_token_ids if t not in params.stop_token_ids]
+    if extra and not params.ignore_eos:
+        params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra)
+    return params

@@ -21,6 +21,16 @@ class PlacementKind(enum.Enum):
     DISAGGREGATED = "disaggregated"
 
 
+SUPPORTED_PARALLELISM: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = (
+    ((1, 1), (1, 1)),
+    ((1, 1), (2, 1)),
+    ((1, 2), (1, 1)),
+    ((2, 1), (2, 1)),
+)
+"""The ((prefill tp, pp), (decode tp, pp)) pairs a disaggregated placement may use (each
+tested: greedy outputs equal colocated TP = 1, tests/e2e/test_disagg_parallel.py)."""
+
+
 class LeaseExpiryAction(enum.Enum):
     FAIL = "fail"
     """The request ends with finish_reason "error" saying the KV was not pulled in time."""
@@ -112,21 +122,35 @@ class Placement:
     def is_disaggregated(self) -> bool:
         return self.kind is PlacementKind.DISAGGREGATED
 
+    @property
+    def max_num_ranks(self) -> int:
+        """Worker processes of the largest instance (1: every instance runs in-process)."""
+        phases = [p for p in (self.prefill, self.decode) if p is not None]
+        return max((p.tp * p.pp for p in phases), default=1)
+
     def check_supported(self) -> None:
         """Raises NotImplementedError for what the runtime cannot run yet (start-up check).
 
-        Supported: any number of prefill and decode instances, each TP = PP = 1. The KV
-        transfer (`transfer.plan_kv_pulls`) re-slices any prefill TP x PP into any decode
-        TP x PP, but an instance spanning several devices needs a multi-process TP/PP
-        executor (worker/executor.py has only UniprocExecutor), which is not built yet.
+        A disaggregated placement runs any number of prefill and decode instances with
+        the (prefill tp, pp) -> (decode tp, pp) combinations of `SUPPORTED_PARALLELISM`:
+        an instance with tp x pp > 1 runs `MultiprocExecutor` worker processes and the
+        decode ranks pull their slice of the KV (`transfer.plan_kv_pulls` re-slices by
+        heads and layers). Others are refused because they are not tested end to end
+        (decode PP > 1, decode TP < prefill TP).
         """
-        for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
-            if phase is not None and (phase.tp > 1 or phase.pp > 1):
-                raise NotImplementedError(
-                    f"{name} tp={phase.tp}, pp={phase.pp}: an instance over several devices "
-                    "needs the multi-process TP/PP executor (worker/executor.py has only "
-                    "UniprocExecutor); every instance must have tp=1, pp=1 for now"
-                )
+        if not self.is_disaggregated:
+            return
+        assert self.prefill is not None and self.decode is not None
+        pair = ((self.prefill.tp, self.prefill.pp), (self.decode.tp, self.decode.pp))
+        if pair not in SUPPORTED_PARALLELISM:
+            listed = ", ".join(
+                f"prefill tp={p[0]} pp={p[1]} -> decode tp={d[0]} pp={d[1]}"
+                for p, d in SUPPORTED_PARALLELISM
+            )
+            raise NotImplementedError(
+                f"prefill tp={pair[0][0]} pp={pair[0][1]} -> decode tp={pair[1][0]} "
+                f"pp={pair[1][1]} is not supported; supported: {listed}"
+            )
 
     def cpu_core_groups(self, available: list[int] | None = None) -> list[tuple[int, ...]]:
         """Disjoint core groups: prefill instances first, then decode instances. Raises

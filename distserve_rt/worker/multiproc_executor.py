@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
-from distserve_rt.distributed.launch import LaunchConfig, WorkerGroup
+from distserve_rt.distributed.launch import LaunchConfig, WorkerGroup, WorkerTarget
 from distserve_rt.distributed.parallel_state import check_parallel_sizes
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.models.config import ModelConfig
@@ -39,12 +39,21 @@ class MultiprocExecutor(Executor):
         config: the engine configuration (each worker loads its shard of `config.model`).
         launch: overrides how the processes start (threads, pinning, timeout); derived from
             `config` when None.
+        target: the worker processes' entry point (`run_worker`; disaggregated instances
+            pass one that also exports or pulls KV, see `engine.disagg.rank_worker`).
+        extra_args: passed to `target` after `config`.
 
     Raises ValueError before starting any process when the sizes do not fit the model or
     the machine; `distributed.launch.WorkerFailedError` when a worker fails to start.
     """
 
-    def __init__(self, config: EngineConfig, launch: LaunchConfig | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        launch: LaunchConfig | None = None,
+        target: WorkerTarget = run_worker,
+        extra_args: tuple = (),
+    ) -> None:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         launch = launch or LaunchConfig(tp_size=tp, pp_size=pp, device=config.device)
         if (launch.tp_size, launch.pp_size) != (tp, pp):
@@ -55,7 +64,7 @@ class MultiprocExecutor(Executor):
         mc = load_model_config(config.model)
         check_parallel_sizes(mc.num_heads, mc.num_kv_heads, mc.num_layers, tp, pp)
         self._timeout_s = launch.timeout_s
-        self._group: WorkerGroup | None = WorkerGroup(launch, run_worker, (config,))
+        self._group: WorkerGroup | None = WorkerGroup(launch, target, (config, *extra_args))
         self.processes = list(self._group.processes)
         """The worker processes, rank order (kept after `shutdown`, to check they exited)."""
         try:
@@ -118,6 +127,15 @@ class MultiprocExecutor(Executor):
             self._answers[self._num_answered] = ModelRunnerOutput(token_ids, logprobs)
             self._num_answered += 1
         return self._answers.pop(handle)
+
+    def broadcast(self, message: tuple) -> list:
+        """Sends `message` to every rank and returns their answers, rank order (commands
+        of `target`s beyond the steps). Only between steps: answers would interleave."""
+        if self.num_in_flight:
+            raise RuntimeError(f"broadcast with {self.num_in_flight} steps in flight")
+        group = self.group
+        group.send(range(group.world_size), message)
+        return group.gather(self._timeout_s)
 
     def release_requests(self, seq_ids: Sequence[int]) -> None:
         for seq_id in seq_ids:

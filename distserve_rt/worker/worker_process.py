@@ -15,12 +15,14 @@ Right after start-up every rank answers with its `ModelConfig` (the model is loa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
 import torch
 import torch.distributed as dist
 
+from distserve_rt.core.kv_cache import KVCacheSpec
 from distserve_rt.distributed.launch import RankContext, recv_message, send_ok
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.logger import init_logger
@@ -44,10 +46,18 @@ class WorkerProcess:
     """One rank: its `Worker` (model stage, KV pool, runner) and, on the sampling rank, the
     per-request sampling state."""
 
-    def __init__(self, ctx: RankContext, conn: Connection, config: EngineConfig) -> None:
+    def __init__(
+        self,
+        ctx: RankContext,
+        conn: Connection,
+        config: EngineConfig,
+        allocate_pool: Callable[[KVCacheSpec], torch.Tensor] | None = None,
+    ) -> None:
         self.ctx = ctx
         self.conn = conn
-        self.worker = Worker(config, parallel=ctx.parallel, device=ctx.device)
+        self.worker = Worker(
+            config, allocate_pool=allocate_pool, parallel=ctx.parallel, device=ctx.device
+        )
         p = ctx.parallel
         self.is_sampler = p.is_last_stage and p.tp_rank == 0
         self.requests: dict[int, SamplingState] = {}
@@ -65,8 +75,12 @@ class WorkerProcess:
                 self.worker.allocate_kv_cache(message[1], message[2])
                 send_ok(self.conn)
             else:
-                raise ValueError(f"unknown message kind {kind!r}")
+                self.handle_other(message)
         self._finish_send()
+
+    def handle_other(self, message: tuple) -> None:
+        """Messages of subclasses (the disaggregated instances' KV export and pulls)."""
+        raise ValueError(f"unknown message kind {message[0]!r}")
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, sampling: StepSampling) -> None:

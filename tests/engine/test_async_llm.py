@@ -84,8 +84,8 @@ def test_flags_build_configs_and_reject_unsupported_parallelism():
     assert config.max_model_len == 64 and disagg.pin_cpus
     with pytest.raises(ValueError, match="--num-decode-instances need --placement disagg"):
         configs_from_args(parser.parse_args(["--num-decode-instances", "2"]))
-    args = parser.parse_args(["--placement", "disaggregated", "--decode-tp", "2"])
-    with pytest.raises(NotImplementedError, match="multi-process TP/PP executor"):
+    args = parser.parse_args(["--placement", "disaggregated", "--decode-tp", "4"])
+    with pytest.raises(NotImplementedError, match="decode tp=4 pp=1 is not supported"):
         configs_from_args(args)[1].check_supported()
     with pytest.raises(ValueError, match="only 1 are available"):
         Placement.parse("disaggregated").cpu_core_groups(available=[0])

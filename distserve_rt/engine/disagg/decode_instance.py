@@ -5,20 +5,40 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import FinishedPull, KVPuller, PullOutcome
+from distserve_rt.engine.disagg.kv_migration import (
+    FinishedPull,
+    KVPuller,
+    PullGeometry,
+    PullOutcome,
+    restore_generator,
+)
+from distserve_rt.engine.disagg.rank_kv import RankPuller
+from distserve_rt.transfer import Parallelism
 
 
 class DecodeInstance(Instance):
     def __init__(self, spec: InstanceSpec) -> None:
         super().__init__(spec)
         self.scheduler = DecodeScheduler(self.scheduler_config, self.block_manager)
-        assert self.worker.kv_pool is not None  # init_kv_cache allocated it
         config = spec.disagg_config
-        self.puller = KVPuller(self.transport, self.worker.kv_pool, config.debug_verify_kv)
+        mc, ec = self.model_config, spec.engine_config
+        geometry = PullGeometry(
+            mc.num_layers, mc.num_kv_heads, Parallelism(*spec.prefill_parallelism),
+            Parallelism(ec.tensor_parallel_size, ec.pipeline_parallel_size),
+        )  # fmt: skip
+        self.puller: KVPuller | RankPuller
+        if self.worker is not None:
+            assert self.worker.kv_pool is not None  # init_kv_cache allocated it
+            pool = self.worker.kv_pool
+            self.puller = KVPuller(self.transport, pool, config.debug_verify_kv, geometry)
+        else:
+            self.puller = RankPuller(self.executor, geometry)  # type: ignore[arg-type]
         self._pull_from = time.monotonic() + config.debug_pull_delay_s
         # Migrations whose source KV the prefill instance still holds for us.
         self._sources: dict[str, msg.Migrate] = {}
@@ -32,6 +52,9 @@ class DecodeInstance(Instance):
         if isinstance(message, msg.Migrate):
             request = self.make_request(message)
             request.num_computed_tokens = request.num_tokens - 1
+            if message.generator_state is not None:
+                device = torch.device(self.spec.engine_config.device)
+                request.generator = restore_generator(message.generator_state, device)
             self._sources[message.request_id] = message
             self.scheduler.add_migrated(request)
         elif isinstance(message, msg.Revoke):
@@ -89,24 +112,28 @@ class DecodeInstance(Instance):
             self._finish_pull(finished)
         out = self.scheduler.schedule(now)
         for request in out.finished:  # aborted, or rejected (never fits this pool)
+            self.release(request)
             self._decoding.discard(request.request_id)
             self._release_source(request.request_id, False, now, now, error=request.error)
             self.outbox.append(self.finished_tokens(request, now))
         if out.is_empty:
             return
         start = time.monotonic()  # after the pulls above (the decode queue ends here)
-        result = self.worker.execute(out)
+        result = self.executor.execute(out)
         end = time.monotonic()
-        tokens = result.sampled_token_ids
-        for request, token_id in zip(out.sampling_requests(), tokens, strict=True):
-            self._emit(request, token_id, start, end)
+        requests = out.sampling_requests()
+        logprobs = result.logprobs or [None] * len(requests)
+        for request, token_id, row in zip(
+            requests, result.sampled_token_ids, logprobs, strict=True
+        ):
+            self._emit(request, token_id, row, start, end)
 
     def _finish_pull(self, finished: FinishedPull) -> None:
         pull, request = finished.pull, finished.pull.request
         request_id = request.request_id
         ok = finished.outcome is PullOutcome.SUCCESS
         self._release_source(
-            request_id, ok, pull.start_time, finished.end_time, pull.handle.num_bytes,
+            request_id, ok, pull.start_time, finished.end_time, finished.num_bytes,
             finished.error,
         )  # fmt: skip
         if ok and request_id not in self._abort_after_pull:
@@ -119,15 +146,20 @@ class DecodeInstance(Instance):
         request.error = None if aborted else finished.error
         self.outbox.append(self.finished_tokens(request, finished.end_time))
 
-    def _emit(self, request: Request, token_id: int, start: float, end: float) -> None:
+    def _emit(
+        self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float
+    ) -> None:
         request.append_token(token_id, end)
         tokens = msg.Tokens(request.request_id, [token_id], end)
+        if request.sampling_params.logprobs is not None:
+            tokens.logprobs = [logprobs]  # type: ignore[list-item]
         if request.request_id not in self._decoding:
             self._decoding.add(request.request_id)
             tokens.first_decode_time = start
         status = self.check_stop(request, token_id)
         if status is not None:
             self.scheduler.finish_request(request, status, end)
+            self.release(request)
             self._decoding.discard(request.request_id)
             tokens.finish_reason = request.finish_reason
             tokens.stop_reason = request.stop_reason
@@ -143,10 +175,10 @@ class DecodeInstance(Instance):
 
     def status(self) -> msg.InstanceStatus:
         s, bm = self.scheduler, self.block_manager
-        t = self.transport.stats()
+        num_ok, num_failed, num_bytes, seconds = self.puller.totals()
         return msg.InstanceStatus(
             s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage,
-            num_transfers=t.num_succeeded, num_transfer_failures=t.num_failed,
-            transfer_bytes=t.bytes_succeeded, transfer_seconds=t.seconds_succeeded,
+            num_transfers=num_ok, num_transfer_failures=num_failed,
+            transfer_bytes=num_bytes, transfer_seconds=seconds,
             num_kv_verified=self.puller.num_verified,
         )  # fmt: skip

@@ -25,6 +25,8 @@ from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import create_transport
+from distserve_rt.worker.executor import Executor, UniprocExecutor
+from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.worker import Worker
 
 logger = init_logger(__name__)
@@ -46,15 +48,24 @@ class InstanceSpec:
     disagg_config: DisaggConfig
     transport: str
     cpu_cores: tuple[int, ...] | None = None
-    """Cores to pin the process to (None: no pinning)."""
+    """Cores to pin the process to (None: no pinning); its worker processes split them."""
+    prefill_parallelism: tuple[int, int] = (1, 1)
+    """(tp, pp) of the prefill instances (decode instances re-slice their KV by it)."""
 
     @property
     def name(self) -> str:
         return f"{self.role.value}-{self.index}"
 
+    @property
+    def num_ranks(self) -> int:
+        """Worker processes: tp x pp (1: the model runs in the instance's own process)."""
+        c = self.engine_config
+        return c.tensor_parallel_size * c.pipeline_parallel_size
+
 
 class Instance(abc.ABC):
-    """One prefill or decode instance: a worker (model + KV pool), a scheduler, an outbox.
+    """One prefill or decode instance: an executor (a `Worker` in this process, or TP x PP
+    worker processes, each with its part of the model and KV pool), a scheduler, an outbox.
 
     The loop calls `handle` for every incoming message, then `step(now)`, then sends what
     `take_outbox` returns. Nothing here blocks.
@@ -64,16 +75,32 @@ class Instance(abc.ABC):
         self.spec = spec
         config = spec.engine_config
         self.transport = create_transport(spec.transport)
-        self.worker = Worker(config, allocate_pool=self._allocate_pool)
-        self.model_config = self.worker.model_config
+        self.worker: Worker | None = None
+        """The model and pool in this process (None: they live in worker processes)."""
+        self.executor: Executor
+        if spec.num_ranks == 1:
+            self.worker = Worker(config, allocate_pool=self._allocate_pool)
+            self.executor = UniprocExecutor(self.worker)
+        else:
+            from distserve_rt.engine.disagg.rank_kv import run_kv_worker
+
+            is_prefill = spec.role is InstanceRole.PREFILL
+            self.executor = MultiprocExecutor(
+                config, target=run_kv_worker, extra_args=(is_prefill, spec.transport)
+            )
+        self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
-        num_blocks = self.worker.init_kv_cache(self.scheduler_config)
+        num_blocks = self.executor.init_kv_cache(self.scheduler_config)
         self.block_manager = BlockManager(num_blocks, config.block_size, config.watermark)
         self.outbox: list[object] = []
         self._seq_ids = itertools.count()
 
     def _allocate_pool(self, spec: KVCacheSpec) -> torch.Tensor:
-        return allocate_kv_pool(spec, self.worker.device)
+        return allocate_kv_pool(spec, torch.device(self.spec.engine_config.device))
+
+    def release(self, request: Request) -> None:
+        """This instance samples no more tokens for `request` (drops remote sampler state)."""
+        self.executor.release_requests([request.seq_id])
 
     @abc.abstractmethod
     def ready_message(self) -> msg.Ready: ...
@@ -120,12 +147,14 @@ class Instance(abc.ABC):
         )
 
     def close(self) -> None:
+        self.executor.shutdown()
         self.transport.close()
 
 
 def check_stop(request: Request, token_id: int, eos_token_id: int | None) -> RequestStatus | None:
     """EOS and stop token ids (after min_tokens), then the length limits (the rules of
-    `LLMEngine._check_stop`). Stop strings are rejected before a request gets here."""
+    `LLMEngine._check_stop`). Stop strings need the text: the controller applies them and
+    aborts the request here when one matches."""
     params: SamplingParams = request.sampling_params
     if request.num_output_tokens >= params.min_tokens:
         if token_id in params.stop_token_ids:

@@ -22,9 +22,11 @@ from distserve_rt.core.request import Request
 from distserve_rt.engine.disagg.messages import Migrate
 from distserve_rt.transfer import (
     KVTransport,
+    Parallelism,
     PoolDescriptor,
     TransferHandle,
     TransferStatus,
+    plan_kv_pulls,
 )
 
 
@@ -38,7 +40,9 @@ class PullOutcome(enum.Enum):
 class Pull:
     request: Request
     migration: Migrate
-    handle: TransferHandle
+    handles: list[TransferHandle]
+    """One per source rank slice (`plan_kv_pulls`); one whole-block copy at equal
+    parallelism."""
     dst_block_ids: np.ndarray
     """int32 [num_blocks]: this pool's blocks being written."""
     start_time: float
@@ -50,6 +54,7 @@ class FinishedPull:
     outcome: PullOutcome
     end_time: float
     error: str | None = None
+    num_bytes: int = 0
 
 
 def kv_digest(pool: torch.Tensor, block_ids: Sequence[int] | np.ndarray) -> str:
@@ -62,57 +67,129 @@ def kv_digest(pool: torch.Tensor, block_ids: Sequence[int] | np.ndarray) -> str:
     return hashlib.blake2b(blocks.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
+@dataclass(frozen=True, slots=True)
+class PullGeometry:
+    """Who pulls what: the model's KV shape and both instances' parallelism, and which rank
+    of the decode instance this is (its pool holds that rank's layers and heads)."""
+
+    num_layers: int
+    num_kv_heads: int
+    src: Parallelism
+    dst: Parallelism
+    dst_tp_rank: int = 0
+    dst_pp_rank: int = 0
+
+
+def submit_pulls(
+    transport: KVTransport,
+    peers: Sequence[object],
+    geometry: PullGeometry,
+    pool: torch.Tensor,
+    src_block_ids: Sequence[int],
+    dst_block_ids: np.ndarray,
+) -> list[TransferHandle]:
+    """Submits the pulls that fill this rank's part of `dst_block_ids` (`plan_kv_pulls`).
+
+    `peers`: the prefill instance's opened pools, rank order (``pp_rank * tp + tp_rank``).
+    At equal parallelism every rank copies whole blocks from the same rank.
+    """
+    g = geometry
+    if g.src == g.dst:
+        peer = peers[g.dst_pp_rank * g.src.tp_size + g.dst_tp_rank]
+        return [transport.submit(peer, pool, src_block_ids, dst_block_ids)]
+    plans = plan_kv_pulls(g.num_layers, g.num_kv_heads, g.src, g.dst, g.dst_tp_rank, g.dst_pp_rank)
+    return [
+        transport.submit(
+            peers[p.src_pp_rank * g.src.tp_size + p.src_tp_rank],
+            pool,
+            src_block_ids,
+            dst_block_ids,
+            p.kv_slice,
+        )  # fmt: skip
+        for p in plans
+    ]
+
+
+def pull_error(handles: Sequence[TransferHandle]) -> str | None:
+    """None when every handle succeeded, else the first failure's message."""
+    for handle in handles:
+        if handle.poll() is TransferStatus.FAILED:
+            return f"KV transfer failed: {handle.error}"
+    return None
+
+
 class KVPuller:
-    """The decode instance's in-flight pulls.
+    """The in-flight pulls of a decode instance whose pool is in its own process (TP = PP =
+    1; `rank_kv.RankPuller` drives the ranks of a TP x PP instance).
 
     Args:
         transport: the instance's transport (its `open_peer` maps prefill pools).
         pool: this instance's KV pool, the destination.
         verify: compare `kv_digest` of the destination blocks with the announced one.
+        geometry: the prefill instances' parallelism (this instance is TP = PP = 1).
     """
 
-    def __init__(self, transport: KVTransport, pool: torch.Tensor, verify: bool) -> None:
+    def __init__(
+        self, transport: KVTransport, pool: torch.Tensor, verify: bool, geometry: PullGeometry
+    ) -> None:
         self.transport = transport
         self.pool = pool
         self.verify = verify
+        self.geometry = geometry
         self.num_verified = 0
-        self._peers: dict[int, object] = {}
+        self._peers: dict[int, list[object]] = {}
         self.pulls: dict[str, Pull] = {}
+        # Per migration (one may take several transport transfers, one per source rank).
+        self._num_succeeded = self._num_failed = self._bytes = 0
+        self._seconds = 0.0
 
-    def open_peers(self, descriptors: dict[int, bytes]) -> None:
-        """Maps each prefill instance's pool once (raises PeerUnavailableError)."""
-        for index, raw in descriptors.items():
-            self._peers[index] = self.transport.open_peer(PoolDescriptor.from_bytes(raw))
+    def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
+        """Maps each prefill instance's pools (one per rank) once (raises
+        PeerUnavailableError)."""
+        for index, raws in descriptors.items():
+            self._peers[index] = [
+                self.transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
+            ]
 
     def start(
         self, request: Request, migration: Migrate, dst_block_ids: np.ndarray, now: float
     ) -> None:
         """Submits the pull of `migration`'s blocks into `dst_block_ids` (same count)."""
-        if len(dst_block_ids) != len(migration.block_ids):
-            raise ValueError(
-                f"request {request.request_id!r}: {len(migration.block_ids)} source blocks "
-                f"but {len(dst_block_ids)} destination blocks"
-            )
-        peer = self._peers.get(migration.prefill_index)
-        if peer is None:
+        check_block_counts(request, migration, dst_block_ids)
+        peers = self._peers.get(migration.prefill_index)
+        if peers is None:
             raise ValueError(f"no pool descriptor for prefill-{migration.prefill_index}")
-        handle = self.transport.submit(peer, self.pool, migration.block_ids, dst_block_ids)
-        self.pulls[request.request_id] = Pull(request, migration, handle, dst_block_ids, now)
+        handles = submit_pulls(
+            self.transport, peers, self.geometry, self.pool, migration.block_ids, dst_block_ids
+        )
+        self.pulls[request.request_id] = Pull(request, migration, handles, dst_block_ids, now)
 
     def poll(self, now: float) -> list[FinishedPull]:
         """The pulls that reached a final status since the last call (non-blocking)."""
         done: list[FinishedPull] = []
         for request_id, pull in list(self.pulls.items()):
-            status = pull.handle.poll()
-            if not status.is_final:
+            if not all(h.poll().is_final for h in pull.handles):
                 continue
             del self.pulls[request_id]
-            if status is TransferStatus.FAILED:
-                error = f"KV transfer failed: {pull.handle.error}"
-                done.append(FinishedPull(pull, PullOutcome.FAILED, now, error))
-                continue
-            done.append(self._check_digest(pull, now))
+            error = pull_error(pull.handles)
+            finished = (
+                FinishedPull(pull, PullOutcome.FAILED, now, error)
+                if error is not None
+                else self._check_digest(pull, now)
+            )
+            if finished.outcome is PullOutcome.SUCCESS:
+                finished.num_bytes = sum(h.num_bytes for h in pull.handles)
+                self._num_succeeded += 1
+                self._bytes += finished.num_bytes
+                self._seconds += max(h.seconds for h in pull.handles)
+            else:
+                self._num_failed += 1
+            done.append(finished)
         return done
+
+    def totals(self) -> tuple[int, int, int, float]:
+        """(succeeded, failed, bytes, seconds) of this instance's migrations."""
+        return self._num_succeeded, self._num_failed, self._bytes, self._seconds
 
     def _check_digest(self, pull: Pull, now: float) -> FinishedPull:
         expected = pull.migration.kv_digest
@@ -124,3 +201,24 @@ class KVPuller:
             return FinishedPull(pull, PullOutcome.FAILED, now, error)
         self.num_verified += 1
         return FinishedPull(pull, PullOutcome.SUCCESS, now)
+
+
+def check_block_counts(request: Request, migration: Migrate, dst_block_ids: np.ndarray) -> None:
+    if len(dst_block_ids) != len(migration.block_ids):
+        raise ValueError(
+            f"request {request.request_id!r}: {len(migration.block_ids)} source blocks "
+            f"but {len(dst_block_ids)} destination blocks"
+        )
+
+
+def generator_state(generator: torch.Generator) -> bytes:
+    """A seeded request's random stream as bytes (it migrates with the KV, so the decode
+    instance draws what the colocated engine would draw next)."""
+    return generator.get_state().numpy().tobytes()
+
+
+def restore_generator(state: bytes, device: torch.device) -> torch.Generator:
+    """The generator `generator_state` saved, on `device` (where the decode logits are)."""
+    generator = torch.Generator(device=device)
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator

@@ -3,12 +3,15 @@ controller's handle on it (pipe, liveness, last load report)."""
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import threading
 from multiprocessing.connection import Connection
 
+from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
 from distserve_rt.engine.disagg.messages import InstanceStatus
+from distserve_rt.engine.placement import DisaggConfig, Placement
 
 
 class InstanceHandle:
@@ -27,9 +30,12 @@ class InstanceHandle:
             self._thread.start()
         else:
             ctx = multiprocessing.get_context("spawn")
+            # A daemonic process may not start children; a TP x PP instance starts its
+            # worker processes (they exit with it: their pipes to it close).
             self._process = ctx.Process(
-                target=run_instance, args=(spec, child), name=f"drt-{spec.name}", daemon=True
-            )
+                target=run_instance, args=(spec, child), name=f"drt-{spec.name}",
+                daemon=spec.num_ranks == 1,
+            )  # fmt: skip
             self._process.start()
             child.close()  # only the child holds it now: its death closes the pipe
         self.alive = True
@@ -82,3 +88,32 @@ class InstanceHandle:
         elif self._thread is not None:
             self._thread.join(timeout_s)
         self.conn.close()
+
+
+def instance_specs(
+    config: EngineConfig, placement: Placement, dc: DisaggConfig, transport: str
+) -> list[InstanceSpec]:
+    """One spec per instance: prefill instances first; each phase's engine config carries
+    its TP x PP; CPU cores pinned per instance when asked (its workers split them)."""
+    p = placement
+    assert p.prefill is not None and p.decode is not None
+    roles = [InstanceRole.PREFILL] * p.prefill.num_instances
+    roles += [InstanceRole.DECODE] * p.decode.num_instances
+    pin = dc.pin_cpus and dc.launcher == "process"
+    groups = p.cpu_core_groups() if pin else [None] * len(roles)
+    index = {InstanceRole.PREFILL: 0, InstanceRole.DECODE: 0}
+    specs = []
+    configs = {
+        role: dataclasses.replace(
+            config, tensor_parallel_size=phase.tp, pipeline_parallel_size=phase.pp
+        )
+        for role, phase in ((InstanceRole.PREFILL, p.prefill), (InstanceRole.DECODE, p.decode))
+    }
+    for role, cores in zip(roles, groups, strict=True):
+        spec = InstanceSpec(
+            role, index[role], configs[role], dc, transport, cores,
+            prefill_parallelism=(p.prefill.tp, p.prefill.pp),
+        )  # fmt: skip
+        specs.append(spec)
+        index[role] += 1
+    return specs

@@ -42,6 +42,9 @@ class Migrate:
     arrival_time: float
     kv_digest: str | None = None
     """Hash of the source blocks (debug_verify_kv), compared after the pull."""
+    generator_state: bytes | None = None
+    """Seeded requests: the prefill sampler's `torch.Generator.get_state()` bytes, so the
+    decode instance continues the same random stream (seeded outputs equal colocated)."""
 
 
 @dataclass(slots=True)
@@ -68,7 +71,8 @@ class Abort:
 class PeerPools:
     """The prefill instances' pool descriptors (to decode instances, once at start-up)."""
 
-    descriptors: dict[int, bytes]
+    descriptors: dict[int, list[bytes]]
+    """Prefill instance index -> one descriptor per rank (`Ready.pool_descriptors`)."""
 
 
 @dataclass(slots=True)
@@ -85,8 +89,9 @@ class Ready:
     model_config: object
     """`ModelConfig` of the loaded model (plain dataclass)."""
     num_blocks: int
-    pool_descriptor: bytes | None = None
-    """Prefill instances: their pool's `PoolDescriptor.to_bytes()`."""
+    pool_descriptors: list[bytes] | None = None
+    """Prefill instances: their pools' `PoolDescriptor.to_bytes()`, one per rank in rank
+    order (``pp_rank * tp + tp_rank``)."""
 
 
 @dataclass(slots=True)
@@ -101,6 +106,8 @@ class Tokens:
     error: str | None = None
     first_decode_time: float | None = None
     """Decode instances: when its first decode step started (the decode queue ends)."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per token of `token_ids` (SamplingParams.logprobs set): {token id: logprob}."""
 
 
 @dataclass(slots=True)
@@ -116,6 +123,10 @@ class PrefillDone:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     kv_digest: str | None = None
+    logprobs: dict[int, float] | None = None
+    """The first token's {token id: logprob} (SamplingParams.logprobs set)."""
+    generator_state: bytes | None = None
+    """Seeded requests: the generator state after sampling the first token."""
 
 
 @dataclass(slots=True)

@@ -12,17 +12,19 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler.prefill import PrefillScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import kv_digest
+from distserve_rt.engine.disagg.kv_migration import generator_state, kv_digest
 
 
 class PrefillInstance(Instance):
     def __init__(self, spec: InstanceSpec) -> None:
         super().__init__(spec)
         self.scheduler = PrefillScheduler(self.scheduler_config, self.block_manager)
-        pool = self.worker.kv_pool
-        assert pool is not None  # init_kv_cache allocated it
-        self.pool = pool
-        self.descriptor = self.transport.register_pool(pool).to_bytes()
+        # The pool is in this process (TP = PP = 1) or one per rank in the worker processes.
+        self.pool = None if self.worker is None else self.worker.kv_pool
+        if self.pool is not None:
+            self.descriptors = [self.transport.register_pool(self.pool).to_bytes()]
+        else:
+            self.descriptors = self.executor.broadcast(("export_kv",))  # type: ignore[attr-defined]
         self._lease_s = spec.disagg_config.kv_lease_timeout_s
         self._verify = spec.disagg_config.debug_verify_kv
 
@@ -31,7 +33,7 @@ class PrefillInstance(Instance):
 
     def ready_message(self) -> msg.Ready:
         return msg.Ready(
-            self.spec.name, self.model_config, self.block_manager.num_blocks, self.descriptor
+            self.spec.name, self.model_config, self.block_manager.num_blocks, self.descriptors
         )
 
     def handle(self, message: object, now: float) -> None:
@@ -48,21 +50,32 @@ class PrefillInstance(Instance):
     def step(self, now: float) -> None:
         out = self.scheduler.schedule(now)
         for request in out.finished:  # aborted or rejected
+            self.release(request)
             self.outbox.append(self.finished_tokens(request, now))
         if not out.is_empty:
-            result = self.worker.execute(out)
-            self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
+            result = self.executor.execute(out)
+            if self.pool is not None:  # (worker processes mark their own pools)
+                self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
             end = time.monotonic()
-            for request, token_id in zip(
-                out.sampling_requests(), result.sampled_token_ids, strict=True
+            requests = out.sampling_requests()
+            logprobs = result.logprobs or [None] * len(requests)
+            for request, token_id, row in zip(
+                requests, result.sampled_token_ids, logprobs, strict=True
             ):
-                self._after_prefill(request, token_id, now, end)
+                self._after_prefill(request, token_id, row, now, end)
         for request in self.scheduler.expired_leases(now, self._lease_s):
             self.outbox.append(msg.LeaseExpired(request.request_id))
 
-    def _after_prefill(self, request: Request, token_id: int, start: float, end: float) -> None:
+    def _after_prefill(
+        self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float
+    ) -> None:
         request.append_token(token_id, end)
+        self.release(request)  # its next token is sampled by a decode instance
         done = msg.PrefillDone(request.request_id, token_id, end, start)
+        if request.sampling_params.logprobs is not None:
+            done.logprobs = logprobs
+        if request.generator is not None:
+            done.generator_state = generator_state(request.generator)
         status = self.check_stop(request, token_id)
         if status is not None:
             self.scheduler.finish_request(request, status, end)
@@ -72,7 +85,7 @@ class PrefillInstance(Instance):
             self.scheduler.start_migration(request, end)
             block_ids = self.scheduler.block_ids(request)
             done.block_ids = block_ids.tolist()
-            if self._verify:
+            if self._verify and self.pool is not None:  # refused for TP x PP at start-up
                 done.kv_digest = kv_digest(self.pool, block_ids)
         self.outbox.append(done)
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
+from distserve_rt.core.stop_checker import StopChecker, StopCheckResult
 from distserve_rt.outputs import CompletionOutput, LatencyBreakdown, RequestMetrics, RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 
@@ -51,14 +52,39 @@ class TrackedRequest:
     stop_reason: int | str | None = None
     error: str | None = None
     text: str = ""
+    """The text streamed so far (the final text once finished), from `stop_checker`."""
+    stop_checker: StopChecker | None = None
+    """Detokenizes and applies the stop rules (None without a tokenizer: no text)."""
+    logprobs: list[dict[int, float]] | None = None
+    """Per output token (when SamplingParams.logprobs is set): {token id: logprob}."""
+    generator_state: bytes | None = None
+    """Seeded requests: the sampler's generator state after the last token (migrated)."""
 
     @property
     def token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
 
-    def append_tokens(self, token_ids: list[int], now: float) -> None:
-        self.output_token_ids.extend(token_ids)
-        self.token_times.extend([now] * len(token_ids))
+    def append_tokens(
+        self,
+        token_ids: list[int],
+        now: float,
+        logprobs: list[dict[int, float]] | None = None,
+    ) -> StopCheckResult | None:
+        """Appends tokens in order until the stop checker ends the request (the tokens an
+        instance computed after that are dropped, as the colocated engine never makes them).
+        Returns the checker's result that ended it, None while it runs (or no checker)."""
+        for i, token_id in enumerate(token_ids):
+            self.output_token_ids.append(token_id)
+            self.token_times.append(now)
+            if self.logprobs is not None and logprobs is not None:
+                self.logprobs.append(logprobs[i])
+            if self.stop_checker is None:
+                continue
+            result = self.stop_checker.append(token_id)
+            self.text += result.text_delta
+            if result.finish_reason is not None:
+                return result
+        return None
 
     def breakdown(self) -> LatencyBreakdown:
         return LatencyBreakdown(
@@ -95,6 +121,7 @@ class TrackedRequest:
             token_ids=list(self.output_token_ids),
             finish_reason=self.finish_reason,
             stop_reason=self.stop_reason,
+            logprobs=None if self.logprobs is None else list(self.logprobs),
         )
         return RequestOutput(
             request_id=self.request_id,

@@ -1,0 +1,90 @@
+"""Admitting a request to the disaggregated controller: the checks the colocated engine
+makes (params against the model, prompt ids), the refusals of what TP x PP instances cannot
+do yet, and the request's stop checker (detokenizer + stop rules, run by the controller)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from distserve_rt.core.detokenizer import IncrementalDetokenizer
+from distserve_rt.core.stop_checker import StopChecker
+from distserve_rt.engine.disagg.tracking import TrackedRequest
+from distserve_rt.engine.llm_engine import check_sampling_params
+from distserve_rt.models.config import ModelConfig
+from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.tokenizer import Tokenizer
+
+
+def admit(
+    request_id: str,
+    prompt: str | None,
+    prompt_token_ids: Sequence[int],
+    params: SamplingParams,
+    arrival_time: float,
+    stream: bool,
+    *,
+    model_config: ModelConfig,
+    max_model_len: int,
+    tokenizer: Tokenizer | None,
+    max_num_ranks: int,
+) -> TrackedRequest:
+    """The controller's record of a valid request (phase PREFILLING, not dispatched).
+    Raises ValueError for invalid input (stop strings without a tokenizer included) and
+    NotImplementedError for what the placement cannot serve exactly."""
+    params = check_sampling_params(request_id, params, model_config)
+    ids = check_token_ids(request_id, prompt_token_ids, model_config.vocab_size)
+    if params.seed is not None and params.temperature > 0 and max_num_ranks > 1:
+        raise NotImplementedError(
+            f"request {request_id!r}: seeded sampling on TP x PP instances would restart "
+            "its random stream on the decode instance (the generator lives in the "
+            "sampling worker process and is not migrated yet); use seed=None or "
+            "instances with tp=pp=1"
+        )
+    tracked = TrackedRequest(request_id, prompt, ids, params, arrival_time, stream)
+    tracked.stop_checker = make_stop_checker(params, ids, model_config, max_model_len, tokenizer)
+    if params.logprobs is not None:
+        tracked.logprobs = []
+    return tracked
+
+
+def make_stop_checker(
+    params: SamplingParams,
+    prompt_ids: list[int],
+    model_config: ModelConfig,
+    max_model_len: int,
+    tokenizer: Tokenizer | None,
+) -> StopChecker | None:
+    """The request's detokenizer + stop rules, run by the controller on the streamed tokens.
+
+    Why there and not in the decode instance: the controller sees every token of a request
+    in order (the first from prefill, the rest from decode, again after a retry), already
+    holds the tokenizer, and builds the outputs; the instances keep deciding EOS / stop ids
+    / length on token ids (the same rules, so both sides agree), and a stop string, which
+    only the text reveals, makes the controller abort the request on its instance.
+    None when the prompt leaves no room for output (the prefill instance rejects it).
+    """
+    if len(prompt_ids) >= max_model_len:
+        return None
+    detokenizer = None
+    if tokenizer is not None:
+        detokenizer = IncrementalDetokenizer(tokenizer, prompt_ids, params.skip_special_tokens)
+    return StopChecker(
+        params,
+        eos_token_id=model_config.eos_token_id,
+        num_prompt_tokens=len(prompt_ids),
+        max_model_len=max_model_len,
+        detokenizer=detokenizer,
+    )
+
+
+def check_token_ids(request_id: str, token_ids: Sequence[int], vocab_size: int) -> list[int]:
+    ids = list(token_ids)
+    if not ids:
+        raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise ValueError(
+                f"request {request_id!r}: prompt_token_ids must be ints in [0, {vocab_size}), "
+                f"got {t!r}"
+            )
+    return ids

@@ -1,0 +1,105 @@
+"""Prefill and decode instances with their own TP x PP (worker processes, gloo, spawn): the
+decode ranks pull their slice of each request's KV (re-sliced by heads and layers) and the
+greedy tokens equal the colocated TP = PP = 1 engine's. Instances run on threads so that
+at most 4 processes start (the TP x PP workers)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from distserve_rt.engine.controller import Controller
+from distserve_rt.engine.llm_engine import LLMEngine
+from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
+from distserve_rt.sampling_params import SamplingParams
+from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, kv_idle, settle
+
+MAX_TOKENS = 6
+
+
+@pytest.fixture(scope="module")
+def colocated():
+    engine = LLMEngine(engine_config())
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                     ignore_eos=True, logprobs=2))  # fmt: skip
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
+    return outputs
+
+
+@pytest.mark.parametrize(
+    ("prefill", "decode"),
+    [((1, 1), (2, 1)), ((1, 2), (1, 1)), ((2, 1), (2, 1))],
+    ids=["p-tp1-to-d-tp2", "p-pp2-to-d-tp1", "p-tp2-to-d-tp2"],
+)
+def test_greedy_equals_colocated_across_parallelism(colocated, prefill, decode):
+    placement = Placement.disaggregated(
+        PhaseConfig(tp=prefill[0], pp=prefill[1]), PhaseConfig(tp=decode[0], pp=decode[1])
+    )
+    with Controller(engine_config(), placement, DisaggConfig(launcher="thread")) as c:
+        for i, p in enumerate(PROMPTS):
+            c.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
+                                                    ignore_eos=True, logprobs=2))  # fmt: skip
+        outputs = {k: o.outputs[0] for k, o in drain(c, timeout_s=120).items()}
+        for k, want in colocated.items():
+            assert outputs[k].token_ids == want.token_ids, k
+            for row, want_row in zip(outputs[k].logprobs, want.logprobs, strict=True):
+                assert row.keys() == want_row.keys()
+                assert list(row.values()) == pytest.approx(list(want_row.values()), abs=1e-4)
+        # one migration per request (load reports arrive every stats_interval_s)
+        settle(c, lambda: c.stats().transfers.num_transfers == len(PROMPTS))
+        assert c.stats().transfers.bytes > 0
+        settle(c, lambda: kv_idle(c))  # every rank's blocks freed on both sides
+
+
+def test_unsupported_parallelism_is_refused_with_the_supported_list():
+    placement = Placement.disaggregated(PhaseConfig(tp=2), PhaseConfig(tp=1))
+    with pytest.raises(NotImplementedError, match=r"supported: prefill tp=1 pp=1 -> decode"):
+        Controller(engine_config(), placement, DisaggConfig(launcher="thread"))
+    tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
+    with pytest.raises(NotImplementedError, match="debug_verify_kv"):
+        Controller(engine_config(), tp2, DisaggConfig(launcher="thread", debug_verify_kv=True))
+
+
+def test_seeded_sampling_on_tp_instances_is_refused_not_silently_different():
+    tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
+    with Controller(engine_config(), tp2, DisaggConfig(launcher="thread")) as c:
+        with pytest.raises(NotImplementedError, match="seeded sampling on TP x PP"):
+            c.add_request("a", PROMPTS[0], SamplingParams(temperature=1.0, seed=3))
+        c.add_request("b", PROMPTS[0], greedy(2))  # the controller still serves requests
+        assert drain(c)["b"].outputs[0].finish_reason == "length"
+
+
+def test_spawned_tp2_decode_instance_runs_its_workers_as_children(colocated):
+    # 4 processes: the prefill instance, the decode instance and its 2 TP workers, which
+    # split the decode instance's cores and exit with it.
+    placement = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
+    config = DisaggConfig(pin_cpus=len(os.sched_getaffinity(0)) >= 2)
+    with Controller(engine_config(), placement, config) as c:
+        for i, p in enumerate(PROMPTS[:2]):
+            c.add_request(str(i), p, greedy(MAX_TOKENS))
+        outputs = drain(c, timeout_s=120)
+        decode_pid = c.decode(0).pid
+        children = _children(decode_pid)
+        assert len(children) == 2, children
+    for i in range(2):
+        assert outputs[str(i)].outputs[0].token_ids == colocated[str(i)].token_ids
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in [decode_pid, *children])
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of `pid` (Linux /proc), except multiprocessing's helpers."""
+    tids = os.listdir(f"/proc/{pid}/task")
+    kids = []
+    for tid in tids:
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            kids += [int(k) for k in f.read().split()]
+    workers = []
+    for kid in kids:
+        with open(f"/proc/{kid}/cmdline", "rb") as f:
+            if b"resource_tracker" not in f.read():
+                workers.append(kid)
+    return workers
