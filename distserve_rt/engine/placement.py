@@ -1,7 +1,8 @@
 """Where the phases run: `Placement` (colocated, or disaggregated prefill/decode instances)
 and `DisaggConfig` (the knobs of the disaggregated runtime).
 
-From Python objects, CLI flags (`add_placement_args` / `placement_from_args`) or the YAML
+From Python objects, CLI flags (`entrypoints.engine_args`: ``--placement`` and the per-phase
+and DisaggConfig flags) or the YAML
 file `drt-run plan` writes (`Placement.from_file`). Validated at construction; what the
 runtime cannot run yet is rejected by `check_supported` at start-up.
 """
