@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,11 @@ def _save(path: Path, payload: dict[str, Any]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return path
+
+
+def _file_stem(label: str) -> str:
+    """``label`` safe in a file name on every OS (``colocated:chunked_prefill`` has a colon)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", label)
 
 
 def _metadata(items: list[str]) -> dict[str, str]:
@@ -283,7 +289,8 @@ def _bench(args, bench: ServingBenchmark, metadata, provenance):
             single = len(args.request_rate) == 1 and not args.compare
             name = args.result_filename if single else None
             base = bench.info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
-            name = name or f"{bench.info.label}-{rate:g}qps-{base}-{payload['date']}.json"
+            stem = _file_stem(bench.info.label)
+            name = name or f"{stem}-{rate:g}qps-{base}-{payload['date']}.json"
             print(f"saved {_save(Path(args.result_dir) / name, payload)}")
     if not args.goodput_search:
         return None
@@ -319,7 +326,7 @@ def _finish(args, bench: ServingBenchmark, search, provenance) -> None:
         return  # one run: its JSON says it all, and one point is no curve
     summary = sweep_json(bench, search, provenance)
     base = bench.info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
-    sweep_path = Path(args.result_dir) / f"{bench.info.label}-sweep-{base}.json"
+    sweep_path = Path(args.result_dir) / f"{_file_stem(bench.info.label)}-sweep-{base}.json"
     if args.save_result:
         print(f"saved {_save(sweep_path, summary)}")
     if args.save_result or args.plot:

@@ -106,8 +106,7 @@ def _help(cls: type, name: str) -> str:
     default = next(f.default for f in fields(cls) if f.name == name)
     if default not in (None, MISSING):
         doc += f" (default: {getattr(default, 'value', default)})"
-    text = doc
-    return text.replace("%", "%%")
+    return doc.replace("%", "%%")
 
 
 # EngineConfig field -> argparse keywords. Flags default to None ("keep EngineConfig's

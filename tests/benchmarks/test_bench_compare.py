@@ -76,6 +76,7 @@ def test_compare_runs_every_setup_on_the_same_requests(monkeypatch, tmp_path, ca
     assert data["sweeps"][1]["goodput_search"]["per_device_goodput"] == 0.0
     assert len(data["provenance"]["machine"]["load_average"]) == 3
     assert (tmp_path / "cmp.png").stat().st_size > 1000
+    assert (tmp_path / "colocated-chunked_prefill-sweep-fake-model.json").exists()
 
 
 @pytest.mark.parametrize(
