@@ -54,6 +54,9 @@ def test_greedy_equals_colocated_and_kv_arrives_bit_exactly(
     placement = Placement.disaggregated(PhaseConfig(num_instances=num_prefill),
                                         PhaseConfig(num_instances=num_decode))  # fmt: skip
     with _controller(placement, debug_verify_kv=True) as c:
+        # Start-up returns only once every decode instance mapped every prefill pool, so the
+        # first requests' transfer queue time does not include the mapping.
+        assert c._peers_opened == {h.name for h in c.decodes()}
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert token_ids(outputs) == colocated_tokens
         settle(c, lambda: c.num_kv_verified() == len(PROMPTS))  # every migration hashed equal
