@@ -46,3 +46,17 @@ def test_prefill_rate_bound_counts_long_prompts_as_their_own_batches():
     w = Workload("mixed", lens, np.full(4, 2))
     ev = GoodputEvaluator(w, SLO(1.0, 1.0))
     assert ev.prefill_rate_bound(_pp_prefill(1)) == pytest.approx(4 / 0.3)
+
+
+def test_colocated_bound_adds_prefill_and_decode_time():
+    # One seat: each request takes a 0.1 s prefill step, then 10 decode steps of 0.01 s on
+    # the same device, 0.2 s in all: 5 req/s, though each phase alone could do 10.
+    w = Workload.synthetic(100, LengthDist("fixed", 100), LengthDist("fixed", 11))
+    ev = GoodputEvaluator(w, SLO(100.0, 100.0), rel_tol=0.02)
+    spec = InstanceSpec(
+        ConstantLatencyModel(0.1, 0.01), 10**6, max_batch_tokens=100, max_num_seqs=1
+    )
+    assert ev.rate_bound(spec, policy="continuous_batching") == pytest.approx(5.0)
+    assert ev.rate_bound(spec, policy="chunked_prefill") == pytest.approx(10.0)
+    g = ev.goodput(spec, policy="continuous_batching", rate_hint=1.0)
+    assert 0.9 * 5.0 <= g.rate <= 5.0
