@@ -102,6 +102,7 @@ def _inputs(args) -> PlanInputs:
         prefill_max_batch_tokens=args.prefill_max_batch_tokens,
         rel_tol=args.rel_tol,
         seed=args.seed,
+        cv=args.cv,
         show_progress=not (args.no_progress or args.json),
     )
 

@@ -66,6 +66,8 @@ class PlanInputs:
     colocated_max_batch_tokens: int = 2048
     rel_tol: float = 0.03
     seed: int = 0
+    cv: float = 1.0
+    """Arrival burstiness: 1 = Poisson, else gamma inter-arrivals with this CV."""
     show_progress: bool = True
     num_predicted: int = 10
     """Best-ranked deployments simulated whole at the rate (table rows with predictions,
@@ -112,7 +114,7 @@ class Planner:
     def __init__(self, inputs: PlanInputs) -> None:
         self.inputs = inputs
         self.evaluator = GoodputEvaluator(
-            inputs.workload, inputs.slo, inputs.target, inputs.rel_tol, seed=inputs.seed
+            inputs.workload, inputs.slo, inputs.target, inputs.rel_tol, inputs.cv, inputs.seed
         )
         self.rejected: list[tuple[str, list[str]]] = []
         self._phase_cache: dict[tuple, GoodputResult] = {}
