@@ -31,6 +31,7 @@ from distserve_rt.engine.protocol import (
     InstanceStats,
     PromptType,
 )
+from distserve_rt.engine.virtual_engine import combined_kv_stats
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -50,6 +51,7 @@ class ColocatedCore:
         self.engine = engine
         self.model_config = engine.model_config
         self.scheduler_config = engine.scheduler_config
+        self._stats = self._take_stats()
 
     def add_request(self, *args: Any, **kwargs: Any) -> None:
         self.engine.add_request(*args, **kwargs)
@@ -61,12 +63,23 @@ class ColocatedCore:
         return self.engine.has_unfinished_requests()
 
     def step(self, timeout_s: float = 0.0) -> list[RequestOutput]:
-        return self.engine.step() if self.engine.has_unfinished_requests() else []
+        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
+        self._stats = self._take_stats()
+        return outputs
 
     def stats(self) -> EngineStats:
-        s, bm = self.engine.scheduler, self.engine.block_manager
-        instance = InstanceStats("colocated-0", "colocated", s.num_running, s.num_waiting, bm.usage)
-        return EngineStats([instance])
+        """The snapshot the engine thread took after its last step: the scrape path never
+        walks the schedulers while that thread changes them."""
+        return self._stats
+
+    def _take_stats(self) -> EngineStats:
+        engines = self.engine.virtual_engines  # PP > 1: one scheduler per virtual engine
+        num_running = sum(ve.scheduler.num_running for ve in engines)
+        num_waiting = sum(ve.scheduler.num_waiting for ve in engines)
+        usage = combined_kv_stats(engines).usage
+        return EngineStats(
+            [InstanceStats("colocated-0", "colocated", num_running, num_waiting, usage)]
+        )
 
     def check_health(self) -> None:
         pass  # in-process: it is alive while the engine thread is

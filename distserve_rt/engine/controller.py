@@ -79,6 +79,7 @@ class Controller:
         """Live requests by id (the failure rules in disagg/recovery.py walk them)."""
         self._outputs: list[RequestOutput] = []
         self._closed = False
+        self._peers_opened: set[str] = set()
         try:
             self.model_config = self._wait_ready()
         except BaseException:
@@ -120,6 +121,18 @@ class Controller:
         }
         for handle in self.decodes():
             handle.send(msg.PeerPools(descriptors))  # type: ignore[arg-type]
+        # Mapping a peer pool (MAP_POPULATE) takes seconds for a GiB pool: wait for it here,
+        # or the first requests' transfer queue time would include it.
+        while not all(h.name in self._peers_opened for h in self.decodes()):
+            self._receive(0.05)
+            dead = [h.name for h in self.decodes() if not h.alive]
+            if dead:
+                raise RuntimeError(f"decode instances {dead} died while opening the prefill pools")
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    "decode instances did not open the prefill pools within "
+                    f"startup_timeout_s={self.disagg_config.startup_timeout_s}"
+                )
         logger.info(
             "disaggregated: %s (transport %s)",
             ", ".join(f"{h.name} pid {h.pid} cores {h.spec.cpu_cores}" for h in self.instances),
@@ -250,6 +263,8 @@ class Controller:
     def _handle_message(self, handle: InstanceHandle, m: object) -> None:
         if isinstance(m, msg.InstanceStatus):
             handle.status = m
+        elif isinstance(m, msg.PeersOpened):
+            self._peers_opened.add(m.name)
         elif isinstance(m, msg.PrefillDone):
             self._on_prefill_done(handle, m)
         elif isinstance(m, msg.Tokens):

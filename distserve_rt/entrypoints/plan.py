@@ -9,10 +9,10 @@ import time
 import numpy as np
 
 from distserve_rt.entrypoints import planner_args
+from distserve_rt.planner.candidates import Candidate, PlacementKind
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
-from distserve_rt.planner.simulator import ColocatedPolicy
 
 
 def add_parser(sub) -> None:
@@ -51,34 +51,46 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def _row(c) -> dict:
+def _row(c: Candidate, chosen: Candidate) -> dict:
     pred = c.predicted or {}
     return {
         "config": c.label(),
-        "placement": c.placement,
+        "placement": c.placement.value,
+        "chosen": c is chosen,
+        "num_prefill": c.num_prefill,
+        "num_decode": c.num_decode,
         "num_devices": c.num_devices,
-        "goodput": c.goodput.rate,
+        "goodput": c.goodput,
         "per_device_goodput": c.per_device,
+        "unit_per_device_goodput": c.unit_per_device,
+        "prefill_instance_goodput": c.prefill_goodput,
+        "decode_instance_goodput": c.decode_goodput,
+        "attainment_at_rate": pred.get("scored_attainment"),
         "ttft_p90_s": pred.get("ttft_s", {}).get("p90"),
         "tpot_p90_s": pred.get("tpot_s", {}).get("p90"),
     }
 
 
+def _shown(ranked: list[Candidate], best: Candidate, top: int) -> list[Candidate]:
+    """The first ``top`` rows, and the chosen one wherever it ranks (rows above it that
+    are disaggregated missed the target at the rate)."""
+    rows = ranked[:top]
+    return rows if any(c is best for c in rows) else [*rows, best]
+
+
 def _curves(planner: Planner, result, num: int = 3) -> dict[str, list[tuple[float, float]]]:
     curves = {}
     for c in result.ranked[:num]:
-        policy = ColocatedPolicy.CONTINUOUS_BATCHING if c.placement == "colocated" else None
         pts = []
-        for rate in np.linspace(0.25, 1.75, 7) * c.goodput.rate:
-            res = planner.evaluator.simulate(c.spec, float(rate), policy=policy)
+        for rate in np.linspace(0.25, 1.75, 7) * c.goodput:
+            res = planner.simulate_at(c, float(rate))
             pts.append((float(rate), planner.evaluator.attainment(res)))
         curves[c.label()] = pts
     return curves
 
 
-def run(args) -> int:
-    start = time.perf_counter()
-    inputs = PlanInputs(
+def _inputs(args) -> PlanInputs:
+    return PlanInputs(
         model=planner_args.load_model(args.model),
         cluster=planner_args.build_cluster(args),
         workload=planner_args.build_workload(args),
@@ -90,30 +102,48 @@ def run(args) -> int:
         prefill_max_batch_tokens=args.prefill_max_batch_tokens,
         rel_tol=args.rel_tol,
         seed=args.seed,
+        cv=args.cv,
         show_progress=not (args.no_progress or args.json),
     )
-    planner = Planner(inputs)
-    result = planner.run()
-    seconds = time.perf_counter() - start
-    best = result.best
-    prefill = PhasePlacement(best.prefill[0], best.prefill[1], result.num_prefill)
-    decode = PhasePlacement(best.decode[0], best.decode[1], result.num_decode)
-    fits = prefill.num_devices + decode.num_devices <= inputs.cluster.num_devices
-    placement = PlacementFile(
+
+
+def _placement(args, inputs: PlanInputs, best: Candidate) -> PlacementFile:
+    fits = best.num_devices <= inputs.cluster.num_devices
+    return PlacementFile(
         model=args.model,
-        placement="disaggregated",
-        prefill=prefill,
-        decode=decode,
+        placement=best.placement.value,
+        prefill=PhasePlacement(best.prefill[0], best.prefill[1], best.num_prefill),
+        decode=PhasePlacement(best.decode[0], best.decode[1], best.num_decode),
         # Only a placement that fits is validated against (and written with) the cluster.
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
-        predicted={"per_device_goodput": best.per_device, **result.predicted},
+        predicted={
+            "algorithm": best.algorithm.value,
+            "num_devices": best.num_devices,
+            "goodput": best.goodput,
+            "per_device_goodput": best.per_device,
+            "unit_per_device_goodput": best.unit_per_device,
+            "prefill_instance_goodput": best.prefill_goodput,
+            "decode_instance_goodput": best.decode_goodput,
+            **best.predicted,
+        },
     )
+
+
+def run(args) -> int:
+    start = time.perf_counter()
+    inputs = _inputs(args)
+    planner = Planner(inputs)
+    result = planner.run()
+    seconds = time.perf_counter() - start
+    placement = _placement(args, inputs, result.best)
+    fits = placement.num_devices <= inputs.cluster.num_devices
     out = {
         "search_seconds": seconds,
+        "rate": inputs.rate,
         "placement": placement.to_dict(),
         "fits_cluster": fits,
-        "ranked": [_row(c) for c in result.ranked[: args.top]],
+        "ranked": [_row(c, result.best) for c in _shown(result.ranked, result.best, args.top)],
         "rejected": [{"config": c, "reasons": r} for c, r in result.rejected],
     }
     if args.output and fits:
@@ -124,25 +154,55 @@ def run(args) -> int:
         out["plot"] = str(plot_attainment(_curves(planner, result), inputs.target, args.plot))
     if args.json:
         print(json.dumps(out, indent=2))
-        return 0
-    print(f"{'config':<28} {'devices':>7} {'goodput/dev':>11} {'ttft p90':>9} {'tpot p90':>9}")
+    else:
+        _print_table(out, result, inputs)
+    return 0
+
+
+def _print_table(out: dict, result, inputs: PlanInputs) -> None:
+    print(
+        f"deployments for {inputs.rate:g} req/s, fewest devices first "
+        f"(goodput: req/s meeting the SLOs at {inputs.target:.0%}; * = chosen)"
+    )
+    print(
+        f"  {'config':<30} {'P+D':>7} {'devices':>7} {'goodput':>8} {'/device':>7} "
+        f"{'attain':>6} {'ttft p90':>8} {'tpot p90':>8}"
+    )
     for r in out["ranked"]:
+        count = (
+            f"{r['num_prefill']}+{r['num_decode']}" if r["num_decode"] else f"{r['num_prefill']}"
+        )
+        attain = "-" if r["attainment_at_rate"] is None else f"{r['attainment_at_rate']:.0%}"
         ttft = "-" if r["ttft_p90_s"] is None else f"{r['ttft_p90_s']:.3f}"
         tpot = "-" if r["tpot_p90_s"] is None else f"{r['tpot_p90_s']:.4f}"
         print(
-            f"{r['config']:<28} {r['num_devices']:>7} {r['per_device_goodput']:>11.3f} "
-            f"{ttft:>9} {tpot:>9}"
+            f"{'*' if r['chosen'] else ' '} {r['config']:<30} {count:>7} {r['num_devices']:>7} "
+            f"{r['goodput']:>8.2f} {r['per_device_goodput']:>7.3f} {attain:>6} {ttft:>8} "
+            f"{tpot:>8}"
         )
+    best = result.best
     print(
-        f"chosen: {result.num_prefill} x prefill tp{best.prefill[0]}pp{best.prefill[1]} + "
-        f"{result.num_decode} x decode tp{best.decode[0]}pp{best.decode[1]} "
-        f"({placement.num_devices} devices, search {seconds:.2f} s)"
+        f"chosen: {best.num_prefill} x prefill tp{best.prefill[0]}pp{best.prefill[1]} + "
+        f"{best.num_decode} x decode tp{best.decode[0]}pp{best.decode[1]} "
+        f"({best.num_devices} devices, {best.goodput:.2f} req/s, "
+        f"{best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
     )
-    if not fits:
+    if not best.predicted["meets_target"]:
         print(
-            f"warning: needs {placement.num_devices} devices, the cluster has "
+            f"warning: simulated whole at {inputs.rate:g} req/s it meets the SLOs for "
+            f"{best.predicted['scored_attainment']:.0%} of requests, below the target "
+            f"{inputs.target:.0%}; no better-ranked disaggregated deployment met it"
+        )
+    colocated = [c for c in result.ranked if c.placement is PlacementKind.COLOCATED]
+    if colocated and colocated[0].num_devices < best.num_devices:
+        print(
+            f"note: {colocated[0].label()} needs {colocated[0].num_devices} device(s) at this "
+            f"rate, fewer than the chosen disaggregated placement"
+        )
+    if not out["fits_cluster"]:
+        print(
+            f"warning: needs {best.num_devices} devices, the cluster has "
             f"{inputs.cluster.num_devices}; no placement file written"
         )
-    elif args.output:
+    elif "placement_file" in out:
         print(f"placement file: {out['placement_file']}")
-    return 0

@@ -1,32 +1,36 @@
 """Placement search: the paper's Algorithm 1 (high node affinity) and Algorithm 2 (low).
 
-Algorithm 1 (cross-node bandwidth is high, so instances may sit anywhere): search prefill
-(tp, pp) and decode (tp, pp) **independently**, each scored by the per-device goodput of one
-instance alone in its phase (prefill on TTFT, decode on TPOT), then replicate each to carry
-the traffic rate: ``num_prefill = ceil(rate / prefill goodput)`` and likewise for decode.
+Algorithm 1 (cross-node bandwidth is high, so instances may sit anywhere): score every
+feasible prefill (tp, pp) alone on TTFT and every decode (tp, pp) alone on TPOT, then
+replicate each for the traffic rate: ``num_prefill = ceil(rate / prefill goodput)`` and
+likewise for decode; every (prefill, decode) choice is a deployment.
 
 Algorithm 2 (cross-node bandwidth is low): a pipeline across ``s`` nodes, each node holding
 one stage's prefill segment (tp_p × pp_p devices) *and* the same stage's decode segment
 (tp_d × pp_d), with ``tp_p·pp_p + tp_d·pp_d ≤ devices per node``, so every layer's KV moves
-over NVLink inside a node. A (prefill, decode) pair is scored by a full simulation; pairs
-whose phase-alone goodput already cannot beat the best pair found are skipped (a pair
-cannot serve more than either of its instances alone). The pair is then replicated:
-``n = ceil(rate / pair goodput)``.
+over NVLink inside a node. A (prefill, decode) pair is scored by a full simulation and
+replicated: ``n = ceil(rate / pair goodput)``; pairs whose phase-alone goodputs already
+bound them below the best deployment found are skipped (a pair cannot serve more than
+either of its instances alone).
 
-Both also report the best colocated (vLLM-style continuous batching, TP only) instance for
-reference, and verify the chosen deployment by simulating it whole at the traffic rate.
+Deployments, colocated ones (vLLM-style continuous batching, TP only) among them for
+reference, are ranked by the devices they need at the rate, then by their per-device
+goodput (`candidates` says why not by the paper's per-device goodput alone). The chosen
+placement is the best-ranked disaggregated one that fits the cluster and meets the target
+when simulated whole at the rate.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 
 from tqdm import tqdm
 
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
+from distserve_rt.planner.candidates import Algorithm, Candidate, PlacementKind, num_replicas
 from distserve_rt.planner.cluster import ClusterSpec, build_instance, divisors, infeasibility
 from distserve_rt.planner.goodput import GoodputEvaluator, GoodputResult
 from distserve_rt.planner.profiles import ProfileSet
@@ -36,6 +40,7 @@ from distserve_rt.planner.simulator import (
     InstanceSpec,
     KVTransferSpec,
     SimMode,
+    SimResult,
 )
 from distserve_rt.workloads.workload import Workload
 
@@ -61,65 +66,55 @@ class PlanInputs:
     colocated_max_batch_tokens: int = 2048
     rel_tol: float = 0.03
     seed: int = 0
+    cv: float = 1.0
+    """Arrival burstiness: 1 = Poisson, else gamma inter-arrivals with this CV."""
     show_progress: bool = True
+    num_predicted: int = 10
+    """Best-ranked deployments simulated whole at the rate (table rows with predictions,
+    and how far down the ranking the chosen one is looked for)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity", Affinity(self.affinity))
         if not self.rate > 0:
             raise ValueError(f"rate must be > 0 req/s, got {self.rate!r}")
-
-
-@dataclass
-class Candidate:
-    """One scored configuration (a row of the ranked table)."""
-
-    placement: str  # "disaggregated" | "colocated"
-    prefill: tuple[int, int]  # (tp, pp); colocated: the instance
-    decode: tuple[int, int] | None
-    num_devices: int
-    """Devices of one unit (an instance pair, or one colocated instance)."""
-    goodput: GoodputResult
-    spec: DisaggSpec | InstanceSpec = field(repr=False)
-    predicted: dict[str, object] = field(default_factory=dict)
-
-    @property
-    def per_device(self) -> float:
-        return self.goodput.rate / self.num_devices
-
-    def label(self) -> str:
-        if self.placement == "colocated":
-            return f"colocated tp{self.prefill[0]}pp{self.prefill[1]}"
-        (tp_p, pp_p), (tp_d, pp_d) = self.prefill, self.decode
-        return f"P tp{tp_p}pp{pp_p} + D tp{tp_d}pp{pp_d}"
+        if not isinstance(self.num_predicted, int) or self.num_predicted < 1:
+            raise ValueError(f"num_predicted must be a positive int, got {self.num_predicted!r}")
 
 
 @dataclass
 class PlanResult:
     inputs: PlanInputs
     best: Candidate
-    num_prefill: int
-    num_decode: int
+    """The chosen deployment: the best-ranked disaggregated one that fits the cluster and,
+    simulated whole at the rate, meets the target (see ``best.predicted``)."""
     ranked: list[Candidate]
-    """Best first: disaggregated candidates and the colocated baseline."""
+    """Disaggregated and colocated deployments at the rate, in `Candidate.rank_key` order."""
     rejected: list[tuple[str, list[str]]]
     """(config, reasons) of configurations that cannot run."""
-    predicted: dict[str, object]
-    """Whole deployment simulated at the traffic rate: attainment and percentiles."""
+
+    @property
+    def num_prefill(self) -> int:
+        return self.best.num_prefill
+
+    @property
+    def num_decode(self) -> int:
+        return self.best.num_decode
 
     @property
     def num_devices(self) -> int:
-        b = self.best
-        return (
-            self.num_prefill * b.spec.prefill.num_devices
-            + self.num_decode * b.spec.decode.num_devices
-        )
+        return self.best.num_devices
+
+    @property
+    def predicted(self) -> dict[str, object]:
+        """The chosen deployment simulated at the rate: attainment and percentiles."""
+        return self.best.predicted
 
 
 class Planner:
     def __init__(self, inputs: PlanInputs) -> None:
         self.inputs = inputs
         self.evaluator = GoodputEvaluator(
-            inputs.workload, inputs.slo, inputs.target, inputs.rel_tol, seed=inputs.seed
+            inputs.workload, inputs.slo, inputs.target, inputs.rel_tol, inputs.cv, inputs.seed
         )
         self.rejected: list[tuple[str, list[str]]] = []
         self._phase_cache: dict[tuple, GoodputResult] = {}
@@ -153,55 +148,72 @@ class Planner:
         )
         return KVTransferSpec(per_token, link.latency_s)
 
-    def _hint(self, spec) -> float:
+    def _hint(self, spec, mode=SimMode.FULL, policy=None) -> float:
         """A starting rate near the answer: saves bracketing steps."""
-        bound = self.evaluator.decode_rate_bound(spec)
+        bound = self.evaluator.rate_bound(spec, mode, policy)
         return max(0.05, 0.5 * bound) if math.isfinite(bound) else 1.0
 
     def phase_goodput(self, spec: InstanceSpec, mode: SimMode, key: tuple) -> GoodputResult:
         if key not in self._phase_cache:
-            hint = 1.0 if mode is SimMode.PREFILL_ONLY else self._hint(spec)
+            hint = self._hint(spec, mode)
             self._phase_cache[key] = self.evaluator.goodput(spec, mode=mode, rate_hint=hint)
         return self._phase_cache[key]
 
-    # ---- algorithms -----------------------------------------------------------------------
+    def simulate_at(self, cand: Candidate, rate: float) -> SimResult:
+        """The deployment of ``cand`` carrying ``rate`` req/s (colocated: one of its
+        replicas carrying its share, ``rate / num_prefill``, as a random split would)."""
+        if cand.placement is PlacementKind.COLOCATED:
+            policy = ColocatedPolicy.CONTINUOUS_BATCHING
+            return self.evaluator.simulate(cand.unit, rate / cand.num_prefill, policy=policy)
+        return self.evaluator.simulate(cand.unit, rate)
+
+    def _predict(self, cand: Candidate) -> None:
+        if cand.predicted:
+            return
+        i = self.inputs
+        result = self.simulate_at(cand, i.rate)
+        scored = self.evaluator.attainment(result)
+        cand.predicted = {
+            "rate": i.rate,
+            "scored_attainment": scored,
+            "meets_target": scored >= i.target,
+            **result.summary(i.slo).to_dict(),
+        }
+
+    # ---- the search -----------------------------------------------------------------------
 
     def run(self) -> PlanResult:
-        if self.inputs.affinity is Affinity.HIGH:
-            ranked, n_p, n_d = self._algorithm1()
-        else:
-            ranked, n_p, n_d = self._algorithm2()
-        colocated = self._colocated_baseline()
-        disagg = [c for c in ranked if c.goodput.rate > 0]
+        high = self.inputs.affinity is Affinity.HIGH
+        disagg = self._algorithm1() if high else self._algorithm2()
         if not disagg:
             raise ValueError(
                 "no disaggregated configuration meets the SLOs at any rate: "
                 + "; ".join(f"{c}: {', '.join(r)}" for c, r in self.rejected[:5])
             )
-        best = max(disagg, key=lambda c: c.per_device)
-        n_p, n_d = n_p(best), n_d(best)
-        all_ranked = sorted(disagg + colocated, key=lambda c: c.per_device, reverse=True)
-        for cand in all_ranked[:5]:
-            cand.predicted = self._predict(cand.spec, cand.goodput.rate, cand.placement)
-        deployment = DisaggSpec(
-            best.spec.prefill, best.spec.decode, n_p, n_d, best.spec.kv_transfer
-        )
-        predicted = self._predict(deployment, self.inputs.rate, "disaggregated")
-        return PlanResult(self.inputs, best, n_p, n_d, all_ranked, self.rejected, predicted)
+        ranked = sorted(disagg + self._colocated_baseline(), key=Candidate.rank_key)
+        for cand in ranked[: self.inputs.num_predicted]:
+            self._predict(cand)
+        return PlanResult(self.inputs, self._choose(ranked), ranked, self.rejected)
 
-    def _predict(self, spec, rate: float, placement: str) -> dict[str, object]:
-        if rate <= 0:
-            return {}
-        policy = ColocatedPolicy.CONTINUOUS_BATCHING if placement == "colocated" else None
-        result = self.evaluator.simulate(spec, rate, policy=policy)
-        return {"rate": rate, **result.summary(self.inputs.slo).to_dict()}
+    def _choose(self, ranked: list[Candidate]) -> Candidate:
+        """The best-ranked disaggregated deployment that fits and meets the target when
+        simulated whole at the rate (phases scored apart can miss it together: KV transfer,
+        a decode queue). If none of the first ``num_predicted`` does, the best-ranked one
+        that fits (or, if none fits, the best-ranked one): its ``predicted`` says it misses."""
+        disagg = [c for c in ranked if c.placement is PlacementKind.DISAGGREGATED]
+        fits = [c for c in disagg if c.num_devices <= self.inputs.cluster.num_devices]
+        for cand in fits[: self.inputs.num_predicted]:
+            self._predict(cand)
+            if cand.predicted["meets_target"]:
+                return cand
+        best = (fits or disagg)[0]
+        self._predict(best)
+        return best
 
-    def _algorithm1(self):
+    def _phase_options(self) -> dict[SimMode, list[tuple[InstanceSpec, float]]]:
+        """Algorithm 1's building blocks: every feasible instance scored alone in each phase."""
         i, c = self.inputs, self.inputs.cluster
-        found: dict[SimMode, list[tuple[int, int, InstanceSpec, GoodputResult]]] = {
-            SimMode.PREFILL_ONLY: [],
-            SimMode.DECODE_ONLY: [],
-        }
+        found = {SimMode.PREFILL_ONLY: [], SimMode.DECODE_ONLY: []}
         configs = [
             (tp, pp)
             for tp in divisors(i.model.num_heads, c.devices_per_node)
@@ -212,35 +224,35 @@ class Planner:
                 continue
             link = c.intra_link if tp * pp <= c.devices_per_node else c.inter_link
             spec = self._instance(tp, pp, link, i.prefill_max_batch_tokens)
-            for mode in found:
+            for mode, options in found.items():
                 g = self.phase_goodput(spec, mode, (mode, tp, pp))
                 if g.rate > 0:
-                    found[mode].append((tp, pp, spec, g))
-        # Best mix whose one prefill + one decode instance fits the cluster; per-device
-        # goodput of the mix carrying rate r is r / (r/gp·dev_p + r/gd·dev_d).
-        pairs = [
-            (1.0 / (p[2].num_devices / p[3].rate + d[2].num_devices / d[3].rate), p, d)
-            for p in found[SimMode.PREFILL_ONLY]
-            for d in found[SimMode.DECODE_ONLY]
-            if p[2].num_devices + d[2].num_devices <= c.num_devices
-        ]
-        if not pairs:
-            return [], None, None
-        per_dev, (tp_p, pp_p, pre, gp), (tp_d, pp_d, dec, gd) = max(pairs, key=lambda x: x[0])
-        streams = min(pre.num_devices, dec.num_devices)
-        spec = DisaggSpec(pre, dec, kv_transfer=self._kv_transfer(c.inter_link, streams))
-        unit = GoodputResult(
-            per_dev * (pre.num_devices + dec.num_devices),
-            pre.num_devices + dec.num_devices,
-            gp.num_simulations + gd.num_simulations,
-            (),
-        )
-        cand = Candidate("disaggregated", (tp_p, pp_p), (tp_d, pp_d), unit.num_devices, unit, spec)
-        return (
-            [cand],
-            lambda _: math.ceil(i.rate / gp.rate),
-            lambda _: math.ceil(i.rate / gd.rate),
-        )
+                    options.append((spec, g.rate))
+        return found
+
+    def _algorithm1(self) -> list[Candidate]:
+        """Every (prefill, decode) instance choice, each replicated for the rate on its own."""
+        i, c = self.inputs, self.inputs.cluster
+        found = self._phase_options()
+        out = []
+        for pre, gp in found[SimMode.PREFILL_ONLY]:
+            for dec, gd in found[SimMode.DECODE_ONLY]:
+                n_p, n_d = num_replicas(i.rate, gp), num_replicas(i.rate, gd)
+                kv = self._kv_transfer(c.inter_link, min(pre.num_devices, dec.num_devices))
+                unit = DisaggSpec(pre, dec, n_p, n_d, kv)
+                out.append(
+                    Candidate(
+                        Algorithm.PHASES_APART,
+                        (pre.tp, pre.pp),
+                        (dec.tp, dec.pp),
+                        n_p,
+                        n_d,
+                        gp,
+                        gd,
+                        unit,
+                    )
+                )
+        return out
 
     def _segments(self, stages: int) -> list[tuple[int, int]]:
         """(tp, pp inside a node) segments of one node for a pipeline over ``stages`` nodes."""
@@ -252,7 +264,10 @@ class Planner:
                     out.append((tp, pp_local))
         return out
 
-    def _algorithm2(self):
+    def _pair_bounds(self) -> list[tuple[int, float, int, InstanceSpec, InstanceSpec, float]]:
+        """Algorithm 2's pairs with bounds from their phases alone (a pair cannot serve more
+        than either of its instances): (devices needed at least, goodput per device at
+        most, nodes spanned, prefill, decode, pair goodput at most)."""
         i, c = self.inputs, self.inputs.cluster
         pairs = []
         for stages in divisors(i.model.num_layers, c.num_nodes):
@@ -265,7 +280,7 @@ class Planner:
                 for tp_d, ld in segs:
                     if tp_p * lp + tp_d * ld <= c.devices_per_node:
                         pairs.append((stages, tp_p, stages * lp, tp_d, stages * ld))
-        scored = []
+        out = []
         for stages, tp_p, pp_p, tp_d, pp_d in tqdm(
             pairs, desc="plan (algorithm 2: bounds)", disable=not i.show_progress
         ):
@@ -274,36 +289,62 @@ class Planner:
             dec = self._instance(tp_d, pp_d, link, i.prefill_max_batch_tokens)
             gp = self.phase_goodput(pre, SimMode.PREFILL_ONLY, ("P", tp_p, pp_p, stages))
             gd = self.phase_goodput(dec, SimMode.DECODE_ONLY, ("D", tp_d, pp_d, stages))
-            devices = pre.num_devices + dec.num_devices
-            scored.append((min(gp.rate, gd.rate) / devices, pre, dec, devices))
-        scored.sort(key=lambda s: s[0], reverse=True)
-        ranked, best = [], 0.0
-        for bound, pre, dec, devices in tqdm(
-            scored, desc="plan (algorithm 2: pairs)", disable=not i.show_progress
+            bound = min(gp.rate, gd.rate)
+            if bound > 0:
+                devices = pre.num_devices + dec.num_devices
+                least = num_replicas(i.rate, bound) * devices
+                out.append((least, bound / devices, stages, pre, dec, bound))
+        return out
+
+    def _algorithm2(self) -> list[Candidate]:
+        """Pairs simulated whole, most promising first, until no bound can beat the best."""
+        i, c = self.inputs, self.inputs.cluster
+        bounds = sorted(self._pair_bounds(), key=lambda b: (b[0], -b[1]))
+        out: list[Candidate] = []
+        best: Candidate | None = None
+        for least, per_device, stages, pre, dec, bound in tqdm(
+            bounds, desc="plan (algorithm 2: pairs)", disable=not i.show_progress
         ):
-            if bound <= best:
-                break  # sorted by bound: no remaining pair can beat the best
+            if best is not None and (least, -per_device) >= best.rank_key()[:2]:
+                break  # sorted by these bounds: no remaining pair can rank above the best
             kv = self._kv_transfer(c.intra_link, min(pre.num_devices, dec.num_devices))
-            spec = DisaggSpec(pre, dec, kv_transfer=kv)
-            g = self.evaluator.goodput(spec, rate_hint=bound * devices * 0.8)
-            cand = Candidate("disaggregated", (pre.tp, pre.pp), (dec.tp, dec.pp), devices, g, spec)
-            ranked.append(cand)
-            best = max(best, cand.per_device)
-        n = lambda cand: math.ceil(i.rate / cand.goodput.rate)  # noqa: E731
-        return ranked, n, n
+            g = self.evaluator.goodput(DisaggSpec(pre, dec, kv_transfer=kv), rate_hint=bound * 0.8)
+            if g.rate <= 0:
+                continue
+            n = num_replicas(i.rate, g.rate)
+            unit = DisaggSpec(pre, dec, n, n, kv)
+            cand = Candidate(
+                Algorithm.PAIRS_IN_NODES,
+                (pre.tp, pre.pp),
+                (dec.tp, dec.pp),
+                n,
+                n,
+                g.rate,
+                g.rate,
+                unit,
+                num_nodes_spanned=stages,
+            )
+            out.append(cand)
+            if best is None or cand.rank_key() < best.rank_key():
+                best = cand
+        return out
 
     def _colocated_baseline(self) -> list[Candidate]:
         i, c = self.inputs, self.inputs.cluster
+        policy = ColocatedPolicy.CONTINUOUS_BATCHING
         out = []
         for tp in divisors(i.model.num_heads, c.devices_per_node):
             if not self._feasible(tp, 1, "colocated"):
                 continue
             spec = self._instance(tp, 1, c.intra_link, i.colocated_max_batch_tokens)
             g = self.evaluator.goodput(
-                spec, policy=ColocatedPolicy.CONTINUOUS_BATCHING, rate_hint=self._hint(spec)
+                spec, policy=policy, rate_hint=self._hint(spec, policy=policy)
             )
             if g.rate > 0:
-                out.append(Candidate("colocated", (tp, 1), None, tp, g, spec))
+                n = num_replicas(i.rate, g.rate)
+                out.append(
+                    Candidate(Algorithm.COLOCATED, (tp, 1), None, n, 0, g.rate, g.rate, spec)
+                )
         return out
 
 

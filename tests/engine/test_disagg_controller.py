@@ -54,6 +54,9 @@ def test_greedy_equals_colocated_and_kv_arrives_bit_exactly(
     placement = Placement.disaggregated(PhaseConfig(num_instances=num_prefill),
                                         PhaseConfig(num_instances=num_decode))  # fmt: skip
     with _controller(placement, debug_verify_kv=True) as c:
+        # Start-up returns only once every decode instance mapped every prefill pool, so the
+        # first requests' transfer queue time does not include the mapping.
+        assert c._peers_opened == {h.name for h in c.decodes()}
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert token_ids(outputs) == colocated_tokens
         settle(c, lambda: c.num_kv_verified() == len(PROMPTS))  # every migration hashed equal
@@ -130,3 +133,15 @@ def test_abort_in_every_stage_frees_all_kv():
         out = [o for o in drain(c).values()][-1]
         assert out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) < 200
         settle(c, lambda: kv_idle(c))
+
+
+def test_a_burst_of_requests_before_any_step_does_not_deadlock_the_pipes():
+    # Thousands of NewRequests fill the controller -> prefill pipe while the prefill
+    # instance reports back; with blocking sends on both ends both loops waited forever.
+    with _controller(Placement.disaggregated()) as c:
+        num = 2000
+        for i in range(num):
+            c.add_request(str(i), [3 + (i * 7 + j) % 60 for j in range(4)], greedy(2))
+        outputs = drain(c, timeout_s=120)
+        assert len(outputs) == num
+        assert all(len(o.outputs[0].token_ids) == 2 for o in outputs.values())

@@ -103,3 +103,18 @@ def test_abort_while_in_flight_drops_the_token():
 def test_a_share_without_blocks_is_rejected():
     with pytest.raises(ValueError, match="3 KV blocks cannot be shared by 4 virtual engines"):
         make_virtual_engines(4, 3, 8, 0.0, "continuous_batching", SchedulerConfig())
+
+
+def test_colocated_stats_count_every_virtual_engine():
+    from distserve_rt.engine.async_llm import ColocatedCore
+
+    engine, _ = _engine(num_blocks=64)
+    for i, prompt in enumerate(PROMPTS[:4]):
+        engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=8))
+    core = ColocatedCore(engine)
+    core.step()
+    (instance,) = core.stats().instances
+    schedulers = [ve.scheduler for ve in engine.virtual_engines]
+    assert len(schedulers) == 2
+    assert instance.num_running == sum(s.num_running for s in schedulers) == 4
+    assert instance.num_waiting == sum(s.num_waiting for s in schedulers)

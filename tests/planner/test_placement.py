@@ -85,8 +85,86 @@ def test_plan_cli_json_and_placement_file(tmp_path, capsys, affinity):
     assert out["ranked"] and out["ranked"][0]["per_device_goodput"] > 0
     placement = load_placement(out["placement_file"])
     assert placement.placement == "disaggregated" and placement.decode is not None
-    assert placement.prefill.num_instances == math.ceil(placement.prefill.num_instances)
+    pred, rate = placement.predicted, out["rate"]
+    assert placement.prefill.num_instances == math.ceil(rate / pred["prefill_instance_goodput"])
+    assert placement.decode.num_instances == math.ceil(rate / pred["decode_instance_goodput"])
+    assert pred["num_devices"] == placement.num_devices
+    assert pred["per_device_goodput"] == pytest.approx(pred["goodput"] / placement.num_devices)
+    assert pred["goodput"] >= rate and pred["meets_target"] and pred["scored_attainment"] >= 0.9
     assert placement.to_dict() == load_placement(placement.save(tmp_path / "again.yaml")).to_dict()
+    _check_ranking(out)
+
+
+def _check_ranking(out: dict) -> None:
+    """The table and the choice agree: rows in (devices, -goodput per device) order, the
+    chosen row is the first disaggregated one that met the target, and no disaggregated
+    row needing fewer devices (or as few with more goodput per device) was passed over
+    unless it missed the target."""
+    rows = out["ranked"]
+    keys = [(r["num_devices"], -r["per_device_goodput"]) for r in rows]
+    # The chosen row is appended when it ranks below the rows shown.
+    shown = keys[:-1] if rows[-1]["chosen"] else keys
+    assert shown == sorted(shown)
+    (chosen,) = [r for r in rows if r["chosen"]]
+    assert (
+        chosen["config"].startswith("P ")
+        and chosen["num_devices"] == out["placement"]["predicted"]["num_devices"]
+    )
+    for r in rows:
+        if r is chosen:
+            break
+        if r["placement"] == "disaggregated":
+            assert r["attainment_at_rate"] < 0.9, r
+    for r in rows:
+        assert r["goodput"] >= out["rate"]
+        assert r["num_devices"] == r["num_prefill"] * _devices(r, "P") + r["num_decode"] * (
+            _devices(r, "D")
+        )
+
+
+def _devices(row: dict, phase: str) -> int:
+    """tp x pp of a row's prefill ("P") or decode ("D") instance, parsed from its label."""
+    parts = row["config"].replace("colocated", "P").split(" + ")
+    part = next((x for x in parts if x.startswith(phase + " ")), None)
+    if part is None:
+        return 0
+    tp, pp = part.split()[1].removeprefix("tp").split("pp")
+    return int(tp) * int(pp)
+
+
+def test_plan_sizes_the_deployment_for_the_rate(tmp_path, capsys):
+    """Issue 6: OPT-13B, 4 x 8 A100s, chatbot SLOs, 3 req/s, high affinity deployed prefill
+    tp2pp10 + decode tp5 (25 devices) because tp2pp10 had the best goodput per device at
+    200 req/s, while one colocated tp5 instance (5 devices) carried 20 req/s."""
+    assert main(_plan_args(tmp_path, "--affinity", "high", "--num-nodes", "4")) == 0
+    out = json.loads(capsys.readouterr().out)
+    rows, placement = out["ranked"], out["placement"]
+    colocated = min(r["num_devices"] for r in rows if r["placement"] == "colocated")
+    num_devices = (
+        placement["prefill"]["tp"]
+        * placement["prefill"]["pp"]
+        * placement["prefill"]["num_instances"]
+        + placement["decode"]["tp"]
+        * placement["decode"]["pp"]
+        * placement["decode"]["num_instances"]
+    )
+    # One prefill and one decode instance at least: twice one colocated instance.
+    assert num_devices <= 2 * colocated
+    # 3 req/s is below one tp1 instance's goodput in either phase: no pipeline pays off.
+    assert placement["prefill"]["pp"] == placement["decode"]["pp"] == 1
+
+
+def test_plan_at_a_high_rate_keeps_the_papers_criterion(tmp_path, capsys):
+    """Far above one instance's goodput, rounding replicas up costs little: the chosen
+    deployment's goodput per device is within 15% of the best unrounded (paper's) one."""
+    args = _plan_args(tmp_path, "--affinity", "high", "--num-nodes", "4")
+    args[args.index("--rate") + 1] = "60"
+    assert main([*args, "--top", "1000"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    disagg = [r for r in out["ranked"] if r["placement"] == "disaggregated"]
+    best_unit = max(r["unit_per_device_goodput"] for r in disagg)
+    chosen = next(r for r in disagg if r["chosen"])
+    assert chosen["per_device_goodput"] >= 0.85 * best_unit
 
 
 def test_plan_cli_plot(tmp_path, capsys):

@@ -104,3 +104,13 @@ def test_slo_metrics():
     assert (a.joint, a.ttft, a.tpot) == (0.5, 0.75, 0.75)
     # 75% need max(ttft/0.3, tpot/0.02) <= s: ratios 0.33, 2.5, 1.0, 1.33 -> third smallest.
     assert slo_scale(ttft, tpot, SLO(0.3, 0.02), 0.75) == pytest.approx(4 / 3)
+
+
+def test_decode_only_one_token_output_finishes_at_arrival():
+    # Request 0 decodes with 1 s steps in the only seat; request 1 arrives prefilled at 0.5 s
+    # with nothing left to decode: it must neither wait for a step boundary nor a seat.
+    spec = InstanceSpec(ConstantLatencyModel(0.01, 1.0), 10**4, max_num_seqs=1)
+    sim = DisaggregatedSimulator(DisaggSpec(spec, spec), SimMode.DECODE_ONLY)
+    res = sim.run(np.array([0.0, 0.5]), [10, 10], [5, 1])
+    assert res.finish[1] == res.decode_start[1] == 0.5
+    assert res.finish[0] == pytest.approx(4.0)

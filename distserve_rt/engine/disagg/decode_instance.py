@@ -63,6 +63,7 @@ class DecodeInstance(Instance):
             self._abort(message.request_id, now)
         elif isinstance(message, msg.PeerPools):
             self.puller.open_peers(message.descriptors)
+            self.outbox.append(msg.PeersOpened(self.spec.name))
         else:
             raise ValueError(f"{self.spec.name} got an unexpected message {message!r}")
 

@@ -5,7 +5,6 @@ rules, and the loop an instance process runs (receive -> schedule -> execute -> 
 from __future__ import annotations
 
 import abc
-import contextlib
 import enum
 import itertools
 import os
@@ -21,6 +20,7 @@ from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams
@@ -177,20 +177,21 @@ def run_instance(spec: InstanceSpec, conn: Connection, in_process: bool = False)
     controller died: an orphan instance must not live on).
     """
     instance: Instance | None = None
+    sender = PipeSender(conn, spec.name)
     try:
         if not in_process:
             _configure_process(spec)
         instance = build_instance(spec)
-        conn.send(instance.ready_message())
-        _loop(instance, conn)
+        sender.send(instance.ready_message())
+        _loop(instance, conn, sender)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the controller is gone
     except Exception:  # noqa: BLE001 (reported to the controller, then the process ends)
         error = f"{spec.name} failed:\n{traceback.format_exc()}"
         logger.error("%s", error)
-        with contextlib.suppress(OSError, EOFError):
-            conn.send(msg.Fatal(error))
+        sender.send(msg.Fatal(error))
     finally:
+        sender.close()
         if instance is not None:
             instance.close()
 
@@ -216,7 +217,7 @@ def _configure_process(spec: InstanceSpec) -> None:
     ops.set_num_threads(len(spec.cpu_cores))
 
 
-def _loop(instance: Instance, conn: Connection) -> None:
+def _loop(instance: Instance, conn: Connection, sender: PipeSender) -> None:
     interval = instance.spec.disagg_config.stats_interval_s
     next_status = 0.0
     while True:
@@ -229,7 +230,9 @@ def _loop(instance: Instance, conn: Connection) -> None:
         now = time.monotonic()
         instance.step(now)
         for message in instance.take_outbox():
-            conn.send(message)
+            sender.send(message)
         if now >= next_status:
-            conn.send(instance.status())
+            sender.send(instance.status())
             next_status = now + interval
+        if sender.error is not None:
+            raise EOFError("the controller closed the pipe") from sender.error

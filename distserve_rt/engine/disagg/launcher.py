@@ -11,6 +11,7 @@ from multiprocessing.connection import Connection
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
 from distserve_rt.engine.disagg.messages import InstanceStatus
+from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.engine.placement import DisaggConfig, Placement
 
 
@@ -38,6 +39,7 @@ class InstanceHandle:
             )  # fmt: skip
             self._process.start()
             child.close()  # only the child holds it now: its death closes the pipe
+        self._sender = PipeSender(self.conn, f"controller-{spec.name}")
         self.alive = True
         self.status: InstanceStatus | None = None
         self.num_queued_tokens = 0
@@ -71,15 +73,12 @@ class InstanceHandle:
         """Sends unless the instance is dead; False when it could not."""
         if not self.alive:
             return False
-        try:
-            self.conn.send(message)
-        except (OSError, EOFError):
-            return False
-        return True
+        return self._sender.send(message)  # never blocks (see PipeSender)
 
     def stop(self, timeout_s: float) -> None:
         """Joins the instance (after Shutdown was sent), killing a process that hangs."""
         self.alive = False
+        self._sender.close(timeout_s)
         if self._process is not None:
             self._process.join(timeout_s)
             if self._process.is_alive():

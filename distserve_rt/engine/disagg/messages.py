@@ -95,6 +95,13 @@ class Ready:
 
 
 @dataclass(slots=True)
+class PeersOpened:
+    """A decode instance mapped every prefill pool (`PeerPools`): it can pull from now on."""
+
+    name: str
+
+
+@dataclass(slots=True)
 class Tokens:
     """New tokens of a request (and its end, when `finish_reason` is set)."""
 

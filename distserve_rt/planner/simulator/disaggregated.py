@@ -153,9 +153,14 @@ class DisaggregatedSimulator:
 
     def _on_arrival(self, now: float, req: int, _) -> None:
         if self.mode is SimMode.DECODE_ONLY:
-            for key in ("ps", "pe", "ts", "te"):
+            # Arrives prefilled: its first token is out, so a one-token output is finished
+            # (as in `_on_prefill_done`), not held in a decode seat until a step boundary.
+            done = self._out[req] == 1
+            keys = ("ps", "pe", "ts", "te", "ds", "fin") if done else ("ps", "pe", "ts", "te")
+            for key in keys:
                 self._ts[key][req] = now
-            self._to_decode(now, req, transfer=False)
+            if not done:
+                self._to_decode(now, req, transfer=False)
             return
         p = min(range(len(self._prefills)), key=lambda i: self._prefills[i].queued_tokens)
         inst = self._prefills[p]

@@ -1,0 +1,146 @@
+"""Deployments the placement search compares, each sized for the requested traffic rate.
+
+The paper scores a configuration by its per-device goodput (goodput of one instance / its
+devices) and then replicates it ``ceil(rate / goodput)`` times. At a rate far above one
+instance's goodput the rounding does not matter and that score picks the fewest devices;
+at a rate near or below it, it does not: OPT-13B at 3 req/s on 4 × 8 A100s, the best
+per-device prefill instance was tp2pp10 (10 req/s per device, 204 req/s each, 20 devices),
+so the search deployed 20 prefill devices for 3 req/s while one tp1 device serves 4.4.
+
+So every configuration here is a *deployment at the rate*: its replica counts, its devices
+(``num_devices``) and its goodput (the rate its replicas carry together), and the search
+ranks by fewest devices first, then by highest per-device goodput of the deployment
+(headroom), then by fewest pipeline stages. When the rate is large, this is the paper's
+criterion; when it is small, it is what an operator would pick. The table, the chosen
+placement and the placement file all use this one order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from enum import Enum
+
+from distserve_rt.planner.simulator import DisaggSpec, InstanceSpec
+
+
+class PlacementKind(str, Enum):
+    DISAGGREGATED = "disaggregated"
+    COLOCATED = "colocated"
+
+
+class Algorithm(str, Enum):
+    """How a disaggregated deployment was searched (the paper's Algorithms 1 and 2)."""
+
+    PHASES_APART = "phases_apart"
+    """Algorithm 1: prefill and decode instances replicated independently."""
+    PAIRS_IN_NODES = "pairs_in_nodes"
+    """Algorithm 2: (prefill, decode) pairs sharing nodes, replicated together."""
+    COLOCATED = "colocated"
+    """Not disaggregated: colocated instances replicated."""
+
+
+@dataclass
+class Candidate:
+    """One deployment that carries the requested rate: a row of the ranked table.
+
+    Goodputs are req/s meeting the SLO attainment target. ``unit`` is what is simulated at
+    the rate: a `DisaggSpec` with the replica counts (disaggregated), or one colocated
+    instance (colocated replicas each take ``rate / num_prefill`` of the traffic).
+    """
+
+    algorithm: Algorithm
+    prefill: tuple[int, int]
+    """(tp, pp) of a prefill instance; colocated: of the instance."""
+    decode: tuple[int, int] | None
+    """(tp, pp) of a decode instance; None when colocated."""
+    num_prefill: int
+    """Prefill instances (Algorithm 2: pairs; colocated: instances) for the rate."""
+    num_decode: int
+    """Decode instances (Algorithm 2: pairs); 0 when colocated."""
+    prefill_goodput: float
+    """One prefill instance alone on TTFT (Algorithm 2: one pair; colocated: one instance)."""
+    decode_goodput: float
+    """One decode instance alone on TPOT (Algorithm 2: one pair; colocated: = prefill's)."""
+    unit: DisaggSpec | InstanceSpec = field(repr=False)
+    num_nodes_spanned: int = 1
+    """Algorithm 2: nodes one pair's pipeline crosses (1 for the others)."""
+    predicted: dict[str, object] = field(default_factory=dict)
+    """The deployment simulated at the requested rate (filled by the planner)."""
+
+    def __post_init__(self) -> None:
+        self.algorithm = Algorithm(self.algorithm)
+        if not self.prefill_goodput > 0 or not self.decode_goodput > 0:
+            raise ValueError(
+                f"a candidate needs goodputs > 0, got prefill_goodput={self.prefill_goodput!r}, "
+                f"decode_goodput={self.decode_goodput!r}"
+            )
+        if (self.decode is None) != (self.algorithm is Algorithm.COLOCATED):
+            raise ValueError(f"decode must be None exactly when colocated, got {self.decode!r}")
+
+    @property
+    def placement(self) -> PlacementKind:
+        if self.algorithm is Algorithm.COLOCATED:
+            return PlacementKind.COLOCATED
+        return PlacementKind.DISAGGREGATED
+
+    @property
+    def devices_per_prefill(self) -> int:
+        return self.prefill[0] * self.prefill[1]
+
+    @property
+    def devices_per_decode(self) -> int:
+        return 0 if self.decode is None else self.decode[0] * self.decode[1]
+
+    @property
+    def num_devices(self) -> int:
+        """Devices of the whole deployment at the requested rate."""
+        return self.num_prefill * self.devices_per_prefill + self.num_decode * (
+            self.devices_per_decode
+        )
+
+    @property
+    def goodput(self) -> float:
+        """Rate the deployment carries: its weaker phase's replicas together, req/s."""
+        if self.algorithm is Algorithm.PHASES_APART:
+            return min(
+                self.num_prefill * self.prefill_goodput, self.num_decode * self.decode_goodput
+            )
+        return self.num_prefill * self.prefill_goodput
+
+    @property
+    def per_device(self) -> float:
+        """Per-device goodput of the deployment (req/s per device): ``goodput / num_devices``."""
+        return self.goodput / self.num_devices
+
+    @property
+    def unit_per_device(self) -> float:
+        """The paper's per-device goodput, replica counts unrounded (a very high rate)."""
+        if self.algorithm is Algorithm.PHASES_APART:
+            return 1.0 / (
+                self.devices_per_prefill / self.prefill_goodput
+                + self.devices_per_decode / self.decode_goodput
+            )
+        devices = self.devices_per_prefill + self.devices_per_decode
+        return self.prefill_goodput / devices
+
+    def rank_key(self) -> tuple[int, float, int]:
+        """Fewest devices at the rate first, then the most goodput per device, then the
+        fewest pipeline stages (at equal cost, fewer hops: lower latency, simpler)."""
+        num_stages = self.prefill[1] + (0 if self.decode is None else self.decode[1])
+        return self.num_devices, -self.per_device, num_stages
+
+    def label(self) -> str:
+        if self.decode is None:
+            return f"colocated tp{self.prefill[0]}pp{self.prefill[1]}"
+        (tp_p, pp_p), (tp_d, pp_d) = self.prefill, self.decode
+        nodes = f" ({self.num_nodes_spanned} nodes)" if self.num_nodes_spanned > 1 else ""
+        return f"P tp{tp_p}pp{pp_p} + D tp{tp_d}pp{pp_d}{nodes}"
+
+
+def num_replicas(rate: float, goodput: float) -> int:
+    """Instances of ``goodput`` req/s each needed to carry ``rate`` req/s (at least one)."""
+    if not goodput > 0:
+        raise ValueError(f"goodput must be > 0 req/s, got {goodput!r}")
+    # A hair of tolerance: 3.0 / 1.5 computed as 2.0000000001 must not round up to 3.
+    return max(1, math.ceil(rate / goodput - 1e-9))
