@@ -15,7 +15,6 @@ Not thread-safe: one caller drives `step` (the async front end runs it in one lo
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
 import time
 from collections import deque
@@ -28,6 +27,7 @@ from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.request_checks import check_sampling_params, check_token_ids
 from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.engine.virtual_engine import (
     VirtualEngine,
@@ -36,7 +36,6 @@ from distserve_rt.engine.virtual_engine import (
     make_virtual_engines,
 )
 from distserve_rt.logger import init_logger
-from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -45,9 +44,6 @@ from distserve_rt.worker.model_runner import ModelRunnerOutput, SampleFn
 from distserve_rt.worker.worker import Worker
 
 logger = init_logger(__name__)
-
-MAX_LOGPROBS = 20
-"""Top logprobs a request may ask for (vLLM's default max_logprobs)."""
 
 _STATUS = {
     FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
@@ -315,17 +311,7 @@ class LLMEngine:
         return check_sampling_params(request_id, params, self.model_config)
 
     def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
-        vocab_size = self.model_config.vocab_size
-        ids = list(token_ids)
-        if not ids:
-            raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-                raise ValueError(
-                    f"request {request_id!r}: prompt_token_ids must be ints in "
-                    f"[0, {vocab_size}), got {t!r}"
-                )
-        return ids
+        return check_token_ids(request_id, token_ids, self.model_config.vocab_size)
 
     def shutdown(self) -> None:
         self._in_flight.clear()
@@ -348,26 +334,3 @@ def make_executor(
     from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 
     return MultiprocExecutor(config)
-
-
-def check_sampling_params(
-    request_id: str, params: SamplingParams, model_config: ModelConfig
-) -> SamplingParams:
-    """Model-dependent checks (SamplingParams checks the rest on its own), so a bad
-    request fails at admission rather than in the sampler, where it would fail a whole
-    step. Returns the params with the model's extra EOS ids added to the stop ids (the
-    colocated engine and the disaggregated controller both admit requests through it)."""
-    vocab_size = model_config.vocab_size
-    for t in params.stop_token_ids:
-        if t >= vocab_size:
-            raise ValueError(
-                f"request {request_id!r}: stop_token_ids must be in [0, {vocab_size}), got {t}"
-            )
-    if params.logprobs is not None and params.logprobs > MAX_LOGPROBS:
-        raise ValueError(
-            f"request {request_id!r}: logprobs must be <= {MAX_LOGPROBS}, got {params.logprobs}"
-        )
-    extra = [t for t in model_config.extra_eos_token_ids if t not in params.stop_token_ids]
-    if extra and not params.ignore_eos:
-        params = dataclasses.replace(params, stop_token_ids=params.stop_token_ids + extra)
-    return params

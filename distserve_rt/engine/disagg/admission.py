@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.disagg.tracking import TrackedRequest
-from distserve_rt.engine.llm_engine import check_sampling_params
+from distserve_rt.engine.request_checks import check_sampling_params, check_token_ids
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.tokenizer import Tokenizer
@@ -75,16 +75,3 @@ def make_stop_checker(
         max_model_len=max_model_len,
         detokenizer=detokenizer,
     )
-
-
-def check_token_ids(request_id: str, token_ids: Sequence[int], vocab_size: int) -> list[int]:
-    ids = list(token_ids)
-    if not ids:
-        raise ValueError(f"request {request_id!r}: prompt_token_ids must not be empty")
-    for t in ids:
-        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
-            raise ValueError(
-                f"request {request_id!r}: prompt_token_ids must be ints in [0, {vocab_size}), "
-                f"got {t!r}"
-            )
-    return ids

@@ -13,7 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-MAX_LOGPROBS = 20
+from distserve_rt.engine.request_checks import MAX_LOGPROBS  # noqa: F401 (re-exported)
+
 """Most top logprobs per token a request may ask for (OpenAI's and vLLM's default limit)."""
 
 
