@@ -34,6 +34,9 @@ def _worker(rank: int, port: int, models: list[str], out_path: str) -> None:
         results = {name: _run(name, parallel) for name in models}
         if rank == 0:
             torch.save(results, out_path)
+        # Both ranks done before either tears gloo down: a rank destroying its group while
+        # the peer's last collective is still in flight aborted with std::terminate.
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
