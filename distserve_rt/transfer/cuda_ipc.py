@@ -31,13 +31,10 @@ from distserve_rt.transfer.base import (
     TransferStatus,
 )
 from distserve_rt.transfer.descriptor import (
-    WHOLE_BLOCKS,
     KVSlice,
     PoolDescriptor,
-    PoolGeometry,
-    block_mapping,
-    check_compatible,
     describe_pool,
+    plan_submit,
 )
 
 METHODS = ("kernel", "memcpy_batch")
@@ -147,20 +144,15 @@ class CudaIpcTransport(KVTransport):
         if dst_pool.device != self.device:
             raise ValueError(f"dst_pool must be on {self.device}, got {dst_pool.device}")
         desc = peer.descriptor
-        geometry = PoolGeometry.of(dst_pool)
-        check_compatible(desc, geometry)
-        slice_args = (kv_slice or WHOLE_BLOCKS).resolve(desc, geometry)
-        mapping = block_mapping(
-            src_block_ids, dst_block_ids, desc.num_blocks, geometry.num_blocks, check_ids=False
-        )  # the engine checks the ids (same rules and words) before queueing
+        # check_ids=False: the engine checks the ids (same rules and words) before queueing.
+        plan = plan_submit(desc, dst_pool, src_block_ids, dst_block_ids, kv_slice, False)
         src_pool = (desc.num_blocks, desc.num_layers, desc.num_kv_heads, desc.block_stride_bytes)
         transfer_id = self._engine.submit(
             peer.region_id, desc.offset_bytes, src_pool, dst_pool.data_ptr(),
-            geometry.as_tuple(), desc.head_bytes, slice_args, mapping.ctypes.data,
-            mapping.shape[0], peer.event_id,
+            plan.geometry.as_tuple(), desc.head_bytes, plan.slice_args,
+            plan.mapping.ctypes.data, plan.mapping.shape[0], peer.event_id,
         )  # fmt: skip
-        num_bytes = 2 * slice_args[2] * slice_args[5] * desc.head_bytes * mapping.shape[0]
-        return TransferHandle(self, transfer_id, num_bytes, keepalive=(dst_pool,))
+        return TransferHandle(self, transfer_id, plan.num_bytes, keepalive=(dst_pool,))
 
     def poll(self, handle: TransferHandle) -> TransferStatus:
         return native_engine.poll(self._engine, handle)

@@ -325,3 +325,36 @@ def _as_ids(name: str, ids: Sequence[int] | np.ndarray | torch.Tensor) -> np.nda
             f"shape {array.shape}"
         )
     return array.astype(np.int64, copy=False)
+
+
+@dataclass(frozen=True, slots=True)
+class SubmitPlan:
+    """What every backend derives from a `KVTransport.submit` call before copying."""
+
+    geometry: PoolGeometry
+    slice_args: SliceArgs
+    mapping: np.ndarray
+    """int64 ``[num_pairs, 2]`` (src, dst) block ids."""
+    num_bytes: int
+    """Bytes the transfer moves: K and V of the sliced layers and heads of every pair."""
+
+
+def plan_submit(
+    src: PoolDescriptor,
+    dst_pool: torch.Tensor,
+    src_block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    dst_block_ids: Sequence[int] | np.ndarray | torch.Tensor,
+    kv_slice: KVSlice | None,
+    check_ids: bool = True,
+) -> SubmitPlan:
+    """Checks the pools fit each other and resolves the slice and the block pairs (ids are
+    checked here unless `check_ids` is False, for engines that check them natively)."""
+    geometry = PoolGeometry.of(dst_pool)
+    check_compatible(src, geometry)
+    slice_args = (kv_slice or WHOLE_BLOCKS).resolve(src, geometry)
+    mapping = block_mapping(
+        src_block_ids, dst_block_ids, src.num_blocks, geometry.num_blocks, check_ids=check_ids
+    )
+    _, _, num_layers, _, _, num_heads = slice_args
+    num_bytes = 2 * num_layers * num_heads * src.head_bytes * mapping.shape[0]
+    return SubmitPlan(geometry, slice_args, mapping, num_bytes)

@@ -28,13 +28,10 @@ from distserve_rt.transfer.base import (
     TransferStatus,
 )
 from distserve_rt.transfer.descriptor import (
-    WHOLE_BLOCKS,
     KVSlice,
     PoolDescriptor,
-    PoolGeometry,
-    block_mapping,
-    check_compatible,
     describe_pool,
+    plan_submit,
 )
 
 # Pools registered by any FakeTransport of this process: handle -> pool.
@@ -141,16 +138,14 @@ class FakeTransport(KVTransport):
     ) -> TransferHandle:
         if not isinstance(peer, PoolDescriptor):
             raise ValueError(f"peer must come from open_peer, got {type(peer).__name__}")
-        geometry = PoolGeometry.of(dst_pool)
-        check_compatible(peer, geometry)
-        slice_args = (kv_slice or WHOLE_BLOCKS).resolve(peer, geometry)
-        mapping = block_mapping(src_block_ids, dst_block_ids, peer.num_blocks, geometry.num_blocks)
+        plan = plan_submit(peer, dst_pool, src_block_ids, dst_block_ids, kv_slice)
         failure = self._pending_failures.pop(0) if self._pending_failures else None
-        transfer = _FakeTransfer(peer, dst_pool, mapping, slice_args, self._clock(), failure)
-        num_bytes = 2 * slice_args[2] * slice_args[5] * peer.head_bytes * mapping.shape[0]
+        transfer = _FakeTransfer(
+            peer, dst_pool, plan.mapping, plan.slice_args, self._clock(), failure
+        )
         self._stats.num_submitted += 1
         self._stats.num_in_flight += 1
-        return TransferHandle(self, id(transfer), num_bytes, keepalive=(transfer,))
+        return TransferHandle(self, id(transfer), plan.num_bytes, keepalive=(transfer,))
 
     def poll(self, handle: TransferHandle) -> TransferStatus:
         if handle.result is not None:
