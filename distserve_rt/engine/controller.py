@@ -301,14 +301,16 @@ class Controller:
             self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
             return
         self._emit_stream(tracked)
-        self._forward_migration(tracked, handle, m)
+        tracked.kv_block_ids, tracked.kv_digest = m.block_ids, m.kv_digest
+        self.forward_migration(tracked)
 
-    def _forward_migration(
-        self, tracked: TrackedRequest, prefill: InstanceHandle, m: msg.PrefillDone
-    ) -> None:
+    def forward_migration(self, tracked: TrackedRequest) -> None:
+        """Sends a prefilled request (its KV on `tracked.prefill_index`) to the least loaded
+        live decode instance; also re-forwards it when the chosen one died before pulling."""
+        prefill = self.prefill(tracked.prefill_index)  # type: ignore[arg-type]
         live = self.decodes()
         if not live:
-            prefill.send(msg.ReleaseKV(m.request_id))
+            prefill.send(msg.ReleaseKV(tracked.request_id))
             self.finish(tracked, "error", error="no decode instance is alive")
             return
         target = min(live, key=_decode_load)
@@ -317,9 +319,9 @@ class Controller:
         tracked.decode_index = target.spec.index
         target.send(
             msg.Migrate(
-                tracked.request_id, prefill.spec.index, m.block_ids, tracked.token_ids,
-                len(tracked.prompt_token_ids), tracked.sampling_params, tracked.arrival_time,
-                m.kv_digest, tracked.generator_state,
+                tracked.request_id, prefill.spec.index, tracked.kv_block_ids or [],
+                tracked.token_ids, len(tracked.prompt_token_ids), tracked.sampling_params,
+                tracked.arrival_time, tracked.kv_digest, tracked.generator_state,
             )
         )  # fmt: skip
 
@@ -332,6 +334,7 @@ class Controller:
         if m.ok:
             tracked.phase = Phase.DECODING
             tracked.transfer_bytes = m.num_bytes
+            tracked.kv_block_ids = None  # released on the prefill instance
         # A failed pull is ended by the decode instance's Tokens message.
 
     def _on_tokens(self, m: msg.Tokens) -> None:

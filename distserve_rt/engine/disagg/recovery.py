@@ -12,8 +12,9 @@ finish_reason "error" naming the instance, or are re-prefilled on a live prefill
 (prompt + the tokens generated so far) when ``retry_on_instance_failure`` and the retry
 budget allow. Prefill death: its PREFILLING requests. Its announced KV stays readable to
 decode instances that already mapped its pool (the region is unlinked at shutdown), so
-MIGRATING requests go on. Decode death: its MIGRATING and DECODING requests; the source KV
-of the MIGRATING ones is released on their prefill instances.
+MIGRATING requests go on. Decode death: its DECODING requests; its MIGRATING ones lose
+nothing (their KV is still on the prefill instance, freed only after a pull completed) and
+are sent to another live decode instance.
 """
 
 from __future__ import annotations
@@ -69,9 +70,11 @@ def on_instance_death(controller: Controller, handle: InstanceHandle, reason: st
         else:
             affected = tracked.decode_index == index
             if affected and tracked.phase is Phase.MIGRATING:
-                controller.prefill(tracked.prefill_index).send(  # type: ignore[arg-type]
-                    msg.ReleaseKV(tracked.request_id)
-                )
+                # Its KV is still held on the prefill instance (released only on a
+                # MigrationDone): another decode instance pulls it, nothing is recomputed.
+                controller.release_load(tracked)
+                controller.forward_migration(tracked)
+                continue
         if not affected:
             continue
         controller.release_load(tracked)

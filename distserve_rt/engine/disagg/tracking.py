@@ -59,6 +59,10 @@ class TrackedRequest:
     """Per output token (when SamplingParams.logprobs is set): {token id: logprob}."""
     generator_state: bytes | None = None
     """Seeded requests: the sampler's generator state after the last token (migrated)."""
+    kv_block_ids: list[int] | None = None
+    """While MIGRATING: its KV blocks on the prefill instance (to re-forward the migration
+    when the chosen decode instance dies before pulling)."""
+    kv_digest: str | None = None
 
     @property
     def token_ids(self) -> list[int]:
