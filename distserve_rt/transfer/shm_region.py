@@ -1,7 +1,10 @@
 """KV pools in POSIX shared memory, for the `shm` transport (CPU instances).
 
-A region is a file under ``/dev/shm`` named ``drt_kv_<owner pid>_<random>``: unique per
-instance, and the owner's pid lets a sweep tell live regions from leftovers. The pool
+A region is a file under ``/dev/shm`` named ``drt_kv_<pid namespace>_<owner pid>_<random>``:
+unique per instance, and the owner's pid lets a sweep tell live regions from leftovers. The
+pid namespace (the inode of ``/proc/self/ns/pid``) is in the name because containers
+started with ``--ipc=host`` share ``/dev/shm`` but not pids: another container's live
+owner looks dead from here, so a sweep only judges regions of its own namespace. The pool
 tensor is a view of ``torch.UntypedStorage.from_file(..., shared=True)``, so the mapping
 lives exactly as long as some tensor uses it.
 
@@ -29,8 +32,23 @@ SHM_DIR = Path("/dev/shm")
 NAME_PREFIX = "drt_kv_"
 
 
+def _pid_namespace() -> str:
+    """This process's pid namespace id (digits; "0" where /proc does not say)."""
+    try:
+        link = os.readlink("/proc/self/ns/pid")  # "pid:[4026531836]"
+    except OSError:
+        return "0"
+    digits = "".join(c for c in link if c.isdigit())
+    return digits or "0"
+
+
+def region_glob(pid: int, prefix: str = NAME_PREFIX) -> str:
+    """The ``/dev/shm`` name pattern of the regions `pid` (of this pid namespace) owns."""
+    return f"{prefix}{_pid_namespace()}_{pid}_*"
+
+
 def new_region_name(prefix: str = NAME_PREFIX) -> str:
-    return f"{prefix}{os.getpid()}_{secrets.token_hex(6)}"
+    return f"{prefix}{_pid_namespace()}_{os.getpid()}_{secrets.token_hex(6)}"
 
 
 def _unlink(path: Path) -> None:
@@ -94,11 +112,13 @@ def _pid_alive(pid: int) -> bool:
 
 
 def sweep_stale_regions(prefix: str = NAME_PREFIX) -> list[str]:
-    """Unlinks ``/dev/shm/<prefix><pid>_*`` files whose owner pid is not alive; returns the
-    names removed. Regions of live processes are never touched."""
+    """Unlinks ``/dev/shm/<prefix><namespace>_<pid>_*`` files of this pid namespace whose
+    owner pid is not alive; returns the names removed. Regions of live processes, and of
+    other pid namespaces (whose pids mean nothing here), are never touched."""
     removed = []
-    for path in SHM_DIR.glob(f"{prefix}*"):
-        pid_part = path.name[len(prefix) :].split("_", 1)[0]
+    namespace = _pid_namespace()
+    for path in SHM_DIR.glob(f"{prefix}{namespace}_*"):
+        pid_part = path.name[len(prefix) + len(namespace) + 1 :].split("_", 1)[0]
         if not pid_part.isdigit() or _pid_alive(int(pid_part)):
             continue
         try:

@@ -16,6 +16,7 @@ from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
+from distserve_rt.transfer.shm_region import SHM_DIR, region_glob
 from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, settle, token_ids
 from tests.models.hf_fixtures import load_hf, save_llama, save_tokenizer
 
@@ -23,7 +24,7 @@ TEXTS = ["the quick brown fox", "prefill and decode run on", "hello world, hello
 
 
 def _shm_files(pids) -> list[str]:
-    return [f for pid in pids for f in glob.glob(f"/dev/shm/drt_kv_{pid}_*")]
+    return [f for pid in pids for f in glob.glob(f"{SHM_DIR}/{region_glob(pid)}")]
 
 
 def test_greedy_equals_hf_and_colocated_across_processes(tmp_path):

@@ -15,14 +15,19 @@ from distserve_rt.transfer import (
     TransferStatus,
     create_transport,
 )
-from distserve_rt.transfer.shm_region import NAME_PREFIX, SHM_DIR, sweep_stale_regions
+from distserve_rt.transfer.shm_region import (
+    NAME_PREFIX,
+    SHM_DIR,
+    region_glob,
+    sweep_stale_regions,
+)
 from tests.transfer.peer_process import PeerProcess
 
 SPEC = KVCacheSpec(num_blocks=4, num_layers=2, num_kv_heads=2, head_dim=8, block_size=8)
 
 
 def _regions_of(pid: int) -> set[str]:
-    return {p.name for p in SHM_DIR.glob(f"{NAME_PREFIX}{pid}_*")}
+    return {p.name for p in SHM_DIR.glob(region_glob(pid))}
 
 
 @pytest.fixture
@@ -110,6 +115,22 @@ def test_sweep_keeps_live_regions(transport):
     transport.allocate_pool(SPEC)
     assert sweep_stale_regions() == []
     assert len(_regions_of(os.getpid())) == 1
+
+
+def test_sweep_leaves_regions_of_other_pid_namespaces_alone():
+    # Containers sharing /dev/shm (--ipc=host) have their own pids: a pid that is dead here
+    # may be a live owner there.
+    other_namespace = int(region_glob(0).split("_")[2]) + 1
+    foreign = SHM_DIR / f"{NAME_PREFIX}{other_namespace}_{2**22 + 1}_abcdef"
+    ours = SHM_DIR / region_glob(2**22 + 1).replace("*", "abcdef")  # beyond pid_max: dead
+    for path in (foreign, ours):
+        path.write_bytes(b"x")
+    try:
+        assert sweep_stale_regions() == [ours.name]
+        assert foreign.exists() and not ours.exists()
+    finally:
+        foreign.unlink(missing_ok=True)
+        ours.unlink(missing_ok=True)
 
 
 def test_wait_rejects_bad_timeout_and_close_peer_while_idle(transport):
