@@ -91,6 +91,7 @@ class Request:
         "num_computed_tokens",
         "num_preemptions",
         "generator",
+        "generator_state",
         "stop_checker",
         "logprobs",
         "error",
@@ -132,6 +133,10 @@ class Request:
         self.generator: torch.Generator | None = None
         """The request's own random stream (seeded requests), made by the sampler on the
         logits' device at its first token and kept across steps and preemptions."""
+        self.generator_state: bytes | None = None
+        """A migrated seeded request's stream (`layers.generator_state` bytes from the
+        prefill instance): the sampler restores `generator` from it, instead of seeding
+        one, at the request's first sampled token here (then it is cleared)."""
         self.stop_checker: StopChecker | None = None
         """Owned by the engine: stop rules and the text to stream."""
         self.logprobs: list[dict[int, float]] | None = None

@@ -181,7 +181,6 @@ class Controller:
             request_id, prompt, prompt_token_ids, sampling_params or SamplingParams(), now,
             stream, model_config=self.model_config,
             max_model_len=self.scheduler_config.max_model_len, tokenizer=self.tokenizer,
-            max_num_ranks=self.placement.max_num_ranks,
         )  # fmt: skip
         if not self.prefills():
             raise EngineDeadError("every prefill instance is dead")

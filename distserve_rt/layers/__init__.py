@@ -2,7 +2,12 @@
 
 from distserve_rt.layers.attention import AttentionMetadata, PagedAttention
 from distserve_rt.layers.sampler import LogprobsTensors, Sampler, SamplerOutput
-from distserve_rt.layers.sampling_metadata import SamplingMetadata, make_generator
+from distserve_rt.layers.sampling_metadata import (
+    SamplingMetadata,
+    generator_state,
+    make_generator,
+    restore_generator,
+)
 
 __all__ = [
     "AttentionMetadata",
@@ -11,5 +16,7 @@ __all__ = [
     "Sampler",
     "SamplerOutput",
     "SamplingMetadata",
+    "generator_state",
     "make_generator",
+    "restore_generator",
 ]

@@ -31,6 +31,22 @@ def make_generator(seed: int, device: torch.device | str) -> torch.Generator:
     return torch.Generator(device=torch.device(device)).manual_seed(seed)
 
 
+def generator_state(generator: torch.Generator) -> bytes:
+    """A request's random stream as bytes, to continue it in another process (a migrated
+    request's decode instance, or its sampling worker process). The bytes are the device's
+    kind of state (a CPU generator's differ from a CUDA one's): restore them on the same
+    kind of device."""
+    return generator.get_state().numpy().tobytes()
+
+
+def restore_generator(state: bytes, device: torch.device | str) -> torch.Generator:
+    """The generator `generator_state` saved, on `device` (where the logits are); it draws
+    what the saved one would have drawn next."""
+    generator = torch.Generator(device=torch.device(device))
+    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    return generator
+
+
 @dataclass(slots=True)
 class SamplingMetadata:
     """What the sampler needs for one step of ``num_rows`` rows (one row per request).

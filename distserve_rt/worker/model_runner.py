@@ -55,6 +55,10 @@ class ModelRunnerOutput:
     """One token per request of `SchedulerOutput.sampling_requests()`, same order."""
     logprobs: list[dict[int, float]] | None = None
     """Per sampled row: {token id: logprob}; None when no row asked for logprobs."""
+    generator_states: dict[int, bytes] | None = None
+    """seq_id -> generator state after this step's draw, of the seeded requests an executor
+    was asked to report (`MultiprocExecutor(report_generator_states=True)`: the generators
+    live in its sampling worker); None otherwise (in-process requests hold theirs)."""
 
 
 class ModelRunner:

@@ -6,6 +6,9 @@ each request's `SamplingParams` once, then only seq ids and counts; finished ids
 Ranks build their inputs, stage k > 0 receives stage k - 1's activations, the last stage
 computes logits and its TP rank 0 samples with per-request generators (so seeded sampling
 gives the tokens of TP = PP = 1) and answers with the tokens (see `worker.worker_process`).
+Seeded streams cross the process boundary only for disaggregated instances: a migrated
+request's `Request.generator_state` ships with its parameters, and a prefill instance's
+executor (`report_generator_states`) gets each seeded request's state back with its token.
 
 Steps are answered in submission order; ``execute_async`` returns at once, so up to
 ``pipeline_parallel_size`` steps of different virtual engines are in flight
@@ -42,6 +45,10 @@ class MultiprocExecutor(Executor):
         target: the worker processes' entry point (`run_worker`; disaggregated instances
             pass one that also exports or pulls KV, see `engine.disagg.rank_worker`).
         extra_args: passed to `target` after `config`.
+        report_generator_states: every step's output carries the generator state of each
+            seeded request it sampled (`ModelRunnerOutput.generator_states`): a prefill
+            instance hands it to the decode instance. Off by default (a few KiB per seeded
+            row, which only migrating requests need).
 
     Raises ValueError before starting any process when the sizes do not fit the model or
     the machine; `distributed.launch.WorkerFailedError` when a worker fails to start.
@@ -53,6 +60,8 @@ class MultiprocExecutor(Executor):
         launch: LaunchConfig | None = None,
         target: WorkerTarget = run_worker,
         extra_args: tuple = (),
+        *,
+        report_generator_states: bool = False,
     ) -> None:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         launch = launch or LaunchConfig(tp_size=tp, pp_size=pp, device=config.device)
@@ -74,6 +83,7 @@ class MultiprocExecutor(Executor):
             raise
         self._sampler_rank = (pp - 1) * tp  # last stage, TP rank 0
         self._block_size = config.block_size
+        self._report_generator_states = report_generator_states
         self._shipped: set[int] = set()  # seq ids whose SamplingParams the sampler has
         self._finished: list[int] = []  # shipped seq ids to drop with the next step
         self._num_submitted = 0
@@ -123,8 +133,8 @@ class MultiprocExecutor(Executor):
         while handle not in self._answers:
             if self._num_answered > handle:
                 raise ValueError(f"step {handle} was already waited for")
-            token_ids, logprobs = self.group.recv(self._sampler_rank)
-            self._answers[self._num_answered] = ModelRunnerOutput(token_ids, logprobs)
+            token_ids, logprobs, states = self.group.recv(self._sampler_rank)
+            self._answers[self._num_answered] = ModelRunnerOutput(token_ids, logprobs, states)
             self._num_answered += 1
         return self._answers.pop(handle)
 
@@ -146,16 +156,25 @@ class MultiprocExecutor(Executor):
     def _sampling(self, out: SchedulerOutput) -> StepSampling:
         requests = out.sampling_requests()
         shipped = self._shipped
-        new_params = [(r.seq_id, r.sampling_params) for r in requests if r.seq_id not in shipped]
-        self._shipped.update(seq_id for seq_id, _ in new_params)
+        new = [r for r in requests if r.seq_id not in shipped]
+        self._shipped.update(r.seq_id for r in new)
         finished, self._finished = self._finished, []
+        generator_states = {}
+        for r in new:
+            if r.generator_state is not None:  # the sampling worker restores it
+                generator_states[r.seq_id], r.generator_state = r.generator_state, None
+        report = []
+        if self._report_generator_states:
+            report = [r.seq_id for r in requests if r.sampling_params.seed is not None]
         return StepSampling(
             seq_ids=np.fromiter((r.seq_id for r in requests), np.int64, len(requests)),
             num_output_tokens=np.fromiter(
                 (r.num_output_tokens for r in requests), np.int64, len(requests)
             ),
-            new_params=new_params,
+            new_params=[(r.seq_id, r.sampling_params) for r in new],
             finished=finished,
+            generator_states=generator_states,
+            report_generator_states=report,
         )
 
     def shutdown(self) -> None:

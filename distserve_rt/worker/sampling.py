@@ -14,7 +14,11 @@ from typing import Protocol
 import torch
 
 from distserve_rt.layers.sampler import Sampler
-from distserve_rt.layers.sampling_metadata import SamplingMetadata, make_generator
+from distserve_rt.layers.sampling_metadata import (
+    SamplingMetadata,
+    make_generator,
+    restore_generator,
+)
 from distserve_rt.sampling_params import SamplingParams
 
 
@@ -25,6 +29,8 @@ class SamplingRequest(Protocol):
     sampling_params: SamplingParams
     generator: torch.Generator | None
     """Made here on first use for a seeded request, then kept by the request."""
+    generator_state: bytes | None
+    """A migrated stream: restored into `generator` on first use instead of seeding."""
 
     @property
     def num_output_tokens(self) -> int: ...
@@ -67,10 +73,8 @@ class RequestSampler:
         """``logits`` float32 [n, vocab_size] (overwritten) and the n requests, row order."""
         generators = []
         for r in requests:
-            seed = r.sampling_params.seed
-            if seed is not None and r.generator is None:
-                # Made once per request: its stream continues across steps and preemptions.
-                r.generator = make_generator(seed, self._device)
+            if r.generator is None:
+                r.generator = self._first_generator(r)
             generators.append(r.generator)
         metadata = SamplingMetadata.build(
             [r.sampling_params for r in requests],
@@ -85,6 +89,16 @@ class RequestSampler:
         if out.logprobs is None:
             return SampledTokens(out.token_ids)
         return SampledTokens(out.token_ids, _logprob_dicts(out, requests))
+
+    def _first_generator(self, r: SamplingRequest) -> torch.Generator | None:
+        """Made once per request: its stream continues across steps and preemptions, and
+        across instances (a migrated request continues the stream its prefill drew from)."""
+        if r.generator_state is not None:
+            generator = restore_generator(r.generator_state, self._device)
+            r.generator_state = None
+            return generator
+        seed = r.sampling_params.seed
+        return None if seed is None else make_generator(seed, self._device)
 
 
 def _logprob_dicts(out, requests: Sequence[SamplingRequest]) -> list[dict[int, float]]:

@@ -12,7 +12,7 @@ gives each virtual engine its own range of the shared pool (see `engine.llm_engi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -104,6 +104,10 @@ class StepSampling:
 
     Sampling parameters are shipped once per request (`new_params`), then only ids and
     counts; the worker keeps each request's generator until the id is in `finished`.
+    Generator states travel both ways for migrated seeded requests: in with the request's
+    parameters (`generator_states`, a decode instance continuing its prefill's stream), and
+    out with a step's tokens (`report_generator_states`, a prefill instance handing the
+    stream on).
     """
 
     seq_ids: np.ndarray
@@ -114,3 +118,9 @@ class StepSampling:
     """(seq_id, params) of requests the worker has not seen yet."""
     finished: list[int]
     """seq_ids whose state the worker drops before this step."""
+    generator_states: dict[int, bytes] = field(default_factory=dict)
+    """seq_id -> `layers.generator_state` bytes, for requests of `new_params` whose
+    generator is restored from them (on the sampling worker's device) instead of seeded."""
+    report_generator_states: list[int] = field(default_factory=list)
+    """seq_ids (of this step's seeded rows) whose generator state, after this step's draw,
+    the sampling worker returns with the tokens."""

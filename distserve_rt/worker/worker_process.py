@@ -5,7 +5,9 @@ Messages from the driver (`worker.multiproc_executor`), one tuple each, handled 
 * ``("measure_kv", SchedulerConfig)`` -> the blocks this rank's memory holds;
 * ``("allocate_kv", SchedulerConfig, num_blocks)`` -> None, once the pool exists;
 * ``("step", StepBatch, StepSampling)`` -> answered by the sampling rank only (the last
-  stage's TP rank 0): ``(token_ids, logprobs)``. Stage k > 0 receives the activations
+  stage's TP rank 0): ``(token_ids, logprobs, generator_states)``, the states (seq_id ->
+  bytes) of the rows `StepSampling.report_generator_states` names, None when it names
+  none. Stage k > 0 receives the activations
   ``[num_tokens, hidden_size]`` of stage k - 1 (the same TP rank) before it runs; every
   stage processes steps in order, so stage 0 runs step i + 1 while stage 1 runs step i;
 * ``None`` (or EOF) -> exit.
@@ -25,6 +27,7 @@ import torch.distributed as dist
 from distserve_rt.core.kv_cache import KVCacheSpec
 from distserve_rt.distributed.launch import RankContext, recv_message, send_ok
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.layers.sampling_metadata import generator_state
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
@@ -39,6 +42,8 @@ class SamplingState:
 
     sampling_params: SamplingParams
     generator: torch.Generator | None = None
+    generator_state: bytes | None = None
+    """A migrated stream, restored into `generator` at the first sampled row."""
     num_output_tokens: int = 0
 
 
@@ -107,13 +112,16 @@ class WorkerProcess:
                 sampled = self.worker.sample(logits, rows)
                 token_ids, logprobs = sampled.token_ids.tolist(), sampled.logprobs
         if self.is_sampler:
-            send_ok(self.conn, (token_ids, logprobs))
+            states = self._generator_states(sampling.report_generator_states)
+            send_ok(self.conn, (token_ids, logprobs, states))
 
     def _sampling_requests(self, sampling: StepSampling) -> list[SamplingState]:
         for seq_id in sampling.finished:
             self.requests.pop(seq_id, None)
         for seq_id, params in sampling.new_params:
-            self.requests[seq_id] = SamplingState(params)
+            self.requests[seq_id] = SamplingState(
+                params, generator_state=sampling.generator_states.get(seq_id)
+            )
         rows = []
         for seq_id, num_output in zip(
             sampling.seq_ids.tolist(), sampling.num_output_tokens.tolist(), strict=True
@@ -122,6 +130,19 @@ class WorkerProcess:
             state.num_output_tokens = num_output
             rows.append(state)
         return rows
+
+    def _generator_states(self, seq_ids: list[int]) -> dict[int, bytes] | None:
+        """The streams of these just-sampled seeded requests (the driver names only rows of
+        this step with a seed, so each has its generator)."""
+        if not seq_ids:
+            return None
+        states = {}
+        for seq_id in seq_ids:
+            generator = self.requests[seq_id].generator
+            if generator is None:
+                raise RuntimeError(f"seq {seq_id}: generator state asked for, but it has none")
+            states[seq_id] = generator_state(generator)
+        return states
 
     def _send(self, hidden: torch.Tensor) -> None:
         """Sends activations to the next stage without waiting for it to receive them (the

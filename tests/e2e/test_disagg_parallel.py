@@ -1,7 +1,8 @@
 """Prefill and decode instances with their own TP x PP (worker processes, gloo, spawn): the
 decode ranks pull their slice of each request's KV (re-sliced by heads and layers) and the
-greedy tokens equal the colocated TP = PP = 1 engine's. Instances run on threads so that
-at most 4 processes start (the TP x PP workers)."""
+greedy tokens, and the seeded sampled ones (the generator state migrates from the prefill
+sampling worker to the decode one), equal the colocated TP = PP = 1 engine's. Instances
+run on threads so that at most 4 processes start (the TP x PP workers)."""
 
 from __future__ import annotations
 
@@ -16,14 +17,28 @@ from distserve_rt.sampling_params import SamplingParams
 from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, kv_idle, settle
 
 MAX_TOKENS = 6
+SEEDS = [11, 12, 13]
+
+
+def _requests() -> list[tuple[str, list[int], SamplingParams]]:
+    """Greedy requests with logprobs ("0".."4"), and seeded sampled ones ("seed-<seed>")."""
+    greedy_params = SamplingParams(
+        temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True, logprobs=2
+    )
+    requests = [(str(i), p, greedy_params) for i, p in enumerate(PROMPTS)]
+    for i, seed in enumerate(SEEDS):
+        params = SamplingParams(
+            temperature=0.8, top_p=0.9, seed=seed, max_tokens=MAX_TOKENS, ignore_eos=True
+        )
+        requests.append((f"seed-{seed}", PROMPTS[i % 2], params))
+    return requests
 
 
 @pytest.fixture(scope="module")
 def colocated():
     engine = LLMEngine(engine_config())
-    for i, p in enumerate(PROMPTS):
-        engine.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
-                                                     ignore_eos=True, logprobs=2))  # fmt: skip
+    for request_id, prompt, params in _requests():
+        engine.add_request(request_id, prompt, params)
     outputs = {}
     while engine.has_unfinished_requests():
         outputs.update({o.request_id: o.outputs[0] for o in engine.step() if o.finished})
@@ -35,22 +50,23 @@ def colocated():
     [((1, 1), (2, 1)), ((1, 2), (1, 1)), ((2, 1), (2, 1))],
     ids=["p-tp1-to-d-tp2", "p-pp2-to-d-tp1", "p-tp2-to-d-tp2"],
 )
-def test_greedy_equals_colocated_across_parallelism(colocated, prefill, decode):
+def test_greedy_and_seeded_equal_colocated_across_parallelism(colocated, prefill, decode):
     placement = Placement.disaggregated(
         PhaseConfig(tp=prefill[0], pp=prefill[1]), PhaseConfig(tp=decode[0], pp=decode[1])
     )
     with Controller(engine_config(), placement, DisaggConfig(launcher="thread")) as c:
-        for i, p in enumerate(PROMPTS):
-            c.add_request(str(i), p, SamplingParams(temperature=0, max_tokens=MAX_TOKENS,
-                                                    ignore_eos=True, logprobs=2))  # fmt: skip
+        for request_id, prompt, params in _requests():
+            c.add_request(request_id, prompt, params)
         outputs = {k: o.outputs[0] for k, o in drain(c, timeout_s=120).items()}
         for k, want in colocated.items():
             assert outputs[k].token_ids == want.token_ids, k
+            if want.logprobs is None:  # the seeded requests
+                continue
             for row, want_row in zip(outputs[k].logprobs, want.logprobs, strict=True):
                 assert row.keys() == want_row.keys()
                 assert list(row.values()) == pytest.approx(list(want_row.values()), abs=1e-4)
         # one migration per request (load reports arrive every stats_interval_s)
-        settle(c, lambda: c.stats().transfers.num_transfers == len(PROMPTS))
+        settle(c, lambda: c.stats().transfers.num_transfers == len(colocated))
         assert c.stats().transfers.bytes > 0
         settle(c, lambda: kv_idle(c))  # every rank's blocks freed on both sides
 
@@ -64,13 +80,13 @@ def test_unsupported_parallelism_is_refused_with_the_supported_list():
         Controller(engine_config(), tp2, DisaggConfig(launcher="thread", debug_verify_kv=True))
 
 
-def test_seeded_sampling_on_tp_instances_is_refused_not_silently_different():
-    tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
-    with Controller(engine_config(), tp2, DisaggConfig(launcher="thread")) as c:
-        with pytest.raises(NotImplementedError, match="seeded sampling on TP x PP"):
-            c.add_request("a", PROMPTS[0], SamplingParams(temperature=1.0, seed=3))
-        c.add_request("b", PROMPTS[0], greedy(2))  # the controller still serves requests
-        assert drain(c)["b"].outputs[0].finish_reason == "length"
+def test_seeded_requests_really_sample(colocated):
+    # Otherwise the seeded equality above could hold with a restarted stream: the tokens
+    # depend on the seed (the two requests on prompt 0 differ) and are not the greedy ones.
+    seeded = [colocated[f"seed-{seed}"].token_ids for seed in SEEDS]
+    assert seeded[0] != seeded[2]  # same prompt, other seed
+    assert seeded[0] != colocated["0"].token_ids
+    assert seeded[1] != colocated["1"].token_ids
 
 
 def test_spawned_tp2_decode_instance_runs_its_workers_as_children(colocated):

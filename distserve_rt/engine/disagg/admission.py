@@ -1,6 +1,6 @@
 """Admitting a request to the disaggregated controller: the checks the colocated engine
-makes (params against the model, prompt ids), the refusals of what TP x PP instances cannot
-do yet, and the request's stop checker (detokenizer + stop rules, run by the controller)."""
+makes (params against the model, prompt ids) and the request's stop checker (detokenizer +
+stop rules, run by the controller)."""
 
 from __future__ import annotations
 
@@ -26,20 +26,11 @@ def admit(
     model_config: ModelConfig,
     max_model_len: int,
     tokenizer: Tokenizer | None,
-    max_num_ranks: int,
 ) -> TrackedRequest:
     """The controller's record of a valid request (phase PREFILLING, not dispatched).
-    Raises ValueError for invalid input (stop strings without a tokenizer included) and
-    NotImplementedError for what the placement cannot serve exactly."""
+    Raises ValueError for invalid input (stop strings without a tokenizer included)."""
     params = check_sampling_params(request_id, params, model_config)
     ids = check_token_ids(request_id, prompt_token_ids, model_config.vocab_size)
-    if params.seed is not None and params.temperature > 0 and max_num_ranks > 1:
-        raise NotImplementedError(
-            f"request {request_id!r}: seeded sampling on TP x PP instances would restart "
-            "its random stream on the decode instance (the generator lives in the "
-            "sampling worker process and is not migrated yet); use seed=None or "
-            "instances with tp=pp=1"
-        )
     tracked = TrackedRequest(request_id, prompt, ids, params, arrival_time, stream)
     tracked.stop_checker = make_stop_checker(params, ids, model_config, max_model_len, tokenizer)
     if params.logprobs is not None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import time
 
-import torch
-
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.engine.disagg import messages as msg
@@ -16,7 +14,6 @@ from distserve_rt.engine.disagg.kv_migration import (
     KVPuller,
     PullGeometry,
     PullOutcome,
-    restore_generator,
 )
 from distserve_rt.engine.disagg.rank_kv import RankPuller
 from distserve_rt.transfer import Parallelism
@@ -52,9 +49,7 @@ class DecodeInstance(Instance):
         if isinstance(message, msg.Migrate):
             request = self.make_request(message)
             request.num_computed_tokens = request.num_tokens - 1
-            if message.generator_state is not None:
-                device = torch.device(self.spec.engine_config.device)
-                request.generator = restore_generator(message.generator_state, device)
+            request.generator_state = message.generator_state  # the sampler restores it
             self._sources[message.request_id] = message
             self.scheduler.add_migrated(request)
         elif isinstance(message, msg.Revoke):

@@ -85,9 +85,12 @@ class Instance(abc.ABC):
             from distserve_rt.engine.disagg.rank_kv import run_kv_worker
 
             is_prefill = spec.role is InstanceRole.PREFILL
+            # A prefill instance's seeded streams live in its sampling worker: it reports
+            # them with each first token, so that they migrate (`PrefillDone`).
             self.executor = MultiprocExecutor(
-                config, target=run_kv_worker, extra_args=(is_prefill, spec.transport)
-            )
+                config, target=run_kv_worker, extra_args=(is_prefill, spec.transport),
+                report_generator_states=is_prefill,
+            )  # fmt: skip
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
         num_blocks = self.executor.init_kv_cache(self.scheduler_config)

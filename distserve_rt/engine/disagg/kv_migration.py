@@ -209,16 +209,3 @@ def check_block_counts(request: Request, migration: Migrate, dst_block_ids: np.n
             f"request {request.request_id!r}: {len(migration.block_ids)} source blocks "
             f"but {len(dst_block_ids)} destination blocks"
         )
-
-
-def generator_state(generator: torch.Generator) -> bytes:
-    """A seeded request's random stream as bytes (it migrates with the KV, so the decode
-    instance draws what the colocated engine would draw next)."""
-    return generator.get_state().numpy().tobytes()
-
-
-def restore_generator(state: bytes, device: torch.device) -> torch.Generator:
-    """The generator `generator_state` saved, on `device` (where the decode logits are)."""
-    generator = torch.Generator(device=device)
-    generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
-    return generator

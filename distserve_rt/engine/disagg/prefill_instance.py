@@ -12,7 +12,9 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler.prefill import PrefillScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import generator_state, kv_digest
+from distserve_rt.engine.disagg.kv_migration import kv_digest
+from distserve_rt.layers.sampling_metadata import generator_state
+from distserve_rt.worker.model_runner import ModelRunnerOutput
 
 
 class PrefillInstance(Instance):
@@ -62,20 +64,27 @@ class PrefillInstance(Instance):
             for request, token_id, row in zip(
                 requests, result.sampled_token_ids, logprobs, strict=True
             ):
-                self._after_prefill(request, token_id, row, now, end)
+                self._after_prefill(
+                    request, token_id, row, now, end, _generator_state_of(request, result)
+                )
         for request in self.scheduler.expired_leases(now, self._lease_s):
             self.outbox.append(msg.LeaseExpired(request.request_id))
 
     def _after_prefill(
-        self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float
+        self,
+        request: Request,
+        token_id: int,
+        logprobs: dict | None,
+        start: float,
+        end: float,
+        seeded_stream: bytes | None,
     ) -> None:
         request.append_token(token_id, end)
         self.release(request)  # its next token is sampled by a decode instance
         done = msg.PrefillDone(request.request_id, token_id, end, start)
         if request.sampling_params.logprobs is not None:
             done.logprobs = logprobs
-        if request.generator is not None:
-            done.generator_state = generator_state(request.generator)
+        done.generator_state = seeded_stream
         status = self.check_stop(request, token_id)
         if status is not None:
             self.scheduler.finish_request(request, status, end)
@@ -97,3 +106,14 @@ class PrefillInstance(Instance):
         s = self.scheduler
         bm = self.block_manager
         return msg.InstanceStatus(s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage)
+
+
+def _generator_state_of(request: Request, result: ModelRunnerOutput) -> bytes | None:
+    """A seeded request's generator state after its first token (None when unseeded): from
+    the executor's sampling worker (TP x PP), else from the request (in this process)."""
+    if request.sampling_params.seed is None:
+        return None
+    if result.generator_states is not None:  # it reports every seeded row (KeyError if not)
+        return result.generator_states[request.seq_id]
+    assert request.generator is not None  # the sampler made it for the first token
+    return generator_state(request.generator)
