@@ -21,6 +21,8 @@ import weakref
 from collections.abc import Sequence
 from multiprocessing import connection
 
+import torch
+
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
@@ -44,7 +46,11 @@ class Controller:
             max_num_batched_tokens is the prefill budget L_m).
         placement: a disaggregated `Placement` (TP x PP per phase: see
             `Placement.check_supported`).
-        disagg_config: leases, retries, transport, pinning, launcher.
+        disagg_config: leases, retries, transport, pinning, GPU sharing, launcher.
+
+    On ``config.device="cuda"`` each instance rank gets its own GPU, or instances share
+    GPUs with ``DisaggConfig(share_gpus=True)`` (`disagg/devices.py`; ValueError at start-up
+    when the GPUs are too few), and decode instances pull KV through ``cuda_ipc``.
     """
 
     def __init__(
@@ -61,11 +67,6 @@ class Controller:
             raise NotImplementedError(
                 "debug_verify_kv hashes a whole instance's pool and is not wired for TP x PP "
                 "instances (each rank holds a slice); set debug_verify_kv=False"
-            )
-        if config.device != "cpu":
-            raise NotImplementedError(
-                "disaggregated placements run on CPU only for now: giving each instance its "
-                "own GPU (and cuda_ipc pulls between them) is not wired up yet"
             )
         self.config = config
         self.placement = placement
@@ -135,7 +136,7 @@ class Controller:
                 )
         logger.info(
             "disaggregated: %s (transport %s)",
-            ", ".join(f"{h.name} pid {h.pid} cores {h.spec.cpu_cores}" for h in self.instances),
+            ", ".join(f"{h.name} pid {h.pid} {_where(h)}" for h in self.instances),
             self.transport_name,
         )
         return readies[0].model_config
@@ -436,6 +437,14 @@ def _stop_all(instances: list[InstanceHandle]) -> None:
     from distserve_rt.transfer.shm_region import sweep_stale_regions
 
     sweep_stale_regions()  # pools of instances that were killed (SIGKILL skips cleanup)
+
+
+def _where(handle: InstanceHandle) -> str:
+    device = torch.device(handle.spec.engine_config.device)
+    if device.type == "cpu":
+        return f"cores {handle.spec.cpu_cores}"
+    first, last = device.index, device.index + handle.spec.num_ranks - 1  # type: ignore[operator]
+    return f"GPU {first}" if first == last else f"GPUs {first}-{last}"
 
 
 def _decode_load(handle: InstanceHandle) -> tuple[int, int]:

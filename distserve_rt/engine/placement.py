@@ -172,6 +172,53 @@ class Placement:
             start += size
         return groups
 
+    def gpu_groups(self, num_gpus: int, share: bool = False) -> list[tuple[int, ...]]:
+        """GPU indices per instance: prefill instances first, then decode instances; an
+        instance's ``tp * pp`` ranks get consecutive indices (rank r: the group's first + r,
+        as `distributed.launch.LaunchConfig` numbers them).
+
+        Without `share` every rank has a GPU of its own; ValueError when `num_gpus` are too
+        few. With `share` the groups go round-robin over the GPUs (a group that would run
+        past the last GPU starts again at GPU 0), so several instances may use one GPU; the
+        ranks of one instance still need distinct GPUs (NCCL refuses two ranks of a
+        communicator on one device): ValueError when an instance has more ranks than GPUs.
+        """
+        assert self.prefill is not None and self.decode is not None
+        if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
+            raise ValueError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
+        sizes = [self.prefill.tp * self.prefill.pp] * self.prefill.num_instances
+        sizes += [self.decode.tp * self.decode.pp] * self.decode.num_instances
+        if not share and sum(sizes) > num_gpus:
+            raise ValueError(
+                f"the placement ({self.describe()}) needs {sum(sizes)} GPUs, one per instance "
+                f"rank, but {num_gpus} are visible (torch.cuda.device_count()); lower "
+                "num_instances/tp/pp, or set DisaggConfig(share_gpus=True) to let instances "
+                "share GPUs"
+            )
+        if share and max(sizes) > num_gpus:
+            raise ValueError(
+                f"the placement ({self.describe()}) has an instance of {max(sizes)} ranks, "
+                f"which need distinct GPUs even with share_gpus=True, but {num_gpus} are "
+                "visible (torch.cuda.device_count()); lower tp/pp"
+            )
+        groups, start = [], 0
+        for size in sizes:
+            if start + size > num_gpus:
+                start = 0
+            groups.append(tuple(range(start, start + size)))
+            start = (start + size) % num_gpus
+        return groups
+
+    def describe(self) -> str:
+        """E.g. "1 prefill x (tp=1, pp=1) + 2 decode x (tp=2, pp=1)"."""
+        if not self.is_disaggregated:
+            return self.kind.value
+        assert self.prefill is not None and self.decode is not None
+        return " + ".join(
+            f"{p.num_instances} {name} x (tp={p.tp}, pp={p.pp})"
+            for name, p in (("prefill", self.prefill), ("decode", self.decode))
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class DisaggConfig:
@@ -188,7 +235,16 @@ class DisaggConfig:
     max_retries: int = 1
     """Times one request may be re-prefilled (lease expiry or instance death)."""
     pin_cpus: bool = True
-    """CPU: pin each instance to its own cores (PhaseConfig.cpu_cores)."""
+    """CPU: pin each instance to its own cores (PhaseConfig.cpu_cores). GPU instances are
+    not pinned."""
+    share_gpus: bool = False
+    """GPU: let instances share GPUs (round-robin, `Placement.gpu_groups`) instead of one
+    GPU per instance rank: disaggregation on fewer GPUs, e.g. 1P1D on one GPU, for small
+    models or tests. Then gpu_memory_utilization is each instance's own share of a GPU
+    (weights, activations and KV cache of that instance, sized without counting the other
+    instances' memory), and the instances sharing a GPU must fit together: start-up
+    refuses gpu_memory_utilization x (instance ranks on one GPU) > 1, so 1P1D on one GPU
+    needs gpu_memory_utilization <= 0.5."""
     startup_timeout_s: float = 300.0
     """Seconds for every instance to load its model and report ready."""
     launcher: str = "process"
@@ -223,6 +279,8 @@ class DisaggConfig:
             raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
         if self.max_retries < 0:
             raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
+        if not isinstance(self.share_gpus, bool):
+            raise ValueError(f"share_gpus must be a bool, got {self.share_gpus!r}")
         if self.launcher not in ("process", "thread"):
             raise ValueError(f"launcher must be 'process' or 'thread', got {self.launcher!r}")
 

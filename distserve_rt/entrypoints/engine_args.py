@@ -146,6 +146,7 @@ _DISAGG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "retry_on_instance_failure": ("--retry-on-instance-failure", {"action": "store_true"}),
     "max_retries": ("--max-retries", {"type": int}),
     "startup_timeout_s": ("--startup-timeout-s", {"type": float}),
+    "share_gpus": ("--share-gpus", {"action": "store_true"}),
 }
 
 

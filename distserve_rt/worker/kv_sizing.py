@@ -5,7 +5,10 @@ available now, so a typo of a zero fails at start-up with a message, not with th
 
 GPU: ``gpu_memory_utilization * total - (weights + activation peak) - memory outside torch``,
 the activation peak measured by a profile run of the largest step the scheduler may build
-(`max_num_batched_tokens` tokens, no KV cache), as vLLM does.
+(`max_num_batched_tokens` tokens, no KV cache), as vLLM does. On a GPU shared with other
+instances (disaggregated ``share_gpus``) the memory outside torch cannot be told apart from
+theirs, so a fixed `SHARED_GPU_NON_TORCH_BYTES` stands for it and the fraction is this
+process's own share.
 
 Either way the pool is capped at what the scheduler can ever use
 (``max_num_seqs * ceil(max_model_len / block_size)`` blocks): more is memory nobody reads.
@@ -23,6 +26,12 @@ from distserve_rt.logger import init_logger
 logger = init_logger(__name__)
 
 GiB = 1 << 30
+
+SHARED_GPU_NON_TORCH_BYTES = 1 * GiB
+"""What one process on a shared GPU is assumed to hold outside torch's allocator: its CUDA
+context (~0.5 GiB on Hopper), NCCL buffers, the transfer engine's events. An estimate, not
+a measurement: `torch.cuda.mem_get_info` is device-wide, and the other instances on the
+GPU load and allocate at the same time."""
 
 
 def available_ram_bytes() -> int:
@@ -60,6 +69,7 @@ def num_gpu_blocks(
     block_bytes: int,
     max_blocks: int,
     device: torch.device,
+    shared: bool = False,
 ) -> int:
     """Blocks that fit in ``gpu_memory_utilization`` of the device after the model.
 
@@ -68,6 +78,8 @@ def num_gpu_blocks(
         gpu_memory_utilization: fraction of the device's total memory this instance may
             use, weights, activations and KV cache together, in (0, 1].
         block_bytes: bytes of one KV block (all of this worker's layers, K and V).
+        shared: other processes' instances use this GPU: count this process's memory only
+            (torch's peak plus `SHARED_GPU_NON_TORCH_BYTES`), not the device-wide usage.
 
     Raises ValueError when no block fits (the message gives the measured numbers).
     """
@@ -78,8 +90,11 @@ def num_gpu_blocks(
     torch.cuda.synchronize(device)
     torch_peak = torch.cuda.max_memory_allocated(device)  # weights + activation peak
     free, total = torch.cuda.mem_get_info(device)
-    # The CUDA context, NCCL buffers and other processes hold memory torch does not count.
-    outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+    if shared:
+        outside_torch = SHARED_GPU_NON_TORCH_BYTES
+    else:
+        # The CUDA context, NCCL buffers and other processes hold memory torch does not count.
+        outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
     torch.cuda.empty_cache()
     kv_bytes = int(gpu_memory_utilization * total) - torch_peak - outside_torch
     num_blocks = kv_bytes // block_bytes

@@ -38,6 +38,9 @@ class Worker:
         parallel: this worker's TP/PP position (a `worker.worker_process` rank); one rank
             holding the whole model by default.
         device: overrides `config.device` (each TP/PP rank has its own CUDA device).
+        shared_gpu: other processes' instances use this GPU too (disaggregated
+            ``share_gpus``): KV sizing counts only this process's memory
+            (`kv_sizing.num_gpu_blocks`).
     """
 
     def __init__(
@@ -49,8 +52,10 @@ class Worker:
         *,
         parallel: ParallelContext | None = None,
         device: torch.device | None = None,
+        shared_gpu: bool = False,
     ) -> None:
         self.config = config
+        self.shared_gpu = shared_gpu
         self.parallel = parallel or ParallelContext()
         self.device = device or torch.device(config.device)
         if model is None:
@@ -103,6 +108,7 @@ class Worker:
                 spec.block_bytes,
                 max_blocks,
                 self.device,
+                shared=self.shared_gpu,
             )
             del probe
         return num_blocks

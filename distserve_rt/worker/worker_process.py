@@ -57,12 +57,14 @@ class WorkerProcess:
         conn: Connection,
         config: EngineConfig,
         allocate_pool: Callable[[KVCacheSpec], torch.Tensor] | None = None,
+        shared_gpu: bool = False,
     ) -> None:
         self.ctx = ctx
         self.conn = conn
         self.worker = Worker(
-            config, allocate_pool=allocate_pool, parallel=ctx.parallel, device=ctx.device
-        )
+            config, allocate_pool=allocate_pool, parallel=ctx.parallel, device=ctx.device,
+            shared_gpu=shared_gpu,
+        )  # fmt: skip
         p = ctx.parallel
         self.is_sampler = p.is_last_stage and p.tp_rank == 0
         self.requests: dict[int, SamplingState] = {}

@@ -20,11 +20,12 @@ from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams
-from distserve_rt.transfer import create_transport
+from distserve_rt.transfer import KVTransport
 from distserve_rt.worker.executor import Executor, UniprocExecutor
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.worker import Worker
@@ -51,6 +52,8 @@ class InstanceSpec:
     """Cores to pin the process to (None: no pinning); its worker processes split them."""
     prefill_parallelism: tuple[int, int] = (1, 1)
     """(tp, pp) of the prefill instances (decode instances re-slice their KV by it)."""
+    shares_gpu: bool = False
+    """GPU: another instance uses one of this instance's GPUs (`devices.InstanceDevice`)."""
 
     @property
     def name(self) -> str:
@@ -74,12 +77,14 @@ class Instance(abc.ABC):
     def __init__(self, spec: InstanceSpec) -> None:
         self.spec = spec
         config = spec.engine_config
-        self.transport = create_transport(spec.transport)
+        self._transport: KVTransport | None = None
         self.worker: Worker | None = None
         """The model and pool in this process (None: they live in worker processes)."""
         self.executor: Executor
         if spec.num_ranks == 1:
-            self.worker = Worker(config, allocate_pool=self._allocate_pool)
+            self.worker = Worker(
+                config, allocate_pool=self._allocate_pool, shared_gpu=spec.shares_gpu
+            )
             self.executor = UniprocExecutor(self.worker)
         else:
             from distserve_rt.engine.disagg.rank_kv import run_kv_worker
@@ -88,7 +93,8 @@ class Instance(abc.ABC):
             # A prefill instance's seeded streams live in its sampling worker: it reports
             # them with each first token, so that they migrate (`PrefillDone`).
             self.executor = MultiprocExecutor(
-                config, target=run_kv_worker, extra_args=(is_prefill, spec.transport),
+                config, target=run_kv_worker,
+                extra_args=(is_prefill, spec.transport, spec.shares_gpu),
                 report_generator_states=is_prefill,
             )  # fmt: skip
         self.model_config = self.executor.model_config
@@ -97,6 +103,15 @@ class Instance(abc.ABC):
         self.block_manager = BlockManager(num_blocks, config.block_size, config.watermark)
         self.outbox: list[object] = []
         self._seq_ids = itertools.count()
+
+    @property
+    def transport(self) -> KVTransport:
+        """The transport of the pool in this process, made on first use: the driver of a TP
+        x PP instance never uses one (its ranks have theirs), and on GPU it must not
+        create a CUDA context."""
+        if self._transport is None:
+            self._transport = make_transport(self.spec.transport, self.spec.engine_config.device)
+        return self._transport
 
     def _allocate_pool(self, spec: KVCacheSpec) -> torch.Tensor:
         return allocate_kv_pool(spec, torch.device(self.spec.engine_config.device))
@@ -151,7 +166,8 @@ class Instance(abc.ABC):
 
     def close(self) -> None:
         self.executor.shutdown()
-        self.transport.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 def check_stop(request: Request, token_id: int, eos_token_id: int | None) -> RequestStatus | None:
@@ -210,7 +226,14 @@ def build_instance(spec: InstanceSpec) -> Instance:
 
 
 def _configure_process(spec: InstanceSpec) -> None:
-    """Pins the process to its cores and sizes the thread pools to them."""
+    """Makes the instance's GPU the current device (before anything creates a CUDA
+    context: kernels launch on the current device's stream), or pins the process to its
+    cores and sizes the thread pools to them."""
+    device = torch.device(spec.engine_config.device)
+    if device.type == "cuda" and spec.num_ranks == 1:
+        # A TP x PP instance's process holds no model and stays CUDA-free: each of its
+        # worker processes sets its own GPU (distributed.launch._bootstrap).
+        torch.cuda.set_device(device)
     if spec.cpu_cores is None:
         return
     from distserve_rt import ops

@@ -9,6 +9,7 @@ import threading
 from multiprocessing.connection import Connection
 
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.disagg.devices import instance_devices
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
 from distserve_rt.engine.disagg.messages import InstanceStatus
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
@@ -93,12 +94,16 @@ def instance_specs(
     config: EngineConfig, placement: Placement, dc: DisaggConfig, transport: str
 ) -> list[InstanceSpec]:
     """One spec per instance: prefill instances first; each phase's engine config carries
-    its TP x PP; CPU cores pinned per instance when asked (its workers split them)."""
+    its TP x PP and each instance's its device (`devices.instance_devices`, which raises
+    for what cannot run); CPU instances are pinned to their cores when asked (their
+    workers split them).
+    """
     p = placement
     assert p.prefill is not None and p.decode is not None
+    devices = instance_devices(config, p, dc, transport)
     roles = [InstanceRole.PREFILL] * p.prefill.num_instances
     roles += [InstanceRole.DECODE] * p.decode.num_instances
-    pin = dc.pin_cpus and dc.launcher == "process"
+    pin = dc.pin_cpus and dc.launcher == "process" and config.device == "cpu"
     groups = p.cpu_core_groups() if pin else [None] * len(roles)
     index = {InstanceRole.PREFILL: 0, InstanceRole.DECODE: 0}
     specs = []
@@ -108,10 +113,11 @@ def instance_specs(
         )
         for role, phase in ((InstanceRole.PREFILL, p.prefill), (InstanceRole.DECODE, p.decode))
     }
-    for role, cores in zip(roles, groups, strict=True):
+    for role, cores, device in zip(roles, groups, devices, strict=True):
         spec = InstanceSpec(
-            role, index[role], configs[role], dc, transport, cores,
-            prefill_parallelism=(p.prefill.tp, p.prefill.pp),
+            role, index[role], dataclasses.replace(configs[role], device=device.device), dc,
+            transport, cores, prefill_parallelism=(p.prefill.tp, p.prefill.pp),
+            shares_gpu=device.shares_gpu,
         )  # fmt: skip
         specs.append(spec)
         index[role] += 1

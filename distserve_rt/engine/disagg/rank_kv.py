@@ -28,6 +28,7 @@ import numpy as np
 from distserve_rt.core.request import Request
 from distserve_rt.distributed.launch import RankContext, send_ok
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.kv_migration import (
     FinishedPull,
     Pull,
@@ -38,7 +39,7 @@ from distserve_rt.engine.disagg.kv_migration import (
     submit_pulls,
 )
 from distserve_rt.engine.disagg.messages import Migrate
-from distserve_rt.transfer import PoolDescriptor, create_transport
+from distserve_rt.transfer import PoolDescriptor
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
 from distserve_rt.worker.worker_process import WorkerProcess
@@ -57,11 +58,13 @@ class KVWorkerProcess(WorkerProcess):
         config: EngineConfig,
         is_prefill: bool,
         transport_name: str,
+        shares_gpu: bool = False,
     ) -> None:
-        self.transport = create_transport(transport_name)
+        # This rank's device (cuda_ipc binds to it; launch._bootstrap made it current).
+        self.transport = make_transport(transport_name, ctx.device)
         self.is_prefill = is_prefill
         allocate = self.transport.allocate_pool if is_prefill else None
-        super().__init__(ctx, conn, config, allocate_pool=allocate)
+        super().__init__(ctx, conn, config, allocate_pool=allocate, shared_gpu=shares_gpu)
         self._peers: dict[int, list[object]] = {}
         self._geometry: PullGeometry | None = None
 
@@ -119,10 +122,15 @@ class KVWorkerProcess(WorkerProcess):
 
 
 def run_kv_worker(
-    ctx: RankContext, conn: Connection, config: EngineConfig, is_prefill: bool, transport: str
+    ctx: RankContext,
+    conn: Connection,
+    config: EngineConfig,
+    is_prefill: bool,
+    transport: str,
+    shares_gpu: bool = False,
 ) -> None:
     """`distributed.launch.WorkerTarget` of a disaggregated instance's ranks."""
-    process = KVWorkerProcess(ctx, conn, config, is_prefill, transport)
+    process = KVWorkerProcess(ctx, conn, config, is_prefill, transport, shares_gpu)
     try:
         process.run()
     finally:
