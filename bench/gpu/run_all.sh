@@ -6,7 +6,12 @@
 #   3. run every `cuda`-marked test;
 #   4. run the GPU benchmarks (JSON + PNG), printing a short table last;
 #   5. run the KV transfer benchmark (cuda_ipc between two processes vs a D2D copy); its
-#      rows go into gpu_kernels.json ("kv_transfer") and its table into bench.log.
+#      rows go into gpu_kernels.json ("kv_transfer") and its table into bench.log;
+#   6. serve a tiny model disaggregated (1 prefill + 1 decode process sharing the one GPU,
+#      cuda_ipc pulls) vs colocated: `drt-run bench --compare` (command below, at most 4
+#      min); its table goes into bench.log, its JSON into gpu_kernels.json
+#      ("disagg_vs_colocated"). The disaggregated GPU e2e tests (tests/e2e/test_disagg_gpu.py)
+#      run in step 3 with every other `cuda` test.
 # Usage: bash bench/gpu/run_all.sh [--quick]     (results under $OUT, else bench/results/gpu)
 # At most 8 files land in $OUT (the device tool's limit): build.log, ptxas.txt, sass.txt,
 # pytest_cuda.log, pytest_cuda.xml, bench.log, gpu_kernels.json, gpu_kernels.png.
@@ -75,4 +80,31 @@ echo "== GPU benchmarks"
 echo "== KV transfer benchmark (cuda_ipc, two processes)"
 "$PY" bench/gpu/bench_transfer.py --out "$OUT" "$@" 2>&1 | tee -a "$OUT/bench.log" | tail -20
 [ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+
+echo "== disaggregated 1P1D sharing the GPU vs colocated (dummy:llama-tiny, bf16)"
+# --quick: one rate, fewer requests. The per-run JSONs stay in a temporary folder (the
+# device tool brings back 8 files); the comparison is merged into gpu_kernels.json.
+if [ "${1:-}" = "--quick" ]; then rates=(20); num_prompts=50; else rates=(20 80); num_prompts=200; fi
+cmp_dir=$(mktemp -d)
+timeout 240 "$PY" -m distserve_rt.entrypoints.cli bench --device cuda --dtype bfloat16 \
+  --share-gpus --gpu-memory-utilization 0.3 --compare disaggregated colocated \
+  --dataset-name random --random-input-len 512 --random-output-len 128 \
+  --num-prompts "$num_prompts" --request-rate "${rates[@]}" --max-model-len 1024 \
+  --max-num-seqs 64 --slo-ttft-ms 100 --slo-tpot-ms 20 --disable-tqdm --save-result \
+  --result-dir "$cmp_dir" --result-filename disagg_vs_colocated_gpu.json \
+  2>&1 | tee -a "$OUT/bench.log" | tail -8
+[ "${PIPESTATUS[0]}" -eq 0 ] || status=1
+"$PY" - "$cmp_dir/disagg_vs_colocated_gpu.json" "$OUT" <<'PYEOF' || status=1
+import json, pathlib, sys
+src, out = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+if not src.exists():
+    sys.exit(f"no {src}: the comparison did not finish (see bench.log)")
+merged = out / "gpu_kernels.json"
+target = merged if merged.exists() else out / src.name
+data = json.loads(merged.read_text()) if merged.exists() else {}
+data["disagg_vs_colocated"] = json.loads(src.read_text())
+target.write_text(json.dumps(data, indent=2, default=str) + "\n")
+print(f"added disagg_vs_colocated to {target}")
+PYEOF
+rm -rf "$cmp_dir"
 exit $status
