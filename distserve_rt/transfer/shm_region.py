@@ -104,7 +104,7 @@ class SharedRegion:
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # no such process; past any pid's range
         return False
     except PermissionError:  # alive, owned by another user
         return True

@@ -123,14 +123,15 @@ def test_sweep_leaves_regions_of_other_pid_namespaces_alone():
     other_namespace = int(region_glob(0).split("_")[2]) + 1
     foreign = SHM_DIR / f"{NAME_PREFIX}{other_namespace}_{2**22 + 1}_abcdef"
     ours = SHM_DIR / region_glob(2**22 + 1).replace("*", "abcdef")  # beyond pid_max: dead
-    for path in (foreign, ours):
+    huge = SHM_DIR / region_glob(2**80).replace("*", "abcdef")  # no pid at all: os.kill fails
+    for path in (foreign, ours, huge):
         path.write_bytes(b"x")
     try:
-        assert sweep_stale_regions() == [ours.name]
+        assert sorted(sweep_stale_regions()) == sorted([ours.name, huge.name])
         assert foreign.exists() and not ours.exists()
     finally:
-        foreign.unlink(missing_ok=True)
-        ours.unlink(missing_ok=True)
+        for path in (foreign, ours, huge):
+            path.unlink(missing_ok=True)
 
 
 def test_wait_rejects_bad_timeout_and_close_peer_while_idle(transport):
