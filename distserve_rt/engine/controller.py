@@ -34,6 +34,7 @@ from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceS
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.worker.multiproc_executor import load_model_config
 
 logger = init_logger(__name__)
 
@@ -44,7 +45,7 @@ class Controller:
     Args:
         config: the instances' engine settings (model, block size, limits; its
             max_num_batched_tokens is the prefill budget L_m).
-        placement: a disaggregated `Placement` (TP x PP per phase: see
+        placement: a disaggregated `Placement` (any TP x PP per phase that fits the model:
             `Placement.check_supported`).
         disagg_config: leases, retries, transport, pinning, GPU sharing, launcher.
 
@@ -61,7 +62,7 @@ class Controller:
     ) -> None:
         if not placement.is_disaggregated:
             raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
-        placement.check_supported()
+        placement.check_supported(load_model_config(config.model))
         dc = disagg_config or DisaggConfig()
         if placement.max_num_ranks > 1 and dc.debug_verify_kv:
             raise NotImplementedError(

@@ -2,10 +2,9 @@
 and `DisaggConfig` (the knobs of the disaggregated runtime).
 
 From Python objects, CLI flags (`entrypoints.engine_args`: ``--placement`` and the per-phase
-and DisaggConfig flags) or the YAML
-file `drt-run plan` writes (`Placement.from_file`). Validated at construction; what the
-runtime cannot run yet is rejected by `check_supported` at start-up.
-"""
+and DisaggConfig flags) or the YAML file `drt-run plan` writes (`Placement.from_file`).
+Validated at construction; TP x PP sizes that do not fit the model are rejected by
+`Placement.check_supported` at start-up (the controller knows the model then)."""
 
 from __future__ import annotations
 
@@ -14,22 +13,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from distserve_rt.distributed.parallel_state import check_parallel_sizes
+from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, load_placement
 
 
 class PlacementKind(enum.Enum):
     COLOCATED = "colocated"
     DISAGGREGATED = "disaggregated"
-
-
-SUPPORTED_PARALLELISM: tuple[tuple[tuple[int, int], tuple[int, int]], ...] = (
-    ((1, 1), (1, 1)),
-    ((1, 1), (2, 1)),
-    ((1, 2), (1, 1)),
-    ((2, 1), (2, 1)),
-)
-"""The ((prefill tp, pp), (decode tp, pp)) pairs a disaggregated placement may use (each
-tested: greedy outputs equal colocated TP = 1, tests/e2e/test_disagg_parallel.py)."""
 
 
 class LeaseExpiryAction(enum.Enum):
@@ -129,29 +120,31 @@ class Placement:
         phases = [p for p in (self.prefill, self.decode) if p is not None]
         return max((p.tp * p.pp for p in phases), default=1)
 
-    def check_supported(self) -> None:
-        """Raises NotImplementedError for what the runtime cannot run yet (start-up check).
+    def check_supported(self, model_config: ModelConfig) -> None:
+        """Start-up check of each phase's TP x PP against the model (ValueError naming the
+        phase, the sizes and the rule).
 
-        A disaggregated placement runs any number of prefill and decode instances with
-        the (prefill tp, pp) -> (decode tp, pp) combinations of `SUPPORTED_PARALLELISM`:
-        an instance with tp x pp > 1 runs `MultiprocExecutor` worker processes and the
-        decode ranks pull their slice of the KV (`transfer.plan_kv_pulls` re-slices by
-        heads and layers). Others are refused because they are not tested end to end
-        (decode PP > 1, decode TP < prefill TP).
+        Any (prefill tp, pp) -> (decode tp, pp) pair runs when both instances fit the model
+        (`check_parallel_sizes`: TP divides the attention and the KV head counts, PP does not
+        exceed the layer count): the decode ranks re-slice the KV by heads and layers
+        (`transfer.plan_kv_pulls`), decode TP may be smaller or larger than prefill TP and
+        either phase may use PP (tests/e2e/test_disagg_parallel.py).
         """
         if not self.is_disaggregated:
             return
         assert self.prefill is not None and self.decode is not None
-        pair = ((self.prefill.tp, self.prefill.pp), (self.decode.tp, self.decode.pp))
-        if pair not in SUPPORTED_PARALLELISM:
-            listed = ", ".join(
-                f"prefill tp={p[0]} pp={p[1]} -> decode tp={d[0]} pp={d[1]}"
-                for p, d in SUPPORTED_PARALLELISM
-            )
-            raise NotImplementedError(
-                f"prefill tp={pair[0][0]} pp={pair[0][1]} -> decode tp={pair[1][0]} "
-                f"pp={pair[1][1]} is not supported; supported: {listed}"
-            )
+        mc = model_config
+        for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
+            try:
+                check_parallel_sizes(
+                    mc.num_heads, mc.num_kv_heads, mc.num_layers, phase.tp, phase.pp
+                )
+            except ValueError as exc:
+                raise ValueError(
+                    f"{name} instances (tp={phase.tp}, pp={phase.pp}) do not fit model "
+                    f"{mc.name!r} ({mc.num_heads} heads, {mc.num_kv_heads} KV heads, "
+                    f"{mc.num_layers} layers): {exc}"
+                ) from None
 
     def cpu_core_groups(self, available: list[int] | None = None) -> list[tuple[int, ...]]:
         """Disjoint core groups: prefill instances first, then decode instances. Raises
@@ -254,6 +247,9 @@ class DisaggConfig:
     debug_pull_delay_s: float = 0.0
     """Decode instances start pulling only this many seconds after they are ready (tests
     of leases and back-pressure; ``math.inf``: never)."""
+    debug_min_pull_s: float = 0.0
+    """Every KV pull is reported done no sooner than this many seconds after it was
+    submitted (tests of a slow transfer: the copy itself is not slowed, only its end)."""
     stats_interval_s: float = 0.05
     """Seconds between the instances' load reports."""
 
@@ -269,8 +265,10 @@ class DisaggConfig:
                 raise ValueError(
                     f"on_lease_expiry must be 'fail' or 'retry', got {self.on_lease_expiry!r}"
                 ) from None
-        if not isinstance(self.debug_pull_delay_s, (int, float)) or self.debug_pull_delay_s < 0:
-            raise ValueError(f"debug_pull_delay_s must be >= 0, got {self.debug_pull_delay_s!r}")
+        for name in ("debug_pull_delay_s", "debug_min_pull_s"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
         for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:

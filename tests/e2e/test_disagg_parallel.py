@@ -2,18 +2,26 @@
 decode ranks pull their slice of each request's KV (re-sliced by heads and layers) and the
 greedy tokens, and the seeded sampled ones (the generator state migrates from the prefill
 sampling worker to the decode one), equal the colocated TP = PP = 1 engine's. Instances
-run on threads so that at most 4 processes start (the TP x PP workers)."""
+run on threads so that at most 5 processes run (this one and the TP x PP workers).
+
+The pairs cover decode TP below and above prefill TP, decode PP, PP -> PP (whole blocks),
+and heads <-> layers re-slicing; every other pair's pull plan is checked on random pools in
+tests/transfer/test_reslice.py (each pair here costs ~2-4 s of process start-up).
+"""
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from distserve_rt.engine.controller import Controller
+from distserve_rt.engine.disagg.kv_migration import PullGeometry
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.transfer import Parallelism
 from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, kv_idle, settle
 
 MAX_TOKENS = 6
@@ -47,8 +55,22 @@ def colocated():
 
 @pytest.mark.parametrize(
     ("prefill", "decode"),
-    [((1, 1), (2, 1)), ((1, 2), (1, 1)), ((2, 1), (2, 1))],
-    ids=["p-tp1-to-d-tp2", "p-pp2-to-d-tp1", "p-tp2-to-d-tp2"],
+    [
+        ((2, 1), (1, 1)),
+        ((1, 1), (2, 1)),
+        ((1, 1), (1, 2)),
+        ((1, 2), (1, 2)),
+        ((2, 1), (1, 2)),
+        ((1, 2), (2, 1)),
+    ],
+    ids=[
+        "p-tp2-to-d-tp1",
+        "p-tp1-to-d-tp2",
+        "p-tp1-to-d-pp2",
+        "p-pp2-to-d-pp2",
+        "p-tp2-to-d-pp2",
+        "p-pp2-to-d-tp2",
+    ],
 )
 def test_greedy_and_seeded_equal_colocated_across_parallelism(colocated, prefill, decode):
     placement = Placement.disaggregated(
@@ -71,13 +93,54 @@ def test_greedy_and_seeded_equal_colocated_across_parallelism(colocated, prefill
         settle(c, lambda: kv_idle(c))  # every rank's blocks freed on both sides
 
 
-def test_unsupported_parallelism_is_refused_with_the_supported_list():
-    placement = Placement.disaggregated(PhaseConfig(tp=2), PhaseConfig(tp=1))
-    with pytest.raises(NotImplementedError, match=r"supported: prefill tp=1 pp=1 -> decode"):
-        Controller(engine_config(), placement, DisaggConfig(launcher="thread"))
+def test_parallelism_that_does_not_fit_the_model_is_refused_at_start_up():
+    # llama-tiny: 4 heads, 2 KV heads, 4 layers. Refused before any instance starts.
+    for prefill, decode, why in [
+        (PhaseConfig(), PhaseConfig(tp=4), r"decode instances \(tp=4, pp=1\).*num_kv_heads"),
+        (PhaseConfig(pp=5), PhaseConfig(), r"prefill instances \(tp=1, pp=5\).*4 layers"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            Controller(engine_config(), Placement.disaggregated(prefill, decode))
+    # A decode instance checks the pair too (its pull geometry), with the rule's words.
+    with pytest.raises(ValueError, match="prefill tp=3 pp=1 does not fit .* 2 KV heads"):
+        PullGeometry(4, 2, Parallelism(3, 1), Parallelism(1, 1))
     tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
     with pytest.raises(NotImplementedError, match="debug_verify_kv"):
         Controller(engine_config(), tp2, DisaggConfig(launcher="thread", debug_verify_kv=True))
+
+
+def test_decode_steps_go_on_while_a_rank_pull_is_in_flight():
+    # Every pull of the TP = 2 decode instance takes >= min_pull_s (debug_min_pull_s, on
+    # its ranks): "long" must keep producing tokens while "late" is being pulled.
+    min_pull_s = 0.5
+    config = DisaggConfig(launcher="thread", debug_min_pull_s=min_pull_s)
+    tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
+    progress: list[tuple[float, int]] = []  # (received at, tokens of "long" so far)
+    outputs = {}
+    with Controller(engine_config(), tp2, config) as c:
+        c.add_request("long", PROMPTS[0], greedy(100), stream=True)
+        while len(progress) < 2 or progress[-1][1] < 3:  # "long" is decoding
+            _collect(c.step(0.01), progress, outputs)
+        c.add_request("late", PROMPTS[1], greedy(2))
+        while c.has_unfinished_requests():
+            _collect(c.step(0.01), progress, outputs)
+    late = outputs["late"].metrics
+    b = late.breakdown
+    pull_start = late.arrival_time + b.prefill_queue + b.prefill + b.transfer_queue
+    assert b.transfer >= min_pull_s
+    before = max(n for t, n in progress if t <= pull_start)
+    during = max(n for t, n in progress if t <= pull_start + b.transfer) - before
+    assert during >= 5, (during, progress)
+    assert outputs["long"].outputs[0].finish_reason == "length"
+    assert outputs["late"].outputs[0].finish_reason == "length"
+
+
+def _collect(step_outputs, progress, outputs) -> None:
+    for out in step_outputs:
+        if out.request_id == "long":
+            progress.append((time.monotonic(), len(out.outputs[0].token_ids)))
+        if out.finished:
+            outputs[out.request_id] = out
 
 
 def test_seeded_requests_really_sample(colocated):

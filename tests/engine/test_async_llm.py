@@ -12,6 +12,7 @@ from distserve_rt.engine.async_llm import AsyncLLM
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineClient, EngineOverloadedError
 from distserve_rt.entrypoints.engine_args import add_engine_args, configs_from_args
+from distserve_rt.models.presets import get_preset
 from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy
 
 
@@ -85,7 +86,7 @@ def test_flags_build_configs_and_reject_unsupported_parallelism():
     with pytest.raises(ValueError, match="--num-decode-instances need --placement disagg"):
         configs_from_args(parser.parse_args(["--num-decode-instances", "2"]))
     args = parser.parse_args(["--placement", "disaggregated", "--decode-tp", "4"])
-    with pytest.raises(NotImplementedError, match="decode tp=4 pp=1 is not supported"):
-        configs_from_args(args)[1].check_supported()
+    with pytest.raises(ValueError, match=r"decode instances \(tp=4, pp=1\) do not fit"):
+        configs_from_args(args)[1].check_supported(get_preset("llama-tiny"))  # 2 KV heads
     with pytest.raises(ValueError, match="only 1 are available"):
         Placement.parse("disaggregated").cpu_core_groups(available=[0])

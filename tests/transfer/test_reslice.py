@@ -25,7 +25,7 @@ def _rank_part(full: torch.Tensor, par: Parallelism, tp_rank: int, pp_rank: int)
 
 
 @pytest.mark.parametrize(
-    ("src", "dst"), [(s, d) for s, d in itertools.product(CONFIGS, CONFIGS) if s != d][::7]
+    ("src", "dst"), [(s, d) for s, d in itertools.product(CONFIGS, CONFIGS) if s != d]
 )
 def test_pulls_rebuild_every_decode_rank(src, dst):
     full = torch.randn(3, NUM_LAYERS, 2, NUM_KV_HEADS, 8, 4)  # [blocks, L, 2, H, bs, D]

@@ -33,7 +33,9 @@ class DecodeInstance(Instance):
         if self.worker is not None:
             assert self.worker.kv_pool is not None  # init_kv_cache allocated it
             pool = self.worker.kv_pool
-            self.puller = KVPuller(self.transport, pool, config.debug_verify_kv, geometry)
+            self.puller = KVPuller(
+                self.transport, pool, config.debug_verify_kv, geometry, config.debug_min_pull_s
+            )
         else:
             self.puller = RankPuller(self.executor, geometry)  # type: ignore[arg-type]
         self._pull_from = time.monotonic() + config.debug_pull_delay_s
@@ -166,7 +168,7 @@ class DecodeInstance(Instance):
         if s.running or s.waiting:
             return 0.0
         if self.puller.pulls:
-            return 0.0002  # a pull of a few blocks takes microseconds to milliseconds
+            return self.puller.POLL_INTERVAL_S
         return 0.0005 if s.pending else 0.02
 
     def status(self) -> msg.InstanceStatus:

@@ -94,7 +94,10 @@ class Instance(abc.ABC):
             # them with each first token, so that they migrate (`PrefillDone`).
             self.executor = MultiprocExecutor(
                 config, target=run_kv_worker,
-                extra_args=(is_prefill, spec.transport, spec.shares_gpu),
+                extra_args=(
+                    is_prefill, spec.transport, spec.shares_gpu,
+                    spec.disagg_config.debug_min_pull_s,
+                ),
                 report_generator_states=is_prefill,
             )  # fmt: skip
         self.model_config = self.executor.model_config

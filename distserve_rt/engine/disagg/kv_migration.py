@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from distserve_rt.core.request import Request
+from distserve_rt.distributed.parallel_state import partition_layers
 from distserve_rt.engine.disagg.messages import Migrate
 from distserve_rt.transfer import (
     KVTransport,
@@ -26,6 +27,7 @@ from distserve_rt.transfer import (
     PoolDescriptor,
     TransferHandle,
     TransferStatus,
+    kv_head_range,
     plan_kv_pulls,
 )
 
@@ -79,6 +81,18 @@ class PullGeometry:
     dst_tp_rank: int = 0
     dst_pp_rank: int = 0
 
+    def __post_init__(self) -> None:
+        # A decode instance checks the pair at start-up, not at its first pull.
+        for side, par in (("prefill", self.src), ("decode", self.dst)):
+            try:
+                kv_head_range(self.num_kv_heads, par.tp_size, 0)
+                partition_layers(self.num_layers, par.pp_size)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{side} tp={par.tp_size} pp={par.pp_size} does not fit a model with "
+                    f"{self.num_kv_heads} KV heads and {self.num_layers} layers: {exc}"
+                ) from None
+
 
 def submit_pulls(
     transport: KVTransport,
@@ -127,12 +141,23 @@ class KVPuller:
         pool: this instance's KV pool, the destination.
         verify: compare `kv_digest` of the destination blocks with the announced one.
         geometry: the prefill instances' parallelism (this instance is TP = PP = 1).
+        min_pull_s: `DisaggConfig.debug_min_pull_s` (a pull is done no sooner).
     """
 
+    POLL_INTERVAL_S = 0.0002
+    """Loop wait while pulls are in flight: a pull of a few blocks takes microseconds to
+    milliseconds, and a poll is local."""
+
     def __init__(
-        self, transport: KVTransport, pool: torch.Tensor, verify: bool, geometry: PullGeometry
+        self,
+        transport: KVTransport,
+        pool: torch.Tensor,
+        verify: bool,
+        geometry: PullGeometry,
+        min_pull_s: float = 0.0,
     ) -> None:
         self.transport = transport
+        self.min_pull_s = min_pull_s
         self.pool = pool
         self.verify = verify
         self.geometry = geometry
@@ -170,6 +195,8 @@ class KVPuller:
         for request_id, pull in list(self.pulls.items()):
             if not all(h.poll().is_final for h in pull.handles):
                 continue
+            if now - pull.start_time < self.min_pull_s:
+                continue  # debug_min_pull_s: a slow transfer, for tests
             del self.pulls[request_id]
             error = pull_error(pull.handles)
             finished = (

@@ -8,19 +8,24 @@ channel (`MultiprocExecutor.broadcast`, between steps):
   pool's descriptor bytes (the instance's descriptors are these, rank order); every step
   ends with ``transport.mark_ready`` (pulls announced after it see its writes);
 * decode ranks take ``("open_peers", {prefill index: [descriptor bytes per rank]},
-  geometry)`` once, then ``("pull", prefill index, src block ids, dst block ids)`` per
-  migration: each rank submits its slices (`kv_migration.submit_pulls`, `plan_kv_pulls`)
-  and answers ``(error or None, num_bytes, seconds)`` when they are final. The migration is
-  done when every rank reported success.
+  geometry)`` once, then per migration ``("pull", pull id, prefill index, src block ids,
+  dst block ids)``: each rank submits its slices (`kv_migration.submit_pulls`,
+  `plan_kv_pulls`) and answers at once (None, or the error that kept it from submitting);
+  ``("poll_pulls",)`` answers the `RankPullResult`s of its pulls that became final since
+  the last poll. The migration is done when every rank reported; it succeeded when every
+  rank did.
 
-Pulls are synchronous here (the decode instance waits for its ranks, bounded by
-`PULL_TIMEOUT_S`); a CPU pull of a request's blocks takes milliseconds.
+Pulls do not stall the decode loop: steps run while transfers are in flight. They never
+touch the same blocks: a pull's destination blocks belong to a request in the decode
+scheduler's ``pulling`` set, which no batch contains until the pull is done.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import time
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -39,7 +44,7 @@ from distserve_rt.engine.disagg.kv_migration import (
     submit_pulls,
 )
 from distserve_rt.engine.disagg.messages import Migrate
-from distserve_rt.transfer import PoolDescriptor
+from distserve_rt.transfer import PoolDescriptor, TransferHandle
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
 from distserve_rt.worker.worker_process import WorkerProcess
@@ -59,14 +64,17 @@ class KVWorkerProcess(WorkerProcess):
         is_prefill: bool,
         transport_name: str,
         shares_gpu: bool = False,
+        min_pull_s: float = 0.0,
     ) -> None:
         # This rank's device (cuda_ipc binds to it; launch._bootstrap made it current).
         self.transport = make_transport(transport_name, ctx.device)
         self.is_prefill = is_prefill
         allocate = self.transport.allocate_pool if is_prefill else None
         super().__init__(ctx, conn, config, allocate_pool=allocate, shared_gpu=shares_gpu)
+        self.min_pull_s = min_pull_s
         self._peers: dict[int, list[object]] = {}
         self._geometry: PullGeometry | None = None
+        self._pulls: dict[int, _RankPull] = {}  # by pull id, in flight
 
     @property
     def pool(self):
@@ -88,7 +96,9 @@ class KVWorkerProcess(WorkerProcess):
             self._open_peers(message[1], message[2])
             send_ok(self.conn)
         elif kind == "pull":
-            send_ok(self.conn, self._pull(message[1], message[2], message[3]))
+            send_ok(self.conn, self._submit(*message[1:]))
+        elif kind == "poll_pulls":
+            send_ok(self.conn, self._poll_pulls(time.monotonic()))
         else:
             super().handle_other(message)
 
@@ -100,22 +110,40 @@ class KVWorkerProcess(WorkerProcess):
                 self.transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
             ]
 
-    def _pull(
-        self, prefill_index: int, src_block_ids: list[int], dst_block_ids: np.ndarray
-    ) -> tuple[str | None, int, float]:
-        start = time.monotonic()
+    def _submit(
+        self, pull_id: int, prefill_index: int, src_block_ids: list[int], dst_block_ids: np.ndarray
+    ) -> str | None:
+        """Submits this rank's slices of one migration; the error if it could not."""
         if self._geometry is None or prefill_index not in self._peers:
-            return f"no pool descriptor for prefill-{prefill_index}", 0, 0.0
+            return f"no pool descriptor for prefill-{prefill_index}"
         handles = submit_pulls(
             self.transport, self._peers[prefill_index], self._geometry, self.pool,
             src_block_ids, dst_block_ids,
         )  # fmt: skip
-        deadline = start + PULL_TIMEOUT_S
-        for handle in handles:
-            if not handle.wait(max(0.0, deadline - time.monotonic())).is_final:
-                return f"KV pull not done after {PULL_TIMEOUT_S} s", 0, 0.0
-        error = pull_error(handles)
-        return error, sum(h.num_bytes for h in handles), time.monotonic() - start
+        self._pulls[pull_id] = _RankPull(handles, time.monotonic())
+        return None
+
+    def _poll_pulls(self, now: float) -> list[RankPullResult]:
+        """This rank's pulls that became final (or timed out) since the last poll."""
+        results = []
+        for pull_id, pull in list(self._pulls.items()):
+            if now - pull.start_time > PULL_TIMEOUT_S:
+                # No backend can cancel a started copy; one still running after a minute
+                # means the machine is stuck, and the migration must fail, not hang.
+                error = f"KV pull not done after {PULL_TIMEOUT_S} s"
+                results.append(RankPullResult(pull_id, error))
+            elif not all(h.poll().is_final for h in pull.handles):
+                continue
+            elif now - pull.start_time < self.min_pull_s:
+                continue  # debug_min_pull_s: a slow transfer, for tests
+            else:
+                num_bytes = sum(h.num_bytes for h in pull.handles)
+                seconds = max(h.seconds for h in pull.handles)
+                results.append(
+                    RankPullResult(pull_id, pull_error(pull.handles), num_bytes, seconds)
+                )
+            del self._pulls[pull_id]
+        return results
 
     def close(self) -> None:
         self.transport.close()
@@ -128,9 +156,10 @@ def run_kv_worker(
     is_prefill: bool,
     transport: str,
     shares_gpu: bool = False,
+    min_pull_s: float = 0.0,
 ) -> None:
     """`distributed.launch.WorkerTarget` of a disaggregated instance's ranks."""
-    process = KVWorkerProcess(ctx, conn, config, is_prefill, transport, shares_gpu)
+    process = KVWorkerProcess(ctx, conn, config, is_prefill, transport, shares_gpu, min_pull_s)
     try:
         process.run()
     finally:
@@ -139,15 +168,20 @@ def run_kv_worker(
 
 class RankPuller:
     """`kv_migration.KVPuller`'s interface for a decode instance whose pools live in its
-    worker processes: `start` has every rank pull its slice and returns when all are done;
-    `poll` then reports the migration."""
+    worker processes: `start` has every rank submit its slices and returns at once; `poll`
+    collects the ranks' finished parts and reports each migration once all ranks did."""
+
+    POLL_INTERVAL_S = 0.001
+    """Loop wait while pulls are in flight: each poll is a round trip to every rank."""
 
     def __init__(self, executor: MultiprocExecutor, geometry: PullGeometry) -> None:
         self.executor = executor
         self.geometry = geometry
         self.num_verified = 0  # debug_verify_kv is refused for TP x PP instances
         self.pulls: dict[str, Pull] = {}
-        self._done: list[FinishedPull] = []
+        """In flight, by request id."""
+        self._gathers: dict[int, _Gather] = {}  # by pull id
+        self._pull_ids = itertools.count()
         self._num_succeeded = self._num_failed = self._bytes = 0
         self._seconds = 0.0
 
@@ -157,26 +191,74 @@ class RankPuller:
     def start(
         self, request: Request, migration: Migrate, dst_block_ids: np.ndarray, now: float
     ) -> None:
+        """Has every rank submit its part of `migration`'s pull (does not wait for it)."""
         check_block_counts(request, migration, dst_block_ids)
-        answers = self.executor.broadcast(
-            ("pull", migration.prefill_index, migration.block_ids, dst_block_ids)
+        pull_id = next(self._pull_ids)
+        errors = self.executor.broadcast(
+            ("pull", pull_id, migration.prefill_index, migration.block_ids, dst_block_ids)
         )
         pull = Pull(request, migration, [], dst_block_ids, now)
-        errors = [error for error, _, _ in answers if error is not None]
-        num_bytes = sum(n for _, n, _ in answers)
-        end = time.monotonic()
-        if errors:
-            self._num_failed += 1
-            self._done.append(FinishedPull(pull, PullOutcome.FAILED, end, errors[0]))
-            return
-        self._num_succeeded += 1
-        self._bytes += num_bytes
-        self._seconds += max(s for _, _, s in answers)
-        self._done.append(FinishedPull(pull, PullOutcome.SUCCESS, end, num_bytes=num_bytes))
+        gather = _Gather(pull)
+        for rank, error in enumerate(errors):
+            if error is not None:  # nothing submitted on that rank: its part is final
+                gather.results[rank] = RankPullResult(pull_id, error)
+        self.pulls[request.request_id] = pull
+        self._gathers[pull_id] = gather
 
     def poll(self, now: float) -> list[FinishedPull]:
-        done, self._done = self._done, []
+        """The migrations every rank finished since the last call (one round trip to the
+        ranks while pulls are in flight; none otherwise)."""
+        if not self._gathers:
+            return []
+        for rank, results in enumerate(self.executor.broadcast(("poll_pulls",))):
+            for result in results:
+                self._gathers[result.pull_id].results[rank] = result
+        world_size = len(self.executor.processes)
+        done = []
+        for pull_id, gather in list(self._gathers.items()):
+            if len(gather.results) == world_size:
+                del self._gathers[pull_id]
+                del self.pulls[gather.pull.request.request_id]
+                done.append(self._finish(gather, now))
         return done
 
     def totals(self) -> tuple[int, int, int, float]:
         return self._num_succeeded, self._num_failed, self._bytes, self._seconds
+
+    def _finish(self, gather: _Gather, now: float) -> FinishedPull:
+        results = [gather.results[rank] for rank in sorted(gather.results)]
+        errors = [r.error for r in results if r.error is not None]
+        if errors:
+            self._num_failed += 1
+            return FinishedPull(gather.pull, PullOutcome.FAILED, now, errors[0])
+        num_bytes = sum(r.num_bytes for r in results)
+        self._num_succeeded += 1
+        self._bytes += num_bytes
+        self._seconds += max(r.seconds for r in results)
+        return FinishedPull(gather.pull, PullOutcome.SUCCESS, now, num_bytes=num_bytes)
+
+
+@dataclass(frozen=True, slots=True)
+class RankPullResult:
+    """One rank's part of a migration, final: an answer of ``("poll_pulls",)``."""
+
+    pull_id: int
+    error: str | None
+    """None: every slice of this rank arrived."""
+    num_bytes: int = 0
+    seconds: float = 0.0
+    """Submit -> final, the slowest of the rank's transfers."""
+
+
+@dataclass(slots=True)
+class _RankPull:
+    handles: list[TransferHandle]
+    start_time: float
+
+
+@dataclass(slots=True)
+class _Gather:
+    """A migration in flight on the ranks: their final parts so far, by rank."""
+
+    pull: Pull
+    results: dict[int, RankPullResult] = field(default_factory=dict)
