@@ -25,10 +25,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 
 import numpy as np
+import torch
 
 from distserve_rt.core.request import Request
 from distserve_rt.distributed.launch import RankContext, send_ok
@@ -44,7 +46,7 @@ from distserve_rt.engine.disagg.kv_migration import (
     submit_pulls,
 )
 from distserve_rt.engine.disagg.messages import Migrate
-from distserve_rt.transfer import PoolDescriptor, TransferHandle
+from distserve_rt.transfer import KVTransport, PoolDescriptor, TransferHandle
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
 from distserve_rt.worker.worker_process import WorkerProcess
@@ -71,10 +73,8 @@ class KVWorkerProcess(WorkerProcess):
         self.is_prefill = is_prefill
         allocate = self.transport.allocate_pool if is_prefill else None
         super().__init__(ctx, conn, config, allocate_pool=allocate, shared_gpu=shares_gpu)
-        self.min_pull_s = min_pull_s
-        self._peers: dict[int, list[object]] = {}
-        self._geometry: PullGeometry | None = None
-        self._pulls: dict[int, _RankPull] = {}  # by pull id, in flight
+        p = ctx.parallel
+        self.pulls = RankPulls(self.transport, p.tp_rank, p.pp_rank, min_pull_s)
 
     @property
     def pool(self):
@@ -89,44 +89,89 @@ class KVWorkerProcess(WorkerProcess):
             self.transport.mark_ready(self.pool)
 
     def handle_other(self, message: tuple) -> None:
-        kind = message[0]
-        if kind == "export_kv":
+        if message[0] == "export_kv":
             send_ok(self.conn, self.transport.register_pool(self.pool).to_bytes())
-        elif kind == "open_peers":
-            self._open_peers(message[1], message[2])
-            send_ok(self.conn)
-        elif kind == "pull":
-            send_ok(self.conn, self._submit(*message[1:]))
-        elif kind == "poll_pulls":
-            send_ok(self.conn, self._poll_pulls(time.monotonic()))
+        elif message[0] in RankPulls.COMMANDS:
+            send_ok(self.conn, self.pulls.answer(message, self.pool))
         else:
             super().handle_other(message)
 
-    def _open_peers(self, descriptors: dict[int, list[bytes]], geometry: PullGeometry) -> None:
-        p = self.ctx.parallel
-        self._geometry = dataclasses.replace(geometry, dst_tp_rank=p.tp_rank, dst_pp_rank=p.pp_rank)
+    def close(self) -> None:
+        self.transport.close()
+
+
+class RankPulls:
+    """One decode rank's pulls: submitted on ``pull`` (answered at once), reported once
+    final on ``poll_pulls``.
+
+    Args:
+        transport: the rank's transport (it opens the prefill ranks' pools).
+        tp_rank, pp_rank: this rank (its pool holds those heads and layers).
+        min_pull_s: `DisaggConfig.debug_min_pull_s`.
+        clock: monotonic seconds (tests drive it with the fake transport's).
+    """
+
+    COMMANDS = ("open_peers", "pull", "poll_pulls")
+
+    def __init__(
+        self,
+        transport: KVTransport,
+        tp_rank: int,
+        pp_rank: int,
+        min_pull_s: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.transport = transport
+        self.tp_rank, self.pp_rank = tp_rank, pp_rank
+        self.min_pull_s = min_pull_s
+        self._clock = clock
+        self._peers: dict[int, list[object]] = {}
+        self._geometry: PullGeometry | None = None
+        self._in_flight: dict[int, _RankPull] = {}  # by pull id
+
+    def answer(self, message: tuple, pool: torch.Tensor) -> object:
+        """The answer to one of `COMMANDS`; `pool` is this rank's KV pool (the destination)."""
+        kind = message[0]
+        if kind == "open_peers":
+            return self.open_peers(message[1], message[2])
+        if kind == "pull":
+            return self.submit(pool, *message[1:])
+        if kind == "poll_pulls":
+            return self.poll()
+        raise ValueError(f"not a pull command: {kind!r}")
+
+    def open_peers(self, descriptors: dict[int, list[bytes]], geometry: PullGeometry) -> None:
+        self._geometry = dataclasses.replace(
+            geometry, dst_tp_rank=self.tp_rank, dst_pp_rank=self.pp_rank
+        )
         for index, raws in descriptors.items():
             self._peers[index] = [
                 self.transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
             ]
 
-    def _submit(
-        self, pull_id: int, prefill_index: int, src_block_ids: list[int], dst_block_ids: np.ndarray
+    def submit(
+        self,
+        pool: torch.Tensor,
+        pull_id: int,
+        prefill_index: int,
+        src_block_ids: list[int],
+        dst_block_ids: np.ndarray,
     ) -> str | None:
         """Submits this rank's slices of one migration; the error if it could not."""
         if self._geometry is None or prefill_index not in self._peers:
             return f"no pool descriptor for prefill-{prefill_index}"
         handles = submit_pulls(
-            self.transport, self._peers[prefill_index], self._geometry, self.pool,
+            self.transport, self._peers[prefill_index], self._geometry, pool,
             src_block_ids, dst_block_ids,
         )  # fmt: skip
-        self._pulls[pull_id] = _RankPull(handles, time.monotonic())
+        self._in_flight[pull_id] = _RankPull(handles, self._clock())
         return None
 
-    def _poll_pulls(self, now: float) -> list[RankPullResult]:
+    def poll(self) -> list[RankPullResult]:
         """This rank's pulls that became final (or timed out) since the last poll."""
+        now = self._clock()
         results = []
-        for pull_id, pull in list(self._pulls.items()):
+        for pull_id, pull in list(self._in_flight.items()):
             if now - pull.start_time > PULL_TIMEOUT_S:
                 # No backend can cancel a started copy; one still running after a minute
                 # means the machine is stuck, and the migration must fail, not hang.
@@ -142,11 +187,8 @@ class KVWorkerProcess(WorkerProcess):
                 results.append(
                     RankPullResult(pull_id, pull_error(pull.handles), num_bytes, seconds)
                 )
-            del self._pulls[pull_id]
+            del self._in_flight[pull_id]
         return results
-
-    def close(self) -> None:
-        self.transport.close()
 
 
 def run_kv_worker(
@@ -175,6 +217,7 @@ class RankPuller:
     """Loop wait while pulls are in flight: each poll is a round trip to every rank."""
 
     def __init__(self, executor: MultiprocExecutor, geometry: PullGeometry) -> None:
+        # Only `executor.broadcast` is used (tests pass ranks in this process).
         self.executor = executor
         self.geometry = geometry
         self.num_verified = 0  # debug_verify_kv is refused for TP x PP instances
@@ -198,7 +241,7 @@ class RankPuller:
             ("pull", pull_id, migration.prefill_index, migration.block_ids, dst_block_ids)
         )
         pull = Pull(request, migration, [], dst_block_ids, now)
-        gather = _Gather(pull)
+        gather = _Gather(pull, num_ranks=len(errors))
         for rank, error in enumerate(errors):
             if error is not None:  # nothing submitted on that rank: its part is final
                 gather.results[rank] = RankPullResult(pull_id, error)
@@ -213,10 +256,9 @@ class RankPuller:
         for rank, results in enumerate(self.executor.broadcast(("poll_pulls",))):
             for result in results:
                 self._gathers[result.pull_id].results[rank] = result
-        world_size = len(self.executor.processes)
         done = []
         for pull_id, gather in list(self._gathers.items()):
-            if len(gather.results) == world_size:
+            if len(gather.results) == gather.num_ranks:
                 del self._gathers[pull_id]
                 del self.pulls[gather.pull.request.request_id]
                 done.append(self._finish(gather, now))
@@ -261,4 +303,5 @@ class _Gather:
     """A migration in flight on the ranks: their final parts so far, by rank."""
 
     pull: Pull
+    num_ranks: int
     results: dict[int, RankPullResult] = field(default_factory=dict)
