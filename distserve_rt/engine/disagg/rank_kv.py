@@ -12,8 +12,8 @@ channel (`MultiprocExecutor.broadcast`, between steps):
   dst block ids)``: each rank submits its slices (`kv_migration.submit_pulls`,
   `plan_kv_pulls`) and answers at once (None, or the error that kept it from submitting);
   ``("poll_pulls",)`` answers the `RankPullResult`s of its pulls that became final since
-  the last poll. The migration is done when every rank reported; it succeeded when every
-  rank did.
+  the last poll (`RankPulls` on each rank). The decode instance's `RankPuller` reports the
+  migration once every rank did; it succeeded when every rank did.
 
 Pulls do not stall the decode loop: steps run while transfers are in flight. They never
 touch the same blocks: a pull's destination blocks belong to a request in the decode
