@@ -80,6 +80,9 @@ class Controller:
         self.requests: dict[str, TrackedRequest] = {}
         """Live requests by id (the failure rules in disagg/recovery.py walk them)."""
         self._outputs: list[RequestOutput] = []
+        self.aborted_migrations: dict[str, tuple[int, int]] = {}
+        """Aborted while MIGRATING: request id -> (prefill index, decode index), until the
+        decode instance's MigrationDone (the prefill instance holds the KV until then)."""
         self._closed = False
         self._peers_opened: set[str] = set()
         try:
@@ -220,6 +223,11 @@ class Controller:
             self.prefill(tracked.prefill_index).send(msg.Abort(request_id))  # type: ignore[arg-type]
         else:
             self.decode(tracked.decode_index).send(msg.Abort(request_id))  # type: ignore[arg-type]
+            if tracked.phase is Phase.MIGRATING:
+                # Its source KV is freed on the decode instance's MigrationDone, or by
+                # recovery.on_instance_death if that instance dies first.
+                indices = (tracked.prefill_index, tracked.decode_index)
+                self.aborted_migrations[request_id] = indices  # type: ignore[assignment]
         self.finish(tracked, "abort")
         return True
 
@@ -328,14 +336,16 @@ class Controller:
 
     def _on_migration_done(self, m: msg.MigrationDone) -> None:
         self.prefill(m.prefill_index).send(msg.ReleaseKV(m.request_id))
+        self.aborted_migrations.pop(m.request_id, None)
         tracked = self.requests.get(m.request_id)
         if tracked is None or tracked.phase is not Phase.MIGRATING:
             return
+        # Released on the prefill instance (which may reuse the blocks): never forward them.
+        tracked.kv_block_ids = None
         tracked.pull_start_time, tracked.pull_end_time = m.pull_start_time, m.pull_end_time
         if m.ok:
             tracked.phase = Phase.DECODING
             tracked.transfer_bytes = m.num_bytes
-            tracked.kv_block_ids = None  # released on the prefill instance
         # A failed pull is ended by the decode instance's Tokens message.
 
     def _on_tokens(self, m: msg.Tokens) -> None:

@@ -146,3 +146,24 @@ def test_pulls_of_several_requests_finish_independently(setup):
     assert [d.pull.request.request_id for d in puller.poll(clock.now)] == ["b"]
     with pytest.raises(ValueError, match="not a pull command"):
         RankPulls(FakeTransport(), 0, 0).answer(("export_kv",), torch.zeros(1))
+
+
+def test_a_submit_that_raises_fails_only_its_migration(setup):
+    clock, _, _, _, _, _, puller = setup
+    bad = _migration("bad", (99,))  # the prefill pool has 4 blocks
+    puller.start(*bad, np.array([0], np.int32), clock.now)  # the rank answers, not raises
+    good = _migration("good", (1,))
+    puller.start(*good, np.array([2], np.int32), clock.now)
+    clock.now = TRANSFER_S
+    done = {d.pull.request.request_id: d for d in puller.poll(clock.now)}
+    assert done["bad"].outcome is PullOutcome.FAILED and "could not submit" in done["bad"].error
+    assert done["good"].outcome is PullOutcome.SUCCESS
+
+
+def test_a_pull_that_finished_is_a_success_even_when_polled_after_the_timeout(setup):
+    clock, _, _, _, _, _, puller = setup
+    request, migration = _migration()
+    puller.start(request, migration, np.array([1, 3], np.int32), clock.now)
+    clock.now = PULL_TIMEOUT_S + 1.0  # the loop was busy: the copy ended long ago
+    (done,) = puller.poll(clock.now)
+    assert done.outcome is PullOutcome.SUCCESS

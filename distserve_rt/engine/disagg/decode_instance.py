@@ -12,6 +12,7 @@ from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
 from distserve_rt.engine.disagg.kv_migration import (
     FinishedPull,
     KVPuller,
+    Pull,
     PullGeometry,
     PullOutcome,
 )
@@ -104,8 +105,7 @@ class DecodeInstance(Instance):
     def step(self, now: float) -> None:
         if now >= self._pull_from:
             for request in self.scheduler.admit_migrations(now):
-                dst = self.block_manager.block_table(request.seq_id)
-                self.puller.start(request, self._sources[request.request_id], dst, now)
+                self._start_pull(request, now)
         for finished in self.puller.poll(time.monotonic()):
             self._finish_pull(finished)
         out = self.scheduler.schedule(now)
@@ -125,6 +125,16 @@ class DecodeInstance(Instance):
             requests, result.sampled_token_ids, logprobs, strict=True
         ):
             self._emit(request, token_id, row, start, end)
+
+    def _start_pull(self, request: Request, now: float) -> None:
+        migration = self._sources[request.request_id]
+        dst = self.block_manager.block_table(request.seq_id)
+        try:
+            self.puller.start(request, migration, dst, now)
+        except Exception as exc:  # bad ids, a peer gone: this migration fails, not the rest
+            pull = Pull(request, migration, [], dst, now)
+            error = f"KV pull could not start: {type(exc).__name__}: {exc}"
+            self._finish_pull(FinishedPull(pull, PullOutcome.FAILED, time.monotonic(), error))
 
     def _finish_pull(self, finished: FinishedPull) -> None:
         pull, request = finished.pull, finished.pull.request

@@ -112,16 +112,22 @@ def submit_pulls(
         peer = peers[g.dst_pp_rank * g.src.tp_size + g.dst_tp_rank]
         return [transport.submit(peer, pool, src_block_ids, dst_block_ids)]
     plans = plan_kv_pulls(g.num_layers, g.num_kv_heads, g.src, g.dst, g.dst_tp_rank, g.dst_pp_rank)
-    return [
-        transport.submit(
-            peers[p.src_pp_rank * g.src.tp_size + p.src_tp_rank],
-            pool,
-            src_block_ids,
-            dst_block_ids,
-            p.kv_slice,
-        )  # fmt: skip
-        for p in plans
-    ]
+    handles: list[TransferHandle] = []
+    try:
+        for p in plans:
+            peer = peers[p.src_pp_rank * g.src.tp_size + p.src_tp_rank]
+            handles.append(transport.submit(peer, pool, src_block_ids, dst_block_ids, p.kv_slice))
+    except Exception:
+        # The caller fails the migration and frees `dst_block_ids`: the slices already
+        # submitted must not write into them afterwards.
+        for handle in handles:
+            handle.wait(SUBMITTED_DRAIN_TIMEOUT_S)
+        raise
+    return handles
+
+
+SUBMITTED_DRAIN_TIMEOUT_S = 60.0
+"""How long a failed multi-slice submit waits for the slices it already started."""
 
 
 def pull_error(handles: Sequence[TransferHandle]) -> str | None:

@@ -160,10 +160,13 @@ class RankPulls:
         """Submits this rank's slices of one migration; the error if it could not."""
         if self._geometry is None or prefill_index not in self._peers:
             return f"no pool descriptor for prefill-{prefill_index}"
-        handles = submit_pulls(
-            self.transport, self._peers[prefill_index], self._geometry, pool,
-            src_block_ids, dst_block_ids,
-        )  # fmt: skip
+        try:
+            handles = submit_pulls(
+                self.transport, self._peers[prefill_index], self._geometry, pool,
+                src_block_ids, dst_block_ids,
+            )  # fmt: skip
+        except Exception as exc:  # fails this migration only, not the rank or the instance
+            return f"rank (tp {self.tp_rank}, pp {self.pp_rank}) could not submit: {exc}"
         self._in_flight[pull_id] = _RankPull(handles, self._clock())
         return None
 
@@ -172,12 +175,13 @@ class RankPulls:
         now = self._clock()
         results = []
         for pull_id, pull in list(self._in_flight.items()):
-            if now - pull.start_time > PULL_TIMEOUT_S:
+            final = all(h.poll().is_final for h in pull.handles)
+            if not final and now - pull.start_time > PULL_TIMEOUT_S:
                 # No backend can cancel a started copy; one still running after a minute
                 # means the machine is stuck, and the migration must fail, not hang.
                 error = f"KV pull not done after {PULL_TIMEOUT_S} s"
                 results.append(RankPullResult(pull_id, error))
-            elif not all(h.poll().is_final for h in pull.handles):
+            elif not final:
                 continue
             elif now - pull.start_time < self.min_pull_s:
                 continue  # debug_min_pull_s: a slow transfer, for tests

@@ -13,8 +13,10 @@ finish_reason "error" naming the instance, or are re-prefilled on a live prefill
 budget allow. Prefill death: its PREFILLING requests. Its announced KV stays readable to
 decode instances that already mapped its pool (the region is unlinked at shutdown), so
 MIGRATING requests go on. Decode death: its DECODING requests; its MIGRATING ones lose
-nothing (their KV is still on the prefill instance, freed only after a pull completed) and
-are sent to another live decode instance.
+nothing (their KV is still on the prefill instance, freed only after a MigrationDone) and
+are sent to another live decode instance, once (`MAX_REFORWARDS`) and only while their
+prefill instance is alive; otherwise they fail or retry like the others. Migrations
+aborted while that instance held them get their source KV released.
 """
 
 from __future__ import annotations
@@ -64,17 +66,26 @@ def on_instance_death(controller: Controller, handle: InstanceHandle, reason: st
     logger.error("%s (pid %s) died: %s", handle.name, handle.pid, reason)
     handle.stop(timeout_s=1.0)
     index = handle.spec.index
+    if handle.role is InstanceRole.DECODE:
+        _release_aborted_migrations(controller, index)
     for tracked in list(controller.requests.values()):
         if handle.role is InstanceRole.PREFILL:
             affected = tracked.phase is Phase.PREFILLING and tracked.prefill_index == index
         else:
             affected = tracked.decode_index == index
             if affected and tracked.phase is Phase.MIGRATING:
-                # Its KV is still held on the prefill instance (released only on a
-                # MigrationDone): another decode instance pulls it, nothing is recomputed.
                 controller.release_load(tracked)
-                controller.forward_migration(tracked)
-                continue
+                if _can_reforward(controller, tracked):
+                    # Its KV is still held on the prefill instance (released only on a
+                    # MigrationDone): another decode instance pulls it, nothing recomputed.
+                    tracked.num_reforwards += 1
+                    controller.forward_migration(tracked)
+                    continue
+                if tracked.kv_block_ids is not None:
+                    controller.prefill(tracked.prefill_index).send(  # type: ignore[arg-type]
+                        msg.ReleaseKV(tracked.request_id)
+                    )
+                    tracked.kv_block_ids = None
         if not affected:
             continue
         controller.release_load(tracked)
@@ -83,6 +94,32 @@ def on_instance_death(controller: Controller, handle: InstanceHandle, reason: st
             retry_or_fail(controller, tracked, why)
         else:
             controller.finish(tracked, "error", error=f"request failed: {why}")
+
+
+MAX_REFORWARDS = 1
+"""Decode deaths a migration survives by going to another decode instance: a second one
+while it migrates suggests the pull itself kills instances, so it is not forwarded again."""
+
+
+def _can_reforward(controller: Controller, tracked: TrackedRequest) -> bool:
+    """Its announced KV is still held (no MigrationDone released it) on a live prefill
+    instance (a dead one's pool is not kept readable on every transport: CUDA IPC memory
+    of an exited process is gone), and it has not been forwarded too often."""
+    prefill = controller.prefill(tracked.prefill_index)  # type: ignore[arg-type]
+    return (
+        tracked.kv_block_ids is not None
+        and prefill.alive
+        and tracked.num_reforwards < MAX_REFORWARDS
+    )
+
+
+def _release_aborted_migrations(controller: Controller, decode_index: int) -> None:
+    """The dead decode instance will not send MigrationDone for migrations aborted while
+    it held them: free their source KV on the prefill instances now."""
+    for request_id, (prefill_index, index) in list(controller.aborted_migrations.items()):
+        if index == decode_index:
+            controller.prefill(prefill_index).send(msg.ReleaseKV(request_id))
+            del controller.aborted_migrations[request_id]
 
 
 def retry_or_fail(controller: Controller, tracked: TrackedRequest, reason: str) -> None:

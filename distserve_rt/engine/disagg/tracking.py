@@ -39,6 +39,8 @@ class TrackedRequest:
     num_queued_tokens: int = 0
     """Tokens it adds to its prefill instance's queue (the dispatch load measure)."""
     num_retries: int = 0
+    num_reforwards: int = 0
+    """Times its migration went to another decode instance after the chosen one died."""
     output_token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     prefill_start_time: float | None = None
