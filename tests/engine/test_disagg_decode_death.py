@@ -99,3 +99,17 @@ def test_a_pull_that_cannot_start_fails_its_request_and_the_instance_serves_on(m
         assert outputs["good"].outputs[0].finish_reason == "length"
         assert [s.alive for s in c.stats().instances] == [True, True]
         settle(c, lambda: _prefill_kv_usage(c) == 0)
+
+
+def test_a_migration_whose_lease_expired_is_not_forwarded_when_its_decode_dies():
+    # The prefill instance reports an expired lease once; the Revoke went to the decode
+    # instance that then died. Forwarded, the migration would never be revoked again.
+    with _controller(2) as c:
+        tracked = _migrating(c, "a")
+        decode = tracked.decode_index
+        c._handle_message(c.prefill(0), msg.LeaseExpired("a"))
+        _die(c, decode)  # before its RevokeResult was read
+        out = drain(c)["a"]
+        assert out.outputs[0].finish_reason == "error" and f"decode-{decode} died" in out.error
+        assert tracked.num_reforwards == 0
+        settle(c, lambda: _prefill_kv_usage(c) == 0)  # its source KV was released

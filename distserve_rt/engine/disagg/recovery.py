@@ -15,7 +15,8 @@ decode instances that already mapped its pool (the region is unlinked at shutdow
 MIGRATING requests go on. Decode death: its DECODING requests; its MIGRATING ones lose
 nothing (their KV is still on the prefill instance, freed only after a MigrationDone) and
 are sent to another live decode instance, once (`MAX_REFORWARDS`) and only while their
-prefill instance is alive; otherwise they fail or retry like the others. Migrations
+prefill instance is alive and their lease has not expired; otherwise they fail or retry
+like the others. Migrations
 aborted while that instance held them get their source KV released.
 """
 
@@ -40,6 +41,7 @@ def on_lease_expired(controller: Controller, m: msg.LeaseExpired) -> None:
     tracked = controller.requests.get(m.request_id)
     if tracked is None or tracked.phase is not Phase.MIGRATING:
         return  # finished, or its pull is done and the release is on its way
+    tracked.lease_expired = True
     controller.decode(tracked.decode_index).send(msg.Revoke(m.request_id))  # type: ignore[arg-type]
 
 
@@ -104,11 +106,14 @@ while it migrates suggests the pull itself kills instances, so it is not forward
 def _can_reforward(controller: Controller, tracked: TrackedRequest) -> bool:
     """Its announced KV is still held (no MigrationDone released it) on a live prefill
     instance (a dead one's pool is not kept readable on every transport: CUDA IPC memory
-    of an exited process is gone), and it has not been forwarded too often."""
+    of an exited process is gone), its lease has not expired (the prefill instance reports
+    that once: a forwarded migration would never be revoked again), and it has not been
+    forwarded too often."""
     prefill = controller.prefill(tracked.prefill_index)  # type: ignore[arg-type]
     return (
         tracked.kv_block_ids is not None
         and prefill.alive
+        and not tracked.lease_expired
         and tracked.num_reforwards < MAX_REFORWARDS
     )
 

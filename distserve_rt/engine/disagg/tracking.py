@@ -41,6 +41,8 @@ class TrackedRequest:
     num_retries: int = 0
     num_reforwards: int = 0
     """Times its migration went to another decode instance after the chosen one died."""
+    lease_expired: bool = False
+    """Its KV waited past kv_lease_timeout_s (reported once by the prefill instance)."""
     output_token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     prefill_start_time: float | None = None
