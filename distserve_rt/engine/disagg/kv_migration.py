@@ -94,6 +94,10 @@ class PullGeometry:
                 ) from None
 
 
+SUBMITTED_DRAIN_TIMEOUT_S = 60.0
+"""How long a failed multi-slice submit waits for the slices it already started."""
+
+
 def submit_pulls(
     transport: KVTransport,
     peers: Sequence[object],
@@ -124,10 +128,6 @@ def submit_pulls(
             handle.wait(SUBMITTED_DRAIN_TIMEOUT_S)
         raise
     return handles
-
-
-SUBMITTED_DRAIN_TIMEOUT_S = 60.0
-"""How long a failed multi-slice submit waits for the slices it already started."""
 
 
 def pull_error(handles: Sequence[TransferHandle]) -> str | None:
