@@ -13,6 +13,7 @@ void register_prefill_attention(py::module_& m);  // prefill_attention.cpp
 void register_decode_attention(py::module_& m);   // decode_attention.cpp
 void register_block_manager(py::module_& m);      // block_manager.cpp
 void register_transfer(py::module_& m);           // transfer_shm.cpp: ShmTransferEngine
+void register_layer_ops(py::module_& m);  // layer_ops.cpp: linear, rms_norm, silu_and_mul, rotary
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "distserve_rt CPU kernels and block manager";
@@ -28,4 +29,5 @@ PYBIND11_MODULE(_C, m) {
   register_decode_attention(m);
   register_block_manager(m);
   register_transfer(m);
+  register_layer_ops(m);
 }

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distserve_rt.distributed.parallel_state import ParallelContext
+from distserve_rt.layers.linear import apply_linear
 from distserve_rt.layers.weight_utils import FullTensor, check_full_shape, copy_into, read_slice
 
 
@@ -92,6 +93,6 @@ class ParallelLMHead(VocabParallelEmbedding):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, embedding_dim] -> [n, num_embeddings]`` float32 (padding rows dropped)."""
-        logits = F.linear(hidden, self.weight)
+        logits = apply_linear(hidden, self.weight, None)
         logits = self.parallel.all_gather(logits, dim=-1)
         return logits[..., : self.num_embeddings].float()

@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from distserve_rt.distributed.parallel_state import ParallelContext
 from distserve_rt.layers.weight_utils import (
@@ -33,6 +32,15 @@ from distserve_rt.layers.weight_utils import (
     divide,
     read_slice,
 )
+from distserve_rt.ops.layer_ops import linear as cpu_linear
+
+
+def apply_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x W^T + b``: the CPU op (16-bit weights on our kernel where it is faster than
+    oneDNN, see `ops.layer_ops.cpu_linear_backend`), torch's matmul on CUDA."""
+    if x.is_cpu and x.dim() == 2:
+        return cpu_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _make_param(
@@ -90,7 +98,7 @@ class ReplicatedLinear(_LinearBase):
         default_weight_loader(param, loaded, shard_id)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias)
 
 
 class ColumnParallelLinear(_LinearBase):
@@ -128,7 +136,7 @@ class ColumnParallelLinear(_LinearBase):
         copy_into(param, read_slice(loaded, 0, start, self.out_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)
+        out = apply_linear(x, self.weight, self.bias)
         return self.parallel.all_gather(out, dim=-1) if self.gather_output else out
 
 
@@ -170,7 +178,7 @@ class MergedColumnParallelLinear(_LinearBase):
         copy_into(param.narrow(0, offset, size), part, f"shard {shard_id}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return apply_linear(x, self.weight, self.bias)
 
 
 class QKVParallelLinear(MergedColumnParallelLinear):
@@ -266,7 +274,7 @@ class RowParallelLinear(_LinearBase):
         copy_into(param, read_slice(loaded, 1, start, self.in_per_rank))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
+        out = apply_linear(x, self.weight, None)
         if self.reduce_results:
             out = self.parallel.all_reduce(out)
         return out if self.bias is None else out + self.bias

@@ -40,7 +40,8 @@ class StagedCausalLM(torch.nn.Module):
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """Last stage: the final norm of ``hidden + residual`` (residual None: of hidden)."""
         raise NotImplementedError
 
     def lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -82,10 +83,15 @@ class StagedCausalLM(torch.nn.Module):
         self._check_inputs(input_ids, positions, kv_pool, metadata, intermediate)
         first = self.parallel.is_first_stage
         hidden = self.embed(input_ids, positions) if first else intermediate
+        # The residual stream travels beside the layer output so that a layer can fold the
+        # residual add into its next norm (one pass instead of two); None = already in hidden.
+        residual = None
         for i, layer in enumerate(self.layers):
             kv_cache = None if kv_pool is None else layer_view(kv_pool, i)
-            hidden = layer(hidden, positions, kv_cache, metadata)
-        return self.final_norm(hidden) if self.parallel.is_last_stage else hidden
+            hidden, residual = layer(hidden, residual, positions, kv_cache, metadata)
+        if self.parallel.is_last_stage:
+            return self.final_norm(hidden, residual)
+        return hidden if residual is None else hidden + residual  # the stage's activations
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """``[n, hidden_size] -> [n, vocab_size]`` float32, gathered over TP (last stage)."""

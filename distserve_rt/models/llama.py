@@ -88,11 +88,17 @@ class LlamaDecoderLayer(torch.nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm)
         self.mlp = LlamaMLP(config, parallel, dtype, device)
 
-    def forward(self, hidden, positions, kv_cache, metadata):
-        hidden = hidden + self.self_attn(
-            self.input_layernorm(hidden), positions, kv_cache, metadata
-        )
-        return hidden + self.mlp(self.post_attention_layernorm(hidden))
+    def forward(self, hidden, residual, positions, kv_cache, metadata):
+        """``(hidden, residual) -> (mlp output, residual stream before it)``: each residual
+        add is fused into the norm after it (the last one into the next layer's, or the
+        final norm); HF's ``h + attn(norm(h))`` with the same bf16 rounding."""
+        if residual is None:  # the stage's first layer; a copy: the norms update it in place
+            residual, hidden = hidden.clone(), self.input_layernorm(hidden)
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, positions, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
 
 
 class LlamaForCausalLM(StagedCausalLM):
@@ -125,8 +131,8 @@ class LlamaForCausalLM(StagedCausalLM):
     def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.norm(hidden)
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        return self.norm(hidden) if residual is None else self.norm(hidden, residual)[0]
 
     @staticmethod
     def is_ignored_weight(config: ModelConfig, name: str) -> bool:

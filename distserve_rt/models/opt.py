@@ -79,9 +79,10 @@ class OPTDecoderLayer(torch.nn.Module):
         self.fc2 = RowParallelLinear(config.intermediate_size, h, **kw)
         self.act = ReLU()
 
-    def forward(self, hidden, positions, kv_cache, metadata):
+    def forward(self, hidden, residual, positions, kv_cache, metadata):
+        """``(hidden, None) -> (hidden, None)``: OPT adds its residuals itself."""
         hidden = hidden + self.self_attn(self.self_attn_layer_norm(hidden), kv_cache, metadata)
-        return hidden + self.fc2(self.act(self.fc1(self.final_layer_norm(hidden))))
+        return hidden + self.fc2(self.act(self.fc1(self.final_layer_norm(hidden)))), None
 
 
 class OPTForCausalLM(StagedCausalLM):
@@ -131,7 +132,7 @@ class OPTForCausalLM(StagedCausalLM):
             hidden = self.project_in(hidden)
         return hidden + F.embedding(positions + POSITION_OFFSET, self.embed_positions)
 
-    def final_norm(self, hidden: torch.Tensor) -> torch.Tensor:
+    def final_norm(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
         return self.final_layer_norm(hidden)
 
     def lm_head_input(self, hidden: torch.Tensor) -> torch.Tensor:
