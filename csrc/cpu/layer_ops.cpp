@@ -41,8 +41,9 @@ void linear(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::u
   check_arg(k % drt::cpu::kLinearKAlign == 0, "linear: in_features ", k, " must be a multiple of ",
             drt::cpu::kLinearKAlign);
   check_arg(x_row_stride >= k, "linear: x row stride ", x_row_stride, " < in_features ", k);
-  check_arg(workspace_bytes >= m * k * 4, "linear: workspace_bytes ", workspace_bytes,
-            " < m * k * 4 = ", m * k * 4);
+  const int64_t needed = drt::cpu::linear_workspace_bytes(m, k, drt::cpu::effective_num_threads());
+  check_arg(workspace_bytes >= needed, "linear: workspace_bytes ", workspace_bytes, " < ", needed,
+            " (linear_workspace_bytes(m, k) with the current thread count)");
   if (m == 0) return;
   check_arg(x != 0 && weight != 0 && out != 0 && workspace != 0,
             "linear: x, weight, out and workspace must be non-null");
@@ -129,12 +130,21 @@ void rotary(std::uintptr_t query, std::uintptr_t key, std::uintptr_t positions,
 
 }  // namespace
 
+int64_t linear_workspace_bytes(int64_t m, int64_t k) {
+  check_arg(m >= 0 && k >= 1, "linear_workspace_bytes: m must be >= 0 and k >= 1, got ", m, ", ",
+            k);
+  return drt::cpu::linear_workspace_bytes(m, k, drt::cpu::effective_num_threads());
+}
+
 void register_layer_ops(py::module_& m) {
+  m.def("linear_workspace_bytes", &linear_workspace_bytes, py::arg("m"), py::arg("k"),
+        "Bytes of fp32 workspace linear needs for m rows of k features with the current thread "
+        "count.");
   m.def("linear", &linear, py::kw_only(), py::arg("x"), py::arg("weight"), py::arg("bias"),
         py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("m"),
         py::arg("n"), py::arg("k"), py::arg("x_row_stride"), py::arg("dtype"), py::arg("out_fp32"),
         "out[m, n] = x[m, k] . weight[n, k]^T (+ bias[n]) for float16/bfloat16 weights, fp32 "
-        "accumulation (see linear.h); workspace: m * k * 4 bytes.");
+        "accumulation (see linear.h); workspace: linear_workspace_bytes(m, k).");
   m.def("rms_norm", &rms_norm, py::kw_only(), py::arg("x"), py::arg("residual"), py::arg("out"),
         py::arg("weight"), py::arg("num_tokens"), py::arg("hidden"), py::arg("x_stride"),
         py::arg("eps"), py::arg("dtype"),

@@ -66,8 +66,9 @@ _workspace = threading.local()
 
 
 def _linear_workspace(numel: int) -> torch.Tensor:
-    """A per-thread fp32 buffer of at least `numel` elements, grown by doubling (an
-    allocation this size per call would page-fault it in every time)."""
+    """A per-thread fp32 buffer of at least `numel` elements (x widened to fp32, and a
+    packed weight chunk per kernel thread), grown by doubling: an allocation this size per
+    call would page-fault it in every time."""
     buf = getattr(_workspace, "buf", None)
     if buf is None or buf.numel() < numel:
         buf = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=torch.float32)
@@ -108,8 +109,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         _check_same("bias", bias, x.dtype, (n,))
     out = torch.empty(m, n, dtype=x.dtype)
-    workspace = _linear_workspace(m * k)
-    _native.cpu_module().linear(
+    module = _native.cpu_module()
+    workspace = _linear_workspace(module.linear_workspace_bytes(m, k) // 4)
+    module.linear(
         x=x.data_ptr(),
         weight=weight.data_ptr(),
         bias=_native.ptr(bias),
