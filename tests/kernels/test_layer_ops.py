@@ -37,7 +37,16 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor, max_frac: float = 0.02) -> 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "m,n,k",
-    [(1, 8, 8), (1, 37, 64), (2, 5, 16), (3, 64, 128), (7, 33, 24), (50, 100, 256), (97, 13, 40)],
+    [
+        (1, 8, 8),
+        (1, 37, 64),
+        (2, 5, 16),
+        (3, 64, 128),
+        (7, 33, 24),
+        (50, 100, 256),
+        (97, 13, 40),
+        (200, 40, 64),
+    ],
 )
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_native_matches_fp32_reference(monkeypatch, generator, dtype, m, n, k, bias):

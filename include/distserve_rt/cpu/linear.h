@@ -142,99 +142,22 @@ inline void chunk(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, int
   if (m1 - m == 1) row_tiles<T, 1>(p, m, n0, n1);
 }
 
-#ifdef DRT_LINEAR_AVX2
-// ---- packed kernel (m >= kPackedMinRows) ------------------------------------------------
-// A chunk of kNChunk W rows is widened once into wp [k][kNChunk] fp32 (rows past n are
-// zeros), then every x row block of kPackedMr multiplies it as an outer product: per k,
-// two vector loads of wp, kPackedMr broadcasts of x and 2 * kPackedMr FMAs (the BLIS
-// micro-kernel shape, at the FMA peak where the dot-product tiles above are limited by
-// widening W again for every tile).
-constexpr int kPackedMr = 6;
-constexpr int64_t kPackedMinRows = 4;
-constexpr int64_t kPackedMBlock = 96;  // 96 x rows of K = 1024 fp32: 384 KiB, held in L2
-
-template <typename T>
-inline void pack_chunk(const T* w, int64_t rows, int64_t k, float* wp) {
-  for (int64_t kk = 0; kk < k; ++kk) {
-    float* dst = wp + kk * kNChunk;
-    for (int64_t r = 0; r < kNChunk; ++r) dst[r] = r < rows ? to_float(w[r * k + kk]) : 0.f;
-  }
-}
-
-template <int MR>
-inline void packed_tile(const float* xf, int64_t k, const float* wp, float* acc_out) {
-  __m256 acc[MR][2];
-  for (int i = 0; i < MR; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_ps();
-  for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 b0 = _mm256_loadu_ps(wp + kk * kNChunk);
-    const __m256 b1 = _mm256_loadu_ps(wp + kk * kNChunk + 8);
-    for (int i = 0; i < MR; ++i) {
-      const __m256 a = _mm256_broadcast_ss(xf + i * k + kk);
-      acc[i][0] = _mm256_fmadd_ps(a, b0, acc[i][0]);
-      acc[i][1] = _mm256_fmadd_ps(a, b1, acc[i][1]);
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    _mm256_storeu_ps(acc_out + i * kNChunk, acc[i][0]);
-    _mm256_storeu_ps(acc_out + i * kNChunk + 8, acc[i][1]);
-  }
-}
-
-template <typename T, int MR>
-inline void packed_store(const LinearParams& p, int64_t m0, int64_t n0, int64_t cols,
-                         const float* wp) {
-  float acc[MR * kNChunk];
-  packed_tile<MR>(p.xf + m0 * p.k, p.k, wp, acc);
-  const T* bias = static_cast<const T*>(p.bias);
-  for (int i = 0; i < MR; ++i)
-    for (int64_t j = 0; j < cols; ++j) {
-      float v = acc[i * kNChunk + j];
-      if (bias != nullptr) v += to_float(bias[n0 + j]);
-      const int64_t at = (m0 + i) * p.n + n0 + j;
-      if (p.out_fp32) {
-        static_cast<float*>(p.out)[at] = v;
-      } else {
-        static_cast<T*>(p.out)[at] = from_float<T>(v);
-      }
-    }
-}
-
-// The last rows of a block, fewer than kPackedMr: the tile of exactly `rows` rows.
-template <typename T, int MR>
-inline void packed_rows_rest(const LinearParams& p, int64_t m, int64_t rows, int64_t n0,
-                             int64_t cols, const float* wp) {
-  if constexpr (MR > 0) {
-    if (rows == MR) {
-      packed_store<T, MR>(p, m, n0, cols, wp);
-      return;
-    }
-    packed_rows_rest<T, MR - 1>(p, m, rows, n0, cols, wp);
-  }
-}
-
-template <typename T>
-inline void packed_chunk(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, float* wp) {
-  const int64_t cols = std::min<int64_t>(kNChunk, p.n - n0);
-  pack_chunk(static_cast<const T*>(p.weight) + n0 * p.k, cols, p.k, wp);
-  int64_t m = m0;
-  for (; m + kPackedMr <= m1; m += kPackedMr) packed_store<T, kPackedMr>(p, m, n0, cols, wp);
-  if (m < m1) packed_rows_rest<T, kPackedMr - 1>(p, m, m1 - m, n0, cols, wp);
-}
-#endif
-
 }  // namespace linear_detail
 
-// Bytes of fp32 workspace `linear` needs: x widened, plus one packed W chunk per thread.
-inline int64_t linear_workspace_bytes(int64_t m, int64_t k, int num_threads) {
-  return 4 * (m * k + static_cast<int64_t>(num_threads) * k * kNChunk);
+// Bytes of fp32 workspace `linear` needs (x widened). The thread count is an argument so
+// that a kernel which packs W per thread can grow it without changing the callers.
+inline int64_t linear_workspace_bytes(int64_t m, int64_t k, int /*num_threads*/) {
+  return 4 * m * k;
 }
 
 // T: bf16 or fp16. Preconditions (checked by the launcher): k % kLinearKAlign == 0, m, n >= 1,
-// the workspace holds linear_workspace_bytes(m, k, omp_get_max_threads()).
+// the workspace holds linear_workspace_bytes(m, k, threads).
+//
+// Tried and dropped: a BLIS-style outer-product tile (6 x 16, W chunk transposed to fp32
+// once per x block) ran at half this kernel's speed on Zen AVX2 (packing alone was 7-50%).
 template <typename T>
 Status linear(const LinearParams& p) {
   const T* x = static_cast<const T*>(p.x);
-  const int64_t num_chunks = (p.n + kNChunk - 1) / kNChunk;
 #pragma omp parallel
   {
 #pragma omp for schedule(static)
@@ -243,28 +166,15 @@ Status linear(const LinearParams& p) {
       float* dst = p.xf + i * p.k;
       for (int64_t kk = 0; kk < p.k; ++kk) dst[kk] = to_float(row[kk]);
     }
-#ifdef DRT_LINEAR_AVX2
-    if (p.m >= linear_detail::kPackedMinRows) {
-      float* wp = p.xf + p.m * p.k + omp_get_thread_num() * p.k * kNChunk;
-      // x rows in L2-sized blocks; each block repacks its W chunks (1 / block of the work).
-      for (int64_t m0 = 0; m0 < p.m; m0 += linear_detail::kPackedMBlock) {
-        const int64_t m1 = std::min(p.m, m0 + linear_detail::kPackedMBlock);
+    const int64_t num_chunks = (p.n + kNChunk - 1) / kNChunk;
+    for (int64_t m0 = 0; m0 < p.m; m0 += kMBlock) {
+      const int64_t m1 = std::min(p.m, m0 + kMBlock);
+      // Static split: every thread owns the same W rows in every x block (its L2 keeps them
+      // when they fit), and no barrier is needed between blocks.
 #pragma omp for schedule(static) nowait
-        for (int64_t c = 0; c < num_chunks; ++c)
-          linear_detail::packed_chunk<T>(p, m0, m1, c * kNChunk, wp);
-      }
-    } else
-#endif
-    {
-      for (int64_t m0 = 0; m0 < p.m; m0 += kMBlock) {
-        const int64_t m1 = std::min(p.m, m0 + kMBlock);
-        // Static split: every thread owns the same W rows in every x block (its L2 keeps
-        // them when they fit), and no barrier is needed between blocks.
-#pragma omp for schedule(static) nowait
-        for (int64_t c = 0; c < num_chunks; ++c) {
-          const int64_t n0 = c * kNChunk;
-          linear_detail::chunk<T>(p, m0, m1, n0, std::min(p.n, n0 + kNChunk));
-        }
+      for (int64_t c = 0; c < num_chunks; ++c) {
+        const int64_t n0 = c * kNChunk;
+        linear_detail::chunk<T>(p, m0, m1, n0, std::min(p.n, n0 + kNChunk));
       }
     }
   }
