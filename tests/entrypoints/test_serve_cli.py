@@ -21,7 +21,7 @@ def test_defaults_bind_loopback_and_serve_the_tiny_dummy_model():
     assert args.model is None and args.placement is None
     assert args.max_concurrent_requests is None
     config, placement, _ = engine_args.configs_from_args(args)
-    assert config.model == "dummy:llama-tiny" and config.policy == "continuous_batching"
+    assert config.model == "dummy:llama-tiny" and config.policy == "chunked_prefill"
     assert not placement.is_disaggregated
 
 
