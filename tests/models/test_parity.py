@@ -110,3 +110,33 @@ def test_bf16_smoke(checkpoint_dirs, name):
     prompt = _tokens(9, 20)
     logits = PagedRunner(ours).step(prefills=[(0, prompt)])
     _assert_close(logits, _hf_logits(load_hf(path, torch.bfloat16), prompt), RTOL_BF16)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-bias", "llama3-rope"])
+def test_bf16_llama_rounds_like_hf(checkpoint_dirs, monkeypatch, name, backend):
+    """The CPU layer ops round as HF's eager bf16 modules do (RoPE and the residual adds bit
+    for bit, norms and GEMMs up to summation order), so prefill logits stay within a few
+    bf16 steps of HF's and greedy decoding follows HF's tokens, with either GEMM backend."""
+    from distserve_rt.ops import layer_ops
+
+    monkeypatch.setenv("DRT_CPU_LINEAR", backend)
+    layer_ops.cpu_linear_backend.cache_clear()
+    path = checkpoint_dirs(name)
+    ours, _ = load_model(str(path), dtype="bfloat16")
+    hf = load_hf(path, torch.bfloat16)
+    prompt = _tokens(10, 24)
+    logits = PagedRunner(ours).step(prefills=[(0, prompt)])
+    _assert_close(logits, _hf_logits(hf, prompt), 2e-2)
+    expected = hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=8,
+        min_new_tokens=8,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+    assert greedy_generate(PagedRunner(ours), prompt, 8) == expected
+    layer_ops.cpu_linear_backend.cache_clear()

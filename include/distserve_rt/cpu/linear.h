@@ -78,6 +78,8 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+constexpr int64_t kPrefetchStride = 64 / sizeof(uint16_t);  // elements of a cache line
+
 // acc[i][j] = sum_k xf[i, k] * w[j, k] for an MR x NR tile; K a multiple of 8.
 template <typename T, int MR, int NR>
 inline void tile(const float* xf, int64_t xf_stride, const T* w, int64_t k, float* acc_out) {
@@ -88,10 +90,13 @@ inline void tile(const float* xf, int64_t xf_stride, const T* w, int64_t k, floa
     __m256 xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(xf + i * xf_stride + kk);
     for (int j = 0; j < NR; ++j) {
-      // Few x rows: W streams from memory; prefetching 1 KiB ahead per row keeps more
-      // misses in flight than the hardware prefetcher does across NR interleaved rows.
-      if constexpr (MR <= 2)
-        _mm_prefetch(reinterpret_cast<const char*>(w + j * k + kk) + 1024, _MM_HINT_T0);
+      // Few x rows: W streams from memory, as NR interleaved rows of only 2 * k bytes each,
+      // too short for the hardware prefetcher to ramp up. Prefetch the next tile's rows
+      // (the next NR * k elements, contiguous) one cache line per 32 elements.
+      if constexpr (MR <= 2) {
+        if ((kk & (kPrefetchStride - 1)) == 0)
+          _mm_prefetch(reinterpret_cast<const char*>(w + (NR + j) * k + kk), _MM_HINT_T0);
+      }
       const __m256 wv = load8(w + j * k + kk);
       for (int i = 0; i < MR; ++i) acc[i][j] = _mm256_fmadd_ps(xv[i], wv, acc[i][j]);
     }
