@@ -57,7 +57,11 @@ class SamplingParams:
         _check_int("top_k", self.top_k, -1)
         _check_float("min_p", self.min_p, 0.0, 1.0)
         if self.seed is not None:
+            # torch.Generator takes 64-bit seeds; a larger one would pass here and then fail
+            # the engine step, and with it every request batched beside it.
             _check_int("seed", self.seed, 0)
+            if self.seed > MAX_SEED:
+                raise ValueError(f"seed must be in [0, 2**64 - 1], got {self.seed!r}")
         if self.max_tokens is not None:
             _check_int("max_tokens", self.max_tokens, 1)
         _check_int("min_tokens", self.min_tokens, 0)
@@ -79,6 +83,9 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+
+MAX_SEED = 2**64 - 1
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

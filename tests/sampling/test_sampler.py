@@ -260,6 +260,7 @@ def test_sampler_rejects_bad_logits():
         ("min_p", -0.1),
         ("min_p", 1.1),
         ("seed", -1),
+        ("seed", 2**64),  # torch.Generator's limit: it used to fail the whole engine step
         ("max_tokens", 0),
         ("min_tokens", -1),
         ("stop", [""]),
@@ -273,6 +274,11 @@ def test_sampler_rejects_bad_logits():
 def test_invalid_sampling_params_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**{field: value})
+
+
+def test_largest_64_bit_seed_is_accepted_and_seeds_a_generator():
+    params = SamplingParams(seed=2**64 - 1)
+    assert make_generator(params.seed, "cpu").initial_seed() == 2**64 - 1
 
 
 def test_min_tokens_above_max_tokens_is_rejected():
