@@ -28,6 +28,19 @@ def _hf_logits(hf, tokens: list[int]) -> torch.Tensor:
     return hf(torch.tensor([tokens])).logits[0].float()
 
 
+def _hf_greedy(hf, prompt: list[int], num_tokens: int) -> list[int]:
+    """HF generate's greedy continuation of exactly `num_tokens` tokens."""
+    return hf.generate(
+        torch.tensor([prompt]),
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        do_sample=False,
+        max_new_tokens=num_tokens,
+        min_new_tokens=num_tokens,
+        eos_token_id=None,
+        pad_token_id=0,
+    )[0, len(prompt) :].tolist()
+
+
 def _assert_close(ours: torch.Tensor, ref: torch.Tensor, rtol: float) -> None:
     scale = ref.abs().max().item()
     diff = (ours - ref).abs().max().item()
@@ -89,16 +102,7 @@ def test_chunked_prefill_mixed_with_decode(models):
 def test_greedy_generation_matches_hf_generate(models):
     ours, hf = models
     prompt = _tokens(8, 11)
-    expected = hf.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=10,
-        min_new_tokens=10,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, len(prompt) :].tolist()
-    assert greedy_generate(PagedRunner(ours), prompt, 10) == expected
+    assert greedy_generate(PagedRunner(ours), prompt, 10) == _hf_greedy(hf, prompt, 10)
 
 
 @torch.no_grad()
@@ -129,14 +133,5 @@ def test_bf16_llama_rounds_like_hf(checkpoint_dirs, monkeypatch, name, backend):
     prompt = _tokens(10, 24)
     logits = PagedRunner(ours).step(prefills=[(0, prompt)])
     _assert_close(logits, _hf_logits(hf, prompt), 2e-2)
-    expected = hf.generate(
-        torch.tensor([prompt]),
-        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-        do_sample=False,
-        max_new_tokens=8,
-        min_new_tokens=8,
-        eos_token_id=None,
-        pad_token_id=0,
-    )[0, len(prompt) :].tolist()
-    assert greedy_generate(PagedRunner(ours), prompt, 8) == expected
+    assert greedy_generate(PagedRunner(ours), prompt, 8) == _hf_greedy(hf, prompt, 8)
     layer_ops.cpu_linear_backend.cache_clear()

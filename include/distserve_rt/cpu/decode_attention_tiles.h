@@ -11,6 +11,7 @@
 #include <cstring>
 
 #include "distserve_rt/cpu/dtype.h"
+#include "distserve_rt/cpu/fast_math.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -18,27 +19,7 @@
 
 namespace drt::cpu::decode_detail {
 
-// exp(x) for x <= 0 as a branch-free polynomial (Cephes expf, ~1 ulp) that vectorises in
-// `omp simd` loops, unlike libm's expf. Clamping maps -inf (an empty running max) to ~1e-38.
-// Written for GCC's vectoriser without -fno-trapping-math: a ternary, not std::max, and
-// rounding by adding 1.5 * 2^23, not std::floor (neither of which it vectorises).
-#pragma omp declare simd notinbranch
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using ::drt::cpu::exp_nonpositive;  // fast_math.h
 
 // A [rows, head_dim] tile as fp32: converted into `scratch` once (bf16/fp16), or the cache
 // memory itself (fp32), so the group's heads all read fp32 from L1.

@@ -21,6 +21,7 @@
 
 #include "distserve_rt/common.h"
 #include "distserve_rt/cpu/dtype.h"
+#include "distserve_rt/cpu/fast_math.h"
 
 namespace drt::cpu {
 
@@ -73,27 +74,11 @@ Status rms_norm(const RMSNormParams& p) {
   return Status::kOk;
 }
 
-// exp(x) in float, within 2 ulp of expf over the range silu needs, written without calls
-// so that the compiler vectorises the loop around it (libm's expf stays scalar without
-// -ffast-math, which we avoid: GCC 12 links crtfastmath into shared objects and would
-// set flush-to-zero for the whole process). Cephes' expf: 2^n * p(r), r = x - n ln2.
-inline float exp_approx(float x) {
-  x = x < -87.3f ? -87.3f : (x > 88.3f ? 88.3f : x);  // 2^n stays a normal float
-  // Round to nearest by the 1.5 * 2^23 trick (|v| < 2^22): plain arithmetic vectorises.
-  const float n = (x * 1.44269504088896341f + 12582912.f) - 12582912.f;
-  float r = x - n * 0.693359375f;  // ln2 split in two for an exact first product
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+// silu(g) = g * sigmoid(g), with exp of -|g| only (fast_math.h's exp_nonpositive: no
+// overflow for large |g|, and a select that vectorises under -fno-trapping-math).
+inline float silu(float g) {
+  const float e = exp_nonpositive(g >= 0.f ? -g : g);
+  return g * (g >= 0.f ? 1.f / (1.f + e) : e / (1.f + e));
 }
 
 struct SiluAndMulParams {
@@ -115,8 +100,8 @@ Status silu_and_mul(const SiluAndMulParams& p) {
     T* dst = out + t * d;
     for (int64_t i = 0; i < d; ++i) {
       const float g = to_float(gate[i]);
-      const float silu = round_to<T>(g / (1.f + exp_approx(-g)));
-      dst[i] = from_float<T>(silu * to_float(up[i]));
+      const float silu_g = round_to<T>(silu(g));
+      dst[i] = from_float<T>(silu_g * to_float(up[i]));
     }
   }
   return Status::kOk;
