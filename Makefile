@@ -30,9 +30,9 @@ $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SOURCES) pyproject.toml
 build: $(BUILD_STAMP)
 
 # The main job (issue 5), about 1 minute on 2 cores: the same short chat workload through
-# disaggregated 1 prefill + 1 decode instance (pinned to one core each) and colocated
-# continuous batching (one instance, 2 threads on the same 2 cores), one vLLM-style table per
-# run and then both side by side. Choices, measured on the 2-core dev VM with dummy:llama-tiny:
+# disaggregated 1 prefill + 1 decode instance (pinned to one core each) and colocated with
+# the default policy, chunked prefill (one instance, 2 threads on the same 2 cores), one
+# vLLM-style table per run and then both side by side. Choices, measured on the 2-core dev VM with dummy:llama-tiny:
 # - workload: ShareGPT ("chat") lengths x 0.125 (prompt mean 76, max 255 tokens; output mean
 #   49, max 128), so a request takes ~20 ms of prefill and ~5 ms per decode step, as a chat
 #   request takes ~10x that on a GPU with a 13B model; 60 requests per rate.

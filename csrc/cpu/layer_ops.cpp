@@ -38,8 +38,6 @@ void linear(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::u
             "weights (float32 runs on torch's sgemm)");
   check_arg(m >= 0 && n >= 1 && k >= 1, "linear: m, n, k must be >= 0, >= 1, >= 1; got ", m, ", ",
             n, ", ", k);
-  check_arg(k % drt::cpu::kLinearKAlign == 0, "linear: in_features ", k, " must be a multiple of ",
-            drt::cpu::kLinearKAlign);
   check_arg(x_row_stride >= k, "linear: x row stride ", x_row_stride, " < in_features ", k);
   const int64_t needed = drt::cpu::linear_workspace_bytes(m, k, drt::cpu::effective_num_threads());
   check_arg(workspace_bytes >= needed, "linear: workspace_bytes ", workspace_bytes, " < ", needed,

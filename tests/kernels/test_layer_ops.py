@@ -46,6 +46,9 @@ def _ulp_close(out: torch.Tensor, ref: torch.Tensor, max_frac: float = 0.02) -> 
         (50, 100, 256),
         (97, 13, 40),
         (200, 40, 64),
+        (2, 5, 4),  # in_features not a multiple of the 8-wide vectors: the scalar tail
+        (5, 7, 12),
+        (9, 3, 1027),
     ],
 )
 @pytest.mark.parametrize("bias", [False, True])
@@ -98,11 +101,8 @@ def test_linear_rejects_bad_shapes(monkeypatch, generator):
     x = _rand(2, 16, dtype=torch.bfloat16, generator=generator)
     with pytest.raises(ValueError, match="weight must be contiguous"):
         layer_ops.linear(x, _rand(4, 8, dtype=torch.bfloat16, generator=generator))
-    with pytest.raises(ValueError, match="in_features 12 must be a multiple of 8"):
-        layer_ops.linear(
-            _rand(2, 12, dtype=torch.bfloat16, generator=generator),
-            _rand(4, 12, dtype=torch.bfloat16, generator=generator),
-        )
+    with pytest.raises(ValueError, match="bias must be"):
+        layer_ops.linear(x, _rand(4, 16, dtype=torch.bfloat16, generator=generator), x[0])
     layer_ops.cpu_linear_backend.cache_clear()
 
 
@@ -187,3 +187,12 @@ def test_ops_refuse_non_cpu_tensors():
     with pytest.raises(ValueError, match="these ops are CPU kernels"):
         layer_ops.silu_and_mul(x)
     assert _native.cpu_module().get_num_threads() >= 1
+
+
+def test_rotary_refuses_query_and_key_in_the_same_memory(generator):
+    from distserve_rt.layers.rotary import inv_frequencies
+
+    cos_sin = layer_ops.reference_cos_sin(inv_frequencies(8, 10000.0, None), 16)
+    q = _rand(2, 1, 8, dtype=torch.float32, generator=generator)
+    with pytest.raises(ValueError, match="query and key are the same memory"):
+        layer_ops.rotary(torch.tensor([1, 2]), q, q, cos_sin)

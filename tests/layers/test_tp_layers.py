@@ -113,8 +113,9 @@ def test_rope_rejects_unknown_types_and_rotates_pairs():
     rope = RotaryEmbedding(4, 10000.0)
     q = torch.tensor([[[1.0, 0.0, 0.0, 0.0]]])
     # Position 0 is the identity; rotation keeps each (i, i + d/2) pair's norm.
-    out0, _ = rope(torch.tensor([0]), q, q)
+    # Clones: on CPU the rotation is in place.
+    out0, _ = rope(torch.tensor([0]), q.clone(), q.clone())
     torch.testing.assert_close(out0, q)
-    out5, _ = rope(torch.tensor([5]), q, q)
+    out5, _ = rope(torch.tensor([5]), q.clone(), q.clone())
     torch.testing.assert_close(out5[0, 0, 0] ** 2 + out5[0, 0, 2] ** 2, torch.tensor(1.0))
     assert not torch.allclose(out5, q)

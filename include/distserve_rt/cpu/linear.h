@@ -47,11 +47,10 @@ struct LinearParams {
   bool out_fp32;  // out is float32 (else the dtype of x)
 };
 
-constexpr int kLinearMr = 3;          // rows of x per register tile
-constexpr int kLinearNr = 4;          // rows of W per register tile
-constexpr int64_t kMBlock = 48;       // rows of x per L2-resident block
-constexpr int64_t kNChunk = 16;       // rows of W per scheduling unit of a thread
-constexpr int64_t kLinearKAlign = 8;  // K must be a multiple of this (one vector)
+constexpr int kLinearMr = 3;     // rows of x per register tile
+constexpr int kLinearNr = 4;     // rows of W per register tile
+constexpr int64_t kMBlock = 48;  // rows of x per L2-resident block
+constexpr int64_t kNChunk = 16;  // rows of W per scheduling unit of a thread
 
 namespace linear_detail {
 
@@ -80,13 +79,15 @@ inline float hsum(__m256 v) {
 
 constexpr int64_t kPrefetchStride = 64 / sizeof(uint16_t);  // elements of a cache line
 
-// acc[i][j] = sum_k xf[i, k] * w[j, k] for an MR x NR tile; K a multiple of 8.
+// acc[i][j] = sum_k xf[i, k] * w[j, k] for an MR x NR tile: 8-wide vectors, then the last
+// k % 8 elements one by one.
 template <typename T, int MR, int NR>
 inline void tile(const float* xf, int64_t xf_stride, const T* w, int64_t k, float* acc_out) {
   __m256 acc[MR][NR];
   for (int i = 0; i < MR; ++i)
     for (int j = 0; j < NR; ++j) acc[i][j] = _mm256_setzero_ps();
-  for (int64_t kk = 0; kk < k; kk += 8) {
+  const int64_t k8 = k & ~int64_t{7};
+  for (int64_t kk = 0; kk < k8; kk += 8) {
     __m256 xv[MR];
     for (int i = 0; i < MR; ++i) xv[i] = _mm256_loadu_ps(xf + i * xf_stride + kk);
     for (int j = 0; j < NR; ++j) {
@@ -102,7 +103,11 @@ inline void tile(const float* xf, int64_t xf_stride, const T* w, int64_t k, floa
     }
   }
   for (int i = 0; i < MR; ++i)
-    for (int j = 0; j < NR; ++j) acc_out[i * NR + j] = hsum(acc[i][j]);
+    for (int j = 0; j < NR; ++j) {
+      float sum = hsum(acc[i][j]);
+      for (int64_t kk = k8; kk < k; ++kk) sum += xf[i * xf_stride + kk] * to_float(w[j * k + kk]);
+      acc_out[i * NR + j] = sum;
+    }
 }
 #else
 template <typename T, int MR, int NR>
@@ -159,7 +164,7 @@ inline int64_t linear_workspace_bytes(int64_t m, int64_t k, int /*num_threads*/)
   return 4 * m * k;
 }
 
-// T: bf16 or fp16. Preconditions (checked by the launcher): k % kLinearKAlign == 0, m, n >= 1,
+// T: bf16 or fp16. Preconditions (checked by the launcher): m, n, k >= 1,
 // the workspace holds linear_workspace_bytes(m, k, threads).
 //
 // Tried and dropped: a BLIS-style outer-product tile (6 x 16, W chunk transposed to fp32
