@@ -198,6 +198,8 @@ def rotary(
         if t.stride(2) != 1 or t.stride(1) != head_dim or t.dtype != query.dtype:
             raise ValueError(f"{name} must have dense heads of one dtype, strides {t.stride()}")
     _check_same("positions", positions, torch.int64, (num_tokens,))
+    if query.data_ptr() == key.data_ptr():
+        raise ValueError("query and key are the same memory; rotary rotates each in place once")
     if (
         cos_sin.dtype != torch.float32
         or cos_sin.dim() != 3
