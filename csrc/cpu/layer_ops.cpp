@@ -10,6 +10,7 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#include <vector>
 
 #include "common/launcher.h"
 #include "cpu/threads.h"
@@ -30,26 +31,29 @@ drt::Status run(int64_t work, Fn&& fn) {
   return fn();
 }
 
+// x widened to fp32, kept per calling thread and grown on demand: allocating m * k floats
+// per call would page-fault them in on every layer of every step.
+float* linear_scratch(int64_t numel) {
+  thread_local std::vector<float> scratch;
+  if (static_cast<int64_t>(scratch.size()) < numel) scratch.resize(numel);
+  return scratch.data();
+}
+
 void linear(std::uintptr_t x, std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t out,
-            std::uintptr_t workspace, int64_t workspace_bytes, int64_t m, int64_t n, int64_t k,
-            int64_t x_row_stride, int dtype_code, bool out_fp32) {
+            int64_t m, int64_t n, int64_t k, int64_t x_row_stride, int dtype_code, bool out_fp32) {
   const drt::DType dtype = drt::to_dtype(dtype_code);
   check_arg(dtype != drt::DType::kFloat32, "linear: the native kernel is for float16/bfloat16 ",
             "weights (float32 runs on torch's sgemm)");
   check_arg(m >= 0 && n >= 1 && k >= 1, "linear: m, n, k must be >= 0, >= 1, >= 1; got ", m, ", ",
             n, ", ", k);
   check_arg(x_row_stride >= k, "linear: x row stride ", x_row_stride, " < in_features ", k);
-  const int64_t needed = drt::cpu::linear_workspace_bytes(m, k, drt::cpu::effective_num_threads());
-  check_arg(workspace_bytes >= needed, "linear: workspace_bytes ", workspace_bytes, " < ", needed,
-            " (linear_workspace_bytes(m, k) with the current thread count)");
   if (m == 0) return;
-  check_arg(x != 0 && weight != 0 && out != 0 && workspace != 0,
-            "linear: x, weight, out and workspace must be non-null");
+  check_arg(x != 0 && weight != 0 && out != 0, "linear: x, weight and out must be non-null");
   const drt::cpu::LinearParams p{as_ptr<const void>(x),
                                  as_ptr<const void>(weight),
                                  as_ptr<const void>(bias),
                                  as_ptr<void>(out),
-                                 as_ptr<float>(workspace),
+                                 linear_scratch(m * k),
                                  m,
                                  n,
                                  k,
@@ -128,21 +132,12 @@ void rotary(std::uintptr_t query, std::uintptr_t key, std::uintptr_t positions,
 
 }  // namespace
 
-int64_t linear_workspace_bytes(int64_t m, int64_t k) {
-  check_arg(m >= 0 && k >= 1, "linear_workspace_bytes: m must be >= 0 and k >= 1, got ", m, ", ",
-            k);
-  return drt::cpu::linear_workspace_bytes(m, k, drt::cpu::effective_num_threads());
-}
-
 void register_layer_ops(py::module_& m) {
-  m.def("linear_workspace_bytes", &linear_workspace_bytes, py::arg("m"), py::arg("k"),
-        "Bytes of fp32 workspace linear needs for m rows of k features with the current thread "
-        "count.");
   m.def("linear", &linear, py::kw_only(), py::arg("x"), py::arg("weight"), py::arg("bias"),
-        py::arg("out"), py::arg("workspace"), py::arg("workspace_bytes"), py::arg("m"),
-        py::arg("n"), py::arg("k"), py::arg("x_row_stride"), py::arg("dtype"), py::arg("out_fp32"),
+        py::arg("out"), py::arg("m"), py::arg("n"), py::arg("k"), py::arg("x_row_stride"),
+        py::arg("dtype"), py::arg("out_fp32"),
         "out[m, n] = x[m, k] . weight[n, k]^T (+ bias[n]) for float16/bfloat16 weights, fp32 "
-        "accumulation (see linear.h); workspace: linear_workspace_bytes(m, k).");
+        "accumulation (see linear.h).");
   m.def("rms_norm", &rms_norm, py::kw_only(), py::arg("x"), py::arg("residual"), py::arg("out"),
         py::arg("weight"), py::arg("num_tokens"), py::arg("hidden"), py::arg("x_stride"),
         py::arg("eps"), py::arg("dtype"),

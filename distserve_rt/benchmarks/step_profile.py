@@ -83,7 +83,7 @@ def breakdown(stats: pstats.Stats, num_steps: int) -> dict[str, float]:
     # The LM head's GEMM runs under compute_logits, outside forward; cProfile keeps one
     # caller level, so it is taken out of the layers' GEMMs as the whole of compute_logits.
     own["gemm"] = max(0.0, own["gemm"] - cumulative["lm_head"])
-    parts = {k: v for k, v in own.items()}
+    parts = dict(own)
     parts["lm_head"] = cumulative["lm_head"]
     parts["sampling"] = cumulative["sampling"]
     parts["schedule"] = cumulative["schedule"]

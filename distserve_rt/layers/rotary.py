@@ -126,6 +126,7 @@ class RotaryEmbedding(torch.nn.Module):
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
         scaling_key = None if rope_scaling is None else json.dumps(rope_scaling, sort_keys=True)
         self._table_key = (head_dim, float(base), scaling_key)
+        self._cpu_table: CosSinTable | None = None  # looked up on the first CPU call
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype):
         """``[num_tokens, 1, head_dim]`` cos and sin in `dtype` (computed in float32)."""
@@ -135,8 +136,9 @@ class RotaryEmbedding(torch.nn.Module):
 
     def forward(self, positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor):
         if query.is_cpu:  # in place: query and key are views of the qkv projection
-            table = _shared_table(*self._table_key).covering(positions)
-            layer_ops.rotary(positions, query, key, table)
+            if self._cpu_table is None:
+                self._cpu_table = _shared_table(*self._table_key)
+            layer_ops.rotary(positions, query, key, self._cpu_table.covering(positions))
             return query, key
         cos, sin = self.cos_sin(positions, query.dtype)
         query = query * cos + _rotate_half(query) * sin

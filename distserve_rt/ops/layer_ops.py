@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import functools
 import os
-import threading
 
 import torch
 import torch.nn.functional as F
@@ -62,20 +61,6 @@ def cpu_linear_backend() -> str:
     return choice
 
 
-_workspace = threading.local()
-
-
-def _linear_workspace(numel: int) -> torch.Tensor:
-    """A per-thread fp32 buffer of at least `numel` elements (x widened to fp32, and a
-    packed weight chunk per kernel thread), grown by doubling: an allocation this size per
-    call would page-fault it in every time."""
-    buf = getattr(_workspace, "buf", None)
-    if buf is None or buf.numel() < numel:
-        buf = torch.empty(max(numel, 2 * (0 if buf is None else buf.numel())), dtype=torch.float32)
-        _workspace.buf = buf
-    return buf
-
-
 def _check_cpu(name: str, tensor: torch.Tensor) -> None:
     if not isinstance(tensor, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
@@ -109,15 +94,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if bias is not None:
         _check_same("bias", bias, x.dtype, (n,))
     out = torch.empty(m, n, dtype=x.dtype)
-    module = _native.cpu_module()
-    workspace = _linear_workspace(module.linear_workspace_bytes(m, k) // 4)
-    module.linear(
+    _native.cpu_module().linear(
         x=x.data_ptr(),
         weight=weight.data_ptr(),
         bias=_native.ptr(bias),
         out=out.data_ptr(),
-        workspace=workspace.data_ptr(),
-        workspace_bytes=workspace.numel() * 4,
         m=m,
         n=n,
         k=k,

@@ -9,9 +9,9 @@
 //
 // Shape of the computation: dot products along K (both x rows and W rows are K-contiguous),
 // a register tile of kMr rows of x times kNr rows of W (kMr * kNr accumulators of 8 floats),
-// summed horizontally at the end. x is widened to fp32 once per call (xf, a caller buffer).
-// Rows of x are taken in blocks that stay in L2 (kMBlock), and the N dimension is split over
-// the OpenMP threads, so each W row is streamed from memory once per x block: at M = 1 the
+// summed horizontally at the end. x is widened to fp32 once per call (xf, the launcher's per-thread
+// buffer). Rows of x are taken in blocks that stay in L2 (kMBlock), and the N dimension is split
+// over the OpenMP threads, so each W row is streamed from memory once per x block: at M = 1 the
 // kernel runs at memory bandwidth, at M >= kMBlock near the FMA peak.
 //
 // Results are rounded to the output type once (round to nearest even for bf16), as a bf16
@@ -39,7 +39,7 @@ struct LinearParams {
   const void* weight;  // [N, K] contiguous, same dtype as x
   const void* bias;    // [N] same dtype as x, or null
   void* out;           // [M, N] contiguous, out_dtype
-  float* xf;           // [M, K] fp32 workspace (x widened)
+  float* xf;           // [M, K] fp32 scratch (x widened), m * k floats
   int64_t m;
   int64_t n;
   int64_t k;
@@ -158,14 +158,8 @@ inline void chunk(const LinearParams& p, int64_t m0, int64_t m1, int64_t n0, int
 
 }  // namespace linear_detail
 
-// Bytes of fp32 workspace `linear` needs (x widened). The thread count is an argument so
-// that a kernel which packs W per thread can grow it without changing the callers.
-inline int64_t linear_workspace_bytes(int64_t m, int64_t k, int /*num_threads*/) {
-  return 4 * m * k;
-}
-
-// T: bf16 or fp16. Preconditions (checked by the launcher): m, n, k >= 1,
-// the workspace holds linear_workspace_bytes(m, k, threads).
+// T: bf16 or fp16. Preconditions (checked by the launcher): m, n, k >= 1, xf holds m * k
+// floats.
 //
 // Tried and dropped: a BLIS-style outer-product tile (6 x 16, W chunk transposed to fp32
 // once per x block) ran at half this kernel's speed on Zen AVX2 (packing alone was 7-50%).
