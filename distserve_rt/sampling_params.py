@@ -20,7 +20,8 @@ class SamplingParams:
     n: int = 1
     """Completions per prompt. Only 1 is supported (parallel sampling is not built)."""
     temperature: float = 1.0
-    """0 means greedy; otherwise logits are divided by it before softmax (finite)."""
+    """0 means greedy; otherwise logits are divided by it before softmax (at most the
+    largest float32, `MAX_TEMPERATURE`)."""
     top_p: float = 1.0
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     top_k: int = -1
@@ -52,7 +53,9 @@ class SamplingParams:
         _check_int("n", self.n, 1)
         if self.n != 1:
             raise NotImplementedError(f"n={self.n}: parallel sampling (n > 1) is not supported")
-        _check_float("temperature", self.temperature, 0.0, math.inf)
+        # The sampler divides float32 logits by it: a larger value becomes inf there, and
+        # -inf / inf (a min_tokens-suppressed token) is NaN, sampling an id past the vocab.
+        _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
         _check_float("top_p", self.top_p, 0.0, 1.0, low_open=True)
         _check_int("top_k", self.top_k, -1)
         _check_float("min_p", self.min_p, 0.0, 1.0)
@@ -86,6 +89,10 @@ class SamplingParams:
 
 
 MAX_SEED = 2**64 - 1
+"""torch.Generator.manual_seed takes any unsigned 64-bit seed (the whole range is tested
+end to end, the top half included)."""
+MAX_TEMPERATURE = 3.4028234663852886e38
+"""The largest float32 (the sampler's dtype)."""
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -27,8 +27,14 @@ from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.engine.config import EngineConfig
-from distserve_rt.engine.request_checks import check_sampling_params, check_token_ids
+from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
+from distserve_rt.engine.step_isolation import (
+    GeneratorSnapshot,
+    IsolatedStep,
+    check_sampled,
+    isolate_failure,
+)
 from distserve_rt.engine.virtual_engine import (
     VirtualEngine,
     combined_kv_stats,
@@ -87,8 +93,11 @@ class LLMEngine:
             config.policy,
             self.scheduler_config,
         )
-        # (virtual engine, its batch, executor handle or None when nothing ran), oldest first
-        self._in_flight: deque[tuple[VirtualEngine, SchedulerOutput, object]] = deque()
+        # (virtual engine, its batch, executor handle or None when nothing ran, the batch's
+        # seeded streams before it ran), oldest first
+        self._in_flight: deque[
+            tuple[VirtualEngine, SchedulerOutput, object, GeneratorSnapshot | None]
+        ] = deque()
         self.tokenizer = tokenizer
         self._requests: dict[str, Request] = {}
         self._streaming: set[str] = set()
@@ -120,11 +129,17 @@ class LLMEngine:
         """Queues a request. `stream`: `step` returns its output after every token (else
         only when it finishes). A request that can never be served (prompt too long for
         the context or the KV pool) finishes with finish_reason "error"; invalid arguments
-        raise ValueError."""
+        raise ValueError (`request_checks.check_request`, shared with the disaggregated
+        controller)."""
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = self._check_params(request_id, sampling_params or SamplingParams())
-        token_ids = self._check_token_ids(request_id, prompt_token_ids)
+        token_ids, params = check_request(
+            request_id,
+            prompt,
+            prompt_token_ids,
+            sampling_params or SamplingParams(),
+            self.model_config,
+        )
         max_model_len = self.scheduler_config.max_model_len
         # Raises ValueError for stop strings without a tokenizer, before anything is queued.
         checker = None if len(token_ids) >= max_model_len else self._stop_checker(params, token_ids)
@@ -170,27 +185,46 @@ class LLMEngine:
         """Runs one step; returns the outputs of finished (and streaming) requests.
 
         Submits a batch for every idle virtual engine, then completes the oldest batch. A
-        batch that fails finishes its own requests with finish_reason "error"; the others
-        go on. A dead executor (`WorkerFailedError`) fails its batch, then raises."""
+        batch that raises is narrowed down to the requests that fail alone
+        (`step_isolation`): they finish with finish_reason "error", the rest of the batch
+        gets its tokens. A dead executor (`WorkerFailedError`) fails its batch, then raises."""
         self._submit_idle()
         if not self._in_flight:
             return []
-        ve, scheduler_output, handle = self._in_flight.popleft()
+        ve, scheduler_output, handle, snapshot = self._in_flight.popleft()
         ve.busy = False
         try:
-            if isinstance(handle, BaseException):
-                raise handle
-            runner_output = (
-                ModelRunnerOutput(sampled_token_ids=[])
-                if handle is None
-                else self.executor.wait(handle)
-            )
-        except Exception as exc:  # noqa: BLE001 - a failed batch fails its requests only
+            step = self._complete(ve, scheduler_output, handle, snapshot)
+        except Exception as exc:  # noqa: BLE001 - engine-fatal, or isolation itself broke
             outputs = self._fail_step(ve, scheduler_output, exc, time.monotonic())
             if isinstance(exc, WorkerFailedError):
                 raise
             return outputs
-        return self._postprocess(ve, scheduler_output, runner_output, time.monotonic())
+        now = time.monotonic()
+        outputs = self._fail_requests(ve, step.failed, now)
+        return outputs + self._postprocess(ve, step.scheduler_output, step.runner_output, now)
+
+    def _complete(
+        self,
+        ve: VirtualEngine,
+        batch: SchedulerOutput,
+        handle: object,
+        snapshot: GeneratorSnapshot | None,
+    ) -> IsolatedStep:
+        """The batch's output; a batch that raised is re-run in parts to find the culprits."""
+        vocab_size = self.model_config.vocab_size
+        try:
+            if isinstance(handle, BaseException):
+                raise handle
+            output = ModelRunnerOutput([]) if handle is None else self.executor.wait(handle)
+        except Exception as exc:  # noqa: BLE001 - isolate_failure re-raises fatal ones
+            assert snapshot is not None  # taken with every submitted batch
+
+            def run(sub: SchedulerOutput) -> ModelRunnerOutput:
+                return self.executor.wait(self.executor.execute_async(sub, ve.block_offset))
+
+            return isolate_failure(run, batch, exc, snapshot, vocab_size)
+        return check_sampled(batch, output, vocab_size)
 
     def _submit_idle(self) -> None:
         """Schedules and submits a batch on every virtual engine without one in flight."""
@@ -200,13 +234,15 @@ class LLMEngine:
                 continue
             scheduler_output = ve.scheduler.schedule(now)
             handle: object = None
+            snapshot = None
             if not scheduler_output.is_empty:
+                snapshot = GeneratorSnapshot(scheduler_output.sampling_requests())
                 try:
                     handle = self.executor.execute_async(scheduler_output, ve.block_offset)
                 except Exception as exc:  # noqa: BLE001 - reported by step() with its batch
                     handle = exc
             ve.busy = True
-            self._in_flight.append((ve, scheduler_output, handle))
+            self._in_flight.append((ve, scheduler_output, handle, snapshot))
 
     def _postprocess(
         self,
@@ -278,6 +314,20 @@ class LLMEngine:
             outputs.append(RequestOutput.from_request(request))
         return outputs
 
+    def _fail_requests(
+        self, ve: VirtualEngine, failed: list[tuple[Request, str]], now: float
+    ) -> list[RequestOutput]:
+        """Finishes the requests that failed their step alone (finish_reason "error")."""
+        outputs = []
+        for request, message in failed:
+            request.error = message
+            ve.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
+            self._finalize(request)
+            outputs.append(RequestOutput.from_request(request))
+        if failed:
+            self.executor.release_requests([r.seq_id for r, _ in failed])
+        return outputs
+
     def _stop_checker(self, params: SamplingParams, prompt_token_ids: list[int]) -> StopChecker:
         detokenizer = None
         if self.tokenizer is not None:
@@ -306,12 +356,6 @@ class LLMEngine:
                 sum(s.num_waiting for s in schedulers),
                 combined_kv_stats(self.virtual_engines),
             )
-
-    def _check_params(self, request_id: str, params: SamplingParams) -> SamplingParams:
-        return check_sampling_params(request_id, params, self.model_config)
-
-    def _check_token_ids(self, request_id: str, token_ids: Sequence[int]) -> list[int]:
-        return check_token_ids(request_id, token_ids, self.model_config.vocab_size)
 
     def shutdown(self) -> None:
         self._in_flight.clear()

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.disagg.tracking import TrackedRequest
-from distserve_rt.engine.request_checks import check_sampling_params, check_token_ids
+from distserve_rt.engine.request_checks import check_request
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.tokenizer import Tokenizer
@@ -29,8 +29,7 @@ def admit(
 ) -> TrackedRequest:
     """The controller's record of a valid request (phase PREFILLING, not dispatched).
     Raises ValueError for invalid input (stop strings without a tokenizer included)."""
-    params = check_sampling_params(request_id, params, model_config)
-    ids = check_token_ids(request_id, prompt_token_ids, model_config.vocab_size)
+    ids, params = check_request(request_id, prompt, prompt_token_ids, params, model_config)
     tracked = TrackedRequest(request_id, prompt, ids, params, arrival_time, stream)
     tracked.stop_checker = make_stop_checker(params, ids, model_config, max_model_len, tokenizer)
     if params.logprobs is not None:
