@@ -31,6 +31,7 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler import SchedulerOutput
 from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.logger import init_logger
+from distserve_rt.worker.executor import Executor
 from distserve_rt.worker.model_runner import ModelRunnerOutput
 
 logger = init_logger(__name__)
@@ -88,6 +89,17 @@ class GeneratorSnapshot:
 def batch_requests(batch: SchedulerOutput) -> list[Request]:
     """Every request the batch computes rows for (prefill chunks, then decodes)."""
     return [p.request for p in batch.prefills] + list(batch.decodes)
+
+
+def execute_isolated(executor: Executor, batch: SchedulerOutput, vocab_size: int) -> IsolatedStep:
+    """Runs `batch` on `executor` now; a failure fails only the requests that fail alone
+    (the disaggregated instances' step; `LLMEngine` submits and waits separately)."""
+    snapshot = GeneratorSnapshot(batch.sampling_requests())
+    try:
+        output = executor.execute(batch)
+    except Exception as exc:  # noqa: BLE001 - isolate_failure re-raises fatal ones
+        return isolate_failure(executor.execute, batch, exc, snapshot, vocab_size)
+    return check_sampled(batch, output, vocab_size)
 
 
 def isolate_failure(

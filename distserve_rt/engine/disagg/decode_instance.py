@@ -17,6 +17,7 @@ from distserve_rt.engine.disagg.kv_migration import (
     PullOutcome,
 )
 from distserve_rt.engine.disagg.rank_kv import RankPuller
+from distserve_rt.engine.step_isolation import execute_isolated
 from distserve_rt.transfer import Parallelism
 
 
@@ -117,9 +118,13 @@ class DecodeInstance(Instance):
         if out.is_empty:
             return
         start = time.monotonic()  # after the pulls above (the decode queue ends here)
-        result = self.executor.execute(out)
+        # A request that fails the step alone is reported failed; the rest go on.
+        isolated = execute_isolated(self.executor, out, self.model_config.vocab_size)
         end = time.monotonic()
-        requests = out.sampling_requests()
+        for request, error in isolated.failed:
+            self._fail_in_step(request, error, end)
+        result = isolated.runner_output
+        requests = isolated.scheduler_output.sampling_requests()
         logprobs = result.logprobs or [None] * len(requests)
         for request, token_id, row in zip(
             requests, result.sampled_token_ids, logprobs, strict=True
@@ -153,6 +158,13 @@ class DecodeInstance(Instance):
         self.scheduler.drop_migration(request, status, finished.end_time)
         request.error = None if aborted else finished.error
         self.outbox.append(self.finished_tokens(request, finished.end_time))
+
+    def _fail_in_step(self, request: Request, error: str, now: float) -> None:
+        request.error = error
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
+        self.release(request)
+        self._decoding.discard(request.request_id)
+        self.outbox.append(self.finished_tokens(request, now))
 
     def _emit(
         self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float

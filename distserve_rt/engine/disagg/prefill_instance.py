@@ -8,11 +8,12 @@ import time
 import torch
 
 from distserve_rt.core.kv_cache import KVCacheSpec
-from distserve_rt.core.request import Request
+from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.prefill import PrefillScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
 from distserve_rt.engine.disagg.kv_migration import kv_digest
+from distserve_rt.engine.step_isolation import execute_isolated
 from distserve_rt.layers.sampling_metadata import generator_state
 from distserve_rt.worker.model_runner import ModelRunnerOutput
 
@@ -55,11 +56,15 @@ class PrefillInstance(Instance):
             self.release(request)
             self.outbox.append(self.finished_tokens(request, now))
         if not out.is_empty:
-            result = self.executor.execute(out)
+            # A request that fails the step alone is reported failed; the rest go on.
+            isolated = execute_isolated(self.executor, out, self.model_config.vocab_size)
             if self.pool is not None:  # (worker processes mark their own pools)
                 self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
             end = time.monotonic()
-            requests = out.sampling_requests()
+            for request, error in isolated.failed:
+                self._fail(request, error, end)
+            result = isolated.runner_output
+            requests = isolated.scheduler_output.sampling_requests()
             logprobs = result.logprobs or [None] * len(requests)
             for request, token_id, row in zip(
                 requests, result.sampled_token_ids, logprobs, strict=True
@@ -69,6 +74,12 @@ class PrefillInstance(Instance):
                 )
         for request in self.scheduler.expired_leases(now, self._lease_s):
             self.outbox.append(msg.LeaseExpired(request.request_id))
+
+    def _fail(self, request: Request, error: str, now: float) -> None:
+        request.error = error
+        self.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
+        self.release(request)
+        self.outbox.append(self.finished_tokens(request, now))
 
     def _after_prefill(
         self,
