@@ -75,6 +75,12 @@ class OpenAIServingCompletion:
                 )
             prompt = prompt[0]
         if isinstance(prompt, str):
+            if not prompt:
+                # Refused like an empty token list, though a BOS-adding tokenizer would
+                # turn it into one token: there is nothing to complete (vLLM refuses it too).
+                raise bad_request(
+                    "prompt is an empty string; send at least one character", "prompt"
+                )
             tokenizer = self.ctx.engine.tokenizer
             ids = tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
         else:
