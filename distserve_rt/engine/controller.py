@@ -9,8 +9,8 @@ Lifecycle of a request (see engine/disagg/README.md for the protocol and failure
                  it pulls the KV when it has room ──MigrationDone──► ReleaseKV to prefill
     ◄──Tokens (one per decode step) ... until finish_reason is set
 
-It has `LLMEngine`'s driving interface (add_request / abort_request / step /
-has_unfinished_requests), so `LLM` and `AsyncLLM` drive either one. Not thread-safe: one
+It implements `EngineCore` (engine/protocol.py), as `LLMEngine` does, so `LLM` and
+`AsyncLLM` drive either one. Not thread-safe: one
 thread drives it. Nothing waits without a timeout.
 """
 
@@ -49,6 +49,8 @@ class Controller:
         placement: a disaggregated `Placement` (any TP x PP per phase that fits the model:
             `Placement.check_supported`).
         disagg_config: leases, retries, transport, pinning, GPU sharing, launcher.
+        tokenizer: detokenizes the streamed tokens and applies stop strings (None: token
+            ids only, stop strings refused).
 
     On ``config.device="cuda"`` each instance rank gets its own GPU, or instances share
     GPUs with ``DisaggConfig(share_gpus=True)`` (`disagg/devices.py`; ValueError at start-up
@@ -60,6 +62,8 @@ class Controller:
         config: EngineConfig,
         placement: Placement,
         disagg_config: DisaggConfig | None = None,
+        *,
+        tokenizer=None,
     ) -> None:
         if not placement.is_disaggregated:
             raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
@@ -74,7 +78,7 @@ class Controller:
         self.placement = placement
         self.disagg_config = dc = disagg_config or DisaggConfig()
         self.transport_name = dc.transport_name(config.device)
-        self.tokenizer = None
+        self.tokenizer = tokenizer
         self.instances = self._launch()
         # Runs once: at shutdown(), garbage collection, or interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_all, list(self.instances))
