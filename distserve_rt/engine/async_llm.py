@@ -21,17 +21,15 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from distserve_rt.engine.config import EngineConfig
-from distserve_rt.engine.llm import load_tokenizer
-from distserve_rt.engine.llm_engine import LLMEngine
+from distserve_rt.engine.core import make_engine_core
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import (
+    EngineCore,
     EngineDeadError,
     EngineOverloadedError,
     EngineStats,
-    InstanceStats,
     PromptType,
 )
-from distserve_rt.engine.virtual_engine import combined_kv_stats
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -44,61 +42,19 @@ _BUSY_WAIT_S = 0.002
 """How long a disaggregated step waits for instance messages while requests run."""
 
 
-class ColocatedCore:
-    """`LLMEngine` behind the driving interface the controller also has (step, stats)."""
-
-    def __init__(self, engine: LLMEngine) -> None:
-        self.engine = engine
-        self.model_config = engine.model_config
-        self.scheduler_config = engine.scheduler_config
-        self._stats = self._take_stats()
-
-    def add_request(self, *args: Any, **kwargs: Any) -> None:
-        self.engine.add_request(*args, **kwargs)
-
-    def abort_request(self, request_id: str) -> bool:
-        return self.engine.abort_request(request_id)
-
-    def has_unfinished_requests(self) -> bool:
-        return self.engine.has_unfinished_requests()
-
-    def step(self, timeout_s: float = 0.0) -> list[RequestOutput]:
-        outputs = self.engine.step() if self.engine.has_unfinished_requests() else []
-        self._stats = self._take_stats()
-        return outputs
-
-    def stats(self) -> EngineStats:
-        """The snapshot the engine thread took after its last step: the scrape path never
-        walks the schedulers while that thread changes them."""
-        return self._stats
-
-    def _take_stats(self) -> EngineStats:
-        engines = self.engine.virtual_engines  # PP > 1: one scheduler per virtual engine
-        num_running = sum(ve.scheduler.num_running for ve in engines)
-        num_waiting = sum(ve.scheduler.num_waiting for ve in engines)
-        usage = combined_kv_stats(engines).usage
-        return EngineStats(
-            [InstanceStats("colocated-0", "colocated", num_running, num_waiting, usage)]
-        )
-
-    def check_health(self) -> None:
-        pass  # in-process: it is alive while the engine thread is
-
-    def shutdown(self) -> None:
-        self.engine.shutdown()
-
-
 class AsyncLLM:
     """An `EngineClient` over a colocated engine or a disaggregated controller.
 
     Args:
-        core: `ColocatedCore` or `Controller` (with its tokenizer set).
+        core: any `EngineCore` (`LLMEngine`, `Controller`), with its tokenizer.
         model_name: the name clients use in the OpenAI ``model`` field.
         max_num_pending: live requests at most; `generate` raises EngineOverloadedError
             beyond it (None: unlimited).
     """
 
-    def __init__(self, core: Any, model_name: str, max_num_pending: int | None = None) -> None:
+    def __init__(
+        self, core: EngineCore, model_name: str, max_num_pending: int | None = None
+    ) -> None:
         if max_num_pending is not None and max_num_pending < 1:
             raise ValueError(f"max_num_pending must be >= 1 or None, got {max_num_pending!r}")
         self._core = core
@@ -123,18 +79,7 @@ class AsyncLLM:
         max_num_pending: int | None = None,
     ) -> AsyncLLM:
         """Builds the engine of `placement` (colocated by default) and its tokenizer."""
-        placement = Placement.parse(placement)
-        if placement.is_disaggregated:
-            from distserve_rt.engine.controller import Controller
-
-            core: Any = Controller(config, placement, disagg_config)
-        else:
-            core = ColocatedCore(LLMEngine(config))
-        tokenizer = load_tokenizer(config, core.model_config)
-        if placement.is_disaggregated:
-            core.tokenizer = tokenizer
-        else:
-            core.engine.tokenizer = tokenizer
+        core = make_engine_core(config, placement, disagg_config)
         return cls(core, model_name or config.model, max_num_pending)
 
     @classmethod
@@ -154,8 +99,7 @@ class AsyncLLM:
 
     @property
     def tokenizer(self) -> Any:
-        core = self._core
-        return core.engine.tokenizer if isinstance(core, ColocatedCore) else core.tokenizer
+        return self._core.tokenizer
 
     async def generate(
         self, prompt: PromptType, sampling_params: SamplingParams, request_id: str

@@ -9,8 +9,8 @@ Lifecycle of a request (see engine/disagg/README.md for the protocol and failure
                  it pulls the KV when it has room ──MigrationDone──► ReleaseKV to prefill
     ◄──Tokens (one per decode step) ... until finish_reason is set
 
-It has `LLMEngine`'s driving interface (add_request / abort_request / step /
-has_unfinished_requests), so `LLM` and `AsyncLLM` drive either one. Not thread-safe: one
+It implements `EngineCore` (engine/protocol.py), as `LLMEngine` does, so `LLM` and
+`AsyncLLM` drive either one. Not thread-safe: one
 thread drives it. Nothing waits without a timeout.
 """
 
@@ -28,6 +28,7 @@ from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
+from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
 from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
@@ -48,6 +49,8 @@ class Controller:
         placement: a disaggregated `Placement` (any TP x PP per phase that fits the model:
             `Placement.check_supported`).
         disagg_config: leases, retries, transport, pinning, GPU sharing, launcher.
+        tokenizer: detokenizes the streamed tokens and applies stop strings (None: token
+            ids only, stop strings refused).
 
     On ``config.device="cuda"`` each instance rank gets its own GPU, or instances share
     GPUs with ``DisaggConfig(share_gpus=True)`` (`disagg/devices.py`; ValueError at start-up
@@ -59,6 +62,8 @@ class Controller:
         config: EngineConfig,
         placement: Placement,
         disagg_config: DisaggConfig | None = None,
+        *,
+        tokenizer=None,
     ) -> None:
         if not placement.is_disaggregated:
             raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
@@ -73,16 +78,17 @@ class Controller:
         self.placement = placement
         self.disagg_config = dc = disagg_config or DisaggConfig()
         self.transport_name = dc.transport_name(config.device)
-        self.tokenizer = None
+        self.tokenizer = tokenizer
         self.instances = self._launch()
         # Runs once: at shutdown(), garbage collection, or interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_all, list(self.instances))
         self.requests: dict[str, TrackedRequest] = {}
         """Live requests by id (the failure rules in disagg/recovery.py walk them)."""
         self._outputs: list[RequestOutput] = []
-        self.aborted_migrations: dict[str, tuple[int, int]] = {}
-        """Aborted while MIGRATING: request id -> (prefill index, decode index), until the
-        decode instance's MigrationDone (the prefill instance holds the KV until then)."""
+        self.migrations: dict[str, Migration] = {}
+        """Every migration whose source KV is still held, by request id: it outlives its
+        request when that was aborted mid-pull. Changed only through `Migration.apply`
+        (`disagg/migration.py`); `settle_migration` releases the KV and drops the record."""
         self._closed = False
         self._peers_opened: set[str] = set()
         try:
@@ -223,11 +229,11 @@ class Controller:
             self.prefill(tracked.prefill_index).send(msg.Abort(request_id))  # type: ignore[arg-type]
         else:
             self.decode(tracked.decode_index).send(msg.Abort(request_id))  # type: ignore[arg-type]
-            if tracked.phase is Phase.MIGRATING:
-                # Its source KV is freed on the decode instance's MigrationDone, or by
-                # recovery.on_instance_death if that instance dies first.
-                indices = (tracked.prefill_index, tracked.decode_index)
-                self.aborted_migrations[request_id] = indices  # type: ignore[assignment]
+            migration = self.migrations.get(request_id)
+            if migration is not None:
+                # Its source KV stays held until the decode instance's MigrationDone says
+                # nothing reads it (or recovery.on_instance_death, if it dies first).
+                migration.apply(MigrationEvent.ABORTED, time.monotonic())
         self.finish(tracked, "abort")
         return True
 
@@ -310,38 +316,52 @@ class Controller:
             self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
             return
         self._emit_stream(tracked)
-        tracked.kv_block_ids, tracked.kv_digest = m.block_ids, m.kv_digest
-        self.forward_migration(tracked)
-
-    def forward_migration(self, tracked: TrackedRequest) -> None:
-        """Sends a prefilled request (its KV on `tracked.prefill_index`) to the least loaded
-        live decode instance; also re-forwards it when the chosen one died before pulling."""
-        prefill = self.prefill(tracked.prefill_index)  # type: ignore[arg-type]
+        tracked.kv_digest = m.kv_digest
         live = self.decodes()
         if not live:
-            prefill.send(msg.ReleaseKV(tracked.request_id))
+            handle.send(msg.ReleaseKV(m.request_id))
             self.finish(tracked, "error", error="no decode instance is alive")
             return
         target = min(live, key=_decode_load)
-        target.num_assigned += 1
+        migration = Migration(m.request_id, handle.spec.index, target.spec.index, m.block_ids)
+        self.migrations[m.request_id] = migration
         tracked.phase = Phase.MIGRATING
-        tracked.decode_index = target.spec.index
+        self.send_migration(tracked, migration)
+
+    def send_migration(self, tracked: TrackedRequest, migration: Migration) -> None:
+        """Announces `migration` to its decode instance (first, or re-forwarded)."""
+        target = self.decode(migration.decode_index)
+        target.num_assigned += 1
+        tracked.decode_index = migration.decode_index
         target.send(
             msg.Migrate(
-                tracked.request_id, prefill.spec.index, tracked.kv_block_ids or [],
+                tracked.request_id, migration.prefill_index, migration.block_ids,
                 tracked.token_ids, len(tracked.prompt_token_ids), tracked.sampling_params,
                 tracked.arrival_time, tracked.kv_digest, tracked.generator_state,
             )
         )  # fmt: skip
 
+    def least_loaded_decode(self) -> InstanceHandle | None:
+        live = self.decodes()
+        return min(live, key=_decode_load) if live else None
+
+    def settle_migration(self, migration: Migration) -> None:
+        """A migration reached a final state: nothing reads its source KV any more, so the
+        prefill instance frees it (and may reuse the blocks: never forward them again)."""
+        assert migration.state.is_final, migration.state
+        self.prefill(migration.prefill_index).send(msg.ReleaseKV(migration.request_id))
+        del self.migrations[migration.request_id]
+
     def _on_migration_done(self, m: msg.MigrationDone) -> None:
-        self.prefill(m.prefill_index).send(msg.ReleaseKV(m.request_id))
-        self.aborted_migrations.pop(m.request_id, None)
+        migration = self.migrations.get(m.request_id)
+        if migration is None:
+            return  # settled already (its decode instance was declared dead)
+        event = MigrationEvent.PULL_SUCCEEDED if m.ok else MigrationEvent.PULL_FAILED
+        migration.apply(event, m.pull_end_time)
+        self.settle_migration(migration)
         tracked = self.requests.get(m.request_id)
         if tracked is None or tracked.phase is not Phase.MIGRATING:
             return
-        # Released on the prefill instance (which may reuse the blocks): never forward them.
-        tracked.kv_block_ids = None
         tracked.pull_start_time, tracked.pull_end_time = m.pull_start_time, m.pull_end_time
         if m.ok:
             tracked.phase = Phase.DECODING

@@ -15,12 +15,11 @@ from typing import Any
 from tqdm import tqdm
 
 from distserve_rt.engine.config import EngineConfig
-from distserve_rt.engine.llm_engine import LLMEngine
+from distserve_rt.engine.core import make_engine_core
 from distserve_rt.engine.placement import DisaggConfig, Placement
-from distserve_rt.models.config import ModelConfig
+from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
-from distserve_rt.tokenizer import Tokenizer, get_tokenizer
 
 # A prompt: text, or {"prompt_token_ids": [...]} (already tokenized).
 Prompt = str | dict[str, Any]
@@ -48,14 +47,7 @@ class LLM:
         **engine_kwargs,
     ):
         config = EngineConfig(model=model, dtype=dtype, **engine_kwargs)
-        placement = Placement.parse(placement)
-        if placement.is_disaggregated:
-            from distserve_rt.engine.controller import Controller
-
-            self.llm_engine = Controller(config, placement, disagg_config)
-        else:
-            self.llm_engine = LLMEngine(config)
-        self.llm_engine.tokenizer = load_tokenizer(config, self.llm_engine.model_config)
+        self.llm_engine: EngineCore = make_engine_core(config, placement, disagg_config)
         self._ids = itertools.count()
 
     def shutdown(self) -> None:
@@ -69,7 +61,7 @@ class LLM:
         self.shutdown()
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> LLM:
+    def from_engine(cls, engine: EngineCore) -> LLM:
         """Wraps an engine built by hand (a prebuilt model, a custom executor)."""
         llm = cls.__new__(cls)
         llm.llm_engine = engine
@@ -155,8 +147,3 @@ class LLM:
         raise ValueError(
             f'prompts[{index}] must be a str or {{"prompt_token_ids": [...]}}, got {prompt!r}'
         )
-
-
-def load_tokenizer(config: EngineConfig, model_config: ModelConfig) -> Tokenizer:
-    """The model's tokenizer (``tokenizer.json`` of an HF directory, bytes for dummy:)."""
-    return get_tokenizer(config.model, model_config)

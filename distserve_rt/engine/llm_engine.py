@@ -27,6 +27,7 @@ from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.engine.step_isolation import (
@@ -103,6 +104,8 @@ class LLMEngine:
         self._streaming: set[str] = set()
         self._seq_ids = itertools.count()
         self._stats = StatsLogger(logger, config.log_stats_interval_s, time.monotonic())
+        self._closed = False
+        self._snapshot = self._take_stats()
 
     @property
     def scheduler(self) -> Scheduler:
@@ -181,8 +184,16 @@ class LLMEngine:
 
     # ---- the step -----------------------------------------------------------------------
 
-    def step(self) -> list[RequestOutput]:
-        """Runs one step; returns the outputs of finished (and streaming) requests.
+    def step(self, timeout_s: float = 0.0) -> list[RequestOutput]:
+        """Runs one step (nothing without requests); returns the outputs of finished (and
+        streaming) requests. `timeout_s` is unused: a colocated step computes, it never
+        waits for messages (`EngineCore`)."""
+        outputs = self._step() if self.has_unfinished_requests() else []
+        self._snapshot = self._take_stats()
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
+        """One step of the virtual engines.
 
         Submits a batch for every idle virtual engine, then completes the oldest batch. A
         batch that raises is narrowed down to the requests that fail alone
@@ -357,7 +368,28 @@ class LLMEngine:
                 combined_kv_stats(self.virtual_engines),
             )
 
+    # ---- stats, health, shutdown ----------------------------------------------------------
+
+    def stats(self) -> EngineStats:
+        """The snapshot taken after the last step: a scrape from another thread never walks
+        the schedulers while the engine thread changes them."""
+        return self._snapshot
+
+    def _take_stats(self) -> EngineStats:
+        engines = self.virtual_engines  # PP > 1: one scheduler per virtual engine
+        num_running = sum(ve.scheduler.num_running for ve in engines)
+        num_waiting = sum(ve.scheduler.num_waiting for ve in engines)
+        usage = combined_kv_stats(engines).usage
+        return EngineStats(
+            [InstanceStats("colocated-0", "colocated", num_running, num_waiting, usage)]
+        )
+
+    def check_health(self) -> None:
+        if self._closed:
+            raise EngineDeadError("the engine was shut down")
+
     def shutdown(self) -> None:
+        self._closed = True
         self._in_flight.clear()
         self.executor.shutdown()
 

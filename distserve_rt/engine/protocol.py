@@ -1,13 +1,16 @@
-"""`EngineClient`: what the HTTP server and the serving benchmark need from an engine.
+"""The two seams of the engine layer.
 
-`AsyncLLM` implements it for every placement (colocated, or disaggregated prefill/decode
-instances), so `drt-run serve` and `drt-run bench` never depend on how the engine is laid
-out. Tests implement it with a fake.
+- `EngineCore`: the synchronous engine one thread drives (add / abort / step ...). The
+  colocated `LLMEngine` and the disaggregated `Controller` implement it directly; `LLM`
+  (offline) and `AsyncLLM` (serving) drive any of them, built by `engine.core.make_engine_core`.
+- `EngineClient`: what the HTTP server and the serving benchmark need from an engine.
+  `AsyncLLM` implements it for every placement, so `drt-run serve` and `drt-run bench`
+  never depend on how the engine is laid out. Tests implement it with a fake.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -56,6 +59,50 @@ class TransferTotals:
 class EngineStats:
     instances: list[InstanceStats] = field(default_factory=list)
     transfers: TransferTotals = field(default_factory=TransferTotals)
+
+
+@runtime_checkable
+class EngineCore(Protocol):
+    """A synchronous engine: not thread-safe, one thread calls everything but `stats`."""
+
+    model_config: Any
+    """`ModelConfig` of the loaded model."""
+    scheduler_config: Any
+    """`SchedulerConfig` (its ``max_model_len`` is the context limit requests are held to)."""
+    tokenizer: Any
+    """Given at construction (None: token ids only, no text, stop strings refused)."""
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: SamplingParams | None = None,
+        *,
+        prompt: str | None = None,
+        arrival_time: float | None = None,
+        stream: bool = False,
+    ) -> object:
+        """Queues a request. ValueError for invalid input (nothing is queued then);
+        `EngineDeadError` when the engine cannot take it."""
+
+    def abort_request(self, request_id: str) -> bool:
+        """Ends a live request with finish_reason "abort" (reported by a later `step`);
+        False when the id is unknown or finished."""
+
+    def step(self, timeout_s: float = 0.0) -> list[RequestOutput]:
+        """Makes progress (a batch, or the instances' messages, waiting up to `timeout_s`
+        for them); returns finished requests' outputs and streaming ones' new tokens."""
+
+    def has_unfinished_requests(self) -> bool: ...
+
+    def stats(self) -> EngineStats:
+        """A snapshot safe to read from another thread (the /metrics scrape)."""
+
+    def check_health(self) -> None:
+        """Raises `EngineDeadError` when the engine cannot serve."""
+
+    def shutdown(self) -> None:
+        """Stops the engine (and its processes); idempotent."""
 
 
 @runtime_checkable

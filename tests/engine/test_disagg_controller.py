@@ -75,7 +75,7 @@ def test_greedy_equals_colocated_and_kv_arrives_bit_exactly(
 
 def test_first_token_only_request_never_migrates_and_text_is_decoded():
     with _controller(Placement.disaggregated()) as c:
-        c.tokenizer = None
+        assert c.tokenizer is None  # token ids only
         c.add_request("a", PROMPTS[0], greedy(1))
         out = drain(c)["a"]
         assert len(out.outputs[0].token_ids) == 1 and out.outputs[0].finish_reason == "length"

@@ -13,6 +13,7 @@ from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg import recovery
 from distserve_rt.engine.disagg.kv_migration import KVPuller
+from distserve_rt.engine.disagg.migration import MigrationState
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, settle
@@ -45,7 +46,9 @@ def test_a_migration_survives_one_decode_death_not_two():
         first = tracked.decode_index
         _die(c, first)
         assert tracked.phase is Phase.MIGRATING and tracked.decode_index not in (None, first)
-        assert tracked.num_reforwards == 1
+        migration = c.migrations["a"]
+        assert migration.num_reforwards == 1 and migration.decode_index == tracked.decode_index
+        assert migration.state is MigrationState.ANNOUNCED
         _die(c, tracked.decode_index)  # a second death: the pull may be what kills them
         out = drain(c)["a"]
         assert out.outputs[0].finish_reason == "error" and "died" in out.error
@@ -61,11 +64,11 @@ def test_released_kv_is_never_forwarded_to_another_decode():
         c._handle_message(
             c.decode(decode), msg.MigrationDone("a", 0, False, time.monotonic(), time.monotonic())
         )
-        assert tracked.kv_block_ids is None
+        assert "a" not in c.migrations  # settled: its source KV was released
         _die(c, decode)
         out = drain(c)["a"]
         assert out.outputs[0].finish_reason == "error" and f"decode-{decode} died" in out.error
-        assert tracked.num_reforwards == 0
+        assert "a" not in c.migrations
 
 
 def test_an_aborted_migration_frees_its_source_kv_when_its_decode_dies_first():
@@ -76,7 +79,7 @@ def test_an_aborted_migration_frees_its_source_kv_when_its_decode_dies_first():
         assert c.abort_request("a")
         _die(c, decode)  # before the controller read the decode instance's MigrationDone
         assert drain(c)["a"].outputs[0].finish_reason == "abort"
-        assert not c.aborted_migrations
+        assert not c.migrations
         settle(c, lambda: _prefill_kv_usage(c) == 0)
 
 
@@ -108,8 +111,10 @@ def test_a_migration_whose_lease_expired_is_not_forwarded_when_its_decode_dies()
         tracked = _migrating(c, "a")
         decode = tracked.decode_index
         c._handle_message(c.prefill(0), msg.LeaseExpired("a"))
+        migration = c.migrations["a"]
+        assert migration.state is MigrationState.REVOKING
         _die(c, decode)  # before its RevokeResult was read
         out = drain(c)["a"]
         assert out.outputs[0].finish_reason == "error" and f"decode-{decode} died" in out.error
-        assert tracked.num_reforwards == 0
+        assert migration.num_reforwards == 0 and migration.state is MigrationState.FAILED
         settle(c, lambda: _prefill_kv_usage(c) == 0)  # its source KV was released

@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 
 from distserve_rt.engine.controller import Controller
-from distserve_rt.engine.llm import load_tokenizer
+from distserve_rt.engine.core import make_engine_core
 from distserve_rt.engine.llm_engine import LLMEngine
-from distserve_rt.engine.placement import DisaggConfig, Placement
+from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 from tests.engine.disagg_helpers import PROMPTS, engine_config, kv_idle, settle
@@ -22,15 +22,15 @@ STOPS = ["l5", "|t", "PF"]
 
 @pytest.fixture(scope="module")
 def colocated():
-    engine = LLMEngine(engine_config())
-    engine.tokenizer = load_tokenizer(engine.config, engine.model_config)
+    engine = make_engine_core(engine_config())
+    assert isinstance(engine, LLMEngine) and engine.tokenizer is not None
     return engine
 
 
 @pytest.fixture(scope="module")
 def controller():
-    c = Controller(engine_config(), Placement.disaggregated(), DisaggConfig(launcher="thread"))
-    c.tokenizer = load_tokenizer(c.config, c.model_config)
+    c = make_engine_core(engine_config(), "disaggregated", DisaggConfig(launcher="thread"))
+    assert isinstance(c, Controller) and c.tokenizer is not None
     yield c
     c.shutdown()
 

@@ -10,6 +10,7 @@ import pytest
 from distserve_rt import SamplingParams
 from distserve_rt.core.scheduler import SchedulerConfig
 from distserve_rt.engine import EngineConfig, LLMEngine
+from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.engine.virtual_engine import make_virtual_engines
 from distserve_rt.worker.executor import UniprocExecutor
 from distserve_rt.worker.step_batch import StepBatch
@@ -106,14 +107,12 @@ def test_a_share_without_blocks_is_rejected():
 
 
 def test_colocated_stats_count_every_virtual_engine():
-    from distserve_rt.engine.async_llm import ColocatedCore
-
     engine, _ = _engine(num_blocks=64)
     for i, prompt in enumerate(PROMPTS[:4]):
         engine.add_request(str(i), prompt, SamplingParams(temperature=0, max_tokens=8))
-    core = ColocatedCore(engine)
-    core.step()
-    (instance,) = core.stats().instances
+    assert isinstance(engine, EngineCore)
+    engine.step()
+    (instance,) = engine.stats().instances
     schedulers = [ve.scheduler for ve in engine.virtual_engines]
     assert len(schedulers) == 2
     assert instance.num_running == sum(s.num_running for s in schedulers) == 4

@@ -16,6 +16,7 @@ from distserve_rt.engine.disagg.kv_migration import (
     PullGeometry,
     PullOutcome,
 )
+from distserve_rt.engine.disagg.migration import Migration, MigrationEvent, MigrationState
 from distserve_rt.engine.disagg.rank_kv import RankPuller
 from distserve_rt.engine.step_isolation import execute_isolated
 from distserve_rt.transfer import Parallelism
@@ -41,9 +42,11 @@ class DecodeInstance(Instance):
         else:
             self.puller = RankPuller(self.executor, geometry)  # type: ignore[arg-type]
         self._pull_from = time.monotonic() + config.debug_pull_delay_s
-        # Migrations whose source KV the prefill instance still holds for us.
-        self._sources: dict[str, msg.Migrate] = {}
-        self._abort_after_pull: set[str] = set()
+        self.migrations: dict[str, Migration] = {}
+        """Migrations whose source KV the prefill instance holds for us (until our
+        MigrationDone, or the controller's revoke), changed only by `Migration.apply`:
+        ANNOUNCED while the scheduler keeps the request `pending` (no blocks), PULLING or
+        ABORTING while it is in `pulling` (blocks being written)."""
         self._decoding: set[str] = set()  # requests that had their first decode step
 
     def ready_message(self) -> msg.Ready:
@@ -54,7 +57,10 @@ class DecodeInstance(Instance):
             request = self.make_request(message)
             request.num_computed_tokens = request.num_tokens - 1
             request.generator_state = message.generator_state  # the sampler restores it
-            self._sources[message.request_id] = message
+            self.migrations[message.request_id] = Migration(
+                message.request_id, message.prefill_index, self.spec.index,
+                message.block_ids, announcement=message,
+            )  # fmt: skip
             self.scheduler.add_migrated(request)
         elif isinstance(message, msg.Revoke):
             self._revoke(message.request_id, now)
@@ -70,36 +76,48 @@ class DecodeInstance(Instance):
         return next((r for r in self.scheduler.pending if r.request_id == request_id), None)
 
     def _revoke(self, request_id: str, now: float) -> None:
-        request = self._pending(request_id)
-        if request is None:
+        migration = self.migrations.get(request_id)
+        if migration is None or migration.state is not MigrationState.ANNOUNCED:
+            # The pull started (its MigrationDone follows or went out), or it is over.
             self.outbox.append(msg.RevokeResult(request_id, -1, revoked=False))
             return
+        migration.apply(MigrationEvent.REVOKE_CONFIRMED, now)
+        del self.migrations[request_id]  # the controller releases the source KV
+        request = self._pending(request_id)
+        assert request is not None, request_id  # ANNOUNCED: pending in the scheduler
         self.scheduler.drop_migration(request, RequestStatus.FINISHED_ERROR, now)
-        source = self._sources.pop(request_id)  # the controller releases the source KV
-        self.outbox.append(msg.RevokeResult(request_id, source.prefill_index, revoked=True))
+        self.outbox.append(msg.RevokeResult(request_id, migration.prefill_index, revoked=True))
 
     def _abort(self, request_id: str, now: float) -> None:
-        if request_id in self.scheduler.pulling:
-            self._abort_after_pull.add(request_id)  # the transfer still writes its blocks
+        migration = self.migrations.get(request_id)
+        if migration is None:
+            self.scheduler.abort_request(request_id, now)  # reported by the next schedule
             return
+        if migration.state is MigrationState.ABORTING:
+            return
+        migration.apply(MigrationEvent.ABORTED, now)
+        if migration.state is MigrationState.ABORTING and request_id in self.scheduler.pulling:
+            return  # the transfer still writes its blocks: dropped when it ends
+        # Not pulling: nothing reads the source any more.
+        migration.apply(MigrationEvent.DROPPED, now)
         request = self._pending(request_id)
-        if request is not None:
-            self.scheduler.drop_migration(request, RequestStatus.FINISHED_ABORTED, now)
-            self._release_source(request_id, False, now, now, error="aborted")
-            self.outbox.append(self.finished_tokens(request, now))
-            return
-        self.scheduler.abort_request(request_id, now)  # reported by the next schedule
+        assert request is not None, request_id
+        self.scheduler.drop_migration(request, RequestStatus.FINISHED_ABORTED, now)
+        self._end_migration(migration, False, now, now, error="aborted")
+        self.outbox.append(self.finished_tokens(request, now))
 
-    def _release_source(
-        self, request_id: str, ok: bool, start: float, end: float, num_bytes: int = 0, error=None
-    ) -> None:
-        migration = self._sources.pop(request_id, None)
-        if migration is not None:
-            self.outbox.append(
-                msg.MigrationDone(
-                    request_id, migration.prefill_index, ok, start, end, num_bytes, error
-                )
+    def _end_migration(
+        self, migration: Migration, ok: bool, start: float, end: float, num_bytes: int = 0,
+        error: str | None = None,
+    ) -> None:  # fmt: skip
+        """A final migration: tells the controller (which releases the source KV)."""
+        assert migration.state.is_final, migration.state
+        del self.migrations[migration.request_id]
+        self.outbox.append(
+            msg.MigrationDone(
+                migration.request_id, migration.prefill_index, ok, start, end, num_bytes, error
             )
+        )
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -113,7 +131,10 @@ class DecodeInstance(Instance):
         for request in out.finished:  # aborted, or rejected (never fits this pool)
             self.release(request)
             self._decoding.discard(request.request_id)
-            self._release_source(request.request_id, False, now, now, error=request.error)
+            migration = self.migrations.get(request.request_id)
+            if migration is not None:  # rejected before its pull could start
+                migration.apply(MigrationEvent.PULL_FAILED, now)
+                self._end_migration(migration, False, now, now, error=request.error)
             self.outbox.append(self.finished_tokens(request, now))
         if out.is_empty:
             return
@@ -132,28 +153,30 @@ class DecodeInstance(Instance):
             self._emit(request, token_id, row, start, end)
 
     def _start_pull(self, request: Request, now: float) -> None:
-        migration = self._sources[request.request_id]
+        migration = self.migrations[request.request_id]
+        migration.apply(MigrationEvent.PULL_STARTED, now)
         dst = self.block_manager.block_table(request.seq_id)
         try:
-            self.puller.start(request, migration, dst, now)
+            self.puller.start(request, migration.announcement, dst, now)  # type: ignore[arg-type]
         except Exception as exc:  # bad ids, a peer gone: this migration fails, not the rest
-            pull = Pull(request, migration, [], dst, now)
+            pull = Pull(request, migration.announcement, [], dst, now)  # type: ignore[arg-type]
             error = f"KV pull could not start: {type(exc).__name__}: {exc}"
             self._finish_pull(FinishedPull(pull, PullOutcome.FAILED, time.monotonic(), error))
 
     def _finish_pull(self, finished: FinishedPull) -> None:
         pull, request = finished.pull, finished.pull.request
-        request_id = request.request_id
+        migration = self.migrations[request.request_id]
         ok = finished.outcome is PullOutcome.SUCCESS
-        self._release_source(
-            request_id, ok, pull.start_time, finished.end_time, finished.num_bytes,
+        event = MigrationEvent.PULL_SUCCEEDED if ok else MigrationEvent.PULL_FAILED
+        state = migration.apply(event, finished.end_time)
+        self._end_migration(
+            migration, ok, pull.start_time, finished.end_time, finished.num_bytes,
             finished.error,
         )  # fmt: skip
-        if ok and request_id not in self._abort_after_pull:
+        if state is MigrationState.PULLED:
             self.scheduler.complete_migration(request)
             return
-        aborted = request_id in self._abort_after_pull
-        self._abort_after_pull.discard(request_id)
+        aborted = state is MigrationState.ABORTED
         status = RequestStatus.FINISHED_ABORTED if aborted else RequestStatus.FINISHED_ERROR
         self.scheduler.drop_migration(request, status, finished.end_time)
         request.error = None if aborted else finished.error

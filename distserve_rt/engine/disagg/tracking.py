@@ -15,7 +15,8 @@ class Phase(enum.Enum):
     PREFILLING = "prefilling"
     """Sent to a prefill instance; no token yet (or re-prefilled after a failure)."""
     MIGRATING = "migrating"
-    """First token out; its KV waits in the prefill pool for the chosen decode instance."""
+    """First token out; its KV moves to a decode instance (`Controller.migrations` holds
+    the migration's own state)."""
     DECODING = "decoding"
     """KV pulled; decoding on its decode instance."""
     FINISHED = "finished"
@@ -39,10 +40,6 @@ class TrackedRequest:
     num_queued_tokens: int = 0
     """Tokens it adds to its prefill instance's queue (the dispatch load measure)."""
     num_retries: int = 0
-    num_reforwards: int = 0
-    """Times its migration went to another decode instance after the chosen one died."""
-    lease_expired: bool = False
-    """Its KV waited past kv_lease_timeout_s (reported once by the prefill instance)."""
     output_token_ids: list[int] = field(default_factory=list)
     token_times: list[float] = field(default_factory=list)
     prefill_start_time: float | None = None
@@ -63,9 +60,6 @@ class TrackedRequest:
     """Per output token (when SamplingParams.logprobs is set): {token id: logprob}."""
     generator_state: bytes | None = None
     """Seeded requests: the sampler's generator state after the last token (migrated)."""
-    kv_block_ids: list[int] | None = None
-    """While MIGRATING: its KV blocks on the prefill instance (to re-forward the migration
-    when the chosen decode instance dies before pulling)."""
     kv_digest: str | None = None
 
     @property
