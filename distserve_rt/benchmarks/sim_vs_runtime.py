@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import EngineConfig
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.planner.latency_model import LatencyModel
