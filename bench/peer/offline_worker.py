@@ -31,7 +31,7 @@ class DrtEngine:
 
     def __init__(self, spec: dict):
         from distserve_rt import LLM, SamplingParams
-        from distserve_rt.engine.placement import PhaseConfig, Placement
+        from distserve_rt.config import PhaseConfig, Placement
 
         self._params = SamplingParams
         placement = None

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import EngineConfig
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.planner.latency_model import LatencyModel
-from distserve_rt.planner.simulator import ColocatedPolicy, ColocatedSimulator, InstanceSpec
+from distserve_rt.planner.simulator import ColocatedPolicy, ColocatedSimulator, SimInstanceSpec
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.workloads.workload import Workload
 
@@ -76,8 +76,8 @@ class ColocatedSetup:
             log_stats_interval_s=0.0,
         )
 
-    def instance_spec(self, latency: LatencyModel) -> InstanceSpec:
-        return InstanceSpec(
+    def instance_spec(self, latency: LatencyModel) -> SimInstanceSpec:
+        return SimInstanceSpec(
             latency,
             self.kv_capacity_tokens,
             max_batch_tokens=self.max_num_batched_tokens,

@@ -20,9 +20,8 @@ import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine.core import make_engine_core
-from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import (
     EngineCore,
     EngineDeadError,
@@ -81,19 +80,6 @@ class AsyncLLM:
         """Builds the engine of `placement` (colocated by default) and its tokenizer."""
         core = make_engine_core(config, placement, disagg_config)
         return cls(core, model_name or config.model, max_num_pending)
-
-    @classmethod
-    def from_engine_args(cls, args: Any) -> AsyncLLM:
-        """From flags parsed by `entrypoints.engine_args.add_engine_args` (drt-run serve,
-        bench and generate), through its `configs_from_args`; ``args.served_model_name``,
-        when present, names the model for clients."""
-        # Imported here: the CLI schema sits above the engine (entrypoints -> engine).
-        from distserve_rt.entrypoints.engine_args import configs_from_args
-
-        config, placement, disagg_config = configs_from_args(args)
-        return cls.from_config(
-            config, placement, disagg_config, getattr(args, "served_model_name", None)
-        )
 
     # ---- EngineClient --------------------------------------------------------------------
 

@@ -23,14 +23,13 @@ from multiprocessing import connection
 
 import torch
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
-from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput

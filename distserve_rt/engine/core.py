@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine.llm_engine import LLMEngine
-from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.tokenizer import Tokenizer, get_tokenizer

@@ -14,9 +14,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine.core import make_engine_core
-from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams

@@ -20,13 +20,13 @@ import time
 from collections import deque
 from collections.abc import Sequence
 
+from distserve_rt.config import EngineConfig
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
-from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
@@ -48,6 +48,7 @@ from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.worker.executor import Executor, UniprocExecutor
 from distserve_rt.worker.model_runner import ModelRunnerOutput, SampleFn
+from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.worker import Worker
 
 logger = init_logger(__name__)
@@ -398,7 +399,7 @@ def make_executor(
     config: EngineConfig, model: CausalLM | None = None, sample: SampleFn | None = None
 ) -> Executor:
     """The executor `config` asks for: one worker in this process, or TP x PP processes."""
-    if config.tensor_parallel_size * config.pipeline_parallel_size == 1:
+    if config.parallelism.world_size == 1:
         return UniprocExecutor(Worker(config, model=model, sample=sample))
     if model is not None or sample is not None:
         raise ValueError(
@@ -406,7 +407,4 @@ def make_executor(
             f"{config.tensor_parallel_size} x pipeline_parallel_size "
             f"{config.pipeline_parallel_size}: each worker process loads its own shard"
         )
-    # Imported here: it imports engine.config, whose package imports this module.
-    from distserve_rt.worker.multiproc_executor import MultiprocExecutor
-
     return MultiprocExecutor(config)

@@ -3,12 +3,12 @@
 
     add_engine_args(parser)                    # the flags below
     config, placement, disagg = configs_from_args(parser.parse_args())
-    engine = build_engine_client(args)         # AsyncLLM.from_engine_args(args)
+    engine = build_engine_client(args)         # AsyncLLM.from_config(*configs, ...)
 
 Three groups of flags:
 
 - `EngineConfig` fields (``--model``, ``--policy``, ``--max-num-seqs``, ...). Their help is the
-  field's docstring in `engine/config.py`, read once from the source, and a flag left unset
+  field's docstring in `config/engine.py`, read once from the source, and a flag left unset
   keeps the field's default, so the defaults live in one place.
 - ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
   (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...).
@@ -32,10 +32,9 @@ import textwrap
 from dataclasses import MISSING, fields
 from typing import Any
 
+from distserve_rt.config import DTYPE_NAMES, DisaggConfig, EngineConfig, PhaseConfig, Placement
 from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
 from distserve_rt.core.scheduler import POLICIES
-from distserve_rt.engine.config import DTYPE_NAMES, EngineConfig
-from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.protocol import EngineClient
 
 PHASES = ("prefill", "decode")
@@ -110,7 +109,7 @@ def _help(cls: type, name: str) -> str:
 
 
 # EngineConfig field -> argparse keywords. Flags default to None ("keep EngineConfig's
-# default"), so a field's default is written once, in engine/config.py.
+# default"), so a field's default is written once, in config/engine.py.
 _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "model": {"metavar": "DIR|dummy:<preset>"},
     "dtype": {"choices": DTYPE_NAMES},
@@ -269,12 +268,14 @@ def _phase_overrides(args: argparse.Namespace, phase: str) -> dict[str, str]:
 def build_engine_client(
     args: argparse.Namespace, *, placement: Placement | None = None, policy: str | None = None
 ) -> EngineClient:
-    """The engine of the flags (`AsyncLLM.from_engine_args`), or of the flags with another
-    placement and colocated policy (`drt-run bench --compare` builds one per entry)."""
+    """The engine of the flags (an `AsyncLLM`), or of the flags with another placement and
+    colocated policy (`drt-run bench --compare` builds one per entry).
+    ``args.served_model_name``, when present, names the model for clients.
+
+    The flags become configs here, not in the engine: the CLI schema sits above the engine
+    (entrypoints -> engine), so `AsyncLLM` only takes configs (`AsyncLLM.from_config`)."""
     from distserve_rt.engine.async_llm import AsyncLLM
 
-    if placement is None and policy is None:
-        return AsyncLLM.from_engine_args(args)
     config, placement, disagg = configs_from_args(args, placement)
     if policy is not None:
         config = config.replace(policy=policy)

@@ -8,8 +8,9 @@ import time
 
 import numpy as np
 
+from distserve_rt.config import PlacementKind
 from distserve_rt.entrypoints import planner_args
-from distserve_rt.planner.candidates import Candidate, PlacementKind
+from distserve_rt.planner.candidates import Candidate
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile

@@ -37,7 +37,7 @@ E2E_BUCKETS_S = (
 )  # fmt: skip
 
 
-class ServingMetrics:
+class PrometheusMetrics:
     """The server's metric objects, registered on a fresh registry."""
 
     def __init__(self, stats: Callable[[], EngineStats] | None = None) -> None:
@@ -98,7 +98,7 @@ class ServingMetrics:
 class RequestTracker:
     """Timing of one request as its outputs arrive; records everything once, at `finish`."""
 
-    def __init__(self, metrics: ServingMetrics) -> None:
+    def __init__(self, metrics: PrometheusMetrics) -> None:
         self._metrics = metrics
         self.arrival_time = time.perf_counter()
         self.first_token_time: float | None = None

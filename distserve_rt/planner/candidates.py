@@ -21,12 +21,8 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
-from distserve_rt.planner.simulator import DisaggSpec, InstanceSpec
-
-
-class PlacementKind(str, Enum):
-    DISAGGREGATED = "disaggregated"
-    COLOCATED = "colocated"
+from distserve_rt.config.placement import PlacementKind
+from distserve_rt.planner.simulator import DisaggSpec, SimInstanceSpec
 
 
 class Algorithm(str, Enum):
@@ -62,7 +58,7 @@ class Candidate:
     """One prefill instance alone on TTFT (Algorithm 2: one pair; colocated: one instance)."""
     decode_goodput: float
     """One decode instance alone on TPOT (Algorithm 2: one pair; colocated: = prefill's)."""
-    unit: DisaggSpec | InstanceSpec = field(repr=False)
+    unit: DisaggSpec | SimInstanceSpec = field(repr=False)
     num_nodes_spanned: int = 1
     """Algorithm 2: nodes one pair's pipeline crosses (1 for the others)."""
     predicted: dict[str, object] = field(default_factory=dict)

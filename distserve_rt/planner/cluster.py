@@ -12,7 +12,7 @@ from distserve_rt.planner.instance_timing import (
     kv_capacity_tokens,
 )
 from distserve_rt.planner.profiles import ProfileSet
-from distserve_rt.planner.simulator import InstanceSpec
+from distserve_rt.planner.simulator import SimInstanceSpec
 
 GIB = 1024**3
 
@@ -116,10 +116,10 @@ def build_instance(
     stage_link: Link,
     max_batch_tokens: int,
     max_num_seqs: int = 256,
-) -> InstanceSpec:
-    """An InstanceSpec of ``model`` on ``tp × pp`` devices of ``cluster``."""
+) -> SimInstanceSpec:
+    """An SimInstanceSpec of ``model`` on ``tp × pp`` devices of ``cluster``."""
     pipeline = PipelineTiming(pp, model.hidden_size, stage_link if pp > 1 else None)
-    return InstanceSpec(
+    return SimInstanceSpec(
         latency=profile.latency_model(model, tp),
         kv_capacity_tokens=kv_capacity(model, tp, pp, cluster, profile.hardware),
         pp=pp,

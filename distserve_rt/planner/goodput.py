@@ -21,7 +21,7 @@ from distserve_rt.planner.simulator import (
     ColocatedSimulator,
     DisaggregatedSimulator,
     DisaggSpec,
-    InstanceSpec,
+    SimInstanceSpec,
     SimMode,
     SimResult,
 )
@@ -67,21 +67,21 @@ class GoodputEvaluator:
 
     def simulate(
         self,
-        spec: DisaggSpec | InstanceSpec,
+        spec: DisaggSpec | SimInstanceSpec,
         rate: float,
         *,
         mode=SimMode.FULL,
         policy: ColocatedPolicy | None = None,
     ) -> SimResult:
-        """Disaggregated ``spec`` in ``mode``, or an InstanceSpec: colocated under ``policy``,
+        """Disaggregated ``spec`` in ``mode``, or an SimInstanceSpec: colocated under ``policy``,
         or alone in its phase (``mode`` prefill_only / decode_only, no policy)."""
         w = self.workload
         mode = SimMode(mode)
-        if isinstance(spec, InstanceSpec) and policy is None:
+        if isinstance(spec, SimInstanceSpec) and policy is None:
             if mode is SimMode.FULL:
-                raise ValueError("an InstanceSpec needs a colocated policy or a phase-only mode")
+                raise ValueError("an SimInstanceSpec needs a colocated policy or a phase-only mode")
             sim = DisaggregatedSimulator(DisaggSpec(spec, spec), mode)
-        elif isinstance(spec, InstanceSpec):
+        elif isinstance(spec, SimInstanceSpec):
             sim = ColocatedSimulator(spec, policy)
         else:
             sim = DisaggregatedSimulator(spec, mode)
@@ -128,7 +128,7 @@ class GoodputEvaluator:
 
     def rate_bound(
         self,
-        spec: DisaggSpec | InstanceSpec,
+        spec: DisaggSpec | SimInstanceSpec,
         mode=SimMode.FULL,
         policy: ColocatedPolicy | None = None,
     ) -> float:
@@ -144,7 +144,7 @@ class GoodputEvaluator:
         decode bound alone.
         """
         mode = SimMode(mode)
-        if isinstance(spec, InstanceSpec) and policy is not None:
+        if isinstance(spec, SimInstanceSpec) and policy is not None:
             if ColocatedPolicy(policy) is ColocatedPolicy.CHUNKED_PREFILL:
                 return self.decode_rate_bound(spec)
             prefill, decode = self.prefill_rate_bound(spec), self.decode_rate_bound(spec)
@@ -155,7 +155,7 @@ class GoodputEvaluator:
             return self.decode_rate_bound(spec)
         return min(self.prefill_rate_bound(spec), self.decode_rate_bound(spec))
 
-    def prefill_rate_bound(self, spec: DisaggSpec | InstanceSpec) -> float:
+    def prefill_rate_bound(self, spec: DisaggSpec | SimInstanceSpec) -> float:
         """Most requests/s the prefill side can take in steady state (an upper bound).
 
         Without it a pipeline instance looked far better than it is: with PP = k a batch
@@ -180,7 +180,7 @@ class GoodputEvaluator:
         stage_s = (work_s + num_batches * fixed_s) / spec.pp
         return math.inf if stage_s <= 0 else num * prompts.size / stage_s
 
-    def decode_rate_bound(self, spec: DisaggSpec | InstanceSpec) -> float:
+    def decode_rate_bound(self, spec: DisaggSpec | SimInstanceSpec) -> float:
         """Most requests/s the decode side can finish in steady state (an upper bound).
 
         A finite run cannot show overload of the decode side by itself: requests pile up in

@@ -28,17 +28,18 @@ from enum import Enum
 
 from tqdm import tqdm
 
+from distserve_rt.config.placement import PlacementKind
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
-from distserve_rt.planner.candidates import Algorithm, Candidate, PlacementKind, num_replicas
+from distserve_rt.planner.candidates import Algorithm, Candidate, num_replicas
 from distserve_rt.planner.cluster import ClusterSpec, build_instance, divisors, infeasibility
 from distserve_rt.planner.goodput import GoodputEvaluator, GoodputResult
 from distserve_rt.planner.profiles import ProfileSet
 from distserve_rt.planner.simulator import (
     ColocatedPolicy,
     DisaggSpec,
-    InstanceSpec,
     KVTransferSpec,
+    SimInstanceSpec,
     SimMode,
     SimResult,
 )
@@ -121,7 +122,7 @@ class Planner:
 
     # ---- building blocks ---------------------------------------------------------------
 
-    def _instance(self, tp: int, pp: int, stage_link, max_batch_tokens: int) -> InstanceSpec:
+    def _instance(self, tp: int, pp: int, stage_link, max_batch_tokens: int) -> SimInstanceSpec:
         i = self.inputs
         return build_instance(
             i.model,
@@ -153,7 +154,7 @@ class Planner:
         bound = self.evaluator.rate_bound(spec, mode, policy)
         return max(0.05, 0.5 * bound) if math.isfinite(bound) else 1.0
 
-    def phase_goodput(self, spec: InstanceSpec, mode: SimMode, key: tuple) -> GoodputResult:
+    def phase_goodput(self, spec: SimInstanceSpec, mode: SimMode, key: tuple) -> GoodputResult:
         if key not in self._phase_cache:
             hint = self._hint(spec, mode)
             self._phase_cache[key] = self.evaluator.goodput(spec, mode=mode, rate_hint=hint)
@@ -210,7 +211,7 @@ class Planner:
         self._predict(best)
         return best
 
-    def _phase_options(self) -> dict[SimMode, list[tuple[InstanceSpec, float]]]:
+    def _phase_options(self) -> dict[SimMode, list[tuple[SimInstanceSpec, float]]]:
         """Algorithm 1's building blocks: every feasible instance scored alone in each phase."""
         i, c = self.inputs, self.inputs.cluster
         found = {SimMode.PREFILL_ONLY: [], SimMode.DECODE_ONLY: []}
@@ -264,7 +265,7 @@ class Planner:
                     out.append((tp, pp_local))
         return out
 
-    def _pair_bounds(self) -> list[tuple[int, float, int, InstanceSpec, InstanceSpec, float]]:
+    def _pair_bounds(self) -> list[tuple[int, float, int, SimInstanceSpec, SimInstanceSpec, float]]:
         """Algorithm 2's pairs with bounds from their phases alone (a pair cannot serve more
         than either of its instances): (devices needed at least, goodput per device at
         most, nodes spanned, prefill, decode, pair goodput at most)."""

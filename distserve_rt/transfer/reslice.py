@@ -11,22 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.distributed.parallel_state import partition_layers
 from distserve_rt.transfer.descriptor import KVSlice
-
-
-@dataclass(frozen=True, slots=True)
-class Parallelism:
-    """An instance's TP x PP (the KV-relevant part of its parallel config)."""
-
-    tp_size: int = 1
-    pp_size: int = 1
-
-    def __post_init__(self) -> None:
-        for name in ("tp_size", "pp_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"Parallelism.{name} must be an int >= 1, got {value!r}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,10 +11,10 @@ from collections.abc import Callable
 import torch
 
 from distserve_rt import models
+from distserve_rt.config import EngineConfig
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
 from distserve_rt.distributed.parallel_state import ParallelContext
-from distserve_rt.engine.config import EngineConfig
 from distserve_rt.logger import init_logger
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.interface import CausalLM

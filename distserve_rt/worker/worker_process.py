@@ -24,9 +24,9 @@ from multiprocessing.connection import Connection
 import torch
 import torch.distributed as dist
 
+from distserve_rt.config import EngineConfig
 from distserve_rt.core.kv_cache import KVCacheSpec
 from distserve_rt.distributed.launch import RankContext, recv_message, send_ok
-from distserve_rt.engine.config import EngineConfig
 from distserve_rt.layers.sampling_metadata import generator_state
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from distserve_rt import LLM, SamplingParams
+from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
-from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from tests.engine.disagg_helpers import (
     PROMPTS,
     drain,

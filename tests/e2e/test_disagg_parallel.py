@@ -16,10 +16,10 @@ import time
 
 import pytest
 
+from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg.kv_migration import PullGeometry
 from distserve_rt.engine.llm_engine import LLMEngine
-from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import Parallelism
 from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, kv_idle, settle

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import EngineConfig
 from distserve_rt.engine.controller import Controller
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams

@@ -8,8 +8,8 @@ import asyncio
 
 import pytest
 
+from distserve_rt.config import DisaggConfig, Placement
 from distserve_rt.engine.async_llm import AsyncLLM
-from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.protocol import EngineClient, EngineOverloadedError
 from distserve_rt.entrypoints.engine_args import add_engine_args, configs_from_args
 from distserve_rt.models.presets import get_preset

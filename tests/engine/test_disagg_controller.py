@@ -8,11 +8,10 @@ import math
 
 import pytest
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import DisaggConfig, EngineConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
-from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from tests.engine.disagg_helpers import (
     PROMPTS,
     drain,

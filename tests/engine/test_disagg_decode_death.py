@@ -9,13 +9,13 @@ from __future__ import annotations
 import math
 import time
 
+from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg import recovery
 from distserve_rt.engine.disagg.kv_migration import KVPuller
 from distserve_rt.engine.disagg.migration import MigrationState
 from distserve_rt.engine.disagg.tracking import Phase
-from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, settle
 
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distserve_rt.engine.config import GiB
+from distserve_rt.config import DisaggConfig, GiB, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg import devices, instance
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
 from distserve_rt.engine.disagg.launcher import instance_specs
-from distserve_rt.engine.placement import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.worker import kv_sizing
 from tests.engine.disagg_helpers import engine_config
 

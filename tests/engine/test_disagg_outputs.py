@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import pytest
 
+from distserve_rt.config import DisaggConfig
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.core import make_engine_core
 from distserve_rt.engine.llm_engine import LLMEngine
-from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 from tests.engine.disagg_helpers import PROMPTS, engine_config, kv_idle, settle

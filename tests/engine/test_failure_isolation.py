@@ -11,9 +11,9 @@ import re
 import pytest
 
 from distserve_rt import SamplingParams
+from distserve_rt.config import DisaggConfig, Placement
 from distserve_rt.engine import EngineConfig, LLMEngine
 from distserve_rt.engine.controller import Controller
-from distserve_rt.engine.placement import DisaggConfig, Placement
 from distserve_rt.engine.step_isolation import batch_requests
 from distserve_rt.worker.executor import UniprocExecutor
 from tests.engine.disagg_helpers import PROMPTS as TINY_PROMPTS

@@ -10,8 +10,7 @@ from dataclasses import fields
 import pytest
 import yaml
 
-from distserve_rt.engine.config import EngineConfig
-from distserve_rt.engine.placement import DisaggConfig, LeaseExpiryAction, Placement
+from distserve_rt.config import DisaggConfig, EngineConfig, LeaseExpiryAction, Placement
 from distserve_rt.entrypoints import engine_args
 from distserve_rt.entrypoints.cli import build_parser, main
 

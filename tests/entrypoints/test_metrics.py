@@ -6,7 +6,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from distserve_rt.entrypoints.openai import build_app
-from distserve_rt.metrics.prometheus import ServingMetrics
+from distserve_rt.metrics.prometheus import PrometheusMetrics
 from tests.entrypoints.conftest import make_client
 
 pytestmark = pytest.mark.anyio
@@ -77,7 +77,7 @@ async def test_two_apps_keep_separate_registries(engine):
 
 
 def test_itl_splits_a_multi_token_gap():
-    metrics = ServingMetrics()
+    metrics = PrometheusMetrics()
     tracker = metrics.track()
     tracker.observe(1)
     tracker.observe(4)  # three tokens in one output: three gaps

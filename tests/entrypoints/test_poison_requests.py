@@ -9,8 +9,8 @@ from __future__ import annotations
 import anyio
 import pytest
 
+from distserve_rt.config import DisaggConfig
 from distserve_rt.engine.async_llm import AsyncLLM
-from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.entrypoints.openai import build_app
 from distserve_rt.worker.executor import UniprocExecutor
 from tests.engine.disagg_helpers import PROMPTS, engine_config

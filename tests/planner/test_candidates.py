@@ -6,9 +6,9 @@ import pytest
 
 from distserve_rt.planner.candidates import Algorithm, Candidate, num_replicas
 from distserve_rt.planner.latency_model import ConstantLatencyModel
-from distserve_rt.planner.simulator import DisaggSpec, InstanceSpec
+from distserve_rt.planner.simulator import DisaggSpec, SimInstanceSpec
 
-_SPEC = InstanceSpec(ConstantLatencyModel(0.1, 0.01), 1000)
+_SPEC = SimInstanceSpec(ConstantLatencyModel(0.1, 0.01), 1000)
 
 
 def _apart(prefill, decode, gp, gd, rate) -> Candidate:

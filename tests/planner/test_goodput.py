@@ -9,13 +9,13 @@ from distserve_rt.metrics.slo import SLO
 from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import Link, PipelineTiming
 from distserve_rt.planner.latency_model import ConstantLatencyModel
-from distserve_rt.planner.simulator import InstanceSpec, SimMode
+from distserve_rt.planner.simulator import SimInstanceSpec, SimMode
 from distserve_rt.workloads import LengthDist, Workload
 
 
-def _pp_prefill(pp: int, step_s: float = 0.1) -> InstanceSpec:
+def _pp_prefill(pp: int, step_s: float = 0.1) -> SimInstanceSpec:
     pipe = PipelineTiming(pp, hidden_size=1, link=Link(1e30, 0.0)) if pp > 1 else None
-    return InstanceSpec(
+    return SimInstanceSpec(
         ConstantLatencyModel(step_s, 0.01), 10**6, pp=pp, pipeline=pipe, max_batch_tokens=100
     )
 
@@ -53,7 +53,7 @@ def test_colocated_bound_adds_prefill_and_decode_time():
     # the same device, 0.2 s in all: 5 req/s, though each phase alone could do 10.
     w = Workload.synthetic(100, LengthDist("fixed", 100), LengthDist("fixed", 11))
     ev = GoodputEvaluator(w, SLO(100.0, 100.0), rel_tol=0.02)
-    spec = InstanceSpec(
+    spec = SimInstanceSpec(
         ConstantLatencyModel(0.1, 0.01), 10**6, max_batch_tokens=100, max_num_seqs=1
     )
     assert ev.rate_bound(spec, policy="continuous_batching") == pytest.approx(5.0)

@@ -12,8 +12,8 @@ from distserve_rt.planner.simulator import (
     ColocatedSimulator,
     DisaggregatedSimulator,
     DisaggSpec,
-    InstanceSpec,
     KVTransferSpec,
+    SimInstanceSpec,
     SimMode,
 )
 from distserve_rt.workloads import arrival_times
@@ -23,7 +23,7 @@ D = 0.1  # prefill time of one request, s
 RATE = 4.0  # req/s: utilisation R·D = 0.4 on one device
 
 
-def _mean_ttft(spec: InstanceSpec) -> float:
+def _mean_ttft(spec: SimInstanceSpec) -> float:
     arrival = arrival_times(NUM, RATE, seed=1)
     lens = np.full(NUM, 100)
     sim = DisaggregatedSimulator(DisaggSpec(spec, spec), SimMode.PREFILL_ONLY)
@@ -32,7 +32,7 @@ def _mean_ttft(spec: InstanceSpec) -> float:
 
 def test_md1_single_device():
     # L_m below two prompts: no batching.
-    spec = InstanceSpec(ConstantLatencyModel(D, 0.01), 10**6, max_batch_tokens=100)
+    spec = SimInstanceSpec(ConstantLatencyModel(D, 0.01), 10**6, max_batch_tokens=100)
     want = D + RATE * D**2 / (2 * (1 - RATE * D))
     assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
 
@@ -40,7 +40,7 @@ def test_md1_single_device():
 def test_md1_two_way_inter_op():
     # Two stages of D/2 each, free hops: the queue sees D_m = D/2, a request spends D_s = D.
     pipe = PipelineTiming(2, hidden_size=1, link=Link(1e30, 0.0))
-    spec = InstanceSpec(
+    spec = SimInstanceSpec(
         ConstantLatencyModel(D, 0.01), 10**6, pp=2, pipeline=pipe, max_batch_tokens=100
     )
     want = D + RATE * D**2 / (4 * (2 - RATE * D))
@@ -49,14 +49,16 @@ def test_md1_two_way_inter_op():
 
 @pytest.mark.parametrize("speedup", [1.6, 2.0])
 def test_md1_two_way_intra_op(speedup):
-    spec = InstanceSpec(ConstantLatencyModel(D / speedup, 0.01, tp=2), 10**6, max_batch_tokens=100)
+    spec = SimInstanceSpec(
+        ConstantLatencyModel(D / speedup, 0.01, tp=2), 10**6, max_batch_tokens=100
+    )
     want = D / speedup + RATE * D**2 / (2 * speedup * (speedup - RATE * D))
     assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
 
 
 def test_disaggregated_breakdown_adds_up_and_decode_tpot():
-    pre = InstanceSpec(ConstantLatencyModel(0.05, 0.02), 10**6)
-    dec = InstanceSpec(ConstantLatencyModel(0.05, 0.02), 10**6)
+    pre = SimInstanceSpec(ConstantLatencyModel(0.05, 0.02), 10**6)
+    dec = SimInstanceSpec(ConstantLatencyModel(0.05, 0.02), 10**6)
     spec = DisaggSpec(
         pre, dec, num_prefill=2, num_decode=2, kv_transfer=KVTransferSpec(1e-5, 0.001)
     )
@@ -77,7 +79,7 @@ def test_disaggregated_breakdown_adds_up_and_decode_tpot():
 
 
 def test_requests_that_never_fit_fail_instead_of_hanging():
-    spec = InstanceSpec(ConstantLatencyModel(0.01, 0.01), 200)
+    spec = SimInstanceSpec(ConstantLatencyModel(0.01, 0.01), 200)
     arrival = np.array([0.0, 0.1])
     res = DisaggregatedSimulator(DisaggSpec(spec, spec)).run(arrival, [50, 150], [10, 100])
     assert np.isfinite(res.finish[0]) and np.isinf(res.finish[1])
@@ -87,7 +89,7 @@ def test_requests_that_never_fit_fail_instead_of_hanging():
 
 @pytest.mark.parametrize("policy", ["continuous_batching", "chunked_prefill"])
 def test_colocated_policies_finish_everything(policy):
-    spec = InstanceSpec(ConstantLatencyModel(0.05, 0.02), 5000, max_batch_tokens=256)
+    spec = SimInstanceSpec(ConstantLatencyModel(0.05, 0.02), 5000, max_batch_tokens=256)
     n = 200
     arrival = arrival_times(n, 3.0, seed=0)
     prompt = np.random.default_rng(0).integers(10, 600, n)
@@ -109,7 +111,7 @@ def test_slo_metrics():
 def test_decode_only_one_token_output_finishes_at_arrival():
     # Request 0 decodes with 1 s steps in the only seat; request 1 arrives prefilled at 0.5 s
     # with nothing left to decode: it must neither wait for a step boundary nor a seat.
-    spec = InstanceSpec(ConstantLatencyModel(0.01, 1.0), 10**4, max_num_seqs=1)
+    spec = SimInstanceSpec(ConstantLatencyModel(0.01, 1.0), 10**4, max_num_seqs=1)
     sim = DisaggregatedSimulator(DisaggSpec(spec, spec), SimMode.DECODE_ONLY)
     res = sim.run(np.array([0.0, 0.5]), [10, 10], [5, 1])
     assert res.finish[1] == res.decode_start[1] == 0.5

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from distserve_rt.benchmarks.serving.sweep import GoodputSearchResult, RunResult
+from distserve_rt.config import Placement
 from distserve_rt.core.scheduler import POLICIES
-from distserve_rt.engine.placement import Placement
 
 
 @dataclass(frozen=True)

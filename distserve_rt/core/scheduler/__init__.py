@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from distserve_rt.config.scheduler import POLICY_NAMES
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.scheduler.base import SchedulerBase
 from distserve_rt.core.scheduler.chunked_prefill import ChunkedPrefillScheduler
@@ -19,6 +20,9 @@ POLICIES: dict[str, type[SchedulerBase]] = {
     "continuous_batching": ContinuousBatchingScheduler,
     "chunked_prefill": ChunkedPrefillScheduler,
 }
+# EngineConfig validates `policy` against the names in config; a policy added here alone
+# would be refused there.
+assert tuple(POLICIES) == POLICY_NAMES, (tuple(POLICIES), POLICY_NAMES)
 
 
 def make_scheduler(policy: str, config: SchedulerConfig, block_manager: BlockManager) -> Scheduler:

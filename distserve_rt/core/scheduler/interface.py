@@ -29,30 +29,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from distserve_rt.config.scheduler import SchedulerConfig
 from distserve_rt.core.block_manager import BlockManagerStats
 from distserve_rt.core.request import Request, RequestStatus
 
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
 _EMPTY_PAIRS = np.zeros((0, 2), dtype=np.int64)
-
-
-@dataclass(frozen=True, slots=True)
-class SchedulerConfig:
-    """Limits every policy respects."""
-
-    max_num_seqs: int = 256
-    """Requests holding KV (running or being prefilled) at most."""
-    max_num_batched_tokens: int = 2048
-    """Tokens (prefill + decode) one step computes at most."""
-    max_model_len: int = 2048
-    """Context length: prompt + generated tokens at most."""
-
-    def __post_init__(self) -> None:
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
 @dataclass(slots=True)

@@ -19,7 +19,6 @@ from distserve_rt.engine.disagg.kv_migration import (
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent, MigrationState
 from distserve_rt.engine.disagg.rank_kv import RankPuller
 from distserve_rt.engine.step_isolation import execute_isolated
-from distserve_rt.transfer import Parallelism
 
 
 class DecodeInstance(Instance):
@@ -29,9 +28,8 @@ class DecodeInstance(Instance):
         config = spec.disagg_config
         mc, ec = self.model_config, spec.engine_config
         geometry = PullGeometry(
-            mc.num_layers, mc.num_kv_heads, Parallelism(*spec.prefill_parallelism),
-            Parallelism(ec.tensor_parallel_size, ec.pipeline_parallel_size),
-        )  # fmt: skip
+            mc.num_layers, mc.num_kv_heads, spec.prefill_parallelism, ec.parallelism
+        )
         self.puller: KVPuller | RankPuller
         if self.worker is not None:
             assert self.worker.kv_pool is not None  # init_kv_cache allocated it

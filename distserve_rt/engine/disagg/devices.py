@@ -20,8 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from distserve_rt import _native
-from distserve_rt.engine.config import EngineConfig
-from distserve_rt.engine.placement import DisaggConfig, Placement
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.transfer import KVTransport, create_transport
 
 TRANSPORT_OF_DEVICE = {"cpu": "shm", "cuda": "cuda_ipc"}

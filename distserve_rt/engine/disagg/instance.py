@@ -15,14 +15,13 @@ from multiprocessing.connection import Connection
 
 import torch
 
+from distserve_rt.config import DisaggConfig, EngineConfig, Parallelism
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.request import Request, RequestStatus
-from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
-from distserve_rt.engine.placement import DisaggConfig
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import KVTransport
@@ -50,8 +49,8 @@ class InstanceSpec:
     transport: str
     cpu_cores: tuple[int, ...] | None = None
     """Cores to pin the process to (None: no pinning); its worker processes split them."""
-    prefill_parallelism: tuple[int, int] = (1, 1)
-    """(tp, pp) of the prefill instances (decode instances re-slice their KV by it)."""
+    prefill_parallelism: Parallelism = Parallelism()
+    """TP x PP of the prefill instances (decode instances re-slice their KV by it)."""
     shares_gpu: bool = False
     """GPU: another instance uses one of this instance's GPUs (`devices.InstanceDevice`)."""
 
@@ -62,8 +61,7 @@ class InstanceSpec:
     @property
     def num_ranks(self) -> int:
         """Worker processes: tp x pp (1: the model runs in the instance's own process)."""
-        c = self.engine_config
-        return c.tensor_parallel_size * c.pipeline_parallel_size
+        return self.engine_config.parallelism.world_size
 
 
 class Instance(abc.ABC):

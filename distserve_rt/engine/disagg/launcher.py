@@ -8,12 +8,11 @@ import multiprocessing
 import threading
 from multiprocessing.connection import Connection
 
-from distserve_rt.engine.config import EngineConfig
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine.disagg.devices import instance_devices
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
 from distserve_rt.engine.disagg.messages import InstanceStatus
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
-from distserve_rt.engine.placement import DisaggConfig, Placement
 
 
 class InstanceHandle:
@@ -116,7 +115,7 @@ def instance_specs(
     for role, cores, device in zip(roles, groups, devices, strict=True):
         spec = InstanceSpec(
             role, index[role], dataclasses.replace(configs[role], device=device.device), dc,
-            transport, cores, prefill_parallelism=(p.prefill.tp, p.prefill.pp),
+            transport, cores, prefill_parallelism=p.prefill.parallelism,
             shares_gpu=device.shares_gpu,
         )  # fmt: skip
         specs.append(spec)

@@ -32,9 +32,9 @@ from multiprocessing.connection import Connection
 import numpy as np
 import torch
 
+from distserve_rt.config import EngineConfig
 from distserve_rt.core.request import Request
 from distserve_rt.distributed.launch import RankContext, send_ok
-from distserve_rt.engine.config import EngineConfig
 from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.kv_migration import (
     FinishedPull,

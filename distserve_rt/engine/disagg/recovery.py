@@ -25,11 +25,11 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
+from distserve_rt.config import LeaseExpiryAction
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.migration import MigrationEvent, MigrationState
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
-from distserve_rt.engine.placement import LeaseExpiryAction
 from distserve_rt.logger import init_logger
 
 if TYPE_CHECKING:

@@ -27,7 +27,7 @@ from distserve_rt.entrypoints.openai.serving_chat import OpenAIServingChat
 from distserve_rt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from distserve_rt.entrypoints.openai.serving_engine import ConcurrencyLimiter, ServingContext
 from distserve_rt.logger import init_logger
-from distserve_rt.metrics.prometheus import ServingMetrics
+from distserve_rt.metrics.prometheus import PrometheusMetrics
 
 logger = init_logger(__name__)
 
@@ -70,7 +70,7 @@ def build_app(
     ctx = ServingContext(
         engine=engine,
         model_name=served_model_name or engine.model_name,
-        metrics=ServingMetrics(engine.stats),
+        metrics=PrometheusMetrics(engine.stats),
         limiter=ConcurrencyLimiter(max_concurrent),
     )
     app = FastAPI(title="distserve_rt OpenAI-compatible server", docs_url=None, redoc_url=None)

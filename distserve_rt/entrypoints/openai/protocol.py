@@ -29,7 +29,7 @@ class StreamOptions(OpenAIBaseModel):
     """Also put the usage so far in every chunk (vLLM extension)."""
 
 
-class SamplingRequest(OpenAIBaseModel):
+class GenerationRequest(OpenAIBaseModel):
     """The fields completions and chat completions share."""
 
     model: str | None = None
@@ -76,7 +76,7 @@ class SamplingRequest(OpenAIBaseModel):
         return bad
 
 
-class CompletionRequest(SamplingRequest):
+class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
@@ -108,7 +108,7 @@ class ChatMessage(OpenAIBaseModel):
     """Text, or a list of parts of which only ``{"type": "text"}`` ones are supported."""
 
 
-class ChatCompletionRequest(SamplingRequest):
+class ChatCompletionRequest(GenerationRequest):
     """``POST /v1/chat/completions``."""
 
     messages: list[ChatMessage] = Field(min_length=1)

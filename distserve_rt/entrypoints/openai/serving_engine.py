@@ -20,9 +20,9 @@ from fastapi import Request
 
 from distserve_rt.engine.protocol import EngineClient, EngineDeadError, EngineOverloadedError
 from distserve_rt.entrypoints.openai.errors import OpenAIError, bad_request
-from distserve_rt.entrypoints.openai.protocol import MAX_LOGPROBS, SamplingRequest
+from distserve_rt.entrypoints.openai.protocol import MAX_LOGPROBS, GenerationRequest
 from distserve_rt.logger import init_logger
-from distserve_rt.metrics.prometheus import RequestTracker, ServingMetrics
+from distserve_rt.metrics.prometheus import PrometheusMetrics, RequestTracker
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 
@@ -62,7 +62,7 @@ class ServingContext:
 
     engine: EngineClient
     model_name: str
-    metrics: ServingMetrics
+    metrics: PrometheusMetrics
     limiter: ConcurrencyLimiter
 
     def check_model(self, model: str | None) -> None:
@@ -86,7 +86,7 @@ class ServingContext:
 
 def sampling_params(
     ctx: ServingContext,
-    request: SamplingRequest,
+    request: GenerationRequest,
     *,
     num_prompt_tokens: int,
     max_tokens: int | None,

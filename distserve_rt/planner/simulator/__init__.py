@@ -3,7 +3,7 @@
 from distserve_rt.planner.simulator.colocated import ColocatedPolicy, ColocatedSimulator
 from distserve_rt.planner.simulator.disaggregated import DisaggregatedSimulator
 from distserve_rt.planner.simulator.results import BREAKDOWN, SimResult
-from distserve_rt.planner.simulator.spec import DisaggSpec, InstanceSpec, KVTransferSpec, SimMode
+from distserve_rt.planner.simulator.spec import DisaggSpec, KVTransferSpec, SimInstanceSpec, SimMode
 
 __all__ = [
     "BREAKDOWN",
@@ -11,7 +11,7 @@ __all__ = [
     "ColocatedSimulator",
     "DisaggSpec",
     "DisaggregatedSimulator",
-    "InstanceSpec",
+    "SimInstanceSpec",
     "KVTransferSpec",
     "SimMode",
     "SimResult",

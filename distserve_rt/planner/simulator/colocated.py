@@ -25,7 +25,7 @@ import numpy as np
 
 from distserve_rt.planner.simulator.decode_lane import DecodeLane
 from distserve_rt.planner.simulator.results import SimResult
-from distserve_rt.planner.simulator.spec import InstanceSpec
+from distserve_rt.planner.simulator.spec import SimInstanceSpec
 
 _INF = float("inf")
 
@@ -38,7 +38,7 @@ class ColocatedPolicy(str, Enum):
 class ColocatedSimulator:
     """Simulate one colocated instance; arrays ``[num_requests]`` as in the disaggregated one."""
 
-    def __init__(self, spec: InstanceSpec, policy: ColocatedPolicy) -> None:
+    def __init__(self, spec: SimInstanceSpec, policy: ColocatedPolicy) -> None:
         if spec.pp != 1:
             raise NotImplementedError(
                 f"colocated simulation supports pp=1 only, got pp={spec.pp}: the baselines "

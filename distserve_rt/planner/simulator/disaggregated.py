@@ -37,7 +37,7 @@ import numpy as np
 
 from distserve_rt.planner.simulator.decode_lane import DecodeLane
 from distserve_rt.planner.simulator.results import SimResult
-from distserve_rt.planner.simulator.spec import DisaggSpec, InstanceSpec, SimMode
+from distserve_rt.planner.simulator.spec import DisaggSpec, SimInstanceSpec, SimMode
 
 _ARRIVAL, _STAGE0_FREE, _PREFILL_DONE, _TRANSFER_DONE, _LANE = range(5)
 _INF = float("inf")
@@ -46,7 +46,7 @@ _INF = float("inf")
 class _Prefill:
     __slots__ = ("spec", "queue", "queued_tokens", "stage_free", "mem_used")
 
-    def __init__(self, spec: InstanceSpec) -> None:
+    def __init__(self, spec: SimInstanceSpec) -> None:
         self.spec = spec
         self.queue: deque[int] = deque()
         self.queued_tokens = 0
@@ -57,7 +57,7 @@ class _Prefill:
 class _Decode:
     __slots__ = ("spec", "lanes", "pulls", "load", "reserved", "num_seats", "link_free")
 
-    def __init__(self, spec: InstanceSpec, affine) -> None:
+    def __init__(self, spec: SimInstanceSpec, affine) -> None:
         self.spec = spec
         self.lanes = [DecodeLane(affine) for _ in range(spec.pp)]
         self.pulls: deque[int] = deque()
@@ -67,7 +67,7 @@ class _Decode:
         self.link_free = 0.0
 
 
-def _decode_affine(spec: InstanceSpec):
+def _decode_affine(spec: SimInstanceSpec):
     """batch -> (alpha, beta) of one lane step, hops included, memoised per batch size."""
     cache: dict[int, tuple[float, float]] = {}
     lat, pipe = spec.latency, spec.pipeline

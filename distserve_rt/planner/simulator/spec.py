@@ -23,7 +23,7 @@ class SimMode(str, Enum):
 
 
 @dataclass(frozen=True)
-class InstanceSpec:
+class SimInstanceSpec:
     """One instance (TP × PP devices) of one phase, or a colocated one."""
 
     latency: LatencyModel
@@ -83,8 +83,8 @@ class KVTransferSpec:
 class DisaggSpec:
     """``num_prefill`` prefill and ``num_decode`` decode instances and the KV path between."""
 
-    prefill: InstanceSpec
-    decode: InstanceSpec
+    prefill: SimInstanceSpec
+    decode: SimInstanceSpec
     num_prefill: int = 1
     num_decode: int = 1
     kv_transfer: KVTransferSpec = KVTransferSpec()

@@ -1,8 +1,8 @@
-"""Where the phases run: `Placement` (colocated, or disaggregated prefill/decode instances)
-and `DisaggConfig` (the knobs of the disaggregated runtime).
+"""Where the phases run: `Placement` (colocated, or disaggregated prefill/decode instances,
+each phase's instances described by a `PhaseConfig`).
 
 From Python objects, CLI flags (`entrypoints.engine_args`: ``--placement`` and the per-phase
-and DisaggConfig flags) or the YAML file `drt-run plan` writes (`Placement.from_file`).
+flags) or the YAML file `drt-run plan` writes (`Placement.from_file`).
 Validated at construction; TP x PP sizes that do not fit the model are rejected by
 `Placement.check_supported` at start-up (the controller knows the model then)."""
 
@@ -12,22 +12,22 @@ import enum
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from distserve_rt.config.parallelism import Parallelism
+from distserve_rt.config.validation import check_range
 from distserve_rt.distributed.parallel_state import check_parallel_sizes
-from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, load_placement
+
+if TYPE_CHECKING:  # an annotation only: importing `models` would load every model class
+    from distserve_rt.models.config import ModelConfig
 
 
 class PlacementKind(enum.Enum):
+    """Where prefill and decode run (also the planner's candidate kinds)."""
+
     COLOCATED = "colocated"
     DISAGGREGATED = "disaggregated"
-
-
-class LeaseExpiryAction(enum.Enum):
-    FAIL = "fail"
-    """The request ends with finish_reason "error" saying the KV was not pulled in time."""
-    RETRY = "retry"
-    """The request is prefilled again (prompt + generated tokens) on a prefill instance."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,9 +44,12 @@ class PhaseConfig:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "num_instances", "cpu_cores"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_range(name, getattr(self, name), low=1, integer=True)
+
+    @property
+    def parallelism(self) -> Parallelism:
+        """``Parallelism(tp, pp)`` of each of the phase's instances."""
+        return Parallelism(self.tp, self.pp)
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +121,7 @@ class Placement:
     def max_num_ranks(self) -> int:
         """Worker processes of the largest instance (1: every instance runs in-process)."""
         phases = [p for p in (self.prefill, self.decode) if p is not None]
-        return max((p.tp * p.pp for p in phases), default=1)
+        return max((p.parallelism.world_size for p in phases), default=1)
 
     def check_supported(self, model_config: ModelConfig) -> None:
         """Start-up check of each phase's TP x PP against the model (ValueError naming the
@@ -136,12 +139,13 @@ class Placement:
         mc = model_config
         for name, phase in (("prefill", self.prefill), ("decode", self.decode)):
             try:
+                par = phase.parallelism
                 check_parallel_sizes(
-                    mc.num_heads, mc.num_kv_heads, mc.num_layers, phase.tp, phase.pp
+                    mc.num_heads, mc.num_kv_heads, mc.num_layers, par.tp_size, par.pp_size
                 )
             except ValueError as exc:
                 raise ValueError(
-                    f"{name} instances (tp={phase.tp}, pp={phase.pp}) do not fit model "
+                    f"{name} instances ({phase.parallelism}) do not fit model "
                     f"{mc.name!r} ({mc.num_heads} heads, {mc.num_kv_heads} KV heads, "
                     f"{mc.num_layers} layers): {exc}"
                 ) from None
@@ -177,10 +181,9 @@ class Placement:
         communicator on one device): ValueError when an instance has more ranks than GPUs.
         """
         assert self.prefill is not None and self.decode is not None
-        if isinstance(num_gpus, bool) or not isinstance(num_gpus, int) or num_gpus < 1:
-            raise ValueError(f"num_gpus must be an int >= 1, got {num_gpus!r}")
-        sizes = [self.prefill.tp * self.prefill.pp] * self.prefill.num_instances
-        sizes += [self.decode.tp * self.decode.pp] * self.decode.num_instances
+        check_range("num_gpus", num_gpus, low=1, integer=True)
+        sizes = [self.prefill.parallelism.world_size] * self.prefill.num_instances
+        sizes += [self.decode.parallelism.world_size] * self.decode.num_instances
         if not share and sum(sizes) > num_gpus:
             raise ValueError(
                 f"the placement ({self.describe()}) needs {sum(sizes)} GPUs, one per instance "
@@ -208,81 +211,6 @@ class Placement:
             return self.kind.value
         assert self.prefill is not None and self.decode is not None
         return " + ".join(
-            f"{p.num_instances} {name} x (tp={p.tp}, pp={p.pp})"
+            f"{p.num_instances} {name} x ({p.parallelism})"
             for name, p in (("prefill", self.prefill), ("decode", self.decode))
         )
-
-
-@dataclass(frozen=True, slots=True)
-class DisaggConfig:
-    """Knobs of the disaggregated runtime (the instances' engine settings come from
-    `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
-
-    transport: str = "auto"
-    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc"."""
-    kv_lease_timeout_s: float = 30.0
-    """Seconds a finished prefill's KV may wait for a decode instance to pull it."""
-    on_lease_expiry: LeaseExpiryAction = LeaseExpiryAction.FAIL
-    retry_on_instance_failure: bool = False
-    """Re-prefill the requests of a dead instance on a live one (else they end in error)."""
-    max_retries: int = 1
-    """Times one request may be re-prefilled (lease expiry or instance death)."""
-    pin_cpus: bool = True
-    """CPU: pin each instance to its own cores (PhaseConfig.cpu_cores). GPU instances are
-    not pinned."""
-    share_gpus: bool = False
-    """GPU: let instances share GPUs (round-robin, `Placement.gpu_groups`) instead of one
-    GPU per instance rank: disaggregation on fewer GPUs, e.g. 1P1D on one GPU, for small
-    models or tests. Then gpu_memory_utilization is each instance's own share of a GPU
-    (weights, activations and KV cache of that instance, sized without counting the other
-    instances' memory), and the instances sharing a GPU must fit together: start-up
-    refuses gpu_memory_utilization x (instance ranks on one GPU) > 1, so 1P1D on one GPU
-    needs gpu_memory_utilization <= 0.5."""
-    startup_timeout_s: float = 300.0
-    """Seconds for every instance to load its model and report ready."""
-    launcher: str = "process"
-    """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
-    debug_verify_kv: bool = False
-    """Hash the KV blocks on both sides of every migration and fail on a mismatch."""
-    debug_pull_delay_s: float = 0.0
-    """Decode instances start pulling only this many seconds after they are ready (tests
-    of leases and back-pressure; ``math.inf``: never)."""
-    debug_min_pull_s: float = 0.0
-    """Every KV pull is reported done no sooner than this many seconds after it was
-    submitted (tests of a slow transfer: the copy itself is not slowed, only its end)."""
-    stats_interval_s: float = 0.05
-    """Seconds between the instances' load reports."""
-
-    def __post_init__(self) -> None:
-        if self.transport not in ("auto", "shm", "cuda_ipc"):
-            raise ValueError(
-                f"transport must be 'auto', 'shm' or 'cuda_ipc', got {self.transport!r}"
-            )
-        if isinstance(self.on_lease_expiry, str):
-            try:
-                object.__setattr__(self, "on_lease_expiry", LeaseExpiryAction(self.on_lease_expiry))
-            except ValueError:
-                raise ValueError(
-                    f"on_lease_expiry must be 'fail' or 'retry', got {self.on_lease_expiry!r}"
-                ) from None
-        for name in ("debug_pull_delay_s", "debug_min_pull_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-                raise ValueError(f"{name} must be a number of seconds >= 0, got {value!r}")
-        for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-                raise ValueError(f"{name} must be a number of seconds > 0, got {value!r}")
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
-            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        if not isinstance(self.share_gpus, bool):
-            raise ValueError(f"share_gpus must be a bool, got {self.share_gpus!r}")
-        if self.launcher not in ("process", "thread"):
-            raise ValueError(f"launcher must be 'process' or 'thread', got {self.launcher!r}")
-
-    def transport_name(self, device: str) -> str:
-        if self.transport != "auto":
-            return self.transport
-        return "shm" if device == "cpu" else "cuda_ipc"

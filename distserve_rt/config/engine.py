@@ -14,8 +14,10 @@ from typing import Any
 
 import torch
 
+from distserve_rt.config.parallelism import Parallelism
+from distserve_rt.config.scheduler import POLICY_NAMES, SchedulerConfig
+from distserve_rt.config.validation import check_range
 from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
-from distserve_rt.core.scheduler import POLICIES, SchedulerConfig
 from distserve_rt.ops._checks import FLOAT_DTYPES
 
 GiB = 1 << 30
@@ -77,29 +79,35 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         if not isinstance(self.dtype, str) and self.dtype not in FLOAT_DTYPES:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES} or {FLOAT_DTYPES}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {sorted(POLICIES)}, got {self.policy!r}")
+        if self.policy not in POLICY_NAMES:
+            raise ValueError(f"policy must be one of {sorted(POLICY_NAMES)}, got {self.policy!r}")
         if self.block_size not in ALLOWED_BLOCK_SIZES or isinstance(self.block_size, bool):
             raise ValueError(
                 f"block_size must be one of {ALLOWED_BLOCK_SIZES}, got {self.block_size!r}"
             )
-        _check_int("seed", self.seed, 0)
-        _check_int("kv_cache_memory_bytes", self.kv_cache_memory_bytes, 1)
-        _check_int("max_num_seqs", self.max_num_seqs, 1)
+        check_range("seed", self.seed, low=0, integer=True)
+        check_range("kv_cache_memory_bytes", self.kv_cache_memory_bytes, low=1, integer=True)
+        check_range("max_num_seqs", self.max_num_seqs, low=1, integer=True)
         for name in ("max_num_batched_tokens", "max_model_len"):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
-        _check_fraction("gpu_memory_utilization", self.gpu_memory_utilization, low_open=True)
-        _check_fraction("watermark", self.watermark, high_open=True)
-        interval = self.log_stats_interval_s
-        if not isinstance(interval, (int, float)) or not 0 <= interval < math.inf:
-            raise ValueError(
-                f"log_stats_interval_s must be >= 0, got {self.log_stats_interval_s!r}"
-            )
+                check_range(name, getattr(self, name), low=1, integer=True)
+        check_range(
+            "gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True
+        )
+        check_range("watermark", self.watermark, low=0, high=1, high_open=True)
+        check_range(
+            "log_stats_interval_s", self.log_stats_interval_s, low=0, high=math.inf,
+            high_open=True, unit="seconds",
+        )  # fmt: skip
         # Checks against the model (heads, layers) and the machine (devices) run when the
         # executor starts (`worker.multiproc_executor`), before any process is spawned.
         for name in ("tensor_parallel_size", "pipeline_parallel_size"):
-            _check_int(name, getattr(self, name), 1)
+            check_range(name, getattr(self, name), low=1, integer=True)
+
+    @property
+    def parallelism(self) -> Parallelism:
+        """``Parallelism(tensor_parallel_size, pipeline_parallel_size)``."""
+        return Parallelism(self.tensor_parallel_size, self.pipeline_parallel_size)
 
     def scheduler_config(self, model_max_len: int) -> SchedulerConfig:
         """Resolves the defaults that depend on the model (its context length)."""
@@ -120,19 +128,3 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
-
-
-def _check_int(name: str, value: object, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
-def _check_fraction(
-    name: str, value: object, *, low_open: bool = False, high_open: bool = False
-) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if ok:
-        ok = (value > 0 if low_open else value >= 0) and (value < 1 if high_open else value <= 1)
-    if not ok:
-        interval = ("(" if low_open else "[") + "0, 1" + (")" if high_open else "]")
-        raise ValueError(f"{name} must be in {interval}, got {value!r}")

@@ -1,0 +1,84 @@
+"""`DisaggConfig`: the knobs of the disaggregated runtime (transport, KV leases, recovery,
+pinning, start-up), and `LeaseExpiryAction`. Validated at construction."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from distserve_rt.config.validation import check_range
+
+
+class LeaseExpiryAction(enum.Enum):
+    FAIL = "fail"
+    """The request ends with finish_reason "error" saying the KV was not pulled in time."""
+    RETRY = "retry"
+    """The request is prefilled again (prompt + generated tokens) on a prefill instance."""
+
+
+@dataclass(frozen=True, slots=True)
+class DisaggConfig:
+    """Knobs of the disaggregated runtime (the instances' engine settings come from
+    `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
+
+    transport: str = "auto"
+    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc"."""
+    kv_lease_timeout_s: float = 30.0
+    """Seconds a finished prefill's KV may wait for a decode instance to pull it."""
+    on_lease_expiry: LeaseExpiryAction = LeaseExpiryAction.FAIL
+    retry_on_instance_failure: bool = False
+    """Re-prefill the requests of a dead instance on a live one (else they end in error)."""
+    max_retries: int = 1
+    """Times one request may be re-prefilled (lease expiry or instance death)."""
+    pin_cpus: bool = True
+    """CPU: pin each instance to its own cores (PhaseConfig.cpu_cores). GPU instances are
+    not pinned."""
+    share_gpus: bool = False
+    """GPU: let instances share GPUs (round-robin, `Placement.gpu_groups`) instead of one
+    GPU per instance rank: disaggregation on fewer GPUs, e.g. 1P1D on one GPU, for small
+    models or tests. Then gpu_memory_utilization is each instance's own share of a GPU
+    (weights, activations and KV cache of that instance, sized without counting the other
+    instances' memory), and the instances sharing a GPU must fit together: start-up
+    refuses gpu_memory_utilization x (instance ranks on one GPU) > 1, so 1P1D on one GPU
+    needs gpu_memory_utilization <= 0.5."""
+    startup_timeout_s: float = 300.0
+    """Seconds for every instance to load its model and report ready."""
+    launcher: str = "process"
+    """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
+    debug_verify_kv: bool = False
+    """Hash the KV blocks on both sides of every migration and fail on a mismatch."""
+    debug_pull_delay_s: float = 0.0
+    """Decode instances start pulling only this many seconds after they are ready (tests
+    of leases and back-pressure; ``math.inf``: never)."""
+    debug_min_pull_s: float = 0.0
+    """Every KV pull is reported done no sooner than this many seconds after it was
+    submitted (tests of a slow transfer: the copy itself is not slowed, only its end)."""
+    stats_interval_s: float = 0.05
+    """Seconds between the instances' load reports."""
+
+    def __post_init__(self) -> None:
+        if self.transport not in ("auto", "shm", "cuda_ipc"):
+            raise ValueError(
+                f"transport must be 'auto', 'shm' or 'cuda_ipc', got {self.transport!r}"
+            )
+        if isinstance(self.on_lease_expiry, str):
+            try:
+                object.__setattr__(self, "on_lease_expiry", LeaseExpiryAction(self.on_lease_expiry))
+            except ValueError:
+                raise ValueError(
+                    f"on_lease_expiry must be 'fail' or 'retry', got {self.on_lease_expiry!r}"
+                ) from None
+        for name in ("debug_pull_delay_s", "debug_min_pull_s"):
+            check_range(name, getattr(self, name), low=0, unit="seconds")
+        for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
+            check_range(name, getattr(self, name), low=0, low_open=True, unit="seconds")
+        check_range("max_retries", self.max_retries, low=0, integer=True)
+        if not isinstance(self.share_gpus, bool):
+            raise ValueError(f"share_gpus must be a bool, got {self.share_gpus!r}")
+        if self.launcher not in ("process", "thread"):
+            raise ValueError(f"launcher must be 'process' or 'thread', got {self.launcher!r}")
+
+    def transport_name(self, device: str) -> str:
+        if self.transport != "auto":
+            return self.transport
+        return "shm" if device == "cpu" else "cuda_ipc"
