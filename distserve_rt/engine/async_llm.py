@@ -28,10 +28,8 @@ from distserve_rt.engine.protocol import (
     EngineDeadError,
     EngineOverloadedError,
     EngineStats,
-    InstanceStats,
     PromptType,
 )
-from distserve_rt.engine.virtual_engine import combined_kv_stats
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -73,13 +71,7 @@ class ColocatedCore:
         return self._stats
 
     def _take_stats(self) -> EngineStats:
-        engines = self.engine.virtual_engines  # PP > 1: one scheduler per virtual engine
-        num_running = sum(ve.scheduler.num_running for ve in engines)
-        num_waiting = sum(ve.scheduler.num_waiting for ve in engines)
-        usage = combined_kv_stats(engines).usage
-        return EngineStats(
-            [InstanceStats("colocated-0", "colocated", num_running, num_waiting, usage)]
-        )
+        return self.engine.stats()
 
     def check_health(self) -> None:
         pass  # in-process: it is alive while the engine thread is

@@ -27,6 +27,7 @@ from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.engine.config import EngineConfig
+from distserve_rt.engine.protocol import EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_sampling_params, check_token_ids
 from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.engine.virtual_engine import (
@@ -93,7 +94,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._streaming: set[str] = set()
         self._seq_ids = itertools.count()
-        self._stats = StatsLogger(logger, config.log_stats_interval_s, time.monotonic())
+        self._stats = StatsLogger(logger, config.log_stats_interval_s)
 
     @property
     def scheduler(self) -> Scheduler:
@@ -172,8 +173,10 @@ class LLMEngine:
         Submits a batch for every idle virtual engine, then completes the oldest batch. A
         batch that fails finishes its own requests with finish_reason "error"; the others
         go on. A dead executor (`WorkerFailedError`) fails its batch, then raises."""
+        self._stats.observe(busy=True)  # opens the busy window at the first step after idle
         self._submit_idle()
         if not self._in_flight:
+            self._stats.observe(busy=False)
             return []
         ve, scheduler_output, handle = self._in_flight.popleft()
         ve.busy = False
@@ -241,16 +244,19 @@ class LLMEngine:
             for request, row, is_live in zip(requests, runner_output.logprobs, live, strict=True):
                 if is_live and request.logprobs is not None:
                     request.logprobs.append(row)
-        self._stats.record_step(
-            scheduler_output.num_prefill_tokens, len(requests), len(scheduler_output.preempted)
+        self._stats.record(
+            scheduler_output.num_prefill_tokens,
+            scheduler_output.num_decode_tokens,
+            len(scheduler_output.preempted),
         )
-        self._maybe_log_stats(now)
         outputs = [RequestOutput.from_request(r) for r in updated]
         for request in finished:
             self._finalize(request)
             outputs.append(RequestOutput.from_request(request))
         if finished:
             self.executor.release_requests([r.seq_id for r in finished])
+        self._stats.observe(busy=self.has_unfinished_requests())
+        self._stats.maybe_log(self.stats)
         return outputs
 
     def _fail_step(
@@ -297,15 +303,15 @@ class LLMEngine:
         self._requests.pop(request.request_id, None)
         self._streaming.discard(request.request_id)
 
-    def _maybe_log_stats(self, now: float) -> None:
-        if self._stats.due(now):
-            schedulers = [ve.scheduler for ve in self.virtual_engines]
-            self._stats.log(
-                now,
-                sum(s.num_running for s in schedulers),
-                sum(s.num_waiting for s in schedulers),
-                combined_kv_stats(self.virtual_engines),
-            )
+    def stats(self) -> EngineStats:
+        """Queues and KV usage now, as one "colocated-0" instance (all virtual engines)."""
+        schedulers = [ve.scheduler for ve in self.virtual_engines]
+        num_running = sum(s.num_running for s in schedulers)
+        num_waiting = sum(s.num_waiting for s in schedulers)
+        usage = combined_kv_stats(self.virtual_engines).usage
+        return EngineStats(
+            [InstanceStats("colocated-0", "colocated", num_running, num_waiting, usage)]
+        )
 
     def _check_params(self, request_id: str, params: SamplingParams) -> SamplingParams:
         return check_sampling_params(request_id, params, self.model_config)
