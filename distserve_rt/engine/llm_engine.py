@@ -282,6 +282,7 @@ class LLMEngine:
         for request in finished:
             self._finalize(request)
             outputs.append(RequestOutput.from_request(request))
+        self._stats.observe(busy=self.has_unfinished_requests())  # may have gone idle
         return outputs
 
     def _stop_checker(self, params: SamplingParams, prompt_token_ids: list[int]) -> StopChecker:

@@ -182,6 +182,32 @@ def test_colocated_engine_rates_over_its_busy_steps(monkeypatch, caplog):
     assert "| running 1, waiting 0 |" in line and line.endswith("| preemptions 0")
 
 
+def test_a_failed_last_step_closes_the_busy_window(monkeypatch, caplog):
+    from tests.engine.test_engine_robustness import FailingOnceExecutor
+
+    clock = _drive(monkeypatch, llm_engine_module)
+    config = EngineConfig(
+        model="fake", block_size=8, kv_cache_memory_bytes=1 << 20, log_stats_interval_s=10
+    )
+    engine = LLMEngine(config, model=FakeCausalLM())
+    engine.executor = FailingOnceExecutor(engine.executor.worker, poison="x")
+    with caplog.at_level("INFO", logger="distserve_rt"):
+        engine.add_request("x", [5, 6, 7], greedy(4))
+        clock.t = 1.0
+        (failed,) = engine.step()
+        assert failed.outputs[0].finish_reason == "error"
+        clock.t = 60.0  # idle since the failure
+        engine.add_request("y", [5, 6, 7, 8, 9], greedy(4))
+        while engine.has_unfinished_requests():
+            engine.step()
+            clock.t += 1.0
+        clock.t = 200.0
+        engine.add_request("z", [1, 2, 3, 4, 5], greedy(4))
+        engine.step()
+    (line,) = _stats_lines(caplog)
+    assert line.startswith("prefill 3.3 tok/s, decode 1.0 tok/s (busy 3.0 s of 140.0 s)")
+
+
 def test_controller_logs_the_same_line_from_the_messages_it_receives(monkeypatch, caplog):
     clock = _drive(monkeypatch, controller_module)
     prompts = PROMPTS[:2]
