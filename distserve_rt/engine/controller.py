@@ -31,6 +31,7 @@ from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
+from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -90,6 +91,8 @@ class Controller:
         (`disagg/migration.py`); `settle_migration` releases the KV and drops the record."""
         self._closed = False
         self._peers_opened: set[str] = set()
+        self._stats = StatsLogger(logger, config.log_stats_interval_s)
+        """The periodic stats line: tokens counted from PrefillDone and Tokens messages."""
         try:
             self.model_config = self._wait_ready()
         except BaseException:
@@ -195,6 +198,7 @@ class Controller:
         if not self.prefills():
             raise EngineDeadError("every prefill instance is dead")
         self.requests[request_id] = tracked
+        self._stats.observe(busy=True)
         self.dispatch_prefill(tracked)
 
     def dispatch_prefill(self, tracked: TrackedRequest) -> None:
@@ -250,6 +254,8 @@ class Controller:
         returns the outputs of finished requests and the new tokens of streaming ones."""
         if not self._outputs:
             self._receive(timeout_s)
+        self._stats.observe(busy=bool(self.requests))
+        self._stats.maybe_log(self.stats)
         outputs, self._outputs = self._outputs, []
         return outputs
 
@@ -280,8 +286,10 @@ class Controller:
         elif isinstance(m, msg.PeersOpened):
             self._peers_opened.add(m.name)
         elif isinstance(m, msg.PrefillDone):
+            self._record_prefill(m)
             self._on_prefill_done(handle, m)
         elif isinstance(m, msg.Tokens):
+            self._stats.record(num_decode_tokens=len(m.token_ids))
             self._on_tokens(m)
         elif isinstance(m, msg.MigrationDone):
             self._on_migration_done(m)
@@ -293,6 +301,13 @@ class Controller:
             recovery.on_instance_death(self, handle, m.error)
         else:
             raise RuntimeError(f"unexpected message from {handle.name}: {m!r}")
+
+    def _record_prefill(self, m: msg.PrefillDone) -> None:
+        tracked = self.requests.get(m.request_id)
+        if tracked is not None and tracked.phase is Phase.PREFILLING:
+            # Before the first token is appended: every token so far was prefilled (a
+            # retried request prefills its generated tokens too).
+            self._stats.record(num_prefill_tokens=len(tracked.token_ids))
 
     def _on_prefill_done(self, handle: InstanceHandle, m: msg.PrefillDone) -> None:
         tracked = self.requests.get(m.request_id)

@@ -104,7 +104,7 @@ class LLMEngine:
         self._requests: dict[str, Request] = {}
         self._streaming: set[str] = set()
         self._seq_ids = itertools.count()
-        self._stats = StatsLogger(logger, config.log_stats_interval_s, time.monotonic())
+        self._stats = StatsLogger(logger, config.log_stats_interval_s)
         self._closed = False
         self._snapshot = self._take_stats()
 
@@ -200,8 +200,10 @@ class LLMEngine:
         batch that raises is narrowed down to the requests that fail alone
         (`step_isolation`): they finish with finish_reason "error", the rest of the batch
         gets its tokens. A dead executor (`WorkerFailedError`) fails its batch, then raises."""
+        self._stats.observe(busy=True)  # opens the busy window at the first step after idle
         self._submit_idle()
         if not self._in_flight:
+            self._stats.observe(busy=False)
             return []
         ve, scheduler_output, handle, snapshot = self._in_flight.popleft()
         ve.busy = False
@@ -289,16 +291,19 @@ class LLMEngine:
             for request, row, is_live in zip(requests, runner_output.logprobs, live, strict=True):
                 if is_live and request.logprobs is not None:
                     request.logprobs.append(row)
-        self._stats.record_step(
-            scheduler_output.num_prefill_tokens, len(requests), len(scheduler_output.preempted)
+        self._stats.record(
+            scheduler_output.num_prefill_tokens,
+            scheduler_output.num_decode_tokens,
+            len(scheduler_output.preempted),
         )
-        self._maybe_log_stats(now)
         outputs = [RequestOutput.from_request(r) for r in updated]
         for request in finished:
             self._finalize(request)
             outputs.append(RequestOutput.from_request(request))
         if finished:
             self.executor.release_requests([r.seq_id for r in finished])
+        self._stats.observe(busy=self.has_unfinished_requests())
+        self._stats.maybe_log(self._take_stats)
         return outputs
 
     def _fail_step(
@@ -324,6 +329,7 @@ class LLMEngine:
         for request in finished:
             self._finalize(request)
             outputs.append(RequestOutput.from_request(request))
+        self._stats.observe(busy=self.has_unfinished_requests())  # may have gone idle
         return outputs
 
     def _fail_requests(
@@ -358,16 +364,6 @@ class LLMEngine:
         """Drops the request from the engine's tables."""
         self._requests.pop(request.request_id, None)
         self._streaming.discard(request.request_id)
-
-    def _maybe_log_stats(self, now: float) -> None:
-        if self._stats.due(now):
-            schedulers = [ve.scheduler for ve in self.virtual_engines]
-            self._stats.log(
-                now,
-                sum(s.num_running for s in schedulers),
-                sum(s.num_waiting for s in schedulers),
-                combined_kv_stats(self.virtual_engines),
-            )
 
     # ---- stats, health, shutdown ----------------------------------------------------------
 

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from distserve_rt import ops
 from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler import SchedulerOutput
 from distserve_rt.layers.attention import AttentionMetadata
@@ -43,8 +42,6 @@ class ModelInput:
     logits_rows: torch.Tensor
     """int64 [num_sampling]: rows whose logits are sampled, in `sampling_requests` order."""
     sampling_requests: list[Request]
-    block_copies: torch.Tensor | None = None
-    """int64 [num_pairs, 2] copy-on-write pairs, copied before the model runs."""
 
 
 @dataclass(slots=True)
@@ -125,7 +122,6 @@ class ModelRunner:
             metadata.decode_block_table = self._to_device(batch.decode_block_tables)
             metadata.decode_seq_lens = self._to_device(batch.decode_seq_lens)
             metadata.decode_max_seq_len = int(batch.decode_seq_lens.max())
-        copies = batch.block_copies
         self._input_ids[:num_tokens] = batch.input_ids  # pinned on CUDA: an async copy
         return ModelInput(
             input_ids=self._to_device(self._input_ids[:num_tokens]),
@@ -133,7 +129,6 @@ class ModelRunner:
             metadata=metadata,
             logits_rows=self._to_device(self._logits_rows[:num_rows]),
             sampling_requests=sampling_requests or [],
-            block_copies=self._to_device(copies) if len(copies) else None,
         )
 
     def _fill_prefills(self, batch: StepBatch) -> int:
@@ -194,8 +189,6 @@ class ModelRunner:
     ) -> torch.Tensor:
         """This stage's forward: ``[num_tokens, hidden_size]`` (``intermediate``: the previous
         stage's output, None on the first stage)."""
-        if model_input.block_copies is not None:
-            ops.copy_blocks(self.kv_pool, self.kv_pool, model_input.block_copies)
         return self.model(
             model_input.input_ids,
             model_input.positions,

@@ -38,8 +38,6 @@ class StepBatch:
     """int32 [num_decodes, max_blocks]."""
     slot_mapping: np.ndarray
     """int64 [num_tokens] (negative = padding, not written)."""
-    block_copies: np.ndarray
-    """int64 [num_pairs, 2] copy-on-write pairs."""
     prefill_block_tables: np.ndarray | None
     """int32 [num_prefills, max_blocks]; None when no chunk reads a cached prefix."""
 
@@ -81,7 +79,6 @@ class StepBatch:
             decode_seq_lens=out.decode_seq_lens,
             decode_block_tables=out.decode_block_tables,
             slot_mapping=out.slot_mapping,
-            block_copies=out.block_copies,
             prefill_block_tables=out.prefill_block_tables,
         )
 
@@ -93,7 +90,6 @@ class StepBatch:
         slots = self.slot_mapping
         self.slot_mapping = np.where(slots >= 0, slots + block_offset * block_size, slots)
         self.decode_block_tables = self.decode_block_tables + np.int32(block_offset)
-        self.block_copies = self.block_copies + block_offset
         if self.prefill_block_tables is not None:
             self.prefill_block_tables = self.prefill_block_tables + np.int32(block_offset)
 

@@ -157,3 +157,16 @@ def test_config_checks():
         make("chunked_prefill", max_num_batched_tokens=8, max_num_seqs=16)
     with pytest.raises(ValueError, match="policy"):
         make("fifo")
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_decode_into_a_shared_block_fails_instead_of_dropping_the_copy(policy):
+    """No step carries copy-on-write pairs yet (nothing forks): a decode append that needs
+    one must fail loudly, not write into a block another request still reads."""
+    s, bm = make(policy)
+    r = request(5)  # a partial block: its next token goes into the shared block
+    s.add_request(r)
+    step(s, bm)
+    bm.fork(r.seq_id, 1 << 30)
+    with pytest.raises(RuntimeError, match="copy-on-write pairs"):
+        s.schedule(1.0)

@@ -18,7 +18,6 @@ def _batch() -> StepBatch:
         decode_seq_lens=np.array([4], dtype=np.int32),
         decode_block_tables=np.array([[1, 0]], dtype=np.int32),
         slot_mapping=np.array([18, 19, 20, -1], dtype=np.int64),
-        block_copies=np.array([[1, 2]], dtype=np.int64),
         prefill_block_tables=np.array([[2, 3]], dtype=np.int32),
     )
 
@@ -30,7 +29,6 @@ def test_shift_blocks_moves_every_block_id_and_keeps_padding():
     assert batch.slot_mapping.tolist() == [98, 99, 100, -1]  # padding stays negative
     assert batch.decode_block_tables.tolist() == [[11, 10]]
     assert batch.prefill_block_tables.tolist() == [[12, 13]]
-    assert batch.block_copies.tolist() == [[11, 12]]
     assert batch.decode_block_tables.dtype == np.int32
     assert original_slots.tolist() == [18, 19, 20, -1]  # the scheduler's arrays are untouched
     assert (batch.num_tokens, batch.num_prefill_tokens, batch.num_decodes) == (4, 3, 1)

@@ -135,6 +135,13 @@ class SchedulerBase(Scheduler):
         while decodes:
             result = self.block_manager.append_slots_batch([r.seq_id for r in decodes])
             if result is not None:
+                if len(result.block_copies):
+                    # Only `fork` shares blocks and nothing calls it yet; a step has no way
+                    # to carry the copies, so dropping them would corrupt the KV silently.
+                    raise RuntimeError(
+                        f"a decode append returned {len(result.block_copies)} copy-on-write "
+                        "pairs, but the engine step cannot copy blocks (see BlockManager.fork)"
+                    )
                 for request in decodes:
                     request.num_computed_tokens += 1
                 # A copy: policies append requests that finish their prefill to `running`.

@@ -35,7 +35,6 @@ from distserve_rt.core.request import Request, RequestStatus
 
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
-_EMPTY_PAIRS = np.zeros((0, 2), dtype=np.int64)
 
 
 @dataclass(slots=True)
@@ -63,8 +62,6 @@ class SchedulerOutput:
     """Finished inside the scheduler since the last step (aborted, rejected)."""
     slot_mapping: np.ndarray = field(default_factory=lambda: _EMPTY_I64)
     """int64 [num_tokens]: KV slot of every scheduled token, in token order."""
-    block_copies: np.ndarray = field(default_factory=lambda: _EMPTY_PAIRS)
-    """int64 [num_pairs, 2]: copy-on-write pairs to copy before writing KV."""
     prefill_block_tables: np.ndarray | None = None
     """int32 [num_prefills, max_blocks]; None when no chunk has a prefix in the cache."""
     decode_block_tables: np.ndarray = field(default_factory=lambda: _EMPTY_I32.reshape(0, 0))
