@@ -7,9 +7,8 @@ from __future__ import annotations
 import functools
 
 import pytest
-from distserve_rt.engine.config import EngineConfig
-from distserve_rt.engine.placement import DisaggConfig, Placement
 
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine import controller as controller_module
 from distserve_rt.engine import llm_engine as llm_engine_module
 from distserve_rt.engine.controller import Controller
