@@ -177,7 +177,6 @@ def sub_batch(batch: SchedulerOutput, keep: Collection[int]) -> SchedulerOutput:
         prefills=prefills,
         decodes=[batch.decodes[j] for j in decode_rows],
         slot_mapping=np.concatenate(slots),
-        block_copies=batch.block_copies,
         num_prefill_tokens=sum(p.num_new_tokens for p in prefills),
     )
     if batch.prefill_block_tables is not None and prefills:
