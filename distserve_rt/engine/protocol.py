@@ -46,13 +46,20 @@ class InstanceStats:
 
 @dataclass(slots=True)
 class TransferTotals:
-    """KV transfers since start (all zero for colocated placements)."""
+    """KV transfers since start (all zero for colocated placements): the engine's, and each
+    decode instance's `Puller.totals`. One transfer is one migration (all its slices)."""
 
     transport: str = "none"
     num_transfers: int = 0
+    """Migrations whose KV arrived."""
     num_failures: int = 0
     bytes: int = 0
+    """Bytes moved by the migrations that arrived."""
     seconds: float = 0.0
+    """Sum over the migrations that arrived of their slowest transfer's seconds (pulls
+    overlap, so this exceeds wall time under load)."""
+    num_verified: int = 0
+    """Migrations whose KV digest was checked equal (`DisaggConfig.debug_verify_kv`)."""
 
 
 @dataclass(slots=True)

@@ -29,6 +29,7 @@ from distserve_rt.distributed.parallel_state import check_parallel_sizes
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.loader import DUMMY_PREFIX, read_hf_config
 from distserve_rt.models.presets import get_preset
+from distserve_rt.worker.commands import AllocateKVCommand, MeasureKVCommand, StepCommand
 from distserve_rt.worker.executor import Executor
 from distserve_rt.worker.model_runner import ModelRunnerOutput
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
@@ -43,8 +44,9 @@ class MultiprocExecutor(Executor):
         launch: overrides how the processes start (threads, pinning, timeout); derived from
             `config` when None.
         target: the worker processes' entry point (`run_worker`; disaggregated instances
-            pass one that also exports or pulls KV, see `engine.disagg.rank_worker`).
-        extra_args: passed to `target` after `config`.
+            pass one that also exports or pulls KV, see `engine.disagg.rank_kv`).
+        target_config: the typed per-worker settings `target` takes after `config`
+            (`engine.disagg.rank_kv.KVRankConfig`); None: `target` takes only `config`.
         report_generator_states: every step's output carries the generator state of each
             seeded request it sampled (`ModelRunnerOutput.generator_states`): a prefill
             instance hands it to the decode instance. Off by default (a few KiB per seeded
@@ -59,7 +61,7 @@ class MultiprocExecutor(Executor):
         config: EngineConfig,
         launch: LaunchConfig | None = None,
         target: WorkerTarget = run_worker,
-        extra_args: tuple = (),
+        target_config: object | None = None,
         *,
         report_generator_states: bool = False,
     ) -> None:
@@ -73,7 +75,8 @@ class MultiprocExecutor(Executor):
         mc = load_model_config(config.model)
         check_parallel_sizes(mc.num_heads, mc.num_kv_heads, mc.num_layers, tp, pp)
         self._timeout_s = launch.timeout_s
-        self._group: WorkerGroup | None = WorkerGroup(launch, target, (config, *extra_args))
+        args = (config,) if target_config is None else (config, target_config)
+        self._group: WorkerGroup | None = WorkerGroup(launch, target, args)
         self.processes = list(self._group.processes)
         """The worker processes, rank order (kept after `shutdown`, to check they exited)."""
         try:
@@ -107,9 +110,9 @@ class MultiprocExecutor(Executor):
 
     def init_kv_cache(self, scheduler_config: SchedulerConfig) -> int:
         group = self.group
-        group.send(range(group.world_size), ("measure_kv", scheduler_config))
+        group.send(range(group.world_size), MeasureKVCommand(scheduler_config))
         num_blocks = min(group.gather(self._timeout_s))
-        group.send(range(group.world_size), ("allocate_kv", scheduler_config, num_blocks))
+        group.send(range(group.world_size), AllocateKVCommand(scheduler_config, num_blocks))
         group.gather(self._timeout_s)
         return num_blocks
 
@@ -121,7 +124,8 @@ class MultiprocExecutor(Executor):
         if block_offset:
             batch.shift_blocks(block_offset, self._block_size)
         group = self.group
-        group.send(range(group.world_size), ("step", batch, self._sampling(scheduler_output)))
+        command = StepCommand(batch, self._sampling(scheduler_output))
+        group.send(range(group.world_size), command)
         handle = self._num_submitted
         self._num_submitted += 1
         self.max_num_in_flight = max(self.max_num_in_flight, self.num_in_flight)
@@ -138,13 +142,14 @@ class MultiprocExecutor(Executor):
             self._num_answered += 1
         return self._answers.pop(handle)
 
-    def broadcast(self, message: tuple) -> list:
-        """Sends `message` to every rank and returns their answers, rank order (commands
-        of `target`s beyond the steps). Only between steps: answers would interleave."""
+    def broadcast(self, command: object) -> list:
+        """Sends `command` to every rank and returns their answers, rank order (commands
+        `target`'s workers register beyond `worker.commands`). Only between steps:
+        answers would interleave."""
         if self.num_in_flight:
             raise RuntimeError(f"broadcast with {self.num_in_flight} steps in flight")
         group = self.group
-        group.send(range(group.world_size), message)
+        group.send(range(group.world_size), command)
         return group.gather(self._timeout_s)
 
     def release_requests(self, seq_ids: Sequence[int]) -> None:

@@ -1,15 +1,16 @@
 """The main loop of one TP/PP worker process (started by `distributed.launch.WorkerGroup`).
 
-Messages from the driver (`worker.multiproc_executor`), one tuple each, handled in order:
+Commands from the driver (`worker.multiproc_executor`), one `worker.commands` dataclass
+each, handled in order and dispatched on their type (`WorkerProcess.command_handlers`):
 
-* ``("measure_kv", SchedulerConfig)`` -> the blocks this rank's memory holds;
-* ``("allocate_kv", SchedulerConfig, num_blocks)`` -> None, once the pool exists;
-* ``("step", StepBatch, StepSampling)`` -> answered by the sampling rank only (the last
-  stage's TP rank 0): ``(token_ids, logprobs, generator_states)``, the states (seq_id ->
-  bytes) of the rows `StepSampling.report_generator_states` names, None when it names
-  none. Stage k > 0 receives the activations
-  ``[num_tokens, hidden_size]`` of stage k - 1 (the same TP rank) before it runs; every
-  stage processes steps in order, so stage 0 runs step i + 1 while stage 1 runs step i;
+* `MeasureKVCommand` -> the blocks this rank's memory holds;
+* `AllocateKVCommand` -> None, once the pool exists;
+* `StepCommand` -> answered by the sampling rank only (the last stage's TP rank 0):
+  ``(token_ids, logprobs, generator_states)``, the states (seq_id -> bytes) of the rows
+  `StepSampling.report_generator_states` names, None when it names none. Stage k > 0
+  receives the activations ``[num_tokens, hidden_size]`` of stage k - 1 (the same TP
+  rank) before it runs; every stage processes steps in order, so stage 0 runs step i + 1
+  while stage 1 runs step i;
 * ``None`` (or EOF) -> exit.
 
 Right after start-up every rank answers with its `ModelConfig` (the model is loaded).
@@ -20,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -30,6 +32,12 @@ from distserve_rt.distributed.launch import RankContext, recv_message, send_ok
 from distserve_rt.layers.sampling_metadata import generator_state
 from distserve_rt.logger import init_logger
 from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.worker.commands import (
+    AllocateKVCommand,
+    MeasureKVCommand,
+    StepCommand,
+    dispatch,
+)
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
 from distserve_rt.worker.worker import Worker
 
@@ -72,22 +80,25 @@ class WorkerProcess:
 
     def run(self) -> None:
         send_ok(self.conn, self.worker.model_config)
-        while (message := recv_message(self.conn)) is not None:
-            kind = message[0]
-            if kind == "step":
-                self.step(message[1], message[2])
-            elif kind == "measure_kv":
-                send_ok(self.conn, self.worker.measure_kv_blocks(message[1]))
-            elif kind == "allocate_kv":
-                self.worker.allocate_kv_cache(message[1], message[2])
-                send_ok(self.conn)
-            else:
-                self.handle_other(message)
+        handlers = self.command_handlers()
+        while (command := recv_message(self.conn)) is not None:
+            dispatch(handlers, command)
         self._finish_send()
 
-    def handle_other(self, message: tuple) -> None:
-        """Messages of subclasses (the disaggregated instances' KV export and pulls)."""
-        raise ValueError(f"unknown message kind {message[0]!r}")
+    def command_handlers(self) -> dict[type, Callable[[Any], None]]:
+        """Command type -> handler (each answers on `conn` as its command says). Subclasses
+        add theirs (the disaggregated instances' KV export and pulls)."""
+        return {
+            StepCommand: lambda c: self.step(c.batch, c.sampling),
+            MeasureKVCommand: lambda c: send_ok(
+                self.conn, self.worker.measure_kv_blocks(c.scheduler_config)
+            ),
+            AllocateKVCommand: self._allocate_kv,
+        }
+
+    def _allocate_kv(self, command: AllocateKVCommand) -> None:
+        self.worker.allocate_kv_cache(command.scheduler_config, command.num_blocks)
+        send_ok(self.conn)
 
     @torch.inference_mode()
     def step(self, batch: StepBatch, sampling: StepSampling) -> None:

@@ -11,9 +11,16 @@ import pytest
 import torch
 
 from distserve_rt.core.request import Request
-from distserve_rt.engine.disagg.kv_migration import PullGeometry, PullOutcome
+from distserve_rt.engine.disagg.kv_migration import PullGeometry
 from distserve_rt.engine.disagg.messages import Migrate
-from distserve_rt.engine.disagg.rank_kv import PULL_TIMEOUT_S, RankPuller, RankPulls
+from distserve_rt.engine.disagg.puller import PULL_TIMEOUT_S, PullOutcome
+from distserve_rt.engine.disagg.rank_kv import (
+    ExportKVCommand,
+    KVRankConfig,
+    RankPuller,
+    RankPulls,
+)
+from distserve_rt.engine.protocol import TransferTotals
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import Parallelism
 from distserve_rt.transfer.fake import FakeTransport
@@ -37,9 +44,9 @@ class InProcessRanks:
         self.ranks, self.pools = ranks, pools
         self.num_broadcasts = 0
 
-    def broadcast(self, message: tuple) -> list:
+    def broadcast(self, command: object) -> list:
         self.num_broadcasts += 1
-        return [r.answer(message, pool) for r, pool in zip(self.ranks, self.pools, strict=True)]
+        return [r.answer(command, pool) for r, pool in zip(self.ranks, self.pools, strict=True)]
 
 
 @pytest.fixture
@@ -53,7 +60,7 @@ def setup():
     pools = [torch.zeros(4, NUM_LAYERS, 2, 1, BLOCK_SIZE, HEAD_DIM) for _ in range(2)]
     executor = InProcessRanks(ranks, pools)
     geometry = PullGeometry(NUM_LAYERS, NUM_KV_HEADS, Parallelism(1, 1), Parallelism(2, 1))
-    puller = RankPuller(executor, geometry)  # type: ignore[arg-type]
+    puller = RankPuller(executor, geometry, "fake")  # type: ignore[arg-type]
     puller.open_peers({0: [descriptor]})
     yield clock, src_pool, transports, ranks, pools, executor, puller
     prefill.close()
@@ -81,7 +88,7 @@ def test_start_returns_at_once_and_the_pull_is_reported_when_every_rank_is_done(
     for head, pool in enumerate(pools):  # each rank holds its head of blocks 2 and 0
         assert torch.equal(pool[[1, 3]], src_pool[[2, 0]][:, :, :, head : head + 1])
     assert not puller.pulls and puller.poll(clock.now) == []
-    assert puller.totals() == (1, 0, num_bytes, TRANSFER_S)
+    assert puller.totals() == TransferTotals("fake", 1, 0, num_bytes, TRANSFER_S)
     num_broadcasts = executor.num_broadcasts
     puller.poll(clock.now)  # nothing in flight: no round trip to the ranks
     assert executor.num_broadcasts == num_broadcasts
@@ -95,7 +102,7 @@ def test_one_rank_failing_fails_the_migration_once_every_rank_is_final(setup):
     clock.now = TRANSFER_S
     (done,) = puller.poll(clock.now)
     assert done.outcome is PullOutcome.FAILED and "rank 1 lost its peer" in done.error
-    assert puller.totals() == (0, 1, 0, 0.0)
+    assert puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)
 
 
 def test_a_rank_that_cannot_submit_answers_at_once_and_the_others_are_awaited(setup):
@@ -109,15 +116,27 @@ def test_a_rank_that_cannot_submit_answers_at_once_and_the_others_are_awaited(se
     assert done.outcome is PullOutcome.FAILED and "no pool descriptor for prefill-0" in done.error
 
 
-def test_a_rank_pull_not_final_by_the_timeout_fails_instead_of_hanging(setup):
-    clock, _, transports, _, _, _, puller = setup
+def test_a_rank_pull_not_final_by_the_timeout_fails_and_the_ranks_forget_it(setup):
+    clock, _, transports, ranks, _, executor, puller = setup
+    assert puller.timeout_s == PULL_TIMEOUT_S
     for t in transports:
         t.transfer_delay_s = 10 * PULL_TIMEOUT_S
     request, migration = _migration()
     puller.start(request, migration, np.array([1, 3], np.int32), clock.now)
-    clock.now = PULL_TIMEOUT_S + 1.0
+    clock.now = float(np.nextafter(PULL_TIMEOUT_S, 0.0))
+    assert puller.poll(clock.now) == []  # not before the timeout
+    clock.now = PULL_TIMEOUT_S
     (done,) = puller.poll(clock.now)
     assert done.outcome is PullOutcome.FAILED and f"not done after {PULL_TIMEOUT_S}" in done.error
+    assert done.end_time == PULL_TIMEOUT_S and not puller.pulls
+    assert puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)
+    # The ranks still hold the stuck copies until the next poll tells them to drop them.
+    assert [r.num_in_flight for r in ranks] == [1, 1]
+    puller.poll(clock.now)
+    assert [r.num_in_flight for r in ranks] == [0, 0]
+    num_broadcasts = executor.num_broadcasts
+    puller.poll(clock.now)  # nothing left to poll or forget: no round trip
+    assert executor.num_broadcasts == num_broadcasts
 
 
 def test_debug_min_pull_s_holds_the_report_back(setup):
@@ -145,7 +164,7 @@ def test_pulls_of_several_requests_finish_independently(setup):
     clock.now = 0.5 + TRANSFER_S
     assert [d.pull.request.request_id for d in puller.poll(clock.now)] == ["b"]
     with pytest.raises(ValueError, match="not a pull command"):
-        RankPulls(FakeTransport(), 0, 0).answer(("export_kv",), torch.zeros(1))
+        RankPulls(FakeTransport(), 0, 0).answer(ExportKVCommand(), torch.zeros(1))
 
 
 def test_a_submit_that_raises_fails_only_its_migration(setup):
@@ -167,3 +186,8 @@ def test_a_pull_that_finished_is_a_success_even_when_polled_after_the_timeout(se
     clock.now = PULL_TIMEOUT_S + 1.0  # the loop was busy: the copy ended long ago
     (done,) = puller.poll(clock.now)
     assert done.outcome is PullOutcome.SUCCESS
+
+
+def test_a_rank_config_refuses_a_negative_min_pull_s():
+    with pytest.raises(ValueError, match="min_pull_s must be >= 0 seconds, got -1.0"):
+        KVRankConfig(is_prefill=False, transport="shm", min_pull_s=-1.0)

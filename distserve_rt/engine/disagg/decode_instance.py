@@ -1,5 +1,5 @@
 """A decode instance: admits announced migrations when its pool has room, pulls their KV
-(`kv_migration.KVPuller`), then decodes them with continuous batching."""
+(a `puller.Puller`), then decodes them with continuous batching."""
 
 from __future__ import annotations
 
@@ -9,14 +9,9 @@ from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import (
-    FinishedPull,
-    KVPuller,
-    Pull,
-    PullGeometry,
-    PullOutcome,
-)
+from distserve_rt.engine.disagg.kv_migration import KVPuller, PullGeometry
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent, MigrationState
+from distserve_rt.engine.disagg.puller import FinishedPull, Pull, Puller, PullOutcome
 from distserve_rt.engine.disagg.rank_kv import RankPuller
 from distserve_rt.engine.step_isolation import execute_isolated
 
@@ -30,7 +25,7 @@ class DecodeInstance(Instance):
         geometry = PullGeometry(
             mc.num_layers, mc.num_kv_heads, spec.prefill_parallelism, ec.parallelism
         )
-        self.puller: KVPuller | RankPuller
+        self.puller: Puller
         if self.worker is not None:
             assert self.worker.kv_pool is not None  # init_kv_cache allocated it
             pool = self.worker.kv_pool
@@ -38,7 +33,7 @@ class DecodeInstance(Instance):
                 self.transport, pool, config.debug_verify_kv, geometry, config.debug_min_pull_s
             )
         else:
-            self.puller = RankPuller(self.executor, geometry)  # type: ignore[arg-type]
+            self.puller = RankPuller(self.executor, geometry, spec.transport)  # type: ignore[arg-type]
         self._pull_from = time.monotonic() + config.debug_pull_delay_s
         self.migrations: dict[str, Migration] = {}
         """Migrations whose source KV the prefill instance holds for us (until our
@@ -210,16 +205,15 @@ class DecodeInstance(Instance):
         s = self.scheduler
         if s.running or s.waiting:
             return 0.0
-        if self.puller.pulls:
+        if self.puller.num_in_flight:
             return self.puller.POLL_INTERVAL_S
         return 0.0005 if s.pending else 0.02
 
     def status(self) -> msg.InstanceStatus:
         s, bm = self.scheduler, self.block_manager
-        num_ok, num_failed, num_bytes, seconds = self.puller.totals()
+        t = self.puller.totals()
         return msg.InstanceStatus(
             s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage,
-            num_transfers=num_ok, num_transfer_failures=num_failed,
-            transfer_bytes=num_bytes, transfer_seconds=seconds,
-            num_kv_verified=self.puller.num_verified,
+            num_transfers=t.num_transfers, num_transfer_failures=t.num_failures,
+            transfer_bytes=t.bytes, transfer_seconds=t.seconds, num_kv_verified=t.num_verified,
         )  # fmt: skip

@@ -85,17 +85,16 @@ class Instance(abc.ABC):
             )
             self.executor = UniprocExecutor(self.worker)
         else:
-            from distserve_rt.engine.disagg.rank_kv import run_kv_worker
+            from distserve_rt.engine.disagg.rank_kv import KVRankConfig, run_kv_worker
 
             is_prefill = spec.role is InstanceRole.PREFILL
+            rank_config = KVRankConfig(
+                is_prefill, spec.transport, spec.shares_gpu, spec.disagg_config.debug_min_pull_s
+            )
             # A prefill instance's seeded streams live in its sampling worker: it reports
             # them with each first token, so that they migrate (`PrefillDone`).
             self.executor = MultiprocExecutor(
-                config, target=run_kv_worker,
-                extra_args=(
-                    is_prefill, spec.transport, spec.shares_gpu,
-                    spec.disagg_config.debug_min_pull_s,
-                ),
+                config, target=run_kv_worker, target_config=rank_config,
                 report_generator_states=is_prefill,
             )  # fmt: skip
         self.model_config = self.executor.model_config

@@ -1,16 +1,15 @@
 """Where the KV migration happens on the decode side: pulls of announced KV blocks from a
 prefill instance's pool into this instance's pool, through a `KVTransport`.
 
-Pull-based, as in DistServe: the decode instance calls `KVPuller.start` only once its
+Pull-based, as in DistServe: the decode instance calls `Puller.start` only once its
 scheduler has allocated the destination blocks (it has room), so the prefill pool is the
-queue buffer. `poll` never blocks; each finished pull is reported once with its bytes and
-seconds. The prefill side frees its blocks only after the decode side says it is done
-with them (`messages.MigrationDone` -> `messages.ReleaseKV`).
+queue buffer (`puller.Puller` states the contract `KVPuller` implements). The prefill side
+frees its blocks only after the decode side says it is done with them
+(`messages.MigrationDone` -> `messages.ReleaseKV`).
 """
 
 from __future__ import annotations
 
-import enum
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -21,6 +20,13 @@ import torch
 from distserve_rt.core.request import Request
 from distserve_rt.distributed.parallel_state import partition_layers
 from distserve_rt.engine.disagg.messages import Migrate
+from distserve_rt.engine.disagg.puller import (
+    PULL_TIMEOUT_S,
+    FinishedPull,
+    Pull,
+    Puller,
+    PullOutcome,
+)
 from distserve_rt.transfer import (
     KVTransport,
     Parallelism,
@@ -30,33 +36,6 @@ from distserve_rt.transfer import (
     kv_head_range,
     plan_kv_pulls,
 )
-
-
-class PullOutcome(enum.Enum):
-    SUCCESS = "success"
-    FAILED = "failed"
-    """The transport reported FAILED, or the KV digest did not match (`error` says)."""
-
-
-@dataclass(slots=True)
-class Pull:
-    request: Request
-    migration: Migrate
-    handles: list[TransferHandle]
-    """One per source rank slice (`plan_kv_pulls`); one whole-block copy at equal
-    parallelism."""
-    dst_block_ids: np.ndarray
-    """int32 [num_blocks]: this pool's blocks being written."""
-    start_time: float
-
-
-@dataclass(slots=True)
-class FinishedPull:
-    pull: Pull
-    outcome: PullOutcome
-    end_time: float
-    error: str | None = None
-    num_bytes: int = 0
 
 
 def kv_digest(pool: torch.Tensor, block_ids: Sequence[int] | np.ndarray) -> str:
@@ -138,9 +117,10 @@ def pull_error(handles: Sequence[TransferHandle]) -> str | None:
     return None
 
 
-class KVPuller:
-    """The in-flight pulls of a decode instance whose pool is in its own process (TP = PP =
-    1; `rank_kv.RankPuller` drives the ranks of a TP x PP instance).
+class KVPuller(Puller):
+    """The pulls of a decode instance whose pool is in its own process (TP = PP = 1;
+    `rank_kv.RankPuller` drives the ranks of a TP x PP instance): it submits each
+    migration's slices to its transport and polls their handles.
 
     Args:
         transport: the instance's transport (its `open_peer` maps prefill pools).
@@ -148,11 +128,11 @@ class KVPuller:
         verify: compare `kv_digest` of the destination blocks with the announced one.
         geometry: the prefill instances' parallelism (this instance is TP = PP = 1).
         min_pull_s: `DisaggConfig.debug_min_pull_s` (a pull is done no sooner).
+        timeout_s: see `Puller`.
     """
 
     POLL_INTERVAL_S = 0.0002
-    """Loop wait while pulls are in flight: a pull of a few blocks takes microseconds to
-    milliseconds, and a poll is local."""
+    """A pull of a few blocks takes microseconds to milliseconds, and a poll is local."""
 
     def __init__(
         self,
@@ -161,84 +141,58 @@ class KVPuller:
         verify: bool,
         geometry: PullGeometry,
         min_pull_s: float = 0.0,
+        timeout_s: float = PULL_TIMEOUT_S,
     ) -> None:
+        super().__init__(transport.name, timeout_s)
         self.transport = transport
         self.min_pull_s = min_pull_s
         self.pool = pool
         self.verify = verify
         self.geometry = geometry
-        self.num_verified = 0
         self._peers: dict[int, list[object]] = {}
-        self.pulls: dict[str, Pull] = {}
-        # Per migration (one may take several transport transfers, one per source rank).
-        self._num_succeeded = self._num_failed = self._bytes = 0
-        self._seconds = 0.0
 
     def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
-        """Maps each prefill instance's pools (one per rank) once (raises
-        PeerUnavailableError)."""
         for index, raws in descriptors.items():
             self._peers[index] = [
                 self.transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
             ]
 
-    def start(
+    def _submit(
         self, request: Request, migration: Migrate, dst_block_ids: np.ndarray, now: float
-    ) -> None:
-        """Submits the pull of `migration`'s blocks into `dst_block_ids` (same count)."""
-        check_block_counts(request, migration, dst_block_ids)
+    ) -> Pull:
         peers = self._peers.get(migration.prefill_index)
         if peers is None:
             raise ValueError(f"no pool descriptor for prefill-{migration.prefill_index}")
         handles = submit_pulls(
             self.transport, peers, self.geometry, self.pool, migration.block_ids, dst_block_ids
         )
-        self.pulls[request.request_id] = Pull(request, migration, handles, dst_block_ids, now)
+        return Pull(request, migration, handles, dst_block_ids, now)
 
-    def poll(self, now: float) -> list[FinishedPull]:
-        """The pulls that reached a final status since the last call (non-blocking)."""
+    def _collect_final(self, now: float) -> list[FinishedPull]:
         done: list[FinishedPull] = []
-        for request_id, pull in list(self.pulls.items()):
+        for pull in self.pulls.values():
             if not all(h.poll().is_final for h in pull.handles):
                 continue
             if now - pull.start_time < self.min_pull_s:
                 continue  # debug_min_pull_s: a slow transfer, for tests
-            del self.pulls[request_id]
             error = pull_error(pull.handles)
-            finished = (
-                FinishedPull(pull, PullOutcome.FAILED, now, error)
-                if error is not None
-                else self._check_digest(pull, now)
-            )
-            if finished.outcome is PullOutcome.SUCCESS:
-                finished.num_bytes = sum(h.num_bytes for h in pull.handles)
-                self._num_succeeded += 1
-                self._bytes += finished.num_bytes
-                self._seconds += max(h.seconds for h in pull.handles)
-            else:
-                self._num_failed += 1
-            done.append(finished)
+            if error is None:
+                error = self._check_digest(pull)
+            if error is not None:
+                done.append(FinishedPull(pull, PullOutcome.FAILED, now, error))
+                continue
+            num_bytes = sum(h.num_bytes for h in pull.handles)
+            seconds = max(h.seconds for h in pull.handles)
+            done.append(FinishedPull(pull, PullOutcome.SUCCESS, now, None, num_bytes, seconds))
         return done
 
-    def totals(self) -> tuple[int, int, int, float]:
-        """(succeeded, failed, bytes, seconds) of this instance's migrations."""
-        return self._num_succeeded, self._num_failed, self._bytes, self._seconds
-
-    def _check_digest(self, pull: Pull, now: float) -> FinishedPull:
+    def _check_digest(self, pull: Pull) -> str | None:
+        """None when the digest matched or is not checked, else the error."""
         expected = pull.migration.kv_digest
         if not self.verify or expected is None:
-            return FinishedPull(pull, PullOutcome.SUCCESS, now)
+            return None
         got = kv_digest(self.pool, pull.dst_block_ids)
         if got != expected:
-            error = f"KV arrived corrupted (digest {got[:12]} != announced {expected[:12]})"
-            return FinishedPull(pull, PullOutcome.FAILED, now, error)
-        self.num_verified += 1
-        return FinishedPull(pull, PullOutcome.SUCCESS, now)
-
-
-def check_block_counts(request: Request, migration: Migrate, dst_block_ids: np.ndarray) -> None:
-    if len(dst_block_ids) != len(migration.block_ids):
-        raise ValueError(
-            f"request {request.request_id!r}: {len(migration.block_ids)} source blocks "
-            f"but {len(dst_block_ids)} destination blocks"
-        )
+            return f"KV arrived corrupted (digest {got[:12]} != announced {expected[:12]})"
+        self._totals.num_verified += 1
+        return None

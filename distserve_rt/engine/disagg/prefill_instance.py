@@ -13,6 +13,7 @@ from distserve_rt.core.scheduler.prefill import PrefillScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
 from distserve_rt.engine.disagg.kv_migration import kv_digest
+from distserve_rt.engine.disagg.rank_kv import ExportKVCommand
 from distserve_rt.engine.step_isolation import execute_isolated
 from distserve_rt.layers.sampling_metadata import generator_state
 from distserve_rt.worker.model_runner import ModelRunnerOutput
@@ -27,7 +28,7 @@ class PrefillInstance(Instance):
         if self.pool is not None:
             self.descriptors = [self.transport.register_pool(self.pool).to_bytes()]
         else:
-            self.descriptors = self.executor.broadcast(("export_kv",))  # type: ignore[attr-defined]
+            self.descriptors = self.executor.broadcast(ExportKVCommand())  # type: ignore[attr-defined]
         self._lease_s = spec.disagg_config.kv_lease_timeout_s
         self._verify = spec.disagg_config.debug_verify_kv
 

@@ -2,18 +2,19 @@
 
 Each rank holds its own part of the KV (its stage's layers, its TP rank's heads), so each
 rank exports or pulls its own pool; the instance process drives them over the executor's
-channel (`MultiprocExecutor.broadcast`, between steps):
+channel (`MultiprocExecutor.broadcast`, between steps) with the commands below, which
+`KVWorkerProcess` adds to the worker's (`worker.commands`):
 
-* prefill ranks allocate their pool through the transport; ``("export_kv",)`` answers the
+* prefill ranks allocate their pool through the transport; `ExportKVCommand` answers the
   pool's descriptor bytes (the instance's descriptors are these, rank order); every step
   ends with ``transport.mark_ready`` (pulls announced after it see its writes);
-* decode ranks take ``("open_peers", {prefill index: [descriptor bytes per rank]},
-  geometry)`` once, then per migration ``("pull", pull id, prefill index, src block ids,
-  dst block ids)``: each rank submits its slices (`kv_migration.submit_pulls`,
-  `plan_kv_pulls`) and answers at once (None, or the error that kept it from submitting);
-  ``("poll_pulls",)`` answers the `RankPullResult`s of its pulls that became final since
-  the last poll (`RankPulls` on each rank). The decode instance's `RankPuller` reports the
-  migration once every rank did; it succeeded when every rank did.
+* decode ranks take `OpenPeersCommand` once, then per migration a `PullCommand`: each rank
+  submits its slices (`kv_migration.submit_pulls`, `plan_kv_pulls`) and answers at once
+  (None, or the error that kept it from submitting); `PollPullsCommand` answers the
+  `RankPullResult`s of its pulls that became final since the last poll (`RankPulls` on
+  each rank). The decode instance's `RankPuller` reports the migration once every rank
+  did; it succeeded when every rank did, and fails when not every rank did within its
+  `timeout_s` (the `puller.Puller` rule, on the decode instance's clock).
 
 Pulls do not stall the decode loop: steps run while transfers are in flight. They never
 touch the same blocks: a pull's destination blocks belong to a request in the decode
@@ -28,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,45 +38,95 @@ from distserve_rt.config import EngineConfig
 from distserve_rt.core.request import Request
 from distserve_rt.distributed.launch import RankContext, send_ok
 from distserve_rt.engine.disagg.devices import make_transport
-from distserve_rt.engine.disagg.kv_migration import (
+from distserve_rt.engine.disagg.kv_migration import PullGeometry, pull_error, submit_pulls
+from distserve_rt.engine.disagg.messages import Migrate
+from distserve_rt.engine.disagg.puller import (
+    PULL_TIMEOUT_S,
     FinishedPull,
     Pull,
-    PullGeometry,
+    Puller,
     PullOutcome,
-    check_block_counts,
-    pull_error,
-    submit_pulls,
 )
-from distserve_rt.engine.disagg.messages import Migrate
 from distserve_rt.transfer import KVTransport, PoolDescriptor, TransferHandle
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
 from distserve_rt.worker.worker_process import WorkerProcess
 
-PULL_TIMEOUT_S = 60.0
-"""A rank's pull that is not final by then fails its migration (never a hang)."""
+# ---- commands (driver -> ranks) and the ranks' settings -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class KVRankConfig:
+    """What a rank of a disaggregated instance needs beyond the `EngineConfig`
+    (`MultiprocExecutor(target_config=...)`)."""
+
+    is_prefill: bool
+    """Prefill ranks export their pool; decode ranks pull into theirs."""
+    transport: str
+    """The `transfer` backend name (`devices.make_transport`)."""
+    shares_gpu: bool = False
+    """`DisaggConfig.share_gpus`: KV sizing counts only this rank's own memory."""
+    min_pull_s: float = 0.0
+    """`DisaggConfig.debug_min_pull_s`: a pull is reported no sooner."""
+
+    def __post_init__(self) -> None:
+        if not self.min_pull_s >= 0:
+            raise ValueError(f"min_pull_s must be >= 0 seconds, got {self.min_pull_s!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class ExportKVCommand:
+    """-> this prefill rank's pool descriptor bytes."""
+
+
+@dataclass(frozen=True, slots=True)
+class OpenPeersCommand:
+    """-> None, once this decode rank mapped every prefill rank's pool."""
+
+    descriptors: dict[int, list[bytes]]
+    """Prefill index -> descriptor bytes of each of its ranks, rank order."""
+    geometry: PullGeometry
+    """The instance's (each rank puts in its own TP and PP rank)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PullCommand:
+    """-> None once this rank submitted its slices of one migration, else why it could not
+    (answered at once: the copies run on)."""
+
+    pull_id: int
+    prefill_index: int
+    src_block_ids: list[int]
+    dst_block_ids: np.ndarray
+    """int32 [num_blocks], same count as `src_block_ids`."""
+
+
+@dataclass(frozen=True, slots=True)
+class PollPullsCommand:
+    """-> the `RankPullResult`s of this rank's pulls that became final since the last poll."""
+
+    forget: tuple[int, ...] = ()
+    """Pull ids the driver gave up on (timed out): dropped before polling, never reported."""
+
+
+# ---- the ranks' side ------------------------------------------------------------------------
 
 
 class KVWorkerProcess(WorkerProcess):
     """A TP/PP rank of a prefill (exports its pool) or decode (pulls into it) instance."""
 
     def __init__(
-        self,
-        ctx: RankContext,
-        conn: Connection,
-        config: EngineConfig,
-        is_prefill: bool,
-        transport_name: str,
-        shares_gpu: bool = False,
-        min_pull_s: float = 0.0,
+        self, ctx: RankContext, conn: Connection, config: EngineConfig, rank_config: KVRankConfig
     ) -> None:
         # This rank's device (cuda_ipc binds to it; launch._bootstrap made it current).
-        self.transport = make_transport(transport_name, ctx.device)
-        self.is_prefill = is_prefill
-        allocate = self.transport.allocate_pool if is_prefill else None
-        super().__init__(ctx, conn, config, allocate_pool=allocate, shared_gpu=shares_gpu)
+        self.transport = make_transport(rank_config.transport, ctx.device)
+        self.is_prefill = rank_config.is_prefill
+        allocate = self.transport.allocate_pool if self.is_prefill else None
+        super().__init__(
+            ctx, conn, config, allocate_pool=allocate, shared_gpu=rank_config.shares_gpu
+        )
         p = ctx.parallel
-        self.pulls = RankPulls(self.transport, p.tp_rank, p.pp_rank, min_pull_s)
+        self.pulls = RankPulls(self.transport, p.tp_rank, p.pp_rank, rank_config.min_pull_s)
 
     @property
     def pool(self):
@@ -88,21 +140,23 @@ class KVWorkerProcess(WorkerProcess):
         if self.is_prefill:
             self.transport.mark_ready(self.pool)
 
-    def handle_other(self, message: tuple) -> None:
-        if message[0] == "export_kv":
-            send_ok(self.conn, self.transport.register_pool(self.pool).to_bytes())
-        elif message[0] in RankPulls.COMMANDS:
-            send_ok(self.conn, self.pulls.answer(message, self.pool))
-        else:
-            super().handle_other(message)
+    def command_handlers(self) -> dict[type, Callable[[Any], None]]:
+        handlers = super().command_handlers()
+        handlers[ExportKVCommand] = lambda _: send_ok(
+            self.conn, self.transport.register_pool(self.pool).to_bytes()
+        )
+        for kind in RankPulls.COMMANDS:
+            handlers[kind] = lambda c: send_ok(self.conn, self.pulls.answer(c, self.pool))
+        return handlers
 
     def close(self) -> None:
         self.transport.close()
 
 
 class RankPulls:
-    """One decode rank's pulls: submitted on ``pull`` (answered at once), reported once
-    final on ``poll_pulls``.
+    """One decode rank's pulls: submitted on `PullCommand` (answered at once), reported
+    once final on `PollPullsCommand`. Never times out by itself: the driver's `RankPuller`
+    does, and names the pulls to forget.
 
     Args:
         transport: the rank's transport (it opens the prefill ranks' pools).
@@ -111,7 +165,7 @@ class RankPulls:
         clock: monotonic seconds (tests drive it with the fake transport's).
     """
 
-    COMMANDS = ("open_peers", "pull", "poll_pulls")
+    COMMANDS = (OpenPeersCommand, PullCommand, PollPullsCommand)
 
     def __init__(
         self,
@@ -129,16 +183,27 @@ class RankPulls:
         self._geometry: PullGeometry | None = None
         self._in_flight: dict[int, _RankPull] = {}  # by pull id
 
-    def answer(self, message: tuple, pool: torch.Tensor) -> object:
+    @property
+    def num_in_flight(self) -> int:
+        return len(self._in_flight)
+
+    def answer(self, command: object, pool: torch.Tensor) -> object:
         """The answer to one of `COMMANDS`; `pool` is this rank's KV pool (the destination)."""
-        kind = message[0]
-        if kind == "open_peers":
-            return self.open_peers(message[1], message[2])
-        if kind == "pull":
-            return self.submit(pool, *message[1:])
-        if kind == "poll_pulls":
+        if isinstance(command, OpenPeersCommand):
+            return self.open_peers(command.descriptors, command.geometry)
+        if isinstance(command, PullCommand):
+            return self.submit(
+                pool, command.pull_id, command.prefill_index, command.src_block_ids,
+                command.dst_block_ids,
+            )  # fmt: skip
+        if isinstance(command, PollPullsCommand):
+            for pull_id in command.forget:
+                self._in_flight.pop(pull_id, None)
             return self.poll()
-        raise ValueError(f"not a pull command: {kind!r}")
+        raise ValueError(
+            f"not a pull command: {type(command).__name__}; expected one of "
+            f"{', '.join(t.__name__ for t in self.COMMANDS)}"
+        )
 
     def open_peers(self, descriptors: dict[int, list[bytes]], geometry: PullGeometry) -> None:
         self._geometry = dataclasses.replace(
@@ -171,122 +236,119 @@ class RankPulls:
         return None
 
     def poll(self) -> list[RankPullResult]:
-        """This rank's pulls that became final (or timed out) since the last poll."""
+        """This rank's pulls that became final since the last poll."""
         now = self._clock()
         results = []
         for pull_id, pull in list(self._in_flight.items()):
-            final = all(h.poll().is_final for h in pull.handles)
-            if not final and now - pull.start_time > PULL_TIMEOUT_S:
-                # No backend can cancel a started copy; one still running after a minute
-                # means the machine is stuck, and the migration must fail, not hang.
-                error = f"KV pull not done after {PULL_TIMEOUT_S} s"
-                results.append(RankPullResult(pull_id, error))
-            elif not final:
+            if not all(h.poll().is_final for h in pull.handles):
                 continue
-            elif now - pull.start_time < self.min_pull_s:
+            if now - pull.start_time < self.min_pull_s:
                 continue  # debug_min_pull_s: a slow transfer, for tests
-            else:
-                num_bytes = sum(h.num_bytes for h in pull.handles)
-                seconds = max(h.seconds for h in pull.handles)
-                results.append(
-                    RankPullResult(pull_id, pull_error(pull.handles), num_bytes, seconds)
-                )
+            num_bytes = sum(h.num_bytes for h in pull.handles)
+            seconds = max(h.seconds for h in pull.handles)
+            results.append(RankPullResult(pull_id, pull_error(pull.handles), num_bytes, seconds))
             del self._in_flight[pull_id]
         return results
 
 
 def run_kv_worker(
-    ctx: RankContext,
-    conn: Connection,
-    config: EngineConfig,
-    is_prefill: bool,
-    transport: str,
-    shares_gpu: bool = False,
-    min_pull_s: float = 0.0,
+    ctx: RankContext, conn: Connection, config: EngineConfig, rank_config: KVRankConfig
 ) -> None:
     """`distributed.launch.WorkerTarget` of a disaggregated instance's ranks."""
-    process = KVWorkerProcess(ctx, conn, config, is_prefill, transport, shares_gpu, min_pull_s)
+    process = KVWorkerProcess(ctx, conn, config, rank_config)
     try:
         process.run()
     finally:
         process.close()
 
 
-class RankPuller:
-    """`kv_migration.KVPuller`'s interface for a decode instance whose pools live in its
-    worker processes: `start` has every rank submit its slices and returns at once; `poll`
-    collects the ranks' finished parts and reports each migration once all ranks did."""
+# ---- the decode instance's side -------------------------------------------------------------
+
+
+class RankPuller(Puller):
+    """The pulls of a decode instance whose pools live in its worker processes: `start` has
+    every rank submit its slices and returns at once; `poll` collects the ranks' finished
+    parts and reports each migration once all ranks did.
+
+    Args:
+        executor: the instance's executor (only `broadcast` is used: tests pass ranks in
+            this process).
+        geometry: both instances' parallelism.
+        transport_name: the ranks' transport (named in `totals`).
+        timeout_s: see `Puller`.
+    """
 
     POLL_INTERVAL_S = 0.001
-    """Loop wait while pulls are in flight: each poll is a round trip to every rank."""
+    """Each poll is a round trip to every rank."""
 
-    def __init__(self, executor: MultiprocExecutor, geometry: PullGeometry) -> None:
-        # Only `executor.broadcast` is used (tests pass ranks in this process).
+    def __init__(
+        self,
+        executor: MultiprocExecutor,
+        geometry: PullGeometry,
+        transport_name: str,
+        timeout_s: float = PULL_TIMEOUT_S,
+    ) -> None:
+        super().__init__(transport_name, timeout_s)
         self.executor = executor
         self.geometry = geometry
-        self.num_verified = 0  # debug_verify_kv is refused for TP x PP instances
-        self.pulls: dict[str, Pull] = {}
-        """In flight, by request id."""
         self._gathers: dict[int, _Gather] = {}  # by pull id
         self._pull_ids = itertools.count()
-        self._num_succeeded = self._num_failed = self._bytes = 0
-        self._seconds = 0.0
+        self._forget: list[int] = []  # timed out, to drop on the ranks with the next poll
 
     def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
-        self.executor.broadcast(("open_peers", descriptors, self.geometry))
+        self.executor.broadcast(OpenPeersCommand(descriptors, self.geometry))
 
-    def start(
+    def _submit(
         self, request: Request, migration: Migrate, dst_block_ids: np.ndarray, now: float
-    ) -> None:
-        """Has every rank submit its part of `migration`'s pull (does not wait for it)."""
-        check_block_counts(request, migration, dst_block_ids)
+    ) -> Pull:
         pull_id = next(self._pull_ids)
         errors = self.executor.broadcast(
-            ("pull", pull_id, migration.prefill_index, migration.block_ids, dst_block_ids)
+            PullCommand(pull_id, migration.prefill_index, migration.block_ids, dst_block_ids)
         )
         pull = Pull(request, migration, [], dst_block_ids, now)
         gather = _Gather(pull, num_ranks=len(errors))
         for rank, error in enumerate(errors):
             if error is not None:  # nothing submitted on that rank: its part is final
                 gather.results[rank] = RankPullResult(pull_id, error)
-        self.pulls[request.request_id] = pull
         self._gathers[pull_id] = gather
+        return pull
 
-    def poll(self, now: float) -> list[FinishedPull]:
-        """The migrations every rank finished since the last call (one round trip to the
-        ranks while pulls are in flight; none otherwise)."""
-        if not self._gathers:
+    def _collect_final(self, now: float) -> list[FinishedPull]:
+        """One round trip to the ranks while pulls are in flight (or timed-out ones are
+        still to forget); none otherwise."""
+        if not self._gathers and not self._forget:
             return []
-        for rank, results in enumerate(self.executor.broadcast(("poll_pulls",))):
-            for result in results:
+        forget, self._forget = tuple(self._forget), []
+        for rank, results in enumerate(self.executor.broadcast(PollPullsCommand(forget))):
+            for result in results:  # never a forgotten pull: the ranks drop those first
                 self._gathers[result.pull_id].results[rank] = result
         done = []
         for pull_id, gather in list(self._gathers.items()):
             if len(gather.results) == gather.num_ranks:
                 del self._gathers[pull_id]
-                del self.pulls[gather.pull.request.request_id]
                 done.append(self._finish(gather, now))
         return done
 
-    def totals(self) -> tuple[int, int, int, float]:
-        return self._num_succeeded, self._num_failed, self._bytes, self._seconds
+    def _abandon(self, pull: Pull) -> None:
+        for pull_id, gather in list(self._gathers.items()):
+            if gather.pull is pull:
+                del self._gathers[pull_id]
+                self._forget.append(pull_id)
 
-    def _finish(self, gather: _Gather, now: float) -> FinishedPull:
+    @staticmethod
+    def _finish(gather: _Gather, now: float) -> FinishedPull:
         results = [gather.results[rank] for rank in sorted(gather.results)]
         errors = [r.error for r in results if r.error is not None]
         if errors:
-            self._num_failed += 1
             return FinishedPull(gather.pull, PullOutcome.FAILED, now, errors[0])
         num_bytes = sum(r.num_bytes for r in results)
-        self._num_succeeded += 1
-        self._bytes += num_bytes
-        self._seconds += max(r.seconds for r in results)
-        return FinishedPull(gather.pull, PullOutcome.SUCCESS, now, num_bytes=num_bytes)
+        seconds = max(r.seconds for r in results)
+        return FinishedPull(gather.pull, PullOutcome.SUCCESS, now, None, num_bytes, seconds)
 
 
 @dataclass(frozen=True, slots=True)
 class RankPullResult:
-    """One rank's part of a migration, final: an answer of ``("poll_pulls",)``."""
+    """One rank's part of a migration, final: an answer of `PollPullsCommand`."""
 
     pull_id: int
     error: str | None
