@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distserve_rt.core.request import Request
+from distserve_rt.core.request import Request, mean_tpot
+from distserve_rt.core.stop_checker import FinishReason
 
 
 @dataclass(slots=True)
@@ -15,8 +16,8 @@ class CompletionOutput:
     text: str
     """Detokenized output ('' when the engine runs without a tokenizer)."""
     token_ids: list[int]
-    finish_reason: str | None
-    """"stop", "length", "abort", "error", or None while running."""
+    finish_reason: FinishReason | None
+    """STOP, LENGTH, ABORT or ERROR (a `str`: "stop", "length", ...), None while running."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended it (None for EOS and length)."""
     logprobs: list[dict[int, float]] | None = None
@@ -65,20 +66,41 @@ class RequestMetrics:
     """Disaggregated placements only (None when colocated)."""
 
     @classmethod
-    def from_request(cls, request: Request) -> RequestMetrics:
-        times = request.token_times
+    def from_times(
+        cls,
+        arrival_time: float,
+        first_scheduled_time: float | None,
+        token_times: list[float],
+        finished_time: float | None,
+        num_preemptions: int = 0,
+        breakdown: LatencyBreakdown | None = None,
+    ) -> RequestMetrics:
+        """The one place the latencies are derived, for every engine's requests."""
+
+        def since_arrival(t: float | None) -> float | None:
+            return None if t is None else t - arrival_time
+
+        first = token_times[0] if token_times else None
         return cls(
-            arrival_time=request.arrival_time,
-            first_scheduled_time=request.first_scheduled_time,
-            first_token_time=request.first_token_time,
-            last_token_time=times[-1] if times else None,
-            finished_time=request.finished_time,
-            time_in_queue=request.queue_time,
-            ttft=request.ttft,
-            tpot=request.tpot,
-            e2e_latency=request.e2e_latency,
-            num_preemptions=request.num_preemptions,
+            arrival_time=arrival_time,
+            first_scheduled_time=first_scheduled_time,
+            first_token_time=first,
+            last_token_time=token_times[-1] if token_times else None,
+            finished_time=finished_time,
+            time_in_queue=since_arrival(first_scheduled_time),
+            ttft=since_arrival(first),
+            tpot=mean_tpot(token_times),
+            e2e_latency=since_arrival(finished_time),
+            num_preemptions=num_preemptions,
+            breakdown=breakdown,
         )
+
+    @classmethod
+    def from_request(cls, request: Request) -> RequestMetrics:
+        return cls.from_times(
+            request.arrival_time, request.first_scheduled_time, request.token_times,
+            request.finished_time, request.num_preemptions,
+        )  # fmt: skip
 
 
 @dataclass(slots=True)

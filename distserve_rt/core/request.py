@@ -21,7 +21,7 @@ import enum
 
 import torch
 
-from distserve_rt.core.stop_checker import StopChecker
+from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.sampling_params import SamplingParams
 
 
@@ -45,14 +45,32 @@ class RequestStatus(enum.IntEnum):
     def is_finished(self) -> bool:
         return self >= RequestStatus.FINISHED_STOPPED
 
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        """Why a finished request ended (None while it runs)."""
+        return _REASON_OF.get(self)
 
-# vLLM's CompletionOutput.finish_reason strings.
-FINISH_REASONS = {
-    RequestStatus.FINISHED_STOPPED: "stop",
-    RequestStatus.FINISHED_LENGTH: "length",
-    RequestStatus.FINISHED_ABORTED: "abort",
-    RequestStatus.FINISHED_ERROR: "error",
+    @staticmethod
+    def finished(reason: FinishReason) -> RequestStatus:
+        """The FINISHED_* status of `reason`."""
+        return _STATUS_OF[reason]
+
+
+_REASON_OF = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
 }
+_STATUS_OF = {reason: status for status, reason in _REASON_OF.items()}
+
+
+def mean_tpot(token_times: list[float]) -> float | None:
+    """Mean time per output token after the first; None with fewer than two tokens (the
+    one definition: colocated requests, the controller's requests and the benchmarks)."""
+    if len(token_times) < 2:
+        return None
+    return (token_times[-1] - token_times[0]) / (len(token_times) - 1)
 
 
 class RequestEventType(enum.Enum):
@@ -179,8 +197,8 @@ class Request:
         return self.status >= RequestStatus.FINISHED_STOPPED
 
     @property
-    def finish_reason(self) -> str | None:
-        return FINISH_REASONS.get(self.status)
+    def finish_reason(self) -> FinishReason | None:
+        return self.status.finish_reason
 
     # ---- lifecycle (the engine and the schedulers call these with the step's time) -----
 
@@ -238,11 +256,7 @@ class Request:
 
     @property
     def tpot(self) -> float | None:
-        """Mean time per output token after the first; None with fewer than two tokens."""
-        times = self.token_times
-        if len(times) < 2:
-            return None
-        return (times[-1] - times[0]) / (len(times) - 1)
+        return mean_tpot(self.token_times)
 
     @property
     def itl(self) -> list[float]:

@@ -30,8 +30,10 @@ from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.sampling_params import SamplingParams
 
 
-class FinishReason(enum.Enum):
-    """Why a request ended; the values are the OpenAI API's ``finish_reason`` strings."""
+class FinishReason(enum.StrEnum):
+    """Why a request ended: the one vocabulary of the engines, the instance messages and the
+    outputs. A `str` whose value is the OpenAI API's ``finish_reason`` (``== "stop"`` holds,
+    JSON writes "stop")."""
 
     STOP = "stop"
     """EOS, a stop token id or a stop string."""
@@ -70,8 +72,14 @@ class StopChecker:
         num_prompt_tokens: int,
         max_model_len: int,
         detokenizer: IncrementalDetokenizer | None,
+        num_output_tokens: int = 0,
+        apply_stop_strings: bool = True,
     ) -> None:
-        if params.stop and detokenizer is None:
+        """`num_output_tokens`: tokens generated before (a migrated or retried request: they
+        count toward min_tokens and max_tokens). `apply_stop_strings=False`: the token rules
+        only, for a prefill or decode instance, which has no text: the controller applies
+        the stop strings to the streamed text and aborts the request on its instance."""
+        if params.stop and detokenizer is None and apply_stop_strings:
             raise ValueError(f"stop={params.stop!r} needs a detokenizer (none was given)")
         if num_prompt_tokens >= max_model_len:
             raise ValueError(
@@ -84,10 +92,11 @@ class StopChecker:
         self._max_model_len = max_model_len
         self._detokenizer = detokenizer
         self._stop_ids = frozenset(params.stop_token_ids)
-        self._max_stop_len = max((len(s) for s in params.stop), default=0)
+        stops = params.stop if apply_stop_strings else []
+        self._max_stop_len = max((len(s) for s in stops), default=0)
         self._text = ""
         self._num_streamed_chars = 0
-        self.num_output_tokens = 0
+        self.num_output_tokens = num_output_tokens
         self.finish_reason: FinishReason | None = None
         # Fast path of `append` (token ids only, no stop token, below the length limits):
         # the engine calls append for every running request every step (256 per step).

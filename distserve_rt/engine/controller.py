@@ -24,6 +24,7 @@ from multiprocessing import connection
 import torch
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
+from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import InstanceRole
@@ -204,7 +205,7 @@ class Controller:
     def dispatch_prefill(self, tracked: TrackedRequest) -> None:
         live = self.prefills()
         if not live:
-            self.finish(tracked, "error", error="no prefill instance is alive")
+            self.finish(tracked, FinishReason.ERROR, error="no prefill instance is alive")
             return
         target = min(live, key=lambda h: h.num_queued_tokens)
         tracked.phase = Phase.PREFILLING
@@ -237,7 +238,7 @@ class Controller:
                 # Its source KV stays held until the decode instance's MigrationDone says
                 # nothing reads it (or recovery.on_instance_death, if it dies first).
                 migration.apply(MigrationEvent.ABORTED, time.monotonic())
-        self.finish(tracked, "abort")
+        self.finish(tracked, FinishReason.ABORT)
         return True
 
     def has_unfinished_requests(self) -> bool:
@@ -327,14 +328,14 @@ class Controller:
             return
         if stopped is not None:  # a stop string: the KV awaiting migration is not needed
             handle.send(msg.ReleaseKV(m.request_id))
-            self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
+            self.finish(tracked, stopped.finish_reason, stopped.stop_reason)  # type: ignore[arg-type]
             return
         self._emit_stream(tracked)
         tracked.kv_digest = m.kv_digest
         live = self.decodes()
         if not live:
             handle.send(msg.ReleaseKV(m.request_id))
-            self.finish(tracked, "error", error="no decode instance is alive")
+            self.finish(tracked, FinishReason.ERROR, error="no decode instance is alive")
             return
         target = min(live, key=_decode_load)
         migration = Migration(m.request_id, handle.spec.index, target.spec.index, m.block_ids)
@@ -395,7 +396,7 @@ class Controller:
             # A stop string the decode instance cannot see: it would decode on; the abort
             # frees its KV, and tokens it sent meanwhile are dropped (the request is gone).
             self.decode(tracked.decode_index).send(msg.Abort(m.request_id))  # type: ignore[arg-type]
-            self.finish(tracked, stopped.finish_reason.value, stopped.stop_reason)  # type: ignore[union-attr]
+            self.finish(tracked, stopped.finish_reason, stopped.stop_reason)  # type: ignore[arg-type]
         elif m.token_ids:
             self._emit_stream(tracked)
 
@@ -408,7 +409,7 @@ class Controller:
     def finish(
         self,
         tracked: TrackedRequest,
-        finish_reason: str,
+        finish_reason: FinishReason,
         stop_reason: int | str | None = None,
         error: str | None = None,
     ) -> None:
@@ -465,7 +466,7 @@ class Controller:
         self._closed = True
         self._finalizer()
         for tracked in list(self.requests.values()):
-            self.finish(tracked, "abort")
+            self.finish(tracked, FinishReason.ABORT)
 
     def __enter__(self) -> Controller:
         return self

@@ -25,7 +25,7 @@ from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.detokenizer import IncrementalDetokenizer
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
-from distserve_rt.core.stop_checker import FinishReason, StopChecker
+from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
@@ -52,11 +52,6 @@ from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.worker import Worker
 
 logger = init_logger(__name__)
-
-_STATUS = {
-    FinishReason.STOP: RequestStatus.FINISHED_STOPPED,
-    FinishReason.LENGTH: RequestStatus.FINISHED_LENGTH,
-}
 
 
 class LLMEngine:
@@ -267,30 +262,14 @@ class LLMEngine:
     ) -> list[RequestOutput]:
         """Appends the sampled tokens, finishes stopped requests, builds the outputs."""
         finished = list(scheduler_output.finished)  # aborted or rejected by the scheduler
+        update = ve.scheduler.update_from_output(
+            scheduler_output, runner_output.sampled_token_ids, runner_output.logprobs, now
+        )
+        finished += update.finished
         streaming = self._streaming
-        updated: list[Request] = []
-        requests = scheduler_output.sampling_requests()
-        # A request aborted while its batch was in flight (PP) gets no token.
-        live = [not r.status.is_finished for r in requests]
-        for request, token_id, is_live in zip(
-            requests, runner_output.sampled_token_ids, live, strict=True
-        ):
-            if not is_live:
-                continue
-            request.append_token(token_id, now)
-            result = request.stop_checker.append(token_id)
-            if result.text_delta:
-                request.output_text += result.text_delta
-            if result.finish_reason is not None:
-                request.stop_reason = result.stop_reason
-                ve.scheduler.finish_request(request, _STATUS[result.finish_reason], now)
-                finished.append(request)
-            elif streaming and request.request_id in streaming:
-                updated.append(request)
-        if runner_output.logprobs is not None:
-            for request, row, is_live in zip(requests, runner_output.logprobs, live, strict=True):
-                if is_live and request.logprobs is not None:
-                    request.logprobs.append(row)
+        updated = [
+            r for r in update.updated if not r.is_finished and r.request_id in streaming
+        ] if streaming else []  # fmt: skip
         self._stats.record(
             scheduler_output.num_prefill_tokens,
             scheduler_output.num_decode_tokens,

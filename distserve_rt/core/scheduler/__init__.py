@@ -13,6 +13,7 @@ from distserve_rt.core.scheduler.interface import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    StepUpdate,
 )
 from distserve_rt.core.scheduler.prefill import MigrationLease, PrefillScheduler
 
@@ -44,5 +45,6 @@ __all__ = [
     "SchedulerBase",
     "SchedulerConfig",
     "SchedulerOutput",
+    "StepUpdate",
     "make_scheduler",
 ]

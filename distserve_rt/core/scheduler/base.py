@@ -9,6 +9,7 @@ the invariants (blocks conserved, no request lost, ``num_computed_tokens`` consi
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -19,6 +20,7 @@ from distserve_rt.core.scheduler.interface import (
     Scheduler,
     SchedulerConfig,
     SchedulerOutput,
+    StepUpdate,
 )
 
 
@@ -61,6 +63,39 @@ class SchedulerBase(Scheduler):
             return
         self._live[request.request_id] = request
         self.waiting.append(request)
+
+    def update_from_output(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Sequence[int],
+        logprobs: Sequence[dict[int, float] | None] | None,
+        now: float,
+    ) -> StepUpdate:
+        update = StepUpdate()
+        requests = output.sampling_requests()
+        if len(sampled_token_ids) != len(requests):
+            raise ValueError(
+                f"sampled_token_ids has {len(sampled_token_ids)} rows; the step has "
+                f"{len(requests)} requests that sample"
+            )
+        for row, (request, token_id) in enumerate(zip(requests, sampled_token_ids, strict=True)):
+            if request.is_finished:
+                continue  # aborted while its batch was in flight (PP): no token
+            request.append_token(token_id, now)
+            if logprobs is not None and request.logprobs is not None:
+                request.logprobs.append(logprobs[row])  # type: ignore[arg-type]
+            update.updated.append(request)
+            checker = request.stop_checker
+            if checker is None:
+                continue  # a request that stops only by abort or length (tests)
+            result = checker.append(token_id)
+            if result.text_delta:
+                request.output_text += result.text_delta
+            if result.finish_reason is not None:
+                request.stop_reason = result.stop_reason
+                self.finish_request(request, RequestStatus.finished(result.finish_reason), now)
+                update.finished.append(request)
+        return update
 
     def finish_request(self, request: Request, status: RequestStatus, now: float) -> None:
         if self._live.pop(request.request_id, None) is None:

@@ -25,6 +25,7 @@ Contract (every policy, tested by tests/core):
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,6 +91,16 @@ class SchedulerOutput:
         return out
 
 
+@dataclass(slots=True)
+class StepUpdate:
+    """What `Scheduler.update_from_output` did with a step's sampled tokens."""
+
+    updated: list[Request] = field(default_factory=list)
+    """Requests that got a token, in the batch's row order (finished ones included)."""
+    finished: list[Request] = field(default_factory=list)
+    """Those of them that stopped at it (finished, blocks freed)."""
+
+
 class Scheduler(abc.ABC):
     """A batching policy over one instance's queues and KV blocks."""
 
@@ -103,6 +114,19 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def schedule(self, now: float) -> SchedulerOutput:
         """Decides this step's batch (see the module docstring for the contract)."""
+
+    @abc.abstractmethod
+    def update_from_output(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Sequence[int],
+        logprobs: Sequence[dict[int, float] | None] | None,
+        now: float,
+    ) -> StepUpdate:
+        """Takes the step's sampled tokens (one per `output.sampling_requests()` row): each
+        is appended to its request, the request's `StopChecker` applies the stop rules, and
+        a request that stopped is finished here. Every engine and instance ends its step
+        through this (vLLM's ``Scheduler.update_from_output``)."""
 
     @abc.abstractmethod
     def finish_request(self, request: Request, status: RequestStatus, now: float) -> None:

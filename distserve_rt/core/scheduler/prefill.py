@@ -18,6 +18,7 @@ has not started pulling before the blocks may be reused, see engine/disagg/READM
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,6 +30,7 @@ from distserve_rt.core.scheduler.interface import (
     ScheduledPrefill,
     SchedulerConfig,
     SchedulerOutput,
+    StepUpdate,
 )
 
 
@@ -77,6 +79,21 @@ class PrefillScheduler(SchedulerBase):
             budget -= num_new_tokens
             num_seqs += 1
         return prefills
+
+    def update_from_output(
+        self,
+        output: SchedulerOutput,
+        sampled_token_ids: Sequence[int],
+        logprobs: Sequence[dict[int, float] | None] | None,
+        now: float,
+    ) -> StepUpdate:
+        """The first tokens: a request that did not stop now awaits migration (its lease
+        starts at `now`)."""
+        update = super().update_from_output(output, sampled_token_ids, logprobs, now)
+        for request in update.updated:
+            if not request.is_finished:
+                self.start_migration(request, now)
+        return update
 
     # ---- migration ------------------------------------------------------------------------
 

@@ -138,12 +138,11 @@ class DecodeInstance(Instance):
         for request, error in isolated.failed:
             self._fail_in_step(request, error, end)
         result = isolated.runner_output
-        requests = isolated.scheduler_output.sampling_requests()
-        logprobs = result.logprobs or [None] * len(requests)
-        for request, token_id, row in zip(
-            requests, result.sampled_token_ids, logprobs, strict=True
-        ):
-            self._emit(request, token_id, row, start, end)
+        update = self.scheduler.update_from_output(
+            isolated.scheduler_output, result.sampled_token_ids, result.logprobs, end
+        )
+        for request in update.updated:
+            self._emit(request, start, end)
 
     def _start_pull(self, request: Request, now: float) -> None:
         migration = self.migrations[request.request_id]
@@ -182,19 +181,15 @@ class DecodeInstance(Instance):
         self._decoding.discard(request.request_id)
         self.outbox.append(self.finished_tokens(request, now))
 
-    def _emit(
-        self, request: Request, token_id: int, logprobs: dict | None, start: float, end: float
-    ) -> None:
-        request.append_token(token_id, end)
-        tokens = msg.Tokens(request.request_id, [token_id], end)
-        if request.sampling_params.logprobs is not None:
-            tokens.logprobs = [logprobs]  # type: ignore[list-item]
+    def _emit(self, request: Request, start: float, end: float) -> None:
+        """Streams the token the step appended (and the request's end, if it stopped)."""
+        tokens = msg.Tokens(request.request_id, [request.token_ids[-1]], end)
+        if request.logprobs is not None:
+            tokens.logprobs = [request.logprobs[-1]]
         if request.request_id not in self._decoding:
             self._decoding.add(request.request_id)
             tokens.first_decode_time = start
-        status = self.check_stop(request, token_id)
-        if status is not None:
-            self.scheduler.finish_request(request, status, end)
+        if request.is_finished:
             self.release(request)
             self._decoding.discard(request.request_id)
             tokens.finish_reason = request.finish_reason

@@ -18,12 +18,12 @@ import torch
 from distserve_rt.config import DisaggConfig, EngineConfig, Parallelism
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
-from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.core.request import Request
+from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.logger import init_logger
-from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import KVTransport
 from distserve_rt.worker.executor import Executor, UniprocExecutor
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
@@ -153,10 +153,20 @@ class Instance(abc.ABC):
             self.scheduler_config.max_model_len,
         )
         request.token_ids.extend(m.token_ids[m.num_prompt_tokens :])
+        # The token stop rules (`Scheduler.update_from_output` applies them); stop strings
+        # need the text: the controller applies them and aborts the request here.
+        request.stop_checker = StopChecker(
+            m.sampling_params,
+            eos_token_id=self.model_config.eos_token_id,
+            num_prompt_tokens=m.num_prompt_tokens,
+            max_model_len=self.scheduler_config.max_model_len,
+            detokenizer=None,
+            num_output_tokens=len(m.token_ids) - m.num_prompt_tokens,
+            apply_stop_strings=False,
+        )
+        if m.sampling_params.logprobs is not None:
+            request.logprobs = []
         return request
-
-    def check_stop(self, request: Request, token_id: int) -> RequestStatus | None:
-        return check_stop(request, token_id, self.model_config.eos_token_id)
 
     def finished_tokens(self, request: Request, now: float) -> msg.Tokens:
         """The message ending `request` (no new token)."""
@@ -168,22 +178,6 @@ class Instance(abc.ABC):
         self.executor.shutdown()
         if self._transport is not None:
             self._transport.close()
-
-
-def check_stop(request: Request, token_id: int, eos_token_id: int | None) -> RequestStatus | None:
-    """EOS and stop token ids (after min_tokens), then the length limits (the rules of
-    `LLMEngine._check_stop`). Stop strings need the text: the controller applies them and
-    aborts the request here when one matches."""
-    params: SamplingParams = request.sampling_params
-    if request.num_output_tokens >= params.min_tokens:
-        if token_id in params.stop_token_ids:
-            request.stop_reason = token_id
-            return RequestStatus.FINISHED_STOPPED
-        if token_id == eos_token_id and not params.ignore_eos:
-            return RequestStatus.FINISHED_STOPPED
-    if request.num_tokens >= request.max_num_tokens:
-        return RequestStatus.FINISHED_LENGTH
-    return None
 
 
 # ---- the process ---------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.sampling_params import SamplingParams
 
 # ---- controller -> instance ----------------------------------------------------------------
@@ -108,7 +109,7 @@ class Tokens:
     request_id: str
     token_ids: list[int]
     time: float
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     error: str | None = None
     first_decode_time: float | None = None
@@ -127,7 +128,7 @@ class PrefillDone:
     time: float
     prefill_start_time: float
     block_ids: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     kv_digest: str | None = None
     logprobs: dict[int, float] | None = None

@@ -65,14 +65,11 @@ class PrefillInstance(Instance):
             for request, error in isolated.failed:
                 self._fail(request, error, end)
             result = isolated.runner_output
-            requests = isolated.scheduler_output.sampling_requests()
-            logprobs = result.logprobs or [None] * len(requests)
-            for request, token_id, row in zip(
-                requests, result.sampled_token_ids, logprobs, strict=True
-            ):
-                self._after_prefill(
-                    request, token_id, row, now, end, _generator_state_of(request, result)
-                )
+            update = self.scheduler.update_from_output(
+                isolated.scheduler_output, result.sampled_token_ids, result.logprobs, end
+            )
+            for request in update.updated:
+                self._announce(request, now, end, result)
         for request in self.scheduler.expired_leases(now, self._lease_s):
             self.outbox.append(msg.LeaseExpired(request.request_id))
 
@@ -82,28 +79,21 @@ class PrefillInstance(Instance):
         self.release(request)
         self.outbox.append(self.finished_tokens(request, now))
 
-    def _after_prefill(
-        self,
-        request: Request,
-        token_id: int,
-        logprobs: dict | None,
-        start: float,
-        end: float,
-        seeded_stream: bytes | None,
+    def _announce(
+        self, request: Request, start: float, end: float, result: ModelRunnerOutput
     ) -> None:
-        request.append_token(token_id, end)
+        """Reports the first token; its KV's blocks too, unless it stopped at it (the
+        scheduler's `update_from_output` finished it, or its migration started)."""
+        seeded_stream = _generator_state_of(request, result)
         self.release(request)  # its next token is sampled by a decode instance
-        done = msg.PrefillDone(request.request_id, token_id, end, start)
-        if request.sampling_params.logprobs is not None:
-            done.logprobs = logprobs
+        done = msg.PrefillDone(request.request_id, request.token_ids[-1], end, start)
+        if request.logprobs is not None:
+            done.logprobs = request.logprobs[-1]
         done.generator_state = seeded_stream
-        status = self.check_stop(request, token_id)
-        if status is not None:
-            self.scheduler.finish_request(request, status, end)
+        if request.is_finished:
             done.finish_reason = request.finish_reason
             done.stop_reason = request.stop_reason
         else:
-            self.scheduler.start_migration(request, end)
             block_ids = self.scheduler.block_ids(request)
             done.block_ids = block_ids.tolist()
             if self._verify and self.pool is not None:  # refused for TP x PP at start-up

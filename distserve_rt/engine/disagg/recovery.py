@@ -26,6 +26,7 @@ import time
 from typing import TYPE_CHECKING
 
 from distserve_rt.config import LeaseExpiryAction
+from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.migration import MigrationEvent, MigrationState
@@ -65,7 +66,7 @@ def on_revoke_result(controller: Controller, m: msg.RevokeResult) -> None:
     if controller.disagg_config.on_lease_expiry is LeaseExpiryAction.RETRY:
         retry_or_fail(controller, tracked, reason)
     else:
-        controller.finish(tracked, "error", error=f"request failed: {reason}")
+        controller.finish(tracked, FinishReason.ERROR, error=f"request failed: {reason}")
 
 
 def on_instance_death(controller: Controller, handle: InstanceHandle, reason: str) -> None:
@@ -89,7 +90,7 @@ def on_instance_death(controller: Controller, handle: InstanceHandle, reason: st
         if controller.disagg_config.retry_on_instance_failure:
             retry_or_fail(controller, tracked, why)
         else:
-            controller.finish(tracked, "error", error=f"request failed: {why}")
+            controller.finish(tracked, FinishReason.ERROR, error=f"request failed: {why}")
 
 
 def _end_migrations_of(controller: Controller, decode_index: int) -> None:
@@ -121,7 +122,7 @@ def retry_or_fail(controller: Controller, tracked: TrackedRequest, reason: str) 
     budget = controller.disagg_config.max_retries
     if tracked.num_retries >= budget:
         error = f"request failed: {reason}; not retried again (max_retries={budget})"
-        controller.finish(tracked, "error", error=error)
+        controller.finish(tracked, FinishReason.ERROR, error=error)
         return
     tracked.num_retries += 1
     logger.warning("retrying request %r: %s", tracked.request_id, reason)

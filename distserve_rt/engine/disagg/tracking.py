@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from distserve_rt.core.stop_checker import StopChecker, StopCheckResult
+from distserve_rt.core.stop_checker import FinishReason, StopChecker, StopCheckResult
 from distserve_rt.outputs import CompletionOutput, LatencyBreakdown, RequestMetrics, RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 
@@ -49,7 +49,7 @@ class TrackedRequest:
     first_decode_time: float | None = None
     finished_time: float | None = None
     transfer_bytes: int | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
     error: str | None = None
     text: str = ""
@@ -100,21 +100,10 @@ class TrackedRequest:
         )
 
     def metrics(self) -> RequestMetrics:
-        times = self.token_times
-        first = times[0] if times else None
-        tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
-        return RequestMetrics(
-            arrival_time=self.arrival_time,
-            first_scheduled_time=self.prefill_start_time,
-            first_token_time=first,
-            last_token_time=times[-1] if times else None,
-            finished_time=self.finished_time,
-            time_in_queue=_diff(self.prefill_start_time, self.arrival_time),
-            ttft=_diff(first, self.arrival_time),
-            tpot=tpot,
-            e2e_latency=_diff(self.finished_time, self.arrival_time),
+        return RequestMetrics.from_times(
+            self.arrival_time, self.prefill_start_time, self.token_times, self.finished_time,
             breakdown=self.breakdown(),
-        )
+        )  # fmt: skip
 
     def to_output(self) -> RequestOutput:
         completion = CompletionOutput(
