@@ -117,7 +117,8 @@ class RequestOutput:
     """Why the request failed (finish_reason "error")."""
 
     @classmethod
-    def from_request(cls, request: Request) -> RequestOutput:
+    def from_request(cls, request: Request, metrics: RequestMetrics | None = None) -> RequestOutput:
+        """`metrics`: the disaggregated controller's (with its latency breakdown)."""
         completion = CompletionOutput(
             index=0,
             text=request.output_text,
@@ -132,6 +133,6 @@ class RequestOutput:
             prompt_token_ids=request.prompt_token_ids,
             outputs=[completion],
             finished=request.is_finished,
-            metrics=RequestMetrics.from_request(request),
+            metrics=metrics or RequestMetrics.from_request(request),
             error=request.error,
         )

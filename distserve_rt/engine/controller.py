@@ -217,9 +217,9 @@ class Controller:
             msg.NewRequest(
                 tracked.request_id,
                 tracked.token_ids,
-                len(tracked.prompt_token_ids),
-                tracked.sampling_params,
-                tracked.arrival_time,
+                tracked.num_prompt_tokens,
+                tracked.request.sampling_params,
+                tracked.request.arrival_time,
             )
         )
 
@@ -351,8 +351,8 @@ class Controller:
         target.send(
             msg.Migrate(
                 tracked.request_id, migration.prefill_index, migration.block_ids,
-                tracked.token_ids, len(tracked.prompt_token_ids), tracked.sampling_params,
-                tracked.arrival_time, tracked.kv_digest, tracked.generator_state,
+                tracked.token_ids, tracked.num_prompt_tokens, tracked.request.sampling_params,
+                tracked.request.arrival_time, tracked.kv_digest, tracked.generator_state,
             )
         )  # fmt: skip
 
@@ -415,10 +415,7 @@ class Controller:
     ) -> None:
         self.requests.pop(tracked.request_id, None)
         self.release_load(tracked)
-        tracked.phase = Phase.FINISHED
-        tracked.finished_time = time.monotonic()
-        tracked.finish_reason, tracked.stop_reason = finish_reason, stop_reason
-        tracked.error = error
+        tracked.finish(finish_reason, stop_reason, error, time.monotonic())
         self._outputs.append(tracked.to_output())
 
     def release_load(self, tracked: TrackedRequest) -> None:

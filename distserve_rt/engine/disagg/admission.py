@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from distserve_rt.core.detokenizer import IncrementalDetokenizer
+from distserve_rt.core.request import Request
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.disagg.tracking import TrackedRequest
 from distserve_rt.engine.request_checks import check_request
@@ -30,11 +31,12 @@ def admit(
     """The controller's record of a valid request (phase PREFILLING, not dispatched).
     Raises ValueError for invalid input (stop strings without a tokenizer included)."""
     ids, params = check_request(request_id, prompt, prompt_token_ids, params, model_config)
-    tracked = TrackedRequest(request_id, prompt, ids, params, arrival_time, stream)
-    tracked.stop_checker = make_stop_checker(params, ids, model_config, max_model_len, tokenizer)
+    # seq_id is the block manager's key: the controller holds no KV, so 0 for all.
+    request = Request(request_id, 0, ids, params, arrival_time, max_model_len, prompt=prompt)
+    request.stop_checker = make_stop_checker(params, ids, model_config, max_model_len, tokenizer)
     if params.logprobs is not None:
-        tracked.logprobs = []
-    return tracked
+        request.logprobs = []
+    return TrackedRequest(request, stream)
 
 
 def make_stop_checker(

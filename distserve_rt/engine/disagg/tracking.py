@@ -1,14 +1,14 @@
-"""The controller's view of one request: which phase it is in, on which instances, its
-tokens and timestamps, and the `RequestOutput` built from them."""
+"""The controller's view of one request: the shared `Request` record, which phase it is in,
+on which instances, and the disaggregated timings its `RequestOutput` reports."""
 
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from distserve_rt.core.stop_checker import FinishReason, StopChecker, StopCheckResult
-from distserve_rt.outputs import CompletionOutput, LatencyBreakdown, RequestMetrics, RequestOutput
-from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.core.stop_checker import FinishReason, StopCheckResult
+from distserve_rt.outputs import LatencyBreakdown, RequestMetrics, RequestOutput
 
 
 class Phase(enum.Enum):
@@ -28,11 +28,11 @@ def _diff(end: float | None, start: float | None) -> float | None:
 
 @dataclass(slots=True)
 class TrackedRequest:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    sampling_params: SamplingParams
-    arrival_time: float
+    """The controller's record of a request: the shared `Request` (tokens, text, stop
+    checker, logprobs, timeline, finish; the record every engine uses) plus what only the
+    controller knows: where the request runs and the disaggregated timings."""
+
+    request: Request
     stream: bool
     phase: Phase = Phase.PREFILLING
     prefill_index: int | None = None
@@ -40,31 +40,32 @@ class TrackedRequest:
     num_queued_tokens: int = 0
     """Tokens it adds to its prefill instance's queue (the dispatch load measure)."""
     num_retries: int = 0
-    output_token_ids: list[int] = field(default_factory=list)
-    token_times: list[float] = field(default_factory=list)
     prefill_start_time: float | None = None
     prefill_end_time: float | None = None
     pull_start_time: float | None = None
     pull_end_time: float | None = None
     first_decode_time: float | None = None
-    finished_time: float | None = None
     transfer_bytes: int | None = None
-    finish_reason: FinishReason | None = None
-    stop_reason: int | str | None = None
-    error: str | None = None
-    text: str = ""
-    """The text streamed so far (the final text once finished), from `stop_checker`."""
-    stop_checker: StopChecker | None = None
-    """Detokenizes and applies the stop rules (None without a tokenizer: no text)."""
-    logprobs: list[dict[int, float]] | None = None
-    """Per output token (when SamplingParams.logprobs is set): {token id: logprob}."""
     generator_state: bytes | None = None
     """Seeded requests: the sampler's generator state after the last token (migrated)."""
     kv_digest: str | None = None
 
     @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
     def token_ids(self) -> list[int]:
-        return self.prompt_token_ids + self.output_token_ids
+        """Prompt + generated tokens (what a retry prefills)."""
+        return self.request.token_ids
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return self.request.num_prompt_tokens
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.request.output_token_ids
 
     def append_tokens(
         self,
@@ -75,51 +76,43 @@ class TrackedRequest:
         """Appends tokens in order until the stop checker ends the request (the tokens an
         instance computed after that are dropped, as the colocated engine never makes them).
         Returns the checker's result that ended it, None while it runs (or no checker)."""
+        request = self.request
         for i, token_id in enumerate(token_ids):
-            self.output_token_ids.append(token_id)
-            self.token_times.append(now)
-            if self.logprobs is not None and logprobs is not None:
-                self.logprobs.append(logprobs[i])
-            if self.stop_checker is None:
+            request.append_token(token_id, now)
+            if request.logprobs is not None and logprobs is not None:
+                request.logprobs.append(logprobs[i])
+            if request.stop_checker is None:
                 continue
-            result = self.stop_checker.append(token_id)
-            self.text += result.text_delta
+            result = request.stop_checker.append(token_id)
+            request.output_text += result.text_delta
             if result.finish_reason is not None:
                 return result
         return None
 
+    def finish(
+        self, reason: FinishReason, stop_reason: int | str | None, error: str | None, now: float
+    ) -> None:
+        self.phase = Phase.FINISHED
+        self.request.stop_reason = stop_reason
+        self.request.finish(RequestStatus.finished(reason), now, error)
+
     def breakdown(self) -> LatencyBreakdown:
         return LatencyBreakdown(
-            prefill_queue=_diff(self.prefill_start_time, self.arrival_time),
+            prefill_queue=_diff(self.prefill_start_time, self.request.arrival_time),
             prefill=_diff(self.prefill_end_time, self.prefill_start_time),
             transfer_queue=_diff(self.pull_start_time, self.prefill_end_time),
             transfer=_diff(self.pull_end_time, self.pull_start_time),
             decode_queue=_diff(self.first_decode_time, self.pull_end_time),
-            decode=_diff(self.finished_time, self.first_decode_time),
+            decode=_diff(self.request.finished_time, self.first_decode_time),
             transfer_bytes=self.transfer_bytes,
         )
 
     def metrics(self) -> RequestMetrics:
+        r = self.request
         return RequestMetrics.from_times(
-            self.arrival_time, self.prefill_start_time, self.token_times, self.finished_time,
+            r.arrival_time, self.prefill_start_time, r.token_times, r.finished_time,
             breakdown=self.breakdown(),
         )  # fmt: skip
 
     def to_output(self) -> RequestOutput:
-        completion = CompletionOutput(
-            index=0,
-            text=self.text,
-            token_ids=list(self.output_token_ids),
-            finish_reason=self.finish_reason,
-            stop_reason=self.stop_reason,
-            logprobs=None if self.logprobs is None else list(self.logprobs),
-        )
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=list(self.prompt_token_ids),
-            outputs=[completion],
-            finished=self.phase is Phase.FINISHED,
-            metrics=self.metrics(),
-            error=self.error,
-        )
+        return RequestOutput.from_request(self.request, self.metrics())
