@@ -37,8 +37,8 @@ struct ArgField {
 #define DRT_ARG(Args, field) \
   ::drt::bindings::ArgField<Args> { #field, &Args::field }
 
-// All fields are 8 bytes, so a table with fewer entries than the struct has fields (a field
-// added to op_args.h but not here) fails to compile.
+// Every field of op_args.h is 8 bytes (keep it so), so a table with fewer entries than its
+// struct has fields (a field added to op_args.h but not here) fails to compile.
 template <typename Args, std::size_t N>
 constexpr bool covers(const std::array<ArgField<Args>, N>&) {
   return sizeof(Args) == N * 8;
@@ -165,13 +165,21 @@ std::array<PyObject*, N> intern_names(const std::array<ArgField<Args>, N>& field
   return names;
 }
 
+// What a keyword of type T accepts, for the error message.
+template <typename T>
+const char* allowed_values() {
+  if constexpr (std::is_same_v<T, double>) return "a float";
+  if constexpr (std::is_same_v<T, std::uintptr_t>) return "an int >= 0 (an address or handle)";
+  return "an int";
+}
+
 template <typename T>
 T cast_keyword(const char* op, const char* name, PyObject* value) {
   try {
     return py::handle(value).cast<T>();
   } catch (const py::cast_error&) {
-    throw py::type_error(std::string(op) + "() argument '" + name + "' must be " + type_name<T>() +
-                         ", got " + std::string(py::repr(value)));
+    throw py::type_error(std::string(op) + "() argument '" + name + "' must be " +
+                         allowed_values<T>() + ", got " + std::string(py::repr(value)));
   }
 }
 

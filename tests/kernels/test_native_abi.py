@@ -114,10 +114,18 @@ def test_renamed_keyword_is_refused_even_when_the_count_matches(mod_name, op):
         getattr(_module(mod_name), op)(**kwargs)
 
 
-def test_wrongly_typed_keyword_is_a_type_error_naming_it():
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("num_tokens", 1.5, r"argument 'num_tokens' must be an int, got 1.5"),
+        ("key", -1, r"argument 'key' must be an int >= 0 \(an address or handle\), got -1"),
+        ("dtype", "bf16", r"argument 'dtype' must be an int, got 'bf16'"),
+    ],
+)
+def test_wrongly_typed_keyword_is_a_type_error_naming_it(keyword, value, message):
     kwargs = _zero_kwargs("_C", "write_kv")
-    kwargs["num_tokens"] = 1.5
-    with pytest.raises(TypeError, match=r"write_kv\(\) argument 'num_tokens' must be int, got 1.5"):
+    kwargs[keyword] = value
+    with pytest.raises(TypeError, match=r"write_kv\(\) " + message):
         _native.cpu_module().write_kv(**kwargs)
 
 
