@@ -85,18 +85,19 @@ def get_num_threads() -> int:
     return cpu_module().get_num_threads()
 
 
-def call(name: str, device: torch.device, *args: object) -> object:
-    """Calls native function `name` on the module for `device`.
+def call(name: str, device: torch.device, **kwargs: object) -> object:
+    """Calls native function `name` on the module for `device`, by keyword.
 
-    Both modules export the same names with the same arguments; the CUDA ones take one more
-    trailing argument, the current stream of `device` (as cudaStream_t), so kernels order
-    after the caller's work without a synchronisation.
+    Both modules export the same names with the same keyword-only arguments (the fields of
+    include/distserve_rt/op_args.h); the CUDA ones take one more, ``stream``, the current
+    stream of `device` (as cudaStream_t), so kernels order after the caller's work without
+    a synchronisation.
     """
     module = module_for(device)
     if device.type != "cuda":
-        return getattr(module, name)(*args)
+        return getattr(module, name)(**kwargs)
     # torch reports every device's default stream as 0, so the launcher can only know which
     # GPU a default-stream call is for from the current device: make it the tensors' device.
     with torch.cuda.device(device):
         stream = torch.cuda.current_stream(device).cuda_stream
-        return getattr(module, name)(*args, stream)
+        return getattr(module, name)(**kwargs, stream=stream)

@@ -53,16 +53,21 @@ def decode_case(
     seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
     query = torch.randn(batch, num_heads, head_dim, device="cuda").to(dtype)
     out = torch.empty_like(query)
-    ws_bytes = mod.decode_attention_workspace_bytes(batch, num_heads, head_dim, ctx, 0)
+    ws_bytes = mod.decode_attention_workspace_bytes(
+        batch=batch, num_heads=num_heads, head_dim=head_dim, max_seq_len=ctx, stream=0
+    )
     workspace = torch.empty(max(ws_bytes, 16), dtype=torch.uint8, device="cuda")
     scale = head_dim**-0.5
 
     def ours():
         mod.decode_attention(
-            query.data_ptr(), out.data_ptr(), kv_cache.data_ptr(), block_table.data_ptr(),
-            seq_lens.data_ptr(), workspace.data_ptr(), ws_bytes, batch, ctx, num_heads,
-            num_kv_heads, head_dim, query.stride(0), out.stride(0), scale, num_blocks,
-            block_size, kv_cache.stride(0), blocks_per_seq, DTYPE_CODES[dtype], _stream(),
+            query=query.data_ptr(), out=out.data_ptr(), kv_cache=kv_cache.data_ptr(),
+            block_table=block_table.data_ptr(), seq_lens=seq_lens.data_ptr(),
+            workspace=workspace.data_ptr(), workspace_bytes=ws_bytes, batch=batch,
+            max_seq_len=ctx, num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim,
+            query_stride=query.stride(0), out_stride=out.stride(0), softmax_scale=scale,
+            num_blocks=num_blocks, block_size=block_size, kv_block_stride=kv_cache.stride(0),
+            max_blocks_per_seq=blocks_per_seq, dtype=DTYPE_CODES[dtype], stream=_stream(),
         )  # fmt: skip
 
     def gathered(kind: int) -> torch.Tensor:  # [batch, num_kv_heads, ctx, head_dim]
@@ -123,10 +128,14 @@ def prefill_case(
 
     def ours():
         mod.prefill_attention(
-            query.data_ptr(), key.data_ptr(), value.data_ptr(), out.data_ptr(),
-            cu_seqlens.data_ptr(), num_seqs, num_tokens, seq_len, num_heads, num_kv_heads,
-            head_dim, query.stride(0), key.stride(0), value.stride(0), out.stride(0), scale,
-            0, 0, 0, 0, 0, 16, 0, 0, DTYPE_CODES[dtype], _stream(),
+            query=query.data_ptr(), key=key.data_ptr(), value=value.data_ptr(),
+            out=out.data_ptr(), cu_seqlens=cu_seqlens.data_ptr(), batch=num_seqs,
+            num_tokens=num_tokens, max_seqlen_q=seq_len, num_heads=num_heads,
+            num_kv_heads=num_kv_heads, head_dim=head_dim, query_token_stride=query.stride(0),
+            key_token_stride=key.stride(0), value_token_stride=value.stride(0),
+            out_token_stride=out.stride(0), softmax_scale=scale, kv_cache=0, block_table=0,
+            prefix_lens=0, slot_mapping=0, num_blocks=0, block_size=16, kv_block_stride=0,
+            max_blocks_per_seq=0, dtype=DTYPE_CODES[dtype], stream=_stream(),
         )  # fmt: skip
 
     def bhsd(x: torch.Tensor) -> torch.Tensor:  # [tokens, heads, dim] -> [seqs, heads, S, dim]
@@ -188,9 +197,11 @@ def write_kv_case(
 
     def ours():
         mod.write_kv(
-            key.data_ptr(), value.data_ptr(), kv_cache.data_ptr(), slots.data_ptr(),
-            num_tokens, num_kv_heads, head_dim, key.stride(0), value.stride(0), num_blocks,
-            block_size, kv_cache.stride(0), DTYPE_CODES[dtype], _stream(),
+            key=key.data_ptr(), value=value.data_ptr(), kv_cache=kv_cache.data_ptr(),
+            slot_mapping=slots.data_ptr(), num_tokens=num_tokens, num_kv_heads=num_kv_heads,
+            head_dim=head_dim, key_token_stride=key.stride(0),
+            value_token_stride=value.stride(0), num_blocks=num_blocks, block_size=block_size,
+            kv_block_stride=kv_cache.stride(0), dtype=DTYPE_CODES[dtype], stream=_stream(),
         )  # fmt: skip
 
     def baseline():
@@ -234,21 +245,21 @@ def copy_blocks_case(num_pairs=256, block_bytes=2 << 20) -> GpuCase:
     mapping = mapping_cpu.cuda()  # [num_pairs, 2]
     flat_src = src[:num_pairs].view(-1)
     flat_dst = dst[num_pairs:].view(-1)
-    args = lambda m: (
-        src.data_ptr(),
-        dst.data_ptr(),
-        m.data_ptr(),
-        num_pairs,
-        2 * num_pairs,
-        2 * num_pairs,
-        block_bytes,
-        block_bytes,
-        block_bytes,
+    args = lambda m: dict(
+        src=src.data_ptr(),
+        dst=dst.data_ptr(),
+        block_mapping=m.data_ptr(),
+        num_pairs=num_pairs,
+        src_num_blocks=2 * num_pairs,
+        dst_num_blocks=2 * num_pairs,
+        src_block_stride_bytes=block_bytes,
+        dst_block_stride_bytes=block_bytes,
+        block_bytes=block_bytes,
     )
 
     variants = {
-        "kernel": lambda: mod.copy_blocks(*args(mapping), _stream()),
-        "memcpy_batch": lambda: mod.copy_blocks_memcpy_batch(*args(mapping_cpu), _stream()),
+        "kernel": lambda: mod.copy_blocks(**args(mapping), stream=_stream()),
+        "memcpy_batch": lambda: mod.copy_blocks_memcpy_batch(**args(mapping_cpu), stream=_stream()),
     }
 
     def check() -> dict[str, float]:

@@ -22,7 +22,7 @@ inline void check_arg(bool ok, const Args&... what) {
   throw std::invalid_argument(msg.str());
 }
 
-inline DType to_dtype(int code) {
+inline DType to_dtype(int64_t code) {
   check_arg(code >= 0 && code <= 2, "dtype code ", code, " is not one of 0 (float32), ",
             "1 (float16), 2 (bfloat16)");
   return static_cast<DType>(code);

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "common/launcher.h"
+#include "common/op_bindings.h"
 #include "common/shape_checks.h"
 #include "common/slot_mapping_checks.h"
 #include "cpu/threads.h"
@@ -18,41 +19,38 @@
 #include "distserve_rt/cpu/dtype.h"
 
 namespace py = pybind11;
-using namespace pybind11::literals;
 
 namespace {
 
 using drt::check_arg;
 using drt::check_slot_mapping;
 
-void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
-              std::uintptr_t slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
-              int64_t head_dim, int64_t key_token_stride, int64_t value_token_stride,
-              int64_t num_blocks, int64_t block_size, int64_t kv_block_stride, int dtype_code) {
+void write_kv(const drt::WriteKVArgs& a) {
   drt::cpu::apply_num_threads();
-  const drt::DType dtype = drt::to_dtype(dtype_code);
-  drt::check_write_kv_shapes(num_tokens, num_kv_heads, head_dim, key_token_stride,
-                             value_token_stride, num_blocks, block_size, kv_block_stride);
-  if (num_tokens == 0) return;
+  const drt::DType dtype = drt::to_dtype(a.dtype);
+  drt::check_write_kv_shapes(a);
+  if (a.num_tokens == 0) return;
   // A pool of zero blocks has a null data pointer; then every slot must be padding (checked
   // below against num_slots = 0) and the cache is never touched.
-  check_arg(key != 0 && value != 0 && slot_mapping != 0 && (kv_cache != 0 || num_blocks == 0),
-            "key, value, kv_cache and slot_mapping must be non-null pointers");
+  check_arg(
+      a.key != 0 && a.value != 0 && a.slot_mapping != 0 && (a.kv_cache != 0 || a.num_blocks == 0),
+      "key, value, kv_cache and slot_mapping must be non-null pointers");
 
-  const drt::cpu::WriteKVParams params{drt::as_ptr<const void>(key),
-                                       drt::as_ptr<const void>(value),
-                                       drt::as_ptr<void>(kv_cache),
-                                       drt::as_ptr<const int64_t>(slot_mapping),
-                                       num_tokens,
-                                       num_kv_heads,
-                                       head_dim,
-                                       key_token_stride,
-                                       value_token_stride,
-                                       num_blocks,
-                                       block_size,
-                                       kv_block_stride};
+  drt::cpu::WriteKVParams params{};
+  params.key = drt::as_ptr<const void>(a.key);
+  params.value = drt::as_ptr<const void>(a.value);
+  params.kv_cache = drt::as_ptr<void>(a.kv_cache);
+  params.slot_mapping = drt::as_ptr<const int64_t>(a.slot_mapping);
+  params.num_tokens = a.num_tokens;
+  params.num_kv_heads = a.num_kv_heads;
+  params.head_dim = a.head_dim;
+  params.key_token_stride = a.key_token_stride;
+  params.value_token_stride = a.value_token_stride;
+  params.num_blocks = a.num_blocks;
+  params.block_size = a.block_size;
+  params.kv_block_stride = a.kv_block_stride;
   py::gil_scoped_release no_gil;
-  check_slot_mapping(params.slot_mapping, num_tokens, num_blocks * block_size);
+  check_slot_mapping(params.slot_mapping, a.num_tokens, a.num_blocks * a.block_size);
   const drt::Status status =
       DRT_CPU_DISPATCH_DTYPE(dtype, scalar_t, [&] { return drt::cpu::write_kv<scalar_t>(params); });
   drt::throw_if_error(status, "write_kv");
@@ -116,26 +114,23 @@ void check_block_mapping(const drt::cpu::CopyBlocksParams& p) {
   if (p.block_bytes > 0) check_no_read_of_written(p, writes);
 }
 
-void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_mapping,
-                 int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
-                 int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
-                 int64_t block_bytes) {
+void copy_blocks(const drt::CopyBlocksArgs& a) {
   drt::cpu::apply_num_threads();
-  drt::check_copy_blocks_shapes(num_pairs, src_num_blocks, dst_num_blocks, src_block_stride_bytes,
-                                dst_block_stride_bytes, block_bytes);
-  if (num_pairs == 0) return;
-  check_arg(src != 0 && dst != 0 && block_mapping != 0,
+  drt::check_copy_blocks_shapes(a);
+  if (a.num_pairs == 0) return;
+  check_arg(a.src != 0 && a.dst != 0 && a.block_mapping != 0,
             "src, dst and block_mapping must be non-null pointers");
 
-  const drt::cpu::CopyBlocksParams params{drt::as_ptr<const void>(src),
-                                          drt::as_ptr<void>(dst),
-                                          drt::as_ptr<const int64_t>(block_mapping),
-                                          num_pairs,
-                                          src_num_blocks,
-                                          dst_num_blocks,
-                                          src_block_stride_bytes,
-                                          dst_block_stride_bytes,
-                                          block_bytes};
+  drt::cpu::CopyBlocksParams params{};
+  params.src = drt::as_ptr<const void>(a.src);
+  params.dst = drt::as_ptr<void>(a.dst);
+  params.block_mapping = drt::as_ptr<const int64_t>(a.block_mapping);
+  params.num_pairs = a.num_pairs;
+  params.src_num_blocks = a.src_num_blocks;
+  params.dst_num_blocks = a.dst_num_blocks;
+  params.src_block_stride_bytes = a.src_block_stride_bytes;
+  params.dst_block_stride_bytes = a.dst_block_stride_bytes;
+  params.block_bytes = a.block_bytes;
   py::gil_scoped_release no_gil;
   check_block_mapping(params);
   drt::throw_if_error(drt::cpu::copy_blocks(params), "copy_blocks");
@@ -144,16 +139,15 @@ void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_ma
 }  // namespace
 
 void register_cache_ops(py::module_& m) {
-  m.def("write_kv", &write_kv,
-        "Scatters key/value [num_tokens, num_kv_heads, head_dim] into one layer's kv_cache "
-        "[num_blocks, 2, num_kv_heads, block_size, head_dim] at slot_mapping (int64, < 0 = "
-        "padding). Pointers are ints, strides in elements.",
-        "key"_a, "value"_a, "kv_cache"_a, "slot_mapping"_a, "num_tokens"_a, "num_kv_heads"_a,
-        "head_dim"_a, "key_token_stride"_a, "value_token_stride"_a, "num_blocks"_a, "block_size"_a,
-        "kv_block_stride"_a, "dtype"_a);
-  m.def("copy_blocks", &copy_blocks,
-        "Copies block_bytes from src block s to dst block d for every row (s, d) of "
-        "block_mapping (int64 [num_pairs, 2]). Pointers are ints, strides in bytes.",
-        "src"_a, "dst"_a, "block_mapping"_a, "num_pairs"_a, "src_num_blocks"_a, "dst_num_blocks"_a,
-        "src_block_stride_bytes"_a, "dst_block_stride_bytes"_a, "block_bytes"_a);
+  drt::bindings::def_op(
+      m, "write_kv", drt::bindings::kWriteKVFields,
+      "Scatters key/value [num_tokens, num_kv_heads, head_dim] into one layer's kv_cache "
+      "[num_blocks, 2, num_kv_heads, block_size, head_dim] at slot_mapping (int64, < 0 = "
+      "padding). Pointers are ints, strides in elements.",
+      &write_kv);
+  drt::bindings::def_op(
+      m, "copy_blocks", drt::bindings::kCopyBlocksFields,
+      "Copies block_bytes from src block s to dst block d for every row (s, d) of "
+      "block_mapping (int64 [num_pairs, 2]). Pointers are ints, strides in bytes.",
+      &copy_blocks);
 }

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "common/launcher.h"
+#include "common/op_bindings.h"
 #include "common/shape_checks.h"
 #include "cpu/threads.h"
 
@@ -49,51 +50,49 @@ void check_seq_lens_and_blocks(const drt::cpu::DecodeAttentionParams& p) {
   }
 }
 
-int64_t workspace_bytes(int64_t batch, int64_t num_heads, int64_t head_dim, int64_t max_seq_len) {
-  drt::check_decode_workspace_shapes(batch, num_heads, head_dim, max_seq_len);
-  return drt::cpu::decode_workspace_bytes_upper_bound(batch, num_heads, head_dim, max_seq_len,
-                                                      drt::cpu::effective_num_threads());
+int64_t workspace_bytes(const drt::DecodeWorkspaceArgs& a) {
+  drt::check_decode_workspace_shapes(a);
+  return drt::cpu::decode_workspace_bytes_upper_bound(
+      a.batch, a.num_heads, a.head_dim, a.max_seq_len, drt::cpu::effective_num_threads());
 }
 
-void decode_attention(std::uintptr_t query, std::uintptr_t out, std::uintptr_t kv_cache,
-                      std::uintptr_t block_table, std::uintptr_t seq_lens, std::uintptr_t workspace,
-                      int64_t workspace_bytes, int64_t batch, int64_t max_seq_len,
-                      int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
-                      int64_t query_stride, int64_t out_stride, double softmax_scale,
-                      int64_t num_blocks, int64_t block_size, int64_t kv_block_stride,
-                      int64_t max_blocks_per_seq, int dtype_code) {
-  const drt::DType dtype = drt::to_dtype(dtype_code);
-  drt::check_decode_shapes(batch, max_seq_len, num_heads, num_kv_heads, head_dim, query_stride,
-                           out_stride, softmax_scale, num_blocks, block_size, kv_block_stride,
-                           max_blocks_per_seq);
-  drt::cpu::DecodeAttentionParams p{drt::as_ptr<const void>(query),
-                                    drt::as_ptr<void>(out),
-                                    drt::as_ptr<const void>(kv_cache),
-                                    drt::as_ptr<const int32_t>(block_table),
-                                    drt::as_ptr<const int32_t>(seq_lens),
-                                    drt::as_ptr<void>(workspace),
-                                    workspace_bytes,
-                                    batch,
-                                    max_seq_len,
-                                    num_heads,
-                                    num_kv_heads,
-                                    head_dim,
-                                    query_stride,
-                                    out_stride,
-                                    static_cast<float>(softmax_scale),
-                                    num_blocks,
-                                    block_size,
-                                    kv_block_stride,
-                                    max_blocks_per_seq};
+drt::cpu::DecodeAttentionParams make_params(const drt::DecodeAttentionArgs& a) {
+  drt::cpu::DecodeAttentionParams p{};
+  p.query = drt::as_ptr<const void>(a.query);
+  p.out = drt::as_ptr<void>(a.out);
+  p.kv_cache = drt::as_ptr<const void>(a.kv_cache);
+  p.block_table = drt::as_ptr<const int32_t>(a.block_table);
+  p.seq_lens = drt::as_ptr<const int32_t>(a.seq_lens);
+  p.workspace = drt::as_ptr<void>(a.workspace);
+  p.workspace_bytes = a.workspace_bytes;
+  p.batch = a.batch;
+  p.max_seq_len = a.max_seq_len;
+  p.num_heads = a.num_heads;
+  p.num_kv_heads = a.num_kv_heads;
+  p.head_dim = a.head_dim;
+  p.query_stride = a.query_stride;
+  p.out_stride = a.out_stride;
+  p.softmax_scale = static_cast<float>(a.softmax_scale);
+  p.num_blocks = a.num_blocks;
+  p.block_size = a.block_size;
+  p.kv_block_stride = a.kv_block_stride;
+  p.max_blocks_per_seq = a.max_blocks_per_seq;
+  return p;
+}
+
+void decode_attention(const drt::DecodeAttentionArgs& a) {
+  const drt::DType dtype = drt::to_dtype(a.dtype);
+  drt::check_decode_shapes(a);
+  const drt::cpu::DecodeAttentionParams p = make_params(a);
   check_sizes(p);
   check_seq_lens_and_blocks(p);
   // The split plan depends on the thread count, so the workspace is checked against the plan
   // this call will run (what decode_attention_workspace_bytes returned bounds it).
   const drt::cpu::DecodeSplitPlan plan = drt::cpu::plan_decode_splits(
-      batch, num_kv_heads, max_seq_len, block_size, drt::cpu::effective_num_threads());
-  const int64_t needed = drt::cpu::decode_workspace_bytes(plan, batch, num_heads, head_dim);
-  check_arg(workspace_bytes >= needed && (needed == 0 || workspace != 0), "workspace_bytes ",
-            workspace_bytes, " is too small: this call needs ", needed,
+      a.batch, a.num_kv_heads, a.max_seq_len, a.block_size, drt::cpu::effective_num_threads());
+  const int64_t needed = drt::cpu::decode_workspace_bytes(plan, a.batch, a.num_heads, a.head_dim);
+  check_arg(a.workspace_bytes >= needed && (needed == 0 || a.workspace != 0), "workspace_bytes ",
+            a.workspace_bytes, " is too small: this call needs ", needed,
             " (use decode_attention_workspace_bytes with the same batch, num_heads, head_dim, ",
             "max_seq_len and thread count)");
   drt::Status status;
@@ -108,18 +107,15 @@ void decode_attention(std::uintptr_t query, std::uintptr_t out, std::uintptr_t k
 }  // namespace
 
 void register_decode_attention(py::module_& m) {
-  m.def("decode_attention_workspace_bytes", &workspace_bytes, py::arg("batch"),
-        py::arg("num_heads"), py::arg("head_dim"), py::arg("max_seq_len"),
-        "Bytes of fp32 scratch decode_attention needs for these sizes with the current thread "
-        "count (an upper bound over num_kv_heads and block_size); 0 when no split is needed.");
-  m.def("decode_attention", &decode_attention, py::arg("query"), py::arg("out"),
-        py::arg("kv_cache"), py::arg("block_table"), py::arg("seq_lens"), py::arg("workspace"),
-        py::arg("workspace_bytes"), py::arg("batch"), py::arg("max_seq_len"), py::arg("num_heads"),
-        py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("query_stride"),
-        py::arg("out_stride"), py::arg("softmax_scale"), py::arg("num_blocks"),
-        py::arg("block_size"), py::arg("kv_block_stride"), py::arg("max_blocks_per_seq"),
-        py::arg("dtype"),
-        "Paged decode attention, one query token per sequence (see decode_attention.h for the "
-        "layouts). Pointers are ints, strides are in elements; raises ValueError on bad "
-        "arguments, including seq_lens and block ids.");
+  drt::bindings::def_op(
+      m, "decode_attention_workspace_bytes", drt::bindings::kDecodeWorkspaceFields,
+      "Bytes of fp32 scratch decode_attention needs for these sizes with the current thread "
+      "count (an upper bound over num_kv_heads and block_size); 0 when no split is needed.",
+      &workspace_bytes);
+  drt::bindings::def_op(
+      m, "decode_attention", drt::bindings::kDecodeAttentionFields,
+      "Paged decode attention, one query token per sequence (see decode_attention.h for the "
+      "layouts). Pointers are ints, strides are in elements; raises ValueError on bad "
+      "arguments, including seq_lens and block ids.",
+      &decode_attention);
 }

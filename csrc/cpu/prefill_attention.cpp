@@ -10,6 +10,7 @@
 #include <cstdint>
 
 #include "common/launcher.h"
+#include "common/op_bindings.h"
 #include "common/shape_checks.h"
 #include "common/slot_mapping_checks.h"
 #include "cpu/threads.h"
@@ -18,26 +19,13 @@ namespace py = pybind11;
 
 namespace {
 
-// The native ABI's arguments, in its order (see distserve_rt/ops/prefill_attention.py).
-struct PrefillArgs {
-  std::uintptr_t query, key, value, out, cu_seqlens;
-  int64_t batch, num_tokens, max_seqlen_q, num_heads, num_kv_heads, head_dim;
-  int64_t query_token_stride, key_token_stride, value_token_stride, out_token_stride;
-  double softmax_scale;
-  std::uintptr_t kv_cache, block_table, prefix_lens, slot_mapping;
-  int64_t num_blocks, block_size, kv_block_stride, max_blocks_per_seq;
-  int dtype;
-};
+using PrefillArgs = drt::PrefillAttentionArgs;
 
 // The rules shared with the CUDA launcher (common/shape_checks.h), then this backend's own:
 // its head_dim limit and the pointers it reads.
 void check_shapes(const PrefillArgs& a) {
   using drt::check_arg;
-  drt::check_prefill_shapes(a.batch, a.num_tokens, a.max_seqlen_q, a.num_heads, a.num_kv_heads,
-                            a.head_dim, a.query_token_stride, a.key_token_stride,
-                            a.value_token_stride, a.out_token_stride, a.softmax_scale, a.kv_cache,
-                            a.block_table, a.prefix_lens, a.slot_mapping, a.num_blocks,
-                            a.block_size, a.kv_block_stride, a.max_blocks_per_seq);
+  drt::check_prefill_shapes(a);
   check_arg(a.head_dim <= drt::cpu::kMaxHeadDim, "head_dim must be in [1, ", drt::cpu::kMaxHeadDim,
             "], got ", a.head_dim);
   // Empty tensors have null data pointers: a batch with no new tokens is valid (and a no-op).
@@ -94,31 +82,34 @@ void check_slot_mapping(const PrefillArgs& a) {
                           a.num_tokens, a.num_blocks * a.block_size);
 }
 
+// Sizes narrowed to int where the kernel keeps them so (check_shapes bounded them).
 template <typename T>
 drt::cpu::PrefillAttentionParams<T> make_params(const PrefillArgs& a) {
   using drt::as_ptr;
-  return {as_ptr<const T>(a.query),
-          as_ptr<const T>(a.key),
-          as_ptr<const T>(a.value),
-          as_ptr<T>(a.out),
-          as_ptr<const int32_t>(a.cu_seqlens),
-          int(a.batch),
-          int(a.num_tokens),
-          int(a.num_heads),
-          int(a.num_kv_heads),
-          int(a.head_dim),
-          a.query_token_stride,
-          a.key_token_stride,
-          a.value_token_stride,
-          a.out_token_stride,
-          float(a.softmax_scale),
-          as_ptr<T>(a.kv_cache),
-          as_ptr<const int32_t>(a.block_table),
-          as_ptr<const int32_t>(a.prefix_lens),
-          as_ptr<const int64_t>(a.slot_mapping),
-          int(a.block_size),
-          a.kv_block_stride,
-          int(a.max_blocks_per_seq)};
+  drt::cpu::PrefillAttentionParams<T> p{};
+  p.query = as_ptr<const T>(a.query);
+  p.key = as_ptr<const T>(a.key);
+  p.value = as_ptr<const T>(a.value);
+  p.out = as_ptr<T>(a.out);
+  p.cu_seqlens = as_ptr<const int32_t>(a.cu_seqlens);
+  p.batch = int(a.batch);
+  p.num_tokens = int(a.num_tokens);
+  p.num_heads = int(a.num_heads);
+  p.num_kv_heads = int(a.num_kv_heads);
+  p.head_dim = int(a.head_dim);
+  p.query_token_stride = a.query_token_stride;
+  p.key_token_stride = a.key_token_stride;
+  p.value_token_stride = a.value_token_stride;
+  p.out_token_stride = a.out_token_stride;
+  p.softmax_scale = float(a.softmax_scale);
+  p.kv_cache = as_ptr<T>(a.kv_cache);
+  p.block_table = as_ptr<const int32_t>(a.block_table);
+  p.prefix_lens = as_ptr<const int32_t>(a.prefix_lens);
+  p.slot_mapping = as_ptr<const int64_t>(a.slot_mapping);
+  p.block_size = int(a.block_size);
+  p.kv_block_stride = a.kv_block_stride;
+  p.max_blocks_per_seq = int(a.max_blocks_per_seq);
+  return p;
 }
 
 void prefill_attention(const PrefillArgs& a) {
@@ -141,48 +132,9 @@ void prefill_attention(const PrefillArgs& a) {
 }  // namespace
 
 void register_prefill_attention(py::module_& m) {
-  m.def(
-      "prefill_attention",
-      [](std::uintptr_t query, std::uintptr_t key, std::uintptr_t value, std::uintptr_t out,
-         std::uintptr_t cu_seqlens, int64_t batch, int64_t num_tokens, int64_t max_seqlen_q,
-         int64_t num_heads, int64_t num_kv_heads, int64_t head_dim, int64_t query_token_stride,
-         int64_t key_token_stride, int64_t value_token_stride, int64_t out_token_stride,
-         double softmax_scale, std::uintptr_t kv_cache, std::uintptr_t block_table,
-         std::uintptr_t prefix_lens, std::uintptr_t slot_mapping, int64_t num_blocks,
-         int64_t block_size, int64_t kv_block_stride, int64_t max_blocks_per_seq, int dtype) {
-        prefill_attention({query,
-                           key,
-                           value,
-                           out,
-                           cu_seqlens,
-                           batch,
-                           num_tokens,
-                           max_seqlen_q,
-                           num_heads,
-                           num_kv_heads,
-                           head_dim,
-                           query_token_stride,
-                           key_token_stride,
-                           value_token_stride,
-                           out_token_stride,
-                           softmax_scale,
-                           kv_cache,
-                           block_table,
-                           prefix_lens,
-                           slot_mapping,
-                           num_blocks,
-                           block_size,
-                           kv_block_stride,
-                           max_blocks_per_seq,
-                           dtype});
-      },
-      py::arg("query"), py::arg("key"), py::arg("value"), py::arg("out"), py::arg("cu_seqlens"),
-      py::arg("batch"), py::arg("num_tokens"), py::arg("max_seqlen_q"), py::arg("num_heads"),
-      py::arg("num_kv_heads"), py::arg("head_dim"), py::arg("query_token_stride"),
-      py::arg("key_token_stride"), py::arg("value_token_stride"), py::arg("out_token_stride"),
-      py::arg("softmax_scale"), py::arg("kv_cache"), py::arg("block_table"), py::arg("prefix_lens"),
-      py::arg("slot_mapping"), py::arg("num_blocks"), py::arg("block_size"),
-      py::arg("kv_block_stride"), py::arg("max_blocks_per_seq"), py::arg("dtype"),
+  drt::bindings::def_op(
+      m, "prefill_attention", drt::bindings::kPrefillAttentionFields,
       "Causal varlen prefill attention (GQA, optional paged prefix and fused K/V write). "
-      "Pointers are ints, strides in elements; see distserve_rt.ops.prefill_attention.");
+      "Pointers are ints, strides in elements; see distserve_rt.ops.prefill_attention.",
+      &prefill_attention);
 }

@@ -26,49 +26,40 @@ int copy_word_bytes(std::uintptr_t src, std::uintptr_t dst, int64_t src_stride, 
   return 1;
 }
 
-void check_copy_args(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_mapping,
-                     int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
-                     int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
-                     int64_t block_bytes) {
-  check_copy_blocks_shapes(num_pairs, src_num_blocks, dst_num_blocks, src_block_stride_bytes,
-                           dst_block_stride_bytes, block_bytes);
-  if (num_pairs == 0) return;
-  check_arg(src != 0 && dst != 0 && block_mapping != 0,
+void check_copy_args(const CopyBlocksArgs& a) {
+  check_copy_blocks_shapes(a);
+  if (a.num_pairs == 0) return;
+  check_arg(a.src != 0 && a.dst != 0 && a.block_mapping != 0,
             "src, dst and block_mapping must be non-null pointers when num_pairs > 0");
 }
 
 }  // namespace
 
-void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
-              std::uintptr_t slot_mapping, int64_t num_tokens, int64_t num_kv_heads,
-              int64_t head_dim, int64_t key_token_stride, int64_t value_token_stride,
-              int64_t num_blocks, int64_t block_size, int64_t kv_block_stride, int64_t dtype_code,
-              std::uintptr_t stream) {
-  const DType dtype = to_dtype(static_cast<int>(dtype_code));
-  check_write_kv_shapes(num_tokens, num_kv_heads, head_dim, key_token_stride, value_token_stride,
-                        num_blocks, block_size, kv_block_stride);
-  if (num_tokens == 0) return;
-  check_arg(key != 0 && value != 0 && kv_cache != 0 && slot_mapping != 0,
+void write_kv(const WriteKVArgs& a, std::uintptr_t stream) {
+  const DType dtype = to_dtype(a.dtype);
+  check_write_kv_shapes(a);
+  if (a.num_tokens == 0) return;
+  check_arg(a.key != 0 && a.value != 0 && a.kv_cache != 0 && a.slot_mapping != 0,
             "key, value, kv_cache and slot_mapping must be non-null pointers");
 
   const int64_t elem = static_cast<int64_t>(dtype_size(dtype));
-  const bool vec16 = aligned16_elems(head_dim, elem) && aligned16_elems(key_token_stride, elem) &&
-                     aligned16_elems(value_token_stride, elem) &&
-                     aligned16_elems(kv_block_stride, elem) && aligned16(key) && aligned16(value) &&
-                     aligned16(kv_cache);
+  const bool vec16 =
+      aligned16_elems(a.head_dim, elem) && aligned16_elems(a.key_token_stride, elem) &&
+      aligned16_elems(a.value_token_stride, elem) && aligned16_elems(a.kv_block_stride, elem) &&
+      aligned16(a.key) && aligned16(a.value) && aligned16(a.kv_cache);
   drt::cuda::WriteKVParams p{};
-  p.key = as_ptr<const void>(key);
-  p.value = as_ptr<const void>(value);
-  p.kv_cache = as_ptr<void>(kv_cache);
-  p.slot_mapping = as_ptr<const int64_t>(slot_mapping);
-  p.num_tokens = num_tokens;
-  p.num_kv_heads = static_cast<int>(num_kv_heads);
-  p.head_dim = static_cast<int>(head_dim);
-  p.key_token_stride = key_token_stride;
-  p.value_token_stride = value_token_stride;
-  p.num_slots = num_blocks * block_size;
-  p.block_size = static_cast<int>(block_size);
-  p.kv_block_stride = kv_block_stride;
+  p.key = as_ptr<const void>(a.key);
+  p.value = as_ptr<const void>(a.value);
+  p.kv_cache = as_ptr<void>(a.kv_cache);
+  p.slot_mapping = as_ptr<const int64_t>(a.slot_mapping);
+  p.num_tokens = a.num_tokens;
+  p.num_kv_heads = static_cast<int>(a.num_kv_heads);
+  p.head_dim = static_cast<int>(a.head_dim);
+  p.key_token_stride = a.key_token_stride;
+  p.value_token_stride = a.value_token_stride;
+  p.num_slots = a.num_blocks * a.block_size;
+  p.block_size = static_cast<int>(a.block_size);
+  p.kv_block_stride = a.kv_block_stride;
 
   const cudaStream_t cuda_stream = as_stream(stream);
   StreamDeviceGuard guard(cuda_stream);
@@ -79,33 +70,30 @@ void write_kv(std::uintptr_t key, std::uintptr_t value, std::uintptr_t kv_cache,
   check_cuda(err, "write_kv kernel launch");
 }
 
-void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_mapping,
-                 int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
-                 int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
-                 int64_t block_bytes, std::uintptr_t stream) {
-  check_copy_args(src, dst, block_mapping, num_pairs, src_num_blocks, dst_num_blocks,
-                  src_block_stride_bytes, dst_block_stride_bytes, block_bytes);
-  if (num_pairs == 0) return;
+void copy_blocks(const CopyBlocksArgs& a, std::uintptr_t stream) {
+  check_copy_args(a);
+  if (a.num_pairs == 0) return;
   const cudaStream_t cuda_stream = as_stream(stream);
   StreamDeviceGuard guard(cuda_stream);
   // A kernel touching memory the device cannot map kills the whole CUDA context, so the
   // three buffers are checked (and peer access enabled) on the host first.
-  check_kernel_accessible(src, "src", guard.device());
-  check_kernel_accessible(dst, "dst", guard.device());
-  check_kernel_accessible(block_mapping, "block_mapping", guard.device());
+  check_kernel_accessible(a.src, "src", guard.device());
+  check_kernel_accessible(a.dst, "dst", guard.device());
+  check_kernel_accessible(a.block_mapping, "block_mapping", guard.device());
 
   drt::cuda::CopyBlocksParams p{};
-  p.src = as_ptr<const char>(src);
-  p.dst = as_ptr<char>(dst);
-  p.block_mapping = as_ptr<const int64_t>(block_mapping);
-  p.num_pairs = num_pairs;
-  p.src_num_blocks = src_num_blocks;
-  p.dst_num_blocks = dst_num_blocks;
-  p.src_block_stride = src_block_stride_bytes;
-  p.dst_block_stride = dst_block_stride_bytes;
-  p.block_bytes = block_bytes;
+  p.src = as_ptr<const char>(a.src);
+  p.dst = as_ptr<char>(a.dst);
+  p.block_mapping = as_ptr<const int64_t>(a.block_mapping);
+  p.num_pairs = a.num_pairs;
+  p.src_num_blocks = a.src_num_blocks;
+  p.dst_num_blocks = a.dst_num_blocks;
+  p.src_block_stride = a.src_block_stride_bytes;
+  p.dst_block_stride = a.dst_block_stride_bytes;
+  p.block_bytes = a.block_bytes;
   cudaError_t err;
-  switch (copy_word_bytes(src, dst, src_block_stride_bytes, dst_block_stride_bytes, block_bytes)) {
+  switch (copy_word_bytes(a.src, a.dst, a.src_block_stride_bytes, a.dst_block_stride_bytes,
+                          a.block_bytes)) {
     case 16:
       err = drt::cuda::launch_copy_blocks<uint4>(p, cuda_stream);
       break;
@@ -121,34 +109,31 @@ void copy_blocks(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_ma
   check_cuda(err, "copy_blocks kernel launch");
 }
 
-void copy_blocks_memcpy_batch(std::uintptr_t src, std::uintptr_t dst, std::uintptr_t block_mapping,
-                              int64_t num_pairs, int64_t src_num_blocks, int64_t dst_num_blocks,
-                              int64_t src_block_stride_bytes, int64_t dst_block_stride_bytes,
-                              int64_t block_bytes, std::uintptr_t stream) {
-  check_copy_args(src, dst, block_mapping, num_pairs, src_num_blocks, dst_num_blocks,
-                  src_block_stride_bytes, dst_block_stride_bytes, block_bytes);
+void copy_blocks_memcpy_batch(const CopyBlocksArgs& a, std::uintptr_t stream) {
+  check_copy_args(a);
   // cudaMemcpyBatchAsync rejects the legacy default stream (handles 0 and 1).
   check_arg(stream > 1,
             "copy_blocks_memcpy_batch needs a non-default stream (cudaMemcpyBatchAsync rejects "
             "the legacy default stream); got stream ",
             stream, ", run it under torch.cuda.stream(torch.cuda.Stream())");
-  if (num_pairs == 0) return;
+  if (a.num_pairs == 0) return;
   const cudaStream_t cuda_stream = as_stream(stream);
   StreamDeviceGuard guard(cuda_stream);
-  check_host_memory(block_mapping, "block_mapping");
-  const int64_t* pairs = as_ptr<const int64_t>(block_mapping);  // [num_pairs, 2], host
+  check_host_memory(a.block_mapping, "block_mapping");
+  const int64_t num_pairs = a.num_pairs;
+  const int64_t* pairs = as_ptr<const int64_t>(a.block_mapping);  // [num_pairs, 2], host
   std::vector<void*> dsts(num_pairs);
   std::vector<const void*> srcs(num_pairs);
-  std::vector<size_t> sizes(num_pairs, static_cast<size_t>(block_bytes));
+  std::vector<size_t> sizes(num_pairs, static_cast<size_t>(a.block_bytes));
   for (int64_t i = 0; i < num_pairs; ++i) {
     const int64_t s = pairs[2 * i];
     const int64_t d = pairs[2 * i + 1];
-    check_arg(s >= 0 && s < src_num_blocks, "block_mapping[", i, "][0] = ", s,
-              " is out of range: src has ", src_num_blocks, " blocks");
-    check_arg(d >= 0 && d < dst_num_blocks, "block_mapping[", i, "][1] = ", d,
-              " is out of range: dst has ", dst_num_blocks, " blocks");
-    srcs[i] = as_ptr<const char>(src) + s * src_block_stride_bytes;
-    dsts[i] = as_ptr<char>(dst) + d * dst_block_stride_bytes;
+    check_arg(s >= 0 && s < a.src_num_blocks, "block_mapping[", i, "][0] = ", s,
+              " is out of range: src has ", a.src_num_blocks, " blocks");
+    check_arg(d >= 0 && d < a.dst_num_blocks, "block_mapping[", i, "][1] = ", d,
+              " is out of range: dst has ", a.dst_num_blocks, " blocks");
+    srcs[i] = as_ptr<const char>(a.src) + s * a.src_block_stride_bytes;
+    dsts[i] = as_ptr<char>(a.dst) + d * a.dst_block_stride_bytes;
   }
   // One attribute set for every copy: sources are read in stream order (after the work
   // that produced them); copy engines are preferred so the copies overlap with kernels.

@@ -70,33 +70,38 @@ def decode_attention(
     max_seq_len = _resolve_max_seq_len(max_seq_len, seq_lens, max_blocks_per_seq * block_size)
 
     workspace_bytes = _native.call(
-        "decode_attention_workspace_bytes", device, batch, num_heads, head_dim, max_seq_len
+        "decode_attention_workspace_bytes",
+        device,
+        batch=batch,
+        num_heads=num_heads,
+        head_dim=head_dim,
+        max_seq_len=max_seq_len,
     )
     # [workspace_bytes] scratch for the split partials (fp32 rows), owned by this call
     workspace = torch.empty(workspace_bytes, dtype=torch.uint8, device=device)
     _native.call(
         "decode_attention",
         device,
-        query.data_ptr(),
-        out.data_ptr(),
-        kv_cache.data_ptr(),
-        block_table.data_ptr(),
-        seq_lens.data_ptr(),
-        _native.ptr(workspace) if workspace_bytes > 0 else 0,
-        workspace_bytes,
-        batch,
-        max_seq_len,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        dim0_stride(query, num_heads * head_dim),
-        dim0_stride(out, num_heads * head_dim),
-        scale,
-        num_blocks,
-        block_size,
-        dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
-        max_blocks_per_seq,
-        _native.dtype_code(query.dtype),
+        query=query.data_ptr(),
+        out=out.data_ptr(),
+        kv_cache=kv_cache.data_ptr(),
+        block_table=block_table.data_ptr(),
+        seq_lens=seq_lens.data_ptr(),
+        workspace=_native.ptr(workspace) if workspace_bytes > 0 else 0,
+        workspace_bytes=workspace_bytes,
+        batch=batch,
+        max_seq_len=max_seq_len,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        query_stride=dim0_stride(query, num_heads * head_dim),
+        out_stride=dim0_stride(out, num_heads * head_dim),
+        softmax_scale=scale,
+        num_blocks=num_blocks,
+        block_size=block_size,
+        kv_block_stride=dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
+        max_blocks_per_seq=max_blocks_per_seq,
+        dtype=_native.dtype_code(query.dtype),
     )
     return out
 

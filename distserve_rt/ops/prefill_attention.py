@@ -97,20 +97,24 @@ def prefill_attention(
     _native.call(
         "prefill_attention",
         device,
-        *(_native.ptr(t) for t in (query, key, value, out, cu_seqlens)),
-        batch,
-        num_tokens,
-        max_seqlen,
-        num_heads,
-        num_kv_heads,
-        head_dim,
-        dim0_stride(query, num_heads * head_dim),
-        dim0_stride(key, num_kv_heads * head_dim),
-        dim0_stride(value, num_kv_heads * head_dim),
-        dim0_stride(out, num_heads * head_dim),
-        scale,
-        *cache,
-        _native.dtype_code(dtype),
+        query=query.data_ptr(),
+        key=key.data_ptr(),
+        value=value.data_ptr(),
+        out=out.data_ptr(),
+        cu_seqlens=cu_seqlens.data_ptr(),
+        batch=batch,
+        num_tokens=num_tokens,
+        max_seqlen_q=max_seqlen,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        query_token_stride=dim0_stride(query, num_heads * head_dim),
+        key_token_stride=dim0_stride(key, num_kv_heads * head_dim),
+        value_token_stride=dim0_stride(value, num_kv_heads * head_dim),
+        out_token_stride=dim0_stride(out, num_heads * head_dim),
+        softmax_scale=scale,
+        **cache,
+        dtype=_native.dtype_code(dtype),
     )
     return out
 
@@ -166,6 +170,22 @@ def _check_like_query(name: str, tensor: object, query: torch.Tensor) -> torch.T
     return check_tensor(name, tensor, ndim=3, dtypes=(query.dtype,), device=query.device)
 
 
+# The paged-cache keywords of a call without a kv_cache: null pointers, sizes unused.
+_NO_CACHE: dict[str, int] = dict.fromkeys(
+    (
+        "kv_cache",
+        "block_table",
+        "prefix_lens",
+        "slot_mapping",
+        "num_blocks",
+        "block_size",
+        "kv_block_stride",
+        "max_blocks_per_seq",
+    ),
+    0,
+)
+
+
 def _check_cache_args(
     kv_cache: torch.Tensor | None,
     block_table: torch.Tensor | None,
@@ -174,9 +194,10 @@ def _check_cache_args(
     query: torch.Tensor,
     key: torch.Tensor,
     batch: int,
-) -> tuple[int, int, int, int, int, int, int, int]:
-    """Checks the paged-cache arguments; returns the ABI's (kv_cache, block_table,
-    prefix_lens, slot_mapping, num_blocks, block_size, kv_block_stride, max_blocks_per_seq)."""
+) -> dict[str, int]:
+    """Checks the paged-cache arguments; returns the native call's keywords for them
+    (kv_cache, block_table, prefix_lens, slot_mapping, num_blocks, block_size,
+    kv_block_stride, max_blocks_per_seq), all 0 without a kv_cache."""
     device = query.device
     if kv_cache is None:
         for name, arg in (
@@ -186,7 +207,7 @@ def _check_cache_args(
         ):
             if arg is not None:
                 raise ValueError(f"{name} was given without kv_cache, which it indexes")
-        return (0, 0, 0, 0, 0, 0, 0, 0)
+        return _NO_CACHE
     kv_cache = check_tensor("kv_cache", kv_cache, ndim=5, dtypes=(query.dtype,), device=device)
     num_kv_heads, head_dim = key.shape[1], key.shape[2]
     check_dim("kv_cache", kv_cache, 1, 2, "K and V")
@@ -212,13 +233,16 @@ def _check_cache_args(
     if slot_mapping is not None:
         slot_mapping = _check_index("slot_mapping", slot_mapping, 1, INDEX_DTYPES_64, device)
         check_dim("slot_mapping", slot_mapping, 0, key.shape[0], "num_tokens of query")
-    return (
-        *(_native.ptr(t) for t in (kv_cache, block_table, prefix_lens, slot_mapping)),
-        num_blocks,
-        block_size,
-        dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
-        max_blocks_per_seq,
-    )
+    return {
+        "kv_cache": kv_cache.data_ptr(),
+        "block_table": _native.ptr(block_table),
+        "prefix_lens": _native.ptr(prefix_lens),
+        "slot_mapping": _native.ptr(slot_mapping),
+        "num_blocks": num_blocks,
+        "block_size": block_size,
+        "kv_block_stride": dim0_stride(kv_cache, math.prod(kv_cache.shape[1:])),
+        "max_blocks_per_seq": max_blocks_per_seq,
+    }
 
 
 def reference_prefill_attention(

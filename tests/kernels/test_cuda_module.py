@@ -10,30 +10,13 @@ Tolerances (CUDA vs CPU): fp32 2e-5 abs/rel (two fp32 summation orders), fp16/bf
 from __future__ import annotations
 
 import math
-import re
 
 import pytest
 import torch
 
 from distserve_rt import _native, ops
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool, layer_view
-
-# The native ABI (docs: "The native ABI every op follows"); the CUDA module adds `stream`.
-ABI = {
-    "write_kv": "key value kv_cache slot_mapping num_tokens num_kv_heads head_dim "
-    "key_token_stride value_token_stride num_blocks block_size kv_block_stride dtype",
-    "copy_blocks": "src dst block_mapping num_pairs src_num_blocks dst_num_blocks "
-    "src_block_stride_bytes dst_block_stride_bytes block_bytes",
-    "prefill_attention": "query key value out cu_seqlens batch num_tokens max_seqlen_q "
-    "num_heads num_kv_heads head_dim query_token_stride key_token_stride value_token_stride "
-    "out_token_stride softmax_scale kv_cache block_table prefix_lens slot_mapping num_blocks "
-    "block_size kv_block_stride max_blocks_per_seq dtype",
-    "decode_attention_workspace_bytes": "batch num_heads head_dim max_seq_len",
-    "decode_attention": "query out kv_cache block_table seq_lens workspace workspace_bytes "
-    "batch max_seq_len num_heads num_kv_heads head_dim query_stride out_stride softmax_scale "
-    "num_blocks block_size kv_block_stride max_blocks_per_seq dtype",
-}
-CUDA_ONLY = {"copy_blocks_memcpy_batch": ABI["copy_blocks"]}
+from tests.kernels.native_abi import ABI, CUDA_ONLY, arg_names
 
 BF16, FP16, FP32 = 2, 1, 0
 FAKE = 1 << 20  # a 16-byte aligned non-null "pointer": never dereferenced by these checks
@@ -44,12 +27,6 @@ def cuda_mod():
     if not _native.has_cuda_module():
         pytest.skip("distserve_rt._cuda is not built (nvcc was not found at build time)")
     return _native.cuda_module()
-
-
-def arg_names(fn) -> list[str]:
-    signature = fn.__doc__.splitlines()[0]
-    inner = signature[signature.index("(") + 1 : signature.rindex(")")]
-    return re.findall(r"(\w+):", inner)
 
 
 # ---- without a GPU -------------------------------------------------------------------------
@@ -67,13 +44,17 @@ def test_device_count_without_driver_is_zero(cuda_mod):
 
 
 def test_workspace_bytes_follow_max_seq_len(cuda_mod):
-    size = cuda_mod.decode_attention_workspace_bytes
-    assert size(8, 32, 128, 512, 0) == 0  # one split writes the output directly
-    sizes = [size(8, 32, 128, n, 0) for n in (513, 2048, 8192, 1 << 20)]
+    def size(batch, max_seq_len):
+        return cuda_mod.decode_attention_workspace_bytes(
+            batch=batch, num_heads=32, head_dim=128, max_seq_len=max_seq_len, stream=0
+        )
+
+    assert size(8, 512) == 0  # one split writes the output directly
+    sizes = [size(8, n) for n in (513, 2048, 8192, 1 << 20)]
     assert 0 < sizes[0] < sizes[1] < sizes[2] <= sizes[3]  # splits are capped
-    assert size(16, 32, 128, 8192, 0) >= 2 * sizes[2] - 256  # grows with the batch
+    assert size(16, 8192) >= 2 * sizes[2] - 256  # grows with the batch
     with pytest.raises(ValueError, match="max_seq_len must be >= 1, got 0"):
-        size(8, 32, 128, 0, 0)
+        size(8, 0)
 
 
 def _decode_args(**overrides):
@@ -240,8 +221,9 @@ def test_copy_blocks_matches_cpu_and_memcpy_batch(generator, block_shape):
     block_bytes = src_gpu[0].nbytes
     with torch.cuda.stream(stream):
         _native.cuda_module().copy_blocks_memcpy_batch(
-            src_gpu.data_ptr(), batch_dst.data_ptr(), mapping.data_ptr(), 4, 10, 7,
-            block_bytes, block_bytes, block_bytes, stream.cuda_stream,
+            src=src_gpu.data_ptr(), dst=batch_dst.data_ptr(), block_mapping=mapping.data_ptr(),
+            num_pairs=4, src_num_blocks=10, dst_num_blocks=7, src_block_stride_bytes=block_bytes,
+            dst_block_stride_bytes=block_bytes, block_bytes=block_bytes, stream=stream.cuda_stream,
         )  # fmt: skip
     torch.cuda.synchronize()
     assert torch.equal(dst_gpu.cpu(), dst)
@@ -256,8 +238,9 @@ def test_copy_blocks_skips_ids_out_of_range(generator):
     expected[1] = src[2]
     mapping = torch.tensor([[2, 1], [7, 0], [0, -1], [1, 4]], device="cuda")
     _native.cuda_module().copy_blocks(
-        src.data_ptr(), dst.data_ptr(), mapping.data_ptr(), 4, 4, 4, 512, 512, 512,
-        torch.cuda.current_stream().cuda_stream,
+        src=src.data_ptr(), dst=dst.data_ptr(), block_mapping=mapping.data_ptr(), num_pairs=4,
+        src_num_blocks=4, dst_num_blocks=4, src_block_stride_bytes=512, dst_block_stride_bytes=512,
+        block_bytes=512, stream=torch.cuda.current_stream().cuda_stream,
     )  # fmt: skip
     torch.cuda.synchronize()
     assert torch.equal(dst, expected)

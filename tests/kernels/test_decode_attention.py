@@ -98,15 +98,30 @@ def test_long_contexts_split_across_threads(device, generator, restore_num_threa
         device=device,
     )
     if device.type == "cpu":  # the plan splits: the partial rows need scratch
-        assert _native.cpu_module().decode_attention_workspace_bytes(3, 4, 128, 3000) > 0
+        assert (
+            _native.cpu_module().decode_attention_workspace_bytes(
+                batch=3, num_heads=4, head_dim=128, max_seq_len=3000
+            )
+            > 0
+        )
     out = decode_attention(query, kv_cache, block_table, seq_lens)
     assert_matches_reference(out, query, kv_cache, block_table, seq_lens)
 
 
 def test_workspace_is_zero_when_there_is_no_split():
     # 64 sequences of 8 kv heads keep any thread count busy; 200 tokens is below one split.
-    assert _native.cpu_module().decode_attention_workspace_bytes(64, 32, 128, 200) == 0
-    assert _native.cpu_module().decode_attention_workspace_bytes(1, 32, 128, 8192) > 0
+    assert (
+        _native.cpu_module().decode_attention_workspace_bytes(
+            batch=64, num_heads=32, head_dim=128, max_seq_len=200
+        )
+        == 0
+    )
+    assert (
+        _native.cpu_module().decode_attention_workspace_bytes(
+            batch=1, num_heads=32, head_dim=128, max_seq_len=8192
+        )
+        > 0
+    )
 
 
 @pytest.mark.parametrize("head_dim", [40, 80, 256])
@@ -293,27 +308,27 @@ def test_head_dim_above_limit_raises(generator):
 
 def _native_args(inputs, out, workspace_bytes, workspace=0, dtype_code=0):
     query, kv_cache, block_table, seq_lens = inputs
-    return (
-        query.data_ptr(),
-        out.data_ptr(),
-        kv_cache.data_ptr(),
-        block_table.data_ptr(),
-        seq_lens.data_ptr(),
-        workspace,
-        workspace_bytes,
-        2,  # batch
-        4096,  # max_seq_len
-        8,  # num_heads
-        2,  # num_kv_heads
-        64,  # head_dim
-        query.stride(0),
-        out.stride(0),
-        0.125,
-        kv_cache.shape[0],
-        16,  # block_size
-        kv_cache.stride(0),
-        block_table.shape[1],
-        dtype_code,
+    return dict(
+        query=query.data_ptr(),
+        out=out.data_ptr(),
+        kv_cache=kv_cache.data_ptr(),
+        block_table=block_table.data_ptr(),
+        seq_lens=seq_lens.data_ptr(),
+        workspace=workspace,
+        workspace_bytes=workspace_bytes,
+        batch=2,
+        max_seq_len=4096,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=64,
+        query_stride=query.stride(0),
+        out_stride=out.stride(0),
+        softmax_scale=0.125,
+        num_blocks=kv_cache.shape[0],
+        block_size=16,
+        kv_block_stride=kv_cache.stride(0),
+        max_blocks_per_seq=block_table.shape[1],
+        dtype=dtype_code,
     )
 
 
@@ -323,12 +338,14 @@ def test_native_checks_workspace_and_dtype(inputs, restore_num_threads):
     _native.set_num_threads(4)
     module = _native.cpu_module()
     out = torch.empty_like(inputs[0])
-    needed = module.decode_attention_workspace_bytes(2, 8, 64, 4096)
+    needed = module.decode_attention_workspace_bytes(
+        batch=2, num_heads=8, head_dim=64, max_seq_len=4096
+    )
     assert needed > 0
     with pytest.raises(ValueError, match=r"workspace_bytes 0 is too small: this call needs"):
-        module.decode_attention(*_native_args(inputs, out, 0))
+        module.decode_attention(**_native_args(inputs, out, 0))
     workspace = torch.empty(needed, dtype=torch.uint8)
     with pytest.raises(ValueError, match=r"dtype code 7"):
-        module.decode_attention(*_native_args(inputs, out, needed, workspace.data_ptr(), 7))
-    module.decode_attention(*_native_args(inputs, out, needed, workspace.data_ptr()))
+        module.decode_attention(**_native_args(inputs, out, needed, workspace.data_ptr(), 7))
+    module.decode_attention(**_native_args(inputs, out, needed, workspace.data_ptr()))
     assert_matches_reference(out, *inputs, softmax_scale=0.125)

@@ -10,6 +10,7 @@ import torch
 from distserve_rt import _native
 from distserve_rt.ops import prefill_attention
 from distserve_rt.ops.prefill_attention import reference_prefill_attention
+from tests.kernels.native_abi import arg_names
 
 # Kernel and reference both accumulate in fp32; low-precision outputs differ by rounding of
 # the result (and of the probabilities, which the kernel keeps in fp32 and torch does too).
@@ -395,6 +396,8 @@ def test_bad_index_values_raise_before_any_write(generator, case):
 
 
 def test_native_rejects_unknown_dtype_code():
-    args = [0] * 24 + [7]
+    module = _native.cpu_module()
+    args = dict.fromkeys(arg_names(module.prefill_attention), 0)
+    args["dtype"] = 7
     with pytest.raises(ValueError, match=r"dtype code 7 is not one of"):
-        _native.cpu_module().prefill_attention(*args)
+        module.prefill_attention(**args)
