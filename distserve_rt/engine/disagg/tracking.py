@@ -60,7 +60,6 @@ class TrackedRequest:
     """Per output token (when SamplingParams.logprobs is set): {token id: logprob}."""
     generator_state: bytes | None = None
     """Seeded requests: the sampler's generator state after the last token (migrated)."""
-    kv_digest: str | None = None
 
     @property
     def token_ids(self) -> list[int]:
