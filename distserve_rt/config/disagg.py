@@ -22,7 +22,8 @@ class DisaggConfig:
     `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
 
     transport: str = "auto"
-    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc"."""
+    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc", or "fake"
+    (tests: in-process pools, so only with launcher="thread" and TP = PP = 1 instances)."""
     kv_lease_timeout_s: float = 30.0
     """Seconds a finished prefill's KV may wait for a decode instance to pull it."""
     on_lease_expiry: LeaseExpiryAction = LeaseExpiryAction.FAIL
@@ -45,21 +46,13 @@ class DisaggConfig:
     """Seconds for every instance to load its model and report ready."""
     launcher: str = "process"
     """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
-    debug_verify_kv: bool = False
-    """Hash the KV blocks on both sides of every migration and fail on a mismatch."""
-    debug_pull_delay_s: float = 0.0
-    """Decode instances start pulling only this many seconds after they are ready (tests
-    of leases and back-pressure; ``math.inf``: never)."""
-    debug_min_pull_s: float = 0.0
-    """Every KV pull is reported done no sooner than this many seconds after it was
-    submitted (tests of a slow transfer: the copy itself is not slowed, only its end)."""
     stats_interval_s: float = 0.05
     """Seconds between the instances' load reports."""
 
     def __post_init__(self) -> None:
-        if self.transport not in ("auto", "shm", "cuda_ipc"):
+        if self.transport not in ("auto", "shm", "cuda_ipc", "fake"):
             raise ValueError(
-                f"transport must be 'auto', 'shm' or 'cuda_ipc', got {self.transport!r}"
+                f"transport must be 'auto', 'shm', 'cuda_ipc' or 'fake', got {self.transport!r}"
             )
         if isinstance(self.on_lease_expiry, str):
             try:
@@ -68,8 +61,6 @@ class DisaggConfig:
                 raise ValueError(
                     f"on_lease_expiry must be 'fail' or 'retry', got {self.on_lease_expiry!r}"
                 ) from None
-        for name in ("debug_pull_delay_s", "debug_min_pull_s"):
-            check_range(name, getattr(self, name), low=0, unit="seconds")
         for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
             check_range(name, getattr(self, name), low=0, low_open=True, unit="seconds")
         check_range("max_retries", self.max_retries, low=0, integer=True)

@@ -27,6 +27,7 @@ from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
@@ -52,6 +53,8 @@ class Controller:
         disagg_config: leases, retries, transport, pinning, GPU sharing, launcher.
         tokenizer: detokenizes the streamed tokens and applies stop strings (None: token
             ids only, stop strings refused).
+        fault_plan: tests: held pulls, slow or failing transfers, KV verification and the
+            instances' clock (`disagg/faults.py`); needs ``launcher="thread"``.
 
     On ``config.device="cuda"`` each instance rank gets its own GPU, or instances share
     GPUs with ``DisaggConfig(share_gpus=True)`` (`disagg/devices.py`; ValueError at start-up
@@ -65,19 +68,18 @@ class Controller:
         disagg_config: DisaggConfig | None = None,
         *,
         tokenizer=None,
+        fault_plan: FaultPlan | None = None,
     ) -> None:
         if not placement.is_disaggregated:
             raise ValueError("Controller runs disaggregated placements; use LLMEngine otherwise")
         placement.check_supported(load_model_config(config.model))
         dc = disagg_config or DisaggConfig()
-        if placement.max_num_ranks > 1 and dc.debug_verify_kv:
-            raise NotImplementedError(
-                "debug_verify_kv hashes a whole instance's pool and is not wired for TP x PP "
-                "instances (each rank holds a slice); set debug_verify_kv=False"
-            )
+        if fault_plan is not None:
+            fault_plan.check(placement, dc)
         self.config = config
         self.placement = placement
-        self.disagg_config = dc = disagg_config or DisaggConfig()
+        self.disagg_config = dc
+        self.fault_plan = fault_plan
         self.transport_name = dc.transport_name(config.device)
         self.tokenizer = tokenizer
         self.instances = self._launch()
@@ -105,7 +107,9 @@ class Controller:
 
     def _launch(self) -> list[InstanceHandle]:
         in_process = self.disagg_config.launcher == "thread"
-        specs = instance_specs(self.config, self.placement, self.disagg_config, self.transport_name)
+        specs = instance_specs(
+            self.config, self.placement, self.disagg_config, self.transport_name, self.fault_plan
+        )
         return [InstanceHandle(spec, in_process) for spec in specs]
 
     def _wait_ready(self):
@@ -331,7 +335,6 @@ class Controller:
             self.finish(tracked, stopped.finish_reason, stopped.stop_reason)  # type: ignore[arg-type]
             return
         self._emit_stream(tracked)
-        tracked.kv_digest = m.kv_digest
         live = self.decodes()
         if not live:
             handle.send(msg.ReleaseKV(m.request_id))
@@ -352,7 +355,7 @@ class Controller:
             msg.Migrate(
                 tracked.request_id, migration.prefill_index, migration.block_ids,
                 tracked.token_ids, tracked.num_prompt_tokens, tracked.request.sampling_params,
-                tracked.request.arrival_time, tracked.kv_digest, tracked.generator_state,
+                tracked.request.arrival_time, tracked.generator_state,
             )
         )  # fmt: skip
 
@@ -444,10 +447,6 @@ class Controller:
                 totals.bytes += s.transfer_bytes
                 totals.seconds += s.transfer_seconds
         return EngineStats(instances, totals)
-
-    def num_kv_verified(self) -> int:
-        """Migrations whose KV digest was checked equal (debug_verify_kv), as last reported."""
-        return sum(h.status.num_kv_verified for h in self.instances if h.status is not None)
 
     def check_health(self) -> None:
         if self._closed:

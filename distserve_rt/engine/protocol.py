@@ -58,8 +58,6 @@ class TransferTotals:
     seconds: float = 0.0
     """Sum over the migrations that arrived of their slowest transfer's seconds (pulls
     overlap, so this exceeds wall time under load)."""
-    num_verified: int = 0
-    """Migrations whose KV digest was checked equal (`DisaggConfig.debug_verify_kv`)."""
 
 
 @dataclass(slots=True)

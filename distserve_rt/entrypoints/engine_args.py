@@ -13,7 +13,8 @@ Three groups of flags:
 - ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
   (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...).
 - The `DisaggConfig` knobs a user turns (``--kv-lease-timeout-s``, ``--no-pin-cpus``, ...);
-  its debug and test-only fields stay Python-only.
+  its test-only fields (``launcher``, ``stats_interval_s``, the ``fake`` transport) stay
+  Python-only.
 
 A bad value (an unknown placement, an unreadable placement file, a size like ``12XB``) is an
 argparse error naming the flag and the value; combinations that only make sense together
@@ -128,8 +129,8 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "log_stats_interval_s": {"type": float},
 }
 
-# DisaggConfig field -> (flag, argparse keywords); launcher, debug_* and stats_interval_s are
-# test knobs, left to Python.
+# DisaggConfig field -> (flag, argparse keywords); launcher, stats_interval_s and the fake
+# transport (in-process pools: thread launcher only) are test knobs, left to Python.
 _DISAGG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "transport": ("--kv-transport", {"choices": ("auto", "shm", "cuda_ipc")}),
     "kv_lease_timeout_s": ("--kv-lease-timeout-s", {"type": float}),

@@ -1,6 +1,8 @@
 """The disaggregated runtime with spawned instance processes (pinned to cores when there are
 enough): greedy outputs equal HF transformers and the colocated engine on a saved HF Llama;
-a decode or prefill process killed with SIGKILL mid-run; no /dev/shm left behind."""
+a decode or prefill process killed with SIGKILL mid-run; no /dev/shm left behind. (KV
+bit-exactness is checked with instances on threads: `FaultPlan(verify_kv=True)` in
+tests/engine/test_disagg_controller.py.)"""
 
 from __future__ import annotations
 
@@ -32,11 +34,12 @@ def test_greedy_equals_hf_and_colocated_across_processes(tmp_path):
     params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
     kwargs = dict(kv_cache_memory_bytes=4 << 20, log_stats_interval_s=0, max_model_len=128)
     colocated = LLM(str(path), **kwargs).generate(TEXTS, params, use_tqdm=False)
-    config = DisaggConfig(debug_verify_kv=True, pin_cpus=len(os.sched_getaffinity(0)) >= 2)
+    config = DisaggConfig(pin_cpus=len(os.sched_getaffinity(0)) >= 2)
     with LLM(str(path), placement="disaggregated", disagg_config=config, **kwargs) as llm:
         pids = [h.pid for h in llm.llm_engine.instances]
         disagg = llm.generate(TEXTS, params, use_tqdm=False)
-        settle(llm.llm_engine, lambda: llm.llm_engine.num_kv_verified() == len(TEXTS))
+        engine = llm.llm_engine
+        settle(engine, lambda: engine.stats().transfers.num_transfers == len(TEXTS))
         assert _shm_files(pids[:1])  # the prefill pool lives in /dev/shm while running
     assert not _shm_files(pids)
     hf = load_hf(path)
@@ -96,13 +99,16 @@ def test_killed_decode_fails_its_requests_clearly_and_others_complete(reference)
 
 
 def test_decode_death_before_its_pulls_hands_the_kv_to_another_decode(reference):
-    # Both decode instances wait 8 s before pulling: every request is MIGRATING when
-    # decode-0 dies, with its KV on the prefill instance; decode-1 pulls all of it.
-    with _processes(1, 2, debug_pull_delay_s=8.0) as c:
+    # decode-0 is stopped (SIGSTOP) before any request: the requests forwarded to it stay
+    # MIGRATING, their KV on the prefill instance, until it is killed; then decode-1 pulls
+    # all of it. (No wall-clock window: a stopped process pulls nothing, however long.)
+    with _processes(1, 2) as c:
+        os.kill(c.decode(0).pid, signal.SIGSTOP)
         for i, p in enumerate(PROMPTS):
             c.add_request(str(i), p, greedy(40))
-        settle(c, lambda: all(r.phase is Phase.MIGRATING for r in c.requests.values()), 30)
-        assert {r.decode_index for r in c.requests.values()} == {0, 1}
+        on_0 = lambda: [r for r in c.requests.values() if r.decode_index == 0]  # noqa: E731
+        settle(c, lambda: len(on_0()) >= 1, 30)
+        assert all(r.phase is Phase.MIGRATING for r in on_0())
         os.kill(c.decode(0).pid, signal.SIGKILL)
         outputs = drain(c, timeout_s=60)
         assert token_ids(outputs) == reference

@@ -12,13 +12,14 @@ tests/transfer/test_reslice.py (each pair here costs ~2-4 s of process start-up)
 from __future__ import annotations
 
 import os
-import time
 
 import pytest
 
 from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
+from distserve_rt.engine.disagg.faults import FaultPlan, ManualClock
 from distserve_rt.engine.disagg.kv_migration import PullGeometry
+from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import Parallelism
@@ -105,42 +106,35 @@ def test_parallelism_that_does_not_fit_the_model_is_refused_at_start_up():
     with pytest.raises(ValueError, match="prefill tp=3 pp=1 does not fit .* 2 KV heads"):
         PullGeometry(4, 2, Parallelism(3, 1), Parallelism(1, 1))
     tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
-    with pytest.raises(NotImplementedError, match="debug_verify_kv"):
-        Controller(engine_config(), tp2, DisaggConfig(launcher="thread", debug_verify_kv=True))
+    with pytest.raises(ValueError, match=r"verify_kv=True.*TP x PP instances"):
+        plan = FaultPlan(verify_kv=True)  # it hashes pools of this process only
+        Controller(engine_config(), tp2, DisaggConfig(launcher="thread"), fault_plan=plan)
 
 
 def test_decode_steps_go_on_while_a_rank_pull_is_in_flight():
-    # Every pull of the TP = 2 decode instance takes >= min_pull_s (debug_min_pull_s, on
-    # its ranks): "long" must keep producing tokens while "late" is being pulled.
-    min_pull_s = 0.5
-    config = DisaggConfig(launcher="thread", debug_min_pull_s=min_pull_s)
+    # The TP = 2 decode instance's pull of "late" is reported done only once the test moves
+    # the instances' clock past transfer_delay_s (`faults.FaultyPuller`: the ranks' copies
+    # end on their own, the report waits). "long" must keep decoding meanwhile.
+    clock = ManualClock()
+    plan = FaultPlan(clock=clock)
     tp2 = Placement.disaggregated(PhaseConfig(), PhaseConfig(tp=2))
-    progress: list[tuple[float, int]] = []  # (received at, tokens of "long" so far)
-    outputs = {}
-    with Controller(engine_config(), tp2, config) as c:
+    with Controller(engine_config(), tp2, DisaggConfig(launcher="thread"), fault_plan=plan) as c:
         c.add_request("long", PROMPTS[0], greedy(100), stream=True)
-        while len(progress) < 2 or progress[-1][1] < 3:  # "long" is decoding
-            _collect(c.step(0.01), progress, outputs)
+        settle(c, lambda: len(c.requests["long"].output_token_ids) >= 3)  # decoding
+        plan.transfer_delay_s = 1.0
         c.add_request("late", PROMPTS[1], greedy(2))
-        while c.has_unfinished_requests():
-            _collect(c.step(0.01), progress, outputs)
-    late = outputs["late"].metrics
-    b = late.breakdown
-    pull_start = late.arrival_time + b.prefill_queue + b.prefill + b.transfer_queue
-    assert b.transfer >= min_pull_s
-    before = max(n for t, n in progress if t <= pull_start)
-    during = max(n for t, n in progress if t <= pull_start + b.transfer) - before
-    assert during >= 5, (during, progress)
+        settle(c, lambda: c.requests["late"].phase is Phase.MIGRATING)
+        # Two tokens of "long" for "late" to reach the decode instance and start its pull
+        # (its pool has room: admitted at the next step), then five during the pull.
+        num_before = len(c.requests["long"].output_token_ids)
+        settle(c, lambda: len(c.requests["long"].output_token_ids) >= num_before + 7, 30)
+        assert c.requests["late"].phase is Phase.MIGRATING  # still pulling
+        clock.advance(1.0)
+        outputs = drain(c)
+    b = outputs["late"].metrics.breakdown
+    assert b.transfer == pytest.approx(1.0)  # pull start -> end, on the instances' clock
     assert outputs["long"].outputs[0].finish_reason == "length"
     assert outputs["late"].outputs[0].finish_reason == "length"
-
-
-def _collect(step_outputs, progress, outputs) -> None:
-    for out in step_outputs:
-        if out.request_id == "long":
-            progress.append((time.monotonic(), len(out.outputs[0].token_ids)))
-        if out.finished:
-            outputs[out.request_id] = out
 
 
 def test_seeded_requests_really_sample(colocated):

@@ -1,15 +1,18 @@
 """The disaggregated runtime in one process (instances on threads, real shm transfers):
 greedy outputs equal colocated ones, KV arrives bit-exactly, leases, back-pressure, abort in
-every stage, latency breakdown and stats. Spawned processes: tests/e2e/test_disagg_e2e.py."""
+every stage, pull timeouts and failures, latency breakdown and stats. Time-dependent rules
+run on a `faults.ManualClock` the test advances, and requests are held MIGRATING with
+`FaultPlan.hold_pulls`: no test waits for wall-clock time. Spawned processes:
+tests/e2e/test_disagg_e2e.py."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 
 from distserve_rt.config import DisaggConfig, EngineConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
+from distserve_rt.engine.disagg.faults import FaultPlan, ManualClock
+from distserve_rt.engine.disagg.puller import PULL_TIMEOUT_S
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
 from tests.engine.disagg_helpers import (
@@ -36,9 +39,19 @@ def _colocated(config: EngineConfig) -> list[list[int]]:
     return token_ids(outputs)
 
 
-def _controller(placement: Placement, config: EngineConfig | None = None, **disagg):
+def _controller(
+    placement: Placement, config: EngineConfig | None = None, plan: FaultPlan | None = None,
+    **disagg,
+):  # fmt: skip
     disagg.setdefault("launcher", "thread")
-    return Controller(config or engine_config(), placement, DisaggConfig(**disagg))
+    return Controller(config or engine_config(), placement, DisaggConfig(**disagg), fault_plan=plan)
+
+
+def _num_migrating(c: Controller, num_output_tokens: int = 1) -> int:
+    return sum(
+        r.phase is Phase.MIGRATING and len(r.output_token_ids) == num_output_tokens
+        for r in c.requests.values()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +65,15 @@ def test_greedy_equals_colocated_and_kv_arrives_bit_exactly(
 ):
     placement = Placement.disaggregated(PhaseConfig(num_instances=num_prefill),
                                         PhaseConfig(num_instances=num_decode))  # fmt: skip
-    with _controller(placement, debug_verify_kv=True) as c:
+    plan = FaultPlan(verify_kv=True)
+    with _controller(placement, plan=plan) as c:
         # Start-up returns only once every decode instance mapped every prefill pool, so the
         # first requests' transfer queue time does not include the mapping.
         assert c._peers_opened == {h.name for h in c.decodes()}
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert token_ids(outputs) == colocated_tokens
-        settle(c, lambda: c.num_kv_verified() == len(PROMPTS))  # every migration hashed equal
+        # Every migration's destination blocks hashed equal to its source blocks.
+        assert plan.num_verified == len(PROMPTS) and plan.mismatches == []
         settle(c, lambda: kv_idle(c))
         stats = c.stats()
         assert stats.transfers.num_transfers == len(PROMPTS) and stats.transfers.bytes > 0
@@ -84,38 +99,53 @@ def test_first_token_only_request_never_migrates_and_text_is_decoded():
 
 @pytest.mark.parametrize("mode", ["fail", "retry"])
 def test_lease_expiry_reclaims_kv_and_fails_or_retries(mode):
+    clock = ManualClock()
+    plan = FaultPlan(clock=clock, hold_pulls=True)  # the KV waits on the prefill instance
     with _controller(
-        Placement.disaggregated(), debug_pull_delay_s=math.inf, kv_lease_timeout_s=0.2,
-        on_lease_expiry=mode, max_retries=1,
+        Placement.disaggregated(), plan=plan, kv_lease_timeout_s=5.0, on_lease_expiry=mode,
+        max_retries=1,
     ) as c:  # fmt: skip
-        outputs = run(c, prompts=PROMPTS[:2], timeout_s=20)
+        for i, p in enumerate(PROMPTS[:2]):
+            c.add_request(str(i), p, greedy(MAX_TOKENS))
+        settle(c, lambda: _num_migrating(c) == 2)
+        clock.advance(4.0)
+        # A third request's prefill proves the prefill loop ran at +4 s: no lease expired.
+        c.add_request("2", PROMPTS[2], greedy(MAX_TOKENS))
+        settle(c, lambda: _num_migrating(c) == 3)
+        clock.advance(6.0)  # +10 s: the first two leases expired, the third (+6 s) too
+        if mode == "retry":  # prefilled again (prompt + first token), expires again
+            settle(c, lambda: _num_migrating(c, num_output_tokens=2) == 3)
+            clock.advance(10.0)
+        outputs = drain(c)
         for out in outputs.values():
             assert out.outputs[0].finish_reason == "error"
-            assert "kv_lease_timeout_s=0.2" in out.error
-            # retry: prefilled again (prompt + first token), expired again, then given up
-            assert ("max_retries=1" in out.error) == (mode == "retry")
+            assert "kv_lease_timeout_s=5.0" in out.error
+            assert ("max_retries=1" in out.error) == (mode == "retry")  # then given up
             assert len(out.outputs[0].token_ids) == (2 if mode == "retry" else 1)
         settle(c, lambda: kv_idle(c))  # nothing leaked on either side
 
 
 def test_back_pressure_stops_prefill_admission_and_loses_nothing(colocated_tokens):
     # Prefill pool: 12 blocks of 8 tokens; the 5 prompts need 20 blocks together. The decode
-    # instance pulls nothing for its first seconds, so the prefill pool fills with KV.
+    # instance pulls nothing until the test lets it, so the prefill pool fills with KV.
     config = engine_config(kv_cache_memory_bytes=12 * 2 * 4 * 2 * 8 * 64 * 4)
-    with _controller(Placement.disaggregated(), config, debug_pull_delay_s=3.0) as c:
+    plan = FaultPlan(hold_pulls=True)
+    with _controller(Placement.disaggregated(), config, plan) as c:
         for i, p in enumerate(PROMPTS):
             c.add_request(str(i), p, greedy(MAX_TOKENS))
-        settle(c, lambda: sum(r.phase is Phase.MIGRATING for r in c.requests.values()) >= 2)
+        settle(c, lambda: _num_migrating(c) >= 2)
         settle(c, lambda: c.stats().instances[0].num_waiting > 0)
         prefill = c.stats().instances[0]
         assert prefill.kv_usage > 0.5 and prefill.num_waiting > 0  # held back, not dropped
-        outputs = drain(c)  # the decode side starts pulling: everything completes
+        assert len(c.requests) == len(PROMPTS)
+        plan.hold_pulls = False  # the decode side starts pulling: everything completes
+        outputs = drain(c)
         assert token_ids(outputs) == colocated_tokens
         settle(c, lambda: kv_idle(c))
 
 
 def test_abort_in_every_stage_frees_all_kv():
-    with _controller(Placement.disaggregated(), debug_pull_delay_s=math.inf) as c:
+    with _controller(Placement.disaggregated(), plan=FaultPlan(hold_pulls=True)) as c:
         c.add_request("migrating", PROMPTS[1], greedy(MAX_TOKENS))
         settle(c, lambda: c.requests["migrating"].phase is Phase.MIGRATING)
         c.add_request("prefilling", PROMPTS[4], greedy(MAX_TOKENS))
@@ -132,6 +162,46 @@ def test_abort_in_every_stage_frees_all_kv():
         out = [o for o in drain(c).values()][-1]
         assert out.outputs[0].finish_reason == "abort" and len(out.outputs[0].token_ids) < 200
         settle(c, lambda: kv_idle(c))
+
+
+@pytest.mark.parametrize("transport", ["shm", "fake"])
+def test_a_pull_past_its_timeout_fails_its_request_and_the_instance_serves_on(transport):
+    # The copy would be reported 1000 s after its submit; the decode instance's clock moves
+    # past the puller's timeout (60 s) at once. The lease outlives both.
+    clock = ManualClock()
+    plan = FaultPlan(clock=clock, transfer_delay_s=1000.0)
+    with _controller(
+        Placement.disaggregated(), plan=plan, transport=transport, kv_lease_timeout_s=1e4
+    ) as c:
+        c.add_request("slow", PROMPTS[1], greedy(MAX_TOKENS))
+        settle(c, lambda: c.stats().instances[1].kv_usage > 0)  # its pull holds decode blocks
+        clock.advance(PULL_TIMEOUT_S)
+        out = drain(c)["slow"]
+        assert out.outputs[0].finish_reason == "error"
+        assert f"KV pull not done after {PULL_TIMEOUT_S} s" in out.error
+        settle(c, lambda: kv_idle(c))  # the source KV was released, the decode blocks freed
+        plan.transfer_delay_s = 0.0
+        c.add_request("after", PROMPTS[1], greedy(MAX_TOKENS))
+        assert drain(c)["after"].outputs[0].finish_reason == "length"
+        assert [s.alive for s in c.stats().instances] == [True, True]
+
+
+def test_a_failing_transfer_fails_only_its_request(colocated_tokens):
+    plan = FaultPlan(fail_transfers={"2"})
+    with _controller(Placement.disaggregated(), plan=plan) as c:
+        outputs = run(c, max_tokens=MAX_TOKENS)
+        assert outputs["2"].outputs[0].finish_reason == "error"
+        assert "KV transfer failed: injected failure" in outputs["2"].error
+        assert len(outputs["2"].outputs[0].token_ids) == 1  # the first token, from prefill
+        for i in (0, 1, 3, 4):
+            assert outputs[str(i)].outputs[0].token_ids == colocated_tokens[i]
+        settle(c, lambda: kv_idle(c))
+        assert c.stats().transfers.num_failures == 1
+
+
+def test_a_fault_plan_needs_the_thread_launcher():
+    with pytest.raises(ValueError, match="FaultPlan needs DisaggConfig.launcher='thread'"):
+        Controller(engine_config(), Placement.disaggregated(), fault_plan=FaultPlan())
 
 
 def test_a_burst_of_requests_before_any_step_does_not_deadlock_the_pipes():

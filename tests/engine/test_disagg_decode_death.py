@@ -6,13 +6,13 @@ Killed processes: tests/e2e/test_disagg_e2e.py."""
 
 from __future__ import annotations
 
-import math
 import time
 
 from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg import recovery
+from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.kv_migration import KVPuller
 from distserve_rt.engine.disagg.migration import MigrationState
 from distserve_rt.engine.disagg.tracking import Phase
@@ -22,8 +22,8 @@ from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, s
 def _controller(num_decode: int) -> Controller:
     placement = Placement.disaggregated(PhaseConfig(), PhaseConfig(num_instances=num_decode))
     # No decode instance ever pulls: every request stays MIGRATING, its KV on the prefill.
-    config = DisaggConfig(launcher="thread", debug_pull_delay_s=math.inf)
-    return Controller(engine_config(), placement, config)
+    plan = FaultPlan(hold_pulls=True)
+    return Controller(engine_config(), placement, DisaggConfig(launcher="thread"), fault_plan=plan)
 
 
 def _migrating(c: Controller, request_id: str, prompt=PROMPTS[1]):

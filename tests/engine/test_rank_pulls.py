@@ -16,7 +16,6 @@ from distserve_rt.engine.disagg.messages import Migrate
 from distserve_rt.engine.disagg.puller import PULL_TIMEOUT_S, PullOutcome
 from distserve_rt.engine.disagg.rank_kv import (
     ExportKVCommand,
-    KVRankConfig,
     RankPuller,
     RankPulls,
 )
@@ -56,7 +55,7 @@ def setup():
     src_pool = torch.randn(4, NUM_LAYERS, 2, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM)
     descriptor = prefill.register_pool(src_pool).to_bytes()
     transports = [FakeTransport(transfer_delay_s=TRANSFER_S, clock=clock) for _ in range(2)]
-    ranks = [RankPulls(t, tp_rank, 0, clock=clock) for tp_rank, t in enumerate(transports)]
+    ranks = [RankPulls(t, tp_rank, 0) for tp_rank, t in enumerate(transports)]
     pools = [torch.zeros(4, NUM_LAYERS, 2, 1, BLOCK_SIZE, HEAD_DIM) for _ in range(2)]
     executor = InProcessRanks(ranks, pools)
     geometry = PullGeometry(NUM_LAYERS, NUM_KV_HEADS, Parallelism(1, 1), Parallelism(2, 1))
@@ -139,19 +138,6 @@ def test_a_rank_pull_not_final_by_the_timeout_fails_and_the_ranks_forget_it(setu
     assert executor.num_broadcasts == num_broadcasts
 
 
-def test_debug_min_pull_s_holds_the_report_back(setup):
-    clock, _, transports, ranks, _, _, puller = setup
-    for t, rank in zip(transports, ranks, strict=True):
-        t.transfer_delay_s = 0.0
-        rank.min_pull_s = 0.5
-    request, migration = _migration()
-    puller.start(request, migration, np.array([1, 3], np.int32), clock.now)
-    clock.now = 0.4
-    assert puller.poll(clock.now) == []
-    clock.now = 0.5
-    assert [d.outcome for d in puller.poll(clock.now)] == [PullOutcome.SUCCESS]
-
-
 def test_pulls_of_several_requests_finish_independently(setup):
     clock, _, _, _, _, _, puller = setup
     first = _migration("a", (0,))
@@ -186,8 +172,3 @@ def test_a_pull_that_finished_is_a_success_even_when_polled_after_the_timeout(se
     clock.now = PULL_TIMEOUT_S + 1.0  # the loop was busy: the copy ended long ago
     (done,) = puller.poll(clock.now)
     assert done.outcome is PullOutcome.SUCCESS
-
-
-def test_a_rank_config_refuses_a_negative_min_pull_s():
-    with pytest.raises(ValueError, match="min_pull_s must be >= 0 seconds, got -1.0"):
-        KVRankConfig(is_prefill=False, transport="shm", min_pull_s=-1.0)

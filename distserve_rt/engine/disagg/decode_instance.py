@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
 from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.faults import FaultyPuller
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
 from distserve_rt.engine.disagg.kv_migration import KVPuller, PullGeometry
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent, MigrationState
@@ -20,7 +22,6 @@ class DecodeInstance(Instance):
     def __init__(self, spec: InstanceSpec) -> None:
         super().__init__(spec)
         self.scheduler = DecodeScheduler(self.scheduler_config, self.block_manager)
-        config = spec.disagg_config
         mc, ec = self.model_config, spec.engine_config
         geometry = PullGeometry(
             mc.num_layers, mc.num_kv_heads, spec.prefill_parallelism, ec.parallelism
@@ -28,13 +29,12 @@ class DecodeInstance(Instance):
         self.puller: Puller
         if self.worker is not None:
             assert self.worker.kv_pool is not None  # init_kv_cache allocated it
-            pool = self.worker.kv_pool
-            self.puller = KVPuller(
-                self.transport, pool, config.debug_verify_kv, geometry, config.debug_min_pull_s
-            )
+            # A fault plan acts in self.transport (`faults.FaultyTransport`).
+            self.puller = KVPuller(self.transport, self.worker.kv_pool, geometry)
         else:
             self.puller = RankPuller(self.executor, geometry, spec.transport)  # type: ignore[arg-type]
-        self._pull_from = time.monotonic() + config.debug_pull_delay_s
+            if self.faults is not None:  # the ranks' transports are out of the plan's reach
+                self.puller = FaultyPuller(self.puller, self.faults)
         self.migrations: dict[str, Migration] = {}
         """Migrations whose source KV the prefill instance holds for us (until our
         MigrationDone, or the controller's revoke), changed only by `Migration.apply`:
@@ -115,10 +115,10 @@ class DecodeInstance(Instance):
     # ---- the step ---------------------------------------------------------------------------
 
     def step(self, now: float) -> None:
-        if now >= self._pull_from:
+        if self.faults is None or not self.faults.hold_pulls:
             for request in self.scheduler.admit_migrations(now):
                 self._start_pull(request, now)
-        for finished in self.puller.poll(time.monotonic()):
+        for finished in self.puller.poll(self.clock()):
             self._finish_pull(finished)
         out = self.scheduler.schedule(now)
         for request in out.finished:  # aborted, or rejected (never fits this pool)
@@ -148,12 +148,17 @@ class DecodeInstance(Instance):
         migration = self.migrations[request.request_id]
         migration.apply(MigrationEvent.PULL_STARTED, now)
         dst = self.block_manager.block_table(request.seq_id)
+        # A fault plan names requests; its transport wrapper sees only blocks.
+        scope = contextlib.nullcontext() if self.faults is None else self.faults.submitting(
+            request.request_id
+        )  # fmt: skip
         try:
-            self.puller.start(request, migration.announcement, dst, now)  # type: ignore[arg-type]
+            with scope:
+                self.puller.start(request, migration.announcement, dst, now)  # type: ignore[arg-type]
         except Exception as exc:  # bad ids, a peer gone: this migration fails, not the rest
             pull = Pull(request, migration.announcement, [], dst, now)  # type: ignore[arg-type]
             error = f"KV pull could not start: {type(exc).__name__}: {exc}"
-            self._finish_pull(FinishedPull(pull, PullOutcome.FAILED, time.monotonic(), error))
+            self._finish_pull(FinishedPull(pull, PullOutcome.FAILED, self.clock(), error))
 
     def _finish_pull(self, finished: FinishedPull) -> None:
         pull, request = finished.pull, finished.pull.request
@@ -210,5 +215,5 @@ class DecodeInstance(Instance):
         return msg.InstanceStatus(
             s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage,
             num_transfers=t.num_transfers, num_transfer_failures=t.num_failures,
-            transfer_bytes=t.bytes, transfer_seconds=t.seconds, num_kv_verified=t.num_verified,
+            transfer_bytes=t.bytes, transfer_seconds=t.seconds,
         )  # fmt: skip

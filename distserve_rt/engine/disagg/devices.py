@@ -46,14 +46,17 @@ def instance_devices(
     """One `InstanceDevice` per instance, prefill instances first.
 
     Raises ValueError (naming the setting and what is allowed) for: a transport that does
-    not move pools of `config.device`; ``device="cuda:<i>"`` (the placement assigns GPUs);
-    the thread launcher on GPU; too few GPUs for the placement; instances sharing a GPU
-    whose gpu_memory_utilization adds up to more than the GPU. RuntimeError when the CUDA
-    module is missing.
+    not move pools of `config.device` (or ``fake`` outside one process);
+    ``device="cuda:<i>"`` (the placement assigns GPUs); the thread launcher on GPU; too few
+    GPUs for the placement; instances sharing a GPU whose gpu_memory_utilization adds up to
+    more than the GPU. RuntimeError when the CUDA module is missing.
     """
     assert placement.prefill is not None and placement.decode is not None
     num_instances = placement.prefill.num_instances + placement.decode.num_instances
     device_type = torch.device(config.device).type
+    if transport == "fake":
+        check_fake_transport(device_type, placement, dc)
+        return [InstanceDevice("cpu")] * num_instances
     check_transport(device_type, transport)
     if device_type == "cpu":
         return [InstanceDevice("cpu")] * num_instances
@@ -74,6 +77,17 @@ def check_transport(device_type: str, transport: str) -> None:
         raise ValueError(
             f"DisaggConfig(transport={transport!r}) cannot move KV pools on device "
             f"{device_type!r}; use {wanted!r} (or 'auto')"
+        )
+
+
+def check_fake_transport(device_type: str, placement: Placement, dc: DisaggConfig) -> None:
+    """The fake transport's pools live in a table of one process: every pool must be in
+    the controller's (thread launcher, no worker processes), on the CPU."""
+    if device_type != "cpu" or dc.launcher != "thread" or placement.max_num_ranks > 1:
+        raise ValueError(
+            f"DisaggConfig(transport='fake') moves pools within one process: it needs "
+            f"device='cpu', launcher='thread' and TP = PP = 1 instances, got "
+            f"device={device_type!r}, launcher={dc.launcher!r}, {placement.describe()}"
         )
 
 

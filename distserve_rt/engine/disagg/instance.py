@@ -10,6 +10,7 @@ import itertools
 import os
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
@@ -22,6 +23,7 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.devices import make_transport
+from distserve_rt.engine.disagg.faults import FaultPlan, FaultyTransport
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.logger import init_logger
 from distserve_rt.transfer import KVTransport
@@ -53,6 +55,9 @@ class InstanceSpec:
     """TP x PP of the prefill instances (decode instances re-slice their KV by it)."""
     shares_gpu: bool = False
     """GPU: another instance uses one of this instance's GPUs (`devices.InstanceDevice`)."""
+    fault_plan: FaultPlan | None = None
+    """Tests (`faults.py`, thread launcher: the plan is shared, never pickled); None in
+    production."""
 
     @property
     def name(self) -> str:
@@ -75,6 +80,9 @@ class Instance(abc.ABC):
     def __init__(self, spec: InstanceSpec) -> None:
         self.spec = spec
         config = spec.engine_config
+        self.faults = spec.fault_plan
+        self.clock: Callable[[], float] = time.monotonic if self.faults is None else self.faults.now
+        """The instance's time (the loop's `now`): a fault plan's clock in tests."""
         self._transport: KVTransport | None = None
         self.worker: Worker | None = None
         """The model and pool in this process (None: they live in worker processes)."""
@@ -88,9 +96,7 @@ class Instance(abc.ABC):
             from distserve_rt.engine.disagg.rank_kv import KVRankConfig, run_kv_worker
 
             is_prefill = spec.role is InstanceRole.PREFILL
-            rank_config = KVRankConfig(
-                is_prefill, spec.transport, spec.shares_gpu, spec.disagg_config.debug_min_pull_s
-            )
+            rank_config = KVRankConfig(is_prefill, spec.transport, spec.shares_gpu)
             # A prefill instance's seeded streams live in its sampling worker: it reports
             # them with each first token, so that they migrate (`PrefillDone`).
             self.executor = MultiprocExecutor(
@@ -110,7 +116,10 @@ class Instance(abc.ABC):
         x PP instance never uses one (its ranks have theirs), and on GPU it must not
         create a CUDA context."""
         if self._transport is None:
-            self._transport = make_transport(self.spec.transport, self.spec.engine_config.device)
+            transport = make_transport(self.spec.transport, self.spec.engine_config.device)
+            if self.faults is not None:
+                transport = FaultyTransport(transport, self.faults)
+            self._transport = transport
         return self._transport
 
     def _allocate_pool(self, spec: KVCacheSpec) -> torch.Tensor:
@@ -246,13 +255,13 @@ def _loop(instance: Instance, conn: Connection, sender: PipeSender) -> None:
                 message = conn.recv()
                 if isinstance(message, msg.Shutdown):
                     return
-                instance.handle(message, time.monotonic())
-        now = time.monotonic()
-        instance.step(now)
+                instance.handle(message, instance.clock())
+        instance.step(instance.clock())
         for message in instance.take_outbox():
             sender.send(message)
-        if now >= next_status:
+        # Load reports go out on real time even when a test drives the instance's clock.
+        if (t := time.monotonic()) >= next_status:
             sender.send(instance.status())
-            next_status = now + interval
+            next_status = t + interval
         if sender.error is not None:
             raise EOFError("the controller closed the pipe") from sender.error

@@ -10,7 +10,6 @@ frees its blocks only after the decode side says it is done with them
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,16 +35,6 @@ from distserve_rt.transfer import (
     kv_head_range,
     plan_kv_pulls,
 )
-
-
-def kv_digest(pool: torch.Tensor, block_ids: Sequence[int] | np.ndarray) -> str:
-    """Hash of the bytes of whole blocks (debug: the pull must reproduce them exactly).
-
-    `pool`: ``[num_blocks, num_layers, 2, num_kv_heads, block_size, head_dim]``.
-    """
-    ids = torch.as_tensor(np.asarray(block_ids, dtype=np.int64))
-    blocks = pool.index_select(0, ids.to(pool.device)).contiguous().cpu()
-    return hashlib.blake2b(blocks.view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,9 +114,7 @@ class KVPuller(Puller):
     Args:
         transport: the instance's transport (its `open_peer` maps prefill pools).
         pool: this instance's KV pool, the destination.
-        verify: compare `kv_digest` of the destination blocks with the announced one.
         geometry: the prefill instances' parallelism (this instance is TP = PP = 1).
-        min_pull_s: `DisaggConfig.debug_min_pull_s` (a pull is done no sooner).
         timeout_s: see `Puller`.
     """
 
@@ -138,16 +125,12 @@ class KVPuller(Puller):
         self,
         transport: KVTransport,
         pool: torch.Tensor,
-        verify: bool,
         geometry: PullGeometry,
-        min_pull_s: float = 0.0,
         timeout_s: float = PULL_TIMEOUT_S,
     ) -> None:
         super().__init__(transport.name, timeout_s)
         self.transport = transport
-        self.min_pull_s = min_pull_s
         self.pool = pool
-        self.verify = verify
         self.geometry = geometry
         self._peers: dict[int, list[object]] = {}
 
@@ -173,11 +156,7 @@ class KVPuller(Puller):
         for pull in self.pulls.values():
             if not all(h.poll().is_final for h in pull.handles):
                 continue
-            if now - pull.start_time < self.min_pull_s:
-                continue  # debug_min_pull_s: a slow transfer, for tests
             error = pull_error(pull.handles)
-            if error is None:
-                error = self._check_digest(pull)
             if error is not None:
                 done.append(FinishedPull(pull, PullOutcome.FAILED, now, error))
                 continue
@@ -185,14 +164,3 @@ class KVPuller(Puller):
             seconds = max(h.seconds for h in pull.handles)
             done.append(FinishedPull(pull, PullOutcome.SUCCESS, now, None, num_bytes, seconds))
         return done
-
-    def _check_digest(self, pull: Pull) -> str | None:
-        """None when the digest matched or is not checked, else the error."""
-        expected = pull.migration.kv_digest
-        if not self.verify or expected is None:
-            return None
-        got = kv_digest(self.pool, pull.dst_block_ids)
-        if got != expected:
-            return f"KV arrived corrupted (digest {got[:12]} != announced {expected[:12]})"
-        self._totals.num_verified += 1
-        return None

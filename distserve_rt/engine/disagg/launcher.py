@@ -10,6 +10,7 @@ from multiprocessing.connection import Connection
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.engine.disagg.devices import instance_devices
+from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
 from distserve_rt.engine.disagg.messages import InstanceStatus
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
@@ -90,12 +91,16 @@ class InstanceHandle:
 
 
 def instance_specs(
-    config: EngineConfig, placement: Placement, dc: DisaggConfig, transport: str
+    config: EngineConfig,
+    placement: Placement,
+    dc: DisaggConfig,
+    transport: str,
+    fault_plan: FaultPlan | None = None,
 ) -> list[InstanceSpec]:
     """One spec per instance: prefill instances first; each phase's engine config carries
     its TP x PP and each instance's its device (`devices.instance_devices`, which raises
     for what cannot run); CPU instances are pinned to their cores when asked (their
-    workers split them).
+    workers split them). Every spec carries `fault_plan` (tests, thread launcher).
     """
     p = placement
     assert p.prefill is not None and p.decode is not None
@@ -116,7 +121,7 @@ def instance_specs(
         spec = InstanceSpec(
             role, index[role], dataclasses.replace(configs[role], device=device.device), dc,
             transport, cores, prefill_parallelism=p.prefill.parallelism,
-            shares_gpu=device.shares_gpu,
+            shares_gpu=device.shares_gpu, fault_plan=fault_plan,
         )  # fmt: skip
         specs.append(spec)
         index[role] += 1

@@ -41,8 +41,6 @@ class Migrate:
     num_prompt_tokens: int
     sampling_params: SamplingParams
     arrival_time: float
-    kv_digest: str | None = None
-    """Hash of the source blocks (debug_verify_kv), compared after the pull."""
     generator_state: bytes | None = None
     """Seeded requests: the prefill sampler's `torch.Generator.get_state()` bytes, so the
     decode instance continues the same random stream (seeded outputs equal colocated)."""
@@ -130,7 +128,6 @@ class PrefillDone:
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    kv_digest: str | None = None
     logprobs: dict[int, float] | None = None
     """The first token's {token id: logprob} (SamplingParams.logprobs set)."""
     generator_state: bytes | None = None
@@ -178,7 +175,6 @@ class InstanceStatus:
     num_transfer_failures: int = 0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
-    num_kv_verified: int = 0
 
 
 @dataclass(slots=True)

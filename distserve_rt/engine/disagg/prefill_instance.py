@@ -3,8 +3,6 @@ its KV is announced and held in the (exported) pool until a decode instance pull
 
 from __future__ import annotations
 
-import time
-
 import torch
 
 from distserve_rt.core.kv_cache import KVCacheSpec
@@ -12,7 +10,6 @@ from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.prefill import PrefillScheduler
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
-from distserve_rt.engine.disagg.kv_migration import kv_digest
 from distserve_rt.engine.disagg.rank_kv import ExportKVCommand
 from distserve_rt.engine.step_isolation import execute_isolated
 from distserve_rt.layers.sampling_metadata import generator_state
@@ -30,7 +27,6 @@ class PrefillInstance(Instance):
         else:
             self.descriptors = self.executor.broadcast(ExportKVCommand())  # type: ignore[attr-defined]
         self._lease_s = spec.disagg_config.kv_lease_timeout_s
-        self._verify = spec.disagg_config.debug_verify_kv
 
     def _allocate_pool(self, spec: KVCacheSpec) -> torch.Tensor:
         return self.transport.allocate_pool(spec)  # decode instances read it
@@ -61,7 +57,7 @@ class PrefillInstance(Instance):
             isolated = execute_isolated(self.executor, out, self.model_config.vocab_size)
             if self.pool is not None:  # (worker processes mark their own pools)
                 self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
-            end = time.monotonic()
+            end = self.clock()  # the lease starts at `end`: on the clock expiry reads
             for request, error in isolated.failed:
                 self._fail(request, error, end)
             result = isolated.runner_output
@@ -96,8 +92,6 @@ class PrefillInstance(Instance):
         else:
             block_ids = self.scheduler.block_ids(request)
             done.block_ids = block_ids.tolist()
-            if self._verify and self.pool is not None:  # refused for TP x PP at start-up
-                done.kv_digest = kv_digest(self.pool, block_ids)
         self.outbox.append(done)
 
     def poll_interval_s(self) -> float:

@@ -33,8 +33,8 @@ so one still running after a minute means the machine is stuck."""
 class PullOutcome(enum.Enum):
     SUCCESS = "success"
     FAILED = "failed"
-    """The transport reported FAILED, the KV digest did not match, or the pull was not
-    final within the timeout (`FinishedPull.error` says which)."""
+    """The transport reported FAILED, or the pull was not final within the timeout
+    (`FinishedPull.error` says which)."""
 
 
 @dataclass(slots=True)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
@@ -66,12 +65,6 @@ class KVRankConfig:
     """The `transfer` backend name (`devices.make_transport`)."""
     shares_gpu: bool = False
     """`DisaggConfig.share_gpus`: KV sizing counts only this rank's own memory."""
-    min_pull_s: float = 0.0
-    """`DisaggConfig.debug_min_pull_s`: a pull is reported no sooner."""
-
-    def __post_init__(self) -> None:
-        if not self.min_pull_s >= 0:
-            raise ValueError(f"min_pull_s must be >= 0 seconds, got {self.min_pull_s!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +119,7 @@ class KVWorkerProcess(WorkerProcess):
             ctx, conn, config, allocate_pool=allocate, shared_gpu=rank_config.shares_gpu
         )
         p = ctx.parallel
-        self.pulls = RankPulls(self.transport, p.tp_rank, p.pp_rank, rank_config.min_pull_s)
+        self.pulls = RankPulls(self.transport, p.tp_rank, p.pp_rank)
 
     @property
     def pool(self):
@@ -161,8 +154,6 @@ class RankPulls:
     Args:
         transport: the rank's transport (it opens the prefill ranks' pools).
         tp_rank, pp_rank: this rank (its pool holds those heads and layers).
-        min_pull_s: `DisaggConfig.debug_min_pull_s`.
-        clock: monotonic seconds (tests drive it with the fake transport's).
     """
 
     COMMANDS = (OpenPeersCommand, PullCommand, PollPullsCommand)
@@ -172,16 +163,12 @@ class RankPulls:
         transport: KVTransport,
         tp_rank: int,
         pp_rank: int,
-        min_pull_s: float = 0.0,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.transport = transport
         self.tp_rank, self.pp_rank = tp_rank, pp_rank
-        self.min_pull_s = min_pull_s
-        self._clock = clock
         self._peers: dict[int, list[object]] = {}
         self._geometry: PullGeometry | None = None
-        self._in_flight: dict[int, _RankPull] = {}  # by pull id
+        self._in_flight: dict[int, list[TransferHandle]] = {}  # by pull id
 
     @property
     def num_in_flight(self) -> int:
@@ -232,21 +219,18 @@ class RankPulls:
             )  # fmt: skip
         except Exception as exc:  # fails this migration only, not the rank or the instance
             return f"rank (tp {self.tp_rank}, pp {self.pp_rank}) could not submit: {exc}"
-        self._in_flight[pull_id] = _RankPull(handles, self._clock())
+        self._in_flight[pull_id] = handles
         return None
 
     def poll(self) -> list[RankPullResult]:
         """This rank's pulls that became final since the last poll."""
-        now = self._clock()
         results = []
-        for pull_id, pull in list(self._in_flight.items()):
-            if not all(h.poll().is_final for h in pull.handles):
+        for pull_id, handles in list(self._in_flight.items()):
+            if not all(h.poll().is_final for h in handles):
                 continue
-            if now - pull.start_time < self.min_pull_s:
-                continue  # debug_min_pull_s: a slow transfer, for tests
-            num_bytes = sum(h.num_bytes for h in pull.handles)
-            seconds = max(h.seconds for h in pull.handles)
-            results.append(RankPullResult(pull_id, pull_error(pull.handles), num_bytes, seconds))
+            num_bytes = sum(h.num_bytes for h in handles)
+            seconds = max(h.seconds for h in handles)
+            results.append(RankPullResult(pull_id, pull_error(handles), num_bytes, seconds))
             del self._in_flight[pull_id]
         return results
 
@@ -356,12 +340,6 @@ class RankPullResult:
     num_bytes: int = 0
     seconds: float = 0.0
     """Submit -> final, the slowest of the rank's transfers."""
-
-
-@dataclass(slots=True)
-class _RankPull:
-    handles: list[TransferHandle]
-    start_time: float
 
 
 @dataclass(slots=True)

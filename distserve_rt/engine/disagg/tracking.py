@@ -48,7 +48,6 @@ class TrackedRequest:
     transfer_bytes: int | None = None
     generator_state: bytes | None = None
     """Seeded requests: the sampler's generator state after the last token (migrated)."""
-    kv_digest: str | None = None
 
     @property
     def request_id(self) -> str:
