@@ -179,7 +179,13 @@ def test_a_pull_past_its_timeout_fails_its_request_and_the_instance_serves_on(tr
         out = drain(c)["slow"]
         assert out.outputs[0].finish_reason == "error"
         assert f"KV pull not done after {PULL_TIMEOUT_S} s" in out.error
-        settle(c, lambda: kv_idle(c))  # the source KV was released, the decode blocks freed
+        # The copy cannot be cancelled: both sides keep their blocks until it ends...
+        c.step(0.05)
+        usage = [s.kv_usage for s in c.stats().instances]
+        assert usage[0] > 0 and usage[1] > 0 and "slow" in c.migrations
+        clock.advance(1000.0)
+        settle(c, lambda: kv_idle(c))  # ... then the source KV and the decode blocks are freed
+        assert not c.migrations
         plan.transfer_delay_s = 0.0
         c.add_request("after", PROMPTS[1], greedy(MAX_TOKENS))
         assert drain(c)["after"].outputs[0].finish_reason == "length"

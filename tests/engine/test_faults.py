@@ -276,10 +276,14 @@ def test_faulty_puller_times_out_a_pull_held_past_the_timeout():
     assert puller.poll(clock()) == []
     clock.advance(10.0)
     (done,) = puller.poll(clock())
-    assert done.outcome is PullOutcome.FAILED and "not done after 10.0 s" in done.error
-    assert puller.num_in_flight == 0
+    assert done.outcome is PullOutcome.TIMED_OUT and "not done after 10.0 s" in done.error
+    assert puller.num_in_flight == 1  # held in flight until the (delayed) report
+    assert puller.poll(clock()) == []  # TIMED_OUT is reported once
     clock.advance(100.0)
-    assert puller.poll(clock()) == []  # reported once
+    (final,) = puller.poll(clock())
+    assert final.pull is done.pull and final.outcome is PullOutcome.SUCCESS
+    assert puller.num_in_flight == 0 and puller.poll(clock()) == []
+    assert puller.totals().num_failures == 1 and puller.totals().num_transfers == 0
     prefill.close()
 
 

@@ -90,17 +90,22 @@ def test_a_failed_transfer_ends_the_pull_failed_with_its_error(setup):
     assert setup.puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)
 
 
-def test_a_pull_that_never_completes_times_out_at_exactly_timeout_s():
+def test_a_pull_past_timeout_s_times_out_and_stays_in_flight_until_its_copy_ends():
     s = Setup(timeout_s=5.0)
-    s.transport.transfer_delay_s = 1e9  # a stuck copy
+    s.transport.transfer_delay_s = 1e3  # a stuck copy
     s.start("stuck", [0], [0])
     s.clock.now = float(np.nextafter(105.0, 0.0))  # the last instant before the timeout
     assert s.puller.poll(s.clock.now) == []
     (done,) = s.poll_at(5.0)
-    assert done.outcome is PullOutcome.FAILED and done.end_time == 105.0
+    assert done.outcome is PullOutcome.TIMED_OUT and done.end_time == 105.0
     assert done.error == "KV pull not done after 5.0 s (the puller's timeout_s)"
-    assert not s.puller.pulls and s.poll_at(1e10) == []  # reported once, even when it ends
-    assert s.puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)
+    # No backend cancels a started copy: the pull stays in flight (its blocks untouched)...
+    assert list(s.puller.pulls) == ["stuck"] and s.puller.pulls["stuck"].timed_out
+    assert s.poll_at(10.0) == []  # ... reported TIMED_OUT once ...
+    (final,) = s.poll_at(1e3)  # ... and again when the copy ended, with its real outcome
+    assert final.pull is done.pull and final.outcome is PullOutcome.SUCCESS
+    assert not s.puller.pulls and s.poll_at(1e4) == []
+    assert s.puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)  # one failure, once
     s.prefill.close()
 
 
@@ -109,7 +114,7 @@ def test_the_default_timeout_is_pull_timeout_s(setup):
     setup.transport.transfer_delay_s = 2 * PULL_TIMEOUT_S
     setup.start("stuck", [0], [0])
     assert setup.poll_at(PULL_TIMEOUT_S - 1.0) == []
-    assert [d.outcome for d in setup.poll_at(PULL_TIMEOUT_S)] == [PullOutcome.FAILED]
+    assert [d.outcome for d in setup.poll_at(PULL_TIMEOUT_S)] == [PullOutcome.TIMED_OUT]
 
 
 def test_a_pull_final_before_the_timeout_succeeds_even_when_polled_after_it():

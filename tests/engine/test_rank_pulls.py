@@ -115,7 +115,7 @@ def test_a_rank_that_cannot_submit_answers_at_once_and_the_others_are_awaited(se
     assert done.outcome is PullOutcome.FAILED and "no pool descriptor for prefill-0" in done.error
 
 
-def test_a_rank_pull_not_final_by_the_timeout_fails_and_the_ranks_forget_it(setup):
+def test_a_rank_pull_past_the_timeout_times_out_and_the_ranks_keep_polling_it(setup):
     clock, _, transports, ranks, _, executor, puller = setup
     assert puller.timeout_s == PULL_TIMEOUT_S
     for t in transports:
@@ -126,15 +126,19 @@ def test_a_rank_pull_not_final_by_the_timeout_fails_and_the_ranks_forget_it(setu
     assert puller.poll(clock.now) == []  # not before the timeout
     clock.now = PULL_TIMEOUT_S
     (done,) = puller.poll(clock.now)
-    assert done.outcome is PullOutcome.FAILED and f"not done after {PULL_TIMEOUT_S}" in done.error
-    assert done.end_time == PULL_TIMEOUT_S and not puller.pulls
+    assert done.outcome is PullOutcome.TIMED_OUT
+    assert f"not done after {PULL_TIMEOUT_S}" in done.error and done.end_time == PULL_TIMEOUT_S
     assert puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)
-    # The ranks still hold the stuck copies until the next poll tells them to drop them.
+    # The ranks' copies cannot be cancelled: they stay in flight and are polled until final.
+    assert list(puller.pulls) == [request.request_id]
     assert [r.num_in_flight for r in ranks] == [1, 1]
-    puller.poll(clock.now)
-    assert [r.num_in_flight for r in ranks] == [0, 0]
+    clock.now = 10 * PULL_TIMEOUT_S
+    (final,) = puller.poll(clock.now)
+    assert final.pull is done.pull and final.outcome is PullOutcome.SUCCESS
+    assert [r.num_in_flight for r in ranks] == [0, 0] and not puller.pulls
+    assert puller.totals() == TransferTotals("fake", 0, 1, 0, 0.0)  # counted once
     num_broadcasts = executor.num_broadcasts
-    puller.poll(clock.now)  # nothing left to poll or forget: no round trip
+    puller.poll(clock.now)  # nothing left in flight: no round trip
     assert executor.num_broadcasts == num_broadcasts
 
 

@@ -8,6 +8,7 @@ import time
 
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler.decode import DecodeScheduler
+from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.faults import FaultyPuller
 from distserve_rt.engine.disagg.instance import Instance, InstanceSpec
@@ -163,12 +164,15 @@ class DecodeInstance(Instance):
     def _finish_pull(self, finished: FinishedPull) -> None:
         pull, request = finished.pull, finished.pull.request
         migration = self.migrations[request.request_id]
+        if finished.outcome is PullOutcome.TIMED_OUT:
+            self._time_out(migration, request, finished)
+            return
         ok = finished.outcome is PullOutcome.SUCCESS
         event = MigrationEvent.PULL_SUCCEEDED if ok else MigrationEvent.PULL_FAILED
         state = migration.apply(event, finished.end_time)
         self._end_migration(
-            migration, ok, pull.start_time, finished.end_time, finished.num_bytes,
-            finished.error,
+            migration, state is MigrationState.PULLED, pull.start_time, finished.end_time,
+            finished.num_bytes, finished.error,
         )  # fmt: skip
         if state is MigrationState.PULLED:
             self.scheduler.complete_migration(request)
@@ -178,6 +182,20 @@ class DecodeInstance(Instance):
         self.scheduler.drop_migration(request, status, finished.end_time)
         request.error = None if aborted else finished.error
         self.outbox.append(self.finished_tokens(request, finished.end_time))
+
+    def _time_out(self, migration: Migration, request: Request, finished: FinishedPull) -> None:
+        """The pull outlived the puller's timeout: the request fails now, but its copies may
+        still read the source and write our blocks, so the migration is aborted (both sides'
+        blocks stay held) and ends when the puller reports the copies final."""
+        if migration.state is not MigrationState.PULLING:
+            return  # aborted meanwhile: it ends with its pull already
+        migration.apply(MigrationEvent.ABORTED, finished.end_time)
+        self.outbox.append(
+            msg.Tokens(
+                request.request_id, [], finished.end_time, FinishReason.ERROR,
+                error=finished.error,
+            )
+        )  # fmt: skip
 
     def _fail_in_step(self, request: Request, error: str, now: float) -> None:
         request.error = error

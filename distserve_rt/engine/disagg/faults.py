@@ -346,6 +346,7 @@ class FaultyPuller(Puller):
 
     def __init__(self, inner: Puller, plan: FaultPlan) -> None:
         super().__init__(inner.totals().transport, inner.timeout_s)
+        inner.timeout_s = math.inf  # one timeout, this puller's: the same Pull objects
         self.inner = inner
         self.plan = plan
         self.POLL_INTERVAL_S = inner.POLL_INTERVAL_S
@@ -377,9 +378,6 @@ class FaultyPuller(Puller):
                 finished.end_time = now
             done.append(finished)
         return done
-
-    def _abandon(self, pull: Pull) -> None:
-        self._held.pop(pull.request.request_id, None)
 
 
 def _seconds(name: str, value: object) -> float:

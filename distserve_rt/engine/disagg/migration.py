@@ -20,7 +20,8 @@ Who applies what:
 - The decode instance is the authority on whether the pull started: it applies
   PULL_STARTED when its pool has room, PULL_SUCCEEDED / PULL_FAILED when the transfer ends
   (or cannot start), REVOKE_CONFIRMED when a `Revoke` finds the pull not started, ABORTED
-  and, when nothing is reading, DROPPED. It answers every migration it ends, except a
+  (the controller's `Abort`, or its puller's timeout: the request fails at once, the copy
+  cannot be cancelled) and, when nothing is reading, DROPPED. It answers every migration it ends, except a
   revoked one, with a `MigrationDone`.
 - The controller never sees PULL_STARTED (no message carries it): its ANNOUNCED means
   "announced, maybe pulling". It applies LEASE_EXPIRED (the prefill instance's report),

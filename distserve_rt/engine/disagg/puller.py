@@ -33,8 +33,12 @@ so one still running after a minute means the machine is stuck."""
 class PullOutcome(enum.Enum):
     SUCCESS = "success"
     FAILED = "failed"
-    """The transport reported FAILED, or the pull was not final within the timeout
-    (`FinishedPull.error` says which)."""
+    """The transport reported FAILED or a submit failed (`FinishedPull.error` says why)."""
+    TIMED_OUT = "timed_out"
+    """Not final within the timeout: the request fails now, but no backend can cancel a
+    started copy, so the pull stays in flight (its destination blocks, and the source
+    blocks it reads, must stay untouched) and is reported again, with its real outcome,
+    once its copies end."""
 
 
 @dataclass(slots=True)
@@ -50,6 +54,8 @@ class Pull:
     """int32 [num_blocks]: this instance's blocks being written."""
     start_time: float
     """The caller's clock at `Puller.start` (monotonic seconds)."""
+    timed_out: bool = False
+    """Reported TIMED_OUT already; still in flight until its copies end."""
 
 
 @dataclass(slots=True)
@@ -69,9 +75,10 @@ class Puller(abc.ABC):
 
     Args:
         transport_name: the transport the pulls go through (named in `totals`).
-        timeout_s: a pull not final this many seconds after its `start` fails with an
-            error naming the timeout. No backend can cancel a started copy, so a timed-out
-            copy may still write its destination blocks: only a stuck machine gets there.
+        timeout_s: a pull not final this many seconds after its `start` is reported
+            TIMED_OUT (its request fails with an error naming the timeout) and stays in
+            flight until its copies end: no backend can cancel a started copy, so its
+            blocks on both sides are not reused before then.
     """
 
     POLL_INTERVAL_S: float = 0.001
@@ -110,18 +117,19 @@ class Puller(abc.ABC):
     def poll(self, now: float) -> list[FinishedPull]:
         """The pulls that became final since the last call, each reported once (never
         blocks). `now` is the caller's clock, the one `start` got: a pull still in flight
-        at ``start + timeout_s`` is reported FAILED."""
+        at ``start + timeout_s`` is reported TIMED_OUT once, then again when it is final."""
         done = self._collect_final(now)
         for finished in done:
             del self.pulls[finished.pull.request.request_id]
-        for request_id, pull in list(self.pulls.items()):
-            if now - pull.start_time >= self.timeout_s:
-                del self.pulls[request_id]
-                self._abandon(pull)
+            if not finished.pull.timed_out:  # counted as a failure when it timed out
+                self._count(finished)
+        for pull in self.pulls.values():
+            if not pull.timed_out and now - pull.start_time >= self.timeout_s:
+                pull.timed_out = True
                 error = f"KV pull not done after {self.timeout_s} s (the puller's timeout_s)"
-                done.append(FinishedPull(pull, PullOutcome.FAILED, now, error))
-        for finished in done:
-            self._count(finished)
+                timed_out = FinishedPull(pull, PullOutcome.TIMED_OUT, now, error)
+                self._count(timed_out)
+                done.append(timed_out)
         return done
 
     def totals(self) -> TransferTotals:
@@ -139,9 +147,6 @@ class Puller(abc.ABC):
     def _collect_final(self, now: float) -> list[FinishedPull]:
         """The pulls of `pulls` that reached a final status since the last call, each once
         (`poll` removes them from `pulls` and counts them)."""
-
-    def _abandon(self, pull: Pull) -> None:  # noqa: B027 (optional hook)
-        """`pull` timed out: drop any state kept for it (its copies cannot be cancelled)."""
 
     def _count(self, finished: FinishedPull) -> None:
         t = self._totals

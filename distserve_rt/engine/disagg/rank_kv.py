@@ -98,9 +98,6 @@ class PullCommand:
 class PollPullsCommand:
     """-> the `RankPullResult`s of this rank's pulls that became final since the last poll."""
 
-    forget: tuple[int, ...] = ()
-    """Pull ids the driver gave up on (timed out): dropped before polling, never reported."""
-
 
 # ---- the ranks' side ------------------------------------------------------------------------
 
@@ -149,7 +146,7 @@ class KVWorkerProcess(WorkerProcess):
 class RankPulls:
     """One decode rank's pulls: submitted on `PullCommand` (answered at once), reported
     once final on `PollPullsCommand`. Never times out by itself: the driver's `RankPuller`
-    does, and names the pulls to forget.
+    does, and keeps polling a timed-out pull until its copies end.
 
     Args:
         transport: the rank's transport (it opens the prefill ranks' pools).
@@ -184,8 +181,6 @@ class RankPulls:
                 command.dst_block_ids,
             )  # fmt: skip
         if isinstance(command, PollPullsCommand):
-            for pull_id in command.forget:
-                self._in_flight.pop(pull_id, None)
             return self.poll()
         raise ValueError(
             f"not a pull command: {type(command).__name__}; expected one of "
@@ -277,7 +272,6 @@ class RankPuller(Puller):
         self.geometry = geometry
         self._gathers: dict[int, _Gather] = {}  # by pull id
         self._pull_ids = itertools.count()
-        self._forget: list[int] = []  # timed out, to drop on the ranks with the next poll
 
     def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
         self.executor.broadcast(OpenPeersCommand(descriptors, self.geometry))
@@ -298,13 +292,11 @@ class RankPuller(Puller):
         return pull
 
     def _collect_final(self, now: float) -> list[FinishedPull]:
-        """One round trip to the ranks while pulls are in flight (or timed-out ones are
-        still to forget); none otherwise."""
-        if not self._gathers and not self._forget:
+        """One round trip to the ranks while pulls are in flight; none otherwise."""
+        if not self._gathers:
             return []
-        forget, self._forget = tuple(self._forget), []
-        for rank, results in enumerate(self.executor.broadcast(PollPullsCommand(forget))):
-            for result in results:  # never a forgotten pull: the ranks drop those first
+        for rank, results in enumerate(self.executor.broadcast(PollPullsCommand())):
+            for result in results:
                 self._gathers[result.pull_id].results[rank] = result
         done = []
         for pull_id, gather in list(self._gathers.items()):
@@ -312,12 +304,6 @@ class RankPuller(Puller):
                 del self._gathers[pull_id]
                 done.append(self._finish(gather, now))
         return done
-
-    def _abandon(self, pull: Pull) -> None:
-        for pull_id, gather in list(self._gathers.items()):
-            if gather.pull is pull:
-                del self._gathers[pull_id]
-                self._forget.append(pull_id)
 
     @staticmethod
     def _finish(gather: _Gather, now: float) -> FinishedPull:
