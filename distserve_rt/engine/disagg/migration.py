@@ -21,8 +21,8 @@ Who applies what:
   PULL_STARTED when its pool has room, PULL_SUCCEEDED / PULL_FAILED when the transfer ends
   (or cannot start), REVOKE_CONFIRMED when a `Revoke` finds the pull not started, ABORTED
   (the controller's `Abort`, or its puller's timeout: the request fails at once, the copy
-  cannot be cancelled) and, when nothing is reading, DROPPED. It answers every migration it ends, except a
-  revoked one, with a `MigrationDone`.
+  cannot be cancelled) and, when nothing is reading, DROPPED. It answers every migration
+  it ends, except a revoked one, with a `MigrationDone`.
 - The controller never sees PULL_STARTED (no message carries it): its ANNOUNCED means
   "announced, maybe pulling". It applies LEASE_EXPIRED (the prefill instance's report),
   REVOKE_CONFIRMED / REVOKE_REFUSED (the decode instance's answer), PULL_SUCCEEDED /
