@@ -1,7 +1,7 @@
 """Placement search: the paper's Algorithm 1 (high node affinity) and Algorithm 2 (low).
 
 Algorithm 1 (cross-node bandwidth is high, so instances may sit anywhere): score every
-feasible prefill (tp, pp) alone on TTFT and every decode (tp, pp) alone on TPOT, then
+feasible prefill `Parallelism` (TP x PP) alone on TTFT and every decode one alone on TPOT, then
 replicate each for the traffic rate: ``num_prefill = ceil(rate / prefill goodput)`` and
 likewise for decode; every (prefill, decode) choice is a deployment.
 
