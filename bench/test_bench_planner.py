@@ -46,8 +46,16 @@ def test_plan_opt175b_4x8_low_affinity(benchmark):
             "seconds": {"min": stats.min, "median": stats.median, "max": stats.max},
             "target_seconds": 5.0,
             "chosen": {
-                "prefill": {"tp": best.prefill[0], "pp": best.prefill[1], "n": result.num_prefill},
-                "decode": {"tp": best.decode[0], "pp": best.decode[1], "n": result.num_decode},
+                "prefill": {
+                    "tp": best.prefill.tp_size,
+                    "pp": best.prefill.pp_size,
+                    "n": result.num_prefill,
+                },
+                "decode": {
+                    "tp": best.decode.tp_size,
+                    "pp": best.decode.pp_size,
+                    "n": result.num_decode,
+                },
                 "per_device_goodput": best.per_device,
             },
             "num_ranked": len(result.ranked),

@@ -10,7 +10,7 @@ import numpy as np
 
 from distserve_rt.config import PlacementKind
 from distserve_rt.entrypoints import planner_args
-from distserve_rt.planner.candidates import Candidate
+from distserve_rt.planner.candidates import Candidate, parallelism_label
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
@@ -113,8 +113,8 @@ def _placement(args, inputs: PlanInputs, best: Candidate) -> PlacementFile:
     return PlacementFile(
         model=args.model,
         placement=best.placement.value,
-        prefill=PhasePlacement(best.prefill[0], best.prefill[1], best.num_prefill),
-        decode=PhasePlacement(best.decode[0], best.decode[1], best.num_decode),
+        prefill=PhasePlacement(best.prefill.tp_size, best.prefill.pp_size, best.num_prefill),
+        decode=PhasePlacement(best.decode.tp_size, best.decode.pp_size, best.num_decode),
         # Only a placement that fits is validated against (and written with) the cluster.
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
@@ -183,8 +183,8 @@ def _print_table(out: dict, result, inputs: PlanInputs) -> None:
         )
     best = result.best
     print(
-        f"chosen: {best.num_prefill} x prefill tp{best.prefill[0]}pp{best.prefill[1]} + "
-        f"{best.num_decode} x decode tp{best.decode[0]}pp{best.decode[1]} "
+        f"chosen: {best.num_prefill} x prefill {parallelism_label(best.prefill)} + "
+        f"{best.num_decode} x decode {parallelism_label(best.decode)} "
         f"({best.num_devices} devices, {best.goodput:.2f} req/s, "
         f"{best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
     )

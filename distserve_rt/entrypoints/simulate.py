@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.planner.cluster import build_instance
 from distserve_rt.planner.goodput import GoodputEvaluator
@@ -60,10 +61,13 @@ def add_parser(sub) -> None:
 def _spec(args, model, profile, cluster):
     kw = dict(cluster=cluster, profile=profile, max_batch_tokens=args.max_batch_tokens)
     if args.placement == "colocated":
-        return build_instance(model, args.prefill_tp, 1, stage_link=cluster.intra_link, **kw)
+        colocated = Parallelism(args.prefill_tp, 1)
+        return build_instance(model, colocated, stage_link=cluster.intra_link, **kw)
     link = cluster.intra_link if args.kv_link == "intra" else cluster.inter_link
-    pre = build_instance(model, args.prefill_tp, args.prefill_pp, stage_link=link, **kw)
-    dec = build_instance(model, args.decode_tp, args.decode_pp, stage_link=link, **kw)
+    pre_par = Parallelism(args.prefill_tp, args.prefill_pp)
+    dec_par = Parallelism(args.decode_tp, args.decode_pp)
+    pre = build_instance(model, pre_par, stage_link=link, **kw)
+    dec = build_instance(model, dec_par, stage_link=link, **kw)
     streams = min(pre.num_devices, dec.num_devices)
     kv = KVTransferSpec(kv_transfer_s(model, 1, link, streams) - link.latency_s, link.latency_s)
     return DisaggSpec(pre, dec, args.num_prefill, args.num_decode, kv)

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 from enum import Enum
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.config.placement import PlacementKind
 from distserve_rt.planner.simulator import DisaggSpec, SimInstanceSpec
 
@@ -46,10 +47,10 @@ class Candidate:
     """
 
     algorithm: Algorithm
-    prefill: tuple[int, int]
-    """(tp, pp) of a prefill instance; colocated: of the instance."""
-    decode: tuple[int, int] | None
-    """(tp, pp) of a decode instance; None when colocated."""
+    prefill: Parallelism
+    """TP x PP of a prefill instance; colocated: of the instance."""
+    decode: Parallelism | None
+    """TP x PP of a decode instance; None when colocated."""
     num_prefill: int
     """Prefill instances (Algorithm 2: pairs; colocated: instances) for the rate."""
     num_decode: int
@@ -71,6 +72,10 @@ class Candidate:
                 f"a candidate needs goodputs > 0, got prefill_goodput={self.prefill_goodput!r}, "
                 f"decode_goodput={self.decode_goodput!r}"
             )
+        for key in ("prefill", "decode"):
+            value = getattr(self, key)
+            if value is not None and not isinstance(value, Parallelism):
+                raise ValueError(f"{key} must be a Parallelism, got {value!r}")
         if (self.decode is None) != (self.algorithm is Algorithm.COLOCATED):
             raise ValueError(f"decode must be None exactly when colocated, got {self.decode!r}")
 
@@ -82,11 +87,11 @@ class Candidate:
 
     @property
     def devices_per_prefill(self) -> int:
-        return self.prefill[0] * self.prefill[1]
+        return self.prefill.world_size
 
     @property
     def devices_per_decode(self) -> int:
-        return 0 if self.decode is None else self.decode[0] * self.decode[1]
+        return 0 if self.decode is None else self.decode.world_size
 
     @property
     def num_devices(self) -> int:
@@ -123,15 +128,20 @@ class Candidate:
     def rank_key(self) -> tuple[int, float, int]:
         """Fewest devices at the rate first, then the most goodput per device, then the
         fewest pipeline stages (at equal cost, fewer hops: lower latency, simpler)."""
-        num_stages = self.prefill[1] + (0 if self.decode is None else self.decode[1])
+        num_stages = self.prefill.pp_size + (0 if self.decode is None else self.decode.pp_size)
         return self.num_devices, -self.per_device, num_stages
 
     def label(self) -> str:
         if self.decode is None:
-            return f"colocated tp{self.prefill[0]}pp{self.prefill[1]}"
-        (tp_p, pp_p), (tp_d, pp_d) = self.prefill, self.decode
+            return f"colocated {parallelism_label(self.prefill)}"
         nodes = f" ({self.num_nodes_spanned} nodes)" if self.num_nodes_spanned > 1 else ""
-        return f"P tp{tp_p}pp{pp_p} + D tp{tp_d}pp{pp_d}{nodes}"
+        return f"P {parallelism_label(self.prefill)} + D {parallelism_label(self.decode)}{nodes}"
+
+
+def parallelism_label(parallelism: Parallelism) -> str:
+    """``tp2pp3``: how the planner's table, its choice and its rejections name a TP x PP
+    (denser than ``str(parallelism)``, ``tp=2, pp=3``, for a column of configs)."""
+    return f"tp{parallelism.tp_size}pp{parallelism.pp_size}"
 
 
 def num_replicas(rate: float, goodput: float) -> int:

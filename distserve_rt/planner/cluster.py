@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.instance_timing import (
     Link,
@@ -60,17 +61,18 @@ class ClusterSpec:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-def kv_capacity(model: ModelConfig, tp: int, pp: int, cluster: ClusterSpec, hardware: str) -> int:
-    """KV tokens of a (tp, pp) instance: DistServe's table on its own A100-80GB setting (so
-    our numbers match its simulator), the weights-left-over formula otherwise."""
+def kv_capacity(
+    model: ModelConfig, parallelism: Parallelism, cluster: ClusterSpec, hardware: str
+) -> int:
+    """KV tokens of a ``parallelism`` instance: DistServe's table on its own A100-80GB
+    setting (so our numbers match its simulator), the weights-left-over formula otherwise."""
     if hardware == "a100-80g" and cluster.device_memory_gib == 80.0:
-        got = distserve_kv_capacity(model.name, tp, pp)
+        got = distserve_kv_capacity(model.name, parallelism)
         if got is not None:
             return got
     return kv_capacity_tokens(
         model,
-        tp,
-        pp,
+        parallelism,
         cluster.device_memory_gib * GIB,
         memory_utilization=cluster.memory_utilization,
     )
@@ -78,15 +80,15 @@ def kv_capacity(model: ModelConfig, tp: int, pp: int, cluster: ClusterSpec, hard
 
 def infeasibility(
     model: ModelConfig,
-    tp: int,
-    pp: int,
+    parallelism: Parallelism,
     cluster: ClusterSpec,
     hardware: str,
     max_seq_len: int,
     max_tp: int | None = None,
 ) -> list[str]:
-    """Why a (tp, pp) instance cannot run ``model`` on ``cluster``; empty when it can."""
+    """Why a ``parallelism`` instance cannot run ``model`` on ``cluster``; empty when it can."""
     reasons = []
+    tp, pp = parallelism.tp_size, parallelism.pp_size
     max_tp = cluster.devices_per_node if max_tp is None else max_tp
     if model.num_heads % tp:
         reasons.append(f"tp={tp} does not divide num_heads={model.num_heads}")
@@ -94,10 +96,12 @@ def infeasibility(
         reasons.append(f"pp={pp} does not divide num_layers={model.num_layers}")
     if tp > max_tp:
         reasons.append(f"tp={tp} exceeds {max_tp} devices per node (TP stays inside a node)")
-    if tp * pp > cluster.num_devices:
-        reasons.append(f"tp*pp={tp * pp} exceeds the cluster's {cluster.num_devices} devices")
+    if parallelism.world_size > cluster.num_devices:
+        reasons.append(
+            f"tp*pp={parallelism.world_size} exceeds the cluster's {cluster.num_devices} devices"
+        )
     if not reasons:
-        cap = kv_capacity(model, tp, pp, cluster, hardware)
+        cap = kv_capacity(model, parallelism, cluster, hardware)
         if cap < max_seq_len:
             reasons.append(
                 f"weights + KV do not fit: {cap} KV tokens free, the longest request needs "
@@ -108,8 +112,7 @@ def infeasibility(
 
 def build_instance(
     model: ModelConfig,
-    tp: int,
-    pp: int,
+    parallelism: Parallelism,
     *,
     cluster: ClusterSpec,
     profile: ProfileSet,
@@ -117,12 +120,14 @@ def build_instance(
     max_batch_tokens: int,
     max_num_seqs: int = 256,
 ) -> SimInstanceSpec:
-    """An SimInstanceSpec of ``model`` on ``tp × pp`` devices of ``cluster``."""
+    """A SimInstanceSpec of ``model`` on ``parallelism.world_size`` devices of ``cluster``;
+    ``stage_link`` joins its pipeline stages (unused when ``pp_size == 1``)."""
+    pp = parallelism.pp_size
     pipeline = PipelineTiming(pp, model.hidden_size, stage_link if pp > 1 else None)
     return SimInstanceSpec(
-        latency=profile.latency_model(model, tp),
-        kv_capacity_tokens=kv_capacity(model, tp, pp, cluster, profile.hardware),
-        pp=pp,
+        latency=profile.latency_model(model, parallelism.tp_size),
+        kv_capacity_tokens=kv_capacity(model, parallelism, cluster, profile.hardware),
+        parallelism=parallelism,
         pipeline=pipeline,
         max_batch_tokens=max_batch_tokens,
         max_num_seqs=max_num_seqs,

@@ -177,7 +177,7 @@ class GoodputEvaluator:
         work_s -= fixed_s
         long = prompts > spec.max_batch_tokens
         num_batches = int(long.sum()) + math.ceil(int(prompts[~long].sum()) / spec.max_batch_tokens)
-        stage_s = (work_s + num_batches * fixed_s) / spec.pp
+        stage_s = (work_s + num_batches * fixed_s) / spec.parallelism.pp_size
         return math.inf if stage_s <= 0 else num * prompts.size / stage_s
 
     def decode_rate_bound(self, spec: DisaggSpec | SimInstanceSpec) -> float:
@@ -200,10 +200,11 @@ class GoodputEvaluator:
         )
         if batch < 1:
             return 0.0
-        lane_batch = max(1, batch // spec.pp)
+        num_stages = spec.parallelism.pp_size
+        lane_batch = max(1, batch // num_stages)
         ctx = float(w.prompt_lens.mean()) + mean_out / 2
         step = spec.latency.decode_s(lane_batch, int(lane_batch * ctx))
-        step += (spec.pp - 1) * spec.pipeline.hop_s(lane_batch)
+        step += (num_stages - 1) * spec.pipeline.hop_s(lane_batch)
         return num * batch / (max(mean_out - 1, 1.0) * step)
 
     def slo_scale(self, spec, rate: float, *, policy=None) -> float:

@@ -20,6 +20,7 @@ import math
 from dataclasses import dataclass
 from functools import lru_cache
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.workloads.datasets import data_path
 
@@ -80,36 +81,40 @@ def kv_transfer_s(
 
 
 @lru_cache(maxsize=1)
-def _distserve_capacity_table() -> dict[tuple[str, int, int], int]:
+def _distserve_capacity_table() -> dict[tuple[str, Parallelism], int]:
     with data_path("distserve_max_num_tokens.csv").open() as f:
         return {
-            (r["model"].split("/")[-1], int(r["tp"]), int(r["pp"])): int(r["max_num_tokens"])
+            (r["model"].split("/")[-1], Parallelism(int(r["tp"]), int(r["pp"]))): int(
+                r["max_num_tokens"]
+            )
             for r in csv.DictReader(f)
         }
 
 
-def distserve_kv_capacity(model_name: str, tp: int, pp: int) -> int | None:
-    """DistServe's A100-80GB KV capacity (tokens) for (model, tp, pp), or None if not listed."""
-    return _distserve_capacity_table().get((model_name, tp, pp))
+def distserve_kv_capacity(model_name: str, parallelism: Parallelism) -> int | None:
+    """DistServe's A100-80GB KV capacity (tokens) of a ``parallelism`` instance of
+    ``model_name``, or None if its table does not list them."""
+    return _distserve_capacity_table().get((model_name, parallelism))
 
 
 def kv_capacity_tokens(
     model: ModelConfig,
-    tp: int,
-    pp: int,
+    parallelism: Parallelism,
     device_memory_bytes: float,
     *,
     memory_utilization: float = 0.9,
     activation_reserve_bytes: float = 2 * 1024**3,
     dtype_bytes: int = 2,
 ) -> int:
-    """KV tokens an instance of ``tp × pp`` devices holds: what the weights leave free.
+    """KV tokens an instance of ``parallelism.world_size`` devices holds: what the weights
+    leave free.
 
-    Per device: ``utilization × memory − weights/(tp·pp) − activation reserve``; the instance
-    holds ``tp·pp`` times that over ``kv_bytes_per_token``. Can be ≤ 0 (does not fit).
-    Assumes weights split evenly (embeddings included), like the runtime's TP/PP sharding.
+    Per device: ``utilization × memory − weights/world_size − activation reserve``; the
+    instance holds ``world_size`` times that over ``kv_bytes_per_token``. Can be ≤ 0 (does
+    not fit). Assumes weights split evenly (embeddings included), like the runtime's TP/PP
+    sharding, so only the product of TP and PP matters.
     """
-    num_devices = tp * pp
+    num_devices = parallelism.world_size
     free = memory_utilization * device_memory_bytes - model.weight_bytes(dtype_bytes) / num_devices
     free -= activation_reserve_bytes
     return math.floor(free * num_devices / model.kv_bytes_per_token(dtype_bytes))

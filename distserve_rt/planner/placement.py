@@ -1,7 +1,7 @@
 """Placement search: the paper's Algorithm 1 (high node affinity) and Algorithm 2 (low).
 
 Algorithm 1 (cross-node bandwidth is high, so instances may sit anywhere): score every
-feasible prefill (tp, pp) alone on TTFT and every decode (tp, pp) alone on TPOT, then
+feasible prefill `Parallelism` (TP x PP) alone on TTFT and every decode one alone on TPOT, then
 replicate each for the traffic rate: ``num_prefill = ceil(rate / prefill goodput)`` and
 likewise for decode; every (prefill, decode) choice is a deployment.
 
@@ -28,10 +28,16 @@ from enum import Enum
 
 from tqdm import tqdm
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.config.placement import PlacementKind
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
-from distserve_rt.planner.candidates import Algorithm, Candidate, num_replicas
+from distserve_rt.planner.candidates import (
+    Algorithm,
+    Candidate,
+    num_replicas,
+    parallelism_label,
+)
 from distserve_rt.planner.cluster import ClusterSpec, build_instance, divisors, infeasibility
 from distserve_rt.planner.goodput import GoodputEvaluator, GoodputResult
 from distserve_rt.planner.profiles import ProfileSet
@@ -122,25 +128,26 @@ class Planner:
 
     # ---- building blocks ---------------------------------------------------------------
 
-    def _instance(self, tp: int, pp: int, stage_link, max_batch_tokens: int) -> SimInstanceSpec:
+    def _instance(
+        self, parallelism: Parallelism, stage_link, max_batch_tokens: int
+    ) -> SimInstanceSpec:
         i = self.inputs
         return build_instance(
             i.model,
-            tp,
-            pp,
+            parallelism,
             cluster=i.cluster,
             profile=i.profile,
             stage_link=stage_link,
             max_batch_tokens=max_batch_tokens,
         )
 
-    def _feasible(self, tp: int, pp: int, label: str, max_tp: int | None = None) -> bool:
+    def _feasible(self, parallelism: Parallelism, label: str, max_tp: int | None = None) -> bool:
         i = self.inputs
         reasons = infeasibility(
-            i.model, tp, pp, i.cluster, i.profile.hardware, i.workload.max_seq_len(), max_tp
+            i.model, parallelism, i.cluster, i.profile.hardware, i.workload.max_seq_len(), max_tp
         )
         if reasons:
-            self.rejected.append((f"{label} tp{tp}pp{pp}", reasons))
+            self.rejected.append((f"{label} {parallelism_label(parallelism)}", reasons))
         return not reasons
 
     def _kv_transfer(self, link, num_streams: int) -> KVTransferSpec:
@@ -216,17 +223,17 @@ class Planner:
         i, c = self.inputs, self.inputs.cluster
         found = {SimMode.PREFILL_ONLY: [], SimMode.DECODE_ONLY: []}
         configs = [
-            (tp, pp)
+            Parallelism(tp, pp)
             for tp in divisors(i.model.num_heads, c.devices_per_node)
             for pp in divisors(i.model.num_layers, c.num_devices // tp)
         ]
-        for tp, pp in tqdm(configs, desc="plan (algorithm 1)", disable=not i.show_progress):
-            if not self._feasible(tp, pp, "instance"):
+        for par in tqdm(configs, desc="plan (algorithm 1)", disable=not i.show_progress):
+            if not self._feasible(par, "instance"):
                 continue
-            link = c.intra_link if tp * pp <= c.devices_per_node else c.inter_link
-            spec = self._instance(tp, pp, link, i.prefill_max_batch_tokens)
+            link = c.intra_link if par.world_size <= c.devices_per_node else c.inter_link
+            spec = self._instance(par, link, i.prefill_max_batch_tokens)
             for mode, options in found.items():
-                g = self.phase_goodput(spec, mode, (mode, tp, pp))
+                g = self.phase_goodput(spec, mode, (mode, par))
                 if g.rate > 0:
                     options.append((spec, g.rate))
         return found
@@ -244,8 +251,8 @@ class Planner:
                 out.append(
                     Candidate(
                         Algorithm.PHASES_APART,
-                        (pre.tp, pre.pp),
-                        (dec.tp, dec.pp),
+                        pre.parallelism,
+                        dec.parallelism,
                         n_p,
                         n_d,
                         gp,
@@ -255,14 +262,15 @@ class Planner:
                 )
         return out
 
-    def _segments(self, stages: int) -> list[tuple[int, int]]:
-        """(tp, pp inside a node) segments of one node for a pipeline over ``stages`` nodes."""
+    def _segments(self, stages: int) -> list[Parallelism]:
+        """TP x PP of the instances whose pipeline crosses ``stages`` nodes, each node holding
+        ``pp_size / stages`` of the stages (``tp_size × pp_size / stages`` devices)."""
         i, c = self.inputs, self.inputs.cluster
         out = []
         for tp in divisors(i.model.num_heads, c.devices_per_node):
             for pp_local in range(1, c.devices_per_node // tp + 1):
                 if i.model.num_layers % (stages * pp_local) == 0:
-                    out.append((tp, pp_local))
+                    out.append(Parallelism(tp, stages * pp_local))
         return out
 
     def _pair_bounds(self) -> list[tuple[int, float, int, SimInstanceSpec, SimInstanceSpec, float]]:
@@ -273,23 +281,22 @@ class Planner:
         pairs = []
         for stages in divisors(i.model.num_layers, c.num_nodes):
             segs = [
-                s
-                for s in self._segments(stages)
-                if self._feasible(s[0], stages * s[1], f"segment x{stages} nodes")
+                s for s in self._segments(stages) if self._feasible(s, f"segment x{stages} nodes")
             ]
-            for tp_p, lp in segs:
-                for tp_d, ld in segs:
-                    if tp_p * lp + tp_d * ld <= c.devices_per_node:
-                        pairs.append((stages, tp_p, stages * lp, tp_d, stages * ld))
+            for par_p in segs:
+                for par_d in segs:
+                    # Each node holds 1/stages of both instances' devices.
+                    if par_p.world_size + par_d.world_size <= stages * c.devices_per_node:
+                        pairs.append((stages, par_p, par_d))
         out = []
-        for stages, tp_p, pp_p, tp_d, pp_d in tqdm(
+        for stages, par_p, par_d in tqdm(
             pairs, desc="plan (algorithm 2: bounds)", disable=not i.show_progress
         ):
             link = c.inter_link if stages > 1 else c.intra_link
-            pre = self._instance(tp_p, pp_p, link, i.prefill_max_batch_tokens)
-            dec = self._instance(tp_d, pp_d, link, i.prefill_max_batch_tokens)
-            gp = self.phase_goodput(pre, SimMode.PREFILL_ONLY, ("P", tp_p, pp_p, stages))
-            gd = self.phase_goodput(dec, SimMode.DECODE_ONLY, ("D", tp_d, pp_d, stages))
+            pre = self._instance(par_p, link, i.prefill_max_batch_tokens)
+            dec = self._instance(par_d, link, i.prefill_max_batch_tokens)
+            gp = self.phase_goodput(pre, SimMode.PREFILL_ONLY, ("P", par_p, stages))
+            gd = self.phase_goodput(dec, SimMode.DECODE_ONLY, ("D", par_d, stages))
             bound = min(gp.rate, gd.rate)
             if bound > 0:
                 devices = pre.num_devices + dec.num_devices
@@ -316,8 +323,8 @@ class Planner:
             unit = DisaggSpec(pre, dec, n, n, kv)
             cand = Candidate(
                 Algorithm.PAIRS_IN_NODES,
-                (pre.tp, pre.pp),
-                (dec.tp, dec.pp),
+                pre.parallelism,
+                dec.parallelism,
                 n,
                 n,
                 g.rate,
@@ -335,17 +342,16 @@ class Planner:
         policy = ColocatedPolicy.CONTINUOUS_BATCHING
         out = []
         for tp in divisors(i.model.num_heads, c.devices_per_node):
-            if not self._feasible(tp, 1, "colocated"):
+            par = Parallelism(tp, 1)
+            if not self._feasible(par, "colocated"):
                 continue
-            spec = self._instance(tp, 1, c.intra_link, i.colocated_max_batch_tokens)
+            spec = self._instance(par, c.intra_link, i.colocated_max_batch_tokens)
             g = self.evaluator.goodput(
                 spec, policy=policy, rate_hint=self._hint(spec, policy=policy)
             )
             if g.rate > 0:
                 n = num_replicas(i.rate, g.rate)
-                out.append(
-                    Candidate(Algorithm.COLOCATED, (tp, 1), None, n, 0, g.rate, g.rate, spec)
-                )
+                out.append(Candidate(Algorithm.COLOCATED, par, None, n, 0, g.rate, g.rate, spec))
         return out
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import Link, PipelineTiming
@@ -16,7 +17,11 @@ from distserve_rt.workloads import LengthDist, Workload
 def _pp_prefill(pp: int, step_s: float = 0.1) -> SimInstanceSpec:
     pipe = PipelineTiming(pp, hidden_size=1, link=Link(1e30, 0.0)) if pp > 1 else None
     return SimInstanceSpec(
-        ConstantLatencyModel(step_s, 0.01), 10**6, pp=pp, pipeline=pipe, max_batch_tokens=100
+        ConstantLatencyModel(step_s, 0.01),
+        10**6,
+        parallelism=Parallelism(1, pp),
+        pipeline=pipe,
+        max_batch_tokens=100,
     )
 
 

@@ -7,11 +7,13 @@ import math
 
 import pytest
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints.cli import main
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.presets import get_preset
-from distserve_rt.planner.cluster import ClusterSpec, build_instance, infeasibility
+from distserve_rt.planner.cluster import ClusterSpec, build_instance, infeasibility, kv_capacity
 from distserve_rt.planner.goodput import GoodputEvaluator, search_rate
+from distserve_rt.planner.instance_timing import kv_capacity_tokens
 from distserve_rt.planner.placement_file import load_placement, placement_from_dict
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator import SimMode
@@ -27,12 +29,27 @@ def test_search_rate_brackets_and_bisects():
 def test_infeasible_configs_are_rejected_with_reasons():
     cluster = ClusterSpec(num_nodes=1, devices_per_node=8)
     m = get_preset("opt-175b")
-    reasons = infeasibility(m, 1, 1, cluster, "a100-80g", 2048)
-    assert any("do not fit" in r for r in reasons)
-    assert any("num_heads" in r for r in infeasibility(m, 5, 1, cluster, "a100-80g", 2048))
-    assert any("num_layers" in r for r in infeasibility(m, 8, 5, cluster, "a100-80g", 2048))
-    assert any("devices per node" in r for r in infeasibility(m, 16, 1, cluster, "x", 2048))
-    assert infeasibility(get_preset("opt-13b"), 1, 1, cluster, "a100-80g", 2048) == []
+
+    def why(model, tp, pp, hardware="a100-80g"):
+        return infeasibility(model, Parallelism(tp, pp), cluster, hardware, 2048)
+
+    assert any("do not fit" in r for r in why(m, 1, 1))
+    assert any("num_heads" in r for r in why(m, 5, 1))
+    assert any("num_layers" in r for r in why(m, 8, 5))
+    assert any("devices per node" in r for r in why(m, 16, 1, "x"))
+    assert why(get_preset("opt-13b"), 1, 1) == []
+
+
+def test_kv_capacity_of_a_parallelism():
+    m, a100 = get_preset("opt-13b"), ClusterSpec()
+    # DistServe's own table, keyed by the instance's TP x PP (row opt-13b,1,2,163008).
+    assert kv_capacity(m, Parallelism(1, 2), a100, "a100-80g") == 163008
+    # Elsewhere the weights-left-over formula: weights spread over the world size, so
+    # tp2pp1 and tp1pp2 hold the same KV.
+    h100 = ClusterSpec(device_memory_gib=94.0)
+    tp2 = kv_capacity(m, Parallelism(2, 1), h100, "h100")
+    assert tp2 == kv_capacity(m, Parallelism(1, 2), h100, "h100") > 0
+    assert tp2 == kv_capacity_tokens(m, Parallelism(2, 1), 94.0 * 1024**3)
 
 
 def test_disaggregation_beats_colocated_opt13b_chat():
@@ -50,11 +67,13 @@ def test_disaggregation_beats_colocated_opt13b_chat():
     phase = {}
     for tp in (1, 2, 4):
         kw = dict(cluster=cluster, stage_link=cluster.intra_link, max_batch_tokens=512)
-        inst = build_instance(m, tp, 1, profile=ours, **kw)
+        inst = build_instance(m, Parallelism(tp, 1), profile=ours, **kw)
         for mode in (SimMode.PREFILL_ONLY, SimMode.DECODE_ONLY):
             g = ev.goodput(inst, mode=mode, rate_hint=2.0)
             phase[mode] = max(phase.get(mode, 0.0), g.per_device)
-        col = build_instance(m, tp, 1, profile=vllm, **{**kw, "max_batch_tokens": 2048})
+        col = build_instance(
+            m, Parallelism(tp, 1), profile=vllm, **{**kw, "max_batch_tokens": 2048}
+        )
         g = ev.goodput(col, policy="continuous_batching", rate_hint=2.0)
         best_colocated = max(best_colocated, g.per_device)
     # Algorithm 1: prefill and decode replicated independently.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.metrics.slo import SLO, attainment, slo_scale
 from distserve_rt.planner.instance_timing import Link, PipelineTiming
 from distserve_rt.planner.latency_model import ConstantLatencyModel
@@ -41,7 +42,11 @@ def test_md1_two_way_inter_op():
     # Two stages of D/2 each, free hops: the queue sees D_m = D/2, a request spends D_s = D.
     pipe = PipelineTiming(2, hidden_size=1, link=Link(1e30, 0.0))
     spec = SimInstanceSpec(
-        ConstantLatencyModel(D, 0.01), 10**6, pp=2, pipeline=pipe, max_batch_tokens=100
+        ConstantLatencyModel(D, 0.01),
+        10**6,
+        parallelism=Parallelism(1, 2),
+        pipeline=pipe,
+        max_batch_tokens=100,
     )
     want = D + RATE * D**2 / (4 * (2 - RATE * D))
     assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
@@ -50,7 +55,10 @@ def test_md1_two_way_inter_op():
 @pytest.mark.parametrize("speedup", [1.6, 2.0])
 def test_md1_two_way_intra_op(speedup):
     spec = SimInstanceSpec(
-        ConstantLatencyModel(D / speedup, 0.01, tp=2), 10**6, max_batch_tokens=100
+        ConstantLatencyModel(D / speedup, 0.01, tp=2),
+        10**6,
+        parallelism=Parallelism(2, 1),
+        max_batch_tokens=100,
     )
     want = D / speedup + RATE * D**2 / (2 * speedup * (speedup - RATE * D))
     assert _mean_ttft(spec) == pytest.approx(want, rel=0.02)
@@ -116,3 +124,25 @@ def test_decode_only_one_token_output_finishes_at_arrival():
     res = sim.run(np.array([0.0, 0.5]), [10, 10], [5, 1])
     assert res.finish[1] == res.decode_start[1] == 0.5
     assert res.finish[0] == pytest.approx(4.0)
+
+
+def test_instance_spec_parallelism_must_match_its_latency_model_and_pipeline():
+    two_way = ConstantLatencyModel(0.01, 0.01, tp=2)
+    spec = SimInstanceSpec(two_way, 1000, parallelism=Parallelism(2, 1))
+    assert spec.num_devices == 2
+    # The default (tp=1, pp=1) would time a TP=2 model on one device.
+    with pytest.raises(ValueError, match=r"parallelism.tp_size \(1\) must equal .* tp \(2\)"):
+        SimInstanceSpec(two_way, 1000)
+    with pytest.raises(ValueError, match=r"pipeline.pp \(1\) must equal parallelism.pp_size \(2\)"):
+        SimInstanceSpec(ConstantLatencyModel(0.01, 0.01), 1000, parallelism=Parallelism(1, 2))
+    with pytest.raises(ValueError, match=r"parallelism must be a Parallelism, got 2"):
+        SimInstanceSpec(ConstantLatencyModel(0.01, 0.01), 1000, parallelism=2)
+
+
+def test_colocated_simulator_names_the_parallelism_it_refuses():
+    pipe = PipelineTiming(2, hidden_size=1, link=Link(1e30, 0.0))
+    spec = SimInstanceSpec(
+        ConstantLatencyModel(0.01, 0.01), 1000, parallelism=Parallelism(1, 2), pipeline=pipe
+    )
+    with pytest.raises(NotImplementedError, match="pp=1 only, got tp=1, pp=2"):
+        ColocatedSimulator(spec, "continuous_batching")

@@ -39,9 +39,9 @@ class ColocatedSimulator:
     """Simulate one colocated instance; arrays ``[num_requests]`` as in the disaggregated one."""
 
     def __init__(self, spec: SimInstanceSpec, policy: ColocatedPolicy) -> None:
-        if spec.pp != 1:
+        if spec.parallelism.pp_size != 1:
             raise NotImplementedError(
-                f"colocated simulation supports pp=1 only, got pp={spec.pp}: the baselines "
+                f"colocated simulation supports pp=1 only, got {spec.parallelism}: the baselines "
                 f"(vLLM, Sarathi) are compared at TP only, and a PP colocated schedule "
                 f"(micro-batches mixing both phases) has no runtime counterpart yet"
             )

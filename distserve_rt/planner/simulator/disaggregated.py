@@ -50,7 +50,7 @@ class _Prefill:
         self.spec = spec
         self.queue: deque[int] = deque()
         self.queued_tokens = 0
-        self.stage_free = [0.0] * spec.pp
+        self.stage_free = [0.0] * spec.parallelism.pp_size
         self.mem_used = 0
 
 
@@ -59,7 +59,7 @@ class _Decode:
 
     def __init__(self, spec: SimInstanceSpec, affine) -> None:
         self.spec = spec
-        self.lanes = [DecodeLane(affine) for _ in range(spec.pp)]
+        self.lanes = [DecodeLane(affine) for _ in range(spec.parallelism.pp_size)]
         self.pulls: deque[int] = deque()
         self.load = 0
         self.reserved = 0
@@ -70,13 +70,13 @@ class _Decode:
 def _decode_affine(spec: SimInstanceSpec):
     """batch -> (alpha, beta) of one lane step, hops included, memoised per batch size."""
     cache: dict[int, tuple[float, float]] = {}
-    lat, pipe = spec.latency, spec.pipeline
+    lat, pipe, num_hops = spec.latency, spec.pipeline, spec.parallelism.pp_size - 1
 
     def affine(batch: int) -> tuple[float, float]:
         got = cache.get(batch)
         if got is None:
             alpha, beta = lat.decode_affine(batch)
-            got = cache[batch] = (alpha + (spec.pp - 1) * pipe.hop_s(batch), beta)
+            got = cache[batch] = (alpha + num_hops * pipe.hop_s(batch), beta)
         return got
 
     return affine
@@ -195,10 +195,11 @@ class DisaggregatedSimulator:
             return
         inst.queued_tokens -= num_tokens
         inst.mem_used += num_tokens
-        stage_s = spec.latency.prefill_s(num_tokens, sum_sq) / spec.pp
+        num_stages = spec.parallelism.pp_size
+        stage_s = spec.latency.prefill_s(num_tokens, sum_sq) / num_stages
         hop = spec.pipeline.hop_s(num_tokens)
         enter = now
-        for j in range(spec.pp):
+        for j in range(num_stages):
             start = max(enter, inst.stage_free[j])
             inst.stage_free[j] = start + stage_s
             enter = start + stage_s + hop

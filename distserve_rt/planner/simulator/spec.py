@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.planner.instance_timing import PipelineTiming
 from distserve_rt.planner.latency_model import LatencyModel
 
@@ -27,12 +28,13 @@ class SimInstanceSpec:
     """One instance (TP × PP devices) of one phase, or a colocated one."""
 
     latency: LatencyModel
-    """Whole-model step times on ``tp`` devices (one stage's share is 1/pp of it)."""
+    """Whole-model step times on ``tp_size`` devices (one stage's share is 1/pp_size of it)."""
     kv_capacity_tokens: int
     """KV tokens the instance holds (all its devices together)."""
-    pp: int = 1
+    parallelism: Parallelism = Parallelism()
+    """The instance's TP x PP; ``tp_size`` must be the latency model's ``tp``."""
     pipeline: PipelineTiming | None = None
-    """Hops between stages; required when pp > 1."""
+    """Hops between stages; required when pp_size > 1."""
     max_batch_tokens: int = 512
     """Prefill: L_m, the prompt-token budget of one batch (a longer prompt runs alone).
     Colocated: the per-step token budget (vLLM's max_num_batched_tokens, or the chunk
@@ -41,24 +43,29 @@ class SimInstanceSpec:
     """Most requests decoding at once in this instance (vLLM's max_num_seqs)."""
 
     def __post_init__(self) -> None:
-        if not isinstance(self.pp, int) or self.pp < 1:
-            raise ValueError(f"pp must be a positive int, got {self.pp!r}")
+        if not isinstance(self.parallelism, Parallelism):
+            raise ValueError(f"parallelism must be a Parallelism, got {self.parallelism!r}")
+        par = self.parallelism
+        # The step times are those of one TP degree: a mismatch would time the wrong instance.
+        if par.tp_size != self.latency.tp:
+            raise ValueError(
+                f"parallelism.tp_size ({par.tp_size}) must equal the latency model's tp "
+                f"({self.latency.tp})"
+            )
         if self.pipeline is None:
             object.__setattr__(self, "pipeline", PipelineTiming(1))
-        if self.pipeline.pp != self.pp:
-            raise ValueError(f"pipeline.pp ({self.pipeline.pp}) must equal pp ({self.pp})")
+        if self.pipeline.pp != par.pp_size:
+            raise ValueError(
+                f"pipeline.pp ({self.pipeline.pp}) must equal parallelism.pp_size ({par.pp_size})"
+            )
         for key in ("kv_capacity_tokens", "max_batch_tokens", "max_num_seqs"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
 
     @property
-    def tp(self) -> int:
-        return self.latency.tp
-
-    @property
     def num_devices(self) -> int:
-        return self.tp * self.pp
+        return self.parallelism.world_size
 
 
 @dataclass(frozen=True)
