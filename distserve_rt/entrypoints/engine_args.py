@@ -54,6 +54,16 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
 def memory_size(text: str) -> int:
     """Bytes from ``"1073741824"``, ``"64MiB"``, ``"1.5GiB"``, ``"512MB"`` (argparse type).
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from distserve_rt.config import PlacementKind
 from distserve_rt.entrypoints import planner_args
+from distserve_rt.entrypoints.engine_args import positive_float
 from distserve_rt.planner.candidates import Candidate, parallelism_label
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
@@ -21,7 +22,9 @@ def add_parser(sub) -> None:
         "plan", help="search the placement with the best per-device goodput", description=__doc__
     )
     planner_args.add_common(p)
-    p.add_argument("--rate", type=float, required=True, help="traffic rate to serve, req/s")
+    p.add_argument(
+        "--rate", type=positive_float, required=True, help="traffic rate to serve, req/s"
+    )
     p.add_argument(
         "--affinity",
         choices=[a.value for a in Affinity],
@@ -132,6 +135,13 @@ def _placement(args, inputs: PlanInputs, best: Candidate) -> PlacementFile:
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except ValueError as exc:  # bad input the flags' types cannot see (e.g. the model)
+        raise SystemExit(f"drt-run plan: {exc}") from None
+
+
+def _run(args) -> int:
     start = time.perf_counter()
     inputs = _inputs(args)
     planner = Planner(inputs)

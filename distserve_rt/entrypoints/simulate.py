@@ -6,6 +6,7 @@ import json
 
 from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import planner_args
+from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.planner.cluster import build_instance
 from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import kv_transfer_s
@@ -30,15 +31,17 @@ def add_parser(sub) -> None:
         default="continuous_batching",
         help="colocated scheduling policy",
     )
-    p.add_argument("--prefill-tp", type=int, default=1, help="prefill (or colocated) TP degree")
-    p.add_argument("--prefill-pp", type=int, default=1, help="prefill PP degree")
-    p.add_argument("--decode-tp", type=int, default=1, help="decode TP degree")
-    p.add_argument("--decode-pp", type=int, default=1, help="decode PP degree")
-    p.add_argument("--num-prefill", type=int, default=1, help="prefill instances")
-    p.add_argument("--num-decode", type=int, default=1, help="decode instances")
+    p.add_argument(
+        "--prefill-tp", type=positive_int, default=1, help="prefill (or colocated) TP degree"
+    )
+    p.add_argument("--prefill-pp", type=positive_int, default=1, help="prefill PP degree")
+    p.add_argument("--decode-tp", type=positive_int, default=1, help="decode TP degree")
+    p.add_argument("--decode-pp", type=positive_int, default=1, help="decode PP degree")
+    p.add_argument("--num-prefill", type=positive_int, default=1, help="prefill instances")
+    p.add_argument("--num-decode", type=positive_int, default=1, help="decode instances")
     p.add_argument(
         "--max-batch-tokens",
-        type=int,
+        type=positive_int,
         default=512,
         help="prefill batch budget L_m; colocated: per-step token budget (default 512)",
     )
@@ -50,7 +53,7 @@ def add_parser(sub) -> None:
     )
     p.add_argument(
         "--rates",
-        type=float,
+        type=positive_float,
         nargs="+",
         default=[1.0],
         help="request rates to simulate, req/s (default: 1.0)",
@@ -74,6 +77,13 @@ def _spec(args, model, profile, cluster):
 
 
 def run(args) -> int:
+    try:
+        return _run(args)
+    except ValueError as exc:  # bad input the flags' types cannot see (e.g. the model)
+        raise SystemExit(f"drt-run simulate: {exc}") from None
+
+
+def _run(args) -> int:
     model = planner_args.load_model(args.model)
     cluster = planner_args.build_cluster(args)
     spec = _spec(args, model, load_profile(args.profile), cluster)

@@ -28,3 +28,24 @@ def test_unknown_command_is_an_error(capsys):
     with pytest.raises(SystemExit):
         main(["no-such-command"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["simulate", "--prefill-tp", "0"], "argument --prefill-tp: must be an int >= 1, got 0"),
+        (["simulate", "--rates", "-1"], "argument --rates: must be a finite number > 0, got -1"),
+        (["plan", "--rate", "0"], "argument --rate: must be a finite number > 0, got 0"),
+    ],
+)
+def test_planner_commands_name_the_bad_flag(capsys, argv, message):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["plan", "--rate", "1"]])
+def test_planner_commands_refuse_an_unknown_model_in_one_line(command):
+    with pytest.raises(SystemExit, match=f"drt-run {command[0]}: unknown model preset 'nope'"):
+        main([*command, "--model", "nope"])
