@@ -71,20 +71,21 @@ class SchedulerBase(Scheduler):
         logprobs: Sequence[dict[int, float] | None] | None,
         now: float,
     ) -> StepUpdate:
-        update = StepUpdate()
         requests = output.sampling_requests()
         if len(sampled_token_ids) != len(requests):
             raise ValueError(
                 f"sampled_token_ids has {len(sampled_token_ids)} rows; the step has "
                 f"{len(requests)} requests that sample"
             )
-        for row, (request, token_id) in enumerate(zip(requests, sampled_token_ids, strict=True)):
-            if request.is_finished:
+        # The engine's hottest Python loop (every running request, every step): locals only.
+        update = StepUpdate()
+        updated, finished = update.updated, update.finished
+        first_finished = RequestStatus.FINISHED_STOPPED
+        for request, token_id in zip(requests, sampled_token_ids, strict=True):
+            if request.status >= first_finished:
                 continue  # aborted while its batch was in flight (PP): no token
             request.append_token(token_id, now)
-            if logprobs is not None and request.logprobs is not None:
-                request.logprobs.append(logprobs[row])  # type: ignore[arg-type]
-            update.updated.append(request)
+            updated.append(request)
             checker = request.stop_checker
             if checker is None:
                 continue  # a request that stops only by abort or length (tests)
@@ -94,7 +95,12 @@ class SchedulerBase(Scheduler):
             if result.finish_reason is not None:
                 request.stop_reason = result.stop_reason
                 self.finish_request(request, RequestStatus.finished(result.finish_reason), now)
-                update.finished.append(request)
+                finished.append(request)
+        if logprobs is not None:
+            got = {id(r) for r in updated}
+            for request, row in zip(requests, logprobs, strict=True):
+                if request.logprobs is not None and id(request) in got:
+                    request.logprobs.append(row)  # type: ignore[arg-type]
         return update
 
     def finish_request(self, request: Request, status: RequestStatus, now: float) -> None:
