@@ -335,12 +335,11 @@ class Controller:
             self.finish(tracked, stopped.finish_reason, stopped.stop_reason)  # type: ignore[arg-type]
             return
         self._emit_stream(tracked)
-        live = self.decodes()
-        if not live:
+        target = self.least_loaded_decode()
+        if target is None:
             handle.send(msg.ReleaseKV(m.request_id))
             self.finish(tracked, FinishReason.ERROR, error="no decode instance is alive")
             return
-        target = min(live, key=_decode_load)
         migration = Migration(m.request_id, handle.spec.index, target.spec.index, m.block_ids)
         self.migrations[m.request_id] = migration
         tracked.phase = Phase.MIGRATING
@@ -360,6 +359,7 @@ class Controller:
         )  # fmt: skip
 
     def least_loaded_decode(self) -> InstanceHandle | None:
+        """The live decode instance with the fewest requests (ties: most free blocks)."""
         live = self.decodes()
         return min(live, key=_decode_load) if live else None
 
