@@ -32,6 +32,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from distserve_rt.logger import init_logger
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.presets import PRESETS
 from distserve_rt.planner.latency_model import (
@@ -43,6 +44,8 @@ from distserve_rt.planner.latency_model import (
 )
 from distserve_rt.planner.profile_fit import FitError, fit_analytic_form
 from distserve_rt.workloads.datasets import data_path
+
+logger = init_logger(__name__)
 
 SCHEMA_VERSION = 1
 
@@ -80,6 +83,8 @@ class ProfileSet:
     analytic_fit_error: dict[str, FitError] = field(default_factory=dict)
     measurement: dict[str, object] = field(default_factory=dict)
     """How the profile was measured (`drt-run profile`); empty for DistServe's files."""
+    extrapolated: dict[tuple[str, int], str] = field(default_factory=dict, compare=False)
+    """(model, tp) pairs planned from the analytic form, with the note logged for each."""
 
     def find(self, model: str, tp: int) -> ProfileEntry | None:
         for entry in self.entries:
@@ -94,11 +99,31 @@ class ProfileSet:
         return self.analytic
 
     def latency_model(self, model: ModelConfig, tp: int) -> LatencyModel:
-        """Fitted model for (model.name, tp) if profiled, else the analytic form (see module)."""
+        """Fitted model for (model.name, tp) if profiled, else the analytic form (see module),
+        said once per model in the log and kept per (model, tp) in `extrapolated`: a plan
+        for a model this profile never measured is an extrapolation; the user must know it."""
         entry = self.find(model.name, tp)
         if entry is not None:
             return FittedLatencyModel(entry.coefficients, tp)
-        return AnalyticLatencyModel(self.analytic_coefficients(), model, tp)
+        coefficients = self.analytic_coefficients()
+        if (model.name, tp) not in self.extrapolated:
+            first_of_model = all(m != model.name for m, _ in self.extrapolated)
+            self.extrapolated[(model.name, tp)] = self.extrapolation_note(model.name, tp)
+            if first_of_model:  # a search asks for many tp: one line per model is enough
+                logger.warning("%s", self.extrapolated[(model.name, tp)])
+        return AnalyticLatencyModel(coefficients, model, tp)
+
+    def extrapolation_note(self, model: str, tp: int) -> str:
+        """What a (model, tp) without an entry is planned from, in one line."""
+        measured = sorted({f"{e.model} tp={e.tp}" for e in self.entries})
+        error = self.analytic_fit_error.get("decode") or self.analytic_fit_error.get("prefill")
+        how = f"; its mean error on them is {error.mean_rel:.0%}" if error else ""
+        return (
+            f"profile {self.hardware!r} has no measurement of {model} at tp={tp}: its step "
+            f"times are extrapolated with the paper's analytic form fitted on "
+            f"{', '.join(measured)}{how}. Profile this model (drt-run profile) to plan it "
+            f"from its own measurements"
+        )
 
     def to_dict(self) -> dict[str, object]:
         out: dict[str, object] = {

@@ -95,3 +95,19 @@ def test_fit_recovers_known_coefficients_from_noisy_samples():
     assert err["prefill"].mean_rel < 0.02 and err["decode_large"].max_rel < 0.05
     with pytest.raises(ValueError, match="cannot fit"):
         fit_fitted_form(prefill[:2], decode)
+
+
+def test_a_model_the_profile_never_measured_is_said_to_be_extrapolated(caplog):
+    profile = load_profile("a100-80g-distserve")
+    measured = profile.latency_model(get_preset("opt-13b"), 1)
+    assert not profile.extrapolated and measured is not None
+    with caplog.at_level("WARNING"):
+        for tp in (2, 4):
+            profile.latency_model(get_preset("llama-3-70b"), tp)
+            profile.latency_model(get_preset("llama-3-70b"), tp)
+    assert set(profile.extrapolated) == {("llama-3-70b", 2), ("llama-3-70b", 4)}
+    note = profile.extrapolated[("llama-3-70b", 4)]
+    assert "no measurement of llama-3-70b at tp=4" in note and "opt-66b tp=8" in note
+    assert "mean error on them is" in note and "drt-run profile" in note
+    warnings = [r for r in caplog.records if "llama-3-70b" in r.getMessage()]
+    assert len(warnings) == 1  # once per model, not per tp or per call
