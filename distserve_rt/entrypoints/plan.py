@@ -18,9 +18,7 @@ from distserve_rt.planner.profiles import load_profile
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "plan", help="search the placement with the best per-device goodput", description=__doc__
-    )
+    p = sub.add_parser("plan", description=__doc__)
     planner_args.add_common(p)
     p.add_argument(
         "--rate", type=positive_float, required=True, help="traffic rate to serve, req/s"
