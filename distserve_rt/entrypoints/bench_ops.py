@@ -17,7 +17,6 @@ from distserve_rt.benchmarks.op_suite import format_table, run_suite
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench-ops",
-        help="run the op microbenchmarks (CPU) and print a table",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -44,16 +44,13 @@ from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "bench",
-        help="serving benchmark: latency, SLO attainment, goodput (in-process or HTTP)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         conflict_handler="resolve",  # the in-process engine's flags may also define --model
     )
     bench_serving_args.add_all(p)
     p.set_defaults(handler=run)
-    plot = sub.add_parser(
-        "bench-plot", help="overlay drt-run bench results: SLO attainment vs rate (PNG)"
-    )
+    plot = sub.add_parser("bench-plot")
     plot.add_argument("results", nargs="+", help="result JSONs saved by drt-run bench")
     plot.add_argument("--output", "-o", default="attainment.png", help="PNG path")
     plot.set_defaults(handler=run_plot)

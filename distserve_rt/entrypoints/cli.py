@@ -1,4 +1,8 @@
-"""`drt-run`: the command-line entry point."""
+"""`drt-run`: the command-line entry point.
+
+Only the chosen command's module is imported and only its parser built: the modules import
+torch, the engine or the planner, and loading all of them made ``drt-run --help`` take ~3 s.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,71 @@ import argparse
 import importlib
 import sys
 
-# One subcommand per module of distserve_rt.entrypoints; each has add_parser(subparsers),
-# which registers the command and its handler. In the order `drt-run --help` lists them.
-COMMANDS = (
-    "serve",
-    "generate",
-    "bench_serving",
-    "plan",
-    "simulate",
-    "profile",
-    "bench_ops",
-)
+# Command -> (module of distserve_rt.entrypoints, the one line `drt-run --help` shows), in
+# the order it lists them. Each module has add_parser(subparsers), which registers its
+# commands (without help=: the line is written once, here) and their handlers.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("serve", "OpenAI-compatible HTTP server"),
+    "generate": ("generate", "generate text for a few prompts"),
+    "bench": (
+        "bench_serving",
+        "serving benchmark: latency, SLO attainment, goodput (in-process or HTTP)",
+    ),
+    "bench-plot": ("bench_serving", "overlay drt-run bench results: SLO attainment vs rate (PNG)"),
+    "plan": ("plan", "search the placement with the best per-device goodput"),
+    "simulate": ("simulate", "simulate one configuration at one or more rates"),
+    "profile": ("profile", "measure step times on this machine and fit a latency profile"),
+    "bench-ops": ("bench_ops", "run the op microbenchmarks (CPU) and print a table"),
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _LazyCommands(argparse._SubParsersAction):
+    """Subcommands registered as empty placeholders (enough for the listing and for
+    argparse's choice check); the chosen one's module replaces its placeholder with the real
+    parser when the command is parsed."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._loaded: set[str] = set()
+
+    def add_parser(self, name: str, **kwargs) -> argparse.ArgumentParser:
+        kwargs.setdefault("help", COMMANDS[name][1])
+        old = self._name_parser_map.pop(name, None)
+        if old is None:
+            return super().add_parser(name, **kwargs)
+        # Keep the listing's order: the new choice entry takes the placeholder's slot.
+        slot = next(i for i, a in enumerate(self._choices_actions) if a.dest == name)
+        del self._choices_actions[slot]
+        parser = super().add_parser(name, **kwargs)
+        self._choices_actions.insert(slot, self._choices_actions.pop())
+        return parser
+
+    def load(self, name: str) -> None:
+        module = COMMANDS[name][0]
+        if module not in self._loaded:
+            self._loaded.add(module)
+            importlib.import_module(f"distserve_rt.entrypoints.{module}").add_parser(self)
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        self.load(values[0])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def build_parser(*, load_all: bool = False) -> argparse.ArgumentParser:
+    """The `drt-run` parser; ``load_all`` builds every command's parser up front (tests that
+    walk them), else each is built when chosen."""
     parser = argparse.ArgumentParser(
         prog="drt-run", description="distserve_rt: disaggregated prefill/decode LLM serving"
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    parser.register("action", "lazy_commands", _LazyCommands)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", action="lazy_commands"
+    )
     for name in COMMANDS:
-        importlib.import_module(f"distserve_rt.entrypoints.{name}").add_parser(sub)
+        sub.add_parser(name)
+    if load_all:
+        for name in COMMANDS:
+            sub.load(name)
     return parser
 
 

@@ -11,7 +11,10 @@ Three groups of flags:
   field's docstring in `config/engine.py`, read once from the source, and a flag left unset
   keeps the field's default, so the defaults live in one place.
 - ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
-  (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...).
+  (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...). A file
+  `drt-run plan` wrote also brings the model and engine settings the plan assumed (L_m,
+  max_num_seqs, ...): they apply where the flag is unset, a flag contradicting them is a
+  ValueError (`planned_engine_settings`).
 - The `DisaggConfig` knobs a user turns (``--kv-lease-timeout-s``, ``--no-pin-cpus``, ...);
   its test-only fields (``launcher``, ``stats_interval_s``, the ``fake`` transport) stay
   Python-only.
@@ -31,12 +34,17 @@ import itertools
 import re
 import textwrap
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 from distserve_rt.config import DTYPE_NAMES, DisaggConfig, EngineConfig, PhaseConfig, Placement
 from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
 from distserve_rt.core.scheduler import POLICIES
 from distserve_rt.engine.protocol import EngineClient
+from distserve_rt.logger import init_logger
+from distserve_rt.planner.placement_file import PlacementFile, load_placement
+
+logger = init_logger(__name__)
 
 PHASES = ("prefill", "decode")
 
@@ -89,6 +97,25 @@ def placement_arg(text: str) -> Placement:
         return Placement.parse(text)
     except (ValueError, OSError) as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _PlacementAction(argparse.Action):
+    """``--placement``: the `Placement` in ``args.placement`` and, for a file `drt-run plan`
+    wrote, the file in ``args.placement_file`` (its model and engine settings are applied by
+    `configs_from_args`)."""
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        planned = None
+        try:
+            if Path(values).suffix in (".yaml", ".yml"):
+                planned = load_placement(values)
+                placement = Placement.from_placement_file(planned)
+            else:
+                placement = placement_arg(values)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            raise argparse.ArgumentError(self, str(exc)) from None
+        setattr(namespace, self.dest, placement)
+        namespace.placement_file = planned
 
 
 @functools.cache
@@ -177,7 +204,7 @@ def add_engine_args(p: argparse._ActionsContainer) -> None:
 def _add_placement_args(g: argparse._ActionsContainer) -> None:
     g.add_argument(
         "--placement",
-        type=placement_arg,
+        action=_PlacementAction,
         default=None,
         metavar="colocated|disaggregated|FILE.yaml",
         help="colocated: one instance does both phases (--policy); disaggregated: 1 prefill "
@@ -239,10 +266,67 @@ def configs_from_args(
     if getattr(args, "pin_cpus", True) is False:
         disagg["pin_cpus"] = False
     if placement is None:
+        planned = getattr(args, "placement_file", None)
+        if planned is not None:
+            engine = planned_engine_settings(planned, engine)
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
     return EngineConfig(**engine), placement, DisaggConfig(**disagg)
+
+
+def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (EngineConfig fields from flags) plus the model and engine settings the
+    placement file was planned with, so serve runs what the planner simulated.
+
+    Raises ValueError naming the flag when a given one contradicts the file. The file's model
+    is a planner model (a preset name or an HF config path); it matches ``--model`` when the
+    names agree after dropping ``dummy:`` and a path's directories and ``config.json``. A
+    preset name applied without ``--model`` becomes ``dummy:<preset>`` (random weights, and
+    a warning saying so)."""
+    settings = dict(given)
+    for key, value in planned.engine.items():
+        if key in settings and settings[key] != value:
+            raise ValueError(
+                f"--{key.replace('_', '-')} {settings[key]} but the placement file was planned "
+                f"with {value}; drop the flag or plan again with that setting"
+            )
+        settings[key] = value
+    if "model" in settings:
+        if _model_key(settings["model"]) != _model_key(planned.model):
+            raise ValueError(
+                f"--model {settings['model']} but the placement file was planned for "
+                f"{planned.model}; serve that model or plan again with --model"
+            )
+    else:
+        settings["model"] = _runtime_model(planned.model)
+    return settings
+
+
+def _model_key(model: str) -> str:
+    """The name two spellings of one model share: ``dummy:opt-13b``, ``opt-13b``,
+    ``/models/opt-13b`` and ``/models/opt-13b/config.json`` all give ``opt-13b``."""
+    name = model.removeprefix("dummy:").rstrip("/")
+    if name.endswith("config.json"):
+        name = name.removesuffix("config.json").rstrip("/")
+    return name.rsplit("/", 1)[-1].lower()
+
+
+def _runtime_model(planned: str) -> str:
+    """``--model`` for the planner's model: its HF directory when the file names one that
+    exists here, else the preset with random weights."""
+    path = Path(planned)
+    if path.name == "config.json" and path.is_file():
+        return str(path.parent)
+    if (path / "config.json").is_file():
+        return planned
+    logger.warning(
+        "the placement file was planned for %s, a preset without weights here: serving "
+        "dummy:%s (random weights); give --model DIR to serve its checkpoint",
+        planned,
+        planned,
+    )
+    return f"dummy:{planned}"
 
 
 def placement_from_args(args: argparse.Namespace, placement: Placement | None = None) -> Placement:

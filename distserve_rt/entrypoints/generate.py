@@ -11,7 +11,7 @@ from distserve_rt.sampling_params import SamplingParams
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("generate", help="generate text for a few prompts", description=__doc__)
+    p = sub.add_parser("generate", description=__doc__)
     p.add_argument("prompts", nargs="*", default=["Hello, my name is"], help="prompt texts")
     s = p.add_argument_group("sampling")
     s.add_argument("--max-tokens", type=int, default=32)

@@ -12,15 +12,14 @@ from distserve_rt.config import PlacementKind
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.engine_args import positive_float
 from distserve_rt.planner.candidates import Candidate, parallelism_label
+from distserve_rt.planner.cluster import build_instance
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "plan", help="search the placement with the best per-device goodput", description=__doc__
-    )
+    p = sub.add_parser("plan", description=__doc__)
     planner_args.add_common(p)
     p.add_argument(
         "--rate", type=positive_float, required=True, help="traffic rate to serve, req/s"
@@ -121,6 +120,7 @@ def _placement(args, inputs: PlanInputs, best: Candidate) -> PlacementFile:
         # Only a placement that fits is validated against (and written with) the cluster.
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
+        engine=_engine_settings(inputs, best),
         predicted={
             "algorithm": best.algorithm.value,
             "num_devices": best.num_devices,
@@ -132,6 +132,20 @@ def _placement(args, inputs: PlanInputs, best: Candidate) -> PlacementFile:
             **best.predicted,
         },
     )
+
+
+def _engine_settings(inputs: PlanInputs, best: Candidate) -> dict:
+    """The EngineConfig settings the plan's simulated instances ran with, for `drt-run serve
+    --placement` to apply. The dtype and block size are not written: the planner assumes
+    only 2-byte KV and weights (fp16 or bf16) and does not model blocks."""
+    colocated = best.placement is PlacementKind.COLOCATED
+    budget = inputs.colocated_max_batch_tokens if colocated else inputs.prefill_max_batch_tokens
+    return {
+        "max_num_batched_tokens": budget,
+        # Planner._instance leaves build_instance's batch size limit at its default.
+        "max_num_seqs": build_instance.__kwdefaults__["max_num_seqs"],
+        "gpu_memory_utilization": inputs.cluster.memory_utilization,
+    }
 
 
 def run(args) -> int:

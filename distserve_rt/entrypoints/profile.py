@@ -21,7 +21,6 @@ from distserve_rt.planner.step_timer import STEP_INCLUDES, RunnerStepTimer
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "profile",
-        help="measure step times on this machine and fit a latency profile",
         description=__doc__,
     )
     p.add_argument(

@@ -37,7 +37,7 @@ def port_number(text: str) -> int:
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
-        "serve", help="OpenAI-compatible HTTP server", description=__doc__,
+        "serve", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")

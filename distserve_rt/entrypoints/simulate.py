@@ -15,9 +15,7 @@ from distserve_rt.planner.simulator import ColocatedPolicy, DisaggSpec, KVTransf
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "simulate", help="simulate one configuration at one or more rates", description=__doc__
-    )
+    p = sub.add_parser("simulate", description=__doc__)
     planner_args.add_common(p)
     p.add_argument(
         "--placement",

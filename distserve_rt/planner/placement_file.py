@@ -8,7 +8,13 @@ Schema::
     decode:  {tp: 1, pp: 1, num_instances: 3}   # omitted/null when colocated
     cluster: {num_nodes: 1, devices_per_node: 8, ...}
     slo: {ttft_s: 0.25, tpot_s: 0.1, target: 0.9}
+    engine: {max_num_batched_tokens: 512, max_num_seqs: 256, gpu_memory_utilization: 0.9}
     predicted: {...}                    # free-form: the planner's numbers
+
+``engine`` holds the `EngineConfig` settings the plan assumed (the prefill batch budget L_m,
+the batch size limit, the fraction of device memory for weights + KV), so `drt-run serve
+--placement` runs what was planned: it applies them and refuses flags that contradict them
+(`entrypoints.engine_args`). Files written before it existed lack it and still load.
 """
 
 from __future__ import annotations
@@ -19,6 +25,11 @@ from pathlib import Path
 import yaml
 
 PLACEMENTS = ("disaggregated", "colocated")
+
+# The `engine` keys a file may carry (EngineConfig's names; EngineConfig checks them fully
+# when serve builds it, these checks only catch a file that is malformed).
+ENGINE_INT_KEYS = ("max_num_batched_tokens", "max_num_seqs", "block_size")
+ENGINE_KEYS = (*ENGINE_INT_KEYS, "gpu_memory_utilization", "dtype")
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,8 @@ class PlacementFile:
     cluster: dict = field(default_factory=dict)
     slo: dict = field(default_factory=dict)
     predicted: dict = field(default_factory=dict)
+    engine: dict = field(default_factory=dict)
+    """EngineConfig settings the plan assumed (keys from ENGINE_KEYS)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -61,6 +74,7 @@ class PlacementFile:
         total = self.cluster.get("num_nodes", 0) * self.cluster.get("devices_per_node", 0)
         if total and self.num_devices > total:
             raise ValueError(f"placement uses {self.num_devices} devices, the cluster has {total}")
+        _check_engine(self.engine)
 
     @property
     def num_devices(self) -> int:
@@ -77,6 +91,7 @@ class PlacementFile:
             "decode": phase(self.decode),
             "cluster": self.cluster,
             "slo": self.slo,
+            "engine": self.engine,
             "predicted": self.predicted,
         }
 
@@ -85,6 +100,23 @@ class PlacementFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
+
+
+def _check_engine(engine: dict) -> None:
+    if not isinstance(engine, dict):
+        raise ValueError(f"engine must be a mapping of {ENGINE_KEYS}, got {engine!r}")
+    unknown = set(engine) - set(ENGINE_KEYS)
+    if unknown:
+        raise ValueError(f"unknown engine keys {sorted(unknown)}; allowed: {list(ENGINE_KEYS)}")
+    for key in ENGINE_INT_KEYS:
+        value = engine.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"engine.{key} must be a positive int, got {value!r}")
+    fraction = engine.get("gpu_memory_utilization", 1.0)
+    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+        raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {fraction!r}")
+    if not isinstance(engine.get("dtype", ""), str):
+        raise ValueError(f"engine.dtype must be a string, got {engine['dtype']!r}")
 
 
 def _phase(raw, key: str) -> PhasePlacement | None:
@@ -98,7 +130,8 @@ def _phase(raw, key: str) -> PhasePlacement | None:
 def placement_from_dict(raw: dict) -> PlacementFile:
     if not isinstance(raw, dict):
         raise ValueError(f"a placement file holds a mapping, got {type(raw).__name__}")
-    unknown = set(raw) - {"model", "placement", "prefill", "decode", "cluster", "slo", "predicted"}
+    keys = {"model", "placement", "prefill", "decode", "cluster", "slo", "engine", "predicted"}
+    unknown = set(raw) - keys
     if unknown:
         raise ValueError(f"unknown keys in placement file: {sorted(unknown)}")
     for key in ("model", "placement", "prefill"):
@@ -112,6 +145,7 @@ def placement_from_dict(raw: dict) -> PlacementFile:
         cluster=raw.get("cluster") or {},
         slo=raw.get("slo") or {},
         predicted=raw.get("predicted") or {},
+        engine=raw.get("engine") or {},
     )
 
 

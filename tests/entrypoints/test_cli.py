@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -9,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from distserve_rt.entrypoints.cli import main
+from distserve_rt.entrypoints.cli import COMMANDS, build_parser, main
 
 
 def test_console_script_installed():
@@ -49,3 +50,36 @@ def test_planner_commands_name_the_bad_flag(capsys, argv, message):
 def test_planner_commands_refuse_an_unknown_model_in_one_line(command):
     with pytest.raises(SystemExit, match=f"drt-run {command[0]}: unknown model preset 'nope'"):
         main([*command, "--model", "nope"])
+
+
+def test_help_lists_commands_without_importing_torch():
+    # Importing every command's module (torch, the engine, the planner) took ~3 s per
+    # `drt-run --help`; the listing comes from cli.COMMANDS alone.
+    code = (
+        "import sys\n"
+        "from distserve_rt.entrypoints.cli import main\n"
+        "try:\n"
+        "    main(['--help'])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "print('torch' in sys.modules, 'distserve_rt.entrypoints.serve' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "bench-ops" in out.stdout and out.stdout.split()[-2:] == ["False", "False"]
+
+
+def test_lazy_listing_matches_the_commands_parsers():
+    # Every command's module registers exactly the commands COMMANDS gives it, and building
+    # them all changes neither the listing's order nor its lines.
+    lazy = build_parser()
+    full = build_parser(load_all=True)
+    assert lazy.format_help() == full.format_help()
+    sub = next(a for a in full._actions if isinstance(a, argparse._SubParsersAction))
+    assert list(sub._name_parser_map) == list(COMMANDS)
+    for name in COMMANDS:
+        assert sub._name_parser_map[name].get_default("handler") is not None, name
+
+
+def test_a_command_parses_after_its_parser_is_built_lazily():
+    args = build_parser().parse_args(["simulate", "--prefill-tp", "2"])
+    assert args.command == "simulate" and args.prefill_tp == 2 and callable(args.handler)

@@ -127,3 +127,89 @@ def test_bad_values_are_argparse_errors_naming_flag_and_value(capsys, command, a
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}" in err and value in err
+
+
+def _planned_file(tmp_path, model="llama-tiny", **engine) -> str:
+    raw = {
+        "model": model,
+        "placement": "disaggregated",
+        "prefill": {"tp": 1, "pp": 1, "num_instances": 1},
+        "decode": {"tp": 1, "pp": 1, "num_instances": 2},
+    }
+    if engine:
+        raw["engine"] = engine
+    path = tmp_path / "planned.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+PLANNED = {"max_num_batched_tokens": 384, "max_num_seqs": 64, "gpu_memory_utilization": 0.8}
+
+
+@pytest.mark.parametrize("command", ["serve", "bench", "generate"])
+def test_a_placement_file_s_model_and_engine_settings_apply(tmp_path, command):
+    path = _planned_file(tmp_path, model="opt-tiny", **PLANNED)
+    args = build_parser().parse_args([command, "--placement", path])
+    config, placement, _ = engine_args.configs_from_args(args)
+    assert config.model == "dummy:opt-tiny"
+    assert (config.max_num_batched_tokens, config.max_num_seqs) == (384, 64)
+    assert config.gpu_memory_utilization == 0.8 and placement.decode.num_instances == 2
+
+
+def test_flags_that_agree_with_the_placement_file_are_accepted(tmp_path):
+    path = _planned_file(tmp_path, model="opt-tiny", **PLANNED)
+    config, _, _ = engine_args.configs_from_args(
+        parse("--placement", path, "--model", "dummy:opt-tiny", "--max-num-seqs", "64")
+    )
+    assert (config.model, config.max_num_seqs, config.max_num_batched_tokens) == (
+        "dummy:opt-tiny",
+        64,
+        384,
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["--model", "dummy:opt-125m"],
+            "--model dummy:opt-125m but the placement file was planned for opt-66b",
+        ),
+        (
+            ["--max-num-batched-tokens", "2048"],
+            "--max-num-batched-tokens 2048 but the placement file was planned with 384",
+        ),
+        (
+            ["--gpu-memory-utilization", "0.5"],
+            "--gpu-memory-utilization 0.5 but the placement file was planned with 0.8",
+        ),
+    ],
+)
+def test_a_flag_contradicting_the_placement_file_is_refused(tmp_path, argv, message):
+    path = _planned_file(tmp_path, model="opt-66b", **PLANNED)
+    with pytest.raises(ValueError, match=message):
+        engine_args.configs_from_args(parse("--placement", path, *argv))
+
+
+def test_serve_refuses_a_contradicting_flag_in_one_line(tmp_path):
+    path = _planned_file(tmp_path, model="opt-66b")
+    with pytest.raises(SystemExit, match="^drt-run serve: --model dummy:opt-125m but the pl"):
+        main(["serve", "--placement", path, "--model", "dummy:opt-125m"])
+
+
+def test_a_planned_hf_model_path_is_served_from_its_directory(tmp_path):
+    model_dir = tmp_path / "opt-66b"
+    model_dir.mkdir()
+    (model_dir / "config.json").write_text("{}")
+    path = _planned_file(tmp_path, model=str(model_dir / "config.json"))
+    config, _, _ = engine_args.configs_from_args(parse("--placement", path))
+    assert config.model == str(model_dir)
+    # The same checkpoint elsewhere (same name) is the planned model; another one is not.
+    args = parse("--placement", path, "--model", "/elsewhere/opt-66b/")
+    assert engine_args.configs_from_args(args)[0].model == "/elsewhere/opt-66b/"
+
+
+def test_an_old_placement_file_keeps_the_engine_defaults(tmp_path):
+    args = parse("--placement", _planned_file(tmp_path))
+    config, placement, _ = engine_args.configs_from_args(args)
+    assert config == EngineConfig() and placement.decode.num_instances == 2
