@@ -115,11 +115,14 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    slo = evaluator.slo
     print(f"{model.name} {args.placement} on {spec.num_devices} devices")
-    print(f"{'rate':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")
+    # Milliseconds, like the SLO flags and `drt-run bench`'s tables.
+    print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
+    print(f"{'req/s':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")
     for r in rows:
         print(
-            f"{r['rate']:8.3f} {r['attainment']['joint']:7.1%} {r['ttft_s']['p90']:9.3f} "
-            f"{r['tpot_s']['p90']:9.4f}"
+            f"{r['rate']:8.3f} {r['attainment']['joint']:7.1%} "
+            f"{r['ttft_s']['p90'] * 1e3:9.1f} {r['tpot_s']['p90'] * 1e3:9.2f}"
         )
     return 0

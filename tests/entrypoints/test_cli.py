@@ -9,7 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from distserve_rt.entrypoints.cli import main
+from distserve_rt.entrypoints import planner_args
+from distserve_rt.entrypoints.cli import build_parser, main
+from distserve_rt.metrics.slo import SLO
 
 
 def test_console_script_installed():
@@ -49,3 +51,41 @@ def test_planner_commands_name_the_bad_flag(capsys, argv, message):
 def test_planner_commands_refuse_an_unknown_model_in_one_line(command):
     with pytest.raises(SystemExit, match=f"drt-run {command[0]}: unknown model preset 'nope'"):
         main([*command, "--model", "nope"])
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["plan", "--rate", "1"]])
+def test_planner_slos_are_milliseconds_like_bench(command):
+    """`--slo-ttft-ms 400` is 0.4 s inside (not 400 s); each flag overrides one preset SLO."""
+    args = build_parser().parse_args([*command, "--slo-ttft-ms", "400", "--slo-tpot-ms", "50"])
+    assert planner_args.build_slo(args) == SLO(0.4, 0.05)
+    args = build_parser().parse_args([*command, "--slo-preset", "chatbot-opt-66b"])
+    assert planner_args.build_slo(args) == SLO(2.5, 0.15)
+    args.slo_tpot_ms = 200.0
+    assert planner_args.build_slo(args) == SLO(2.5, 0.2)
+    assert planner_args.build_slo(build_parser().parse_args(command)) == SLO(0.25, 0.1)
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["plan", "--rate", "1"]])
+@pytest.mark.parametrize(
+    ("old", "message"),
+    [
+        (
+            "--ttft",
+            "--ttft is now --slo-ttft-ms (milliseconds); --ttft 0.4 would be --slo-ttft-ms 400",
+        ),
+        (
+            "--tpot",
+            "--tpot is now --slo-tpot-ms (milliseconds); --tpot 0.4 would be --slo-tpot-ms 400",
+        ),
+    ],
+)
+def test_planner_refuses_the_old_seconds_flags(capsys, command, old, message):
+    with pytest.raises(SystemExit):
+        main([*command, old, "0.4"])
+    assert message in capsys.readouterr().err
+
+
+def test_planner_slo_flags_name_a_bad_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--slo-ttft-ms", "-5"])
+    assert "argument --slo-ttft-ms: must be a finite number > 0, got -5" in capsys.readouterr().err
