@@ -209,6 +209,18 @@ def test_simulate_cli_json(capsys):
     assert main([*args, "--placement", "colocated", "--policy", "chunked_prefill"]) == 0
 
 
+def test_simulate_table_prints_milliseconds_like_its_flags(capsys):
+    args = ["simulate", "--rates", "2", "--num-requests", "40", "--slo-ttft-ms", "400"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["slo"] == {"ttft_s": 0.4, "tpot_s": 0.1}
+    p90 = out["runs"][0]["ttft_s"]["p90"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "SLOs: TTFT 400 ms, TPOT 100 ms; latencies in ms"
+    assert float(lines[3].split()[2]) == pytest.approx(p90 * 1e3, abs=0.05)
+
+
 def test_build_instance_refuses_weights_that_leave_no_kv_room():
     """Issue 15: a 70B model on one 80 GiB device used to fail deep in the simulator with
     `kv_capacity_tokens must be a positive int, got -201250`."""
