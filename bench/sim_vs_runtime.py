@@ -9,7 +9,8 @@ a PNG next to it (SLO attainment vs rate: simulated and measured, per policy).
 SLOs and rates adapt to the machine, so that attainment spans ~30-100%: the SLOs are
 multiples of the profile's unloaded step times (``--ttft-scale``, ``--tpot-scale``), and the
 rates are multiples (``--load-factors``) of the rate at which the *simulated* continuous
-batching policy meets 90% attainment. ``--ttft``/``--tpot``/``--rates`` fix them instead.
+batching policy meets 90% attainment. ``--slo-ttft-ms``/``--slo-tpot-ms``/``--rates`` fix them
+instead.
 """
 
 from __future__ import annotations
@@ -60,8 +61,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rates", type=float, nargs="+", help="req/s (overrides --load-factors)")
     p.add_argument("--ttft-scale", type=float, default=4.0, help="TTFT SLO / unloaded prefill")
     p.add_argument("--tpot-scale", type=float, default=2.0, help="TPOT SLO / unloaded decode")
-    p.add_argument("--ttft", type=float, help="TTFT SLO, s (overrides --ttft-scale)")
-    p.add_argument("--tpot", type=float, help="TPOT SLO, s (overrides --tpot-scale)")
+    # Milliseconds and these names, like drt-run bench/plan/simulate.
+    p.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO, ms (overrides --ttft-scale)")
+    p.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO, ms (overrides --tpot-scale)")
     p.add_argument("--profile", help="reuse this profile JSON instead of profiling now")
     p.add_argument("--repeats", type=int, default=5, help="profiler repeats per grid point")
     p.add_argument("--seed", type=int, default=0, help="lengths, arrivals and prompt tokens")
@@ -99,8 +101,10 @@ def profile_here(args, model, config, max_model_len: int):
 def choose_slo(args, latency, workload: Workload) -> SLO:
     prompt = float(workload.prompt_lens.mean())
     ctx = prompt + float(workload.output_lens.mean()) / 2
-    ttft = args.ttft or args.ttft_scale * latency.prefill_s(int(prompt), int(prompt**2))
-    tpot = args.tpot or args.tpot_scale * latency.decode_s(1, int(ctx + 1))
+    ttft = args.ttft_scale * latency.prefill_s(int(prompt), int(prompt**2))
+    tpot = args.tpot_scale * latency.decode_s(1, int(ctx + 1))
+    ttft = ttft if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3
+    tpot = tpot if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3
     return SLO(ttft, tpot)
 
 

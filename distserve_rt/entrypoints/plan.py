@@ -189,21 +189,24 @@ def _print_table(out: dict, result, inputs: PlanInputs) -> None:
         f"deployments for {inputs.rate:g} req/s, fewest devices first "
         f"(goodput: req/s meeting the SLOs at {inputs.target:.0%}; * = chosen)"
     )
+    slo = inputs.slo
+    print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
     print(
         f"  {'config':<30} {'P+D':>7} {'devices':>7} {'goodput':>8} {'/device':>7} "
-        f"{'attain':>6} {'ttft p90':>8} {'tpot p90':>8}"
+        f"{'attain':>6} {'ttft p90 ms':>11} {'tpot p90 ms':>11}"
     )
     for r in out["ranked"]:
         count = (
             f"{r['num_prefill']}+{r['num_decode']}" if r["num_decode"] else f"{r['num_prefill']}"
         )
         attain = "-" if r["attainment_at_rate"] is None else f"{r['attainment_at_rate']:.0%}"
-        ttft = "-" if r["ttft_p90_s"] is None else f"{r['ttft_p90_s']:.3f}"
-        tpot = "-" if r["tpot_p90_s"] is None else f"{r['tpot_p90_s']:.4f}"
+        # Milliseconds, the unit of the SLO flags (the JSON keeps seconds, keyed *_s).
+        ttft = "-" if r["ttft_p90_s"] is None else f"{r['ttft_p90_s'] * 1e3:.1f}"
+        tpot = "-" if r["tpot_p90_s"] is None else f"{r['tpot_p90_s'] * 1e3:.2f}"
         print(
             f"{'*' if r['chosen'] else ' '} {r['config']:<30} {count:>7} {r['num_devices']:>7} "
-            f"{r['goodput']:>8.2f} {r['per_device_goodput']:>7.3f} {attain:>6} {ttft:>8} "
-            f"{tpot:>8}"
+            f"{r['goodput']:>8.2f} {r['per_device_goodput']:>7.3f} {attain:>6} {ttft:>11} "
+            f"{tpot:>11}"
         )
     best = result.best
     print(

@@ -6,6 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
+from distserve_rt.entrypoints.engine_args import positive_float
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.presets import get_preset
@@ -50,13 +51,7 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default=1.0,
         help="arrival burstiness: 1 = Poisson, else gamma with this CV (default: 1)",
     )
-    p.add_argument(
-        "--slo-preset",
-        choices=sorted(SLO_PRESETS),
-        help="the paper's Table 1 SLOs (overrides --ttft/--tpot)",
-    )
-    p.add_argument("--ttft", type=float, default=0.25, help="TTFT SLO, s (default: %(default)s)")
-    p.add_argument("--tpot", type=float, default=0.1, help="TPOT SLO, s (default: %(default)s)")
+    add_slo_args(p)
     p.add_argument(
         "--target",
         type=float,
@@ -83,6 +78,49 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
 
 
+DEFAULT_SLO = SLO(0.25, 0.1)
+"""TTFT 250 ms, TPOT 100 ms: DistServe's chatbot OPT-13B SLOs, also `drt-run bench`'s."""
+
+
+def add_slo_args(p: argparse.ArgumentParser) -> None:
+    """The SLO flags, spelled and scaled as `drt-run bench` spells them (milliseconds, like
+    `vllm bench serve --goodput ttft:MS`), so one number means one thing in every command."""
+    p.add_argument(
+        "--slo-preset",
+        choices=sorted(SLO_PRESETS),
+        help="the paper's Table 1 SLOs; --slo-ttft-ms/--slo-tpot-ms override either one",
+    )
+    p.add_argument(
+        "--slo-ttft-ms",
+        type=positive_float,
+        help=f"TTFT SLO, ms (default: the preset's, else {DEFAULT_SLO.ttft_s * 1e3:g})",
+    )
+    p.add_argument(
+        "--slo-tpot-ms",
+        type=positive_float,
+        help=f"TPOT SLO, ms (default: the preset's, else {DEFAULT_SLO.tpot_s * 1e3:g})",
+    )
+    # The old flags took seconds: refused, not dropped, so `--ttft 400` (which used to mean
+    # 400 s) fails naming its replacement instead of argparse's bare "unrecognized".
+    for old, new in (("--ttft", "--slo-ttft-ms"), ("--tpot", "--slo-tpot-ms")):
+        p.add_argument(old, action=_Renamed, new=new, help=argparse.SUPPRESS)
+
+
+class _Renamed(argparse.Action):
+    """A removed seconds flag: the parser error names its milliseconds replacement."""
+
+    def __init__(self, option_strings, dest, new: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        try:
+            example = f"; {option_string} {values} would be {self.new} {float(values) * 1e3:g}"
+        except ValueError:
+            example = ""
+        parser.error(f"{option_string} is now {self.new} (milliseconds){example}")
+
+
 def load_model(spec: str) -> ModelConfig:
     path = Path(spec)
     if path.is_dir():
@@ -107,9 +145,11 @@ def build_workload(args) -> Workload:
 
 
 def build_slo(args) -> SLO:
-    if args.slo_preset:
-        return get_slo_preset(args.slo_preset).slo
-    return SLO(args.ttft, args.tpot)
+    """The SLOs in seconds (the simulator's unit) from the millisecond flags."""
+    base = get_slo_preset(args.slo_preset).slo if args.slo_preset else DEFAULT_SLO
+    ttft = base.ttft_s if args.slo_ttft_ms is None else args.slo_ttft_ms / 1e3
+    tpot = base.tpot_s if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3
+    return SLO(ttft, tpot)
 
 
 def build_cluster(args) -> ClusterSpec:

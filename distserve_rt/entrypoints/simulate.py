@@ -7,7 +7,7 @@ import json
 from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.engine_args import positive_float, positive_int
-from distserve_rt.planner.cluster import build_instance
+from distserve_rt.planner.cluster import DoesNotFitError, build_instance
 from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import kv_transfer_s
 from distserve_rt.planner.profiles import load_profile
@@ -59,16 +59,38 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
-def _spec(args, model, profile, cluster):
-    kw = dict(cluster=cluster, profile=profile, max_batch_tokens=args.max_batch_tokens)
+def _instance(model, parallelism, flags: str, max_seq_len: int, **kw):
+    """build_instance, refusing (with the flags that would help) an instance that cannot hold
+    the longest request: simulated, it would only report 0% attainment and NaN latencies."""
+    hint = f"try a larger {flags} or --device-memory-gib"
+    try:
+        spec = build_instance(model, parallelism, **kw)
+    except DoesNotFitError as exc:
+        raise DoesNotFitError(f"{exc}; {hint}") from None
+    if spec.kv_capacity_tokens < max_seq_len:
+        raise DoesNotFitError(
+            f"{model.name} tp={parallelism.tp_size}, pp={parallelism.pp_size} holds "
+            f"{spec.kv_capacity_tokens} KV tokens, the longest request needs {max_seq_len}; "
+            f"{hint}"
+        )
+    return spec
+
+
+def _spec(args, model, profile, cluster, max_seq_len: int):
+    kw = dict(
+        cluster=cluster,
+        profile=profile,
+        max_batch_tokens=args.max_batch_tokens,
+        max_seq_len=max_seq_len,
+    )
     if args.placement == "colocated":
         colocated = Parallelism(args.prefill_tp, 1)
-        return build_instance(model, colocated, stage_link=cluster.intra_link, **kw)
+        return _instance(model, colocated, "--prefill-tp", stage_link=cluster.intra_link, **kw)
     link = cluster.intra_link if args.kv_link == "intra" else cluster.inter_link
     pre_par = Parallelism(args.prefill_tp, args.prefill_pp)
     dec_par = Parallelism(args.decode_tp, args.decode_pp)
-    pre = build_instance(model, pre_par, stage_link=link, **kw)
-    dec = build_instance(model, dec_par, stage_link=link, **kw)
+    pre = _instance(model, pre_par, "--prefill-tp/--prefill-pp", stage_link=link, **kw)
+    dec = _instance(model, dec_par, "--decode-tp/--decode-pp", stage_link=link, **kw)
     streams = min(pre.num_devices, dec.num_devices)
     kv = KVTransferSpec(kv_transfer_s(model, 1, link, streams) - link.latency_s, link.latency_s)
     return DisaggSpec(pre, dec, args.num_prefill, args.num_decode, kv)
@@ -84,9 +106,10 @@ def run(args) -> int:
 def _run(args) -> int:
     model = planner_args.load_model(args.model)
     cluster = planner_args.build_cluster(args)
-    spec = _spec(args, model, load_profile(args.profile), cluster)
+    workload = planner_args.build_workload(args)
+    spec = _spec(args, model, load_profile(args.profile), cluster, workload.max_seq_len())
     evaluator = GoodputEvaluator(
-        planner_args.build_workload(args),
+        workload,
         planner_args.build_slo(args),
         args.target,
         cv=args.cv,
@@ -113,11 +136,14 @@ def _run(args) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
+    slo = evaluator.slo
     print(f"{model.name} {args.placement} on {spec.num_devices} devices")
-    print(f"{'rate':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")
+    # Milliseconds, like the SLO flags and `drt-run bench`'s tables.
+    print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
+    print(f"{'req/s':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")
     for r in rows:
         print(
-            f"{r['rate']:8.3f} {r['attainment']['joint']:7.1%} {r['ttft_s']['p90']:9.3f} "
-            f"{r['tpot_s']['p90']:9.4f}"
+            f"{r['rate']:8.3f} {r['attainment']['joint']:7.1%} "
+            f"{r['ttft_s']['p90'] * 1e3:9.1f} {r['tpot_s']['p90'] * 1e3:9.2f}"
         )
     return 0

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.instance_timing import (
+    ACTIVATION_RESERVE_BYTES,
     Link,
     PipelineTiming,
     distserve_kv_capacity,
@@ -61,6 +63,26 @@ class ClusterSpec:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
+class DoesNotFitError(ValueError):
+    """A model's weights leave no memory for KV cache on the devices of an instance."""
+
+
+def weights_do_not_fit(model: ModelConfig, parallelism: Parallelism, cluster: ClusterSpec) -> str:
+    """Why ``model`` leaves no KV room on a ``parallelism`` instance, in the user's terms:
+    weights per device against the memory they may use, and how many devices would hold them.
+    """
+    weights = model.weight_bytes() / GIB
+    per_device = weights / parallelism.world_size
+    usable = cluster.memory_utilization * cluster.device_memory_gib
+    free = usable - ACTIVATION_RESERVE_BYTES / GIB
+    least = f"; they need {math.ceil(weights / free)} devices at least" if free > 0 else ""
+    return (
+        f"{per_device:.0f} GiB of weights per device, {cluster.device_memory_gib:g} GiB of "
+        f"memory ({free:.0f} GiB for weights and KV: {cluster.memory_utilization:.0%} of it "
+        f"less {ACTIVATION_RESERVE_BYTES / GIB:g} GiB for activations){least}"
+    )
+
+
 def kv_capacity(
     model: ModelConfig, parallelism: Parallelism, cluster: ClusterSpec, hardware: str
 ) -> int:
@@ -102,7 +124,9 @@ def infeasibility(
         )
     if not reasons:
         cap = kv_capacity(model, parallelism, cluster, hardware)
-        if cap < max_seq_len:
+        if cap <= 0:
+            reasons.append(f"weights do not fit: {weights_do_not_fit(model, parallelism, cluster)}")
+        elif cap < max_seq_len:
             reasons.append(
                 f"weights + KV do not fit: {cap} KV tokens free, the longest request needs "
                 f"{max_seq_len}"
@@ -121,12 +145,20 @@ def build_instance(
     max_num_seqs: int = 256,
 ) -> SimInstanceSpec:
     """A SimInstanceSpec of ``model`` on ``parallelism.world_size`` devices of ``cluster``;
-    ``stage_link`` joins its pipeline stages (unused when ``pp_size == 1``)."""
+    ``stage_link`` joins its pipeline stages (unused when ``pp_size == 1``).
+
+    Raises DoesNotFitError (a ValueError) when the weights leave no room for KV cache."""
+    capacity = kv_capacity(model, parallelism, cluster, profile.hardware)
+    if capacity <= 0:
+        raise DoesNotFitError(
+            f"{model.name} does not fit tp={parallelism.tp_size}, pp={parallelism.pp_size}: "
+            f"{weights_do_not_fit(model, parallelism, cluster)}"
+        )
     pp = parallelism.pp_size
     pipeline = PipelineTiming(pp, model.hidden_size, stage_link if pp > 1 else None)
     return SimInstanceSpec(
         latency=profile.latency_model(model, parallelism.tp_size),
-        kv_capacity_tokens=kv_capacity(model, parallelism, cluster, profile.hardware),
+        kv_capacity_tokens=capacity,
         parallelism=parallelism,
         pipeline=pipeline,
         max_batch_tokens=max_batch_tokens,

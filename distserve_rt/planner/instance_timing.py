@@ -97,13 +97,17 @@ def distserve_kv_capacity(model_name: str, parallelism: Parallelism) -> int | No
     return _distserve_capacity_table().get((model_name, parallelism))
 
 
+ACTIVATION_RESERVE_BYTES = 2 * 1024**3
+"""Memory per device kept for activations and workspace, not weights or KV."""
+
+
 def kv_capacity_tokens(
     model: ModelConfig,
     parallelism: Parallelism,
     device_memory_bytes: float,
     *,
     memory_utilization: float = 0.9,
-    activation_reserve_bytes: float = 2 * 1024**3,
+    activation_reserve_bytes: float = ACTIVATION_RESERVE_BYTES,
     dtype_bytes: int = 2,
 ) -> int:
     """KV tokens an instance of ``parallelism.world_size`` devices holds: what the weights

@@ -124,6 +124,10 @@ class Planner:
             inputs.workload, inputs.slo, inputs.target, inputs.rel_tol, inputs.cv, inputs.seed
         )
         self.rejected: list[tuple[str, list[str]]] = []
+        self.num_feasible = 0
+        """Instances that passed `infeasibility`: 0 means the model fits nowhere."""
+        self._largest_rejected: tuple[int, str] = (0, "")
+        """(tp x pp, "config: reasons") of the largest instance rejected."""
         self._phase_cache: dict[tuple, GoodputResult] = {}
 
     # ---- building blocks ---------------------------------------------------------------
@@ -147,7 +151,12 @@ class Planner:
             i.model, parallelism, i.cluster, i.profile.hardware, i.workload.max_seq_len(), max_tp
         )
         if reasons:
-            self.rejected.append((f"{label} {parallelism_label(parallelism)}", reasons))
+            config = f"{label} {parallelism_label(parallelism)}"
+            self.rejected.append((config, reasons))
+            if parallelism.world_size > self._largest_rejected[0]:
+                self._largest_rejected = (parallelism.world_size, f"{config}: {', '.join(reasons)}")
+        else:
+            self.num_feasible += 1
         return not reasons
 
     def _kv_transfer(self, link, num_streams: int) -> KVTransferSpec:
@@ -193,6 +202,8 @@ class Planner:
     def run(self) -> PlanResult:
         high = self.inputs.affinity is Affinity.HIGH
         disagg = self._algorithm1() if high else self._algorithm2()
+        if not disagg and not self.num_feasible:
+            raise ValueError(self._fits_nowhere())
         if not disagg:
             raise ValueError(
                 "no disaggregated configuration meets the SLOs at any rate: "
@@ -202,6 +213,16 @@ class Planner:
         for cand in ranked[: self.inputs.num_predicted]:
             self._predict(cand)
         return PlanResult(self.inputs, self._choose(ranked), ranked, self.rejected)
+
+    def _fits_nowhere(self) -> str:
+        """Why no instance fits, told by the largest one tried: the smaller ones fail the
+        same way, only worse."""
+        c = self.inputs.cluster
+        return (
+            f"{self.inputs.model.name} fits no instance on this cluster ({c.num_nodes} node(s) "
+            f"x {c.devices_per_node} devices of {c.device_memory_gib:g} GiB); the largest "
+            f"tried, {self._largest_rejected[1]}"
+        )
 
     def _choose(self, ranked: list[Candidate]) -> Candidate:
         """The best-ranked disaggregated deployment that fits and meets the target when

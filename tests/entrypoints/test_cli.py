@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.cli import COMMANDS, build_parser, main
+from distserve_rt.metrics.slo import SLO
 
 
 def test_console_script_installed():
@@ -83,3 +85,41 @@ def test_lazy_listing_matches_the_commands_parsers():
 def test_a_command_parses_after_its_parser_is_built_lazily():
     args = build_parser().parse_args(["simulate", "--prefill-tp", "2"])
     assert args.command == "simulate" and args.prefill_tp == 2 and callable(args.handler)
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["plan", "--rate", "1"]])
+def test_planner_slos_are_milliseconds_like_bench(command):
+    """`--slo-ttft-ms 400` is 0.4 s inside (not 400 s); each flag overrides one preset SLO."""
+    args = build_parser().parse_args([*command, "--slo-ttft-ms", "400", "--slo-tpot-ms", "50"])
+    assert planner_args.build_slo(args) == SLO(0.4, 0.05)
+    args = build_parser().parse_args([*command, "--slo-preset", "chatbot-opt-66b"])
+    assert planner_args.build_slo(args) == SLO(2.5, 0.15)
+    args.slo_tpot_ms = 200.0
+    assert planner_args.build_slo(args) == SLO(2.5, 0.2)
+    assert planner_args.build_slo(build_parser().parse_args(command)) == SLO(0.25, 0.1)
+
+
+@pytest.mark.parametrize("command", [["simulate"], ["plan", "--rate", "1"]])
+@pytest.mark.parametrize(
+    ("old", "message"),
+    [
+        (
+            "--ttft",
+            "--ttft is now --slo-ttft-ms (milliseconds); --ttft 0.4 would be --slo-ttft-ms 400",
+        ),
+        (
+            "--tpot",
+            "--tpot is now --slo-tpot-ms (milliseconds); --tpot 0.4 would be --slo-tpot-ms 400",
+        ),
+    ],
+)
+def test_planner_refuses_the_old_seconds_flags(capsys, command, old, message):
+    with pytest.raises(SystemExit):
+        main([*command, old, "0.4"])
+    assert message in capsys.readouterr().err
+
+
+def test_planner_slo_flags_name_a_bad_value(capsys):
+    with pytest.raises(SystemExit):
+        main(["simulate", "--slo-ttft-ms", "-5"])
+    assert "argument --slo-ttft-ms: must be a finite number > 0, got -5" in capsys.readouterr().err

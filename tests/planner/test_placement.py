@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 
@@ -11,7 +12,13 @@ from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints.cli import main
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.presets import get_preset
-from distserve_rt.planner.cluster import ClusterSpec, build_instance, infeasibility, kv_capacity
+from distserve_rt.planner.cluster import (
+    ClusterSpec,
+    DoesNotFitError,
+    build_instance,
+    infeasibility,
+    kv_capacity,
+)
 from distserve_rt.planner.goodput import GoodputEvaluator, search_rate
 from distserve_rt.planner.instance_timing import kv_capacity_tokens
 from distserve_rt.planner.placement_file import load_placement, placement_from_dict
@@ -33,7 +40,8 @@ def test_infeasible_configs_are_rejected_with_reasons():
     def why(model, tp, pp, hardware="a100-80g"):
         return infeasibility(model, Parallelism(tp, pp), cluster, hardware, 2048)
 
-    assert any("do not fit" in r for r in why(m, 1, 1))
+    # Weights that leave no KV room say so in GiB, not as a negative token count.
+    assert any(r.startswith("weights do not fit: 325 GiB of weights per") for r in why(m, 1, 1))
     assert any("num_heads" in r for r in why(m, 5, 1))
     assert any("num_layers" in r for r in why(m, 8, 5))
     assert any("devices per node" in r for r in why(m, 16, 1, "x"))
@@ -199,6 +207,73 @@ def test_simulate_cli_json(capsys):
     assert [r["rate"] for r in out["runs"]] == [1.0, 2.0]
     assert set(out["runs"][0]["mean_breakdown_s"]) >= {"prefill_queue", "transfer", "decode"}
     assert main([*args, "--placement", "colocated", "--policy", "chunked_prefill"]) == 0
+
+
+def test_simulate_table_prints_milliseconds_like_its_flags(capsys):
+    args = ["simulate", "--rates", "2", "--num-requests", "40", "--slo-ttft-ms", "400"]
+    assert main([*args, "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["slo"] == {"ttft_s": 0.4, "tpot_s": 0.1}
+    p90 = out["runs"][0]["ttft_s"]["p90"]
+    assert main(args) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "SLOs: TTFT 400 ms, TPOT 100 ms; latencies in ms"
+    assert float(lines[3].split()[2]) == pytest.approx(p90 * 1e3, abs=0.05)
+
+
+def test_build_instance_refuses_weights_that_leave_no_kv_room():
+    """Issue 15: a 70B model on one 80 GiB device used to fail deep in the simulator with
+    `kv_capacity_tokens must be a positive int, got -201250`."""
+    kw = dict(
+        cluster=ClusterSpec(), profile=load_profile("a100-80g-distserve"), max_batch_tokens=512
+    )
+    with pytest.raises(DoesNotFitError, match="llama-3-70b does not fit tp=1, pp=1: 131 GiB "):
+        build_instance(get_preset("llama-3-70b"), Parallelism(1, 1), stage_link=None, **kw)
+    # The needed device count it names does fit.
+    link = ClusterSpec().intra_link
+    spec = build_instance(get_preset("llama-3-70b"), Parallelism(2, 1), stage_link=link, **kw)
+    assert spec.kv_capacity_tokens > 0
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            [],
+            re.escape(
+                "drt-run simulate: llama-3-70b does not fit tp=1, pp=1: 131 GiB of weights per "
+                "device, 80 GiB of memory (70 GiB for weights and KV: 90% of it less 2 GiB for "
+                "activations); they need 2 devices at least; try a larger "
+                "--prefill-tp/--prefill-pp or --device-memory-gib"
+            ),
+        ),
+        (["--prefill-tp", "2"], "does not fit tp=1, pp=1: .* --decode-tp/--decode-pp "),
+        (["--placement", "colocated"], "does not fit tp=1, pp=1: .* larger --prefill-tp or "),
+        (
+            # Weights fit, but leave too little KV cache for the longest request.
+            ["--prefill-tp", "2", "--decode-tp", "2", "--device-memory-gib", "75.25"],
+            "llama-3-70b tp=2, pp=1 holds 109 KV tokens, the longest request needs 2021; ",
+        ),
+    ],
+)
+def test_simulate_says_a_model_does_not_fit_in_one_line(extra, message):
+    args = ["simulate", "--model", "llama-3-70b", "--num-requests", "20", *extra]
+    with pytest.raises(SystemExit, match=message):
+        main(args)
+
+
+@pytest.mark.parametrize("affinity", ["high", "low"])
+def test_plan_says_why_nothing_fits_the_cluster(tmp_path, affinity):
+    """opt-175b on 2 devices: every instance is rejected, and the error says so (not that
+    nothing "meets the SLOs"), with the weights of the largest instance tried."""
+    args = _plan_args(tmp_path, "--model", "opt-175b", "--devices-per-node", "2")
+    with pytest.raises(
+        SystemExit,
+        match=r"drt-run plan: opt-175b fits no instance on this cluster \(1 node\(s\) x 2 "
+        r"devices of 80 GiB\); the largest tried, .* tp1pp2: weights do not fit: 163 GiB of "
+        r"weights per device, .* they need 5 devices at least",
+    ):
+        main([*args, "--affinity", affinity])
 
 
 def test_placement_file_validation_errors():
