@@ -46,12 +46,16 @@ def test_plan_opt175b_4x8_low_affinity(benchmark):
             "seconds": {"min": stats.min, "median": stats.median, "max": stats.max},
             "target_seconds": 5.0,
             "chosen": {
+                "placement": best.placement.value,
                 "prefill": {
                     "tp": best.prefill.tp_size,
                     "pp": best.prefill.pp_size,
                     "n": result.num_prefill,
                 },
-                "decode": {
+                # None when the chosen deployment is colocated (it ranks with the rest).
+                "decode": None
+                if best.decode is None
+                else {
                     "tp": best.decode.tp_size,
                     "pp": best.decode.pp_size,
                     "n": result.num_decode,

@@ -1,5 +1,9 @@
 """`drt-run plan`: search placements (DistServe Algorithm 1 or 2) for a model, cluster,
-workload, SLOs and traffic rate; print a ranked table, write a placement file."""
+workload, SLOs and traffic rate; print a ranked table, write a placement file.
+
+When no placement that fits the cluster meets the target at the rate, the file written is
+the best the cluster can run, marked "best effort" with the rate it sustains, and the
+text says what would meet the target."""
 
 from __future__ import annotations
 
@@ -11,9 +15,9 @@ import numpy as np
 from distserve_rt.config import PlacementKind
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.engine_args import positive_float
-from distserve_rt.planner.candidates import Candidate, parallelism_label
+from distserve_rt.planner.candidates import Candidate, num_nodes_needed, parallelism_label
 from distserve_rt.planner.cluster import build_instance
-from distserve_rt.planner.placement import Affinity, PlanInputs, Planner
+from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanResult
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
 
@@ -76,7 +80,7 @@ def _row(c: Candidate, chosen: Candidate) -> dict:
 
 def _shown(ranked: list[Candidate], best: Candidate, top: int) -> list[Candidate]:
     """The first ``top`` rows, and the chosen one wherever it ranks (rows above it that
-    are disaggregated missed the target at the rate)."""
+    fit the cluster missed the target at the rate; a best-effort one is not among them)."""
     rows = ranked[:top]
     return rows if any(c is best for c in rows) else [*rows, best]
 
@@ -110,18 +114,49 @@ def _inputs(args) -> PlanInputs:
     )
 
 
-def _placement(args, inputs: PlanInputs, best: Candidate) -> PlacementFile:
+def best_effort_note(result: PlanResult) -> str:
+    """``best effort: sustains X req/s of the Y asked (how X was computed)``."""
+    best = result.best
+    if best.decode is None or best.num_decode == best.num_prefill:  # replicated whole
+        how = f"{best.num_prefill} replica(s) x {best.prefill_goodput:.3g} req/s each"
+    else:
+        how = (
+            f"the weaker of {best.num_prefill} prefill x {best.prefill_goodput:.3g} and "
+            f"{best.num_decode} decode x {best.decode_goodput:.3g} req/s"
+        )
+    return (
+        f"best effort: sustains {best.goodput:.3g} req/s of the {result.inputs.rate:g} asked "
+        f"({how}, at {result.inputs.target:.0%} SLO attainment)"
+    )
+
+
+def _phase(parallelism, num_instances: int) -> PhasePlacement | None:
+    if parallelism is None:
+        return None
+    return PhasePlacement(parallelism.tp_size, parallelism.pp_size, num_instances)
+
+
+def _placement(args, result: PlanResult) -> PlacementFile:
+    inputs, best = result.inputs, result.best
     fits = best.num_devices <= inputs.cluster.num_devices
+    answer = {}
+    if result.best_effort:
+        answer = {
+            "best_effort": best_effort_note(result),
+            "asked_rate": inputs.rate,
+            "sustained_rate": best.goodput,
+        }
     return PlacementFile(
         model=args.model,
         placement=best.placement.value,
-        prefill=PhasePlacement(best.prefill.tp_size, best.prefill.pp_size, best.num_prefill),
-        decode=PhasePlacement(best.decode.tp_size, best.decode.pp_size, best.num_decode),
+        prefill=_phase(best.prefill, best.num_prefill),
+        decode=_phase(best.decode, best.num_decode),
         # Only a placement that fits is validated against (and written with) the cluster.
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
         engine=_engine_settings(inputs, best),
         predicted={
+            **answer,
             "algorithm": best.algorithm.value,
             "num_devices": best.num_devices,
             "goodput": best.goodput,
@@ -161,18 +196,27 @@ def _run(args) -> int:
     planner = Planner(inputs)
     result = planner.run()
     seconds = time.perf_counter() - start
-    placement = _placement(args, inputs, result.best)
+    placement = _placement(args, result)
     fits = placement.num_devices <= inputs.cluster.num_devices
     out = {
         "search_seconds": seconds,
         "rate": inputs.rate,
         "placement": placement.to_dict(),
         "fits_cluster": fits,
+        "best_effort": result.best_effort,
         "ranked": [_row(c, result.best) for c in _shown(result.ranked, result.best, args.top)],
         "rejected": [{"config": c, "reasons": r} for c, r in result.rejected],
     }
+    if result.needed is not None:
+        out["needed"] = {
+            **_row(result.needed, result.best),
+            "num_nodes": num_nodes_needed(result.needed, inputs.cluster.devices_per_node),
+        }
     if args.output and fits:
-        out["placement_file"] = str(placement.save(args.output))
+        path = placement.save(args.output)
+        if result.best_effort:  # marked in the file too, for whoever serves it later
+            path.write_text(f"# {best_effort_note(result)}\n" + path.read_text())
+        out["placement_file"] = str(path)
     if args.plot:
         from distserve_rt.planner.plot import plot_attainment
 
@@ -184,9 +228,10 @@ def _run(args) -> int:
     return 0
 
 
-def _print_table(out: dict, result, inputs: PlanInputs) -> None:
+def _print_table(out: dict, result: PlanResult, inputs: PlanInputs) -> None:
     print(
-        f"deployments for {inputs.rate:g} req/s, fewest devices first "
+        f"deployments for {inputs.rate:g} req/s, most goodput per device first, those that "
+        f"fit the cluster's {inputs.cluster.num_devices} devices before the rest "
         f"(goodput: req/s meeting the SLOs at {inputs.target:.0%}; * = chosen)"
     )
     slo = inputs.slo
@@ -210,27 +255,46 @@ def _print_table(out: dict, result, inputs: PlanInputs) -> None:
         )
     best = result.best
     print(
-        f"chosen: {best.num_prefill} x prefill {parallelism_label(best.prefill)} + "
-        f"{best.num_decode} x decode {parallelism_label(best.decode)} "
-        f"({best.num_devices} devices, {best.goodput:.2f} req/s, "
+        f"chosen: {_describe(best)} ({best.num_devices} devices, {best.goodput:.2f} req/s, "
         f"{best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
     )
-    if not best.predicted["meets_target"]:
+    if result.best_effort:
+        _print_best_effort(out, result, inputs)
+    elif not best.predicted["meets_target"]:
         print(
             f"warning: simulated whole at {inputs.rate:g} req/s it meets the SLOs for "
             f"{best.predicted['scored_attainment']:.0%} of requests, below the target "
-            f"{inputs.target:.0%}; no better-ranked disaggregated deployment met it"
+            f"{inputs.target:.0%}"
         )
-    colocated = [c for c in result.ranked if c.placement is PlacementKind.COLOCATED]
-    if colocated and colocated[0].num_devices < best.num_devices:
-        print(
-            f"note: {colocated[0].label()} needs {colocated[0].num_devices} device(s) at this "
-            f"rate, fewer than the chosen disaggregated placement"
-        )
-    if not out["fits_cluster"]:
-        print(
-            f"warning: needs {best.num_devices} devices, the cluster has "
-            f"{inputs.cluster.num_devices}; no placement file written"
-        )
-    elif "placement_file" in out:
+    if "placement_file" in out:
         print(f"placement file: {out['placement_file']}")
+
+
+def _describe(c: Candidate) -> str:
+    if c.decode is None:
+        return f"{c.num_prefill} x colocated {parallelism_label(c.prefill)}"
+    return (
+        f"{c.num_prefill} x prefill {parallelism_label(c.prefill)} + "
+        f"{c.num_decode} x decode {parallelism_label(c.decode)}"
+    )
+
+
+def _print_best_effort(out: dict, result: PlanResult, inputs: PlanInputs) -> None:
+    """What the cluster can do, and what would meet the target."""
+    best, needed = result.best, out["needed"]
+    print(
+        f"no placement on the cluster's {inputs.cluster.num_devices} devices meets the "
+        f"target at {inputs.rate:g} req/s; {best_effort_note(result)}"
+    )
+    if not best.predicted["meets_target"]:
+        print(
+            f"warning: simulated whole at {best.goodput:.3g} req/s it meets the SLOs for "
+            f"{best.predicted['scored_attainment']:.0%} of requests, below the target"
+        )
+    verdict = "meets" if result.needed.predicted["meets_target"] else "still misses"
+    print(
+        f"to meet {inputs.rate:g} req/s: {_describe(result.needed)}, "
+        f"{needed['num_devices']} devices ({needed['num_nodes']} node(s) of "
+        f"{inputs.cluster.devices_per_node}); simulated whole it {verdict} the target "
+        f"({needed['attainment_at_rate']:.0%})"
+    )

@@ -1,24 +1,25 @@
 """Deployments the placement search compares, each sized for the requested traffic rate.
 
 The paper scores a configuration by its per-device goodput (goodput of one instance / its
-devices) and then replicates it ``ceil(rate / goodput)`` times. At a rate far above one
-instance's goodput the rounding does not matter and that score picks the fewest devices;
-at a rate near or below it, it does not: OPT-13B at 3 req/s on 4 × 8 A100s, the best
-per-device prefill instance was tp2pp10 (10 req/s per device, 204 req/s each, 20 devices),
-so the search deployed 20 prefill devices for 3 req/s while one tp1 device serves 4.4.
+devices) and then replicates it ``ceil(rate / goodput)`` times. Scored per instance, that
+ignores the rounding: OPT-13B at 3 req/s on 4 × 8 A100s, the best per-device prefill
+instance was tp2pp10 (10 req/s per device, 204 req/s each, 20 devices), so the search
+deployed 20 prefill devices for 3 req/s while one tp1 device serves 4.4.
 
-So every configuration here is a *deployment at the rate*: its replica counts, its devices
-(``num_devices``) and its goodput (the rate its replicas carry together), and the search
-ranks by fewest devices first, then by highest per-device goodput of the deployment
-(headroom), then by fewest pipeline stages. When the rate is large, this is the paper's
-criterion; when it is small, it is what an operator would pick. The table, the chosen
-placement and the placement file all use this one order.
+So every configuration here is a *deployment*: its replica counts, its devices
+(``num_devices``) and its goodput (the rate its replicas carry together; disaggregated
+phases replicated apart carry what the weaker phase's replicas carry), and deployments are
+ranked by that goodput per device, replicas included, colocated and disaggregated alike,
+then by fewest devices, then by fewest pipeline stages. A 20-device prefill tier behind a
+1-device decode carries what the decode carries, so its per-device goodput is low and the
+rounding above cannot win. The table, the chosen placement and the placement file all use
+this one order (`Planner` puts the deployments that fit the cluster first).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 
 from distserve_rt.config.parallelism import Parallelism
@@ -125,11 +126,11 @@ class Candidate:
         devices = self.devices_per_prefill + self.devices_per_decode
         return self.prefill_goodput / devices
 
-    def rank_key(self) -> tuple[int, float, int]:
-        """Fewest devices at the rate first, then the most goodput per device, then the
-        fewest pipeline stages (at equal cost, fewer hops: lower latency, simpler)."""
+    def rank_key(self) -> tuple[float, int, int]:
+        """The most goodput per device first (replicas included), then the fewest devices,
+        then the fewest pipeline stages (at equal cost, fewer hops: lower latency, simpler)."""
         num_stages = self.prefill.pp_size + (0 if self.decode is None else self.decode.pp_size)
-        return self.num_devices, -self.per_device, num_stages
+        return -self.per_device, self.num_devices, num_stages
 
     def label(self) -> str:
         if self.decode is None:
@@ -150,3 +151,41 @@ def num_replicas(rate: float, goodput: float) -> int:
         raise ValueError(f"goodput must be > 0 req/s, got {goodput!r}")
     # A hair of tolerance: 3.0 / 1.5 computed as 2.0000000001 must not round up to 3.
     return max(1, math.ceil(rate / goodput - 1e-9))
+
+
+def fit_to_cluster(cand: Candidate, num_devices: int) -> Candidate | None:
+    """``cand``'s configuration with as many replicas as ``num_devices`` devices hold and
+    carry the most goodput (the rate the cluster sustains with it), or None if not even
+    one replica of each instance fits. Phases replicated apart: the (prefill, decode)
+    counts whose weaker phase carries the most, each count then cut to what that needs."""
+    if cand.algorithm is not Algorithm.PHASES_APART:
+        devices = cand.devices_per_prefill + cand.devices_per_decode
+        n = num_devices // devices
+        if n < 1:
+            return None
+        unit = cand.unit if cand.decode is None else replace(cand.unit, num_prefill=n, num_decode=n)
+        return replace(
+            cand, num_prefill=n, num_decode=0 if cand.decode is None else n, unit=unit, predicted={}
+        )
+    d_p, d_d = cand.devices_per_prefill, cand.devices_per_decode
+    best = 0.0
+    for n_p in range(1, (num_devices - d_d) // d_p + 1):
+        n_d = (num_devices - n_p * d_p) // d_d
+        best = max(best, min(n_p * cand.prefill_goodput, n_d * cand.decode_goodput))
+    if best <= 0:
+        return None
+    n_p = num_replicas(best, cand.prefill_goodput)
+    n_d = num_replicas(best, cand.decode_goodput)
+    unit = replace(cand.unit, num_prefill=n_p, num_decode=n_d)
+    return replace(cand, num_prefill=n_p, num_decode=n_d, unit=unit, predicted={})
+
+
+def num_nodes_needed(cand: Candidate, devices_per_node: int) -> int:
+    """Nodes of ``devices_per_node`` devices that ``cand`` needs: pairs in nodes take
+    ``num_nodes_spanned`` nodes per group of pairs, colocated instances pack whole into
+    nodes; phases replicated apart are counted by devices (instances may span nodes)."""
+    if cand.algorithm is Algorithm.PHASES_APART:
+        return math.ceil(cand.num_devices / devices_per_node)
+    per_node = (cand.devices_per_prefill + cand.devices_per_decode) / cand.num_nodes_spanned
+    per_group = max(1, int(devices_per_node // per_node))
+    return cand.num_nodes_spanned * math.ceil(cand.num_prefill / per_group)

@@ -13,11 +13,13 @@ replicated: ``n = ceil(rate / pair goodput)``; pairs whose phase-alone goodputs 
 bound them below the best deployment found are skipped (a pair cannot serve more than
 either of its instances alone).
 
-Deployments, colocated ones (vLLM-style continuous batching, TP only) among them for
-reference, are ranked by the devices they need at the rate, then by their per-device
-goodput (`candidates` says why not by the paper's per-device goodput alone). The chosen
-placement is the best-ranked disaggregated one that fits the cluster and meets the target
-when simulated whole at the rate.
+Deployments, disaggregated and colocated (vLLM-style continuous batching, TP only) alike,
+are ranked by their goodput per device at the rate, replicas included (`candidates` says
+why replicas count), those that fit the cluster first. The chosen placement is the
+best-ranked one that fits the cluster and meets the target when simulated whole at the
+rate. When none does, the answer is the best the cluster can run: each configuration
+with as many replicas as the cluster holds, ranked the same way, and the rate it
+sustains; beside it, the deployment that would meet the target (and its devices).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.candidates import (
     Algorithm,
     Candidate,
+    fit_to_cluster,
     num_replicas,
     parallelism_label,
 )
@@ -92,12 +95,19 @@ class PlanInputs:
 class PlanResult:
     inputs: PlanInputs
     best: Candidate
-    """The chosen deployment: the best-ranked disaggregated one that fits the cluster and,
-    simulated whole at the rate, meets the target (see ``best.predicted``)."""
+    """The chosen deployment: the best-ranked one that fits the cluster and, simulated
+    whole at the rate, meets the target; if none does, the best the cluster can run
+    (``best_effort``; ``best.goodput`` is the rate it sustains, see ``best.predicted``)."""
     ranked: list[Candidate]
-    """Disaggregated and colocated deployments at the rate, in `Candidate.rank_key` order."""
+    """Disaggregated and colocated deployments at the rate: those that fit the cluster
+    first, each part in `Candidate.rank_key` order."""
     rejected: list[tuple[str, list[str]]]
     """(config, reasons) of configurations that cannot run."""
+    best_effort: bool = False
+    """True when no deployment that fits the cluster meets the target at the rate."""
+    needed: Candidate | None = None
+    """Best effort only: the best-ranked deployment that carries the rate whatever the
+    cluster (what would meet the target; its ``predicted`` says whether it does)."""
 
     @property
     def num_prefill(self) -> int:
@@ -184,35 +194,55 @@ class Planner:
             return self.evaluator.simulate(cand.unit, rate / cand.num_prefill, policy=policy)
         return self.evaluator.simulate(cand.unit, rate)
 
-    def _predict(self, cand: Candidate) -> None:
+    def _predict(self, cand: Candidate, rate: float | None = None) -> None:
+        """Simulate ``cand`` whole at ``rate`` (default: the requested rate)."""
         if cand.predicted:
             return
         i = self.inputs
-        result = self.simulate_at(cand, i.rate)
+        rate = i.rate if rate is None else rate
+        result = self.simulate_at(cand, rate)
         scored = self.evaluator.attainment(result)
         cand.predicted = {
-            "rate": i.rate,
+            "rate": rate,
             "scored_attainment": scored,
             "meets_target": scored >= i.target,
             **result.summary(i.slo).to_dict(),
         }
+
+    def _fits(self, cand: Candidate) -> bool:
+        return cand.num_devices <= self.inputs.cluster.num_devices
+
+    def _cluster_key(self, cand: Candidate) -> tuple:
+        """`Candidate.rank_key`, those that fit the cluster first."""
+        return (not self._fits(cand), *cand.rank_key())
 
     # ---- the search -----------------------------------------------------------------------
 
     def run(self) -> PlanResult:
         high = self.inputs.affinity is Affinity.HIGH
         disagg = self._algorithm1() if high else self._algorithm2()
-        if not disagg and not self.num_feasible:
+        found = disagg + self._colocated_baseline()
+        if not found and not self.num_feasible:
             raise ValueError(self._fits_nowhere())
-        if not disagg:
+        if not found:
             raise ValueError(
-                "no disaggregated configuration meets the SLOs at any rate: "
+                "no configuration meets the SLOs at any rate: "
                 + "; ".join(f"{c}: {', '.join(r)}" for c, r in self.rejected[:5])
             )
-        ranked = sorted(disagg + self._colocated_baseline(), key=Candidate.rank_key)
+        ranked = sorted(found, key=self._cluster_key)
         for cand in ranked[: self.inputs.num_predicted]:
             self._predict(cand)
-        return PlanResult(self.inputs, self._choose(ranked), ranked, self.rejected)
+        best = self._first_meeting([c for c in ranked if self._fits(c)])
+        if best is not None:
+            return PlanResult(self.inputs, best, ranked, self.rejected)
+        return PlanResult(
+            self.inputs,
+            self._best_effort(ranked),
+            ranked,
+            self.rejected,
+            best_effort=True,
+            needed=self._needed(ranked),
+        )
 
     def _fits_nowhere(self) -> str:
         """Why no instance fits, told by the largest one tried: the smaller ones fail the
@@ -224,20 +254,42 @@ class Planner:
             f"tried, {self._largest_rejected[1]}"
         )
 
-    def _choose(self, ranked: list[Candidate]) -> Candidate:
-        """The best-ranked disaggregated deployment that fits and meets the target when
-        simulated whole at the rate (phases scored apart can miss it together: KV transfer,
-        a decode queue). If none of the first ``num_predicted`` does, the best-ranked one
-        that fits (or, if none fits, the best-ranked one): its ``predicted`` says it misses."""
-        disagg = [c for c in ranked if c.placement is PlacementKind.DISAGGREGATED]
-        fits = [c for c in disagg if c.num_devices <= self.inputs.cluster.num_devices]
-        for cand in fits[: self.inputs.num_predicted]:
-            self._predict(cand)
+    def _first_meeting(self, ranked: list[Candidate], at_own_rate: bool = False):
+        """The first of the first ``num_predicted`` of ``ranked`` that meets the target
+        simulated whole (phases scored apart can miss it together: KV transfer, a decode
+        queue), at the requested rate or, ``at_own_rate``, at its own goodput; or None."""
+        for cand in ranked[: self.inputs.num_predicted]:
+            self._predict(cand, cand.goodput if at_own_rate else None)
             if cand.predicted["meets_target"]:
                 return cand
-        best = (fits or disagg)[0]
-        self._predict(best)
+        return None
+
+    def _best_effort(self, ranked: list[Candidate]) -> Candidate:
+        """The best the cluster can run: every configuration with as many replicas as the
+        cluster holds, in `Candidate.rank_key` order, the first that meets the target at
+        the rate it sustains (its goodput: replicas x one replica's goodput), else the
+        first (its ``predicted`` says it misses)."""
+        num_devices = self.inputs.cluster.num_devices
+        scaled = [s for s in (fit_to_cluster(c, num_devices) for c in ranked) if s is not None]
+        if not scaled:
+            least = min(ranked, key=lambda c: c.devices_per_prefill + c.devices_per_decode)
+            raise ValueError(
+                f"nothing fits the cluster: the smallest configuration, {least.label()}, "
+                f"needs {least.devices_per_prefill + least.devices_per_decode} devices, "
+                f"the cluster has {num_devices}"
+            )
+        scaled.sort(key=Candidate.rank_key)
+        best = self._first_meeting(scaled, at_own_rate=True) or scaled[0]
+        self._predict(best, best.goodput)
         return best
+
+    def _needed(self, ranked: list[Candidate]) -> Candidate:
+        """What would meet the target: the best-ranked deployment at the rate, whatever
+        its devices, that meets it simulated whole (else the best-ranked one)."""
+        by_rank = sorted(ranked, key=Candidate.rank_key)
+        needed = self._first_meeting(by_rank) or by_rank[0]
+        self._predict(needed)
+        return needed
 
     def _phase_options(self) -> dict[SimMode, list[tuple[SimInstanceSpec, float]]]:
         """Algorithm 1's building blocks: every feasible instance scored alone in each phase."""
@@ -328,14 +380,21 @@ class Planner:
     def _algorithm2(self) -> list[Candidate]:
         """Pairs simulated whole, most promising first, until no bound can beat the best."""
         i, c = self.inputs, self.inputs.cluster
-        bounds = sorted(self._pair_bounds(), key=lambda b: (b[0], -b[1]))
+
+        # A pair's bound key is at most its key (devices at least `least`, goodput per
+        # device at most the bound's), so once a bound key reaches the best's key no
+        # remaining pair can rank above it.
+        def bound_key(b):
+            least, per_device = b[0], b[1]
+            return least > c.num_devices, -per_device, least
+
+        bounds = sorted(self._pair_bounds(), key=bound_key)
         out: list[Candidate] = []
         best: Candidate | None = None
-        for least, per_device, stages, pre, dec, bound in tqdm(
-            bounds, desc="plan (algorithm 2: pairs)", disable=not i.show_progress
-        ):
-            if best is not None and (least, -per_device) >= best.rank_key()[:2]:
-                break  # sorted by these bounds: no remaining pair can rank above the best
+        for b in tqdm(bounds, desc="plan (algorithm 2: pairs)", disable=not i.show_progress):
+            _, _, stages, pre, dec, bound = b
+            if best is not None and bound_key(b) >= self._cluster_key(best)[:3]:
+                break
             kv = self._kv_transfer(c.intra_link, min(pre.num_devices, dec.num_devices))
             g = self.evaluator.goodput(DisaggSpec(pre, dec, kv_transfer=kv), rate_hint=bound * 0.8)
             if g.rate <= 0:
@@ -354,7 +413,7 @@ class Planner:
                 num_nodes_spanned=stages,
             )
             out.append(cand)
-            if best is None or cand.rank_key() < best.rank_key():
+            if best is None or self._cluster_key(cand) < self._cluster_key(best):
                 best = cand
         return out
 

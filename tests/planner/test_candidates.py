@@ -8,6 +8,8 @@ from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.planner.candidates import (
     Algorithm,
     Candidate,
+    fit_to_cluster,
+    num_nodes_needed,
     num_replicas,
     parallelism_label,
 )
@@ -85,3 +87,63 @@ def test_parallelism_label_is_the_tables_spelling():
     assert parallelism_label(Parallelism(2, 3)) == "tp2pp3"
     # Hashable and equal by value: the planner's caches key goodputs on it.
     assert {Parallelism(2, 3): 1}[Parallelism(2, 3)] == 1
+
+
+def test_a_colocated_deployment_with_more_goodput_per_device_on_fewer_devices_ranks_first():
+    # Issue 15: at 5 req/s a 16-device disaggregated plan at 0.578 req/s per device was
+    # chosen over one colocated tp8 instance (8 devices) at 0.815 per device.
+    col = Candidate(Algorithm.COLOCATED, Parallelism(8, 1), None, 1, 0, 6.52, 6.52, _SPEC)
+    disagg = _apart(Parallelism(8, 1), Parallelism(8, 1), 9.25, 10.0, 5.0)
+    assert (col.num_devices, disagg.num_devices) == (8, 16)
+    assert col.per_device == pytest.approx(0.815) and disagg.per_device == pytest.approx(
+        0.578, abs=1e-3
+    )
+    assert sorted([disagg, col], key=Candidate.rank_key) == [col, disagg]
+    # More goodput per device ranks first even on more devices (a disaggregated 4-device
+    # deployment at 0.7 per device over the colocated 8 at 0.815: not fewest devices first).
+    small = _apart(Parallelism(2, 1), Parallelism(2, 1), 2.8, 3.0, 2.0)
+    assert (small.num_devices, small.per_device) == (4, pytest.approx(0.7))
+    assert sorted([small, col], key=Candidate.rank_key) == [col, small]
+    # At equal goodput per device the fewer devices rank first, whatever the placement.
+    twice = Candidate(Algorithm.COLOCATED, Parallelism(8, 1), None, 2, 0, 6.52, 6.52, _SPEC)
+    assert sorted([twice, col], key=Candidate.rank_key) == [col, twice]
+
+
+def test_fit_to_cluster_takes_as_many_replicas_as_the_devices_hold():
+    col = Candidate(Algorithm.COLOCATED, Parallelism(6, 1), None, 3, 0, 4.3, 4.3, _SPEC)
+    fitted = fit_to_cluster(col, 16)
+    assert (fitted.num_prefill, fitted.num_devices, fitted.goodput) == (2, 12, 8.6)
+    assert fit_to_cluster(col, 5) is None
+    unit = DisaggSpec(_SPEC, _SPEC, 5, 5)
+    pair = Candidate(
+        Algorithm.PAIRS_IN_NODES, Parallelism(2, 2), Parallelism(2, 2), 5, 5, 3.0, 3.0, unit, 2
+    )
+    fitted = fit_to_cluster(pair, 16)
+    assert (fitted.num_prefill, fitted.num_decode, fitted.unit.num_prefill) == (2, 2, 2)
+    # Phases apart: 10 devices of tp1 prefill (4 req/s) and tp1 decode (2 req/s) carry the
+    # most with 3 prefill + 6 decode (12 req/s, the prefill count cut to what 12 needs).
+    apart = _apart(Parallelism(1, 1), Parallelism(1, 1), 4.0, 2.0, 40.0)
+    fitted = fit_to_cluster(apart, 10)
+    assert (fitted.num_prefill, fitted.num_decode, fitted.goodput) == (3, 6, 12.0)
+    assert (fitted.unit.num_prefill, fitted.unit.num_decode) == (3, 6)
+    assert fit_to_cluster(_apart(Parallelism(1, 4), Parallelism(1, 4), 1, 1, 1), 4) is None
+
+
+def test_num_nodes_needed_packs_whole_instances_into_nodes():
+    # One tp6 instance per 8-device node: 4 of them need 4 nodes, not ceil(24 / 8) = 3.
+    col = Candidate(Algorithm.COLOCATED, Parallelism(6, 1), None, 4, 0, 4.3, 4.3, _SPEC)
+    assert num_nodes_needed(col, 8) == 4
+    pair = Candidate(
+        Algorithm.PAIRS_IN_NODES,
+        Parallelism(2, 2),
+        Parallelism(2, 2),
+        3,
+        3,
+        3.0,
+        3.0,
+        DisaggSpec(_SPEC, _SPEC, 3, 3),
+        2,
+    )
+    # Each pair puts 4 devices on each of its 2 nodes: 2 pairs per pair of 8-device nodes.
+    assert num_nodes_needed(pair, 8) == 4
+    assert num_nodes_needed(_apart(Parallelism(2, 1), Parallelism(1, 1), 1, 1, 5), 8) == 2

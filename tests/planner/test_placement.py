@@ -111,10 +111,12 @@ def test_plan_cli_json_and_placement_file(tmp_path, capsys, affinity):
     out = json.loads(capsys.readouterr().out)
     assert out["ranked"] and out["ranked"][0]["per_device_goodput"] > 0
     placement = load_placement(out["placement_file"])
-    assert placement.placement == "disaggregated" and placement.decode is not None
+    (chosen,) = [r for r in out["ranked"] if r["chosen"]]
+    assert placement.placement == chosen["placement"] and not out["best_effort"]
     pred, rate = placement.predicted, out["rate"]
     assert placement.prefill.num_instances == math.ceil(rate / pred["prefill_instance_goodput"])
-    assert placement.decode.num_instances == math.ceil(rate / pred["decode_instance_goodput"])
+    if placement.decode is not None:
+        assert placement.decode.num_instances == math.ceil(rate / pred["decode_instance_goodput"])
     assert pred["num_devices"] == placement.num_devices
     assert pred["per_device_goodput"] == pytest.approx(pred["goodput"] / placement.num_devices)
     assert pred["goodput"] >= rate and pred["meets_target"] and pred["scored_attainment"] >= 0.9
@@ -123,24 +125,25 @@ def test_plan_cli_json_and_placement_file(tmp_path, capsys, affinity):
 
 
 def _check_ranking(out: dict) -> None:
-    """The table and the choice agree: rows in (devices, -goodput per device) order, the
-    chosen row is the first disaggregated one that met the target, and no disaggregated
-    row needing fewer devices (or as few with more goodput per device) was passed over
-    unless it missed the target."""
+    """The table and the choice agree: rows that fit the cluster first, each part in
+    (-goodput per device, devices) order, colocated and disaggregated alike; the chosen row
+    is the first that fits and met the target, and no row above it that fits was passed
+    over unless it missed the target."""
     rows = out["ranked"]
-    keys = [(r["num_devices"], -r["per_device_goodput"]) for r in rows]
+    cluster = out["placement"]["cluster"]
+    num_devices = cluster["num_nodes"] * cluster["devices_per_node"]
+    keys = [
+        (r["num_devices"] > num_devices, -r["per_device_goodput"], r["num_devices"]) for r in rows
+    ]
     # The chosen row is appended when it ranks below the rows shown.
     shown = keys[:-1] if rows[-1]["chosen"] else keys
     assert shown == sorted(shown)
     (chosen,) = [r for r in rows if r["chosen"]]
-    assert (
-        chosen["config"].startswith("P ")
-        and chosen["num_devices"] == out["placement"]["predicted"]["num_devices"]
-    )
+    assert chosen["num_devices"] == out["placement"]["predicted"]["num_devices"] <= num_devices
     for r in rows:
         if r is chosen:
             break
-        if r["placement"] == "disaggregated":
+        if r["num_devices"] <= num_devices:
             assert r["attainment_at_rate"] < 0.9, r
     for r in rows:
         assert r["goodput"] >= out["rate"]
@@ -167,18 +170,12 @@ def test_plan_sizes_the_deployment_for_the_rate(tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     rows, placement = out["ranked"], out["placement"]
     colocated = min(r["num_devices"] for r in rows if r["placement"] == "colocated")
-    num_devices = (
-        placement["prefill"]["tp"]
-        * placement["prefill"]["pp"]
-        * placement["prefill"]["num_instances"]
-        + placement["decode"]["tp"]
-        * placement["decode"]["pp"]
-        * placement["decode"]["num_instances"]
-    )
-    # One prefill and one decode instance at least: twice one colocated instance.
+    phases = [p for p in (placement["prefill"], placement["decode"]) if p is not None]
+    num_devices = sum(p["tp"] * p["pp"] * p["num_instances"] for p in phases)
+    # One prefill and one decode instance at most: twice the smallest colocated deployment.
     assert num_devices <= 2 * colocated
     # 3 req/s is below one tp1 instance's goodput in either phase: no pipeline pays off.
-    assert placement["prefill"]["pp"] == placement["decode"]["pp"] == 1
+    assert all(p["pp"] == 1 for p in phases)
 
 
 def test_plan_at_a_high_rate_keeps_the_papers_criterion(tmp_path, capsys):
@@ -188,9 +185,8 @@ def test_plan_at_a_high_rate_keeps_the_papers_criterion(tmp_path, capsys):
     args[args.index("--rate") + 1] = "60"
     assert main([*args, "--top", "1000"]) == 0
     out = json.loads(capsys.readouterr().out)
-    disagg = [r for r in out["ranked"] if r["placement"] == "disaggregated"]
-    best_unit = max(r["unit_per_device_goodput"] for r in disagg)
-    chosen = next(r for r in disagg if r["chosen"])
+    best_unit = max(r["unit_per_device_goodput"] for r in out["ranked"])
+    chosen = next(r for r in out["ranked"] if r["chosen"])
     assert chosen["per_device_goodput"] >= 0.85 * best_unit
 
 
