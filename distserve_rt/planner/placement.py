@@ -266,9 +266,9 @@ class Planner:
 
     def _best_effort(self, ranked: list[Candidate]) -> Candidate:
         """The best the cluster can run: every configuration with as many replicas as the
-        cluster holds, in `Candidate.rank_key` order, the first that meets the target at
-        the rate it sustains (its goodput: replicas x one replica's goodput), else the
-        first (its ``predicted`` says it misses)."""
+        cluster holds, highest sustained rate first (its goodput: replicas x one replica's
+        goodput; ties in `Candidate.rank_key` order), the first that meets the target at
+        that rate, else the first (its ``predicted`` says it misses)."""
         num_devices = self.inputs.cluster.num_devices
         scaled = [s for s in (fit_to_cluster(c, num_devices) for c in ranked) if s is not None]
         if not scaled:
@@ -278,7 +278,9 @@ class Planner:
                 f"needs {least.devices_per_prefill + least.devices_per_decode} devices, "
                 f"the cluster has {num_devices}"
             )
-        scaled.sort(key=Candidate.rank_key)
+        # The user asked for a rate the cluster cannot serve: the most it can sustain first
+        # (then the usual order), not the most per device.
+        scaled.sort(key=lambda c: (-c.goodput, Candidate.rank_key(c)))
         best = self._first_meeting(scaled, at_own_rate=True) or scaled[0]
         self._predict(best, best.goodput)
         return best

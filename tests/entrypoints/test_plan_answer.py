@@ -95,3 +95,32 @@ def test_nothing_fits_the_cluster_is_one_line():
     message = r"^nothing fits the cluster: .* needs 8 devices, the cluster has 4$"
     with pytest.raises(ValueError, match=message):
         planner._best_effort([apart])
+
+
+def test_the_best_effort_placement_is_the_one_that_sustains_the_most(monkeypatch):
+    # On 16 devices: tp5 (3.6 req/s a replica) fits 3 replicas, 10.8 req/s, 0.72 per device
+    # used; tp4 (2.8 a replica) fits 4, 11.2 req/s, 0.70 per device. Asked for more than
+    # either, the user gets the one that serves the most.
+    inputs = PlanInputs(
+        model=get_preset("opt-13b"),
+        cluster=ClusterSpec(num_nodes=2, devices_per_node=8),
+        workload=Workload.from_dataset("chat").sample(10, seed=0),
+        slo=SLO(0.25, 0.1),
+        profile=load_profile("a100-80g-distserve"),
+        rate=50.0,
+        show_progress=False,
+    )
+    planner = Planner(inputs)
+    monkeypatch.setattr(
+        Planner, "_predict", lambda self, cand, rate=None: cand.predicted.update(meets_target=True)
+    )
+    spec = planner._instance(Parallelism(1, 1), inputs.cluster.intra_link, 512)
+
+    def colocated(tp: int, per_replica: float) -> Candidate:
+        return Candidate(
+            Algorithm.COLOCATED, Parallelism(tp, 1), None, 1, 0, per_replica, per_replica, spec
+        )
+
+    best = planner._best_effort([colocated(5, 3.6), colocated(4, 2.8)])
+    assert best.prefill == Parallelism(4, 1) and best.num_prefill == 4
+    assert best.goodput == pytest.approx(11.2)
