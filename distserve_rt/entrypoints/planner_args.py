@@ -6,12 +6,23 @@ import argparse
 import json
 from pathlib import Path
 
-from distserve_rt.entrypoints.engine_args import positive_float
+import numpy as np
+
+from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.presets import get_preset
 from distserve_rt.planner.cluster import ClusterSpec
-from distserve_rt.workloads import SLO_PRESETS, LengthDist, Workload, get_slo_preset
+from distserve_rt.workloads import (
+    SLO_PRESETS,
+    LengthDist,
+    Workload,
+    get_slo_preset,
+    load_length_file,
+)
+
+DEFAULT_DATASET = "chat"
+DEFAULT_NUM_REQUESTS = 300
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
@@ -27,22 +38,31 @@ def add_common(p: argparse.ArgumentParser) -> None:
         help="latency profile: built-in a100-80g-distserve / a100-80g-vllm (DistServe's "
         "A100 fits) or a profile JSON file (default: %(default)s)",
     )
-    p.add_argument(
+    # One source of lengths: a flag that would be ignored is refused instead.
+    lengths = p.add_mutually_exclusive_group()
+    lengths.add_argument(
         "--dataset",
-        default="chat",
         help="request lengths: sharegpt|chat, humaneval|code, longbench, "
-        "summarization (default: %(default)s); ignored with --fixed-lengths",
+        f"summarization (default: {DEFAULT_DATASET})",
     )
-    p.add_argument(
+    lengths.add_argument(
         "--fixed-lengths",
         metavar="PROMPT,OUTPUT",
         help="synthetic workload: every request has these prompt/output token counts",
     )
+    lengths.add_argument(
+        "--dataset-path",
+        metavar="FILE",
+        help="request lengths from your file, sampled like --dataset: JSONL (one object a "
+        "line) or CSV (a header line) with prompt_len|prompt_tokens and "
+        "output_len|output_tokens; an arrival_s|timestamp column is an arrival trace that "
+        "`simulate --use-arrivals` replays (plan searches rates, so it uses the lengths only)",
+    )
     p.add_argument(
         "--num-requests",
-        type=int,
-        default=300,
-        help="requests simulated per rate, sampled from the dataset (default: %(default)s)",
+        type=positive_int,
+        help=f"requests simulated per rate, sampled from the dataset (default: "
+        f"{DEFAULT_NUM_REQUESTS}; with --use-arrivals, the whole trace)",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
     p.add_argument(
@@ -131,6 +151,9 @@ def load_model(spec: str) -> ModelConfig:
 
 
 def build_workload(args) -> Workload:
+    """The requests' lengths: ``--num-requests`` of them, sampled (``--seed``) from the
+    dataset or the file, or all alike with ``--fixed-lengths``."""
+    num_requests = args.num_requests or DEFAULT_NUM_REQUESTS
     if args.fixed_lengths:
         try:
             prompt, output = (int(x) for x in args.fixed_lengths.split(","))
@@ -139,9 +162,21 @@ def build_workload(args) -> Workload:
                 f"--fixed-lengths must be PROMPT,OUTPUT, got {args.fixed_lengths!r}"
             ) from None
         return Workload.synthetic(
-            args.num_requests, LengthDist("fixed", prompt), LengthDist("fixed", output)
+            num_requests, LengthDist("fixed", prompt), LengthDist("fixed", output)
         )
-    return Workload.from_dataset(args.dataset).sample(args.num_requests, seed=args.seed)
+    if args.dataset_path:
+        dataset = load_length_file(args.dataset_path).workload()
+    else:
+        dataset = Workload.from_dataset(args.dataset or DEFAULT_DATASET)
+    return dataset.sample(num_requests, seed=args.seed)
+
+
+def build_trace(args) -> tuple[Workload, np.ndarray]:
+    """``--dataset-path``'s requests in file order and their arrival times (s, float64
+    ``[num_requests]``, from 0): the first ``--num-requests`` rows, else all of them."""
+    if not args.dataset_path:
+        raise ValueError("--use-arrivals replays the arrival column of --dataset-path FILE")
+    return load_length_file(args.dataset_path).trace(args.num_requests)
 
 
 def build_slo(args) -> SLO:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.engine_args import positive_float, positive_int
@@ -12,6 +14,7 @@ from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import kv_transfer_s
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator import ColocatedPolicy, DisaggSpec, KVTransferSpec
+from distserve_rt.workloads import Workload
 
 
 def add_parser(sub) -> None:
@@ -53,8 +56,15 @@ def add_parser(sub) -> None:
         "--rates",
         type=positive_float,
         nargs="+",
-        default=[1.0],
-        help="request rates to simulate, req/s (default: 1.0)",
+        help="request rates to simulate, req/s (default: 1.0); not with --use-arrivals",
+    )
+    p.add_argument(
+        "--use-arrivals",
+        action="store_true",
+        help="replay --dataset-path's arrival_s|timestamp column (its first --num-requests "
+        "rows, else all) instead of Poisson/gamma arrivals at --rates; refuses --rates and "
+        "--cv: a trace has its own rate and burstiness, and a rate that rescaled its times "
+        "would make one flag mean two things",
     )
     p.set_defaults(handler=run)
 
@@ -96,6 +106,14 @@ def _spec(args, model, profile, cluster, max_seq_len: int):
     return DisaggSpec(pre, dec, args.num_prefill, args.num_decode, kv)
 
 
+def _process(cv: float) -> str:
+    return "poisson" if cv == 1.0 else f"gamma(cv={cv:g})"
+
+
+def _rate_text(rate: float | None) -> str:
+    return f"{'burst':>8}" if rate is None else f"{rate:8.3f}"
+
+
 def run(args) -> int:
     try:
         return _run(args)
@@ -103,10 +121,27 @@ def run(args) -> int:
         raise SystemExit(f"drt-run simulate: {exc}") from None
 
 
+def _requests(args) -> tuple[Workload, list[tuple[float | None, np.ndarray | None]]]:
+    """The requests, and each run's (rate shown, arrival times): the --rates with Poisson or
+    gamma arrivals (None), or, with --use-arrivals, the trace's own once (its rate None
+    when all its requests arrive at once)."""
+    if not args.use_arrivals:
+        return planner_args.build_workload(args), [(rate, None) for rate in args.rates or [1.0]]
+    if args.rates:
+        raise ValueError("--rates and --use-arrivals are exclusive: the trace sets the rate")
+    if args.cv != 1.0:
+        raise ValueError("--cv and --use-arrivals are exclusive: the trace sets the burstiness")
+    workload, arrival_s = planner_args.build_trace(args)
+    # The trace's mean rate over its span, shown where a --rates run shows its rate.
+    span = float(arrival_s[-1])
+    rate = (workload.num_requests - 1) / span if span > 0 else None
+    return workload, [(rate, arrival_s)]
+
+
 def _run(args) -> int:
     model = planner_args.load_model(args.model)
     cluster = planner_args.build_cluster(args)
-    workload = planner_args.build_workload(args)
+    workload, runs = _requests(args)
     spec = _spec(args, model, load_profile(args.profile), cluster, workload.max_seq_len())
     evaluator = GoodputEvaluator(
         workload,
@@ -117,11 +152,15 @@ def _run(args) -> int:
     )
     policy = ColocatedPolicy(args.policy) if args.placement == "colocated" else None
     rows = []
-    for rate in args.rates:
-        result = evaluator.simulate(spec, rate, policy=policy)
+    for rate, arrival_s in runs:
+        if arrival_s is None:
+            result = evaluator.simulate(spec, rate, policy=policy)
+        else:
+            result = evaluator.replay(spec, arrival_s, policy=policy)
         rows.append(
             {
                 "rate": rate,
+                "arrivals": "trace" if arrival_s is not None else _process(args.cv),
                 **result.summary(evaluator.slo).to_dict(),
                 "mean_breakdown_s": result.mean_breakdown(),
             }
@@ -143,7 +182,7 @@ def _run(args) -> int:
     print(f"{'req/s':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")
     for r in rows:
         print(
-            f"{r['rate']:8.3f} {r['attainment']['joint']:7.1%} "
+            f"{_rate_text(r['rate'])} {r['attainment']['joint']:7.1%} "
             f"{r['ttft_s']['p90'] * 1e3:9.1f} {r['tpot_s']['p90'] * 1e3:9.2f}"
         )
     return 0

@@ -75,6 +75,18 @@ class GoodputEvaluator:
     ) -> SimResult:
         """Disaggregated ``spec`` in ``mode``, or an SimInstanceSpec: colocated under ``policy``,
         or alone in its phase (``mode`` prefill_only / decode_only, no policy)."""
+        return self.replay(spec, self.arrivals(rate), mode=mode, policy=policy)
+
+    def replay(
+        self,
+        spec: DisaggSpec | SimInstanceSpec,
+        arrival_s: np.ndarray,
+        *,
+        mode=SimMode.FULL,
+        policy: ColocatedPolicy | None = None,
+    ) -> SimResult:
+        """Like `simulate`, with the workload's requests arriving at ``arrival_s`` (s,
+        ``[num_requests]``, non-decreasing: an arrival trace) instead of at a rate."""
         w = self.workload
         mode = SimMode(mode)
         if isinstance(spec, SimInstanceSpec) and policy is None:
@@ -85,7 +97,7 @@ class GoodputEvaluator:
             sim = ColocatedSimulator(spec, policy)
         else:
             sim = DisaggregatedSimulator(spec, mode)
-        return sim.run(self.arrivals(rate), w.prompt_lens, w.output_lens)
+        return sim.run(arrival_s, w.prompt_lens, w.output_lens)
 
     def attainment(self, result: SimResult, mode: SimMode = SimMode.FULL) -> float:
         """Joint attainment, or TTFT-only (prefill_only) / TPOT-only (decode_only).

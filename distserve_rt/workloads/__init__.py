@@ -2,6 +2,7 @@
 
 from distserve_rt.workloads.arrivals import arrival_times, unit_interarrivals
 from distserve_rt.workloads.datasets import DATASET_ALIASES, DATASETS, load_lengths
+from distserve_rt.workloads.length_file import LengthFile, LengthFileError, load_length_file
 from distserve_rt.workloads.slo_presets import SLO_PRESETS, SLOPreset, get_slo_preset
 from distserve_rt.workloads.workload import LengthDist, Workload
 
@@ -10,10 +11,13 @@ __all__ = [
     "DATASET_ALIASES",
     "SLO_PRESETS",
     "LengthDist",
+    "LengthFile",
+    "LengthFileError",
     "SLOPreset",
     "Workload",
     "arrival_times",
     "get_slo_preset",
+    "load_length_file",
     "load_lengths",
     "unit_interarrivals",
 ]
