@@ -36,8 +36,7 @@ from distserve_rt.benchmarks.serving.plot import plot_results, plot_summaries
 from distserve_rt.benchmarks.serving.report import RunInfo, format_table
 from distserve_rt.benchmarks.serving.request_set import tokenizer_special_ids
 from distserve_rt.benchmarks.serving.sweep import BenchmarkAborted, sweep_json
-from distserve_rt.entrypoints import bench_serving_args, engine_args
-from distserve_rt.metrics.slo import SLO
+from distserve_rt.entrypoints import bench_serving_args, engine_args, planner_args
 from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
 
 
@@ -59,13 +58,6 @@ def add_parser(sub) -> None:
 def run_plot(args: argparse.Namespace) -> int:
     print(f"saved {plot_results(args.results, args.output)}")
     return 0
-
-
-def build_slo(args: argparse.Namespace) -> SLO:
-    preset = get_slo_preset(args.slo_preset).slo if args.slo_preset else SLO(0.25, 0.1)
-    ttft = args.slo_ttft_ms / 1000 if args.slo_ttft_ms is not None else preset.ttft_s
-    tpot = args.slo_tpot_ms / 1000 if args.slo_tpot_ms is not None else preset.tpot_s
-    return SLO(ttft, tpot)
 
 
 def build_workload(args: argparse.Namespace) -> Workload:
@@ -169,7 +161,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _settings(args: argparse.Namespace) -> BenchSettings:
     return BenchSettings(
-        build_slo(args),
+        planner_args.build_slo(args),  # the same flags and defaults as plan/simulate
         target=args.attainment_target,
         burstiness=args.burstiness,
         seed=args.seed,

@@ -208,7 +208,8 @@ class DecodeInstance(Instance):
         """Streams the token the step appended (and the request's end, if it stopped)."""
         tokens = msg.Tokens(request.request_id, [request.token_ids[-1]], end)
         if request.logprobs is not None:
-            tokens.logprobs = [request.logprobs[-1]]
+            # Streamed, not kept: the controller holds each request's logprobs.
+            tokens.logprobs, request.logprobs = request.logprobs, []
         if request.request_id not in self._decoding:
             self._decoding.add(request.request_id)
             tokens.first_decode_time = start
