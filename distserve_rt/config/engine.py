@@ -10,15 +10,15 @@ import dataclasses
 import math
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.config.scheduler import POLICY_NAMES, SchedulerConfig
 from distserve_rt.config.validation import check_range
-from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
-from distserve_rt.ops._checks import FLOAT_DTYPES
+from distserve_rt.core.block_manager import ALLOWED_BLOCK_SIZES
+
+if TYPE_CHECKING:  # torch loads only with the model: `drt-run plan` and `--help` never need it
+    import torch
 
 GiB = 1 << 30
 
@@ -77,8 +77,8 @@ class EngineConfig:
             raise ValueError(f"device must be 'cpu', 'cuda' or 'cuda:<index>', got {self.device!r}")
         if isinstance(self.dtype, str) and self.dtype not in DTYPE_NAMES:
             raise ValueError(f"dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        if not isinstance(self.dtype, str) and self.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"dtype must be one of {DTYPE_NAMES} or {FLOAT_DTYPES}")
+        if not isinstance(self.dtype, str) and self.dtype not in _float_dtypes():
+            raise ValueError(f"dtype must be one of {DTYPE_NAMES} or {_float_dtypes()}")
         if self.policy not in POLICY_NAMES:
             raise ValueError(f"policy must be one of {sorted(POLICY_NAMES)}, got {self.policy!r}")
         if self.block_size not in ALLOWED_BLOCK_SIZES or isinstance(self.block_size, bool):
@@ -128,3 +128,10 @@ class EngineConfig:
 
     def replace(self, **changes: Any) -> EngineConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _float_dtypes() -> tuple:
+    """The torch dtypes a model may run in (torch is loaded by whoever passed one)."""
+    from distserve_rt.ops._checks import FLOAT_DTYPES
+
+    return FLOAT_DTYPES

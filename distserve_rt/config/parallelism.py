@@ -32,3 +32,22 @@ class Parallelism:
 
     def __str__(self) -> str:
         return f"tp={self.tp_size}, pp={self.pp_size}"
+
+
+def check_parallel_sizes(
+    num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int, pp_size: int
+) -> None:
+    """Start-up check of an instance's TP x PP against the model's shape (ValueError).
+
+    TP must divide both head counts (`layers.linear.QKVParallelLinear` does not replicate kv
+    heads) and PP must not exceed the layer count (`partition_layers`).
+    """
+    for name, heads in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
+        if heads % tp_size:
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} must divide the model's {name} ({heads})"
+            )
+    if pp_size > num_layers:
+        raise ValueError(
+            f"pipeline_parallel_size={pp_size} exceeds the model's {num_layers} layers"
+        )

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from distserve_rt.config.parallelism import Parallelism
+from distserve_rt.config.parallelism import Parallelism, check_parallel_sizes
 from distserve_rt.config.validation import check_range
-from distserve_rt.distributed.parallel_state import check_parallel_sizes
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, load_placement
 
 if TYPE_CHECKING:  # an annotation only: importing `models` would load every model class

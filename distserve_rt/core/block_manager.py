@@ -33,7 +33,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from distserve_rt import _C
-from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
+
+# KV block sizes (tokens) the kernels are built for.
+ALLOWED_BLOCK_SIZES = (8, 16, 32)
 
 # Request ids of a batch call: a list/tuple of ints, or a 1-D integer numpy array or CPU
 # tensor (floats and bools are rejected, never truncated).

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from distserve_rt.core.block_manager import ALLOWED_BLOCK_SIZES
 from distserve_rt.ops._checks import FLOAT_DTYPES
-
-ALLOWED_BLOCK_SIZES = (8, 16, 32)
 
 
 @dataclass(frozen=True, slots=True)

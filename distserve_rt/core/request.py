@@ -18,11 +18,13 @@ read a clock, so a simulator can drive them with simulated time).
 from __future__ import annotations
 
 import enum
-
-import torch
+from typing import TYPE_CHECKING
 
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
 from distserve_rt.sampling_params import SamplingParams
+
+if TYPE_CHECKING:  # a simulator builds requests without loading torch
+    import torch
 
 
 class RequestStatus(enum.IntEnum):

@@ -75,22 +75,3 @@ def partition_layers(num_layers: int, pp_size: int) -> list[tuple[int, int]]:
         ranges.append((start, end))
         start = end
     return ranges
-
-
-def check_parallel_sizes(
-    num_heads: int, num_kv_heads: int, num_layers: int, tp_size: int, pp_size: int
-) -> None:
-    """Start-up check of an instance's TP x PP against the model's shape (ValueError).
-
-    TP must divide both head counts (`layers.linear.QKVParallelLinear` does not replicate kv
-    heads) and PP must not exceed the layer count (`partition_layers`).
-    """
-    for name, heads in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads)):
-        if heads % tp_size:
-            raise ValueError(
-                f"tensor_parallel_size={tp_size} must divide the model's {name} ({heads})"
-            )
-    if pp_size > num_layers:
-        raise ValueError(
-            f"pipeline_parallel_size={pp_size} exceeds the model's {num_layers} layers"
-        )

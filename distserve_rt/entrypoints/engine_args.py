@@ -35,14 +35,16 @@ import re
 import textwrap
 from dataclasses import MISSING, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from distserve_rt.config import DTYPE_NAMES, DisaggConfig, EngineConfig, PhaseConfig, Placement
-from distserve_rt.core.kv_cache import ALLOWED_BLOCK_SIZES
+from distserve_rt.core.block_manager import ALLOWED_BLOCK_SIZES
 from distserve_rt.core.scheduler import POLICIES
-from distserve_rt.engine.protocol import EngineClient
 from distserve_rt.logger import init_logger
 from distserve_rt.planner.placement_file import PlacementFile, load_placement
+
+if TYPE_CHECKING:  # the engine (and torch) load only when a client is built
+    from distserve_rt.engine.protocol import EngineClient
 
 logger = init_logger(__name__)
 

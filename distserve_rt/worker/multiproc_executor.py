@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from distserve_rt.config import EngineConfig
+from distserve_rt.config.parallelism import check_parallel_sizes
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
 from distserve_rt.distributed.launch import LaunchConfig, WorkerGroup, WorkerTarget
-from distserve_rt.distributed.parallel_state import check_parallel_sizes
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.loader import DUMMY_PREFIX, read_hf_config
 from distserve_rt.models.presets import get_preset

@@ -70,6 +70,23 @@ def test_help_lists_commands_without_importing_torch():
     assert "bench-ops" in out.stdout and out.stdout.split()[-2:] == ["False", "False"]
 
 
+@pytest.mark.parametrize(
+    "module",
+    [
+        "distserve_rt.entrypoints.plan",
+        "distserve_rt.entrypoints.simulate",
+        "distserve_rt.core.scheduler",
+        "distserve_rt.models",
+    ],
+)
+def test_the_planner_and_the_schedulers_load_without_torch(module):
+    # `drt-run plan --help` took 3-4 s when config, core and models imported torch at module
+    # level; the planner (and a simulator driving core's schedulers) needs shapes, not torch.
+    code = f"import sys, {module}\nprint('torch' in sys.modules)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False"]
+
+
 def test_lazy_listing_matches_the_commands_parsers():
     # Every command's module registers exactly the commands COMMANDS gives it, and building
     # them all changes neither the listing's order nor its lines.
