@@ -123,6 +123,11 @@ def _spec(args, model, profile, cluster, max_seq_len: int):
 
 
 def _distserve_spec(args, model, profile):
+    if args.placement == "colocated" and args.policy != ColocatedPolicy.CONTINUOUS_BATCHING:
+        # Its vLLM baseline never chunks prefills: a chunked run would compare with nothing.
+        raise ValueError(
+            f"--policy must be continuous_batching with --modelling distserve, got {args.policy}"
+        )
     if args.placement == "colocated":
         return distserve_colocated_spec(model, profile, Parallelism(args.prefill_tp, 1))
     prefill = Parallelism(args.prefill_tp, args.prefill_pp)

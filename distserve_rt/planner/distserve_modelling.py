@@ -24,6 +24,14 @@ Not modelled: its cap of 50,000 context tokens per decode step (requests over it
 step, round-robin). The recorded reference runs never reach it (see
 ``tests/planner/data/distserve_reference/README.md``); at loads where they would, the two
 simulators part.
+
+Refused (ValueError), because the two simulators would part without saying so:
+
+* decode PP > 1: its decode stages take whatever waits at stage 0, so micro-batches merge
+  and the pipeline runs half empty, where ours keeps ``pp`` balanced lanes (its TPOT came
+  out ~15% higher on the PP2 reference's requests with a TP1 PP2 decode);
+* more than one prefill or decode instance: its ``simulate_dist`` runs one of each, and
+  its dispatch (fewest queued requests) is not ours (fewest queued tokens / least load).
 """
 
 from __future__ import annotations
@@ -116,11 +124,19 @@ def distserve_disagg_spec(
     num_prefill: int = 1,
     num_decode: int = 1,
 ) -> DisaggSpec:
-    """Disaggregated instances as DistServe's simulator models them (module docstring).
-
-    Its simulator runs one prefill and one decode instance; more are ours (dispatch by
-    queued tokens / least load), not its.
-    """
+    """One prefill and one decode instance as DistServe's simulator models them (module
+    docstring), or ValueError for what it models differently."""
+    if decode.pp_size != 1:
+        raise ValueError(
+            f"decode pp_size must be 1 with DistServe's modelling, got {decode.pp_size}: its "
+            f"decode pipeline merges micro-batches, ours does not (see distserve_modelling)"
+        )
+    for key, value in (("num_prefill", num_prefill), ("num_decode", num_decode)):
+        if value != 1:
+            raise ValueError(
+                f"{key} must be 1 with DistServe's modelling, got {value!r}: its simulator "
+                f"runs one prefill and one decode instance"
+            )
     inner = profile.latency_model(model, prefill.tp_size)
     pre = _instance(model, prefill, PrefillStageConstant(inner, prefill.pp_size))
     dec = _instance(model, decode, profile.latency_model(model, decode.tp_size))

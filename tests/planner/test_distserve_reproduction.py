@@ -213,6 +213,33 @@ def test_instances_outside_distserve_table_are_refused():
         distserve_colocated_spec(model, profile, Parallelism(3, 1))
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"decode": Parallelism(1, 2)}, "decode pp_size must be 1 .* got 2"),
+        ({"num_prefill": 2}, "num_prefill must be 1 .* got 2"),
+        ({"num_decode": 3}, "num_decode must be 1 .* got 3"),
+    ],
+)
+def test_what_distserve_models_differently_is_refused(kwargs, message):
+    model, profile = get_preset("opt-13b"), load_profile("a100-80g-distserve")
+    args = {"prefill": Parallelism(1, 1), "decode": Parallelism(1, 1), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        distserve_disagg_spec(model, profile, **args)
+
+
+def test_simulate_cli_says_what_it_refuses(capsys):
+    ref = _reference(PP2)
+    with pytest.raises(SystemExit, match="drt-run simulate: decode pp_size must be 1"):
+        _simulate_cli(capsys, ref, "--decode-pp", "2")
+
+
+def test_simulate_cli_refuses_chunked_prefill_with_distserve_modelling(capsys):
+    ref = _reference("colocated_vllm_tp1_sharegpt_rate1")
+    with pytest.raises(SystemExit, match="--policy must be continuous_batching .* chunked"):
+        _simulate_cli(capsys, ref, "--policy", "chunked_prefill")
+
+
 def test_output_lens_convert_from_decode_steps():
     assert from_distserve_output_lens([0, 5]).tolist() == [1, 6]
     with pytest.raises(ValueError, match="output_lens must be >= 0"):
