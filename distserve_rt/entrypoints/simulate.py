@@ -10,6 +10,10 @@ from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.planner.cluster import DoesNotFitError, build_instance
+from distserve_rt.planner.distserve_modelling import (
+    distserve_colocated_spec,
+    distserve_disagg_spec,
+)
 from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import kv_transfer_s
 from distserve_rt.planner.profiles import load_profile
@@ -53,6 +57,16 @@ def add_parser(sub) -> None:
         help="link the KV cache crosses: NVLink inside a node or the network",
     )
     p.add_argument(
+        "--modelling",
+        choices=["ours", "distserve"],
+        default="ours",
+        help="distserve: DistServe's simulator's modelling choices, to compare with its numbers "
+        "(2 ms + 0.1 us/context token per step, prefill batches up to its KV capacity table, "
+        "free KV transfer, t/pp + pp ms prefill stages, no decode memory limit; "
+        "--max-batch-tokens, --kv-link and the memory flags then do not apply; see "
+        "planner/distserve_modelling.py)",
+    )
+    p.add_argument(
         "--rates",
         type=positive_float,
         nargs="+",
@@ -87,6 +101,8 @@ def _instance(model, parallelism, flags: str, max_seq_len: int, **kw):
 
 
 def _spec(args, model, profile, cluster, max_seq_len: int):
+    if args.modelling == "distserve":
+        return _distserve_spec(args, model, profile)
     kw = dict(
         cluster=cluster,
         profile=profile,
@@ -104,6 +120,19 @@ def _spec(args, model, profile, cluster, max_seq_len: int):
     streams = min(pre.num_devices, dec.num_devices)
     kv = KVTransferSpec(kv_transfer_s(model, 1, link, streams) - link.latency_s, link.latency_s)
     return DisaggSpec(pre, dec, args.num_prefill, args.num_decode, kv)
+
+
+def _distserve_spec(args, model, profile):
+    if args.placement == "colocated" and args.policy != ColocatedPolicy.CONTINUOUS_BATCHING:
+        # Its vLLM baseline never chunks prefills: a chunked run would compare with nothing.
+        raise ValueError(
+            f"--policy must be continuous_batching with --modelling distserve, got {args.policy}"
+        )
+    if args.placement == "colocated":
+        return distserve_colocated_spec(model, profile, Parallelism(args.prefill_tp, 1))
+    prefill = Parallelism(args.prefill_tp, args.prefill_pp)
+    decode = Parallelism(args.decode_tp, args.decode_pp)
+    return distserve_disagg_spec(model, profile, prefill, decode, args.num_prefill, args.num_decode)
 
 
 def _process(cv: float) -> str:

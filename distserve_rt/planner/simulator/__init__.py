@@ -3,7 +3,13 @@
 from distserve_rt.planner.simulator.colocated import ColocatedPolicy, ColocatedSimulator
 from distserve_rt.planner.simulator.disaggregated import DisaggregatedSimulator
 from distserve_rt.planner.simulator.results import BREAKDOWN, SimResult
-from distserve_rt.planner.simulator.spec import DisaggSpec, KVTransferSpec, SimInstanceSpec, SimMode
+from distserve_rt.planner.simulator.spec import (
+    DisaggSpec,
+    KVTransferSpec,
+    SimInstanceSpec,
+    SimMode,
+    StepOverhead,
+)
 
 __all__ = [
     "BREAKDOWN",
@@ -15,4 +21,5 @@ __all__ = [
     "KVTransferSpec",
     "SimMode",
     "SimResult",
+    "StepOverhead",
 ]

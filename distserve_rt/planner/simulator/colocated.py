@@ -83,7 +83,8 @@ class ColocatedSimulator:
         def affine(batch: int) -> tuple[float, float]:
             got = cache.get(batch)
             if got is None:
-                got = cache[batch] = lat.decode_affine(batch)
+                alpha, beta = lat.decode_affine(batch)
+                got = cache[batch] = self.spec.step_overhead.decode_affine(batch, alpha, beta)
             return got
 
         return affine
@@ -174,6 +175,7 @@ class ColocatedSimulator:
         if not batch:
             return None
         end = t + self.spec.latency.prefill_s(num_tokens, sum_sq)
+        end += self.spec.step_overhead.seconds(num_tokens)
         self._lane.t0 = end  # running decodes wait for the prefill step
         for req in batch:
             self._ps[req] = t
@@ -203,6 +205,7 @@ class ColocatedSimulator:
         if not chunks:
             return None
         end = t + self.spec.latency.mixed_s(num_tokens, sum_sq, lane.B, lane.S)
+        end += self.spec.step_overhead.seconds(num_tokens + lane.S - lane.B)
         # The decodes of this step advanced one token each.
         lane.S += lane.B
         lane.n += 1

@@ -76,6 +76,7 @@ def _decode_affine(spec: SimInstanceSpec):
         got = cache.get(batch)
         if got is None:
             alpha, beta = lat.decode_affine(batch)
+            alpha, beta = spec.step_overhead.decode_affine(batch, alpha, beta)
             got = cache[batch] = (alpha + num_hops * pipe.hop_s(batch), beta)
         return got
 
@@ -197,14 +198,17 @@ class DisaggregatedSimulator:
         inst.mem_used += num_tokens
         num_stages = spec.parallelism.pp_size
         stage_s = spec.latency.prefill_s(num_tokens, sum_sq) / num_stages
+        # The first stage also schedules and launches the batch: it alone pays the overhead.
+        stage0_s = stage_s + spec.step_overhead.seconds(num_tokens)
         hop = spec.pipeline.hop_s(num_tokens)
         enter = now
         for j in range(num_stages):
+            busy = stage0_s if j == 0 else stage_s
             start = max(enter, inst.stage_free[j])
-            inst.stage_free[j] = start + stage_s
-            enter = start + stage_s + hop
+            inst.stage_free[j] = start + busy
+            enter = start + busy + hop
         end = inst.stage_free[-1]
-        start0 = inst.stage_free[0] - stage_s
+        start0 = inst.stage_free[0] - stage0_s
         for req in batch:
             self._ts["ps"][req] = start0
         self._push(inst.stage_free[0], _STAGE0_FREE, p)

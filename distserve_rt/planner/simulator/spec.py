@@ -24,6 +24,35 @@ class SimMode(str, Enum):
 
 
 @dataclass(frozen=True)
+class StepOverhead:
+    """Host time of one step on top of the model's: ``base_s + per_token_s × context tokens``.
+
+    Charged once per step, on the first pipeline stage (it schedules the batch and launches
+    it; later stages only receive activations). Context tokens are the tokens the batch
+    attends over before the step: a prefill batch's Σ prompt, a decode step's Σ ctx.
+    """
+
+    base_s: float = 0.0
+    per_token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not (self.base_s >= 0 and self.per_token_s >= 0):
+            raise ValueError(
+                f"step overhead must be >= 0, got base_s={self.base_s!r} "
+                f"per_token_s={self.per_token_s!r}"
+            )
+
+    def seconds(self, num_ctx_tokens: int) -> float:
+        return self.base_s + self.per_token_s * num_ctx_tokens
+
+    def decode_affine(self, batch_size: int, alpha: float, beta: float) -> tuple[float, float]:
+        """A decode step's ``(alpha, beta)`` (over Σ(ctx+1)) with the overhead added: its
+        Σ ctx is Σ(ctx+1) − batch_size, so the step stays affine in Σ(ctx+1)."""
+        k = self.per_token_s
+        return alpha + self.base_s - k * batch_size, beta + k
+
+
+@dataclass(frozen=True)
 class SimInstanceSpec:
     """One instance (TP × PP devices) of one phase, or a colocated one."""
 
@@ -41,8 +70,13 @@ class SimInstanceSpec:
     budget of chunked prefill)."""
     max_num_seqs: int = 256
     """Most requests decoding at once in this instance (vLLM's max_num_seqs)."""
+    step_overhead: StepOverhead = StepOverhead()
+    """Host time per step (none by default: the profiles' step times include what they
+    measured)."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.step_overhead, StepOverhead):
+            raise ValueError(f"step_overhead must be a StepOverhead, got {self.step_overhead!r}")
         if not isinstance(self.parallelism, Parallelism):
             raise ValueError(f"parallelism must be a Parallelism, got {self.parallelism!r}")
         par = self.parallelism
