@@ -51,7 +51,7 @@ def _steps(num: int, sigma: float, seed: int = 0) -> list[StepRecord]:
                 shape.num_decodes,
                 shape.sum_decode_seq_lens,
             )
-        exe = (exe - HOST_MS * 1e-3) * rng.lognormal(-sigma**2 / 2, sigma)  # mean-1 noise
+        exe = (exe - HOST_MS * 1e-3) * rng.lognormal(-(sigma**2) / 2, sigma)  # mean-1 noise
         out.append(StepRecord(shape, exe + HOST_MS * 1e-3, exe))
     return out
 
