@@ -44,8 +44,7 @@ class EngineWorkload:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.num_steps < len(PHASES):
             raise ValueError(
-                f"num_steps must be >= {len(PHASES)} (one per phase), "
-                f"got {self.num_steps!r}"
+                f"num_steps must be >= {len(PHASES)} (one per phase), got {self.num_steps!r}"
             )
 
     def arrivals(self, vocab_size: int) -> list[list[tuple[list[int], int]]]:

@@ -86,7 +86,8 @@ class LatencyModel:
     ) -> float:
         """A chunked-prefill step: prefill chunks plus ``batch_size`` decodes in one batch.
 
-        Approximation (neither form was fitted on mixed batches): the decode tokens ride in
+        Approximation for profiles without a fitted mixed form (DistServe's, isolated-step
+        ones; `FittedLatencyModel` uses the fitted one when it has it): the decode tokens ride in
         the prefill's GEMMs (``num_prefill_tokens + batch_size`` tokens through the linear
         layers) and add their attention cost (beta·Σ ctx). ``prefill_sum_sq`` should be
         Σ chunk·(prefix + chunk), the attention work of chunks with a prefix.
