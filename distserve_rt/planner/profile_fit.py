@@ -332,9 +332,14 @@ def fit_engine_steps(
     test = np.zeros(c["ms"].size, dtype=bool)
     for kind, mask in masks.items():
         test |= _split(mask, _design(kind, c), rng, held_out)
-    train_fits = _fit_kinds(_select(c, ~test), _kind_masks(_select(c, ~test)), overhead,
-                            decode_threshold)  # fmt: skip
+    train = _select(c, ~test)
+    train_fits = _fit_kinds(train, _kind_masks(train), overhead, decode_threshold)
     train_co = _coefficients(train_fits, overhead, decode_threshold)
+    return _judge(co, train_co, c, masks, test)
+
+
+def _judge(co, train_co, c, masks, test) -> EngineStepFit:
+    """Errors (in-sample with ``co``, held out with ``train_co``) and noise of the fit."""
     fit_error, held_out_error, noise, all_ratios = {}, {}, {}, []
     for kind, mask in masks.items():
         if not mask.any() or (kind == "mixed" and co.mixed is None):
@@ -345,7 +350,7 @@ def fit_engine_steps(
         all_ratios.append(ratio)
         rel = np.abs(1.0 / ratio - 1.0)
         if kind == "decode":
-            small = sel["num_decodes"] < decode_threshold
+            small = sel["num_decodes"] < co.decode_threshold
             for name, part in (("decode_small", small), ("decode_large", ~small)):
                 if part.any():
                     fit_error[name] = _error(rel[part])
