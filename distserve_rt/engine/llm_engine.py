@@ -36,6 +36,7 @@ from distserve_rt.engine.step_isolation import (
     check_sampled,
     isolate_failure,
 )
+from distserve_rt.engine.step_log import StepLog
 from distserve_rt.engine.virtual_engine import (
     VirtualEngine,
     combined_kv_stats,
@@ -102,6 +103,16 @@ class LLMEngine:
         self._stats = StatsLogger(logger, config.log_stats_interval_s)
         self._closed = False
         self._snapshot = self._take_stats()
+        self.step_log: StepLog | None = None
+        """Each executed step's batch shape and duration; None (the default) = not recorded,
+        `enable_step_log` starts it (`drt-run profile` fits the latency model from it)."""
+        self._execute_s = 0.0  # executor time of the current step, kept while step_log is on
+        self._completed: SchedulerOutput | None = None  # the batch the current step finished
+
+    def enable_step_log(self, capacity: int) -> StepLog:
+        """Starts recording steps into a fresh ring buffer of ``capacity`` steps."""
+        self.step_log = StepLog(capacity)
+        return self.step_log
 
     @property
     def scheduler(self) -> Scheduler:
@@ -184,8 +195,23 @@ class LLMEngine:
         """Runs one step (nothing without requests); returns the outputs of finished (and
         streaming) requests. `timeout_s` is unused: a colocated step computes, it never
         waits for messages (`EngineCore`)."""
-        outputs = self._step() if self.has_unfinished_requests() else []
+        if self.step_log is None:
+            outputs = self._step() if self.has_unfinished_requests() else []
+        else:
+            outputs = self._logged_step()
         self._snapshot = self._take_stats()
+        return outputs
+
+    def _logged_step(self) -> list[RequestOutput]:
+        """`_step`, timed: the whole step and its executor part go into `step_log`."""
+        if not self.has_unfinished_requests():
+            return []
+        self._execute_s, self._completed = 0.0, None
+        t0 = time.perf_counter()
+        outputs = self._step()
+        duration_s = time.perf_counter() - t0
+        if self._completed is not None and self.step_log is not None:
+            self.step_log.record(self._completed, duration_s, self._execute_s)
         return outputs
 
     def _step(self) -> list[RequestOutput]:
@@ -202,6 +228,7 @@ class LLMEngine:
             return []
         ve, scheduler_output, handle, snapshot = self._in_flight.popleft()
         ve.busy = False
+        self._completed = scheduler_output
         try:
             step = self._complete(ve, scheduler_output, handle, snapshot)
         except Exception as exc:  # noqa: BLE001 - engine-fatal, or isolation itself broke
@@ -225,7 +252,9 @@ class LLMEngine:
         try:
             if isinstance(handle, BaseException):
                 raise handle
+            t0 = time.perf_counter()
             output = ModelRunnerOutput([]) if handle is None else self.executor.wait(handle)
+            self._execute_s += time.perf_counter() - t0
         except Exception as exc:  # noqa: BLE001 - isolate_failure re-raises fatal ones
             assert snapshot is not None  # taken with every submitted batch
 
@@ -247,7 +276,9 @@ class LLMEngine:
             if not scheduler_output.is_empty:
                 snapshot = GeneratorSnapshot(scheduler_output.sampling_requests())
                 try:
+                    t0 = time.perf_counter()
                     handle = self.executor.execute_async(scheduler_output, ve.block_offset)
+                    self._execute_s += time.perf_counter() - t0
                 except Exception as exc:  # noqa: BLE001 - reported by step() with its batch
                     handle = exc
             ve.busy = True

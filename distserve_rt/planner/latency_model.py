@@ -7,6 +7,12 @@ DistServe's profiles); the public methods return **seconds**.
   prefill ``a + b·Σl + c·Σl²`` over the prompt lengths ``l`` of the batch;
   decode ``a + b·Σ(ctx+1) + c·B`` over the ``B`` running requests with context ``ctx``,
   with one fit below ``decode_threshold`` requests and one at or above it.
+  Profiles fitted from the running engine's steps (`profile_fit.fit_engine_steps`) add a
+  per-step ``overhead`` (the host's scheduling and postprocessing, paid by every step of
+  any kind) and a fitted chunked-prefill form for steps that mix prefill chunks and
+  decodes: ``a + b·(Σchunk + B) + c·Σchunk·(prefix+chunk) + d·Σ(ctx+1)`` (the decode
+  tokens ride in the chunks' GEMMs; both attentions are paid). DistServe's files have
+  neither (overhead 0, mixed steps approximated, see `LatencyModel.mixed_s`).
 * `AnalyticLatencyModel` — the paper's form (DistServe §4.1 / Appendix), per layer:
   prefill ``C1·(4·t·h² + 2·t·h·m) + C2·3·h·t₂/b + C3``;
   decode ``C4·(4·h² + 2·h·m) + C5·3·h·t``, where
@@ -43,6 +49,16 @@ def _check_triple(name: str, value) -> tuple[float, float, float]:
     return a, b, c
 
 
+def _check_mixed(value) -> tuple[float, float, float, float] | None:
+    if value is None:
+        return None
+    try:
+        a, b, c, d = (float(x) for x in value)
+    except (TypeError, ValueError):
+        raise ValueError(f"mixed must be four numbers [a, b, c, d], got {value!r}") from None
+    return a, b, c, d
+
+
 class LatencyModel:
     """Interface: step times of one instance stage-less (all layers, ``tp`` devices), in s."""
 
@@ -70,7 +86,8 @@ class LatencyModel:
     ) -> float:
         """A chunked-prefill step: prefill chunks plus ``batch_size`` decodes in one batch.
 
-        Approximation (neither form was fitted on mixed batches): the decode tokens ride in
+        Approximation for profiles without a fitted mixed form (DistServe's, isolated-step
+        ones; `FittedLatencyModel` uses the fitted one when it has it): the decode tokens ride in
         the prefill's GEMMs (``num_prefill_tokens + batch_size`` tokens through the linear
         layers) and add their attention cost (beta·Σ ctx). ``prefill_sum_sq`` should be
         Σ chunk·(prefix + chunk), the attention work of chunks with a prefix.
@@ -91,22 +108,34 @@ class FittedCoefficients:
     decode_large: tuple[float, float, float]
     decode_threshold: int = 95
     """Batch size from which ``decode_large`` applies (DistServe: 95)."""
+    overhead: float = 0.0
+    """Per-step host cost (ms) added to every step; 0 in DistServe's profiles."""
+    mixed: tuple[float, float, float, float] | None = None
+    """Chunked-prefill steps ``[a, b, c, d]`` (module docstring); None = approximated."""
 
     def __post_init__(self) -> None:
         for key in ("prefill", "decode_small", "decode_large"):
             object.__setattr__(self, key, _check_triple(key, getattr(self, key)))
+        object.__setattr__(self, "mixed", _check_mixed(self.mixed))
         if not isinstance(self.decode_threshold, int) or self.decode_threshold < 1:
             raise ValueError(
                 f"decode_threshold must be a positive int, got {self.decode_threshold!r}"
             )
+        if not isinstance(self.overhead, (int, float)) or not 0 <= self.overhead < float("inf"):
+            raise ValueError(f"overhead must be a number of ms >= 0, got {self.overhead!r}")
 
     def to_dict(self) -> dict[str, object]:
-        return {
+        out: dict[str, object] = {
             "prefill": list(self.prefill),
             "decode_small": list(self.decode_small),
             "decode_large": list(self.decode_large),
             "decode_threshold": self.decode_threshold,
         }
+        if self.overhead:
+            out["overhead"] = self.overhead
+        if self.mixed is not None:
+            out["mixed"] = list(self.mixed)
+        return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,13 +144,26 @@ class FittedLatencyModel(LatencyModel):
     tp: int = 1
 
     def prefill_s(self, num_tokens: int, sum_sq_lens: int) -> float:
-        a, b, c = self.coefficients.prefill
-        return (a + b * num_tokens + c * sum_sq_lens) * _MS
+        co = self.coefficients
+        a, b, c = co.prefill
+        return (co.overhead + a + b * num_tokens + c * sum_sq_lens) * _MS
 
     def decode_affine(self, batch_size: int) -> tuple[float, float]:
         co = self.coefficients
         a, b, c = co.decode_small if batch_size < co.decode_threshold else co.decode_large
-        return (a + c * batch_size) * _MS, b * _MS
+        return (co.overhead + a + c * batch_size) * _MS, b * _MS
+
+    def mixed_s(
+        self, num_prefill_tokens: int, prefill_sum_sq: int, batch_size: int, num_ctx_tokens: int
+    ) -> float:
+        co = self.coefficients
+        if co.mixed is None or num_prefill_tokens == 0 or batch_size == 0:
+            return LatencyModel.mixed_s(
+                self, num_prefill_tokens, prefill_sum_sq, batch_size, num_ctx_tokens
+            )
+        a, b, c, d = co.mixed
+        num_tokens = num_prefill_tokens + batch_size
+        return (co.overhead + a + b * num_tokens + c * prefill_sum_sq + d * num_ctx_tokens) * _MS
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,8 +22,10 @@ from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.latency_model import (
     AnalyticCoefficients,
     FittedCoefficients,
+    FittedLatencyModel,
     analytic_features,
 )
+from distserve_rt.planner.step_noise import StepTimeNoise
 
 PrefillSample = tuple[Sequence[int], float]
 DecodeSample = tuple[Sequence[int], float]
@@ -36,9 +38,14 @@ class FitError:
     mean_rel: float
     max_rel: float
     num_samples: int
+    p90_rel: float | None = None
+    """90th percentile (engine-step fits; None in older profiles)."""
 
     def to_dict(self) -> dict[str, float]:
-        return {"mean_rel": self.mean_rel, "max_rel": self.max_rel, "num_samples": self.num_samples}
+        out = {"mean_rel": self.mean_rel, "max_rel": self.max_rel, "num_samples": self.num_samples}
+        if self.p90_rel is not None:
+            out["p90_rel"] = self.p90_rel
+        return out
 
 
 def _relative_lstsq(
@@ -69,7 +76,9 @@ def _relative_lstsq(
 
 
 def _error(rel: np.ndarray) -> FitError:
-    return FitError(float(rel.mean()), float(rel.max()), int(rel.size))
+    return FitError(
+        float(rel.mean()), float(rel.max()), int(rel.size), float(np.quantile(rel, 0.9))
+    )
 
 
 def _prefill_rows(samples: Sequence[PrefillSample]) -> tuple[np.ndarray, np.ndarray]:
@@ -145,3 +154,210 @@ def fit_analytic_form(
     dc, drel = _relative_lstsq(np.asarray(drow), np.asarray(dtime), "analytic decode fit", True)
     coeffs = AnalyticCoefficients(*(float(v) for v in (*pc, *dc)), attn_block_size=attn_block_size)
     return coeffs, {"prefill": _error(prel), "decode": _error(drel)}
+
+
+# ---- fits from the running engine's steps ---------------------------------------------------
+
+ENGINE_STEP_KINDS = ("prefill", "decode", "mixed")
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStepFit:
+    """`fit_engine_steps`' result: the model, its errors and the step-time noise."""
+
+    coefficients: FittedCoefficients
+    fit_error: dict[str, FitError]
+    """In-sample per-step error, keyed "prefill", "decode_small"/"decode_large", "mixed"."""
+    held_out_error: dict[str, FitError]
+    """Per-step error on steps whose shapes the fit never saw, keyed by step kind."""
+    noise: dict[str, StepTimeNoise]
+    """measured/predicted per step kind, and "all" pooled (`step_noise`)."""
+
+
+def _step_table(records) -> dict[str, np.ndarray]:
+    """Columns of the records (`engine.step_log.StepRecord` or the same fields), ms."""
+    cols = {
+        k: np.asarray([getattr(r.shape, k) for r in records], dtype=np.float64)
+        for k in (
+            "num_prefills",
+            "num_prefill_tokens",
+            "prefill_attn_work",
+            "num_decodes",
+            "sum_decode_seq_lens",
+        )
+    }
+    cols["ms"] = np.asarray([r.duration_s for r in records], dtype=np.float64) * 1e3
+    cols["host_ms"] = cols["ms"] - np.asarray([r.execute_s for r in records]) * 1e3
+    return cols
+
+
+def _design(kind: str, c: dict[str, np.ndarray]) -> np.ndarray:
+    """Per-step features of the kind's form (latency_model's module docstring)."""
+    one = np.ones_like(c["ms"])
+    if kind == "prefill":
+        return np.column_stack([one, c["num_prefill_tokens"], c["prefill_attn_work"]])
+    if kind == "decode":
+        return np.column_stack([one, c["sum_decode_seq_lens"], c["num_decodes"]])
+    tokens = c["num_prefill_tokens"] + c["num_decodes"]
+    return np.column_stack([one, tokens, c["prefill_attn_work"], c["sum_decode_seq_lens"]])
+
+
+def _fit_offset_medians(x: np.ndarray, y: np.ndarray, overhead: float, what: str) -> np.ndarray:
+    """Coefficients of ``overhead + x·c ≈ y`` fitted on the median step of each distinct
+    shape (repeats of one shape count once, and a slow outlier among them not at all);
+    relative error, nonnegative coefficients; then scaled so the model predicts the mean
+    step (the noise table carries the spread around it, mean 1)."""
+    shapes, inverse = np.unique(x, axis=0, return_inverse=True)
+    medians = np.asarray([np.median(y[inverse.ravel() == i]) for i in range(len(shapes))])
+    if len(shapes) < x.shape[1]:
+        raise ValueError(
+            f"{what}: {len(shapes)} distinct step shapes cannot fit {x.shape[1]} coefficients; "
+            f"run a longer or more varied workload"
+        )
+    # Σ((overhead + x·c − y)/y)² is a least squares in c with target 1 − overhead/y.
+    scale = 1.0 / medians
+    active = np.ones(x.shape[1], dtype=bool)
+    coef = np.zeros(x.shape[1])
+    while active.any():
+        coef[:] = 0.0
+        a = shapes[:, active] * scale[:, None]
+        coef[active], *_ = np.linalg.lstsq(a, 1.0 - overhead * scale, rcond=None)
+        if coef.min() >= 0:
+            break
+        active &= coef > 0
+    work = x @ coef
+    if np.any(work <= 0):  # nothing to scale: the fit put every step at the overhead
+        return coef
+    return coef * float(np.mean((y - overhead) / work))
+
+
+def _split(kind_mask: np.ndarray, x: np.ndarray, rng, held_out: float) -> np.ndarray:
+    """Held-out mask: a random ``held_out`` share of the kind's distinct shapes (all of
+    their steps), none when the kind has too few shapes to spare any."""
+    out = np.zeros(kind_mask.size, dtype=bool)
+    idx = np.flatnonzero(kind_mask)
+    shapes, inverse = np.unique(x[idx], axis=0, return_inverse=True)
+    num_test = int(len(shapes) * held_out)
+    if num_test < 1 or len(shapes) - num_test < 2 * x.shape[1]:
+        return out
+    test = rng.choice(len(shapes), num_test, replace=False)
+    out[idx[np.isin(inverse.ravel(), test)]] = True
+    return out
+
+
+def _kind_masks(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    has_p, has_d = c["num_prefills"] > 0, c["num_decodes"] > 0
+    return {"prefill": has_p & ~has_d, "decode": has_d & ~has_p, "mixed": has_p & has_d}
+
+
+def _fit_kinds(c, masks, overhead: float, threshold: int) -> dict[str, np.ndarray]:
+    """Coefficients per fit group ("prefill", "decode_small", "decode_large", "mixed")."""
+    fits = {}
+    groups = {
+        "prefill": masks["prefill"],
+        "decode_small": masks["decode"] & (c["num_decodes"] < threshold),
+        "decode_large": masks["decode"] & (c["num_decodes"] >= threshold),
+        "mixed": masks["mixed"],
+    }
+    for name, mask in groups.items():
+        x = _design(name.split("_")[0], c)[mask]
+        if len(np.unique(x, axis=0)) >= 2 * x.shape[1]:  # twice the unknowns, at least
+            fits[name] = _fit_offset_medians(x, c["ms"][mask], overhead, f"{name} fit")
+    for kind in ("prefill", "decode"):
+        if not any(k.startswith(kind) for k in fits):
+            raise ValueError(
+                f"engine step fit: too few {kind}-only steps ({int(masks[kind].sum())}); the "
+                f"workload must produce at least 6 of distinct shapes (run more steps)"
+            )
+    return fits
+
+
+def _coefficients(fits, overhead: float, threshold: int) -> FittedCoefficients:
+    small = fits.get("decode_small", fits.get("decode_large"))
+    large = fits.get("decode_large", small)
+    mixed = fits.get("mixed")
+    return FittedCoefficients(
+        tuple(fits["prefill"]),
+        tuple(small),
+        tuple(large),
+        threshold,
+        overhead,
+        None if mixed is None else tuple(mixed),
+    )
+
+
+def _predict_ms(co: FittedCoefficients, kind: str, c: dict[str, np.ndarray]) -> np.ndarray:
+    lm, rows = FittedLatencyModel(co), zip(*(c[k].tolist() for k in _FEATURES), strict=True)
+    out = []
+    for p_tok, p_work, n_dec, s_dec in rows:
+        if kind == "prefill":
+            out.append(lm.prefill_s(p_tok, p_work))
+        elif kind == "decode":
+            out.append(lm.decode_s(int(n_dec), s_dec))
+        else:
+            out.append(lm.mixed_s(p_tok, p_work, int(n_dec), s_dec))
+    return np.asarray(out) * 1e3
+
+
+_FEATURES = ("num_prefill_tokens", "prefill_attn_work", "num_decodes", "sum_decode_seq_lens")
+
+
+def _select(c: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: v[mask] for k, v in c.items()}
+
+
+def fit_engine_steps(
+    records, decode_threshold: int = 95, held_out: float = 0.2, seed: int = 0
+) -> EngineStepFit:
+    """The latency model of the steps an engine recorded (`engine.step_log`).
+
+    * **overhead**: the median host part of a step (duration − executor time), a constant
+      every step pays;
+    * **per kind** (prefill-only, decode-only, chunked prefill's mixed steps): the form of
+      `latency_model` fitted on each distinct shape's median step, then scaled to the mean;
+      mixed steps are fitted only when there are enough of them;
+    * **held-out error**: the fit is repeated without a random ``held_out`` share of each
+      kind's shapes and judged on their steps (shapes it never saw);
+    * **noise**: measured/predicted per step of each kind (`StepTimeNoise`, mean 1).
+    """
+    if not 0 <= held_out < 1:
+        raise ValueError(f"held_out must be a fraction in [0, 1), got {held_out!r}")
+    c = _step_table(records)
+    if c["ms"].size == 0 or np.any(c["ms"] <= 0):
+        raise ValueError("engine step fit: needs recorded steps with durations > 0")
+    overhead = max(float(np.median(c["host_ms"])), 0.0)
+    masks = _kind_masks(c)
+    co = _coefficients(_fit_kinds(c, masks, overhead, decode_threshold), overhead, decode_threshold)
+    rng = np.random.default_rng(seed)
+    test = np.zeros(c["ms"].size, dtype=bool)
+    for kind, mask in masks.items():
+        test |= _split(mask, _design(kind, c), rng, held_out)
+    train = _select(c, ~test)
+    train_fits = _fit_kinds(train, _kind_masks(train), overhead, decode_threshold)
+    train_co = _coefficients(train_fits, overhead, decode_threshold)
+    return _judge(co, train_co, c, masks, test)
+
+
+def _judge(co, train_co, c, masks, test) -> EngineStepFit:
+    """Errors (in-sample with ``co``, held out with ``train_co``) and noise of the fit."""
+    fit_error, held_out_error, noise, all_ratios = {}, {}, {}, []
+    for kind, mask in masks.items():
+        if not mask.any() or (kind == "mixed" and co.mixed is None):
+            continue
+        sel = _select(c, mask)
+        ratio = sel["ms"] / _predict_ms(co, kind, sel)
+        noise[kind] = StepTimeNoise.from_ratios(ratio)
+        all_ratios.append(ratio)
+        rel = np.abs(1.0 / ratio - 1.0)
+        if kind == "decode":
+            small = sel["num_decodes"] < co.decode_threshold
+            for name, part in (("decode_small", small), ("decode_large", ~small)):
+                if part.any():
+                    fit_error[name] = _error(rel[part])
+        else:
+            fit_error[kind] = _error(rel)
+        if (test & mask).any() and not (kind == "mixed" and train_co.mixed is None):
+            sel = _select(c, test & mask)
+            held_out_error[kind] = _error(np.abs(_predict_ms(train_co, kind, sel) / sel["ms"] - 1))
+    noise["all"] = StepTimeNoise.from_ratios(np.concatenate(all_ratios))
+    return EngineStepFit(co, fit_error, held_out_error, noise)

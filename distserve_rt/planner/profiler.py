@@ -1,4 +1,13 @@
-"""The profiler: measure step times over a grid of batches, fit the latency model, save it.
+"""The profiler: measure step times, fit the latency model, save it.
+
+Two sources of step times:
+
+* **the running engine** (`fit_engine_profile`, `drt-run profile`'s default): the steps an
+  `LLMEngine` recorded while serving a synthetic workload (`engine.step_log`), whole steps
+  with the host's share, chunked prefill's mixed steps included; fitted by
+  `profile_fit.fit_engine_steps` (overhead, per-kind forms, held-out error, step noise).
+  This is what the simulator must reproduce;
+* **isolated steps** over a grid (``--isolated``), below: the pure step cost, no host.
 
 * **Grid** (`ProfileGrid`): prefill batches of ``batch_size`` equal prompts of
   ``prompt_len`` tokens, with ``batch_size · prompt_len <= max_tokens`` (L_m, the prefill
@@ -16,7 +25,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from distserve_rt.models.config import ModelConfig
-from distserve_rt.planner.profile_fit import fit_analytic_form, fit_fitted_form
+from distserve_rt.planner.profile_fit import (
+    fit_analytic_form,
+    fit_engine_steps,
+    fit_fitted_form,
+)
 from distserve_rt.planner.profiles import ProfileEntry, ProfileSet
 from distserve_rt.planner.step_timer import StepTimer
 
@@ -148,3 +161,23 @@ def fit_profile(
             [(model, tp, lens, t) for lens, t in samples.decode],
         )
     return profile
+
+
+def fit_engine_profile(
+    records,
+    model: ModelConfig,
+    *,
+    hardware: str,
+    tp: int = 1,
+    decode_threshold: int = 95,
+    held_out: float = 0.2,
+    source: str = "",
+    measurement: dict[str, object] | None = None,
+) -> ProfileSet:
+    """A one-entry `ProfileSet` for ``(model.name, tp)`` fitted from the engine's step
+    ``records`` (`engine.step_log.StepRecord`s), with held-out error and step noise."""
+    fit = fit_engine_steps(records, decode_threshold, held_out)
+    entry = ProfileEntry(
+        model.name, tp, fit.coefficients, fit.fit_error, fit.held_out_error, fit.noise
+    )
+    return ProfileSet(hardware, [entry], source, measurement=dict(measurement or {}))

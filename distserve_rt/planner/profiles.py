@@ -1,18 +1,25 @@
 """Latency profiles: versioned JSON files of fitted coefficients for one kind of hardware.
 
-Schema (``schema_version`` 1; times in ms, lengths in tokens)::
+Schema (``schema_version`` 2; times in ms, lengths in tokens)::
 
-    {"schema_version": 1, "hardware": "a100-80g", "units": "ms", "source": "...",
+    {"schema_version": 2, "hardware": "a100-80g", "units": "ms", "source": "...",
      "entries": [{"model": "opt-13b", "tp": 1, "form": "fitted",
                   "coefficients": {"prefill": [a, b, c], "decode_small": [a, b, c],
-                                   "decode_large": [a, b, c], "decode_threshold": 95},
-                  "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...}}],
+                                   "decode_large": [a, b, c], "decode_threshold": 95,
+                                   "overhead": o, "mixed": [a, b, c, d]},  # both optional
+                  "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...},
+                  "held_out_error": {"decode": {...}, ...},               # optional
+                  "step_noise": {"decode": [21 quantiles], ..., "all": [...]}}],  # optional
      "analytic": {"coefficients": {"c1": .., ..., "attn_block_size": 128},
                   "fit_error": {...}},           # optional
-     "measurement": {"device": "cpu", "dtype": "float32", "threads": 2, ...}}  # optional
+     "measurement": {"hardware": .., "model": .., "dtype": "float32", "tp": 1, "pp": 1,
+                     "device": "cpu", "threads": 2, ...}}  # optional
 
-``measurement`` records how a profile made by `drt-run profile` was measured (device,
-dtype, threads, what a step includes, the grid, the raw samples); it is kept as read.
+Version 2 added the optional keys (an engine-step profile: `profile_fit.fit_engine_steps`);
+version 1 files load unchanged. ``measurement`` records where and how a profile made by
+`drt-run profile` was measured; it is kept as read. Planning with a profile for another
+model, TP degree, dtype or hardware than it measured is logged as a WARNING, once per
+mismatch (`ProfileSet.latency_model`, `ProfileSet.check_use`).
 
 Built-in profiles (package data): ``a100-80g-distserve`` and ``a100-80g-vllm``, DistServe's
 fitted A100-80GB coefficients for its own kernels and for vLLM's (its baseline), from
@@ -29,6 +36,7 @@ TP degrees; its fit error on the profiled entries is reported so users can judge
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,11 +51,13 @@ from distserve_rt.planner.latency_model import (
     LatencyModel,
 )
 from distserve_rt.planner.profile_fit import FitError, fit_analytic_form
+from distserve_rt.planner.step_noise import StepTimeNoise
 from distserve_rt.workloads.datasets import data_path
 
 logger = init_logger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 
 BUILTIN_PROFILES = {
     "a100-80g-distserve": "distserve_profiler_a100_80g.distserve.json",
@@ -66,6 +76,10 @@ class ProfileEntry:
     tp: int
     coefficients: FittedCoefficients
     fit_error: dict[str, FitError] = field(default_factory=dict)
+    held_out_error: dict[str, FitError] = field(default_factory=dict)
+    """Error on steps the fit did not see, per step kind (engine-step profiles)."""
+    step_noise: dict[str, StepTimeNoise] = field(default_factory=dict)
+    """measured/predicted per step kind and "all" (engine-step profiles; else empty)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.tp, int) or self.tp < 1:
@@ -85,6 +99,9 @@ class ProfileSet:
     """How the profile was measured (`drt-run profile`); empty for DistServe's files."""
     extrapolated: dict[tuple[str, int], str] = field(default_factory=dict, compare=False)
     """(model, tp) pairs planned from the analytic form, with the note logged for each."""
+    mismatches: dict[tuple[str, str], str] = field(default_factory=dict, compare=False)
+    """(what, value used) planned with a profile measured on another dtype or hardware,
+    with the warning logged for each."""
 
     def find(self, model: str, tp: int) -> ProfileEntry | None:
         for entry in self.entries:
@@ -98,10 +115,14 @@ class ProfileSet:
             self.analytic, self.analytic_fit_error = _fit_analytic_from_entries(self)
         return self.analytic
 
-    def latency_model(self, model: ModelConfig, tp: int) -> LatencyModel:
+    def latency_model(
+        self, model: ModelConfig, tp: int, *, dtype: str | None = None, hardware: str | None = None
+    ) -> LatencyModel:
         """Fitted model for (model.name, tp) if profiled, else the analytic form (see module),
         said once per model in the log and kept per (model, tp) in `extrapolated`: a plan
-        for a model this profile never measured is an extrapolation; the user must know it."""
+        for a model this profile never measured is an extrapolation; the user must know it.
+        ``dtype``/``hardware``: what the plan is for, checked by `check_use`."""
+        self.check_use(dtype=dtype, hardware=hardware)
         entry = self.find(model.name, tp)
         if entry is not None:
             return FittedLatencyModel(entry.coefficients, tp)
@@ -112,6 +133,37 @@ class ProfileSet:
             if first_of_model:  # a search asks for many tp: one line per model is enough
                 logger.warning("%s", self.extrapolated[(model.name, tp)])
         return AnalyticLatencyModel(coefficients, model, tp)
+
+    def step_noise(self, model: str | ModelConfig, tp: int, kind: str = "all"):
+        """The measured step-time noise (`StepTimeNoise`) of (model, tp) for step ``kind``
+        ("prefill", "decode", "mixed" or "all"); None when the profile has none (DistServe's
+        files, isolated-step profiles, an unprofiled model)."""
+        name = model if isinstance(model, str) else model.name
+        entry = self.find(name, tp)
+        return None if entry is None else entry.step_noise.get(kind)
+
+    def check_use(self, *, dtype: str | None = None, hardware: str | None = None) -> list[str]:
+        """Warns (once per mismatch) when the plan's ``dtype`` or ``hardware`` is not what the
+        profile was measured on (its ``measurement``, else its ``hardware``); returns the
+        warnings of this call. Unknown on either side is not a mismatch."""
+        measured = {
+            "dtype": self.measurement.get("dtype"),
+            "hardware": self.measurement.get("hardware") or self.hardware,
+        }
+        notes = []
+        for what, used in (("dtype", dtype), ("hardware", hardware)):
+            have = measured[what]
+            if used is None or not have or _same(what, str(have), str(used)):
+                continue
+            note = (
+                f"profile {self.hardware!r} was measured with {what} {have!r} and is used for "
+                f"{what} {used!r}: its step times may be far off; profile there (drt-run profile)"
+            )
+            if (what, str(used)) not in self.mismatches:
+                self.mismatches[(what, str(used))] = note
+                logger.warning("%s", note)
+            notes.append(note)
+        return notes
 
     def extrapolation_note(self, model: str, tp: int) -> str:
         """What a (model, tp) without an entry is planned from, in one line."""
@@ -138,6 +190,7 @@ class ProfileSet:
                     "form": "fitted",
                     "coefficients": e.coefficients.to_dict(),
                     "fit_error": {k: v.to_dict() for k, v in e.fit_error.items()},
+                    **_engine_fit_dict(e),
                 }
                 for e in self.entries
             ],
@@ -158,15 +211,40 @@ class ProfileSet:
         return path
 
 
+def _same(what: str, a: str, b: str) -> bool:
+    """Whether two dtype or hardware names mean the same: hardware names are compared by
+    their letters and digits, and a short name matches a long one containing each of its
+    parts ("a100-80g" is "NVIDIA A100-SXM4-80GB")."""
+    if what == "dtype":
+        return a.removeprefix("torch.") == b.removeprefix("torch.")
+    parts_a, parts_b = (re.findall(r"[a-z0-9]+", x.lower()) for x in (a, b))
+    short, long = sorted((parts_a, parts_b), key=len)
+    return bool(short) and all(p in "".join(long) for p in short)
+
+
+def _engine_fit_dict(entry: ProfileEntry) -> dict[str, object]:
+    out: dict[str, object] = {}
+    if entry.held_out_error:
+        out["held_out_error"] = {k: v.to_dict() for k, v in entry.held_out_error.items()}
+    if entry.step_noise:
+        out["step_noise"] = {k: v.to_list() for k, v in entry.step_noise.items()}
+    return out
+
+
 def _fit_errors(raw: dict) -> dict[str, FitError]:
-    return {k: FitError(v["mean_rel"], v["max_rel"], v["num_samples"]) for k, v in raw.items()}
+    return {
+        k: FitError(v["mean_rel"], v["max_rel"], v["num_samples"], v.get("p90_rel"))
+        for k, v in raw.items()
+    }
 
 
 def profile_from_dict(raw: dict, where: str = "profile") -> ProfileSet:
     """Parse the schema above; ValueError naming what is wrong."""
     version = raw.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise ValueError(f"{where}: schema_version must be {SCHEMA_VERSION}, got {version!r}")
+    if version not in READABLE_SCHEMA_VERSIONS:
+        raise ValueError(
+            f"{where}: schema_version must be one of {READABLE_SCHEMA_VERSIONS}, got {version!r}"
+        )
     if raw.get("units", "ms") != "ms":
         raise ValueError(f"{where}: units must be 'ms', got {raw.get('units')!r}")
     try:
@@ -176,6 +254,8 @@ def profile_from_dict(raw: dict, where: str = "profile") -> ProfileSet:
                 e["tp"],
                 FittedCoefficients(**e["coefficients"]),
                 _fit_errors(e.get("fit_error", {})),
+                _fit_errors(e.get("held_out_error", {})),
+                {k: StepTimeNoise(tuple(q)) for k, q in e.get("step_noise", {}).items()},
             )
             for e in raw["entries"]
         ]
@@ -207,7 +287,8 @@ def _from_distserve(raw: dict, hardware: str, source: str) -> ProfileSet:
                 int(co["decoding_large_small_bs_threshold"]),
             )
             entries.append(ProfileEntry(hf_name.split("/")[-1], int(tp), coeffs))
-    return ProfileSet(hardware, entries, source)
+    # DistServe profiled its fp16 kernels (and vLLM's) on A100-SXM4-80GB.
+    return ProfileSet(hardware, entries, source, measurement={"dtype": "float16"})
 
 
 def load_profile(name_or_path: str | Path) -> ProfileSet:

@@ -111,3 +111,99 @@ def test_a_model_the_profile_never_measured_is_said_to_be_extrapolated(caplog):
     assert "mean error on them is" in note and "drt-run profile" in note
     warnings = [r for r in caplog.records if "llama-3-70b" in r.getMessage()]
     assert len(warnings) == 1  # once per model, not per tp or per call
+
+
+def test_overhead_and_fitted_mixed_form_hand_computed():
+    co = FittedCoefficients(
+        (10, 0.1, 1e-5), (20, 0.001, 0.05), (20, 0.001, 0.05), 95, 0.5, (3, 0.2, 1e-5, 0.002)
+    )
+    lm = FittedLatencyModel(co)
+    assert lm.prefill_s(300, 50_000) == pytest.approx((0.5 + 10 + 30 + 0.5) * 1e-3)
+    assert lm.decode_s(10, 1000) == pytest.approx((0.5 + 21.5) * 1e-3)
+    # mixed: 0.5 + 3 + 0.2*(100 + 4) + 1e-5*20_000 + 0.002*800 ms
+    assert lm.mixed_s(100, 20_000, 4, 800) == pytest.approx((0.5 + 3 + 20.8 + 0.2 + 1.6) * 1e-3)
+    # a "mixed" step without decodes or without prefill is the plain form (one overhead)
+    assert lm.mixed_s(300, 50_000, 0, 0) == lm.prefill_s(300, 50_000)
+    assert lm.mixed_s(0, 0, 10, 1000) == lm.decode_s(10, 1000)
+    with pytest.raises(ValueError, match="overhead must be a number of ms >= 0, got -1"):
+        FittedCoefficients((1, 0, 0), (1, 0, 0), (1, 0, 0), overhead=-1)
+    with pytest.raises(ValueError, match=r"mixed must be four numbers \[a, b, c, d\]"):
+        FittedCoefficients((1, 0, 0), (1, 0, 0), (1, 0, 0), mixed=(1, 2))
+
+
+def _engine_profile():
+    from distserve_rt.planner.profile_fit import FitError
+    from distserve_rt.planner.profiles import ProfileEntry, ProfileSet
+    from distserve_rt.planner.step_noise import StepTimeNoise
+
+    co = FittedCoefficients((1, 0.01, 0), (1, 0.001, 0.01), (1, 0.001, 0.01), 95, 0.2, (1, 0, 0, 0))
+    noise = StepTimeNoise.from_ratios(np.linspace(0.7, 1.5, 50))
+    entry = ProfileEntry(
+        "llama-tiny",
+        1,
+        co,
+        {"prefill": FitError(0.01, 0.05, 10, 0.03)},
+        {"decode": FitError(0.02, 0.09, 8, 0.06)},
+        {"decode": noise, "all": noise},
+    )
+    measurement = {"hardware": "Intel Xeon", "model": "llama-tiny", "dtype": "float32", "tp": 1}
+    return ProfileSet("Intel Xeon", [entry], "test", measurement=measurement)
+
+
+def test_engine_profile_round_trips_and_gives_back_its_noise(tmp_path):
+    import json
+
+    profile = _engine_profile()
+    again = load_profile(profile.save(tmp_path / "p.json"))
+    assert json.loads((tmp_path / "p.json").read_text())["schema_version"] == 2
+    assert again.entries == profile.entries and again.measurement == profile.measurement
+    noise = again.step_noise("llama-tiny", 1)
+    assert noise is not None and noise == profile.entries[0].step_noise["all"]
+    assert again.step_noise(get_preset("llama-tiny"), 1, "decode") == noise
+    assert again.step_noise("llama-tiny", 1, "mixed") is None
+    assert again.step_noise("opt-13b", 1) is None
+    assert load_profile("a100-80g-distserve").step_noise("opt-13b", 1) is None
+
+
+def test_version_1_files_still_load(tmp_path):
+    v1 = {
+        "schema_version": 1,
+        "hardware": "cpu",
+        "units": "ms",
+        "entries": [
+            {
+                "model": "llama-tiny",
+                "tp": 1,
+                "form": "fitted",
+                "coefficients": {
+                    "prefill": [1, 2, 3],
+                    "decode_small": [4, 5, 6],
+                    "decode_large": [4, 5, 6],
+                    "decode_threshold": 95,
+                },
+                "fit_error": {"prefill": {"mean_rel": 0.1, "max_rel": 0.2, "num_samples": 5}},
+            }
+        ],
+    }
+    profile = profile_from_dict(v1)
+    entry = profile.find("llama-tiny", 1)
+    assert entry.coefficients.overhead == 0 and entry.coefficients.mixed is None
+    assert entry.fit_error["prefill"].p90_rel is None and not entry.step_noise
+
+
+def test_use_on_another_dtype_or_hardware_is_said_loudly_once(caplog):
+    profile = _engine_profile()
+    model = get_preset("llama-tiny")
+    with caplog.at_level("WARNING"):
+        profile.latency_model(model, 1, dtype="float32", hardware="Intel Xeon")
+        assert not profile.mismatches
+        for _ in range(3):
+            profile.latency_model(model, 1, dtype="bfloat16", hardware="NVIDIA H100")
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2  # dtype and hardware, once each
+    assert any("measured with dtype 'float32'" in w and "'bfloat16'" in w for w in warnings)
+    assert any("'Intel Xeon'" in w and "'NVIDIA H100'" in w for w in warnings)
+    # DistServe's A100 profile matches the full GPU name; it was measured in float16.
+    distserve = load_profile("a100-80g-distserve")
+    assert distserve.check_use(hardware="NVIDIA A100-SXM4-80GB", dtype="float16") == []
+    assert distserve.check_use(hardware="NVIDIA H100 80GB HBM3") != []

@@ -97,6 +97,7 @@ def test_drt_run_profile_tiny_grid(tmp_path, capsys):
     out = tmp_path / "p.json"
     argv = [
         "profile",
+        "--isolated",
         "--max-batch-size=2",
         "--max-tokens=64",
         "--max-context-len=32",
@@ -118,3 +119,64 @@ def test_drt_run_profile_tiny_grid(tmp_path, capsys):
     assert all(r["ms"] > 0 for r in m["samples"]["prefill"] + m["samples"]["decode"])
     raw = json.loads(out.read_text())
     assert raw["units"] == "ms" and raw["hardware"] == profile.hardware != ""
+
+
+ENGINE_ARGV = [
+    "profile",
+    "--num-steps=60",
+    "--repeats=2",
+    "--max-prompt-len=48",
+    "--max-output-len=6",
+    "--max-num-seqs=8",
+    "--warmup-steps=2",
+    "--kv-cache-memory-bytes=16MiB",
+]
+
+
+def test_drt_run_profile_fits_the_engine_steps(tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert main([*ENGINE_ARGV, f"--output={out}"]) == 0
+    text = capsys.readouterr().out
+    assert "held-out decode" in text and "step time / model" in text and "saved" in text
+    profile = load_profile(out)
+    entry = profile.find("llama-tiny", 1)
+    assert entry.coefficients.overhead > 0
+    assert {"prefill", "decode", "all"} <= set(entry.step_noise)
+    assert {"prefill", "decode"} <= set(entry.held_out_error)
+    m = profile.measurement
+    assert m["mode"] == "engine" and m["policy"] == "chunked_prefill"
+    assert m["includes"] == ["schedule", "execute", "postprocess"]
+    assert (m["model"], m["dtype"], m["tp"], m["pp"]) == ("llama-tiny", "float32", 1, 1)
+    assert m["hardware"] == profile.hardware != "" and m["threads"] == torch.get_num_threads()
+    assert min(m["num_steps"]["prefill"], m["num_steps"]["decode"]) >= 6
+    assert profile.step_noise("llama-tiny", 1) == entry.step_noise["all"]
+
+
+def test_engine_workload_repeats_the_same_batches():
+    """A repeat must execute the very same batch shapes (so a shape's median is over
+    repeats): arrivals are per step, not per second."""
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload, record_engine_steps
+    from distserve_rt.engine import EngineConfig, LLMEngine
+
+    config = EngineConfig(max_num_seqs=8, kv_cache_memory_bytes=16 << 20, log_stats_interval_s=0)
+    engine = LLMEngine(config)
+    workload = EngineWorkload(30, 40, 5, 16, seed=1)
+    records = record_engine_steps(engine, workload, repeats=2, warmup_steps=0)
+    shapes = [r.shape for r in records]
+    half = len(shapes) // 2
+    assert len(shapes) == 2 * half and shapes[:half] == shapes[half:]
+    assert {s.kind for s in shapes} == {"prefill", "decode", "mixed"}
+    assert engine.step_log is None  # recording ends with the workload
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--pp=2"], "--pp 2 is not supported: a pipelined engine overlaps 2 batches"),
+        (["--isolated", "--tp=2"], "--isolated times one process and cannot run --tp 2"),
+        (["--tp=0"], "--tp must be >= 1, got 0"),
+    ],
+)
+def test_drt_run_profile_refuses_unsupported_parallelism(flags, message):
+    with pytest.raises(ValueError, match=message):
+        main(["profile", *flags])

@@ -1,0 +1,138 @@
+"""Fits from the engine's steps (`profile_fit.fit_engine_steps`) and the step-time noise
+(`step_noise.StepTimeNoise`), on synthetic steps with known coefficients and noise."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from distserve_rt.engine.step_log import StepRecord, StepShape
+from distserve_rt.planner.latency_model import FittedCoefficients, FittedLatencyModel
+from distserve_rt.planner.profile_fit import fit_engine_steps
+from distserve_rt.planner.step_noise import NUM_QUANTILES, StepTimeNoise
+
+TRUE = FittedCoefficients(
+    prefill=(2.0, 0.01, 1e-5),
+    decode_small=(1.0, 0.001, 0.05),
+    decode_large=(1.0, 0.001, 0.05),
+    overhead=0.5,
+    mixed=(3.0, 0.012, 1.2e-5, 0.0015),
+)
+HOST_MS = 0.5
+
+
+def _steps(num: int, sigma: float, seed: int = 0) -> list[StepRecord]:
+    """Random prefill/decode/mixed steps timed by TRUE with lognormal execute noise."""
+    rng = np.random.default_rng(seed)
+    lm, out = FittedLatencyModel(TRUE), []
+    for i in range(num):
+        kind = ("prefill", "decode", "mixed")[i % 3]
+        chunks = [(int(n), int(rng.integers(0, 64))) for n in rng.integers(8, 256, 1 + i % 4)]
+        if kind == "decode":
+            chunks = []
+        if kind == "prefill":
+            chunks = [(n, 0) for n, _ in chunks]
+        seq_lens = [] if kind == "prefill" else rng.integers(16, 512, rng.integers(1, 32))
+        shape = StepShape(
+            len(chunks),
+            sum(n for n, _ in chunks),
+            sum(n * (p + n) for n, p in chunks),
+            len(seq_lens),
+            int(np.sum(seq_lens)),
+        )
+        if kind == "prefill":
+            exe = lm.prefill_s(shape.num_prefill_tokens, shape.prefill_attn_work)
+        elif kind == "decode":
+            exe = lm.decode_s(shape.num_decodes, shape.sum_decode_seq_lens)
+        else:
+            exe = lm.mixed_s(
+                shape.num_prefill_tokens,
+                shape.prefill_attn_work,
+                shape.num_decodes,
+                shape.sum_decode_seq_lens,
+            )
+        exe = (exe - HOST_MS * 1e-3) * rng.lognormal(-(sigma**2) / 2, sigma)  # mean-1 noise
+        out.append(StepRecord(shape, exe + HOST_MS * 1e-3, exe))
+    return out
+
+
+def _predict(co: FittedCoefficients, shape: StepShape) -> float:
+    lm = FittedLatencyModel(co)
+    return lm.mixed_s(
+        shape.num_prefill_tokens,
+        shape.prefill_attn_work,
+        shape.num_decodes,
+        shape.sum_decode_seq_lens,
+    )
+
+
+def test_fit_recovers_overhead_and_every_kind_including_mixed():
+    steps = _steps(600, sigma=0.05)
+    fit = fit_engine_steps(steps)
+    co = fit.coefficients
+    assert co.overhead == pytest.approx(HOST_MS, rel=1e-6)
+    assert co.mixed is not None
+    for step in _steps(90, sigma=0.0, seed=1):  # noise-free truth on unseen shapes
+        assert _predict(co, step.shape) == pytest.approx(step.duration_s, rel=0.03)
+    assert set(fit.fit_error) == {"prefill", "decode_small", "mixed"}
+    assert set(fit.held_out_error) == {"prefill", "decode", "mixed"}
+    for err in fit.held_out_error.values():
+        assert 0 < err.mean_rel < 0.1 and err.mean_rel <= err.p90_rel <= err.max_rel
+        assert err.num_samples >= 20  # 20% of ~200 steps of the kind
+
+
+def test_held_out_error_exposes_a_form_that_does_not_fit():
+    """Decode steps quadratic in the batch: the affine form cannot follow them, and the
+    held-out error says so where the in-sample noise-free fit of the truth would not."""
+    steps = []
+    for record in _steps(600, sigma=0.0):
+        s = record.shape
+        if s.num_prefills == 0:
+            extra = 0.02 * s.num_decodes**2 * 1e-3
+            record = StepRecord(s, record.duration_s + extra, record.execute_s + extra)
+        steps.append(record)
+    fit = fit_engine_steps(steps)
+    assert fit.held_out_error["decode"].max_rel > 0.1
+    assert fit.held_out_error["prefill"].max_rel < 1e-6
+
+
+def test_noise_reproduces_the_measured_spread_with_mean_one():
+    steps = _steps(900, sigma=0.2)
+    fit = fit_engine_steps(steps)
+    rng = np.random.default_rng(0)
+    for kind in ("prefill", "decode", "mixed", "all"):
+        noise = fit.noise[kind]
+        assert len(noise.quantiles) == NUM_QUANTILES
+        draws = np.asarray([noise.sample(rng) for _ in range(4000)])
+        assert noise.mean() == pytest.approx(1.0, abs=1e-12)
+        assert draws.mean() == pytest.approx(1.0, abs=0.02)
+    # The execute part scatters lognormally with sigma 0.2: p90/p10 ≈ exp(2·1.28·0.2) = 1.67.
+    q = fit.noise["prefill"].quantiles
+    assert q[18] / q[2] == pytest.approx(np.exp(2 * 1.2816 * 0.2), rel=0.15)
+
+
+def test_step_time_noise_from_ratios_keeps_the_shape_of_the_input():
+    ratios = np.random.default_rng(0).uniform(0.5, 1.5, 20000)
+    noise = StepTimeNoise.from_ratios(ratios)
+    q = np.asarray(noise.quantiles)
+    expected = np.linspace(0.5, 1.5, NUM_QUANTILES)
+    assert q == pytest.approx(expected, abs=0.02)  # uniform ratios already have mean 1
+    rng = np.random.default_rng(1)
+    draws = [noise.sample(rng) for _ in range(20000)]
+    assert np.quantile(draws, [0.1, 0.5, 0.9]) == pytest.approx([0.6, 1.0, 1.4], abs=0.02)
+    assert StepTimeNoise.none().sample(rng) == 1.0
+    assert StepTimeNoise.from_ratios([2.0, 2.0]).quantiles == (1.0,) * NUM_QUANTILES
+
+
+@pytest.mark.parametrize("quantiles", [(1.0,), (1.0, 0.5), (0.0, 1.0), ("a", 1.0)])
+def test_step_time_noise_rejects_bad_tables(quantiles):
+    with pytest.raises((ValueError, TypeError)):
+        StepTimeNoise(quantiles)
+
+
+def test_too_few_steps_of_a_kind_is_a_clear_error():
+    steps = [s for s in _steps(300, 0.0) if s.shape.num_prefills]  # no decode-only steps
+    with pytest.raises(ValueError, match="too few decode-only steps"):
+        fit_engine_steps(steps)
+    with pytest.raises(ValueError, match="held_out must be a fraction"):
+        fit_engine_steps(_steps(300, 0.0), held_out=1.0)
