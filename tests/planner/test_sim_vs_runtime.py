@@ -57,7 +57,7 @@ def test_timed_executor_counts_async_submit_and_wait():
     # model's, not host overhead (it was all counted as overhead once).
     import time
 
-    from distserve_rt.benchmarks.sim_vs_runtime import _TimedExecutor
+    from distserve_rt.benchmarks.sim_vs_runtime.replay import _TimedExecutor
 
     class Slow:
         def execute_async(self, out, block_offset=0):
