@@ -1,16 +1,27 @@
-"""Simulator-vs-runtime plumbing: the replay loop on the real tiny engine, and the simulated
-side of the same setup."""
+"""Simulator-vs-runtime plumbing: the replay loop on the real tiny engines (colocated and
+disaggregated), the simulated side of the same setups, the drift rescaling and the
+aggregation over repeats."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from distserve_rt.benchmarks.sim_vs_runtime import ColocatedSetup, replay, simulate_colocated
+from distserve_rt.benchmarks.sim_vs_runtime import (
+    ColocatedSetup,
+    DisaggSetup,
+    DriftProbe,
+    ProbeTimes,
+    ScaledLatencyModel,
+    replay,
+    simulate_colocated,
+    simulate_disaggregated,
+    summarize_repeats,
+)
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.planner.latency_model import ConstantLatencyModel
-from distserve_rt.planner.simulator import ColocatedPolicy
+from distserve_rt.planner.simulator import ColocatedPolicy, KVTransferSpec
 from distserve_rt.workloads import Workload
 
 WORKLOAD = Workload("t", np.array([20, 40, 30, 10]), np.array([3, 1, 5, 2]))
@@ -71,3 +82,99 @@ def test_timed_executor_counts_async_submit_and_wait():
     timed = _TimedExecutor(Slow())
     assert timed.wait(timed.execute_async("step")) == "step"
     assert timed.execute_s >= 0.02
+
+
+def test_disaggregated_replay_serves_every_request():
+    # 1P1D through the Controller (instances in threads here; processes in the bench).
+    setup = DisaggSetup(64, 4, 64, 4 * 64)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
+    try:
+        run = replay(engine, np.array([0.0, 0.0, 0.05, 0.15]), WORKLOAD)
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+    assert np.isfinite(run.ttft).all() and (run.ttft >= 0).all()
+    assert run.tpot[1] == 0.0 and np.isfinite(run.tpot).all() and (run.tpot[[0, 2, 3]] > 0).all()
+    assert run.duration_s >= 0.15
+    # No executor to time in this process: no host-overhead figure is made up.
+    assert "mean_host_overhead_ms" not in run.extra
+    assert run.row(SLO(10.0, 10.0))["attainment"] == 1.0
+
+
+def test_simulated_disaggregated_side_matches_hand_computation():
+    # Prefill 0.1 s, decode 0.01 s, KV pull 0.05 s; requests far apart run alone: the first
+    # token at 0.1, then the pull, then output - 1 decode steps.
+    setup = DisaggSetup(64, 4, 64, 4 * 64, kv_transfer=KVTransferSpec(latency_s=0.05))
+    arrival = np.array([0.0, 10.0, 20.0, 30.0])
+    run = simulate_disaggregated(setup, ConstantLatencyModel(0.1, 0.01), arrival, WORKLOAD)
+    np.testing.assert_allclose(run.ttft, 0.1)
+    out = WORKLOAD.output_lens
+    expected = np.where(out > 1, (0.05 + (out - 1) * 0.01) / np.maximum(out - 1, 1), 0.0)
+    np.testing.assert_allclose(run.tpot, expected)
+
+
+def test_scaled_latency_model_scales_each_phase():
+    inner = ConstantLatencyModel(0.1, 0.01)
+    scaled = ScaledLatencyModel(inner, prefill_scale=2.0, decode_scale=3.0)
+    assert scaled.tp == inner.tp
+    assert scaled.prefill_s(50, 2500) == pytest.approx(0.2)
+    assert scaled.decode_s(4, 100) == pytest.approx(0.03)
+    alpha, beta = scaled.decode_affine(4)
+    assert (alpha, beta) == pytest.approx((3 * inner.decode_affine(4)[0], 0.0))
+    assert scaled.mixed_s(32, 1024, 4, 100) == pytest.approx(2 * inner.mixed_s(32, 1024, 4, 100))
+    assert scaled.mixed_s(0, 0, 4, 100) == pytest.approx(0.03)
+    # The simulator sees the rescaled steps: an isolated request's TTFT doubles.
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    arrival = np.array([0.0, 10.0, 20.0, 30.0])
+    np.testing.assert_allclose(simulate_colocated(setup, scaled, arrival, WORKLOAD).ttft, 0.2)
+    with pytest.raises(ValueError, match="decode_scale must be a positive finite number"):
+        ScaledLatencyModel(inner, 1.0, 0.0)
+
+
+def test_drift_probe_times_fixed_shapes_and_compares():
+    class FakeTimer:
+        def __init__(self, slow):
+            self.slow, self.calls = slow, []
+
+        def prefill_ms(self, prompt_lens):
+            self.calls.append(("prefill", list(prompt_lens)))
+            return 10.0 * self.slow
+
+        def decode_ms(self, ctx_lens):
+            self.calls.append(("decode", list(ctx_lens)))
+            return 2.0 * self.slow
+
+    probe = DriftProbe(prefill_len=96, decode_batch=3, decode_ctx=120)
+    timer = FakeTimer(slow=1.5)
+    now = probe.measure(timer)
+    assert timer.calls == [("prefill", [96]), ("decode", [120, 120, 120])]
+    ratio = now.ratio(probe.measure(FakeTimer(slow=1.0)))
+    assert ratio == ProbeTimes(pytest.approx(1.5), pytest.approx(1.5))
+    # Without a measured reference, the profile's own prediction of the probe stands in.
+    assert probe.predict(ConstantLatencyModel(0.1, 0.01)) == ProbeTimes(
+        pytest.approx(100.0), pytest.approx(10.0)
+    )
+    with pytest.raises(ValueError, match="decode_batch must be a positive int, got 0"):
+        DriftProbe(96, 0, 120)
+
+
+def test_summarize_repeats_mean_spread_and_gap():
+    def rep(runtime, sim, rescaled, drift):
+        return {
+            "runtime": {"attainment": runtime},
+            "simulated": {"attainment": sim},
+            "simulated_rescaled": {"attainment": rescaled},
+            "drift_ratio": {"prefill_ms": drift, "decode_ms": 2 * drift},
+        }
+
+    summary = summarize_repeats([rep(0.8, 0.9, 0.82, 1.0), rep(0.7, 0.9, 0.71, 1.2),
+                                 rep(0.9, 0.9, 0.88, 1.4)])  # fmt: skip
+    runtime = summary["runtime_attainment"]
+    assert runtime["mean"] == pytest.approx(0.8)
+    assert (runtime["min"], runtime["max"]) == (0.7, 0.9)
+    assert runtime["std"] == pytest.approx(0.1)
+    assert summary["gap_pp"] == pytest.approx(-10.0)
+    assert summary["gap_rescaled_pp"] == pytest.approx(100 * (0.8 - (0.82 + 0.71 + 0.88) / 3))
+    assert summary["drift_decode"]["mean"] == pytest.approx(2.4)
+    assert summary["num_repeats"] == 3
+    assert summarize_repeats([rep(0.5, 0.5, 0.5, 1.0)])["runtime_attainment"]["std"] == 0.0

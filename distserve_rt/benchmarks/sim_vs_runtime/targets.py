@@ -117,9 +117,7 @@ class DisaggSetup:
             max_batch_tokens=self.max_num_batched_tokens,
             max_num_seqs=self.max_num_seqs,
         )
-        decode = SimInstanceSpec(
-            latency, self.kv_capacity_tokens, max_num_seqs=self.max_num_seqs
-        )
+        decode = SimInstanceSpec(latency, self.kv_capacity_tokens, max_num_seqs=self.max_num_seqs)
         return DisaggSpec(prefill, decode, kv_transfer=self.kv_transfer)
 
     def describe(self) -> dict[str, object]:
