@@ -98,6 +98,8 @@ def test_disaggregated_replay_serves_every_request():
     assert run.duration_s >= 0.15
     # No executor to time in this process: no host-overhead figure is made up.
     assert "mean_host_overhead_ms" not in run.extra
+    # Where its time went, from the controller's breakdown (KV transfer included).
+    assert run.extra["mean_transfer_ms"] >= 0 and run.extra["mean_prefill_ms"] > 0
     assert run.row(SLO(10.0, 10.0))["attainment"] == 1.0
 
 
@@ -111,6 +113,8 @@ def test_simulated_disaggregated_side_matches_hand_computation():
     out = WORKLOAD.output_lens
     expected = np.where(out > 1, (0.05 + (out - 1) * 0.01) / np.maximum(out - 1, 1), 0.0)
     np.testing.assert_allclose(run.tpot, expected)
+    # The stage means over finished requests (the one-token one has no transfer: 0 s).
+    assert run.extra["mean_transfer_ms"] == pytest.approx(3 * 50.0 / 4)
 
 
 def test_scaled_latency_model_scales_each_phase():

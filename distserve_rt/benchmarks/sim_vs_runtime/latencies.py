@@ -9,6 +9,7 @@ import numpy as np
 
 from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.outputs import RequestOutput
+from distserve_rt.planner.simulator import BREAKDOWN
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,19 @@ class RunLatencies:
 
 def latencies_from_outputs(
     outputs: Iterable[RequestOutput], num_requests: int, start: float, first_arrival: float
-) -> tuple[np.ndarray, np.ndarray, float]:
-    """``(ttft, tpot, duration_s)`` of requests ``r0..r{n-1}`` from their final outputs.
+) -> RunLatencies:
+    """The run of requests ``r0..r{n-1}`` from their final outputs (``start``: the replay's
+    time zero on the engine's clock; ``first_arrival``: s after it).
 
     A request that did not end with its forced length (error, abort, or no final output)
     counts as failed (inf). A one-token output has TPOT 0, as the simulator counts it.
+    Disaggregated outputs carry a latency breakdown: its means (ms) go into ``extra``, to
+    show where a gap to the simulator comes from (e.g. the KV transfer's queueing).
     """
     ttft = np.full(num_requests, np.inf)
     tpot = np.full(num_requests, np.inf)
     end = start
+    stages: dict[str, list[float]] = {}
     for out in outputs:
         i = int(out.request_id[1:])
         m = out.metrics
@@ -56,4 +61,10 @@ def latencies_from_outputs(
             continue
         ttft[i] = m.ttft
         tpot[i] = m.tpot or 0.0
-    return ttft, tpot, end - start - first_arrival
+        if m.breakdown is not None:
+            for stage in BREAKDOWN:
+                value = getattr(m.breakdown, stage)
+                if value is not None:
+                    stages.setdefault(stage, []).append(value)
+    extra = {f"mean_{k}_ms": 1e3 * float(np.mean(v)) for k, v in stages.items()}
+    return RunLatencies(ttft, tpot, end - start - first_arrival, extra)

@@ -100,12 +100,12 @@ def replay(
     finally:
         if timed is not None:
             engine.executor = timed.inner
-    ttft, tpot, duration = latencies_from_outputs(finished, n, start, float(arrival.min()))
-    extra = {"num_steps": float(num_steps)}
+    run = latencies_from_outputs(finished, n, start, float(arrival.min()))
+    run.extra["num_steps"] = float(num_steps)
     if timed is not None:
         overhead_s = step_s - timed.execute_s
-        extra["mean_host_overhead_ms"] = 1e3 * overhead_s / max(num_steps, 1)
-    return RunLatencies(ttft, tpot, duration, extra)
+        run.extra["mean_host_overhead_ms"] = 1e3 * overhead_s / max(num_steps, 1)
+    return run
 
 
 def _wait_until(deadline: float, clock, sleep) -> None:

@@ -148,7 +148,10 @@ def simulate_disaggregated(
     result = DisaggregatedSimulator(setup.spec(latency)).run(
         arrival, workload.prompt_lens, workload.output_lens
     )
-    return _run_latencies(result, arrival)
+    run = _run_latencies(result, arrival)
+    # The same stages the runtime's breakdown reports, to compare where the time goes.
+    run.extra.update({f"mean_{k}_ms": 1e3 * v for k, v in result.mean_breakdown().items()})
+    return run
 
 
 def _run_latencies(result: SimResult, arrival: np.ndarray) -> RunLatencies:
