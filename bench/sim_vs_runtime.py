@@ -32,7 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +53,7 @@ from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     Calibration,
     calibrate,
     kv_transfer_from_bench,
+    measure_kv_transfer,
     profile_threads,
     set_threads,
 )
@@ -104,6 +105,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--transfer-results",
         default=str(RESULTS / "transfer_cpu.json"),
         help="transfer_suite.py results: the 1P1D simulator's KV transfer cost",
+    )
+    p.add_argument(
+        "--kv-transfer",
+        choices=["measured", "bench"],
+        default="measured",
+        help="1P1D KV transfer cost: timed on the idle runtime before its runs (default), "
+        "or the shm bare pull of --transfer-results",
     )
     p.add_argument("--seed", type=int, default=0, help="lengths, arrivals and prompt tokens")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
@@ -253,14 +261,17 @@ def main(argv=None) -> int:
     slo = choose_slo(args, cals.get(args.threads, cals[max(cals)]).latency, workload)
     print(f"SLO ttft {slo.ttft_s * 1e3:.1f} ms, tpot {slo.tpot_s * 1e3:.2f} ms", flush=True)
     repeats, summaries = [], []
-    for target in targets:
+    for i, target in enumerate(targets):
         cal = cals[threads_of[target.name]]
-        rates = choose_rates(args, target, cal.latency, gaps, workload, slo)
-        print(f"{target.name}: rates {rates} (threads per instance {cal.threads})", flush=True)
         set_threads(args.threads)
         engine = target.setup.make_engine(bytes_per_token, model=model)
         try:
             _warm_up(engine)
+            if isinstance(target.setup, DisaggSetup) and args.kv_transfer == "measured":
+                kv = measure_kv_transfer(engine, mean_prompt)
+                target = targets[i] = replace(target, setup=replace(target.setup, kv_transfer=kv))
+            rates = choose_rates(args, target, cal.latency, gaps, workload, slo)
+            print(f"{target.name}: rates {rates} (threads per instance {cal.threads})", flush=True)
             for rate in rates:
                 run = RunSpec(target, cal, rate, gaps / rate, workload, slo)
                 rows = [
@@ -294,7 +305,7 @@ def _one_run(args, run: RunSpec, engine, probe, probe_timer) -> dict[str, object
     target, cal = run.target, run.cal
     set_threads(cal.threads)
     load_before = os.getloadavg()[0]
-    ratio = probe.measure(probe_timer).ratio(cal.probe_reference)
+    ratio = probe.measure(probe_timer, *_instance_cores(engine)).ratio(cal.probe_reference)
     set_threads(args.threads)
     simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload)
     rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
@@ -310,6 +321,14 @@ def _one_run(args, run: RunSpec, engine, probe, probe_timer) -> dict[str, object
         "simulated": simulated.row(run.slo),
         "simulated_rescaled": rescaled.row(run.slo),
     }
+
+
+def _instance_cores(engine) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """The cores a disaggregated engine's prefill and decode instances are pinned to (None:
+    a colocated engine, which runs on the harness's own threads)."""
+    if not hasattr(engine, "prefills"):
+        return None, None
+    return engine.prefill(0).spec.cpu_cores, engine.decode(0).spec.cpu_cores
 
 
 def _warm_up(engine) -> None:

@@ -103,6 +103,20 @@ def test_disaggregated_replay_serves_every_request():
     assert run.row(SLO(10.0, 10.0))["attainment"] == 1.0
 
 
+def test_kv_transfer_measured_on_the_idle_runtime():
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import measure_kv_transfer
+
+    setup = DisaggSetup(64, 4, 64, 4 * 64)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
+    try:
+        spec = measure_kv_transfer(engine, prompt_len=40, num_requests=3)
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+    # The controller's round trip and the pull: positive, well under a second when idle.
+    assert 0 < spec.latency_s < 1.0 and spec.seconds_per_token == 0.0
+
+
 def test_simulated_disaggregated_side_matches_hand_computation():
     # Prefill 0.1 s, decode 0.01 s, KV pull 0.05 s; requests far apart run alone: the first
     # token at 0.1, then the pull, then output - 1 decode steps.
@@ -158,6 +172,24 @@ def test_drift_probe_times_fixed_shapes_and_compares():
     assert probe.predict(ConstantLatencyModel(0.1, 0.01)) == ProbeTimes(
         pytest.approx(100.0), pytest.approx(10.0)
     )
+    # Each half can run on the cores of its phase's instance; the affinity is restored.
+    import os
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+
+    class AffinityTimer(FakeTimer):
+        def prefill_ms(self, prompt_lens):
+            self.calls.append(os.sched_getaffinity(0))
+            return 1.0
+
+        def decode_ms(self, ctx_lens):
+            self.calls.append(os.sched_getaffinity(0))
+            return 1.0
+
+    timer = AffinityTimer(slow=1.0)
+    probe.measure(timer, prefill_cores=(core,))
+    assert timer.calls == [{core}, before] and os.sched_getaffinity(0) == before
     with pytest.raises(ValueError, match="decode_batch must be a positive int, got 0"):
         DriftProbe(96, 0, 120)
 
@@ -182,3 +214,42 @@ def test_summarize_repeats_mean_spread_and_gap():
     assert summary["drift_decode"]["mean"] == pytest.approx(2.4)
     assert summary["num_repeats"] == 3
     assert summarize_repeats([rep(0.5, 0.5, 0.5, 1.0)])["runtime_attainment"]["std"] == 0.0
+
+
+def test_calibration_probe_reference_sources(tmp_path):
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
+        calibrate,
+        kv_transfer_from_bench,
+        profile_threads,
+    )
+    from distserve_rt.planner.profiles import ProfileSet
+
+    probe, latency = DriftProbe(96, 3, 120), ConstantLatencyModel(0.1, 0.01)
+
+    class Timer:
+        def prefill_ms(self, prompt_lens):
+            return 7.0
+
+        def decode_ms(self, ctx_lens):
+            return 3.0
+
+    # Profiled here: the probe is timed now and kept in the profile's measurement.
+    profile = ProfileSet("cpu", [], measurement={"threads": 1})
+    cal = calibrate(profile, latency, 1, probe, Timer())
+    assert cal.probe_reference == ProbeTimes(7.0, 3.0)
+    assert profile.measurement["drift_probe"]["prefill_ms"] == 7.0
+    # A file with that probe: its reference; without one: the profile's prediction.
+    assert calibrate(profile, latency, 1, probe, None).reference_source == "profile file"
+    other = calibrate(ProfileSet("cpu", []), latency, 1, probe, None)
+    assert other.reference_source == "predicted by the profile"
+    assert other.probe_reference == ProbeTimes(pytest.approx(100.0), pytest.approx(10.0))
+    with pytest.raises(ValueError, match=r"p.json: measurement.threads must be .* got None"):
+        profile_threads(ProfileSet("cpu", []), "p.json")
+    # The shm bench's one-thread tiny-model pull and its submit-to-success latency.
+    bench = tmp_path / "transfer.json"
+    bench.write_text(
+        '{"bandwidth": [{"case": "llama-tiny, 128 blocks", "threads": 1, "pull_gbps": 4.0}],'
+        ' "latency": {"submit_to_success_median_us": 20.0}}'
+    )
+    spec = kv_transfer_from_bench(bench, bytes_per_token=4000)
+    assert spec.seconds_per_token == pytest.approx(1e-6) and spec.latency_s == pytest.approx(2e-5)

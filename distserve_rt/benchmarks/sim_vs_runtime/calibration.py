@@ -8,6 +8,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.profiles import ProfileSet
@@ -101,3 +103,25 @@ def kv_transfer_from_bench(path: str | Path, bytes_per_token: int) -> KVTransfer
         seconds_per_token=bytes_per_token / (pulls[0]["pull_gbps"] * 1e9),
         latency_s=raw["latency"]["submit_to_success_median_us"] * 1e-6,
     )
+
+
+def measure_kv_transfer(engine, prompt_len: int, num_requests: int = 8) -> KVTransferSpec:
+    """The 1P1D KV path of the idle runtime ``engine`` (a `Controller`): ``num_requests``
+    prompts of ``prompt_len`` tokens, one at a time; each one's first token -> KV in the
+    decode instance (the controller's ``transfer_queue + transfer``: its messages and the
+    decode instance noticing them, which the shm bench's bare pull leaves out). The median
+    is the spec's fixed latency (the per-token part is folded in at this length)."""
+    from distserve_rt.sampling_params import SamplingParams
+
+    seconds = []
+    for i in range(num_requests):
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        engine.add_request(f"kv-probe-{i}", [1 + i % 7] * prompt_len, params)
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step(0.05) if o.finished]
+        breakdown = outputs[-1].metrics.breakdown if outputs else None
+        if breakdown is None or breakdown.transfer is None:
+            raise RuntimeError(f"kv-probe-{i} finished without a KV transfer: {outputs!r}")
+        seconds.append((breakdown.transfer_queue or 0.0) + breakdown.transfer)
+    return KVTransferSpec(latency_s=float(np.median(seconds)))

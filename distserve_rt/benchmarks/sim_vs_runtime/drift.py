@@ -7,6 +7,9 @@ the machine's drift is taken out)."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Collection, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from distserve_rt.planner.latency_model import LatencyModel
@@ -46,12 +49,21 @@ class DriftProbe:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{key} must be a positive int, got {value!r}")
 
-    def measure(self, timer: StepTimer) -> ProbeTimes:
-        """Times the probe with ``timer`` (its repeats set the median's sample count)."""
-        return ProbeTimes(
-            timer.prefill_ms([self.prefill_len]),
-            timer.decode_ms([self.decode_ctx] * self.decode_batch),
-        )
+    def measure(
+        self,
+        timer: StepTimer,
+        prefill_cores: Collection[int] | None = None,
+        decode_cores: Collection[int] | None = None,
+    ) -> ProbeTimes:
+        """Times the probe with ``timer`` (its repeats set the median's sample count).
+        ``*_cores``: run that half pinned to these cores, the ones the instance of that phase
+        is pinned to, so a core another process keeps busy shows in the ratio (pinning moves
+        the calling thread only: run the probe with one thread then)."""
+        with pinned(prefill_cores):
+            prefill_ms = timer.prefill_ms([self.prefill_len])
+        with pinned(decode_cores):
+            decode_ms = timer.decode_ms([self.decode_ctx] * self.decode_batch)
+        return ProbeTimes(prefill_ms, decode_ms)
 
     def predict(self, latency: LatencyModel) -> ProbeTimes:
         """The probe as ``latency`` times it: the reference when the profile carries no
@@ -68,6 +80,20 @@ class DriftProbe:
             "decode_batch": self.decode_batch,
             "decode_ctx": self.decode_ctx,
         }
+
+
+@contextmanager
+def pinned(cores: Collection[int] | None) -> Iterator[None]:
+    """The calling thread on ``cores`` for the block (None: left as it is)."""
+    if cores is None:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, cores)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
 
 
 class ScaledLatencyModel(LatencyModel):
