@@ -253,3 +253,30 @@ def test_calibration_probe_reference_sources(tmp_path):
     )
     spec = kv_transfer_from_bench(bench, bytes_per_token=4000)
     assert spec.seconds_per_token == pytest.approx(1e-6) and spec.latency_s == pytest.approx(2e-5)
+
+
+def _script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "bench" / "sim_vs_runtime.py"
+    spec = importlib.util.spec_from_file_location("sim_vs_runtime_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_defaults_quick_and_shared_slo():
+    script = _script()
+    args = script.parse_args([])
+    assert (args.num_requests, args.repeats) == (1000, 3)
+    assert args.targets == ["continuous_batching", "chunked_prefill", "disaggregated_1p1d"]
+    # --quick shrinks only what the user left at its default.
+    quick = script.parse_args(["--quick", "--repeats", "2"])
+    assert (quick.num_requests, quick.repeats, quick.load_factors) == (60, 2, [0.5, 1.5])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--repeats", "0"])
+    # One SLO for all targets: the loosest of each profile's.
+    assert script.loosest([SLO(0.1, 0.02), SLO(0.2, 0.01)]) == SLO(0.2, 0.02)

@@ -24,12 +24,12 @@ def plot_attainment(summaries: list[dict], title: str, path: Path) -> Path:
             [100 * (r["mean"] - r["min"]) for r in runtime],
             [100 * (r["max"] - r["mean"]) for r in runtime],
         ]
-        ax.errorbar(rates, mean, yerr=err, fmt="-s", color="C0", capsize=3, label="runtime")
-        for key, style, label in (
-            ("simulated_attainment", "--o", "simulated"),
-            ("simulated_rescaled_attainment", ":^", "simulated, drift-rescaled"),
+        ax.errorbar(rates, mean, yerr=err, fmt="-s", color="k", capsize=3, label="runtime")
+        for key, style, color, label in (
+            ("simulated_attainment", "--o", "C0", "simulated"),
+            ("simulated_rescaled_attainment", ":^", "C1", "simulated, drift-rescaled"),
         ):
-            ax.plot(rates, [100 * s[key]["mean"] for s in rows], style, label=label)
+            ax.plot(rates, [100 * s[key]["mean"] for s in rows], style, color=color, label=label)
         ax.set_title(target, fontsize=9)
         ax.set_xlabel("rate (req/s)")
         ax.set_ylim(0, 102)
