@@ -53,6 +53,7 @@ from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     Calibration,
     calibrate,
     kv_transfer_from_bench,
+    load_profiles,
     measure_kv_transfer,
     profile_threads,
     set_threads,
@@ -62,7 +63,6 @@ from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.models import load_model
 from distserve_rt.planner.goodput import search_rate
 from distserve_rt.planner.profiler import ProfileGrid, fit_profile, measure
-from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator import ColocatedPolicy, KVTransferSpec
 from distserve_rt.planner.step_timer import STEP_INCLUDES, RunnerStepTimer
 from distserve_rt.sampling_params import SamplingParams
@@ -97,7 +97,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Milliseconds and these names, like drt-run bench/plan/simulate.
     p.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO, ms (overrides --ttft-scale)")
     p.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO, ms (overrides --tpot-scale)")
-    p.add_argument("--profile", nargs="+", default=[], help="profile JSONs (matched by threads)")
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        help="profile JSONs, or an earlier result of this script (its profiles); matched to "
+        "the targets by the threads they were measured with, the rest profiled here",
+    )
     p.add_argument("--save-profiles", help="folder to write the profiles measured here to")
     p.add_argument("--profile-repeats", type=int, default=5, help="profiler repeats per point")
     p.add_argument("--probe-repeats", type=int, default=20, help="drift probe repeats (median)")
@@ -160,8 +166,8 @@ def calibrations(args, model, config, thread_counts, probe, probe_timer, max_mod
     """A `Calibration` per thread count: from ``--profile`` files, else profiled here."""
     files = {}
     for path in args.profile:
-        profile = load_profile(path)
-        files[profile_threads(profile, path)] = profile
+        for profile in load_profiles(path):
+            files[profile_threads(profile, path)] = profile
     out = {}
     for threads in sorted(thread_counts):
         set_threads(threads)

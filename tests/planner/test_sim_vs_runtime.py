@@ -245,6 +245,22 @@ def test_calibration_probe_reference_sources(tmp_path):
     assert other.probe_reference == ProbeTimes(pytest.approx(100.0), pytest.approx(10.0))
     with pytest.raises(ValueError, match=r"p.json: measurement.threads must be .* got None"):
         profile_threads(ProfileSet("cpu", []), "p.json")
+    # A result of the harness gives its profiles back, probe reference included.
+    import json
+
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import load_profiles
+    from distserve_rt.planner.latency_model import FittedCoefficients
+    from distserve_rt.planner.profiles import ProfileEntry
+
+    co = FittedCoefficients((1.0, 0.1, 0.0), (2.0, 0.0, 0.1), (2.0, 0.0, 0.1))
+    fitted = ProfileSet("cpu", [ProfileEntry("llama-tiny", 1, co)], measurement={"threads": 1})
+    cal = calibrate(fitted, latency, 1, probe, Timer())
+    result = tmp_path / "svr.json"
+    payload = {"benchmark": "sim_vs_runtime", "profiles": {"1": cal.describe()}}
+    result.write_text(json.dumps(payload))
+    (again,) = load_profiles(result)
+    assert again.entries[0].coefficients == co and again.measurement["threads"] == 1
+    assert calibrate(again, latency, 1, probe, None).probe_reference == ProbeTimes(7.0, 3.0)
     # The shm bench's one-thread tiny-model pull and its submit-to-success latency.
     bench = tmp_path / "transfer.json"
     bench.write_text(

@@ -50,6 +50,8 @@ class Calibration:
             "measurement_threads": self.profile.measurement.get("threads"),
             "drift_probe_reference": self.probe_reference.to_dict(),
             "drift_probe_reference_source": self.reference_source,
+            # The whole profile (samples included): --profile can reuse it after extraction.
+            "profile": self.profile.to_dict(),
         }
 
 
@@ -125,3 +127,17 @@ def measure_kv_transfer(engine, prompt_len: int, num_requests: int = 8) -> KVTra
             raise RuntimeError(f"kv-probe-{i} finished without a KV transfer: {outputs!r}")
         seconds.append((breakdown.transfer_queue or 0.0) + breakdown.transfer)
     return KVTransferSpec(latency_s=float(np.median(seconds)))
+
+
+def load_profiles(path: str | Path) -> list[ProfileSet]:
+    """The profiles in ``path``: a profile JSON (`drt-run profile`), or a result of this
+    harness, whose runs' profiles are reused (same steps, same drift probe reference)."""
+    from distserve_rt.planner.profiles import load_profile, profile_from_dict
+
+    raw = json.loads(Path(path).read_text()) if str(path).endswith(".json") else {}
+    if raw.get("benchmark") != "sim_vs_runtime":
+        return [load_profile(path)]
+    return [
+        profile_from_dict(p["profile"], f"{path}: profiles.{k}.profile")
+        for k, p in raw.get("profiles", {}).items()
+    ]
