@@ -30,7 +30,6 @@ attainment is 90%. ``--slo-ttft-ms``/``--slo-tpot-ms``/``--rates`` fix them inst
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,10 +42,8 @@ from distserve_rt.benchmarks.sim_vs_runtime import (
     ColocatedSetup,
     DisaggSetup,
     DriftProbe,
-    ScaledLatencyModel,
     Target,
     default_simulator,
-    replay,
     summarize_repeats,
 )
 from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
@@ -59,13 +56,13 @@ from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     set_threads,
 )
 from distserve_rt.benchmarks.sim_vs_runtime.plot import plot_attainment
+from distserve_rt.benchmarks.sim_vs_runtime.runs import RunSpec, one_run, warm_up
 from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.models import load_model
 from distserve_rt.planner.goodput import search_rate
 from distserve_rt.planner.profiler import ProfileGrid, fit_profile, measure
 from distserve_rt.planner.simulator import ColocatedPolicy, KVTransferSpec
 from distserve_rt.planner.step_timer import STEP_INCLUDES, RunnerStepTimer
-from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.workloads import LengthDist, Workload, unit_interarrivals
 
 MODEL = "dummy:llama-tiny"
@@ -315,7 +312,7 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
     set_threads(args.threads)
     engine = target.setup.make_engine(ctx.bytes_per_token, model=ctx.model)
     try:
-        _warm_up(engine)
+        warm_up(engine)
         if isinstance(target.setup, DisaggSetup) and args.kv_transfer == "measured":
             kv = measure_kv_transfer(engine, int(ctx.workload.prompt_lens.mean()))
             target = replace(target, setup=replace(target.setup, kv_transfer=kv))
@@ -323,10 +320,13 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
         print(f"{target.name}: rates {rates} (threads per instance {cal.threads})", flush=True)
         rows = []
         for rate in rates:
-            run = RunSpec(target, cal, rate, ctx.gaps / rate, ctx.workload, ctx.slo)
+            arrival = ctx.gaps / rate
+            run = RunSpec(
+                target, cal, rate, arrival, ctx.workload, ctx.slo, args.threads, args.seed
+            )
             rows += [
                 {"target": target.name, "rate": rate, "repeat": r,
-                 **_one_run(args, run, engine, ctx.probe, ctx.probe_timer)}
+                 **one_run(run, engine, ctx.probe, ctx.probe_timer)}
                 for r in range(args.repeats)
             ]  # fmt: skip
             print(_line({"target": target.name, "rate": rate,
@@ -334,56 +334,6 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
         return target, rows
     finally:
         engine.shutdown()
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One (target, rate): what each of its repeats serves and simulates."""
-
-    target: Target
-    cal: Calibration
-    rate: float
-    arrival: np.ndarray
-    workload: Workload
-    slo: SLO
-
-
-def _one_run(args, run: RunSpec, engine, probe, probe_timer) -> dict[str, object]:
-    """Probe, simulate (as profiled and drift-rescaled), serve: one repeat's rows."""
-    target, cal = run.target, run.cal
-    set_threads(cal.threads)
-    load_before = os.getloadavg()[0]
-    ratio = probe.measure(probe_timer, *_instance_cores(engine)).ratio(cal.probe_reference)
-    set_threads(args.threads)
-    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload)
-    rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
-    rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload)
-    desc = f"{target.name} @ {run.rate:g} req/s"
-    with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
-        runtime = replay(engine, run.arrival, run.workload, seed=args.seed, progress=bar.update)
-    return {
-        "drift_ratio": ratio.to_dict(),
-        "load_average_1min_before": load_before,
-        "load_average_1min_after": os.getloadavg()[0],
-        "runtime": runtime.row(run.slo),
-        "simulated": simulated.row(run.slo),
-        "simulated_rescaled": rescaled.row(run.slo),
-    }
-
-
-def _instance_cores(engine) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
-    """The cores a disaggregated engine's prefill and decode instances are pinned to (None:
-    a colocated engine, which runs on the harness's own threads)."""
-    if not hasattr(engine, "prefills"):
-        return None, None
-    return engine.prefill(0).spec.cpu_cores, engine.decode(0).spec.cpu_cores
-
-
-def _warm_up(engine) -> None:
-    """One request through the engine so first-step costs do not land on a measured one."""
-    engine.add_request("warmup", [1] * 32, SamplingParams(temperature=0.0, max_tokens=4))
-    while engine.has_unfinished_requests():
-        engine.step(0.05)
 
 
 def _line(s) -> str:

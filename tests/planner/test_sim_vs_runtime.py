@@ -296,3 +296,31 @@ def test_script_defaults_quick_and_shared_slo():
         script.parse_args(["--repeats", "0"])
     # One SLO for all targets: the loosest of each profile's.
     assert script.loosest([SLO(0.1, 0.02), SLO(0.2, 0.01)]) == SLO(0.2, 0.02)
+
+
+def test_one_run_probes_simulates_twice_and_serves():
+    from distserve_rt.benchmarks.sim_vs_runtime import Target, default_simulator
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration
+    from distserve_rt.benchmarks.sim_vs_runtime.runs import RunSpec, one_run
+    from distserve_rt.planner.profiles import ProfileSet
+
+    class Timer:  # the machine is twice as slow as when the profile was measured
+        def prefill_ms(self, prompt_lens):
+            return 20.0
+
+        def decode_ms(self, ctx_lens):
+            return 4.0
+
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    cal = Calibration(
+        1, ProfileSet("cpu", []), ConstantLatencyModel(0.1, 0.01), ProbeTimes(10.0, 2.0), "test"
+    )
+    target = Target("cb", setup, default_simulator(setup))
+    slo = SLO(0.15, 10.0)  # met by 0.1 s prefills, missed by rescaled 0.2 s ones
+    run = RunSpec(target, cal, 1.0, np.array([0.0, 10.0, 20.0, 30.0]) / 100, WORKLOAD, slo, 1)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    record = one_run(run, engine, DriftProbe(16, 2, 16), Timer())
+    assert record["drift_ratio"] == {"prefill_ms": 2.0, "decode_ms": 2.0}
+    assert record["simulated"]["attainment"] == 1.0
+    assert record["simulated_rescaled"]["attainment"] == 0.0
+    assert record["runtime"]["num_failed"] == 0 and record["load_average_1min_after"] >= 0
