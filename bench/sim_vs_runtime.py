@@ -1,62 +1,92 @@
-"""Simulator vs runtime on this machine: profile the tiny model, simulate the colocated
-policies with that profile, replay the same requests on the real `LLMEngine`, compare.
+"""Simulator vs runtime on this machine: profile the tiny model, simulate each target (the
+two colocated policies and disaggregated 1P1D) with that profile, replay the same requests
+on the real engine (`LLMEngine`, or the `Controller` with one prefill and one decode
+process), repeat, compare.
 
     PYTHONPATH=. .venv/bin/python bench/sim_vs_runtime.py --threads 2
+    PYTHONPATH=. .venv/bin/python bench/sim_vs_runtime.py --quick --output /tmp/svr.json
 
-Writes ``bench/results/sim_vs_runtime_cpu.json`` (with the environment and the command) and
-a PNG next to it (SLO attainment vs rate: simulated and measured, per policy).
+Writes ``bench/results/sim_vs_runtime_cpu.json`` (the environment and the command, load
+average around every run, the drift ratios, the profiles used) and a PNG next to it (SLO
+attainment vs rate per target: the runtime's mean over the repeats with its min-max range,
+the simulator as profiled and drift-rescaled).
+
+Threads: a colocated engine runs ``--threads``; each disaggregated instance is pinned to
+one core and runs one thread, so the two share a 2-core machine without oversubscribing it.
+Each thread count gets its own profile (``--profile`` files are matched by the threads they
+were measured with; the missing ones are profiled here).
+
+Drift: before every run, a fixed probe (one prefill, one decode batch; median of
+``--probe-repeats``) is timed and divided by the same probe timed right after profiling.
+Each run is simulated twice: with the profile as measured, and with its step times scaled
+by that ratio (a gap left after rescaling is the model's, not the machine's).
 
 SLOs and rates adapt to the machine, so that attainment spans ~30-100%: the SLOs are
-multiples of the profile's unloaded step times (``--ttft-scale``, ``--tpot-scale``), and the
-rates are multiples (``--load-factors``) of the rate at which the *simulated* continuous
-batching policy meets 90% attainment. ``--slo-ttft-ms``/``--slo-tpot-ms``/``--rates`` fix them
-instead.
+multiples of the profile's unloaded step times (``--ttft-scale``, ``--tpot-scale``), and
+each target's rates are multiples (``--load-factors``) of the rate at which its *simulated*
+attainment is 90%. ``--slo-ttft-ms``/``--slo-tpot-ms``/``--rates`` fix them instead.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from distserve_rt import _native
 from distserve_rt.benchmarks.environment import hardware_name, save_result
 from distserve_rt.benchmarks.sim_vs_runtime import (
     ColocatedSetup,
-    replay,
-    simulate_colocated,
+    DisaggSetup,
+    DriftProbe,
+    Target,
+    default_simulator,
+    summarize_repeats,
 )
-from distserve_rt.engine.llm_engine import LLMEngine
+from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
+    Calibration,
+    calibrate,
+    kv_transfer_from_bench,
+    load_profiles,
+    measure_kv_transfer,
+    profile_threads,
+    set_threads,
+)
+from distserve_rt.benchmarks.sim_vs_runtime.plot import plot_attainment
+from distserve_rt.benchmarks.sim_vs_runtime.runs import RunSpec, one_run, warm_up
 from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.models import load_model
 from distserve_rt.planner.goodput import search_rate
-from distserve_rt.planner.latency_model import FittedLatencyModel
 from distserve_rt.planner.profiler import ProfileGrid, fit_profile, measure
-from distserve_rt.planner.profiles import load_profile
-from distserve_rt.planner.simulator import ColocatedPolicy
+from distserve_rt.planner.simulator import ColocatedPolicy, KVTransferSpec
 from distserve_rt.planner.step_timer import STEP_INCLUDES, RunnerStepTimer
 from distserve_rt.workloads import LengthDist, Workload, unit_interarrivals
 
 MODEL = "dummy:llama-tiny"
 RESULTS = Path(__file__).parent / "results"
+DISAGG = "disaggregated_1p1d"
+TARGETS = [*(p.value for p in ColocatedPolicy), DISAGG]
 
 # Imported after distserve_rt, which sets OMP_WAIT_POLICY=PASSIVE before libgomp loads.
 import torch  # noqa: E402
 
+QUICK = {"num_requests": 60, "repeats": 1, "load_factors": [0.5, 1.5], "profile_repeats": 2,
+         "probe_repeats": 5}  # fmt: skip
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default: 2)")
-    p.add_argument("--num-requests", type=int, default=200, help="requests per rate (default: 200)")
+    p.add_argument("--threads", type=int, default=2, help="colocated engine threads (default 2)")
+    p.add_argument("--num-requests", type=int, default=1000, help="requests per run (1000)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per (target, rate) (default 3)")
+    p.add_argument("--targets", nargs="+", default=TARGETS, choices=TARGETS)
     p.add_argument("--prompt-lens", default="16,192", help="uniform prompt range LOW,HIGH")
     p.add_argument("--output-lens", default="8,48", help="uniform output range LOW,HIGH")
     p.add_argument("--max-num-batched-tokens", type=int, default=256, help="step token budget")
     p.add_argument("--max-num-seqs", type=int, default=32, help="running requests at most")
-    p.add_argument("--policies", nargs="+", default=[p.value for p in ColocatedPolicy])
     p.add_argument("--load-factors", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
     p.add_argument("--rates", type=float, nargs="+", help="req/s (overrides --load-factors)")
     p.add_argument("--ttft-scale", type=float, default=4.0, help="TTFT SLO / unloaded prefill")
@@ -64,11 +94,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     # Milliseconds and these names, like drt-run bench/plan/simulate.
     p.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO, ms (overrides --ttft-scale)")
     p.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO, ms (overrides --tpot-scale)")
-    p.add_argument("--profile", help="reuse this profile JSON instead of profiling now")
-    p.add_argument("--repeats", type=int, default=5, help="profiler repeats per grid point")
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        default=[],
+        help="profile JSONs, or an earlier result of this script (its profiles); matched to "
+        "the targets by the threads they were measured with, the rest profiled here",
+    )
+    p.add_argument("--save-profiles", help="folder to write the profiles measured here to")
+    p.add_argument("--profile-repeats", type=int, default=5, help="profiler repeats per point")
+    p.add_argument("--probe-repeats", type=int, default=20, help="drift probe repeats (median)")
+    p.add_argument(
+        "--transfer-results",
+        default=str(RESULTS / "transfer_cpu.json"),
+        help="transfer_suite.py results: the 1P1D simulator's KV transfer cost",
+    )
+    p.add_argument(
+        "--kv-transfer",
+        choices=["measured", "bench"],
+        default="measured",
+        help="1P1D KV transfer cost: timed on the idle runtime before its runs (default), "
+        "or the shm bare pull of --transfer-results",
+    )
     p.add_argument("--seed", type=int, default=0, help="lengths, arrivals and prompt tokens")
+    p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     p.add_argument("--output", default=str(RESULTS / "sim_vs_runtime_cpu.json"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:
+        # Only what the user left at its default.
+        for key, value in QUICK.items():
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
+    for key in ("threads", "num_requests", "repeats", "profile_repeats", "probe_repeats"):
+        if getattr(args, key) < 1:
+            p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    return args
 
 
 def _range(text: str) -> tuple[int, int]:
@@ -85,9 +145,10 @@ def profile_here(args, model, config, max_model_len: int):
         block_size=16,
         max_num_batched_tokens=max(grid.max_tokens, grid.max_batch_size),
         max_num_seqs=grid.max_batch_size,
-        repeats=args.repeats,
+        repeats=args.profile_repeats,
     )
-    samples = measure(grid, timer, lambda pts: tqdm(pts, desc="profile", unit="step"))
+    desc = f"profile ({torch.get_num_threads()} threads)"
+    samples = measure(grid, timer, lambda pts: tqdm(pts, desc=desc, unit="step"))
     measurement = {
         "device": "cpu",
         "threads": torch.get_num_threads(),
@@ -96,6 +157,27 @@ def profile_here(args, model, config, max_model_len: int):
         "samples": samples.to_dict(),
     }
     return fit_profile(samples, config, hardware=hardware_name("cpu"), measurement=measurement)
+
+
+def calibrations(args, model, config, thread_counts, probe, probe_timer, max_model_len):
+    """A `Calibration` per thread count: from ``--profile`` files, else profiled here."""
+    files = {}
+    for path in args.profile:
+        for profile in load_profiles(path):
+            files[profile_threads(profile, path)] = profile
+    out = {}
+    for threads in sorted(thread_counts):
+        set_threads(threads)
+        profile = files.get(threads)
+        measured_here = profile is None
+        if measured_here:
+            profile = profile_here(args, model, config, max_model_len)
+            if args.save_profiles:
+                profile.save(Path(args.save_profiles) / f"tiny_cpu_{threads}t.json")
+        latency = profile.latency_model(config, 1)
+        timer = probe_timer if measured_here else None
+        out[threads] = calibrate(profile, latency, threads, probe, timer)
+    return out
 
 
 def choose_slo(args, latency, workload: Workload) -> SLO:
@@ -108,24 +190,44 @@ def choose_slo(args, latency, workload: Workload) -> SLO:
     return SLO(ttft, tpot)
 
 
-def choose_rates(args, setup, latency, gaps, workload, slo) -> list[float]:
+def choose_rates(args, target: Target, latency, gaps, workload, slo) -> list[float]:
     if args.rates:
         return sorted(args.rates)
 
     def sim_attainment(rate: float) -> float:
-        run = simulate_colocated(setup, latency, gaps / rate, workload)
+        run = target.simulate(target.setup, latency, gaps / rate, workload)
         return attainment(run.ttft, run.tpot, slo).joint
 
     r90, _ = search_rate(sim_attainment, 0.9, rate_hint=1.0, rel_tol=0.05)
     if r90 <= 0:
-        raise ValueError(f"no rate meets 90% of {slo} in simulation; loosen the SLO scales")
+        raise NoRateError(
+            f"{target.name}: no rate meets 90% of {slo} in simulation; loosen the SLO scales"
+        )
     return [round(f * r90, 3) for f in args.load_factors]
+
+
+def make_targets(args, max_model_len: int, kv_transfer: KVTransferSpec) -> list[Target]:
+    kv_tokens = args.max_num_seqs * max_model_len  # no memory pressure on either side
+    # A whole prompt must fit one step of continuous batching and one prefill batch (L_m).
+    whole = max(args.max_num_batched_tokens, max_model_len)
+    setups = {
+        "continuous_batching": ColocatedSetup(
+            ColocatedPolicy.CONTINUOUS_BATCHING, whole, args.max_num_seqs, max_model_len, kv_tokens
+        ),
+        "chunked_prefill": ColocatedSetup(
+            ColocatedPolicy.CHUNKED_PREFILL,
+            args.max_num_batched_tokens,
+            args.max_num_seqs,
+            max_model_len,
+            kv_tokens,
+        ),
+        DISAGG: DisaggSetup(whole, args.max_num_seqs, max_model_len, kv_tokens, kv_transfer),
+    }
+    return [Target(name, setups[name], default_simulator(setups[name])) for name in args.targets]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    _native.set_num_threads(args.threads)
     (p_lo, p_hi), (o_lo, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
     max_model_len = p_hi + o_hi
     workload = Workload.synthetic(
@@ -136,67 +238,116 @@ def main(argv=None) -> int:
     )
     gaps = np.cumsum(unit_interarrivals(args.num_requests, seed=args.seed))
     model, config = load_model(MODEL)
-    if args.profile:
-        profile = load_profile(args.profile)
-    else:
-        profile = profile_here(args, model, config, max_model_len)
-    entry = profile.find(config.name, 1)
-    latency = FittedLatencyModel(entry.coefficients)
-    kv_tokens = args.max_num_seqs * max_model_len  # no memory pressure on either side
     bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    setups = {
-        policy: ColocatedSetup(
-            ColocatedPolicy(policy),
-            max(args.max_num_batched_tokens, max_model_len)
-            if policy == "continuous_batching"
-            else args.max_num_batched_tokens,
-            args.max_num_seqs,
-            max_model_len,
-            kv_tokens,
-        )
-        for policy in args.policies
-    }
-    slo = choose_slo(args, latency, workload)
-    base = setups.get("continuous_batching", next(iter(setups.values())))
-    rates = choose_rates(args, base, latency, gaps, workload, slo)
-    print(f"SLO ttft {slo.ttft_s * 1e3:.1f} ms, tpot {slo.tpot_s * 1e3:.2f} ms; rates {rates}")
-    runs = []
-    for policy, setup in setups.items():
-        engine = LLMEngine(setup.engine_config(bytes_per_token), model=model)
-        _warm_up(engine)
+    kv_transfer = kv_transfer_from_bench(args.transfer_results, bytes_per_token)
+    targets = make_targets(args, max_model_len, kv_transfer)
+    # Mid-workload shapes, so the probe's ratio is that of the steps the runs take.
+    mean_prompt = int(workload.prompt_lens.mean())
+    probe = DriftProbe(
+        mean_prompt,
+        max(1, args.max_num_seqs // 4),
+        mean_prompt + int(workload.output_lens.mean()) // 2,
+    )
+    probe_timer = RunnerStepTimer(
+        model,
+        num_blocks=probe.decode_batch * (probe.decode_ctx // 16 + 2) + probe.prefill_len // 16 + 2,
+        block_size=16,
+        max_num_batched_tokens=max(probe.prefill_len, probe.decode_batch),
+        max_num_seqs=probe.decode_batch,
+        repeats=args.probe_repeats,
+    )
+    threads_of = {t.name: t.threads or args.threads for t in targets}
+    cals = calibrations(
+        args, model, config, set(threads_of.values()), probe, probe_timer, max_model_len
+    )
+    # One SLO for every target, from the slowest profile's unloaded steps (one-thread
+    # instances are slower): each target then reaches 90% attainment at some rate.
+    slo = loosest([choose_slo(args, c.latency, workload) for c in cals.values()])
+    print(f"SLO ttft {slo.ttft_s * 1e3:.1f} ms, tpot {slo.tpot_s * 1e3:.2f} ms", flush=True)
+    ctx = Context(args, model, bytes_per_token, workload, gaps, slo, probe, probe_timer)
+    repeats, summaries, skipped = [], [], {}
+    for i, target in enumerate(targets):
+        try:
+            targets[i], rows = _run_target(ctx, target, cals[threads_of[target.name]])
+        except NoRateError as exc:  # the other targets' results still count
+            print(f"skipped: {exc}", flush=True)
+            skipped[target.name] = str(exc)
+            continue
+        repeats += rows
+        for rate in dict.fromkeys(r["rate"] for r in rows):
+            same = [r for r in rows if r["rate"] == rate]
+            summaries.append({"target": target.name, "rate": rate, **summarize_repeats(same)})
+        # Saved after every target: a long run stopped later keeps what it measured.
+        _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped)
+    return 0 if summaries and not skipped else 1
+
+
+class NoRateError(ValueError):
+    """No rate meets 90% attainment of the SLO in the target's simulation."""
+
+
+def loosest(slos: list[SLO]) -> SLO:
+    return SLO(max(s.ttft_s for s in slos), max(s.tpot_s for s in slos))
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every run of the harness shares."""
+
+    args: argparse.Namespace
+    model: object
+    bytes_per_token: int
+    workload: Workload
+    gaps: np.ndarray
+    """Unit-rate arrival times ``[num_requests]`` (s at 1 req/s)."""
+    slo: SLO
+    probe: DriftProbe
+    probe_timer: RunnerStepTimer
+
+
+def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target, list[dict]]:
+    """Every rate and repeat of ``target`` on one engine; the target returned carries what
+    was measured on it (1P1D: the KV transfer cost)."""
+    args = ctx.args
+    set_threads(args.threads)
+    engine = target.setup.make_engine(ctx.bytes_per_token, model=ctx.model)
+    try:
+        warm_up(engine)
+        if isinstance(target.setup, DisaggSetup) and args.kv_transfer == "measured":
+            kv = measure_kv_transfer(engine, int(ctx.workload.prompt_lens.mean()))
+            target = replace(target, setup=replace(target.setup, kv_transfer=kv))
+        rates = choose_rates(args, target, cal.latency, ctx.gaps, ctx.workload, ctx.slo)
+        print(f"{target.name}: rates {rates} (threads per instance {cal.threads})", flush=True)
+        rows = []
         for rate in rates:
-            arrival = gaps / rate
-            sim = simulate_colocated(setup, latency, arrival, workload).row(slo)
-            real = replay(engine, arrival, workload, seed=args.seed).row(slo)
-            runs.append({"policy": policy, "rate": rate, "simulated": sim, "runtime": real})
-            print(_line(runs[-1]), flush=True)
+            arrival = ctx.gaps / rate
+            run = RunSpec(
+                target, cal, rate, arrival, ctx.workload, ctx.slo, args.threads, args.seed
+            )
+            rows += [
+                {"target": target.name, "rate": rate, "repeat": r,
+                 **one_run(run, engine, ctx.probe, ctx.probe_timer)}
+                for r in range(args.repeats)
+            ]  # fmt: skip
+            print(_line({"target": target.name, "rate": rate,
+                         **summarize_repeats(rows[-args.repeats:])}), flush=True)  # fmt: skip
+        return target, rows
+    finally:
         engine.shutdown()
-    _save(args, profile, workload, slo, setups, runs)
-    return 0
 
 
-def _warm_up(engine: LLMEngine) -> None:
-    """One request through the engine so first-step costs do not land on a measured one."""
-    from distserve_rt.sampling_params import SamplingParams
-
-    engine.add_request("warmup", [1] * 32, SamplingParams(temperature=0.0, max_tokens=4))
-    while engine.has_unfinished_requests():
-        engine.step()
-
-
-def _line(run) -> str:
-    s, r = run["simulated"], run["runtime"]
+def _line(s) -> str:
+    rt, sim = s["runtime_attainment"], s["simulated_attainment"]
     return (
-        f"{run['policy']:<20} rate {run['rate']:7.3f}  attainment sim {s['attainment']:6.1%} "
-        f"runtime {r['attainment']:6.1%} (diff {100 * (r['attainment'] - s['attainment']):+5.1f}"
-        f" pp)  mean ttft {s['mean_ttft_s'] * 1e3:7.1f}/{r['mean_ttft_s'] * 1e3:7.1f} ms  "
-        f"tpot {s['mean_tpot_s'] * 1e3:6.2f}/{r['mean_tpot_s'] * 1e3:6.2f} ms  "
-        f"host {r['mean_host_overhead_ms']:.2f} ms/step"
+        f"{s['target']:<20} rate {s['rate']:7.3f}  runtime {rt['mean']:6.1%} "
+        f"[{rt['min']:.1%}, {rt['max']:.1%}]  sim {sim['mean']:6.1%} "
+        f"(gap {s['gap_pp']:+5.1f} pp)  rescaled "
+        f"{s['simulated_rescaled_attainment']['mean']:6.1%} (gap {s['gap_rescaled_pp']:+5.1f} pp)"
+        f"  drift p {s['drift_prefill']['mean']:.2f} d {s['drift_decode']['mean']:.2f}"
     )
 
 
-def _save(args, profile, workload, slo, setups, runs) -> None:
-    entry = profile.entries[0]
+def _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped) -> None:
     payload = {
         "benchmark": "sim_vs_runtime",
         "model": MODEL,
@@ -206,60 +357,30 @@ def _save(args, profile, workload, slo, setups, runs) -> None:
             "output_lens": args.output_lens,
             "arrivals": "poisson",
             "seed": args.seed,
+            "same_requests_every_repeat": True,
         },
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
-        "setups": {k: {**vars(v), "policy": v.policy.value} for k, v in setups.items()},
-        "profile": {
-            "coefficients_ms": entry.coefficients.to_dict(),
-            "fit_error": {k: v.to_dict() for k, v in entry.fit_error.items()},
-            "threads": profile.measurement.get("threads"),
-        },
-        # Other processes on the cores show up as runtime latency the profile did not see.
-        "load_average_1min_at_end": os.getloadavg()[0],
-        "max_abs_attainment_diff_pp": max(
-            100 * abs(r["runtime"]["attainment"] - r["simulated"]["attainment"]) for r in runs
-        ),
-        "runs": runs,
+        "threads": {"colocated": args.threads, DISAGG: 1},
+        "targets": {t.name: t.setup.describe() for t in targets},
+        "profiles": {str(k): c.describe() for k, c in cals.items()},
+        "drift_probe": {**probe.to_dict(), "repeats": args.probe_repeats},
+        "max_abs_gap_pp": max(abs(s["gap_pp"]) for s in summaries),
+        "max_abs_gap_rescaled_pp": max(abs(s["gap_rescaled_pp"]) for s in summaries),
+        "skipped_targets": skipped,
+        "summaries": summaries,
+        "repeats": repeats,
     }
     path = save_result(args.output, payload)
-    png = _plot(runs, path.with_suffix(".png"))
+    setup = (
+        f"{args.num_requests} req/run x {args.repeats} repeats, prompts {args.prompt_lens}, "
+        f"outputs {args.output_lens}, colocated {args.threads} threads, 1P1D 1 core each"
+    )
+    title = (
+        f"{MODEL} on CPU: simulator vs runtime (SLO ttft {slo.ttft_s * 1e3:.0f} ms, "
+        f"tpot {slo.tpot_s * 1e3:.1f} ms)\n{setup}"
+    )
+    png = plot_attainment(summaries, title, path.with_suffix(".png"))
     print(f"saved {path} and {png}")
-
-
-def _plot(runs, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, policy in enumerate(sorted({r["policy"] for r in runs})):
-        rows = sorted((r for r in runs if r["policy"] == policy), key=lambda r: r["rate"])
-        rates = [r["rate"] for r in rows]
-        color = f"C{i}"
-        ax.plot(
-            rates,
-            [100 * r["simulated"]["attainment"] for r in rows],
-            "--o",
-            color=color,
-            label=f"{policy} (simulated)",
-        )
-        ax.plot(
-            rates,
-            [100 * r["runtime"]["attainment"] for r in rows],
-            "-s",
-            color=color,
-            label=f"{policy} (runtime)",
-        )
-    ax.set_xlabel("rate (req/s)")
-    ax.set_ylabel("SLO attainment (%)")
-    ax.set_ylim(0, 102)
-    ax.set_title("dummy:llama-tiny on CPU: simulator vs runtime", fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 if __name__ == "__main__":

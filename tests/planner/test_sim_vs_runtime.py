@@ -1,16 +1,27 @@
-"""Simulator-vs-runtime plumbing: the replay loop on the real tiny engine, and the simulated
-side of the same setup."""
+"""Simulator-vs-runtime plumbing: the replay loop on the real tiny engines (colocated and
+disaggregated), the simulated side of the same setups, the drift rescaling and the
+aggregation over repeats."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from distserve_rt.benchmarks.sim_vs_runtime import ColocatedSetup, replay, simulate_colocated
+from distserve_rt.benchmarks.sim_vs_runtime import (
+    ColocatedSetup,
+    DisaggSetup,
+    DriftProbe,
+    ProbeTimes,
+    ScaledLatencyModel,
+    replay,
+    simulate_colocated,
+    simulate_disaggregated,
+    summarize_repeats,
+)
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.planner.latency_model import ConstantLatencyModel
-from distserve_rt.planner.simulator import ColocatedPolicy
+from distserve_rt.planner.simulator import ColocatedPolicy, KVTransferSpec
 from distserve_rt.workloads import Workload
 
 WORKLOAD = Workload("t", np.array([20, 40, 30, 10]), np.array([3, 1, 5, 2]))
@@ -57,7 +68,7 @@ def test_timed_executor_counts_async_submit_and_wait():
     # model's, not host overhead (it was all counted as overhead once).
     import time
 
-    from distserve_rt.benchmarks.sim_vs_runtime import _TimedExecutor
+    from distserve_rt.benchmarks.sim_vs_runtime.replay import _TimedExecutor
 
     class Slow:
         def execute_async(self, out, block_offset=0):
@@ -71,3 +82,245 @@ def test_timed_executor_counts_async_submit_and_wait():
     timed = _TimedExecutor(Slow())
     assert timed.wait(timed.execute_async("step")) == "step"
     assert timed.execute_s >= 0.02
+
+
+def test_disaggregated_replay_serves_every_request():
+    # 1P1D through the Controller (instances in threads here; processes in the bench).
+    setup = DisaggSetup(64, 4, 64, 4 * 64)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
+    try:
+        run = replay(engine, np.array([0.0, 0.0, 0.05, 0.15]), WORKLOAD)
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+    assert np.isfinite(run.ttft).all() and (run.ttft >= 0).all()
+    assert run.tpot[1] == 0.0 and np.isfinite(run.tpot).all() and (run.tpot[[0, 2, 3]] > 0).all()
+    assert run.duration_s >= 0.15
+    # No executor to time in this process: no host-overhead figure is made up.
+    assert "mean_host_overhead_ms" not in run.extra
+    # Where its time went, from the controller's breakdown (KV transfer included).
+    assert run.extra["mean_transfer_ms"] >= 0 and run.extra["mean_prefill_ms"] > 0
+    assert run.row(SLO(10.0, 10.0))["attainment"] == 1.0
+
+
+def test_kv_transfer_measured_on_the_idle_runtime():
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import measure_kv_transfer
+
+    setup = DisaggSetup(64, 4, 64, 4 * 64)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
+    try:
+        spec = measure_kv_transfer(engine, prompt_len=40, num_requests=3)
+        assert not engine.has_unfinished_requests()
+    finally:
+        engine.shutdown()
+    # The controller's round trip and the pull: positive, well under a second when idle.
+    assert 0 < spec.latency_s < 1.0 and spec.seconds_per_token == 0.0
+
+
+def test_simulated_disaggregated_side_matches_hand_computation():
+    # Prefill 0.1 s, decode 0.01 s, KV pull 0.05 s; requests far apart run alone: the first
+    # token at 0.1, then the pull, then output - 1 decode steps.
+    setup = DisaggSetup(64, 4, 64, 4 * 64, kv_transfer=KVTransferSpec(latency_s=0.05))
+    arrival = np.array([0.0, 10.0, 20.0, 30.0])
+    run = simulate_disaggregated(setup, ConstantLatencyModel(0.1, 0.01), arrival, WORKLOAD)
+    np.testing.assert_allclose(run.ttft, 0.1)
+    out = WORKLOAD.output_lens
+    expected = np.where(out > 1, (0.05 + (out - 1) * 0.01) / np.maximum(out - 1, 1), 0.0)
+    np.testing.assert_allclose(run.tpot, expected)
+    # The stage means over finished requests (the one-token one has no transfer: 0 s).
+    assert run.extra["mean_transfer_ms"] == pytest.approx(3 * 50.0 / 4)
+
+
+def test_scaled_latency_model_scales_each_phase():
+    inner = ConstantLatencyModel(0.1, 0.01)
+    scaled = ScaledLatencyModel(inner, prefill_scale=2.0, decode_scale=3.0)
+    assert scaled.tp == inner.tp
+    assert scaled.prefill_s(50, 2500) == pytest.approx(0.2)
+    assert scaled.decode_s(4, 100) == pytest.approx(0.03)
+    alpha, beta = scaled.decode_affine(4)
+    assert (alpha, beta) == pytest.approx((3 * inner.decode_affine(4)[0], 0.0))
+    assert scaled.mixed_s(32, 1024, 4, 100) == pytest.approx(2 * inner.mixed_s(32, 1024, 4, 100))
+    assert scaled.mixed_s(0, 0, 4, 100) == pytest.approx(0.03)
+    # The simulator sees the rescaled steps: an isolated request's TTFT doubles.
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    arrival = np.array([0.0, 10.0, 20.0, 30.0])
+    np.testing.assert_allclose(simulate_colocated(setup, scaled, arrival, WORKLOAD).ttft, 0.2)
+    with pytest.raises(ValueError, match="decode_scale must be a positive finite number"):
+        ScaledLatencyModel(inner, 1.0, 0.0)
+
+
+def test_drift_probe_times_fixed_shapes_and_compares():
+    class FakeTimer:
+        def __init__(self, slow):
+            self.slow, self.calls = slow, []
+
+        def prefill_ms(self, prompt_lens):
+            self.calls.append(("prefill", list(prompt_lens)))
+            return 10.0 * self.slow
+
+        def decode_ms(self, ctx_lens):
+            self.calls.append(("decode", list(ctx_lens)))
+            return 2.0 * self.slow
+
+    probe = DriftProbe(prefill_len=96, decode_batch=3, decode_ctx=120)
+    timer = FakeTimer(slow=1.5)
+    now = probe.measure(timer)
+    assert timer.calls == [("prefill", [96]), ("decode", [120, 120, 120])]
+    ratio = now.ratio(probe.measure(FakeTimer(slow=1.0)))
+    assert ratio == ProbeTimes(pytest.approx(1.5), pytest.approx(1.5))
+    # Without a measured reference, the profile's own prediction of the probe stands in.
+    assert probe.predict(ConstantLatencyModel(0.1, 0.01)) == ProbeTimes(
+        pytest.approx(100.0), pytest.approx(10.0)
+    )
+    # Each half can run on the cores of its phase's instance; the affinity is restored.
+    import os
+
+    before = os.sched_getaffinity(0)
+    core = min(before)
+
+    class AffinityTimer(FakeTimer):
+        def prefill_ms(self, prompt_lens):
+            self.calls.append(os.sched_getaffinity(0))
+            return 1.0
+
+        def decode_ms(self, ctx_lens):
+            self.calls.append(os.sched_getaffinity(0))
+            return 1.0
+
+    timer = AffinityTimer(slow=1.0)
+    probe.measure(timer, prefill_cores=(core,))
+    assert timer.calls == [{core}, before] and os.sched_getaffinity(0) == before
+    with pytest.raises(ValueError, match="decode_batch must be a positive int, got 0"):
+        DriftProbe(96, 0, 120)
+
+
+def test_summarize_repeats_mean_spread_and_gap():
+    def rep(runtime, sim, rescaled, drift):
+        return {
+            "runtime": {"attainment": runtime},
+            "simulated": {"attainment": sim},
+            "simulated_rescaled": {"attainment": rescaled},
+            "drift_ratio": {"prefill_ms": drift, "decode_ms": 2 * drift},
+        }
+
+    summary = summarize_repeats([rep(0.8, 0.9, 0.82, 1.0), rep(0.7, 0.9, 0.71, 1.2),
+                                 rep(0.9, 0.9, 0.88, 1.4)])  # fmt: skip
+    runtime = summary["runtime_attainment"]
+    assert runtime["mean"] == pytest.approx(0.8)
+    assert (runtime["min"], runtime["max"]) == (0.7, 0.9)
+    assert runtime["std"] == pytest.approx(0.1)
+    assert summary["gap_pp"] == pytest.approx(-10.0)
+    assert summary["gap_rescaled_pp"] == pytest.approx(100 * (0.8 - (0.82 + 0.71 + 0.88) / 3))
+    assert summary["drift_decode"]["mean"] == pytest.approx(2.4)
+    assert summary["num_repeats"] == 3
+    assert summarize_repeats([rep(0.5, 0.5, 0.5, 1.0)])["runtime_attainment"]["std"] == 0.0
+
+
+def test_calibration_probe_reference_sources(tmp_path):
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
+        calibrate,
+        kv_transfer_from_bench,
+        profile_threads,
+    )
+    from distserve_rt.planner.profiles import ProfileSet
+
+    probe, latency = DriftProbe(96, 3, 120), ConstantLatencyModel(0.1, 0.01)
+
+    class Timer:
+        def prefill_ms(self, prompt_lens):
+            return 7.0
+
+        def decode_ms(self, ctx_lens):
+            return 3.0
+
+    # Profiled here: the probe is timed now and kept in the profile's measurement.
+    profile = ProfileSet("cpu", [], measurement={"threads": 1})
+    cal = calibrate(profile, latency, 1, probe, Timer())
+    assert cal.probe_reference == ProbeTimes(7.0, 3.0)
+    assert profile.measurement["drift_probe"]["prefill_ms"] == 7.0
+    # A file with that probe: its reference; without one: the profile's prediction.
+    assert calibrate(profile, latency, 1, probe, None).reference_source == "profile file"
+    other = calibrate(ProfileSet("cpu", []), latency, 1, probe, None)
+    assert other.reference_source == "predicted by the profile"
+    assert other.probe_reference == ProbeTimes(pytest.approx(100.0), pytest.approx(10.0))
+    with pytest.raises(ValueError, match=r"p.json: measurement.threads must be .* got None"):
+        profile_threads(ProfileSet("cpu", []), "p.json")
+    # A result of the harness gives its profiles back, probe reference included.
+    import json
+
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import load_profiles
+    from distserve_rt.planner.latency_model import FittedCoefficients
+    from distserve_rt.planner.profiles import ProfileEntry
+
+    co = FittedCoefficients((1.0, 0.1, 0.0), (2.0, 0.0, 0.1), (2.0, 0.0, 0.1))
+    fitted = ProfileSet("cpu", [ProfileEntry("llama-tiny", 1, co)], measurement={"threads": 1})
+    cal = calibrate(fitted, latency, 1, probe, Timer())
+    result = tmp_path / "svr.json"
+    payload = {"benchmark": "sim_vs_runtime", "profiles": {"1": cal.describe()}}
+    result.write_text(json.dumps(payload))
+    (again,) = load_profiles(result)
+    assert again.entries[0].coefficients == co and again.measurement["threads"] == 1
+    assert calibrate(again, latency, 1, probe, None).probe_reference == ProbeTimes(7.0, 3.0)
+    # The shm bench's one-thread tiny-model pull and its submit-to-success latency.
+    bench = tmp_path / "transfer.json"
+    bench.write_text(
+        '{"bandwidth": [{"case": "llama-tiny, 128 blocks", "threads": 1, "pull_gbps": 4.0}],'
+        ' "latency": {"submit_to_success_median_us": 20.0}}'
+    )
+    spec = kv_transfer_from_bench(bench, bytes_per_token=4000)
+    assert spec.seconds_per_token == pytest.approx(1e-6) and spec.latency_s == pytest.approx(2e-5)
+
+
+def _script():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).parents[2] / "bench" / "sim_vs_runtime.py"
+    spec = importlib.util.spec_from_file_location("sim_vs_runtime_script", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_defaults_quick_and_shared_slo():
+    script = _script()
+    args = script.parse_args([])
+    assert (args.num_requests, args.repeats) == (1000, 3)
+    assert args.targets == ["continuous_batching", "chunked_prefill", "disaggregated_1p1d"]
+    # --quick shrinks only what the user left at its default.
+    quick = script.parse_args(["--quick", "--repeats", "2"])
+    assert (quick.num_requests, quick.repeats, quick.load_factors) == (60, 2, [0.5, 1.5])
+    with pytest.raises(SystemExit):
+        script.parse_args(["--repeats", "0"])
+    # One SLO for all targets: the loosest of each profile's.
+    assert script.loosest([SLO(0.1, 0.02), SLO(0.2, 0.01)]) == SLO(0.2, 0.02)
+
+
+def test_one_run_probes_simulates_twice_and_serves():
+    from distserve_rt.benchmarks.sim_vs_runtime import Target, default_simulator
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration
+    from distserve_rt.benchmarks.sim_vs_runtime.runs import RunSpec, one_run
+    from distserve_rt.planner.profiles import ProfileSet
+
+    class Timer:  # the machine is twice as slow as when the profile was measured
+        def prefill_ms(self, prompt_lens):
+            return 20.0
+
+        def decode_ms(self, ctx_lens):
+            return 4.0
+
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    cal = Calibration(
+        1, ProfileSet("cpu", []), ConstantLatencyModel(0.1, 0.01), ProbeTimes(10.0, 2.0), "test"
+    )
+    target = Target("cb", setup, default_simulator(setup))
+    slo = SLO(0.15, 10.0)  # met by 0.1 s prefills, missed by rescaled 0.2 s ones
+    run = RunSpec(target, cal, 1.0, np.array([0.0, 10.0, 20.0, 30.0]) / 100, WORKLOAD, slo, 1)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    record = one_run(run, engine, DriftProbe(16, 2, 16), Timer())
+    assert record["drift_ratio"] == {"prefill_ms": 2.0, "decode_ms": 2.0}
+    assert record["simulated"]["attainment"] == 1.0
+    assert record["simulated_rescaled"]["attainment"] == 0.0
+    assert record["runtime"]["num_failed"] == 0 and record["load_average_1min_after"] >= 0

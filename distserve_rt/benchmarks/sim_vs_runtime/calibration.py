@@ -1,0 +1,143 @@
+"""The simulator's inputs measured on this machine: a latency profile per thread count the
+targets run with (a colocated engine uses the harness's threads, a disaggregated instance
+one), the drift probe's reference next to each, and the KV transfer cost of the 1P1D path."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes
+from distserve_rt.planner.latency_model import LatencyModel
+from distserve_rt.planner.profiles import ProfileSet
+from distserve_rt.planner.simulator import KVTransferSpec
+from distserve_rt.planner.step_timer import StepTimer
+
+
+def set_threads(num_threads: int) -> None:
+    """Sizes both thread pools a step uses (torch's and the native ops')."""
+    import torch
+
+    from distserve_rt import _native
+
+    torch.set_num_threads(num_threads)
+    _native.set_num_threads(num_threads)
+
+
+@dataclass
+class Calibration:
+    """What the simulator of targets running ``threads`` threads per instance uses."""
+
+    threads: int
+    profile: ProfileSet
+    latency: LatencyModel
+    probe_reference: ProbeTimes
+    reference_source: str
+    """"measured after profiling", "profile file" (its ``measurement.drift_probe``) or
+    "predicted by the profile" (a profile made elsewhere, without the probe)."""
+
+    def describe(self) -> dict[str, object]:
+        entry = self.profile.entries[0] if self.profile.entries else None
+        return {
+            "threads": self.threads,
+            "hardware": self.profile.hardware,
+            "source": self.profile.source,
+            "coefficients_ms": entry.coefficients.to_dict() if entry else None,
+            "fit_error": {k: v.to_dict() for k, v in entry.fit_error.items()} if entry else {},
+            "measurement_threads": self.profile.measurement.get("threads"),
+            "drift_probe_reference": self.probe_reference.to_dict(),
+            "drift_probe_reference_source": self.reference_source,
+            # The whole profile (samples included): --profile can reuse it after extraction.
+            "profile": self.profile.to_dict(),
+        }
+
+
+def calibrate(
+    profile: ProfileSet,
+    latency: LatencyModel,
+    threads: int,
+    probe: DriftProbe,
+    timer: StepTimer | None,
+) -> Calibration:
+    """Pairs ``profile`` with its probe reference. ``timer``: the profile was just measured
+    here, so the probe is timed now, under the same threads, and stored in the profile's
+    measurement; None: the reference comes from the profile file, or from the profile's own
+    prediction of the probe when the file has none (or one of other shapes)."""
+    if timer is not None:
+        reference = probe.measure(timer)
+        profile.measurement["drift_probe"] = {**probe.to_dict(), **reference.to_dict()}
+        return Calibration(threads, profile, latency, reference, "measured after profiling")
+    stored = profile.measurement.get("drift_probe")
+    if isinstance(stored, dict) and all(stored.get(k) == v for k, v in probe.to_dict().items()):
+        reference = ProbeTimes(float(stored["prefill_ms"]), float(stored["decode_ms"]))
+        return Calibration(threads, profile, latency, reference, "profile file")
+    predicted = probe.predict(latency)
+    return Calibration(threads, profile, latency, predicted, "predicted by the profile")
+
+
+def profile_threads(profile: ProfileSet, where: str) -> int:
+    """The thread count ``profile`` was measured with (ValueError when it does not say)."""
+    threads = profile.measurement.get("threads")
+    if not isinstance(threads, int) or threads < 1:
+        raise ValueError(
+            f"{where}: measurement.threads must be the positive int the profile was measured "
+            f"with, got {threads!r}; profile with drt-run profile --threads N"
+        )
+    return threads
+
+
+def kv_transfer_from_bench(path: str | Path, bytes_per_token: int) -> KVTransferSpec:
+    """The shm transport's cost from ``transfer_suite.py``'s results: its submit-to-success
+    latency, and the tiny model's one-thread pull bandwidth per KV token."""
+    raw = json.loads(Path(path).read_text())
+    pulls = [
+        b for b in raw.get("bandwidth", []) if b.get("threads") == 1 and "tiny" in b.get("case", "")
+    ]
+    if not pulls or "latency" not in raw:
+        raise ValueError(
+            f"{path}: needs a one-thread llama-tiny 'bandwidth' case and a 'latency' entry "
+            "(bench/results/transfer_cpu.json as transfer_suite.py writes it)"
+        )
+    return KVTransferSpec(
+        seconds_per_token=bytes_per_token / (pulls[0]["pull_gbps"] * 1e9),
+        latency_s=raw["latency"]["submit_to_success_median_us"] * 1e-6,
+    )
+
+
+def measure_kv_transfer(engine, prompt_len: int, num_requests: int = 8) -> KVTransferSpec:
+    """The 1P1D KV path of the idle runtime ``engine`` (a `Controller`): ``num_requests``
+    prompts of ``prompt_len`` tokens, one at a time; each one's first token -> KV in the
+    decode instance (the controller's ``transfer_queue + transfer``: its messages and the
+    decode instance noticing them, which the shm bench's bare pull leaves out). The median
+    is the spec's fixed latency (the per-token part is folded in at this length)."""
+    from distserve_rt.sampling_params import SamplingParams
+
+    seconds = []
+    for i in range(num_requests):
+        params = SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True)
+        engine.add_request(f"kv-probe-{i}", [1 + i % 7] * prompt_len, params)
+        outputs = []
+        while engine.has_unfinished_requests():
+            outputs += [o for o in engine.step(0.05) if o.finished]
+        breakdown = outputs[-1].metrics.breakdown if outputs else None
+        if breakdown is None or breakdown.transfer is None:
+            raise RuntimeError(f"kv-probe-{i} finished without a KV transfer: {outputs!r}")
+        seconds.append((breakdown.transfer_queue or 0.0) + breakdown.transfer)
+    return KVTransferSpec(latency_s=float(np.median(seconds)))
+
+
+def load_profiles(path: str | Path) -> list[ProfileSet]:
+    """The profiles in ``path``: a profile JSON (`drt-run profile`), or a result of this
+    harness, whose runs' profiles are reused (same steps, same drift probe reference)."""
+    from distserve_rt.planner.profiles import load_profile, profile_from_dict
+
+    raw = json.loads(Path(path).read_text()) if str(path).endswith(".json") else {}
+    if raw.get("benchmark") != "sim_vs_runtime":
+        return [load_profile(path)]
+    return [
+        profile_from_dict(p["profile"], f"{path}: profiles.{k}.profile")
+        for k, p in raw.get("profiles", {}).items()
+    ]

@@ -1,0 +1,43 @@
+"""The picture: SLO attainment vs rate, one panel per target, the runtime's mean over the
+repeats with its min-max range against the simulator (as profiled, and drift-rescaled)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_attainment(summaries: list[dict], title: str, path: Path) -> Path:
+    """``summaries``: rows with ``target``, ``rate`` and `summarize_repeats`' keys."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    targets = list(dict.fromkeys(s["target"] for s in summaries))
+    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), squeeze=False)
+    for ax, target in zip(axes[0], targets, strict=True):
+        rows = sorted((s for s in summaries if s["target"] == target), key=lambda s: s["rate"])
+        rates = [s["rate"] for s in rows]
+        runtime = [s["runtime_attainment"] for s in rows]
+        mean = [100 * r["mean"] for r in runtime]
+        err = [
+            [100 * (r["mean"] - r["min"]) for r in runtime],
+            [100 * (r["max"] - r["mean"]) for r in runtime],
+        ]
+        ax.errorbar(rates, mean, yerr=err, fmt="-s", color="k", capsize=3, label="runtime")
+        for key, style, color, label in (
+            ("simulated_attainment", "--o", "C0", "simulated"),
+            ("simulated_rescaled_attainment", ":^", "C1", "simulated, drift-rescaled"),
+        ):
+            ax.plot(rates, [100 * s[key]["mean"] for s in rows], style, color=color, label=label)
+        ax.set_title(target, fontsize=9)
+        ax.set_xlabel("rate (req/s)")
+        ax.set_ylim(0, 102)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("SLO attainment (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,46 @@
+"""Repeats of one (target, rate): runtime and simulated attainment over the repeats, their
+spread, and the gap the acceptance bar is about (runtime minus simulated, in points)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+SIDES = ("runtime", "simulated", "simulated_rescaled")
+"""The rows each repeat holds: served, simulated with the profile, and with the profile
+rescaled by that repeat's drift ratio."""
+
+
+def spread(values: Sequence[float]) -> dict[str, float]:
+    """Mean, min, max and sample std (0 for one value) of ``values``."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.size == 0:
+        raise ValueError("spread needs at least one value, got none")
+    return {
+        "mean": float(arr.mean()),
+        "min": float(arr.min()),
+        "max": float(arr.max()),
+        "std": float(arr.std(ddof=1)) if arr.size > 1 else 0.0,
+    }
+
+
+def summarize_repeats(repeats: Sequence[dict]) -> dict[str, object]:
+    """``repeats``: one dict per repeat with a row per `SIDES` key (each with an
+    ``attainment`` in 0..1) and ``drift_ratio`` ({"prefill_ms", "decode_ms"}).
+
+    Returns each side's attainment spread, the drift ratios' spread, and the gaps in points
+    between the runtime's mean and each simulated mean (``gap_pp``: with the profile as
+    measured; ``gap_rescaled_pp``: with the drift taken out).
+    """
+    out: dict[str, object] = {"num_repeats": len(repeats)}
+    for side in SIDES:
+        out[f"{side}_attainment"] = spread([r[side]["attainment"] for r in repeats])
+    for key in ("prefill_ms", "decode_ms"):
+        out[f"drift_{key.removesuffix('_ms')}"] = spread([r["drift_ratio"][key] for r in repeats])
+    runtime = out["runtime_attainment"]["mean"]  # type: ignore[index]
+    out["gap_pp"] = 100 * (runtime - out["simulated_attainment"]["mean"])  # type: ignore[index]
+    out["gap_rescaled_pp"] = 100 * (
+        runtime - out["simulated_rescaled_attainment"]["mean"]  # type: ignore[index]
+    )
+    return out

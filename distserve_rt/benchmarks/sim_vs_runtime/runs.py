@@ -1,0 +1,78 @@
+"""One repeat of one (target, rate): time the drift probe, simulate with the profile as
+measured and rescaled by the probe's ratio, serve the same requests on the engine."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration, set_threads
+from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ScaledLatencyModel
+from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
+from distserve_rt.benchmarks.sim_vs_runtime.targets import Target
+from distserve_rt.engine.protocol import EngineCore
+from distserve_rt.metrics.slo import SLO
+from distserve_rt.planner.step_timer import StepTimer
+from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.workloads.workload import Workload
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """One (target, rate): what each of its repeats serves and simulates."""
+
+    target: Target
+    cal: Calibration
+    rate: float
+    arrival: np.ndarray
+    """``[num_requests]`` s after the start, non-decreasing."""
+    workload: Workload
+    slo: SLO
+    engine_threads: int
+    """Threads of this process while serving (a colocated engine computes in it)."""
+    seed: int = 0
+    """Prompt tokens."""
+
+
+def one_run(
+    run: RunSpec, engine: EngineCore, probe: DriftProbe, probe_timer: StepTimer
+) -> dict[str, object]:
+    """One repeat's record: the drift ratio, the load average around it, and the rows of
+    the runtime, the simulator and the drift-rescaled simulator."""
+    target, cal = run.target, run.cal
+    set_threads(cal.threads)  # the probe runs as the profile was measured
+    load_before = os.getloadavg()[0]
+    ratio = probe.measure(probe_timer, *instance_cores(engine)).ratio(cal.probe_reference)
+    set_threads(run.engine_threads)
+    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload)
+    rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
+    rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload)
+    desc = f"{target.name} @ {run.rate:g} req/s"
+    with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
+        runtime = replay(engine, run.arrival, run.workload, seed=run.seed, progress=bar.update)
+    return {
+        "drift_ratio": ratio.to_dict(),
+        "load_average_1min_before": load_before,
+        "load_average_1min_after": os.getloadavg()[0],
+        "runtime": runtime.row(run.slo),
+        "simulated": simulated.row(run.slo),
+        "simulated_rescaled": rescaled.row(run.slo),
+    }
+
+
+def instance_cores(engine) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
+    """The cores a disaggregated engine's prefill and decode instances are pinned to (None:
+    a colocated engine, which runs on the harness's own threads)."""
+    if not hasattr(engine, "prefills"):
+        return None, None
+    return engine.prefill(0).spec.cpu_cores, engine.decode(0).spec.cpu_cores
+
+
+def warm_up(engine: EngineCore) -> None:
+    """One request through the engine so first-step costs do not land on a measured one."""
+    engine.add_request("warmup", [1] * 32, SamplingParams(temperature=0.0, max_tokens=4))
+    while engine.has_unfinished_requests():
+        engine.step(0.05)
