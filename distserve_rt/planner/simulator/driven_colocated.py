@@ -90,7 +90,9 @@ class SchedulerDrivenColocated:
         requests = [
             make_request(i, prompt[i], out[i], float(arrival[i]), max_len) for i in range(n)
         ]
-        decode_start = [_INF] * n
+        # step end -> its start: a request's decode starts with the step of its second token
+        # (looked up at the end, instead of scanning every step's decodes)
+        step_start: dict[float, float] = {}
         arrival_list = arrival.tolist()
         t, i = 0.0, 0
         while True:
@@ -106,28 +108,25 @@ class SchedulerDrivenColocated:
                 if sched.has_unfinished_requests():
                     raise RuntimeError(f"the {self.policy.value} scheduler stalled at t={t}")
                 break
-            for request in step.decodes:
-                if decode_start[request.seq_id] == _INF:
-                    decode_start[request.seq_id] = t
             end = t + clock.seconds(step)
+            step_start[end] = t
             sched.update_from_output(step, sampled_tokens(step), None, end)
             t = end
-        return _result(arrival, requests, decode_start, out)
+        return _result(arrival, requests, step_start, out)
 
 
 def _result(
-    arrival: np.ndarray, requests: list[Request], decode_start: list[float], out: list[int]
+    arrival: np.ndarray, requests: list[Request], step_start: dict[float, float], out: list[int]
 ) -> SimResult:
     n = len(requests)
-    ps, pe, fin = ([_INF] * n for _ in range(3))
+    ps, pe, ds, fin = ([_INF] * n for _ in range(4))
     for k, r in enumerate(requests):
         if r.status is RequestStatus.FINISHED_ERROR:
             continue  # never fit the pool: misses every SLO
         ps[k] = r.first_scheduled_time
         pe[k] = r.first_token_time
         fin[k] = r.finished_time
-        if out[k] == 1:
-            decode_start[k] = pe[k]
+        ds[k] = pe[k] if out[k] == 1 else step_start[r.token_times[1]]
     pe_arr = np.asarray(pe)
     return SimResult(
         arrival,
@@ -135,7 +134,7 @@ def _result(
         pe_arr,
         pe_arr,
         pe_arr,
-        np.asarray(decode_start),
+        np.asarray(ds),
         np.asarray(fin),
         np.asarray(out, dtype=np.int64),
     )

@@ -62,7 +62,7 @@ class _Prefill:
 
 
 class _Decode:
-    __slots__ = ("sched", "clock", "busy", "link_free", "num_assigned")
+    __slots__ = ("sched", "clock", "busy", "link_free", "num_assigned", "step_start")
 
     def __init__(self, sched: DecodeScheduler, clock: StepClock) -> None:
         self.sched = sched
@@ -71,6 +71,9 @@ class _Decode:
         self.link_free = 0.0
         """When the inbound link finishes its last queued pull (s)."""
         self.num_assigned = 0
+        self.step_start: dict[float, float] = {}
+        """Step end -> its start: a request's decode starts with the step of its first
+        token here (looked up at the end, instead of scanning every step's decodes)."""
 
 
 class SchedulerDrivenDisaggregated:
@@ -114,7 +117,8 @@ class SchedulerDrivenDisaggregated:
         ]
         self._decoded: list[Request | None] = [None] * n
         self._owner = [0] * n
-        self._ts, self._te, self._ds = ([_INF] * n for _ in range(3))
+        self._ts, self._te = ([_INF] * n for _ in range(2))
+        self._decoded_by = [0] * n
         self._seq = n
         self._events = [(float(t), i, _ARRIVAL, i, None) for i, t in enumerate(arrival.tolist())]
         heapq.heapify(self._events)
@@ -208,6 +212,7 @@ class SchedulerDrivenDisaggregated:
             target.num_assigned += 1
             decoded = migrated_copy(request, self._max_len)
             self._decoded[request.seq_id] = decoded
+            self._decoded_by[request.seq_id] = d
             target.sched.add_migrated(decoded)
             dirty_d.add(d)
 
@@ -234,12 +239,10 @@ class SchedulerDrivenDisaggregated:
             self._prefills[self._owner[request.seq_id]].sched.release_migration(request.request_id)
         if out.is_empty:
             return
-        ds = self._ds
-        for request in out.decodes:
-            if ds[request.seq_id] == _INF:
-                ds[request.seq_id] = now
         inst.busy = True
-        self._push(now + inst.clock.seconds(out), _DECODE_END, d, out)
+        end = now + inst.clock.seconds(out)
+        inst.step_start[end] = now
+        self._push(end, _DECODE_END, d, out)
 
     def _on_pull(self, now, d: int, request: Request, dirty_p, dirty_d) -> None:
         self._decodes[d].sched.complete_migration(request)
@@ -260,8 +263,8 @@ class SchedulerDrivenDisaggregated:
 
     def _result(self, arrival: np.ndarray, out: list[int]) -> SimResult:
         n = arrival.size
-        ps, pe, fin = ([_INF] * n for _ in range(3))
-        ts, te, ds = self._ts, self._te, self._ds
+        ps, pe, ds, fin = ([_INF] * n for _ in range(4))
+        ts, te = self._ts, self._te
         failed = RequestStatus.FINISHED_ERROR
         for k, r in enumerate(self._requests):
             decoded = self._decoded[k]
@@ -272,6 +275,8 @@ class SchedulerDrivenDisaggregated:
             if decoded is None:  # one-token output
                 ts[k] = te[k] = ds[k] = fin[k] = pe[k]
             else:
+                step_start = self._decodes[self._decoded_by[k]].step_start
+                ds[k] = step_start[decoded.token_times[0]]
                 fin[k] = decoded.finished_time
         return SimResult(
             arrival,
