@@ -172,6 +172,27 @@ def test_a_request_that_never_fits_fails_instead_of_hanging():
     assert np.isfinite(dis.finish[0]) and dis.finish[1] == np.inf
 
 
+@pytest.mark.parametrize("policy", ["continuous_batching", "chunked_prefill"])
+def test_a_request_whose_output_outgrows_the_pool_fails_and_frees_its_blocks(policy):
+    # The prompt fits (admitted on the prompt), the output does not: it is preempted, and
+    # its recompute can never be admitted, so the scheduler rejects it (FINISHED_ERROR).
+    spec = replace(CONST, kv_capacity_tokens=64)
+    sim = SchedulerDrivenColocated(spec, policy)
+    res = sim.run([0, 0], [8, 40], [4, 40])
+    assert np.isfinite(res.finish[0]) and res.finish[1] == np.inf
+    assert sim.num_preemptions >= 1
+    assert sim.block_manager.num_free_blocks == sim.block_manager.num_blocks
+
+
+def test_a_prompt_that_fits_prefill_but_not_decode_fails_and_releases_the_prefill_kv():
+    dec = replace(CONST, kv_capacity_tokens=64)
+    sim = SchedulerDrivenDisaggregated(DisaggSpec(CONST, dec))
+    res = sim.run([0, 0], [8, 100], [4, 4])
+    assert np.isfinite(res.finish[0]) and res.finish[1] == np.inf
+    for bm in sim.block_managers:
+        assert bm.num_free_blocks == bm.num_blocks
+
+
 # ---- (d) disaggregated: blocks conserved, everything finishes ------------------------------
 
 

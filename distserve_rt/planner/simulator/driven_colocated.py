@@ -24,6 +24,7 @@ from distserve_rt.planner.simulator.driven_instance import (
     make_block_manager,
     make_request,
     make_scheduler_config,
+    next_batch,
     resolve_max_model_len,
     sampled_tokens,
 )
@@ -99,8 +100,8 @@ class SchedulerDrivenColocated:
             while i < n and arrival_list[i] <= t:
                 sched.add_request(requests[i])
                 i += 1
-            step = sched.schedule(t)
-            self.num_preemptions += len(step.preempted)
+            step, _, num_preempted = next_batch(sched, t)
+            self.num_preemptions += num_preempted
             if step.is_empty:
                 if i < n:
                     t = max(t, arrival_list[i])

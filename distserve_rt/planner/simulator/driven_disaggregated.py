@@ -41,6 +41,7 @@ from distserve_rt.planner.simulator.driven_instance import (
     make_request,
     make_scheduler_config,
     migrated_copy,
+    next_batch,
     resolve_max_model_len,
     sampled_tokens,
 )
@@ -191,8 +192,8 @@ class SchedulerDrivenDisaggregated:
         inst = self._prefills[p]
         if inst.busy:
             return
-        out = inst.sched.schedule(now)
-        for request in out.finished:  # rejected: never fits this pool
+        out, finished, _ = next_batch(inst.sched, now)
+        for request in finished:  # rejected: never fits this pool
             inst.num_queued_tokens -= request.num_prompt_tokens
         if not out.is_empty:
             inst.busy = True
@@ -232,9 +233,9 @@ class SchedulerDrivenDisaggregated:
             inst.link_free = end = start + transfer.seconds(request.num_computed_tokens)
             self._ts[request.seq_id] = start
             self._push(end, _PULL_DONE, d, request)
-        out = inst.sched.schedule(now)
-        self.num_preemptions += len(out.preempted)
-        for request in out.finished:  # rejected: never fits this pool
+        out, finished, num_preempted = next_batch(inst.sched, now)
+        self.num_preemptions += num_preempted
+        for request in finished:  # rejected: never fits this pool
             inst.num_assigned -= 1
             self._prefills[self._owner[request.seq_id]].sched.release_migration(request.request_id)
         if out.is_empty:

@@ -23,7 +23,7 @@ import numpy as np
 from distserve_rt.config.scheduler import SchedulerConfig
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.request import Request
-from distserve_rt.core.scheduler.interface import SchedulerOutput
+from distserve_rt.core.scheduler.interface import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.simulator.spec import SimInstanceSpec
@@ -153,6 +153,31 @@ class StepClock:
                 raise ValueError(f"noise.sample must return a finite factor > 0, got {factor!r}")
             t *= factor
         return t
+
+
+def next_batch(sched: Scheduler, now: float) -> tuple[SchedulerOutput, list[Request], int]:
+    """`sched.schedule(now)` as the engine's loop calls it: again while a call returns no
+    batch, until two calls in a row report nothing. A call may preempt every running
+    request (the victims are admitted by the next call) or reject one (reported by the
+    next call), so one empty batch does not mean the instance is idle.
+
+    Returns the batch (empty when idle), every request reported finished (rejected or
+    aborted) by the calls, and the number of preemptions."""
+    finished: list[Request] = []
+    num_preempted = 0
+    num_quiet = 0
+    while True:
+        out = sched.schedule(now)
+        finished += out.finished
+        num_preempted += len(out.preempted)
+        if not out.is_empty:
+            return out, finished, num_preempted
+        if out.finished or out.preempted:
+            num_quiet = 0
+        else:
+            num_quiet += 1
+            if num_quiet == 2:
+                return out, finished, num_preempted
 
 
 def sampled_tokens(out: SchedulerOutput) -> list[int]:
