@@ -272,3 +272,27 @@ def test_continuous_batching_refuses_a_budget_below_the_context_like_the_runtime
     spec = replace(CONST, max_batch_tokens=64)
     with pytest.raises(ValueError, match=r"max_batch_tokens \(64\) must be >= max_model_len"):
         SchedulerDrivenColocated(spec, "continuous_batching").run([0], [60], [10])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_random_tight_pools_never_stall_and_conserve_blocks(seed):
+    # Random lengths against pools of a few requests' worth: every request finishes, or
+    # fails (inf) when it can never fit; every block comes back.
+    rng = np.random.default_rng(seed)
+    n = 60
+    arrival = np.cumsum(rng.exponential(0.02, n))
+    prompt, out = rng.integers(1, 200, n), rng.integers(1, 150, n)
+    kv = int(rng.integers(128, 512))
+    inst = SimInstanceSpec(AffineLatency(), kv, max_batch_tokens=256, max_num_seqs=16)
+    for policy in ("continuous_batching", "chunked_prefill"):
+        spec = replace(inst, max_batch_tokens=512) if policy == "continuous_batching" else inst
+        sim = SchedulerDrivenColocated(spec, policy)
+        res = sim.run(arrival, prompt, out)
+        assert (np.isfinite(res.finish) == np.isfinite(res.prefill_end)).all()
+        assert np.isfinite(res.finish).any()
+        assert sim.block_manager.num_free_blocks == sim.block_manager.num_blocks
+    dis = SchedulerDrivenDisaggregated(DisaggSpec(inst, inst, num_prefill=2, num_decode=2))
+    res = dis.run(arrival, prompt, out)
+    assert np.isfinite(res.finish).any()
+    for bm in dis.block_managers:
+        assert bm.num_free_blocks == bm.num_blocks

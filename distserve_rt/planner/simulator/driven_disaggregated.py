@@ -224,26 +224,37 @@ class SchedulerDrivenDisaggregated:
     # ---- KV migration and decode ------------------------------------------------------------
 
     def _step_decode(self, now: float, d: int) -> None:
+        """`DecodeInstance.step`: admit the migrations that fit (their pulls start), then
+        the batch; again while a batch is empty but preempted or rejected a request (the
+        admission may have waited for that queue), as the instance's loop would."""
         inst = self._decodes[d]
         if inst.busy:
             return
-        transfer = self.spec.kv_transfer
+        while True:
+            self._start_pulls(now, d)
+            out, finished, num_preempted = next_batch(inst.sched, now)
+            self.num_preemptions += num_preempted
+            for request in finished:  # rejected: never fits this pool
+                inst.num_assigned -= 1
+                p = self._owner[request.seq_id]
+                if self._prefills[p].sched.release_migration(request.request_id) is not None:
+                    self._step_prefill(now, p)  # its source blocks are free
+            if not out.is_empty:
+                break
+            if not (finished or num_preempted):
+                return
+        inst.busy = True
+        end = now + inst.clock.seconds(out)
+        inst.step_start[end] = now
+        self._push(end, _DECODE_END, d, out)
+
+    def _start_pulls(self, now: float, d: int) -> None:
+        inst, transfer = self._decodes[d], self.spec.kv_transfer
         for request in inst.sched.admit_migrations(now):
             start = max(now, inst.link_free)
             inst.link_free = end = start + transfer.seconds(request.num_computed_tokens)
             self._ts[request.seq_id] = start
             self._push(end, _PULL_DONE, d, request)
-        out, finished, num_preempted = next_batch(inst.sched, now)
-        self.num_preemptions += num_preempted
-        for request in finished:  # rejected: never fits this pool
-            inst.num_assigned -= 1
-            self._prefills[self._owner[request.seq_id]].sched.release_migration(request.request_id)
-        if out.is_empty:
-            return
-        inst.busy = True
-        end = now + inst.clock.seconds(out)
-        inst.step_start[end] = now
-        self._push(end, _DECODE_END, d, out)
 
     def _on_pull(self, now, d: int, request: Request, dirty_p, dirty_d) -> None:
         self._decodes[d].sched.complete_migration(request)
