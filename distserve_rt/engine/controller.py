@@ -24,6 +24,7 @@ from multiprocessing import connection
 import torch
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
+from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
@@ -211,7 +212,7 @@ class Controller:
         if not live:
             self.finish(tracked, FinishReason.ERROR, error="no prefill instance is alive")
             return
-        target = min(live, key=lambda h: h.num_queued_tokens)
+        target = live[pick_prefill([h.num_queued_tokens for h in live])]
         tracked.phase = Phase.PREFILLING
         tracked.prefill_index = target.spec.index
         tracked.decode_index = None
@@ -491,7 +492,7 @@ def _where(handle: InstanceHandle) -> str:
 
 def _decode_load(handle: InstanceHandle) -> tuple[int, int]:
     free = handle.status.num_free_blocks if handle.status is not None else 0
-    return (handle.num_assigned, -free)
+    return decode_load(handle.num_assigned, free)
 
 
 def _recv(handle: InstanceHandle) -> object:

@@ -1,4 +1,10 @@
-"""`drt-run simulate`: one configuration at one or more rates."""
+"""`drt-run simulate`: one configuration at one or more rates.
+
+Two simulators: ``scheduler`` (the default where it applies, pp=1) drives the runtime's own
+`core` schedulers on a simulated clock, so admission on the prompt above the watermark,
+budgets and preemption are the runtime's; ``fast`` re-states the policies analytically
+(reserving prompt + output tokens, never preempting) and also covers PP.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,14 @@ from distserve_rt.planner.distserve_modelling import (
 from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.planner.instance_timing import kv_transfer_s
 from distserve_rt.planner.profiles import load_profile
-from distserve_rt.planner.simulator import ColocatedPolicy, DisaggSpec, KVTransferSpec
+from distserve_rt.planner.simulator import (
+    ColocatedPolicy,
+    DisaggSpec,
+    KVTransferSpec,
+    SchedulerDrivenColocated,
+    SchedulerDrivenDisaggregated,
+    SimResult,
+)
 from distserve_rt.workloads import Workload
 
 
@@ -47,8 +60,18 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--max-batch-tokens",
         type=positive_int,
-        default=512,
-        help="prefill batch budget L_m; colocated: per-step token budget (default 512)",
+        default=None,
+        help="prefill batch budget L_m; colocated: per-step token budget (default 512; "
+        "colocated continuous_batching with --simulator scheduler: max(longest request, "
+        "2048), the runtime's default, which never splits a prompt)",
+    )
+    p.add_argument(
+        "--simulator",
+        choices=SIMULATORS,
+        default=None,
+        help="scheduler: the runtime's core schedulers on a simulated clock (pp=1 only); "
+        "fast: the analytic policies, reserving prompt+output KV (covers PP). Default: "
+        "scheduler when every instance has pp=1, else fast",
     )
     p.add_argument(
         "--kv-link",
@@ -83,6 +106,9 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
+SIMULATORS = ("scheduler", "fast")
+
+
 def _instance(model, parallelism, flags: str, max_seq_len: int, **kw):
     """build_instance, refusing (with the flags that would help) an instance that cannot hold
     the longest request: simulated, it would only report 0% attainment and NaN latencies."""
@@ -100,13 +126,49 @@ def _instance(model, parallelism, flags: str, max_seq_len: int, **kw):
     return spec
 
 
-def _spec(args, model, profile, cluster, max_seq_len: int):
+def _simulator(args) -> str:
+    """The simulator to run: the flag's, else scheduler unless an instance has pp > 1 or
+    DistServe's modelling is asked for (its simulator reserves no KV and never preempts:
+    the fast simulator's semantics, with which its numbers are reproduced)."""
+    if args.modelling == "distserve":
+        if args.simulator == "scheduler":
+            raise ValueError(
+                "--simulator scheduler and --modelling distserve are exclusive: DistServe's "
+                "modelling has no KV limit on decode, the runtime's schedulers do; use "
+                "--simulator fast"
+            )
+        return "fast"
+    pps = [1] if args.placement == "colocated" else [args.prefill_pp, args.decode_pp]
+    if args.simulator is None:
+        return "scheduler" if max(pps) == 1 else "fast"
+    if args.simulator == "scheduler" and max(pps) > 1:
+        raise ValueError(
+            f"--simulator scheduler supports pp=1 only, got --prefill-pp {args.prefill_pp} "
+            f"--decode-pp {args.decode_pp}; use --simulator fast for PP"
+        )
+    return args.simulator
+
+
+def _max_batch_tokens(args, simulator: str, max_seq_len: int) -> int:
+    """--max-batch-tokens, else the default of the runtime this simulates."""
+    if args.max_batch_tokens is not None:
+        return args.max_batch_tokens
+    if simulator == "scheduler" and _is_cb(args):
+        return max(max_seq_len, 2048)  # EngineConfig.scheduler_config's default
+    return 512
+
+
+def _is_cb(args) -> bool:
+    return args.placement == "colocated" and args.policy == "continuous_batching"
+
+
+def _spec(args, model, profile, cluster, max_seq_len: int, max_batch_tokens: int):
     if args.modelling == "distserve":
         return _distserve_spec(args, model, profile)
     kw = dict(
         cluster=cluster,
         profile=profile,
-        max_batch_tokens=args.max_batch_tokens,
+        max_batch_tokens=max_batch_tokens,
         max_seq_len=max_seq_len,
     )
     if args.placement == "colocated":
@@ -133,6 +195,12 @@ def _distserve_spec(args, model, profile):
     prefill = Parallelism(args.prefill_tp, args.prefill_pp)
     decode = Parallelism(args.decode_tp, args.decode_pp)
     return distserve_disagg_spec(model, profile, prefill, decode, args.num_prefill, args.num_decode)
+
+
+_SIMULATOR_TEXT = {
+    "scheduler": "scheduler (the runtime's core schedulers on a simulated clock)",
+    "fast": "fast (analytic policies, prompt+output KV reserved, no preemption)",
+}
 
 
 def _process(cv: float) -> str:
@@ -167,11 +235,35 @@ def _requests(args) -> tuple[Workload, list[tuple[float | None, np.ndarray | Non
     return workload, [(rate, arrival_s)]
 
 
+def _simulate(args, simulator: str, spec, evaluator: GoodputEvaluator, arrival_s) -> SimResult:
+    """One run of `spec` with the workload's requests arriving at ``arrival_s`` (s)."""
+    policy = ColocatedPolicy(args.policy) if args.placement == "colocated" else None
+    if simulator == "fast":
+        return evaluator.replay(spec, arrival_s, policy=policy)
+    sim = (
+        SchedulerDrivenDisaggregated(spec)
+        if policy is None
+        else SchedulerDrivenColocated(spec, policy)
+    )
+    w = evaluator.workload
+    return sim.run(arrival_s, w.prompt_lens, w.output_lens)
+
+
 def _run(args) -> int:
+    simulator = _simulator(args)
     model = planner_args.load_model(args.model)
     cluster = planner_args.build_cluster(args)
     workload, runs = _requests(args)
-    spec = _spec(args, model, load_profile(args.profile), cluster, workload.max_seq_len())
+    max_seq_len = workload.max_seq_len()
+    max_batch_tokens = _max_batch_tokens(args, simulator, max_seq_len)
+    if simulator == "scheduler" and _is_cb(args) and max_batch_tokens < max_seq_len:
+        raise ValueError(
+            f"--max-batch-tokens {max_batch_tokens} is below the longest request "
+            f"({max_seq_len} tokens): continuous_batching never splits a prompt, so the "
+            f"runtime refuses it; raise it or use --policy chunked_prefill"
+        )
+    profile = load_profile(args.profile)
+    spec = _spec(args, model, profile, cluster, max_seq_len, max_batch_tokens)
     evaluator = GoodputEvaluator(
         workload,
         planner_args.build_slo(args),
@@ -179,13 +271,10 @@ def _run(args) -> int:
         cv=args.cv,
         seed=args.seed,
     )
-    policy = ColocatedPolicy(args.policy) if args.placement == "colocated" else None
     rows = []
     for rate, arrival_s in runs:
-        if arrival_s is None:
-            result = evaluator.simulate(spec, rate, policy=policy)
-        else:
-            result = evaluator.replay(spec, arrival_s, policy=policy)
+        arrivals = evaluator.arrivals(rate) if arrival_s is None else arrival_s
+        result = _simulate(args, simulator, spec, evaluator, arrivals)
         rows.append(
             {
                 "rate": rate,
@@ -197,6 +286,8 @@ def _run(args) -> int:
     out = {
         "model": model.name,
         "placement": args.placement,
+        "simulator": simulator,
+        "max_batch_tokens": max_batch_tokens,
         "num_devices": spec.num_devices,
         "slo": {"ttft_s": evaluator.slo.ttft_s, "tpot_s": evaluator.slo.tpot_s},
         "runs": rows,
@@ -205,7 +296,11 @@ def _run(args) -> int:
         print(json.dumps(out, indent=2))
         return 0
     slo = evaluator.slo
-    print(f"{model.name} {args.placement} on {spec.num_devices} devices")
+    # One header line (tests and scripts read the table by line): what ran, and on what.
+    print(
+        f"{model.name} {args.placement} on {spec.num_devices} devices; simulator: "
+        f"{_SIMULATOR_TEXT[simulator]}; token budget {max_batch_tokens}"
+    )
     # Milliseconds, like the SLO flags and `drt-run bench`'s tables.
     print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
     print(f"{'req/s':>8} {'attain':>7} {'ttft p90':>9} {'tpot p90':>9}")

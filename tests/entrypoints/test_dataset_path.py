@@ -8,9 +8,8 @@ import re
 import numpy as np
 import pytest
 
-from distserve_rt.entrypoints import planner_args
+from distserve_rt.entrypoints import planner_args, simulate
 from distserve_rt.entrypoints.cli import build_parser, main
-from distserve_rt.planner.goodput import GoodputEvaluator
 from distserve_rt.workloads import Workload, load_length_file
 
 PROMPTS = [100, 250, 40, 600, 75]
@@ -154,14 +153,14 @@ def test_simulate_dataset_path_end_to_end(tmp_path, capsys):
 def _replayed_arrivals(monkeypatch) -> list[np.ndarray]:
     """Spy on what the simulator was given: the arrival times of every replayed run."""
     seen = []
-    replay = GoodputEvaluator.replay
+    run_one = simulate._simulate
 
-    def spy(self, spec, arrival_s, **kw):
-        result = replay(self, spec, arrival_s, **kw)
+    def spy(args, simulator, spec, evaluator, arrival_s):
+        result = run_one(args, simulator, spec, evaluator, arrival_s)
         seen.append(result.arrival.copy())
         return result
 
-    monkeypatch.setattr(GoodputEvaluator, "replay", spy)
+    monkeypatch.setattr(simulate, "_simulate", spy)
     return seen
 
 

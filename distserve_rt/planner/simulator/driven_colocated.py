@@ -1,0 +1,141 @@
+"""Colocated serving simulated by driving the runtime's own scheduler (see driven_instance).
+
+One instance, the engine's loop on a simulated clock: every step ``out = schedule(now)``,
+the latency model times the batch, the step's tokens are appended at its end
+(``update_from_output``); requests join the queue when the clock passes their arrival.
+Policies are `core.scheduler.POLICIES` (continuous_batching, chunked_prefill), exactly as
+`LLMEngine` builds them.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.core.scheduler import make_scheduler
+from distserve_rt.planner.simulator.colocated import ColocatedPolicy
+from distserve_rt.planner.simulator.driven_instance import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_WATERMARK,
+    StepClock,
+    StepNoise,
+    check_lengths,
+    check_pp1,
+    make_block_manager,
+    make_request,
+    make_scheduler_config,
+    next_batch,
+    resolve_max_model_len,
+    sampled_tokens,
+)
+from distserve_rt.planner.simulator.results import SimResult
+from distserve_rt.planner.simulator.spec import SimInstanceSpec
+
+_INF = float("inf")
+
+
+class SchedulerDrivenColocated:
+    """Simulate one colocated instance (pp=1) with the runtime's scheduler.
+
+    Args:
+        spec: the instance (latency model, KV capacity, ``max_batch_tokens`` = the runtime's
+            ``max_num_batched_tokens``, ``max_num_seqs``).
+        policy: a colocated policy name.
+        block_size, watermark: the engine's KV pool settings.
+        max_model_len: the context length; default the longest request (prompt + output).
+        noise: multiplies each step's time by ``noise.sample(rng)``; None: deterministic.
+        seed: seeds the noise's generator.
+    """
+
+    def __init__(
+        self,
+        spec: SimInstanceSpec,
+        policy: ColocatedPolicy | str,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        watermark: float = DEFAULT_WATERMARK,
+        max_model_len: int | None = None,
+        noise: StepNoise | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_pp1(spec, "colocated")
+        self.spec = spec
+        self.policy = ColocatedPolicy(policy)
+        self.block_size = block_size
+        self.watermark = watermark
+        self.max_model_len = max_model_len
+        self.noise = noise
+        self.seed = seed
+        self.block_manager = make_block_manager(spec, block_size, watermark)
+        """The last run's pool (tests check it is empty at the end)."""
+        self.num_preemptions = 0
+        """Preemptions by recompute in the last run."""
+
+    def run(self, arrival, prompt_lens, output_lens) -> SimResult:
+        """Arrays ``[num_requests]`` in arrival order (s, tokens, tokens)."""
+        arrival, prompt, out = check_lengths(arrival, prompt_lens, output_lens)
+        max_len = resolve_max_model_len(self.max_model_len, prompt, out)
+        if self.policy is ColocatedPolicy.CONTINUOUS_BATCHING and self.spec.max_batch_tokens < (
+            max_len
+        ):
+            raise ValueError(
+                f"max_batch_tokens ({self.spec.max_batch_tokens}) must be >= max_model_len "
+                f"({max_len}) with continuous_batching: it never splits a prompt (the runtime "
+                f"refuses the same config)"
+            )
+        bm = self.block_manager = make_block_manager(self.spec, self.block_size, self.watermark)
+        self.num_preemptions = 0
+        sched = make_scheduler(self.policy.value, make_scheduler_config(self.spec, max_len), bm)
+        clock = StepClock(self.spec.latency, self.noise, np.random.default_rng(self.seed))
+        n = arrival.size
+        requests = [
+            make_request(i, prompt[i], out[i], float(arrival[i]), max_len) for i in range(n)
+        ]
+        # step end -> its start: a request's decode starts with the step of its second token
+        # (looked up at the end, instead of scanning every step's decodes)
+        step_start: dict[float, float] = {}
+        arrival_list = arrival.tolist()
+        t, i = 0.0, 0
+        while True:
+            while i < n and arrival_list[i] <= t:
+                sched.add_request(requests[i])
+                i += 1
+            step, _, num_preempted = next_batch(sched, t)
+            self.num_preemptions += num_preempted
+            if step.is_empty:
+                if i < n:
+                    t = max(t, arrival_list[i])
+                    continue
+                if sched.has_unfinished_requests():
+                    raise RuntimeError(f"the {self.policy.value} scheduler stalled at t={t}")
+                break
+            end = t + clock.seconds(step)
+            step_start[end] = t
+            sched.update_from_output(step, sampled_tokens(step), None, end)
+            t = end
+        return _result(arrival, requests, step_start, out)
+
+
+def _result(
+    arrival: np.ndarray, requests: list[Request], step_start: dict[float, float], out: list[int]
+) -> SimResult:
+    n = len(requests)
+    ps, pe, ds, fin = ([_INF] * n for _ in range(4))
+    for k, r in enumerate(requests):
+        if r.status is RequestStatus.FINISHED_ERROR:
+            continue  # never fit the pool: misses every SLO
+        ps[k] = r.first_scheduled_time
+        pe[k] = r.first_token_time
+        fin[k] = r.finished_time
+        ds[k] = pe[k] if out[k] == 1 else step_start[r.token_times[1]]
+    pe_arr = np.asarray(pe)
+    return SimResult(
+        arrival,
+        np.asarray(ps),
+        pe_arr,
+        pe_arr,
+        pe_arr,
+        np.asarray(ds),
+        np.asarray(fin),
+        np.asarray(out, dtype=np.int64),
+    )

@@ -1,0 +1,302 @@
+"""Disaggregated serving simulated by driving the runtime's own schedulers (see
+driven_instance): N prefill instances (`PrefillScheduler`), M decode instances
+(`DecodeScheduler`), the controller's dispatch rules (`core.dispatch`) and pull-based KV
+migration between them, on a simulated clock.
+
+What mirrors what:
+
+* arrival → the prefill instance with the fewest queued prompt tokens (a request's tokens
+  count until its prefill ends, as the controller's ``num_queued_tokens``);
+* a prefill step's first tokens: the scheduler starts the migration (KV held, blocks
+  busy) and the request is announced to the least-loaded decode instance (fewest assigned
+  requests, ties most free blocks), whose `DecodeScheduler.add_migrated` queues it;
+* at the start of each decode step (as `DecodeInstance.step`) `admit_migrations` allocates
+  blocks for the pulls that fit; each pull takes `KVTransferSpec.seconds(prompt tokens)`,
+  serialised on the decode instance's inbound link; when it lands, `complete_migration`
+  (it decodes from the next step) and the prefill side's `release_migration` frees the
+  source blocks (what the controller's ReleaseKV does).
+
+Events at one time are all applied before any idle instance steps, so a burst of arrivals
+forms one batch, as the colocated loop does.
+"""
+
+from __future__ import annotations
+
+import heapq
+
+import numpy as np
+
+from distserve_rt.core.block_manager import BlockManager
+from distserve_rt.core.dispatch import decode_load, pick_prefill
+from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.core.scheduler import DecodeScheduler, PrefillScheduler, SchedulerOutput
+from distserve_rt.planner.simulator.driven_instance import (
+    DEFAULT_BLOCK_SIZE,
+    DEFAULT_WATERMARK,
+    StepClock,
+    StepNoise,
+    check_lengths,
+    check_pp1,
+    make_block_manager,
+    make_request,
+    make_scheduler_config,
+    migrated_copy,
+    next_batch,
+    resolve_max_model_len,
+    sampled_tokens,
+)
+from distserve_rt.planner.simulator.results import SimResult
+from distserve_rt.planner.simulator.spec import DisaggSpec
+
+_INF = float("inf")
+_ARRIVAL, _PREFILL_END, _DECODE_END, _PULL_DONE = range(4)
+
+
+class _Prefill:
+    __slots__ = ("sched", "clock", "busy", "num_queued_tokens")
+
+    def __init__(self, sched: PrefillScheduler, clock: StepClock) -> None:
+        self.sched = sched
+        self.clock = clock
+        self.busy = False
+        self.num_queued_tokens = 0
+
+
+class _Decode:
+    __slots__ = ("sched", "clock", "busy", "link_free", "num_assigned", "step_start")
+
+    def __init__(self, sched: DecodeScheduler, clock: StepClock) -> None:
+        self.sched = sched
+        self.clock = clock
+        self.busy = False
+        self.link_free = 0.0
+        """When the inbound link finishes its last queued pull (s)."""
+        self.num_assigned = 0
+        self.step_start: dict[float, float] = {}
+        """Step end -> its start: a request's decode starts with the step of its first
+        token here (looked up at the end, instead of scanning every step's decodes)."""
+
+
+class SchedulerDrivenDisaggregated:
+    """Simulate ``spec`` (pp=1 instances) with the runtime's prefill and decode schedulers.
+
+    Args are those of `SchedulerDrivenColocated` (block_size, watermark, max_model_len,
+    noise, seed), for every instance; each instance draws its noise from its own stream.
+    """
+
+    def __init__(
+        self,
+        spec: DisaggSpec,
+        *,
+        block_size: int = DEFAULT_BLOCK_SIZE,
+        watermark: float = DEFAULT_WATERMARK,
+        max_model_len: int | None = None,
+        noise: StepNoise | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_pp1(spec.prefill, "prefill")
+        check_pp1(spec.decode, "decode")
+        self.spec = spec
+        self.block_size = block_size
+        self.watermark = watermark
+        self.max_model_len = max_model_len
+        self.noise = noise
+        self.seed = seed
+        self.block_managers: list[BlockManager] = []
+        """The last run's pools, prefill instances first (tests check they end empty)."""
+        self.num_preemptions = 0
+        """Preemptions by recompute on the decode instances in the last run."""
+
+    def run(self, arrival, prompt_lens, output_lens) -> SimResult:
+        """Arrays ``[num_requests]`` in arrival order (s, tokens, tokens)."""
+        arrival, prompt, out = check_lengths(arrival, prompt_lens, output_lens)
+        self._max_len = resolve_max_model_len(self.max_model_len, prompt, out)
+        self._build_instances()
+        n = arrival.size
+        self._requests = [
+            make_request(i, prompt[i], out[i], float(arrival[i]), self._max_len) for i in range(n)
+        ]
+        self._decoded: list[Request | None] = [None] * n
+        self._owner = [0] * n
+        self._ts, self._te = ([_INF] * n for _ in range(2))
+        self._decoded_by = [0] * n
+        self._seq = n
+        self._events = [(float(t), i, _ARRIVAL, i, None) for i, t in enumerate(arrival.tolist())]
+        heapq.heapify(self._events)
+        self._loop()
+        return self._result(arrival, out)
+
+    def _build_instances(self) -> None:
+        spec, rngs = (
+            self.spec,
+            np.random.default_rng(self.seed).spawn(self.spec.num_prefill + self.spec.num_decode),
+        )
+        self.block_managers = []
+        self.num_preemptions = 0
+
+        def parts(inst_spec, rng):
+            bm = make_block_manager(inst_spec, self.block_size, self.watermark)
+            self.block_managers.append(bm)
+            config = make_scheduler_config(inst_spec, self._max_len)
+            return config, bm, StepClock(inst_spec.latency, self.noise, rng)
+
+        self._prefills = []
+        for k in range(spec.num_prefill):
+            config, bm, clock = parts(spec.prefill, rngs[k])
+            self._prefills.append(_Prefill(PrefillScheduler(config, bm), clock))
+        self._decodes = []
+        for k in range(spec.num_decode):
+            config, bm, clock = parts(spec.decode, rngs[spec.num_prefill + k])
+            self._decodes.append(_Decode(DecodeScheduler(config, bm), clock))
+
+    def _push(self, time: float, kind: int, a, b=None) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (time, self._seq, kind, a, b))
+
+    def _loop(self) -> None:
+        events = self._events
+        handlers = (self._on_arrival, self._on_prefill_end, self._on_decode_end, self._on_pull)
+        while events:
+            now = events[0][0]
+            dirty_p: set[int] = set()
+            dirty_d: set[int] = set()
+            while events and events[0][0] == now:
+                _, _, kind, a, b = heapq.heappop(events)
+                handlers[kind](now, a, b, dirty_p, dirty_d)
+            for p in sorted(dirty_p):
+                self._step_prefill(now, p)
+            for d in sorted(dirty_d):
+                self._step_decode(now, d)
+        stuck = [r.request_id for r in self._requests if not self._is_done(r)]
+        if stuck:
+            raise RuntimeError(f"requests {stuck[:5]} never finished: the simulation stalled")
+
+    def _is_done(self, request: Request) -> bool:
+        if request.is_finished:
+            return True
+        decoded = self._decoded[request.seq_id]
+        return decoded is not None and decoded.is_finished
+
+    # ---- prefill ----------------------------------------------------------------------------
+
+    def _on_arrival(self, now, i: int, _, dirty_p, dirty_d) -> None:
+        p = pick_prefill([inst.num_queued_tokens for inst in self._prefills])
+        inst = self._prefills[p]
+        request = self._requests[i]
+        self._owner[i] = p
+        inst.num_queued_tokens += request.num_prompt_tokens
+        inst.sched.add_request(request)
+        dirty_p.add(p)
+
+    def _step_prefill(self, now: float, p: int) -> None:
+        inst = self._prefills[p]
+        if inst.busy:
+            return
+        out, finished, _ = next_batch(inst.sched, now)
+        for request in finished:  # rejected: never fits this pool
+            inst.num_queued_tokens -= request.num_prompt_tokens
+        if not out.is_empty:
+            inst.busy = True
+            self._push(now + inst.clock.seconds(out), _PREFILL_END, p, out)
+
+    def _on_prefill_end(self, now, p: int, out: SchedulerOutput, dirty_p, dirty_d) -> None:
+        inst = self._prefills[p]
+        inst.busy = False
+        dirty_p.add(p)
+        update = inst.sched.update_from_output(out, sampled_tokens(out), None, now)
+        for request in update.updated:
+            inst.num_queued_tokens -= request.num_prompt_tokens
+            if request.is_finished:
+                continue  # a one-token output: done at its first token
+            d = min(range(len(self._decodes)), key=self._decode_key)
+            target = self._decodes[d]
+            target.num_assigned += 1
+            decoded = migrated_copy(request, self._max_len)
+            self._decoded[request.seq_id] = decoded
+            self._decoded_by[request.seq_id] = d
+            target.sched.add_migrated(decoded)
+            dirty_d.add(d)
+
+    def _decode_key(self, d: int) -> tuple[int, int]:
+        inst = self._decodes[d]
+        return decode_load(inst.num_assigned, inst.sched.block_manager.num_free_blocks)
+
+    # ---- KV migration and decode ------------------------------------------------------------
+
+    def _step_decode(self, now: float, d: int) -> None:
+        """`DecodeInstance.step`: admit the migrations that fit (their pulls start), then
+        the batch; again while a batch is empty but preempted or rejected a request (the
+        admission may have waited for that queue), as the instance's loop would."""
+        inst = self._decodes[d]
+        if inst.busy:
+            return
+        while True:
+            self._start_pulls(now, d)
+            out, finished, num_preempted = next_batch(inst.sched, now)
+            self.num_preemptions += num_preempted
+            for request in finished:  # rejected: never fits this pool
+                inst.num_assigned -= 1
+                p = self._owner[request.seq_id]
+                if self._prefills[p].sched.release_migration(request.request_id) is not None:
+                    self._step_prefill(now, p)  # its source blocks are free
+            if not out.is_empty:
+                break
+            if not (finished or num_preempted):
+                return
+        inst.busy = True
+        end = now + inst.clock.seconds(out)
+        inst.step_start[end] = now
+        self._push(end, _DECODE_END, d, out)
+
+    def _start_pulls(self, now: float, d: int) -> None:
+        inst, transfer = self._decodes[d], self.spec.kv_transfer
+        for request in inst.sched.admit_migrations(now):
+            start = max(now, inst.link_free)
+            inst.link_free = end = start + transfer.seconds(request.num_computed_tokens)
+            self._ts[request.seq_id] = start
+            self._push(end, _PULL_DONE, d, request)
+
+    def _on_pull(self, now, d: int, request: Request, dirty_p, dirty_d) -> None:
+        self._decodes[d].sched.complete_migration(request)
+        self._te[request.seq_id] = now
+        p = self._owner[request.seq_id]
+        self._prefills[p].sched.release_migration(request.request_id)
+        dirty_p.add(p)
+        dirty_d.add(d)
+
+    def _on_decode_end(self, now, d: int, out: SchedulerOutput, dirty_p, dirty_d) -> None:
+        inst = self._decodes[d]
+        inst.busy = False
+        update = inst.sched.update_from_output(out, sampled_tokens(out), None, now)
+        inst.num_assigned -= len(update.finished)
+        dirty_d.add(d)
+
+    # ---- result -----------------------------------------------------------------------------
+
+    def _result(self, arrival: np.ndarray, out: list[int]) -> SimResult:
+        n = arrival.size
+        ps, pe, ds, fin = ([_INF] * n for _ in range(4))
+        ts, te = self._ts, self._te
+        failed = RequestStatus.FINISHED_ERROR
+        for k, r in enumerate(self._requests):
+            decoded = self._decoded[k]
+            if r.status is failed or (decoded is not None and decoded.status is failed):
+                continue  # never fit a pool: misses every SLO
+            ps[k] = r.first_scheduled_time
+            pe[k] = r.first_token_time
+            if decoded is None:  # one-token output
+                ts[k] = te[k] = ds[k] = fin[k] = pe[k]
+            else:
+                step_start = self._decodes[self._decoded_by[k]].step_start
+                ds[k] = step_start[decoded.token_times[0]]
+                fin[k] = decoded.finished_time
+        return SimResult(
+            arrival,
+            np.asarray(ps),
+            np.asarray(pe),
+            np.asarray(ts),
+            np.asarray(te),
+            np.asarray(ds),
+            np.asarray(fin),
+            np.asarray(out, dtype=np.int64),
+        )

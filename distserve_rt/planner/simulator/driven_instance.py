@@ -1,0 +1,216 @@
+"""What the scheduler-driven simulators share: one instance of the runtime's `core`
+scheduler on a simulated clock, the latency model standing in for the model runner.
+
+The runtime's policies (admission on the prompt above the watermark, token budgets,
+``max_num_seqs``, preemption by recompute, back-pressure of KV awaiting migration) are not
+re-implemented here: the simulators build the very `BlockManager` and scheduler classes the
+engine builds (`engine/llm_engine.py`, `engine/disagg/instance.py`) and only decide *how
+long* each step the scheduler chose takes. That makes them slower than the analytic fast
+simulators (one Python step per engine step, not a closed-form jump over many), and exact
+where the fast ones approximate (memory pressure, preemption).
+
+Requests have forced output lengths, as in the paper's benchmarks: ``max_tokens`` = the
+output length with ``ignore_eos``, so the runtime's `StopChecker` stops them with LENGTH.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import numpy as np
+
+from distserve_rt.config.scheduler import SchedulerConfig
+from distserve_rt.core.block_manager import BlockManager
+from distserve_rt.core.request import Request
+from distserve_rt.core.scheduler.interface import Scheduler, SchedulerOutput
+from distserve_rt.core.stop_checker import StopChecker
+from distserve_rt.planner.latency_model import LatencyModel
+from distserve_rt.planner.simulator.spec import SimInstanceSpec
+from distserve_rt.sampling_params import SamplingParams
+
+DEFAULT_BLOCK_SIZE = 16
+"""`EngineConfig.block_size`'s default."""
+DEFAULT_WATERMARK = 0.01
+"""`EngineConfig.watermark`'s default."""
+_TOKEN = 0
+"""Every simulated token's id: with ignore_eos and no stop ids, only the lengths stop."""
+
+
+class StepNoise(Protocol):
+    """Step-time jitter: a multiplicative factor per step (mean about 1), e.g. drawn from the
+    step times a profile measured around its fit."""
+
+    def sample(self, rng: np.random.Generator) -> float: ...
+
+
+def check_pp1(spec: SimInstanceSpec, role: str) -> None:
+    if spec.parallelism.pp_size != 1:
+        raise NotImplementedError(
+            f"the scheduler-driven simulator supports pp=1 only, got {role} "
+            f"{spec.parallelism}: a PP instance runs pp_size virtual engines with batches in "
+            f"flight between stages, which this simulator does not model yet; use the fast "
+            f"simulator (ColocatedSimulator / DisaggregatedSimulator) for PP"
+        )
+
+
+def make_scheduler_config(spec: SimInstanceSpec, max_model_len: int) -> SchedulerConfig:
+    """The instance's limits as `EngineConfig.scheduler_config` resolves them."""
+    return SchedulerConfig(
+        max_num_seqs=spec.max_num_seqs,
+        max_num_batched_tokens=spec.max_batch_tokens,
+        max_model_len=max_model_len,
+    )
+
+
+def make_block_manager(spec: SimInstanceSpec, block_size: int, watermark: float) -> BlockManager:
+    """The instance's pool as the engine sizes it: whole blocks of its KV capacity."""
+    num_blocks = spec.kv_capacity_tokens // block_size
+    if num_blocks < 1:
+        raise ValueError(
+            f"kv_capacity_tokens ({spec.kv_capacity_tokens}) must hold at least one block of "
+            f"block_size={block_size} tokens"
+        )
+    return BlockManager(num_blocks, block_size, watermark)
+
+
+def make_request(
+    index: int, prompt_len: int, output_len: int, arrival: float, max_model_len: int
+) -> Request:
+    """Request ``index`` (its id and seq_id) as the engine builds it: greedy, a forced
+    output length, the runtime's stop rules."""
+    params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
+    request = Request(str(index), index, [_TOKEN] * prompt_len, params, arrival, max_model_len)
+    request.stop_checker = StopChecker(
+        params,
+        eos_token_id=None,
+        num_prompt_tokens=prompt_len,
+        max_model_len=max_model_len,
+        detokenizer=None,
+    )
+    return request
+
+
+def migrated_copy(request: Request, max_model_len: int) -> Request:
+    """The decode instance's `Request` for a finished prefill (`Instance.make_request` of a
+    Migrate): prompt + the first token, KV for all but the last token, the token rules."""
+    params = request.sampling_params
+    copy = Request(
+        request.request_id,
+        request.seq_id,
+        request.prompt_token_ids,
+        params,
+        request.arrival_time,
+        max_model_len,
+    )
+    copy.token_ids.extend(request.output_token_ids)
+    copy.num_computed_tokens = copy.num_tokens - 1
+    copy.stop_checker = StopChecker(
+        params,
+        eos_token_id=None,
+        num_prompt_tokens=request.num_prompt_tokens,
+        max_model_len=max_model_len,
+        detokenizer=None,
+        num_output_tokens=request.num_output_tokens,
+        apply_stop_strings=False,
+    )
+    return copy
+
+
+class StepClock:
+    """Step times of one instance: the latency model on the batch's shape, times the noise."""
+
+    __slots__ = ("latency", "noise", "rng")
+
+    def __init__(
+        self, latency: LatencyModel, noise: StepNoise | None, rng: np.random.Generator
+    ) -> None:
+        self.latency = latency
+        self.noise = noise
+        self.rng = rng
+
+    def seconds(self, out: SchedulerOutput) -> float:
+        """How long the step `out` takes (s). Prefill chunks cost Σ new tokens and
+        Σ chunk·(prefix + chunk) (attention over the prefix too); decodes B and Σ seq_lens
+        (each including its new token)."""
+        lat = self.latency
+        num_decodes = len(out.decodes)
+        if out.prefills:
+            num_tokens = out.num_prefill_tokens
+            sum_sq = 0
+            for p in out.prefills:
+                sum_sq += p.num_new_tokens * (p.prefix_len + p.num_new_tokens)
+            if num_decodes:
+                num_ctx = int(out.decode_seq_lens.sum())
+                t = lat.mixed_s(num_tokens, sum_sq, num_decodes, num_ctx)
+            else:
+                t = lat.prefill_s(num_tokens, sum_sq)
+        else:
+            t = lat.decode_s(num_decodes, int(out.decode_seq_lens.sum()))
+        if self.noise is not None:
+            factor = self.noise.sample(self.rng)
+            if not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"noise.sample must return a finite factor > 0, got {factor!r}")
+            t *= factor
+        return t
+
+
+def next_batch(sched: Scheduler, now: float) -> tuple[SchedulerOutput, list[Request], int]:
+    """`sched.schedule(now)` as the engine's loop calls it: again while a call returns no
+    batch, until two calls in a row report nothing. A call may preempt every running
+    request (the victims are admitted by the next call) or reject one (reported by the
+    next call), so one empty batch does not mean the instance is idle.
+
+    Returns the batch (empty when idle), every request reported finished (rejected or
+    aborted) by the calls, and the number of preemptions."""
+    finished: list[Request] = []
+    num_preempted = 0
+    num_quiet = 0
+    while True:
+        out = sched.schedule(now)
+        finished += out.finished
+        num_preempted += len(out.preempted)
+        if not out.is_empty:
+            return out, finished, num_preempted
+        if out.finished or out.preempted:
+            num_quiet = 0
+        else:
+            num_quiet += 1
+            if num_quiet == 2:
+                return out, finished, num_preempted
+
+
+def sampled_tokens(out: SchedulerOutput) -> list[int]:
+    """One token per row that samples (the executor's output)."""
+    return [_TOKEN] * len(out.sampling_requests())
+
+
+def check_lengths(arrival, prompt_lens, output_lens) -> tuple[np.ndarray, list[int], list[int]]:
+    arrival = np.asarray(arrival, dtype=np.float64)
+    prompt = [int(x) for x in prompt_lens]
+    out = [int(x) for x in output_lens]
+    if not (arrival.size == len(prompt) == len(out)):
+        raise ValueError(
+            f"arrival, prompt_lens and output_lens must have one length, got "
+            f"{arrival.size}, {len(prompt)}, {len(out)}"
+        )
+    if arrival.size and np.any(np.diff(arrival) < 0):
+        raise ValueError("arrival must be non-decreasing (requests in arrival order)")
+    for name, values in (("prompt_lens", prompt), ("output_lens", out)):
+        bad = next((x for x in values if x < 1), None)
+        if bad is not None:
+            raise ValueError(f"{name} must all be >= 1, got {bad}")
+    return arrival, prompt, out
+
+
+def resolve_max_model_len(max_model_len: int | None, prompt: list[int], out: list[int]) -> int:
+    """The context length: the longest request unless given (shorter would cut outputs)."""
+    longest = max((p + o for p, o in zip(prompt, out, strict=True)), default=2)
+    if max_model_len is None:
+        return longest
+    if max_model_len < longest:
+        raise ValueError(
+            f"max_model_len ({max_model_len}) must be >= the longest request's prompt + output "
+            f"({longest}): a shorter context would stop outputs early"
+        )
+    return max_model_len
