@@ -72,7 +72,10 @@ def _row(c: Candidate, chosen: Candidate) -> dict:
         "unit_per_device_goodput": c.unit_per_device,
         "prefill_instance_goodput": c.prefill_goodput,
         "decode_instance_goodput": c.decode_goodput,
+        "goodput_low": pred.get("goodput_low"),
+        "goodput_high": pred.get("goodput_high"),
         "attainment_at_rate": pred.get("scored_attainment"),
+        "attainment_half_width": pred.get("attainment_half_width"),
         "ttft_p90_s": pred.get("ttft_s", {}).get("p90"),
         "tpot_p90_s": pred.get("tpot_s", {}).get("p90"),
     }
@@ -101,6 +104,7 @@ def _inputs(args) -> PlanInputs:
         model=planner_args.load_model(args.model),
         cluster=planner_args.build_cluster(args),
         workload=planner_args.build_workload(args),
+        pool=planner_args.build_pool(args),
         slo=planner_args.build_slo(args),
         profile=load_profile(args.profile),
         rate=args.rate,
