@@ -98,6 +98,9 @@ def _plan_args(tmp_path, *extra):
         "3",
         "--num-requests",
         "120",
+        # Stable estimates up to 1000 requests: the behaviour, at a test's speed.
+        "--max-requests",
+        "1000",
         "--output",
         str(tmp_path / "p.yaml"),
         "--json",
