@@ -7,14 +7,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.presets import get_preset
+from distserve_rt.planner.candidates import Algorithm, Candidate
 from distserve_rt.planner.cluster import ClusterSpec
 from distserve_rt.planner.latency_model import ConstantLatencyModel
-from distserve_rt.planner.placement import PlanInputs, plan
+from distserve_rt.planner.placement import PlanInputs, Planner, plan
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator import SimInstanceSpec
-from distserve_rt.planner.steady_state import SteadyState, batch_means
+from distserve_rt.planner.steady_state import StableGoodput, SteadyState, batch_means
 from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
 
 
@@ -115,3 +117,52 @@ def test_two_seeds_choose_the_same_plan_with_overlapping_intervals():
         assert p["goodput_low"] <= r.best.goodput <= p["goodput_high"]
         assert p["attainment_low"] <= p["scored_attainment"] <= p["attainment_high"]
         assert p["meets_target"] and p["num_requests_simulated"] >= 1000
+
+
+def _opt13b(num_refined: int = 3) -> PlanInputs:
+    pool = Workload.from_dataset("chat")
+    return PlanInputs(
+        model=get_preset("opt-13b"),
+        cluster=ClusterSpec(num_nodes=1, devices_per_node=8),
+        workload=pool.sample(120, seed=0),
+        slo=SLO(0.25, 0.1),
+        profile=load_profile("a100-80g-distserve"),
+        rate=3.0,
+        affinity="high",
+        show_progress=False,
+        pool=pool,
+        num_refined=num_refined,
+        max_requests=1000,
+    )
+
+
+def test_refinement_goes_on_while_an_unrefined_candidate_ranks_above():
+    """OPT-13B on 8 devices at 3 req/s: the first three screened (colocated tp5, tp2, tp1)
+    fall below colocated tp8's screened goodput once refined, so the next ones are refined
+    too, and the answer is a refined one that ranks above every unrefined one."""
+    planner = Planner(_opt13b())
+    result = planner.run()
+    refined = [c for c in result.ranked if planner.goodput_interval(c)]
+    rest = result.ranked[len(refined) :]
+    assert len(refined) > 3 and not any(planner.goodput_interval(c) for c in rest)
+    assert result.best in refined
+    fits = [c for c in rest if c.num_devices <= 8]  # the rest that fit the cluster
+    assert max(c.per_device for c in refined) >= max(c.per_device for c in fits)
+
+
+def test_ties_within_the_intervals_go_to_the_fewest_devices():
+    planner = Planner(_opt13b())
+
+    def colocated(tp: int, goodput: float, low: float, high: float) -> Candidate:
+        par = Parallelism(tp, 1)
+        cand = Candidate(Algorithm.COLOCATED, par, None, 1, 0, goodput, goodput, None)
+        planner._stable[planner._config_key(cand)] = (StableGoodput(goodput, low, high),) * 2
+        return cand
+
+    # tp2 has the better mean per device (2.2 vs 2.0); its interval reaches down to 2.0
+    # per device, tp1's up to 2.1: a tie, and one device beats two.
+    dear, cheap = colocated(2, 4.4, 4.0, 4.8), colocated(1, 2.0, 1.9, 2.1)
+    assert planner._ties_first([dear, cheap]) == [cheap, dear]
+    # tp1's interval ends below 2.0 per device: no tie, the mean order stands.
+    dear, cheap = colocated(2, 4.4, 4.0, 4.8), colocated(1, 1.9, 1.8, 1.95)
+    assert planner._ties_first([dear, cheap]) == [dear, cheap]
