@@ -120,6 +120,8 @@ class SteadyState:
             )
         if not 0 < self.tolerance < 1:
             raise ValueError(f"tolerance must be in (0, 1), got {self.tolerance!r}")
+        if isinstance(self.growth, bool) or not isinstance(self.growth, int) or self.growth < 2:
+            raise ValueError(f"growth must be an int >= 2, got {self.growth!r}")
         longest = self.pool.sample(self.max_requests, seed=self.seed)
         sizes, n = [], self.min_requests
         while n < self.max_requests:

@@ -166,3 +166,31 @@ def test_ties_within_the_intervals_go_to_the_fewest_devices():
     # tp1's interval ends below 2.0 per device: no tie, the mean order stands.
     dear, cheap = colocated(2, 4.4, 4.0, 4.8), colocated(1, 1.9, 1.8, 1.95)
     assert planner._ties_first([dear, cheap]) == [dear, cheap]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_refined": -1}, "num_refined must be an int >= 0, got -1"),
+        ({"max_requests": 50}, "max_requests must be an int >= 100, got 50"),
+    ],
+)
+def test_plan_inputs_refuse_bad_refinement_settings(kwargs, match):
+    import dataclasses
+
+    with pytest.raises(ValueError, match=match):
+        dataclasses.replace(_opt13b(), **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"min_requests": 500, "max_requests": 400}, "need 0 < min_requests <= max_requests"),
+        ({"tolerance": 0.0}, r"tolerance must be in \(0, 1\), got 0.0"),
+        ({"growth": 1}, "growth must be an int >= 2, got 1"),
+    ],
+)
+def test_steady_state_refuses_bad_settings(kwargs, match):
+    pool = Workload.synthetic(10, LengthDist("fixed", 4), LengthDist("fixed", 2))
+    with pytest.raises(ValueError, match=match):
+        SteadyState(pool, SLO(1.0, 1.0), **kwargs)
