@@ -166,7 +166,7 @@ def _plot(args, planner: Planner, result: PlanResult):
     from distserve_rt.planner.plot import plot_plan
 
     i, best = result.inputs, result.best
-    breakdown = planner.simulate_at(best, best.predicted["rate"]).mean_breakdown()
+    breakdown = planner.stable_breakdown(best, best.predicted["rate"])
     c = i.cluster
     title = (
         f"{args.model} on {c.num_nodes} x {c.devices_per_node} devices, {i.workload.name} "

@@ -375,6 +375,13 @@ class Planner:
         est, _ = self.steady.attainment(spec, unit_rate, policy=policy)
         return est.mean, est.half_width
 
+    def stable_breakdown(self, cand: Candidate, rate: float) -> dict[str, float]:
+        """Mean seconds per request in each stage (``BREAKDOWN`` keys) of ``cand``
+        carrying ``rate`` req/s, from the run that made its attainment stable."""
+        spec, unit_rate, policy = self._sim_args(cand, rate)
+        _, result = self.steady.attainment(spec, unit_rate, policy=policy)
+        return result.mean_breakdown()
+
     def _fits(self, cand: Candidate) -> bool:
         return cand.num_devices <= self.inputs.cluster.num_devices
 
