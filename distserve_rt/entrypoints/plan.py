@@ -120,7 +120,8 @@ def _curves(planner: Planner, result, num: int = 4) -> dict[str, list[tuple[floa
     curves = {}
     for c in _plotted(result, num):
         rates = np.linspace(0.25, 1.75, 7) * c.goodput
-        curves[c.label()] = [(float(r), *planner.stable_attainment(c, float(r))) for r in rates]
+        at = planner.refiner.attainment_or_zero
+        curves[c.label()] = [(float(r), *at(c, float(r))) for r in rates]
     return curves
 
 
@@ -166,7 +167,7 @@ def _plot(args, planner: Planner, result: PlanResult):
     from distserve_rt.planner.plot import plot_plan
 
     i, best = result.inputs, result.best
-    breakdown = planner.stable_breakdown(best, best.predicted["rate"])
+    breakdown = planner.refiner.attainment(best, best.predicted["rate"])[1].mean_breakdown()
     c = i.cluster
     title = (
         f"{args.model} on {c.num_nodes} x {c.devices_per_node} devices, {i.workload.name} "

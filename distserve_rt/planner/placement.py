@@ -18,8 +18,7 @@ are ranked by their goodput per device at the rate, replicas included (`candidat
 why replicas count), those that fit the cluster first. The chosen placement is the
 best-ranked one that fits the cluster and meets the target when simulated whole at the
 rate. The search screens every configuration on the workload's few hundred requests; the
-best-ranked ``num_refined`` are then re-scored by `steady_state` (warm-up discarded,
-requests grown until the attainment interval is tight) and ranked first, so the answer
+best-ranked are then re-scored until stable (`refine`) and ranked first, so the answer
 does not change with the seed and comes with an interval (see `PlanResult.predicted`).
 When none does, the answer is the best the cluster can run: each configuration
 with as many replicas as the cluster holds, ranked the same way, and the rate it
@@ -29,13 +28,12 @@ sustains; beside it, the deployment that would meet the target (and its devices)
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from enum import Enum
 
 from tqdm import tqdm
 
 from distserve_rt.config.parallelism import Parallelism
-from distserve_rt.config.placement import PlacementKind
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.candidates import (
@@ -48,6 +46,7 @@ from distserve_rt.planner.candidates import (
 from distserve_rt.planner.cluster import ClusterSpec, build_instance, divisors, infeasibility
 from distserve_rt.planner.goodput import GoodputEvaluator, GoodputResult
 from distserve_rt.planner.profiles import ProfileSet
+from distserve_rt.planner.refine import Refiner, sim_args
 from distserve_rt.planner.simulator import (
     ColocatedPolicy,
     DisaggSpec,
@@ -56,7 +55,6 @@ from distserve_rt.planner.simulator import (
     SimMode,
     SimResult,
 )
-from distserve_rt.planner.steady_state import StableGoodput, SteadyState
 from distserve_rt.workloads.workload import Workload
 
 
@@ -161,19 +159,8 @@ class Planner:
         self._largest_rejected: tuple[int, str] = (0, "")
         """(tp x pp, "config: reasons") of the largest instance rejected."""
         self._phase_cache: dict[tuple, GoodputResult] = {}
-        self.steady = SteadyState(
-            inputs.pool or inputs.workload,
-            inputs.slo,
-            inputs.target,
-            inputs.rel_tol,
-            inputs.cv,
-            inputs.seed,
-            min_requests=min(1000, inputs.max_requests),
-            max_requests=inputs.max_requests,
-        )
-        self._stable: dict[tuple, tuple[StableGoodput, StableGoodput]] = {}
-        """Refined configurations: (prefill or unit, decode or unit) stable goodputs."""
-        self._stable_phase: dict[tuple, StableGoodput] = {}
+        self.refiner = Refiner(inputs, self._fits, self._cluster_key)
+        """Stable goodputs of the best-ranked deployments (`refine`)."""
 
     # ---- building blocks ---------------------------------------------------------------
 
@@ -221,18 +208,9 @@ class Planner:
             self._phase_cache[key] = self.evaluator.goodput(spec, mode=mode, rate_hint=hint)
         return self._phase_cache[key]
 
-    @staticmethod
-    def _sim_args(cand: Candidate, rate: float) -> tuple[object, float, object]:
-        """(spec, rate, policy) that simulate ``cand`` carrying ``rate`` req/s (colocated:
-        one of its replicas carrying its share, ``rate / num_prefill``, as a random split
-        would)."""
-        if cand.placement is PlacementKind.COLOCATED:
-            return cand.unit, rate / cand.num_prefill, ColocatedPolicy.CONTINUOUS_BATCHING
-        return cand.unit, rate, None
-
     def simulate_at(self, cand: Candidate, rate: float) -> SimResult:
         """The deployment of ``cand`` carrying ``rate`` req/s, on the screening workload."""
-        spec, rate, policy = self._sim_args(cand, rate)
+        spec, rate, policy = sim_args(cand, rate)
         return self.evaluator.simulate(spec, rate, policy=policy)
 
     def _predict(self, cand: Candidate, rate: float | None = None) -> None:
@@ -243,9 +221,8 @@ class Planner:
             return
         i = self.inputs
         rate = i.rate if rate is None else rate
-        if self._config_key(cand) in self._stable:
-            spec, unit_rate, policy = self._sim_args(cand, rate)
-            est, result = self.steady.attainment(spec, unit_rate, policy=policy)
+        if self.refiner.is_refined(cand):
+            est, result = self.refiner.attainment(cand, rate)
             scored = est.mean
             interval = {
                 "attainment_low": est.low,
@@ -261,126 +238,9 @@ class Planner:
             "scored_attainment": scored,
             "meets_target": scored >= i.target,
             **interval,
-            **self.goodput_interval(cand),
+            **self.refiner.goodput_interval(cand),
             **result.summary(i.slo).to_dict(),
         }
-
-    @staticmethod
-    def _config_key(cand: Candidate) -> tuple:
-        return cand.algorithm, cand.prefill, cand.decode, cand.num_nodes_spanned
-
-    def goodput_interval(self, cand: Candidate) -> dict[str, float]:
-        """``goodput_low``/``goodput_high`` (req/s) of a refined ``cand`` with its replica
-        counts, else nothing (a screened goodput has no interval)."""
-        if self._config_key(cand) not in self._stable:
-            return {}
-        pre, dec = self._stable[self._config_key(cand)]
-        if cand.algorithm is Algorithm.PHASES_APART:
-            low = min(cand.num_prefill * pre.low, cand.num_decode * dec.low)
-            high = min(cand.num_prefill * pre.high, cand.num_decode * dec.high)
-        else:
-            low, high = cand.num_prefill * pre.low, cand.num_prefill * pre.high
-        return {"goodput_low": low, "goodput_high": high}
-
-    def _refine(self, ranked: list[Candidate]) -> list[Candidate]:
-        """The first ``num_refined`` of ``ranked`` with stable goodputs (and replica counts
-        for them), before the rest: a screened goodput is a transient of a few hundred
-        requests, and two near the top trade places from one seed to the next.
-
-        A transient flatters (the queue has not built up yet), so refined goodputs mostly
-        fall: while the best refined one ranks below the best unrefined one, the next
-        ``num_refined`` are refined too, up to three rounds (OPT-13B on 8 devices at 3
-        req/s: colocated tp5, tp2 and tp1 fell below tp8's screened goodput)."""
-        num, refined, rest = self.inputs.num_refined, [], ranked
-        for _ in range(3):
-            if not rest or num == 0:
-                break
-            refined += filter(None, map(self._refined, rest[:num]))
-            rest = rest[num:]
-            refined.sort(key=self._cluster_key)
-            if refined and (
-                not rest or self._cluster_key(refined[0]) <= self._cluster_key(rest[0])
-            ):
-                break
-        return self._ties_first(refined) + rest
-
-    def _ties_first(self, refined: list[Candidate]) -> list[Candidate]:
-        """``refined`` with the best one's ties first, fewest devices (then pipeline
-        stages) first among them: those whose per-device goodput interval reaches the
-        best's. Their order by the means is noise (OPT-175B on 4 x 8 at 4 req/s: 3 x
-        colocated tp8 and a 4-node pair both at 0.19 req/s per device, 4000 requests,
-        each first for two seeds of four), so the cheaper deployment is the answer."""
-        if not refined or not self._fits(refined[0]):
-            return refined
-        best_low = self.goodput_interval(refined[0])["goodput_low"] / refined[0].num_devices
-        ties = [
-            c
-            for c in refined
-            if self._fits(c)
-            and self.goodput_interval(c)["goodput_high"] / c.num_devices >= best_low
-        ]
-        ties.sort(key=lambda c: (*Candidate.rank_key(c)[1:], -c.per_device))
-        return ties + [c for c in refined if all(c is not t for t in ties)]
-
-    def _refined(self, cand: Candidate) -> Candidate | None:
-        """``cand`` with stable goodputs, None if it meets the target at no rate."""
-        rate = self.inputs.rate
-        if cand.algorithm is Algorithm.PHASES_APART:
-            pre = self._stable_phase_goodput(cand.unit.prefill, SimMode.PREFILL_ONLY, cand)
-            dec = self._stable_phase_goodput(cand.unit.decode, SimMode.DECODE_ONLY, cand)
-            if pre.rate <= 0 or dec.rate <= 0:
-                return None
-            n_p, n_d = num_replicas(rate, pre.rate), num_replicas(rate, dec.rate)
-            unit = replace(cand.unit, num_prefill=n_p, num_decode=n_d)
-        elif cand.algorithm is Algorithm.COLOCATED:
-            policy = ColocatedPolicy.CONTINUOUS_BATCHING
-            pre = dec = self.steady.goodput(
-                cand.unit, policy=policy, rate_hint=cand.prefill_goodput
-            )
-            if pre.rate <= 0:
-                return None
-            n_p, n_d, unit = num_replicas(rate, pre.rate), 0, cand.unit
-        else:
-            pair = replace(cand.unit, num_prefill=1, num_decode=1)
-            pre = dec = self.steady.goodput(pair, rate_hint=cand.prefill_goodput)
-            if pre.rate <= 0:
-                return None
-            n_p = n_d = num_replicas(rate, pre.rate)
-            unit = replace(cand.unit, num_prefill=n_p, num_decode=n_d)
-        self._stable[self._config_key(cand)] = (pre, dec)
-        return replace(
-            cand,
-            num_prefill=n_p,
-            num_decode=n_d,
-            prefill_goodput=pre.rate,
-            decode_goodput=dec.rate,
-            unit=unit,
-            predicted={},
-        )
-
-    def _stable_phase_goodput(self, spec, mode: SimMode, cand: Candidate) -> StableGoodput:
-        """Algorithm 1's instances are shared by many candidates: each is refined once."""
-        key = (mode, spec.parallelism)
-        if key not in self._stable_phase:
-            hint = cand.prefill_goodput if mode is SimMode.PREFILL_ONLY else cand.decode_goodput
-            self._stable_phase[key] = self.steady.goodput(spec, mode=mode, rate_hint=hint)
-        return self._stable_phase[key]
-
-    def stable_attainment(self, cand: Candidate, rate: float) -> tuple[float, float]:
-        """(mean, half-width) of ``cand``'s attainment carrying ``rate`` req/s, simulated
-        until stable; 0 above the steady-state throughput bound, as in the search."""
-        spec, unit_rate, policy = self._sim_args(cand, rate)
-        if unit_rate > self.steady.longest.rate_bound(spec, SimMode.FULL, policy):
-            return 0.0, 0.0
-        est, _ = self.steady.attainment(spec, unit_rate, policy=policy)
-        return est.mean, est.half_width
-
-    def stable_breakdown(self, cand: Candidate, rate: float) -> dict[str, float]:
-        """Mean seconds per request in each stage (``BREAKDOWN`` keys) of ``cand``
-        carrying ``rate`` req/s, from the run that made its attainment stable."""
-        spec, unit_rate, policy = self._sim_args(cand, rate)
-        _, result = self.steady.attainment(spec, unit_rate, policy=policy)
-        return result.mean_breakdown()
 
     def _fits(self, cand: Candidate) -> bool:
         return cand.num_devices <= self.inputs.cluster.num_devices
@@ -402,7 +262,7 @@ class Planner:
                 "no configuration meets the SLOs at any rate: "
                 + "; ".join(f"{c}: {', '.join(r)}" for c, r in self.rejected[:5])
             )
-        ranked = self._refine(sorted(found, key=self._cluster_key))
+        ranked = self.refiner.refine(sorted(found, key=self._cluster_key))
         for cand in ranked[: self.inputs.num_predicted]:
             self._predict(cand)
         best = self._first_meeting([c for c in ranked if self._fits(c)])

@@ -142,9 +142,9 @@ def test_refinement_goes_on_while_an_unrefined_candidate_ranks_above():
     too, and the answer is a refined one that ranks above every unrefined one."""
     planner = Planner(_opt13b())
     result = planner.run()
-    refined = [c for c in result.ranked if planner.goodput_interval(c)]
+    refined = [c for c in result.ranked if planner.refiner.goodput_interval(c)]
     rest = result.ranked[len(refined) :]
-    assert len(refined) > 3 and not any(planner.goodput_interval(c) for c in rest)
+    assert len(refined) > 3 and not any(planner.refiner.goodput_interval(c) for c in rest)
     assert result.best in refined
     fits = [c for c in rest if c.num_devices <= 8]  # the rest that fit the cluster
     assert max(c.per_device for c in refined) >= max(c.per_device for c in fits)
@@ -156,16 +156,17 @@ def test_ties_within_the_intervals_go_to_the_fewest_devices():
     def colocated(tp: int, goodput: float, low: float, high: float) -> Candidate:
         par = Parallelism(tp, 1)
         cand = Candidate(Algorithm.COLOCATED, par, None, 1, 0, goodput, goodput, None)
-        planner._stable[planner._config_key(cand)] = (StableGoodput(goodput, low, high),) * 2
+        stable = StableGoodput(goodput, low, high)
+        planner.refiner.stable[planner.refiner.config_key(cand)] = (stable, stable)
         return cand
 
     # tp2 has the better mean per device (2.2 vs 2.0); its interval reaches down to 2.0
     # per device, tp1's up to 2.1: a tie, and one device beats two.
     dear, cheap = colocated(2, 4.4, 4.0, 4.8), colocated(1, 2.0, 1.9, 2.1)
-    assert planner._ties_first([dear, cheap]) == [cheap, dear]
+    assert planner.refiner.ties_first([dear, cheap]) == [cheap, dear]
     # tp1's interval ends below 2.0 per device: no tie, the mean order stands.
     dear, cheap = colocated(2, 4.4, 4.0, 4.8), colocated(1, 1.9, 1.8, 1.95)
-    assert planner._ties_first([dear, cheap]) == [dear, cheap]
+    assert planner.refiner.ties_first([dear, cheap]) == [dear, cheap]
 
 
 @pytest.mark.parametrize(
