@@ -104,12 +104,15 @@ def _opt175b(seed: int, num_refined: int) -> PlanInputs:
 
 @pytest.mark.slow
 def test_two_seeds_choose_the_same_plan_with_overlapping_intervals():
-    """The paper's largest setting at 4 req/s: 300 requests choose 3 x colocated tp8 for
-    seed 0 and a 4-node pipeline pair for seed 1; refined, both choose the same, and the
-    goodput intervals of their answers overlap."""
-    old = [plan(_opt175b(seed, num_refined=0)).best.label() for seed in (0, 1)]
-    assert old[0] != old[1]
-    new = [plan(_opt175b(seed, num_refined=3)) for seed in (0, 1)]
+    """The paper's largest setting at 4 req/s: with 300 requests the answer depends on the
+    seed (3 x colocated tp8 for seeds 0 and 3, a 4-node pipeline pair for 1 and 2);
+    refined, two seeds that disagreed choose the same, and their goodput intervals
+    overlap. (The seeds are looked for, so a change in the simulator moves the case
+    rather than breaking the test.)"""
+    old = {seed: plan(_opt175b(seed, num_refined=0)).best.label() for seed in range(4)}
+    pairs = [(a, b) for a in old for b in old if a < b and old[a] != old[b]]
+    assert pairs, f"300 requests no longer disagree between seeds: {old}"
+    new = [plan(_opt175b(seed, num_refined=3)) for seed in pairs[0]]
     assert new[0].best.label() == new[1].best.label()
     (a, b) = (r.predicted for r in new)
     assert a["goodput_low"] <= b["goodput_high"] and b["goodput_low"] <= a["goodput_high"]
