@@ -14,7 +14,7 @@ import numpy as np
 
 from distserve_rt.config import PlacementKind
 from distserve_rt.entrypoints import planner_args
-from distserve_rt.entrypoints.engine_args import positive_float
+from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.planner.candidates import Candidate, num_nodes_needed, parallelism_label
 from distserve_rt.planner.cluster import build_instance
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanResult
@@ -48,11 +48,24 @@ def add_parser(sub) -> None:
         help="relative tolerance of the goodput bisection (default: %(default)s)",
     )
     p.add_argument(
+        "--max-requests",
+        type=positive_int,
+        default=4000,
+        help="most requests one stable estimate of the best candidates simulates, the "
+        "warm-up included (default: %(default)s)",
+    )
+    p.add_argument(
         "--output",
         default="placement.yaml",
         help="placement file to write (default: %(default)s); '' to skip",
     )
-    p.add_argument("--plot", default="", help="PNG of attainment vs rate for the top configs")
+    p.add_argument(
+        "--plot",
+        default="",
+        metavar="PATH.png",
+        help="PNG: SLO attainment vs rate of the top deployments (colocated and "
+        "disaggregated) and the chosen one's latency breakdown",
+    )
     p.add_argument("--top", type=int, default=10, help="rows of the ranked table (default: 10)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
@@ -72,7 +85,10 @@ def _row(c: Candidate, chosen: Candidate) -> dict:
         "unit_per_device_goodput": c.unit_per_device,
         "prefill_instance_goodput": c.prefill_goodput,
         "decode_instance_goodput": c.decode_goodput,
+        "goodput_low": pred.get("goodput_low"),
+        "goodput_high": pred.get("goodput_high"),
         "attainment_at_rate": pred.get("scored_attainment"),
+        "attainment_half_width": pred.get("attainment_half_width"),
         "ttft_p90_s": pred.get("ttft_s", {}).get("p90"),
         "tpot_p90_s": pred.get("tpot_s", {}).get("p90"),
     }
@@ -85,14 +101,27 @@ def _shown(ranked: list[Candidate], best: Candidate, top: int) -> list[Candidate
     return rows if any(c is best for c in rows) else [*rows, best]
 
 
-def _curves(planner: Planner, result, num: int = 3) -> dict[str, list[tuple[float, float]]]:
+def _plotted(result: PlanResult, num: int = 4) -> list[Candidate]:
+    """The chosen deployment and the best-ranked others, ``num`` in all, with the best
+    of the other kind (colocated or disaggregated) among them when there is one: the
+    picture answers "is PD even better here?"."""
+    rows = [result.best, *(c for c in result.ranked if c is not result.best)]
+    shown = rows[:num]
+    if len({c.placement for c in shown}) == 1:
+        other = next((c for c in rows if c.placement is not shown[0].placement), None)
+        if other is not None:
+            shown[-1] = other
+    return shown
+
+
+def _curves(planner: Planner, result, num: int = 4) -> dict[str, list[tuple[float, float, float]]]:
+    """(rate, attainment, 95% half-width) of each plotted deployment at 0.25..1.75 x its
+    goodput, simulated until stable like the answer (a short run flatters high rates)."""
     curves = {}
-    for c in result.ranked[:num]:
-        pts = []
-        for rate in np.linspace(0.25, 1.75, 7) * c.goodput:
-            res = planner.simulate_at(c, float(rate))
-            pts.append((float(rate), planner.evaluator.attainment(res)))
-        curves[c.label()] = pts
+    for c in _plotted(result, num):
+        rates = np.linspace(0.25, 1.75, 7) * c.goodput
+        at = planner.refiner.attainment_or_zero
+        curves[c.label()] = [(float(r), *at(c, float(r))) for r in rates]
     return curves
 
 
@@ -101,6 +130,8 @@ def _inputs(args) -> PlanInputs:
         model=planner_args.load_model(args.model),
         cluster=planner_args.build_cluster(args),
         workload=planner_args.build_workload(args),
+        pool=planner_args.build_pool(args),
+        max_requests=args.max_requests,
         slo=planner_args.build_slo(args),
         profile=load_profile(args.profile),
         rate=args.rate,
@@ -128,6 +159,23 @@ def best_effort_note(result: PlanResult) -> str:
         f"best effort: sustains {best.goodput:.3g} req/s of the {result.inputs.rate:g} asked "
         f"({how}, at {result.inputs.target:.0%} SLO attainment)"
     )
+
+
+def _plot(args, planner: Planner, result: PlanResult):
+    """``--plot``: attainment vs rate of the top deployments, and the chosen one's
+    latency breakdown at the rate it was predicted at, under a title with the setup."""
+    from distserve_rt.planner.plot import plot_plan
+
+    i, best = result.inputs, result.best
+    breakdown = planner.refiner.attainment(best, best.predicted["rate"])[1].mean_breakdown()
+    c = i.cluster
+    title = (
+        f"{args.model} on {c.num_nodes} x {c.devices_per_node} devices, {i.workload.name} "
+        f"workload, {i.rate:g} req/s asked; SLOs TTFT {i.slo.ttft_s * 1e3:g} ms, TPOT "
+        f"{i.slo.tpot_s * 1e3:g} ms at {i.target:.0%}"
+    )
+    chosen = f"{_describe(best)} at {best.predicted['rate']:.3g} req/s"
+    return plot_plan(_curves(planner, result), i.target, breakdown, chosen, title, args.plot)
 
 
 def _phase(parallelism, num_instances: int) -> PhasePlacement | None:
@@ -218,9 +266,7 @@ def _run(args) -> int:
             path.write_text(f"# {best_effort_note(result)}\n" + path.read_text())
         out["placement_file"] = str(path)
     if args.plot:
-        from distserve_rt.planner.plot import plot_attainment
-
-        out["plot"] = str(plot_attainment(_curves(planner, result), inputs.target, args.plot))
+        out["plot"] = str(_plot(args, planner, result))
     if args.json:
         print(json.dumps(out, indent=2))
     else:
@@ -234,29 +280,42 @@ def _print_table(out: dict, result: PlanResult, inputs: PlanInputs) -> None:
         f"fit the cluster's {inputs.cluster.num_devices} devices before the rest "
         f"(goodput: req/s meeting the SLOs at {inputs.target:.0%}; * = chosen)"
     )
+    print(
+        "the first rows were simulated until stable: their goodput comes with a 95% "
+        "range and their attainment with ± its 95% half-width; the rest are screened"
+    )
     slo = inputs.slo
     print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
     print(
-        f"  {'config':<30} {'P+D':>7} {'devices':>7} {'goodput':>8} {'/device':>7} "
-        f"{'attain':>6} {'ttft p90 ms':>11} {'tpot p90 ms':>11}"
+        f"  {'config':<30} {'P+D':>7} {'devices':>7} {'goodput':>8} {'range':>11} "
+        f"{'/device':>7} {'attain':>8} {'ttft p90 ms':>11} {'tpot p90 ms':>11}"
     )
     for r in out["ranked"]:
         count = (
             f"{r['num_prefill']}+{r['num_decode']}" if r["num_decode"] else f"{r['num_prefill']}"
         )
         attain = "-" if r["attainment_at_rate"] is None else f"{r['attainment_at_rate']:.0%}"
+        if r["attainment_half_width"] is not None:
+            attain += f"±{r['attainment_half_width'] * 100:.0f}"
+        span = (
+            "-" if r["goodput_low"] is None else f"{r['goodput_low']:.3g}-{r['goodput_high']:.3g}"
+        )
         # Milliseconds, the unit of the SLO flags (the JSON keeps seconds, keyed *_s).
         ttft = "-" if r["ttft_p90_s"] is None else f"{r['ttft_p90_s'] * 1e3:.1f}"
         tpot = "-" if r["tpot_p90_s"] is None else f"{r['tpot_p90_s'] * 1e3:.2f}"
         print(
             f"{'*' if r['chosen'] else ' '} {r['config']:<30} {count:>7} {r['num_devices']:>7} "
-            f"{r['goodput']:>8.2f} {r['per_device_goodput']:>7.3f} {attain:>6} {ttft:>11} "
-            f"{tpot:>11}"
+            f"{r['goodput']:>8.2f} {span:>11} {r['per_device_goodput']:>7.3f} {attain:>8} "
+            f"{ttft:>11} {tpot:>11}"
         )
     best = result.best
+    pred = best.predicted
+    span = (
+        f" ({pred['goodput_low']:.3g}-{pred['goodput_high']:.3g})" if "goodput_low" in pred else ""
+    )
     print(
-        f"chosen: {_describe(best)} ({best.num_devices} devices, {best.goodput:.2f} req/s, "
-        f"{best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
+        f"chosen: {_describe(best)} ({best.num_devices} devices, {best.goodput:.2f}{span} "
+        f"req/s, {best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
     )
     if result.best_effort:
         _print_best_effort(out, result, inputs)

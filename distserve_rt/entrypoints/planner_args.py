@@ -62,7 +62,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
         "--num-requests",
         type=positive_int,
         help=f"requests simulated per rate, sampled from the dataset (default: "
-        f"{DEFAULT_NUM_REQUESTS}; with --use-arrivals, the whole trace)",
+        f"{DEFAULT_NUM_REQUESTS}; with --use-arrivals, the whole trace); plan screens with "
+        "them, then simulates its best candidates until their estimates are stable",
     )
     p.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
     p.add_argument(
@@ -169,6 +170,17 @@ def build_workload(args) -> Workload:
     else:
         dataset = Workload.from_dataset(args.dataset or DEFAULT_DATASET)
     return dataset.sample(num_requests, seed=args.seed)
+
+
+def build_pool(args) -> Workload | None:
+    """What the planner's stable estimates draw requests from: the whole dataset or file
+    (`build_workload` samples a few hundred of it for the screen); None for
+    ``--fixed-lengths``, where every request is alike."""
+    if args.fixed_lengths:
+        return None
+    if args.dataset_path:
+        return load_length_file(args.dataset_path).workload()
+    return Workload.from_dataset(args.dataset or DEFAULT_DATASET)
 
 
 def build_trace(args) -> tuple[Workload, np.ndarray]:

@@ -107,14 +107,18 @@ class GoodputEvaluator:
         many tokens), but its queue grows, so its later requests fare worse; a stable rate
         scores the same on both.
         """
+        met = self.met(result, mode)
+        return float(min(met.mean(), met[met.size // 2 :].mean()))
+
+    def met(self, result: SimResult, mode: SimMode = SimMode.FULL) -> np.ndarray:
+        """Whether each request (bool ``[num_requests]``, in the workload's order, which
+        is arrival order) met the SLOs that ``mode`` scores (see `attainment`)."""
         mode = SimMode(mode)
         if mode is SimMode.PREFILL_ONLY:
-            met = result.ttft <= self.slo.ttft_s
-        elif mode is SimMode.DECODE_ONLY:
-            met = result.tpot <= self.slo.tpot_s
-        else:
-            met = (result.ttft <= self.slo.ttft_s) & (result.tpot <= self.slo.tpot_s)
-        return float(min(met.mean(), met[met.size // 2 :].mean()))
+            return result.ttft <= self.slo.ttft_s
+        if mode is SimMode.DECODE_ONLY:
+            return result.tpot <= self.slo.tpot_s
+        return (result.ttft <= self.slo.ttft_s) & (result.tpot <= self.slo.tpot_s)
 
     def goodput(
         self,

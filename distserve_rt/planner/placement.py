@@ -17,7 +17,10 @@ Deployments, disaggregated and colocated (vLLM-style continuous batching, TP onl
 are ranked by their goodput per device at the rate, replicas included (`candidates` says
 why replicas count), those that fit the cluster first. The chosen placement is the
 best-ranked one that fits the cluster and meets the target when simulated whole at the
-rate. When none does, the answer is the best the cluster can run: each configuration
+rate. The search screens every configuration on the workload's few hundred requests; the
+best-ranked are then re-scored until stable (`refine`) and ranked first, so the answer
+does not change with the seed and comes with an interval (see `PlanResult.predicted`).
+When none does, the answer is the best the cluster can run: each configuration
 with as many replicas as the cluster holds, ranked the same way, and the rate it
 sustains; beside it, the deployment that would meet the target (and its devices).
 """
@@ -31,7 +34,6 @@ from enum import Enum
 from tqdm import tqdm
 
 from distserve_rt.config.parallelism import Parallelism
-from distserve_rt.config.placement import PlacementKind
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.planner.candidates import (
@@ -44,6 +46,7 @@ from distserve_rt.planner.candidates import (
 from distserve_rt.planner.cluster import ClusterSpec, build_instance, divisors, infeasibility
 from distserve_rt.planner.goodput import GoodputEvaluator, GoodputResult
 from distserve_rt.planner.profiles import ProfileSet
+from distserve_rt.planner.refine import Refiner, sim_args
 from distserve_rt.planner.simulator import (
     ColocatedPolicy,
     DisaggSpec,
@@ -65,7 +68,7 @@ class PlanInputs:
     model: ModelConfig
     cluster: ClusterSpec
     workload: Workload
-    """Requests the simulator replays (sample a few hundred for speed)."""
+    """Requests the search screens every configuration on (a few hundred, for speed)."""
     slo: SLO
     profile: ProfileSet
     rate: float
@@ -82,9 +85,23 @@ class PlanInputs:
     num_predicted: int = 10
     """Best-ranked deployments simulated whole at the rate (table rows with predictions,
     and how far down the ranking the chosen one is looked for)."""
+    pool: Workload | None = None
+    """What the stable estimates draw their requests from (the dataset ``workload`` was
+    sampled from); None: ``workload`` itself."""
+    num_refined: int = 3
+    """Best-ranked configurations (after screening) whose goodput is re-estimated until
+    stable; 0: the screen's ranking stands, and predictions are single runs of
+    ``workload`` (the old answer, which changes with the seed)."""
+    max_requests: int = 4000
+    """Most requests one stable estimate simulates (the warm-up included)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity", Affinity(self.affinity))
+        for key in ("num_refined", "max_requests"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or value < (0 if key == "num_refined" else 100):
+                least = "0" if key == "num_refined" else "100"
+                raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
         if not self.rate > 0:
             raise ValueError(f"rate must be > 0 req/s, got {self.rate!r}")
         if not isinstance(self.num_predicted, int) or self.num_predicted < 1:
@@ -123,7 +140,10 @@ class PlanResult:
 
     @property
     def predicted(self) -> dict[str, object]:
-        """The chosen deployment simulated at the rate: attainment and percentiles."""
+        """The chosen deployment simulated at the rate: attainment (``scored_attainment``,
+        the mean, within ``attainment_low``..``attainment_high``, a 95% interval),
+        goodput within ``goodput_low``..``goodput_high`` (refined configurations), and
+        latency percentiles."""
         return self.best.predicted
 
 
@@ -139,6 +159,8 @@ class Planner:
         self._largest_rejected: tuple[int, str] = (0, "")
         """(tp x pp, "config: reasons") of the largest instance rejected."""
         self._phase_cache: dict[tuple, GoodputResult] = {}
+        self.refiner = Refiner(inputs, self._fits, self._cluster_key)
+        """Stable goodputs of the best-ranked deployments (`refine`)."""
 
     # ---- building blocks ---------------------------------------------------------------
 
@@ -187,25 +209,36 @@ class Planner:
         return self._phase_cache[key]
 
     def simulate_at(self, cand: Candidate, rate: float) -> SimResult:
-        """The deployment of ``cand`` carrying ``rate`` req/s (colocated: one of its
-        replicas carrying its share, ``rate / num_prefill``, as a random split would)."""
-        if cand.placement is PlacementKind.COLOCATED:
-            policy = ColocatedPolicy.CONTINUOUS_BATCHING
-            return self.evaluator.simulate(cand.unit, rate / cand.num_prefill, policy=policy)
-        return self.evaluator.simulate(cand.unit, rate)
+        """The deployment of ``cand`` carrying ``rate`` req/s, on the screening workload."""
+        spec, rate, policy = sim_args(cand, rate)
+        return self.evaluator.simulate(spec, rate, policy=policy)
 
     def _predict(self, cand: Candidate, rate: float | None = None) -> None:
-        """Simulate ``cand`` whole at ``rate`` (default: the requested rate)."""
+        """Simulate ``cand`` whole at ``rate`` (default: the requested rate): a refined
+        configuration until its attainment is stable, the others once on the screening
+        workload (their table rows are for comparison; the answer is among the refined)."""
         if cand.predicted:
             return
         i = self.inputs
         rate = i.rate if rate is None else rate
-        result = self.simulate_at(cand, rate)
-        scored = self.evaluator.attainment(result)
+        if self.refiner.is_refined(cand):
+            est, result = self.refiner.attainment(cand, rate)
+            scored = est.mean
+            interval = {
+                "attainment_low": est.low,
+                "attainment_high": est.high,
+                "attainment_half_width": est.half_width,
+                "num_requests_simulated": est.num_requests,
+            }
+        else:
+            result = self.simulate_at(cand, rate)
+            scored, interval = self.evaluator.attainment(result), {}
         cand.predicted = {
             "rate": rate,
             "scored_attainment": scored,
             "meets_target": scored >= i.target,
+            **interval,
+            **self.refiner.goodput_interval(cand),
             **result.summary(i.slo).to_dict(),
         }
 
@@ -229,7 +262,7 @@ class Planner:
                 "no configuration meets the SLOs at any rate: "
                 + "; ".join(f"{c}: {', '.join(r)}" for c, r in self.rejected[:5])
             )
-        ranked = sorted(found, key=self._cluster_key)
+        ranked = self.refiner.refine(sorted(found, key=self._cluster_key))
         for cand in ranked[: self.inputs.num_predicted]:
             self._predict(cand)
         best = self._first_meeting([c for c in ranked if self._fits(c)])
