@@ -317,6 +317,9 @@ def _print_table(out: dict, result: PlanResult, inputs: PlanInputs) -> None:
         f"chosen: {_describe(best)} ({best.num_devices} devices, {best.goodput:.2f}{span} "
         f"req/s, {best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
     )
+    check = pred.get("policy_check")
+    if check is not None:
+        print(_policy_check_line(check))
     if result.best_effort:
         _print_best_effort(out, result, inputs)
     elif not best.predicted["meets_target"]:
@@ -327,6 +330,16 @@ def _print_table(out: dict, result: PlanResult, inputs: PlanInputs) -> None:
         )
     if "placement_file" in out:
         print(f"placement file: {out['placement_file']}")
+
+
+def _policy_check_line(check: dict) -> str:
+    """What the runtime's own schedulers made of the chosen deployment (planner/verify.py)."""
+    if not check["checked"]:
+        return f"not checked on the runtime's schedulers: {check['reason']}"
+    return (
+        f"on the runtime's schedulers ({check['num_requests']} requests): attainment "
+        f"{check['attainment']:.1%} ({check['attainment_low']:.1%}-{check['attainment_high']:.1%})"
+    )
 
 
 def _describe(c: Candidate) -> str:

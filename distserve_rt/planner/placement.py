@@ -20,7 +20,9 @@ best-ranked one that fits the cluster and meets the target when simulated whole 
 rate. The search screens every configuration on the workload's few hundred requests; the
 best-ranked are then re-scored until stable (`refine`) and ranked first, so the answer
 does not change with the seed and comes with an interval (see `PlanResult.predicted`).
-When none does, the answer is the best the cluster can run: each configuration
+The deployment about to be chosen is run once more on the runtime's own schedulers
+(`verify`: the fast simulators never preempt, the runtime does); it is chosen only if it
+meets the target there too. When none does, the answer is the best the cluster can run: each configuration
 with as many replicas as the cluster holds, ranked the same way, and the rate it
 sustains; beside it, the deployment that would meet the target (and its devices).
 """
@@ -55,7 +57,14 @@ from distserve_rt.planner.simulator import (
     SimMode,
     SimResult,
 )
+from distserve_rt.planner.verify import check_with_schedulers
 from distserve_rt.workloads.workload import Workload
+
+# The chosen deployment is re-run on the runtime's schedulers (planner/verify.py): on this
+# many requests (enough for a 95% interval of a few points), and for at most this many
+# candidates before the search's own estimate is taken as it is.
+POLICY_CHECK_REQUESTS = 1000
+MAX_POLICY_CHECKS = 3
 
 
 class Affinity(str, Enum):
@@ -291,11 +300,33 @@ class Planner:
         """The first of the first ``num_predicted`` of ``ranked`` that meets the target
         simulated whole (phases scored apart can miss it together: KV transfer, a decode
         queue), at the requested rate or, ``at_own_rate``, at its own goodput; or None."""
+        num_checks = 0
         for cand in ranked[: self.inputs.num_predicted]:
             self._predict(cand, cand.goodput if at_own_rate else None)
-            if cand.predicted["meets_target"]:
+            if not cand.predicted["meets_target"]:
+                continue
+            if at_own_rate or num_checks == MAX_POLICY_CHECKS:
+                return cand
+            num_checks += 1
+            if self._check_policies(cand):
                 return cand
         return None
+
+    def _check_policies(self, cand: Candidate) -> bool:
+        """Whether ``cand`` also meets the target on the runtime's own schedulers
+        (`planner.verify`); the check is kept in ``cand.predicted["policy_check"]``."""
+        i = self.inputs
+        pool = i.pool or i.workload
+        workload = pool.sample(min(POLICY_CHECK_REQUESTS, i.max_requests), seed=i.seed)
+        unit, rate, policy = sim_args(cand, i.rate)
+        check = check_with_schedulers(
+            unit, rate, policy, workload, i.slo, target=i.target, cv=i.cv, seed=i.seed
+        )
+        cand.predicted["policy_check"] = check.to_dict()
+        if check.meets(i.target):
+            return True
+        cand.predicted["meets_target"] = False
+        return False
 
     def _best_effort(self, ranked: list[Candidate]) -> Candidate:
         """The best the cluster can run: every configuration with as many replicas as the
