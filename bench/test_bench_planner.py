@@ -26,6 +26,9 @@ def _inputs() -> PlanInputs:
         model=get_preset("opt-175b"),
         cluster=ClusterSpec(num_nodes=4, devices_per_node=8),
         workload=Workload.from_dataset("chat").sample(300, seed=0),
+        # Refinement and the runtime-scheduler check draw their longer runs from the
+        # whole dataset, as `drt-run plan` does.
+        pool=Workload.from_dataset("chat"),
         slo=preset.slo,
         profile=load_profile("a100-80g-distserve"),
         rate=4.0,
@@ -61,6 +64,10 @@ def test_plan_opt175b_4x8_low_affinity(benchmark):
                     "n": result.num_decode,
                 },
                 "per_device_goodput": best.per_device,
+            },
+            "predicted": {
+                k: best.predicted.get(k)
+                for k in ("scored_attainment", "goodput_low", "goodput_high", "policy_check")
             },
             "num_ranked": len(result.ranked),
             "num_rejected": len(result.rejected),

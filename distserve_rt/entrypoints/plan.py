@@ -20,6 +20,7 @@ from distserve_rt.planner.cluster import build_instance
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanResult
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
+from distserve_rt.planner.simulator.driven_instance import DEFAULT_BLOCK_SIZE
 
 
 def add_parser(sub) -> None:
@@ -134,6 +135,7 @@ def _inputs(args) -> PlanInputs:
         max_requests=args.max_requests,
         slo=planner_args.build_slo(args),
         profile=load_profile(args.profile),
+        dtype=args.dtype,
         rate=args.rate,
         affinity=args.affinity,
         target=args.target,
@@ -219,8 +221,9 @@ def _placement(args, result: PlanResult) -> PlacementFile:
 
 def _engine_settings(inputs: PlanInputs, best: Candidate) -> dict:
     """The EngineConfig settings the plan's simulated instances ran with, for `drt-run serve
-    --placement` to apply. The dtype and block size are not written: the planner assumes
-    only 2-byte KV and weights (fp16 or bf16) and does not model blocks."""
+    --placement` to apply: the batch budget L_m, the batch size limit, the memory fraction,
+    the dtype its KV capacity and bytes were sized for, and the block size its check on
+    the runtime's schedulers ran with (`planner.verify`)."""
     colocated = best.placement is PlacementKind.COLOCATED
     budget = inputs.colocated_max_batch_tokens if colocated else inputs.prefill_max_batch_tokens
     return {
@@ -228,6 +231,8 @@ def _engine_settings(inputs: PlanInputs, best: Candidate) -> dict:
         # Planner._instance leaves build_instance's batch size limit at its default.
         "max_num_seqs": build_instance.__kwdefaults__["max_num_seqs"],
         "gpu_memory_utilization": inputs.cluster.memory_utilization,
+        "dtype": inputs.dtype,
+        "block_size": DEFAULT_BLOCK_SIZE,
     }
 
 

@@ -12,7 +12,7 @@ from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.presets import get_preset
-from distserve_rt.planner.cluster import ClusterSpec
+from distserve_rt.planner.cluster import DTYPE_BYTES, ClusterSpec
 from distserve_rt.workloads import (
     SLO_PRESETS,
     LengthDist,
@@ -37,6 +37,14 @@ def add_common(p: argparse.ArgumentParser) -> None:
         default="a100-80g-distserve",
         help="latency profile: built-in a100-80g-distserve / a100-80g-vllm (DistServe's "
         "A100 fits) or a profile JSON file (default: %(default)s)",
+    )
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        choices=["auto", *DTYPE_BYTES],
+        help="weights and KV dtype the plan is for (KV capacity, weight memory, KV transfer "
+        "bytes); auto: the dtype the profile was measured in (DistServe's A100 profiles: "
+        "float16), else bfloat16 (default: auto)",
     )
     # One source of lengths: a flag that would be ignored is refused instead.
     lengths = p.add_mutually_exclusive_group()

@@ -15,7 +15,12 @@ import numpy as np
 from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import planner_args
 from distserve_rt.entrypoints.engine_args import positive_float, positive_int
-from distserve_rt.planner.cluster import DoesNotFitError, build_instance
+from distserve_rt.planner.cluster import (
+    DoesNotFitError,
+    build_instance,
+    dtype_bytes,
+    resolve_dtype,
+)
 from distserve_rt.planner.distserve_modelling import (
     distserve_colocated_spec,
     distserve_disagg_spec,
@@ -165,11 +170,13 @@ def _is_cb(args) -> bool:
 def _spec(args, model, profile, cluster, max_seq_len: int, max_batch_tokens: int):
     if args.modelling == "distserve":
         return _distserve_spec(args, model, profile)
+    dtype = resolve_dtype(args.dtype, profile)
     kw = dict(
         cluster=cluster,
         profile=profile,
         max_batch_tokens=max_batch_tokens,
         max_seq_len=max_seq_len,
+        dtype=dtype,
     )
     if args.placement == "colocated":
         colocated = Parallelism(args.prefill_tp, 1)
@@ -180,7 +187,8 @@ def _spec(args, model, profile, cluster, max_seq_len: int, max_batch_tokens: int
     pre = _instance(model, pre_par, "--prefill-tp/--prefill-pp", stage_link=link, **kw)
     dec = _instance(model, dec_par, "--decode-tp/--decode-pp", stage_link=link, **kw)
     streams = min(pre.num_devices, dec.num_devices)
-    kv = KVTransferSpec(kv_transfer_s(model, 1, link, streams) - link.latency_s, link.latency_s)
+    one_token = kv_transfer_s(model, 1, link, streams, dtype_bytes(dtype)) - link.latency_s
+    kv = KVTransferSpec(one_token, link.latency_s)
     return DisaggSpec(pre, dec, args.num_prefill, args.num_decode, kv)
 
 

@@ -67,11 +67,33 @@ class DoesNotFitError(ValueError):
     """A model's weights leave no memory for KV cache on the devices of an instance."""
 
 
-def weights_do_not_fit(model: ModelConfig, parallelism: Parallelism, cluster: ClusterSpec) -> str:
+# Bytes per element of the dtypes a plan may assume for weights and KV.
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def dtype_bytes(dtype: str) -> int:
+    if dtype not in DTYPE_BYTES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPE_BYTES)}, got {dtype!r}")
+    return DTYPE_BYTES[dtype]
+
+
+def resolve_dtype(dtype: str | None, profile: ProfileSet) -> str:
+    """The dtype a plan is for: ``dtype`` if given, else the one the profile was measured
+    in (its step times are that dtype's), else bfloat16."""
+    if dtype is None or dtype == "auto":
+        measured = str(profile.measurement.get("dtype", "")).removeprefix("torch.")
+        dtype = measured if measured in DTYPE_BYTES else "bfloat16"
+    dtype_bytes(dtype)  # refuses an unknown name
+    return dtype
+
+
+def weights_do_not_fit(
+    model: ModelConfig, parallelism: Parallelism, cluster: ClusterSpec, dtype: str = "bfloat16"
+) -> str:
     """Why ``model`` leaves no KV room on a ``parallelism`` instance, in the user's terms:
     weights per device against the memory they may use, and how many devices would hold them.
     """
-    weights = model.weight_bytes() / GIB
+    weights = model.weight_bytes(dtype_bytes(dtype)) / GIB
     per_device = weights / parallelism.world_size
     usable = cluster.memory_utilization * cluster.device_memory_gib
     free = usable - ACTIVATION_RESERVE_BYTES / GIB
@@ -84,11 +106,16 @@ def weights_do_not_fit(model: ModelConfig, parallelism: Parallelism, cluster: Cl
 
 
 def kv_capacity(
-    model: ModelConfig, parallelism: Parallelism, cluster: ClusterSpec, hardware: str
+    model: ModelConfig,
+    parallelism: Parallelism,
+    cluster: ClusterSpec,
+    hardware: str,
+    dtype: str = "bfloat16",
 ) -> int:
-    """KV tokens of a ``parallelism`` instance: DistServe's table on its own A100-80GB
-    setting (so our numbers match its simulator), the weights-left-over formula otherwise."""
-    if hardware == "a100-80g" and cluster.device_memory_gib == 80.0:
+    """KV tokens of a ``parallelism`` instance with ``dtype`` weights and KV: DistServe's
+    table on its own A100-80GB fp16 setting (so our numbers match its simulator), the
+    weights-left-over formula otherwise."""
+    if hardware == "a100-80g" and cluster.device_memory_gib == 80.0 and dtype_bytes(dtype) == 2:
         got = distserve_kv_capacity(model.name, parallelism)
         if got is not None:
             return got
@@ -97,6 +124,7 @@ def kv_capacity(
         parallelism,
         cluster.device_memory_gib * GIB,
         memory_utilization=cluster.memory_utilization,
+        dtype_bytes=dtype_bytes(dtype),
     )
 
 
@@ -107,6 +135,7 @@ def infeasibility(
     hardware: str,
     max_seq_len: int,
     max_tp: int | None = None,
+    dtype: str = "bfloat16",
 ) -> list[str]:
     """Why a ``parallelism`` instance cannot run ``model`` on ``cluster``; empty when it can."""
     reasons = []
@@ -123,9 +152,10 @@ def infeasibility(
             f"tp*pp={parallelism.world_size} exceeds the cluster's {cluster.num_devices} devices"
         )
     if not reasons:
-        cap = kv_capacity(model, parallelism, cluster, hardware)
+        cap = kv_capacity(model, parallelism, cluster, hardware, dtype)
         if cap <= 0:
-            reasons.append(f"weights do not fit: {weights_do_not_fit(model, parallelism, cluster)}")
+            why = weights_do_not_fit(model, parallelism, cluster, dtype)
+            reasons.append(f"weights do not fit: {why}")
         elif cap < max_seq_len:
             reasons.append(
                 f"weights + KV do not fit: {cap} KV tokens free, the longest request needs "
@@ -143,21 +173,22 @@ def build_instance(
     stage_link: Link,
     max_batch_tokens: int,
     max_num_seqs: int = 256,
+    dtype: str = "bfloat16",
 ) -> SimInstanceSpec:
     """A SimInstanceSpec of ``model`` on ``parallelism.world_size`` devices of ``cluster``;
     ``stage_link`` joins its pipeline stages (unused when ``pp_size == 1``).
 
     Raises DoesNotFitError (a ValueError) when the weights leave no room for KV cache."""
-    capacity = kv_capacity(model, parallelism, cluster, profile.hardware)
+    capacity = kv_capacity(model, parallelism, cluster, profile.hardware, dtype)
     if capacity <= 0:
         raise DoesNotFitError(
             f"{model.name} does not fit tp={parallelism.tp_size}, pp={parallelism.pp_size}: "
-            f"{weights_do_not_fit(model, parallelism, cluster)}"
+            f"{weights_do_not_fit(model, parallelism, cluster, dtype)}"
         )
     pp = parallelism.pp_size
     pipeline = PipelineTiming(pp, model.hidden_size, stage_link if pp > 1 else None)
     return SimInstanceSpec(
-        latency=profile.latency_model(model, parallelism.tp_size),
+        latency=profile.latency_model(model, parallelism.tp_size, dtype=dtype),
         kv_capacity_tokens=capacity,
         parallelism=parallelism,
         pipeline=pipeline,

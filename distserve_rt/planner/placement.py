@@ -22,9 +22,10 @@ best-ranked are then re-scored until stable (`refine`) and ranked first, so the 
 does not change with the seed and comes with an interval (see `PlanResult.predicted`).
 The deployment about to be chosen is run once more on the runtime's own schedulers
 (`verify`: the fast simulators never preempt, the runtime does); it is chosen only if it
-meets the target there too. When none does, the answer is the best the cluster can run: each configuration
-with as many replicas as the cluster holds, ranked the same way, and the rate it
-sustains; beside it, the deployment that would meet the target (and its devices).
+meets the target there too. When none does, the answer is the best the cluster can run:
+each configuration with as many replicas as the cluster holds, ranked the same way, and
+the rate it sustains; beside it, the deployment that would meet the target (and its
+devices).
 """
 
 from __future__ import annotations
@@ -45,7 +46,14 @@ from distserve_rt.planner.candidates import (
     num_replicas,
     parallelism_label,
 )
-from distserve_rt.planner.cluster import ClusterSpec, build_instance, divisors, infeasibility
+from distserve_rt.planner.cluster import (
+    ClusterSpec,
+    build_instance,
+    divisors,
+    dtype_bytes,
+    infeasibility,
+    resolve_dtype,
+)
 from distserve_rt.planner.goodput import GoodputEvaluator, GoodputResult
 from distserve_rt.planner.profiles import ProfileSet
 from distserve_rt.planner.refine import Refiner, sim_args
@@ -103,9 +111,14 @@ class PlanInputs:
     ``workload`` (the old answer, which changes with the seed)."""
     max_requests: int = 4000
     """Most requests one stable estimate simulates (the warm-up included)."""
+    dtype: str | None = None
+    """Weights and KV dtype the plan is for (KV capacity, weights, KV transfer bytes);
+    None: the profile's measured dtype (`cluster.resolve_dtype`). Written to the
+    placement file for `serve` to run."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "affinity", Affinity(self.affinity))
+        object.__setattr__(self, "dtype", resolve_dtype(self.dtype, self.profile))
         for key in ("num_refined", "max_requests"):
             value = getattr(self, key)
             if not isinstance(value, int) or value < (0 if key == "num_refined" else 100):
@@ -184,12 +197,19 @@ class Planner:
             profile=i.profile,
             stage_link=stage_link,
             max_batch_tokens=max_batch_tokens,
+            dtype=i.dtype,
         )
 
     def _feasible(self, parallelism: Parallelism, label: str, max_tp: int | None = None) -> bool:
         i = self.inputs
         reasons = infeasibility(
-            i.model, parallelism, i.cluster, i.profile.hardware, i.workload.max_seq_len(), max_tp
+            i.model,
+            parallelism,
+            i.cluster,
+            i.profile.hardware,
+            i.workload.max_seq_len(),
+            max_tp,
+            dtype=i.dtype,
         )
         if reasons:
             config = f"{label} {parallelism_label(parallelism)}"
@@ -201,7 +221,7 @@ class Planner:
         return not reasons
 
     def _kv_transfer(self, link, num_streams: int) -> KVTransferSpec:
-        per_token = self.inputs.model.kv_bytes_per_token() / (
+        per_token = self.inputs.model.kv_bytes_per_token(dtype_bytes(self.inputs.dtype)) / (
             link.bandwidth_bytes_per_s * num_streams
         )
         return KVTransferSpec(per_token, link.latency_s)

@@ -62,10 +62,13 @@ def test_plan_writes_the_batch_budget_its_chosen_placement_was_simulated_with(ki
         prefill_max_batch_tokens=384,
         colocated_max_batch_tokens=4096,
         cluster=SimpleNamespace(memory_utilization=0.8),
+        dtype="float16",
     )
     settings = _engine_settings(inputs, SimpleNamespace(placement=kind))
     assert settings == {
         "max_num_batched_tokens": budget,
         "max_num_seqs": 256,
         "gpu_memory_utilization": 0.8,
+        "dtype": "float16",
+        "block_size": 16,
     }
