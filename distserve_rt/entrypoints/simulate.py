@@ -79,6 +79,13 @@ def add_parser(sub) -> None:
         "scheduler when every instance has pp=1, else fast",
     )
     p.add_argument(
+        "--no-step-noise",
+        action="store_true",
+        help="time every step at the profile's fit; by default the scheduler simulator draws "
+        "each step's time from the spread the profile measured around it (profiles made by "
+        "drt-run profile; DistServe's have none)",
+    )
+    p.add_argument(
         "--kv-link",
         choices=["intra", "inter"],
         default="intra",
@@ -243,15 +250,27 @@ def _requests(args) -> tuple[Workload, list[tuple[float | None, np.ndarray | Non
     return workload, [(rate, arrival_s)]
 
 
-def _simulate(args, simulator: str, spec, evaluator: GoodputEvaluator, arrival_s) -> SimResult:
+def _step_noise(args, simulator: str, profile, model):
+    """The profile's measured step-time spread (`StepTimeNoise`) for the scheduler-driven
+    simulator, or None: off by flag, the fast simulator (closed-form steps), or a profile
+    that measured none (DistServe's fits, isolated-step profiles)."""
+    if simulator != "scheduler" or args.no_step_noise:
+        return None
+    tps = [args.prefill_tp] if args.placement == "colocated" else [args.prefill_tp, args.decode_tp]
+    return next((n for tp in tps if (n := profile.step_noise(model, tp)) is not None), None)
+
+
+def _simulate(
+    args, simulator: str, spec, evaluator: GoodputEvaluator, arrival_s, noise=None
+) -> SimResult:
     """One run of `spec` with the workload's requests arriving at ``arrival_s`` (s)."""
     policy = ColocatedPolicy(args.policy) if args.placement == "colocated" else None
     if simulator == "fast":
         return evaluator.replay(spec, arrival_s, policy=policy)
     sim = (
-        SchedulerDrivenDisaggregated(spec)
+        SchedulerDrivenDisaggregated(spec, noise=noise, seed=args.seed)
         if policy is None
-        else SchedulerDrivenColocated(spec, policy)
+        else SchedulerDrivenColocated(spec, policy, noise=noise, seed=args.seed)
     )
     w = evaluator.workload
     return sim.run(arrival_s, w.prompt_lens, w.output_lens)
@@ -272,6 +291,7 @@ def _run(args) -> int:
         )
     profile = load_profile(args.profile)
     spec = _spec(args, model, profile, cluster, max_seq_len, max_batch_tokens)
+    noise = _step_noise(args, simulator, profile, model)
     evaluator = GoodputEvaluator(
         workload,
         planner_args.build_slo(args),
@@ -282,7 +302,7 @@ def _run(args) -> int:
     rows = []
     for rate, arrival_s in runs:
         arrivals = evaluator.arrivals(rate) if arrival_s is None else arrival_s
-        result = _simulate(args, simulator, spec, evaluator, arrivals)
+        result = _simulate(args, simulator, spec, evaluator, arrivals, noise)
         rows.append(
             {
                 "rate": rate,
@@ -296,6 +316,7 @@ def _run(args) -> int:
         "placement": args.placement,
         "simulator": simulator,
         "max_batch_tokens": max_batch_tokens,
+        "step_noise": noise is not None,
         "num_devices": spec.num_devices,
         "slo": {"ttft_s": evaluator.slo.ttft_s, "tpot_s": evaluator.slo.tpot_s},
         "runs": rows,
@@ -305,9 +326,11 @@ def _run(args) -> int:
         return 0
     slo = evaluator.slo
     # One header line (tests and scripts read the table by line): what ran, and on what.
+    spread = "measured (drawn per step)" if noise is not None else "none"
     print(
         f"{model.name} {args.placement} on {spec.num_devices} devices; simulator: "
-        f"{_SIMULATOR_TEXT[simulator]}; token budget {max_batch_tokens}"
+        f"{_SIMULATOR_TEXT[simulator]}; token budget {max_batch_tokens}; step-time "
+        f"spread: {spread}"
     )
     # Milliseconds, like the SLO flags and `drt-run bench`'s tables.
     print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")

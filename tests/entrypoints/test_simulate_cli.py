@@ -81,3 +81,39 @@ def test_continuous_batching_budget_defaults_to_the_runtimes(capsys):
 def test_continuous_batching_refuses_a_budget_below_the_longest_request():
     with pytest.raises(SystemExit, match=r"--max-batch-tokens 64 is below the longest request"):
         main(["simulate", *FEW, "--placement", "colocated", "--max-batch-tokens", "64"])
+
+
+def _noisy_profile(tmp_path) -> str:
+    """DistServe's A100 profile with a measured step-time spread for opt-13b tp1 (x0.5-x2)."""
+    from dataclasses import replace
+
+    from distserve_rt.planner.profiles import load_profile
+    from distserve_rt.planner.step_noise import StepTimeNoise
+
+    profile = load_profile("a100-80g-distserve")
+    noise = StepTimeNoise.from_ratios([0.5, 0.8, 1.0, 1.0, 1.2, 2.0])
+    profile.entries = [
+        replace(e, step_noise={"all": noise}) if (e.model, e.tp) == ("opt-13b", 1) else e
+        for e in profile.entries
+    ]
+    return str(profile.save(tmp_path / "noisy.json"))
+
+
+def test_a_measured_step_spread_is_drawn_per_step_unless_turned_off(tmp_path, capsys):
+    noisy = ["--profile", _noisy_profile(tmp_path), "--placement", "colocated"]
+    drawn = _run(capsys, *noisy)
+    plain = _run(capsys, *noisy, "--no-step-noise")
+    median = _run(capsys, "--placement", "colocated")  # the same fit, no spread measured
+    assert drawn["step_noise"] and not plain["step_noise"] and not median["step_noise"]
+    mean = [r["runs"][0]["ttft_s"]["mean"] for r in (drawn, plain, median)]
+    assert mean[0] != mean[1] and mean[1] == mean[2]
+    # The fast simulator jumps over steps in closed form: no per-step draw to make.
+    assert not _run(capsys, *noisy, "--simulator", "fast")["step_noise"]
+
+
+def test_the_table_header_says_whether_step_times_are_drawn(tmp_path, capsys):
+    assert main(["simulate", "--num-requests", "20", "--placement", "colocated"]) == 0
+    assert "step-time spread: none" in capsys.readouterr().out.splitlines()[0]
+    assert main(["simulate", "--num-requests", "20", "--placement", "colocated",
+                 "--profile", _noisy_profile(tmp_path)]) == 0  # fmt: skip
+    assert "step-time spread: measured" in capsys.readouterr().out.splitlines()[0]
