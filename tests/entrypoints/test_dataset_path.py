@@ -155,8 +155,8 @@ def _replayed_arrivals(monkeypatch) -> list[np.ndarray]:
     seen = []
     run_one = simulate._simulate
 
-    def spy(args, simulator, spec, evaluator, arrival_s):
-        result = run_one(args, simulator, spec, evaluator, arrival_s)
+    def spy(args, simulator, spec, evaluator, arrival_s, *rest):
+        result = run_one(args, simulator, spec, evaluator, arrival_s, *rest)
         seen.append(result.arrival.copy())
         return result
 
