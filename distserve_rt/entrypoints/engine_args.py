@@ -165,6 +165,7 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "max_model_len": {"type": positive_int},
     "tensor_parallel_size": {"type": positive_int, "aliases": ("-tp",)},
     "pipeline_parallel_size": {"type": positive_int, "aliases": ("-pp",)},
+    "data_parallel_size": {"type": positive_int, "aliases": ("-dp",)},
     "log_stats_interval_s": {"type": float},
 }
 
@@ -234,8 +235,8 @@ def _add_placement_args(g: argparse._ActionsContainer) -> None:
         "--no-pin-cpus",
         dest="pin_cpus",
         action="store_false",
-        help="disaggregated, CPU: let the instances share every core instead of pinning each "
-        "to its own",
+        help="disaggregated or data-parallel, CPU: let the instances share every core instead "
+        "of pinning each to its own",
     )
     for name, (flag, kwargs) in _DISAGG_FLAGS.items():
         kwargs = {"help": _help(DisaggConfig, name), **_metavar(kwargs), **kwargs}
@@ -261,7 +262,8 @@ def configs_from_args(
     --compare`); the per-phase flags apply to it when it is disaggregated.
 
     Raises ValueError naming the flags when per-phase flags come with ``--placement``
-    colocated, and the dataclasses' ValueErrors for values they refuse.
+    colocated or -tp/-pp/-dp contradict a colocated placement file's instances
+    (`Placement.apply_to`), and the dataclasses' ValueErrors for values they refuse.
     """
     engine = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
     disagg = {k: getattr(args, k) for k in _DISAGG_FLAGS if getattr(args, k, None) is not None}
@@ -274,7 +276,9 @@ def configs_from_args(
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
-    return EngineConfig(**engine), placement, DisaggConfig(**disagg)
+    # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
+    # contradicts them is refused here, before anything starts.
+    return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)
 
 
 def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> dict[str, Any]:
