@@ -13,8 +13,9 @@ Three groups of flags:
 - ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
   (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...). A file
   `drt-run plan` wrote also brings the model and engine settings the plan assumed (L_m,
-  max_num_seqs, ...): they apply where the flag is unset, a flag contradicting them is a
-  ValueError (`planned_engine_settings`).
+  max_num_seqs, ...; a colocated file its replicas' TP x PP and count, as -tp/-pp/-dp):
+  they apply where the flag is unset, a flag contradicting them is a ValueError
+  (`planned_engine_settings`).
 - The `DisaggConfig` knobs a user turns (``--kv-lease-timeout-s``, ``--no-pin-cpus``, ...);
   its test-only fields (``launcher``, ``stats_interval_s``, the ``fake`` transport) stay
   Python-only.
@@ -282,8 +283,9 @@ def configs_from_args(
 
 
 def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` (EngineConfig fields from flags) plus the model and engine settings the
-    placement file was planned with, so serve runs what the planner simulated.
+    """``given`` (EngineConfig fields from flags) plus the model, engine settings and (for a
+    colocated file) parallel sizes the placement file was planned with, so serve runs what
+    the planner simulated.
 
     Raises ValueError naming the flag when a given one contradicts the file. The file's model
     is a planner model (a preset name or an HF config path); it matches ``--model`` when the
@@ -291,7 +293,7 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     preset name applied without ``--model`` becomes ``dummy:<preset>`` (random weights, and
     a warning saying so)."""
     settings = dict(given)
-    for key, value in planned.engine.items():
+    for key, value in {**planned.engine, **_planned_sizes(planned)}.items():
         if key in settings and settings[key] != value:
             raise ValueError(
                 f"--{key.replace('_', '-')} {settings[key]} but the placement file was planned "
@@ -307,6 +309,19 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     else:
         settings["model"] = _runtime_model(planned.model)
     return settings
+
+
+def _planned_sizes(planned: PlacementFile) -> dict[str, int]:
+    """A colocated file's instances (kept under ``prefill``) as EngineConfig sizes: TP x PP
+    of each replica and the replica count (a disaggregated file's go to its phases)."""
+    if planned.placement != "colocated":
+        return {}
+    p = planned.prefill
+    return {
+        "tensor_parallel_size": p.tp,
+        "pipeline_parallel_size": p.pp,
+        "data_parallel_size": p.num_instances,
+    }
 
 
 def _model_key(model: str) -> str:
