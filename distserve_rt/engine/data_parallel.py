@@ -25,6 +25,7 @@ from multiprocessing import connection
 from multiprocessing.connection import Connection
 
 from distserve_rt.config import DisaggConfig, EngineConfig
+from distserve_rt.config.parallelism import check_parallel_sizes
 from distserve_rt.engine import data_parallel_replica as rep
 from distserve_rt.engine.data_parallel_replica import ReplicaSpec, run_replica
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
@@ -130,7 +131,12 @@ class DataParallelCore:
         self.config = config
         self.disagg_config = dc = disagg_config or DisaggConfig()
         self.tokenizer = tokenizer
-        self.model_config = load_model_config(config.model)
+        self.model_config = mc = load_model_config(config.model)
+        # Refused here, before N replicas spawn only to fail alike.
+        check_parallel_sizes(
+            mc.num_heads, mc.num_kv_heads, mc.num_layers,
+            config.tensor_parallel_size, config.pipeline_parallel_size,
+        )  # fmt: skip
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
         pin = dc.pin_cpus and dc.launcher == "process"
         specs = replica_specs(config, pin, detokenize=tokenizer is not None)

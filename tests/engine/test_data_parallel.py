@@ -4,6 +4,7 @@ only its own requests, and the sizes come from EngineConfig or a colocated place
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import time
@@ -11,6 +12,7 @@ import time
 import pytest
 
 from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
+from distserve_rt.engine.async_llm import AsyncLLM
 from distserve_rt.engine.core import make_engine_core
 from distserve_rt.engine.data_parallel import DataParallelCore, replica_specs
 from distserve_rt.engine.llm_engine import LLMEngine
@@ -121,6 +123,11 @@ def test_cpu_replicas_get_disjoint_cores_or_a_clear_refusal():
         replica_specs(config.replace(data_parallel_size=len(cores) + 1), pin=True)
 
 
+def test_sizes_that_do_not_fit_the_model_are_refused_before_any_replica_starts():
+    with pytest.raises(ValueError, match="tensor_parallel_size=3 must divide"):
+        DataParallelCore(engine_config(data_parallel_size=2, tensor_parallel_size=3), THREADS)
+
+
 def test_gpu_replicas_need_device_cuda():
     with pytest.raises(ValueError, match="device='cuda:1': data-parallel replicas"):
         replica_specs(engine_config(data_parallel_size=2, device="cuda:1"), pin=False)
@@ -153,3 +160,21 @@ def test_replica_processes_a_killed_one_fails_only_its_requests():
         assert [s.alive for s in core.stats().instances] == [False, True]
     finally:
         core.shutdown()
+
+
+def test_async_llm_streams_first_token_first_from_the_replicas():
+    async def main():
+        async with AsyncLLM.from_config(engine_config(data_parallel_size=2), None, THREADS) as llm:
+
+            async def collect(i: int):
+                prompt = {"prompt_token_ids": PROMPTS[i]}
+                return [o async for o in llm.generate(prompt, greedy(5), f"r{i}")]
+
+            streams = await asyncio.gather(collect(0), collect(1))  # one per replica
+            return streams, llm.stats()
+
+    streams, stats = asyncio.run(asyncio.wait_for(main(), timeout=60))
+    for outputs in streams:
+        assert len(outputs[0].outputs[0].token_ids) == 1  # the first token, streamed at once
+        assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 5
+    assert [s.name for s in stats.instances] == ["colocated-0", "colocated-1"]
