@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import multiprocessing
-import os
 import threading
 import time
 import weakref
@@ -27,10 +26,16 @@ from multiprocessing.connection import Connection
 from distserve_rt.config import DisaggConfig, EngineConfig
 from distserve_rt.config.parallelism import check_parallel_sizes
 from distserve_rt.engine import data_parallel_replica as rep
-from distserve_rt.engine.data_parallel_replica import ReplicaSpec, run_replica
+from distserve_rt.engine.data_parallel_replica import (
+    ReplicaSpec,
+    describe_devices,
+    replica_specs,
+    run_replica,
+)
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
+from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.logger import init_logger
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
@@ -67,7 +72,8 @@ class ReplicaHandle:
         self.requests: dict[str, rep.AddRequest] = {}
         """Live requests dispatched to it, by id."""
         self.last_outputs: dict[str, RequestOutput] = {}
-        """Each streaming request's latest output (what it had when its replica died)."""
+        """Each request's latest output, once it has one (what it had when its replica
+        died; the stats line counts the tokens added since)."""
         self.num_queued_tokens = 0
         """Prompt tokens of its live requests (the tie-break between equal counts)."""
         self.status = InstanceStats(spec.name, "colocated", 0, 0, 0.0)
@@ -116,7 +122,7 @@ class DataParallelCore:
         config: every replica's engine (its TP x PP); data_parallel_size >= 2.
         disagg_config: the instance-process knobs replicas share with disaggregated
             instances: ``launcher`` ("thread" for tests), ``pin_cpus``,
-            ``startup_timeout_s``.
+            ``startup_timeout_s``, ``stats_interval_s``.
         tokenizer: the model's (detokenizing happens in the replicas, which load it too).
     """
 
@@ -139,12 +145,17 @@ class DataParallelCore:
         )  # fmt: skip
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
         pin = dc.pin_cpus and dc.launcher == "process"
-        specs = replica_specs(config, pin, detokenize=tokenizer is not None)
+        specs = [
+            dataclasses.replace(s, stats_interval_s=dc.stats_interval_s)
+            for s in replica_specs(config, pin, detokenize=tokenizer is not None)
+        ]
         self.replicas = [ReplicaHandle(s, dc.launcher == "thread") for s in specs]
         self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
         self._where: dict[str, ReplicaHandle] = {}
         self._outputs: list[RequestOutput] = []
         self._closed = False
+        self._stats = StatsLogger(logger, config.log_stats_interval_s)
+        """One stats line for all replicas (theirs are off), counted from their outputs."""
         try:
             self._wait_ready(dc.startup_timeout_s)
         except BaseException:
@@ -172,7 +183,7 @@ class DataParallelCore:
             "data parallel: %d replicas of (%s): %s",
             len(self.replicas),
             self.config.parallelism,
-            ", ".join(f"{h.name} pid {h.pid} {_where(h.spec)}" for h in self.replicas),
+            ", ".join(f"{h.name} pid {h.pid} {describe_devices(h.spec)}" for h in self.replicas),
         )
 
     # ---- requests -------------------------------------------------------------------------
@@ -206,6 +217,7 @@ class DataParallelCore:
         target.requests[request_id] = m
         target.num_queued_tokens += len(token_ids)
         self._where[request_id] = target
+        self._stats.observe(busy=True)
         target.send(m)
 
     def abort_request(self, request_id: str) -> bool:
@@ -229,6 +241,8 @@ class DataParallelCore:
         """The replicas' outputs (waiting up to `timeout_s` for the first message)."""
         if not self._outputs:
             self._receive(timeout_s)
+        self._stats.observe(busy=bool(self._where))
+        self._stats.maybe_log(self.stats)
         outputs, self._outputs = self._outputs, []
         return outputs
 
@@ -262,6 +276,7 @@ class DataParallelCore:
 
     def _on_output(self, handle: ReplicaHandle, output: RequestOutput) -> None:
         request_id = output.request_id
+        self._record(handle, output)
         if output.finished:
             added = handle.requests.pop(request_id, None)
             if added is not None:
@@ -271,6 +286,20 @@ class DataParallelCore:
         elif request_id in handle.requests:
             handle.last_outputs[request_id] = output
         self._outputs.append(output)
+
+    def _record(self, handle: ReplicaHandle, output: RequestOutput) -> None:
+        """Counts the tokens `output` adds for the stats line: the prompt once its first
+        token exists, then each new token (non-streaming requests report at their end, so
+        their tokens land in the window they finish in)."""
+        last = handle.last_outputs.get(output.request_id)
+        num_before = 0 if last is None else len(last.outputs[0].token_ids)
+        num_new = len(output.outputs[0].token_ids) - num_before
+        if num_before == 0 and num_new > 0:
+            self._stats.record(num_prefill_tokens=len(output.prompt_token_ids))
+            num_new -= 1  # the first token comes from the prefill
+        self._stats.record(num_decode_tokens=max(num_new, 0))
+        if output.finished:
+            self._stats.record(num_preemptions=output.metrics.num_preemptions)
 
     def _on_death(self, handle: ReplicaHandle, why: str) -> None:
         """Fails the replica's live requests (only them: the others keep serving)."""
@@ -322,64 +351,6 @@ class DataParallelCore:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def replica_specs(config: EngineConfig, pin: bool, detokenize: bool = True) -> list[ReplicaSpec]:
-    """One spec per replica, each with data_parallel_size 1 and its own devices.
-
-    GPU (``device="cuda"``): replica i uses GPUs ``i * tp * pp`` onwards (rank r of its
-    workers GPU first + r, as `distributed.launch.LaunchConfig` numbers them); ValueError
-    for ``cuda:<i>`` or too few GPUs. CPU with `pin`: disjoint equal shares of this
-    process's cores; ValueError when there are fewer cores than replicas."""
-    num = config.data_parallel_size
-    base = config.replace(data_parallel_size=1)
-    if config.device.startswith("cuda"):
-        firsts = _replica_gpus(config)
-        return [
-            ReplicaSpec(i, base.replace(device=f"cuda:{firsts[i]}"), detokenize=detokenize)
-            for i in range(num)
-        ]
-    if not pin:
-        return [ReplicaSpec(i, base, detokenize=detokenize) for i in range(num)]
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) < num:
-        raise ValueError(
-            f"data_parallel_size={num} pins each replica to its own CPU cores but only "
-            f"{len(cores)} are available ({cores}); lower data_parallel_size or set "
-            "DisaggConfig(pin_cpus=False) (drt-run: --no-pin-cpus) to share them"
-        )
-    share = len(cores) // num  # its TP x PP workers split it (as disaggregated instances do)
-    return [
-        ReplicaSpec(i, base, tuple(cores[i * share : (i + 1) * share]), detokenize)
-        for i in range(num)
-    ]
-
-
-def _replica_gpus(config: EngineConfig) -> list[int]:
-    """The first GPU of each replica; ValueError when they do not fit the visible GPUs."""
-    import torch
-
-    num, world = config.data_parallel_size, config.parallelism.world_size
-    if config.device != "cuda":
-        raise ValueError(
-            f"device={config.device!r}: data-parallel replicas get GPUs in order (replica i "
-            f"the {world} from GPU i x {world}); pass device='cuda' and choose the GPUs with "
-            "CUDA_VISIBLE_DEVICES"
-        )
-    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if num * world > visible:
-        raise ValueError(
-            f"data_parallel_size={num} x tensor_parallel_size x pipeline_parallel_size="
-            f"{world} needs {num * world} GPUs, {visible} are visible; lower a size"
-        )
-    return [i * world for i in range(num)]
-
-
-def _where(spec: ReplicaSpec) -> str:
-    device = spec.engine_config.device
-    if device == "cpu":
-        return "cores " + ("shared" if spec.cpu_cores is None else str(spec.cpu_cores))
-    return device
 
 
 def _stop_all(replicas: list[ReplicaHandle]) -> None:

@@ -1,5 +1,6 @@
 """One data-parallel replica: a whole colocated `LLMEngine` in its own process (or a thread,
-for fast tests), driven over a pipe by `data_parallel.DataParallelCore`.
+for fast tests), driven over a pipe by `data_parallel.DataParallelCore`; its spec and the
+devices each replica gets (`replica_specs`).
 
 The messages are small slots dataclasses pickled by the pipe; outputs travel as the
 engine's own `RequestOutput`s, so a replica's outputs are exactly a single engine's.
@@ -85,10 +86,72 @@ class ReplicaSpec:
     """CPU: cores to pin the process to (its TP x PP workers split them); None: no pinning."""
     detokenize: bool = True
     """Load the model's tokenizer (text, stop strings); False: token ids only."""
+    stats_interval_s: float = 0.05
+    """Seconds between load reports of a busy replica whose steps finish nothing."""
 
     @property
     def name(self) -> str:
         return f"colocated-{self.index}"
+
+
+def replica_specs(config: EngineConfig, pin: bool, detokenize: bool = True) -> list[ReplicaSpec]:
+    """One spec per replica, each with data_parallel_size 1 and its own devices.
+
+    GPU (``device="cuda"``): replica i uses GPUs ``i * tp * pp`` onwards (rank r of its
+    workers GPU first + r, as `distributed.launch.LaunchConfig` numbers them); ValueError
+    for ``cuda:<i>`` or too few GPUs. CPU with `pin`: disjoint equal shares of this
+    process's cores; ValueError when there are fewer cores than replicas."""
+    num = config.data_parallel_size
+    # The core logs one line for all replicas: N unnamed lines would be unreadable.
+    base = config.replace(data_parallel_size=1, log_stats_interval_s=0.0)
+    if config.device.startswith("cuda"):
+        firsts = _replica_gpus(config)
+        return [
+            ReplicaSpec(i, base.replace(device=f"cuda:{firsts[i]}"), detokenize=detokenize)
+            for i in range(num)
+        ]
+    if not pin:
+        return [ReplicaSpec(i, base, detokenize=detokenize) for i in range(num)]
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < num:
+        raise ValueError(
+            f"data_parallel_size={num} pins each replica to its own CPU cores but only "
+            f"{len(cores)} are available ({cores}); lower data_parallel_size or set "
+            "DisaggConfig(pin_cpus=False) (drt-run: --no-pin-cpus) to share them"
+        )
+    share = len(cores) // num  # its TP x PP workers split it (as disaggregated instances do)
+    return [
+        ReplicaSpec(i, base, tuple(cores[i * share : (i + 1) * share]), detokenize)
+        for i in range(num)
+    ]
+
+
+def _replica_gpus(config: EngineConfig) -> list[int]:
+    """The first GPU of each replica; ValueError when they do not fit the visible GPUs."""
+    import torch
+
+    num, world = config.data_parallel_size, config.parallelism.world_size
+    if config.device != "cuda":
+        raise ValueError(
+            f"device={config.device!r}: data-parallel replicas get GPUs in order (replica i "
+            f"the {world} from GPU i x {world}); pass device='cuda' and choose the GPUs with "
+            "CUDA_VISIBLE_DEVICES"
+        )
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if num * world > visible:
+        raise ValueError(
+            f"data_parallel_size={num} x tensor_parallel_size x pipeline_parallel_size="
+            f"{world} needs {num * world} GPUs, {visible} are visible; lower a size"
+        )
+    return [i * world for i in range(num)]
+
+
+def describe_devices(spec: ReplicaSpec) -> str:
+    """E.g. "cores (0,)" or "cuda:2" (the start-up log line)."""
+    device = spec.engine_config.device
+    if device == "cpu":
+        return "cores " + ("shared" if spec.cpu_cores is None else str(spec.cpu_cores))
+    return device
 
 
 def run_replica(spec: ReplicaSpec, conn: Connection, in_process: bool = False) -> None:
@@ -123,6 +186,7 @@ def run_replica(spec: ReplicaSpec, conn: Connection, in_process: bool = False) -
 
 
 def _loop(spec: ReplicaSpec, engine, conn: Connection, sender: PipeSender) -> None:
+    next_status = 0.0
     while True:
         if conn.poll(0.0 if engine.has_unfinished_requests() else IDLE_POLL_S):
             while conn.poll():
@@ -132,8 +196,11 @@ def _loop(spec: ReplicaSpec, engine, conn: Connection, sender: PipeSender) -> No
                 _handle(spec, engine, message, sender)
         busy = engine.has_unfinished_requests()
         outputs = engine.step()
-        if outputs or busy:  # the load report rides along with every step that ran
+        # The load report rides along with outputs; steps that finish nothing (decodes of
+        # non-streaming requests) report only every stats_interval_s, not once a step.
+        if outputs or (busy and time.monotonic() >= next_status):
             sender.send(Outputs(outputs, _status(spec, engine)))
+            next_status = time.monotonic() + spec.stats_interval_s
         if sender.error is not None:
             raise EOFError("the core closed the pipe") from sender.error
 

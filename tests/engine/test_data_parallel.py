@@ -5,20 +5,27 @@ only its own requests, and the sizes come from EngineConfig or a colocated place
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import signal
 import time
 
 import pytest
+import yaml
 
 from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
+from distserve_rt.engine import data_parallel as dp_module
 from distserve_rt.engine.async_llm import AsyncLLM
 from distserve_rt.engine.core import make_engine_core
-from distserve_rt.engine.data_parallel import DataParallelCore, replica_specs
+from distserve_rt.engine.data_parallel import DataParallelCore
+from distserve_rt.engine.data_parallel_replica import replica_specs
+from distserve_rt.engine.llm import LLM
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.engine.protocol import EngineCore, EngineDeadError
+from distserve_rt.engine.stats import StatsLogger
 from distserve_rt.sampling_params import SamplingParams
 from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy
+from tests.engine.test_stats_log import DrivenClock
 
 THREADS = DisaggConfig(launcher="thread")
 
@@ -65,6 +72,10 @@ def test_the_fewest_unfinished_requests_win_then_the_fewest_queued_tokens():
         core.add_request("short", [5] * 4, greedy(200))  # replica 1: fewer requests
         core.add_request("third", [5] * 4, greedy(200))  # 1 each: fewer tokens, replica 1
         assert [sorted(h.requests) for h in core.replicas] == [["long"], ["short", "third"]]
+        deadline = time.monotonic() + 10.0  # the replicas report their load while busy
+        while [s.num_running + s.num_waiting for s in core.stats().instances] != [1, 2]:
+            assert time.monotonic() < deadline, core.stats()
+            core.step(0.05)
         for request_id in ("long", "short", "third"):
             assert core.abort_request(request_id)
         _drain(core)
@@ -178,3 +189,49 @@ def test_async_llm_streams_first_token_first_from_the_replicas():
         assert len(outputs[0].outputs[0].token_ids) == 1  # the first token, streamed at once
         assert outputs[-1].finished and len(outputs[-1].outputs[0].token_ids) == 5
     assert [s.name for s in stats.instances] == ["colocated-0", "colocated-1"]
+
+
+def test_llm_runs_a_colocated_placement_file_s_replicas_with_text(tmp_path):
+    """LLM(placement=FILE) applies the file's replica count too (Python, not only serve),
+    and the replicas detokenize as one engine does."""
+    path = tmp_path / "colocated.yaml"
+    raw = {"model": "llama-tiny", "placement": "colocated"}
+    path.write_text(yaml.safe_dump({**raw, "prefill": {"tp": 1, "pp": 1, "num_instances": 2}}))
+    kwargs = dict(block_size=8, max_model_len=256, kv_cache_memory_bytes=8 << 20)
+    prompts = ["Hello there", "The capital of", "One two three"]
+    with LLM("dummy:llama-tiny", **kwargs) as single:
+        expected = single.generate(prompts, greedy(6), use_tqdm=False)
+    with LLM("dummy:llama-tiny", placement=str(path), disagg_config=THREADS, **kwargs) as llm:
+        assert isinstance(llm.llm_engine, DataParallelCore)
+        assert len(llm.llm_engine.replicas) == 2
+        outputs = llm.generate(prompts, greedy(6), use_tqdm=False)
+    got = [(o.outputs[0].token_ids, o.outputs[0].text) for o in outputs]
+    assert got == [(o.outputs[0].token_ids, o.outputs[0].text) for o in expected]
+    assert all(text for _, text in got)
+
+
+def _stats_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "tok/s" in r.getMessage()]
+
+
+def test_the_core_logs_one_stats_line_for_all_replicas(monkeypatch, caplog):
+    """The replicas' own lines are off (N unnamed lines); the core counts the tokens of the
+    outputs it receives, on a driven clock."""
+    clock = DrivenClock()
+    monkeypatch.setattr(dp_module, "StatsLogger", functools.partial(StatsLogger, clock=clock))
+    prompts = PROMPTS[:2]
+    config = engine_config(data_parallel_size=2, log_stats_interval_s=10)
+    with caplog.at_level("INFO", logger="distserve_rt"), DataParallelCore(config, THREADS) as core:
+        for i, prompt in enumerate(prompts):
+            core.add_request(str(i), prompt, greedy(4), stream=i == 0)  # busy from t=0
+        clock.t = 2.0
+        _drain(core)  # every step sees t=2: two busy seconds, then idle
+        assert not _stats_lines(caplog)
+        clock.t = 50.0
+        core.step(0.0)
+    (line,) = _stats_lines(caplog)
+    num_prompt_tokens = sum(len(p) for p in prompts)
+    expected = f"prefill {num_prompt_tokens / 2:.1f} tok/s, decode 3.0 tok/s "
+    assert line.startswith(expected + "(busy 2.0 s of 50.0 s)")
+    assert "| running 0, waiting 0 | KV usage colocated-0 0.0%, colocated-1 0.0% |" in line
+    assert line.endswith("| preemptions 0")
