@@ -246,7 +246,8 @@ class Placement:
         return groups
 
     def describe(self) -> str:
-        """E.g. "1 prefill x (tp=1, pp=1) + 2 decode x (tp=2, pp=1)"."""
+        """E.g. "1 prefill x (tp=1, pp=1) + 2 decode x (tp=2, pp=1)", "2 x colocated (tp=8,
+        pp=1)" (a placement file's replicas) or "colocated"."""
         if not self.is_disaggregated:
             r = self.replicas
             if r is None:
