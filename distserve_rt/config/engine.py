@@ -67,6 +67,10 @@ class EngineConfig:
     pipeline_parallel_size: int = 1
     """Pipeline stages of one instance (at most the model's layer count), each in its own
     process(es); the engine keeps this many batches in flight (virtual engines)."""
+    data_parallel_size: int = 1
+    """Colocated replicas behind one server (vLLM's name), each a whole TP x PP engine in its
+    own process on its own devices (CPU: its own cores; GPU: the next tp x pp GPUs); each
+    request goes to the replica with the fewest unfinished requests."""
     log_stats_interval_s: float = 10.0
     """Seconds between the one-line stats logs; 0 disables them."""
 
@@ -101,7 +105,7 @@ class EngineConfig:
         )  # fmt: skip
         # Checks against the model (heads, layers) and the machine (devices) run when the
         # executor starts (`worker.multiproc_executor`), before any process is spawned.
-        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+        for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):
             check_range(name, getattr(self, name), low=1, integer=True)
 
     @property

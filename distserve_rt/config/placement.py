@@ -19,6 +19,7 @@ from distserve_rt.config.validation import check_range
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, load_placement
 
 if TYPE_CHECKING:  # an annotation only: importing `models` would load every model class
+    from distserve_rt.config.engine import EngineConfig
     from distserve_rt.models.config import ModelConfig
 
 
@@ -53,11 +54,14 @@ class PhaseConfig:
 
 @dataclass(frozen=True, slots=True)
 class Placement:
-    """Colocated (one instance does both phases) or disaggregated (xPyD)."""
+    """Colocated (each instance does both phases) or disaggregated (xPyD)."""
 
     kind: PlacementKind = PlacementKind.COLOCATED
     prefill: PhaseConfig | None = None
     decode: PhaseConfig | None = None
+    replicas: PhaseConfig | None = None
+    """Colocated: the instances' TP x PP and count (data-parallel replicas), as a placement
+    file gives them; None: as the `EngineConfig` says (`apply_to`)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, PlacementKind):
@@ -69,10 +73,16 @@ class Placement:
                 f"one neither (kind={self.kind.value}, prefill={self.prefill}, "
                 f"decode={self.decode})"
             )
+        if disagg and self.replicas is not None:
+            raise ValueError(
+                f"replicas describes colocated instances; a disaggregated placement gives "
+                f"num_instances per phase (got replicas={self.replicas})"
+            )
 
     @classmethod
-    def colocated(cls) -> Placement:
-        return cls()
+    def colocated(cls, replicas: PhaseConfig | None = None) -> Placement:
+        """`replicas`: the colocated instances' TP x PP and count (None: EngineConfig's)."""
+        return cls(replicas=replicas)
 
     @classmethod
     def disaggregated(
@@ -104,13 +114,44 @@ class Placement:
     @classmethod
     def from_placement_file(cls, pf: PlacementFile) -> Placement:
         if pf.placement == PlacementKind.COLOCATED.value:
-            return cls()
+            p = pf.prefill  # a colocated file keeps its instances under prefill
+            return cls.colocated(PhaseConfig(tp=p.tp, pp=p.pp, num_instances=p.num_instances))
 
         def phase(p: PhasePlacement | None) -> PhaseConfig:
             assert p is not None  # PlacementFile checked it for disaggregated placements
             return PhaseConfig(tp=p.tp, pp=p.pp, num_instances=p.num_instances)
 
         return cls.disaggregated(phase(pf.prefill), phase(pf.decode))
+
+    def apply_to(self, config: EngineConfig) -> EngineConfig:
+        """`config` running this placement: a colocated placement's `replicas` become its
+        tensor/pipeline/data-parallel sizes. ValueError naming the setting when `config`
+        sets one to another value than the placement (1 counts as unset), or sets
+        data_parallel_size for a disaggregated placement (its phases have num_instances)."""
+        if self.is_disaggregated:
+            if config.data_parallel_size != 1:
+                raise ValueError(
+                    f"data_parallel_size={config.data_parallel_size} replicates colocated "
+                    f"engines; the placement is disaggregated ({self.describe()}): set "
+                    "num_instances per phase instead"
+                )
+            return config
+        if self.replicas is None:
+            return config
+        r = self.replicas
+        planned = {
+            "tensor_parallel_size": r.tp,
+            "pipeline_parallel_size": r.pp,
+            "data_parallel_size": r.num_instances,
+        }
+        for name, value in planned.items():
+            given = getattr(config, name)
+            if given not in (1, value):
+                raise ValueError(
+                    f"{name}={given} but the placement runs {self.describe()}; drop the "
+                    f"setting (or set it to {value}) or plan again with it"
+                )
+        return config.replace(**planned)
 
     @property
     def is_disaggregated(self) -> bool:
@@ -205,9 +246,13 @@ class Placement:
         return groups
 
     def describe(self) -> str:
-        """E.g. "1 prefill x (tp=1, pp=1) + 2 decode x (tp=2, pp=1)"."""
+        """E.g. "1 prefill x (tp=1, pp=1) + 2 decode x (tp=2, pp=1)", "2 x colocated (tp=8,
+        pp=1)" (a placement file's replicas) or "colocated"."""
         if not self.is_disaggregated:
-            return self.kind.value
+            r = self.replicas
+            if r is None:
+                return self.kind.value
+            return f"{r.num_instances} x colocated ({r.parallelism})"
         assert self.prefill is not None and self.decode is not None
         return " + ".join(
             f"{p.num_instances} {name} x ({p.parallelism})"

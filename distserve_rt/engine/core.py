@@ -1,5 +1,6 @@
-"""Builds the `EngineCore` of a placement: the colocated `LLMEngine` or the disaggregated
-`Controller`, each given the model's tokenizer at construction."""
+"""Builds the `EngineCore` of a placement: the colocated `LLMEngine`, its data-parallel
+replicas (`DataParallelCore`) or the disaggregated `Controller`, each given the model's
+tokenizer at construction."""
 
 from __future__ import annotations
 
@@ -16,9 +17,16 @@ def make_engine_core(
     placement: Placement | str | None = None,
     disagg_config: DisaggConfig | None = None,
 ) -> EngineCore:
-    """The engine of `placement` (colocated by default; see `Placement.parse`)."""
+    """The engine of `placement` (colocated by default; see `Placement.parse`). A colocated
+    placement's replicas (a placement file's TP x PP and count) set `config`'s parallel
+    sizes (`Placement.apply_to`: ValueError when they contradict it)."""
     placement = Placement.parse(placement)
+    config = placement.apply_to(config)
     tokenizer = load_tokenizer(config, load_model_config(config.model))
+    if config.data_parallel_size > 1:
+        from distserve_rt.engine.data_parallel import DataParallelCore  # spawns processes
+
+        return DataParallelCore(config, disagg_config, tokenizer=tokenizer)
     if not placement.is_disaggregated:
         return LLMEngine(config, tokenizer=tokenizer)
     from distserve_rt.engine.controller import Controller  # spawns processes: only when asked

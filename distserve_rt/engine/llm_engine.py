@@ -79,6 +79,11 @@ class LLMEngine:
         tokenizer=None,
     ) -> None:
         self.config = config = config or EngineConfig()
+        if config.data_parallel_size != 1:  # never serve one replica for N silently
+            raise ValueError(
+                f"LLMEngine is one replica, got data_parallel_size={config.data_parallel_size}; "
+                "build it with engine.core.make_engine_core (DataParallelCore)"
+            )
         self.executor = executor or make_executor(config, model, sample)
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)

@@ -13,8 +13,9 @@ Three groups of flags:
 - ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
   (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...). A file
   `drt-run plan` wrote also brings the model and engine settings the plan assumed (L_m,
-  max_num_seqs, ...): they apply where the flag is unset, a flag contradicting them is a
-  ValueError (`planned_engine_settings`).
+  max_num_seqs, ...; a colocated file its replicas' TP x PP and count, as -tp/-pp/-dp):
+  they apply where the flag is unset, a flag contradicting them is a ValueError
+  (`planned_engine_settings`).
 - The `DisaggConfig` knobs a user turns (``--kv-lease-timeout-s``, ``--no-pin-cpus``, ...);
   its test-only fields (``launcher``, ``stats_interval_s``, the ``fake`` transport) stay
   Python-only.
@@ -165,6 +166,7 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "max_model_len": {"type": positive_int},
     "tensor_parallel_size": {"type": positive_int, "aliases": ("-tp",)},
     "pipeline_parallel_size": {"type": positive_int, "aliases": ("-pp",)},
+    "data_parallel_size": {"type": positive_int, "aliases": ("-dp",)},
     "log_stats_interval_s": {"type": float},
 }
 
@@ -234,8 +236,8 @@ def _add_placement_args(g: argparse._ActionsContainer) -> None:
         "--no-pin-cpus",
         dest="pin_cpus",
         action="store_false",
-        help="disaggregated, CPU: let the instances share every core instead of pinning each "
-        "to its own",
+        help="disaggregated or data-parallel, CPU: let the instances share every core instead "
+        "of pinning each to its own",
     )
     for name, (flag, kwargs) in _DISAGG_FLAGS.items():
         kwargs = {"help": _help(DisaggConfig, name), **_metavar(kwargs), **kwargs}
@@ -261,7 +263,8 @@ def configs_from_args(
     --compare`); the per-phase flags apply to it when it is disaggregated.
 
     Raises ValueError naming the flags when per-phase flags come with ``--placement``
-    colocated, and the dataclasses' ValueErrors for values they refuse.
+    colocated or -tp/-pp/-dp contradict a colocated placement file's instances
+    (`Placement.apply_to`), and the dataclasses' ValueErrors for values they refuse.
     """
     engine = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
     disagg = {k: getattr(args, k) for k in _DISAGG_FLAGS if getattr(args, k, None) is not None}
@@ -274,12 +277,15 @@ def configs_from_args(
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
-    return EngineConfig(**engine), placement, DisaggConfig(**disagg)
+    # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
+    # contradicts them is refused here, before anything starts.
+    return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)
 
 
 def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> dict[str, Any]:
-    """``given`` (EngineConfig fields from flags) plus the model and engine settings the
-    placement file was planned with, so serve runs what the planner simulated.
+    """``given`` (EngineConfig fields from flags) plus the model, engine settings and (for a
+    colocated file) parallel sizes the placement file was planned with, so serve runs what
+    the planner simulated.
 
     Raises ValueError naming the flag when a given one contradicts the file. The file's model
     is a planner model (a preset name or an HF config path); it matches ``--model`` when the
@@ -287,7 +293,7 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     preset name applied without ``--model`` becomes ``dummy:<preset>`` (random weights, and
     a warning saying so)."""
     settings = dict(given)
-    for key, value in planned.engine.items():
+    for key, value in {**planned.engine, **_planned_sizes(planned)}.items():
         if key in settings and settings[key] != value:
             raise ValueError(
                 f"--{key.replace('_', '-')} {settings[key]} but the placement file was planned "
@@ -303,6 +309,19 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     else:
         settings["model"] = _runtime_model(planned.model)
     return settings
+
+
+def _planned_sizes(planned: PlacementFile) -> dict[str, int]:
+    """A colocated file's instances (kept under ``prefill``) as EngineConfig sizes: TP x PP
+    of each replica and the replica count (a disaggregated file's go to its phases)."""
+    if planned.placement != "colocated":
+        return {}
+    p = planned.prefill
+    return {
+        "tensor_parallel_size": p.tp,
+        "pipeline_parallel_size": p.pp,
+        "data_parallel_size": p.num_instances,
+    }
 
 
 def _model_key(model: str) -> str:

@@ -9,6 +9,7 @@ import json
 import logging
 
 import pytest
+import yaml
 
 from distserve_rt import SamplingParams
 from distserve_rt.entrypoints import engine_args
@@ -78,6 +79,13 @@ def test_llama3_70b_on_2x8_gets_a_placement_file_serve_accepts(tmp_path, capsys,
                 theirs.pp,
                 theirs.num_instances,
             )
+    else:  # e.g. "2 x colocated tp8": 2 replicas of TP 8, not one TP 1 engine
+        replicas = planned.prefill
+        assert (
+            config.tensor_parallel_size,
+            config.pipeline_parallel_size,
+            config.data_parallel_size,
+        ) == (replicas.tp, replicas.pp, replicas.num_instances)
     assert config.model == "dummy:llama-3-70b" and "random weights" in caplog.text
     for key, value in planned.engine.items():
         assert getattr(config, key) == value
@@ -93,15 +101,22 @@ def _cpu_profile(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("num_devices", "slo_ms", "kind"),
+    ("num_devices", "slo_ms", "rate", "deployment"),
     [
-        ("1", ("200", "50"), "colocated"),
-        pytest.param("2", ("20", "5"), "disaggregated", marks=pytest.mark.slow),
+        ("1", ("200", "50"), "5", "1 x colocated (tp=1, pp=1)"),
+        pytest.param("2", ("20", "5"), "5", "disaggregated", marks=pytest.mark.slow),
+        # More than one TP 2 engine sustains: two replicas, each TP 2 (six processes).
+        pytest.param(
+            "4", ("200", "50"), "8000", "2 x colocated (tp=2, pp=1)", marks=pytest.mark.slow
+        ),
     ],
 )
-def test_plan_then_serve_the_tiny_model_on_cpu(tmp_path, capsys, caplog, num_devices, slo_ms, kind):
+def test_plan_then_serve_the_tiny_model_on_cpu(
+    tmp_path, capsys, caplog, num_devices, slo_ms, rate, deployment
+):
     """One CPU device: colocated; two and SLOs that interference between the phases
-    breaks: the plan disaggregates, and serve spawns a prefill and a decode process."""
+    breaks: the plan disaggregates, and serve spawns a prefill and a decode process; four
+    and a rate one TP 2 engine cannot serve: serve runs two TP 2 replicas."""
     profile = _cpu_profile(tmp_path)
     out, path = _plan(
         tmp_path,
@@ -109,24 +124,74 @@ def test_plan_then_serve_the_tiny_model_on_cpu(tmp_path, capsys, caplog, num_dev
         *("--model", "llama-tiny", "--profile", str(profile), "--num-nodes", "1"),
         *("--devices-per-node", num_devices, "--device-memory-gib", "4"),
         *("--fixed-lengths", "16,8"),
-        *("--slo-ttft-ms", slo_ms[0], "--slo-tpot-ms", slo_ms[1], "--rate", "5"),
+        *("--slo-ttft-ms", slo_ms[0], "--slo-tpot-ms", slo_ms[1], "--rate", rate),
         *("--num-requests", "100", "--max-requests", "500"),
     )
     assert not out["best_effort"] and out["placement"]["predicted"]["meets_target"]
     _, (config, placement, disagg) = _serve_configs(path, caplog)
-    assert config.model == "dummy:llama-tiny" and placement.kind.value == kind
-    args = build_parser().parse_args(["serve", "--placement", str(path)])
-    engine = engine_args.build_engine_client(args)
+    assert config.model == "dummy:llama-tiny"
+    if placement.is_disaggregated:
+        assert deployment == "disaggregated"
+    else:
+        assert placement.describe() == deployment
+    # A small KV pool per rank (not a planned setting): start-up maps less memory.
+    argv = ["serve", "--placement", str(path), "--kv-cache-memory-bytes", "64MiB"]
+    engine = engine_args.build_engine_client(build_parser().parse_args(argv))
     try:
         params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
 
-        async def generate():
+        async def generate(i: int):
             final = None
-            async for output in engine.generate("hello planner", params, "r0"):
+            async for output in engine.generate(f"hello planner {i}", params, f"r{i}"):
                 final = output
             return final
 
-        final = asyncio.run(asyncio.wait_for(generate(), timeout=60))
+        async def generate_all():  # as many at once as there are replicas
+            num = config.data_parallel_size
+            return await asyncio.gather(*(generate(i) for i in range(num)))
+
+        finals = asyncio.run(asyncio.wait_for(generate_all(), timeout=120))
+        instances = engine.stats().instances
     finally:
         engine.shutdown()
-    assert final.finished and len(final.outputs[0].token_ids) == 4
+    assert all(f.finished and len(f.outputs[0].token_ids) == 4 for f in finals)
+    if not placement.is_disaggregated:
+        names = [f"colocated-{i}" for i in range(config.data_parallel_size)]
+        assert [s.name for s in instances] == names and all(s.alive for s in instances)
+
+
+def _colocated_file(tmp_path, tp: int, num_instances: int) -> str:
+    raw = {
+        "model": "llama-tiny",
+        "placement": "colocated",
+        "prefill": {"tp": tp, "pp": 1, "num_instances": num_instances},
+    }
+    path = tmp_path / "colocated.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+def test_a_colocated_file_s_tp_and_replicas_become_the_engine_s(tmp_path, caplog):
+    path = _colocated_file(tmp_path, tp=2, num_instances=3)
+    _, (config, placement, _) = _serve_configs(path, caplog)
+    assert (config.tensor_parallel_size, config.data_parallel_size) == (2, 3)
+    assert placement.describe() == "3 x colocated (tp=2, pp=1)"
+    # Flags agreeing with the file are accepted; the file through Python (LLM(placement=))
+    # applies the same sizes (make_engine_core calls Placement.apply_to).
+    args = build_parser().parse_args(["serve", "--placement", path, "-tp", "2", "-dp", "3"])
+    assert engine_args.configs_from_args(args)[0] == config
+    assert placement.apply_to(config.replace(tensor_parallel_size=1)) == config
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["-tp", "1"], "--tensor-parallel-size 1 but the placement file was planned with 2"),
+        (["-dp", "2"], "--data-parallel-size 2 but the placement file was planned with 3"),
+        (["-pp", "2"], "--pipeline-parallel-size 2 but the placement file was planned with 1"),
+    ],
+)
+def test_serve_refuses_a_flag_contradicting_a_colocated_file(tmp_path, flags, message):
+    path = _colocated_file(tmp_path, tp=2, num_instances=3)
+    with pytest.raises(SystemExit, match=f"^drt-run serve: {message}"):
+        main(["serve", "--placement", path, *flags])
