@@ -169,7 +169,7 @@ class DataParallelCore:
             for handle in list(pending):
                 if handle.conn.poll(0.01):
                     reply = _recv(handle)
-                    if not isinstance(reply, rep.Ready):
+                    if not isinstance(reply, rep.ReplicaReady):
                         raise RuntimeError(f"{handle.name} failed to start: {_describe(reply)}")
                     pending.remove(handle)
                 elif not handle.is_running():

@@ -17,6 +17,9 @@ from multiprocessing.connection import Connection
 
 from distserve_rt.config import EngineConfig
 from distserve_rt.core.stop_checker import FinishReason
+
+# The messages a replica shares with a disaggregated instance.
+from distserve_rt.engine.disagg.messages import Abort, Fatal, Shutdown
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.engine.protocol import InstanceStats
 from distserve_rt.logger import init_logger
@@ -41,21 +44,11 @@ class AddRequest:
     stream: bool
 
 
-@dataclass(slots=True)
-class Abort:
-    request_id: str
-
-
-@dataclass(slots=True)
-class Shutdown:
-    pass
-
-
 # ---- replica -> core -------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
-class Ready:
+class ReplicaReady:
     name: str
     model_config: object
 
@@ -66,13 +59,6 @@ class Outputs:
 
     outputs: list[RequestOutput]
     status: InstanceStats
-
-
-@dataclass(slots=True)
-class Fatal:
-    """The replica's loop raised; the replica ends after sending this."""
-
-    error: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,7 +141,7 @@ def describe_devices(spec: ReplicaSpec) -> str:
 
 
 def run_replica(spec: ReplicaSpec, conn: Connection, in_process: bool = False) -> None:
-    """Entry point of a replica: builds its engine, reports Ready, then steps and answers
+    """Entry point of a replica: builds its engine, reports ReplicaReady, then steps and answers
     messages until Shutdown or until the core's end of the pipe closes (an orphan replica
     must not live on)."""
     from distserve_rt.engine.core import load_tokenizer
@@ -171,7 +157,7 @@ def run_replica(spec: ReplicaSpec, conn: Connection, in_process: bool = False) -
         model_config = load_model_config(config.model)
         tokenizer = load_tokenizer(config, model_config) if spec.detokenize else None
         engine = LLMEngine(config, tokenizer=tokenizer)
-        sender.send(Ready(spec.name, engine.model_config))
+        sender.send(ReplicaReady(spec.name, engine.model_config))
         _loop(spec, engine, conn, sender)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the core is gone
