@@ -324,3 +324,108 @@ def test_one_run_probes_simulates_twice_and_serves():
     assert record["simulated"]["attainment"] == 1.0
     assert record["simulated_rescaled"]["attainment"] == 0.0
     assert record["runtime"]["num_failed"] == 0 and record["load_average_1min_after"] >= 0
+
+
+class _Doubling:
+    """Noise that doubles every step (mean 2: easy to compute by hand)."""
+
+    def sample(self, rng):
+        return 2.0
+
+
+class _Coin:
+    """Noise of 0.5 or 1.5 at random: different seeds, different runs."""
+
+    def sample(self, rng):
+        return 0.5 if rng.random() < 0.5 else 1.5
+
+
+@pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
+def test_driven_simulators_are_the_default_and_apply_noise(placement):
+    from distserve_rt.benchmarks.sim_vs_runtime import (
+        default_simulator,
+        simulate_colocated_driven,
+        simulate_disaggregated_driven,
+    )
+
+    if placement == "colocated":
+        setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+        expected = simulate_colocated_driven
+    else:
+        setup = DisaggSetup(64, 4, 64, 4 * 64, kv_transfer=KVTransferSpec(latency_s=0.05))
+        expected = simulate_disaggregated_driven
+    simulate = default_simulator(setup)
+    assert simulate is expected
+    latency, arrival = ConstantLatencyModel(0.1, 0.01), np.array([0.0, 10.0, 20.0, 30.0])
+    # Requests far apart run alone: the prefill alone is the TTFT, times the noise.
+    np.testing.assert_allclose(simulate(setup, latency, arrival, WORKLOAD).ttft, 0.1)
+    doubled = simulate(setup, latency, arrival, WORKLOAD, _Doubling(), 0)
+    np.testing.assert_allclose(doubled.ttft, 0.2)
+    # A seed fixes the draws; repeats with their own seeds draw differently.
+    one, again = (simulate(setup, latency, arrival, WORKLOAD, _Coin(), 1) for _ in range(2))
+    np.testing.assert_array_equal(one.ttft, again.ttft)
+    draws = {tuple(simulate(setup, latency, arrival, WORKLOAD, _Coin(), s).ttft) for s in range(8)}
+    assert len(draws) > 1
+
+
+def test_fast_simulators_refuse_noise():
+    from distserve_rt.benchmarks.sim_vs_runtime import default_simulator
+
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    fast = default_simulator(setup, "fast")
+    assert fast is simulate_colocated
+    with pytest.raises(ValueError, match="noise must be None for the fast simulators"):
+        fast(setup, ConstantLatencyModel(0.1, 0.01), np.zeros(4), WORKLOAD, _Doubling(), 0)
+    with pytest.raises(ValueError, match=r"simulator must be one of \['driven', 'fast'\], got 'x'"):
+        default_simulator(setup, "x")
+
+
+def test_step_time_ratios_compare_the_engine_steps_with_the_model():
+    from distserve_rt.benchmarks.sim_vs_runtime.steps import step_time_ratios
+    from distserve_rt.engine.step_log import StepRecord, StepShape
+
+    prefill = StepShape(1, 32, 32 * 32, 0, 0)
+    decode = StepShape(0, 0, 0, 2, 40)
+    mixed = StepShape(1, 16, 16 * 16, 2, 40)
+    records = [
+        StepRecord(prefill, 0.3, 0.2),  # 3x the model's 0.1 s
+        StepRecord(prefill, 0.1, 0.1),  # 1x: time-weighted, (0.3 + 0.1) / 0.2 = 2
+        StepRecord(decode, 0.01, 0.01),
+        StepRecord(mixed, 0.15, 0.1),
+    ]
+    latency = ConstantLatencyModel(0.1, 0.01)
+    out = step_time_ratios(records, latency)
+    assert out["step_ratio_prefill"] == pytest.approx(2.0)
+    assert out["step_ratio_decode"] == pytest.approx(1.0)
+    assert out["step_ratio_mixed"] == pytest.approx(0.15 / latency.mixed_s(16, 256, 2, 40))
+    assert out["num_prefill_steps"] == 2 and out["mean_prefill_step_ms"] == pytest.approx(200)
+
+
+def test_profile_cores_pin_one_thread_like_a_disaggregated_instance():
+    import os
+
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import profile_cores
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert profile_cores(len(cores)) is None  # a colocated engine takes them all, unpinned
+    if len(cores) > 1:
+        assert profile_cores(1) == (cores[0],)  # the prefill instance's core
+
+
+def test_engine_profile_fits_the_running_engine_with_noise():
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import profile_engine
+
+    setup = ColocatedSetup(ColocatedPolicy.CHUNKED_PREFILL, 64, 8, 96, 8 * 96)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    workload = EngineWorkload(num_steps=80, max_prompt_len=64, max_output_len=16, max_queued=16)
+    try:
+        profile = profile_engine(engine, workload, 1, repeats=1, hardware="cpu")
+    finally:
+        engine.shutdown()
+    m = profile.measurement
+    assert m["mode"] == "engine" and m["threads"] == 1 and m["policy"] == "chunked_prefill"
+    assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
+    entry = profile.entries[0]
+    assert entry.coefficients.overhead > 0  # the host's part of every step
+    assert profile.step_noise(engine.model_config, 1) is not None
