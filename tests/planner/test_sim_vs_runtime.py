@@ -41,6 +41,7 @@ def test_replay_serves_every_request_at_its_arrival(policy):
     assert run.duration_s >= 0.15
     row = run.row(SLO(10.0, 10.0))
     assert row["attainment"] == 1.0 and row["num_failed"] == 0 and row["num_steps"] >= 5
+    assert 0 <= row["mean_between_steps_ms"] < 1e3 * run.duration_s / row["num_steps"]
 
 
 def test_runtime_row_counts_a_missed_slo():
@@ -429,3 +430,68 @@ def test_engine_profile_fits_the_running_engine_with_noise():
     entry = profile.entries[0]
     assert entry.coefficients.overhead > 0  # the host's part of every step
     assert profile.step_noise(engine.model_config, 1) is not None
+
+
+def test_replay_times_the_loop_between_busy_steps_not_idle_waits():
+    # A fake engine: each request takes two steps of 10 ms on a driven clock; the loop
+    # costs 1 ms per step (the clock moves when it polls), idle waits are not counted.
+    from types import SimpleNamespace
+
+    class Engine:
+        model_config = SimpleNamespace(vocab_size=100)
+
+        def __init__(self):
+            self.now, self.left, self.done = 0.0, {}, []
+
+        def add_request(self, rid, prompt, params, arrival_time):
+            self.left[rid] = 2
+
+        def has_unfinished_requests(self):
+            self.now += 0.0005  # the loop's own polls
+            return bool(self.left)
+
+        def step(self, timeout):
+            self.now += 0.010
+            out = []
+            for rid in list(self.left):
+                self.left[rid] -= 1
+                if not self.left[rid]:
+                    del self.left[rid]
+                    m = SimpleNamespace(ttft=0.01, tpot=0.0, finished_time=self.now, breakdown=None)
+                    done = [SimpleNamespace(finish_reason="length")]
+                    out.append(
+                        SimpleNamespace(request_id=rid, outputs=done, metrics=m, finished=True)
+                    )
+            return out
+
+    engine = Engine()
+
+    def sleep(s):  # overshoots by a tick, as a real sleep may (the replay only polls then)
+        engine.now += s + 0.002
+
+    run = replay(engine, np.array([0.0, 1.0]), Workload("t", np.array([4, 4]), np.array([1, 1])),
+                 clock=lambda: engine.now, sleep=sleep)  # fmt: skip
+    # Between the two busy steps of r0: one poll (the loop's condition stops at i < n);
+    # of r1: two (the condition's and the step's); the 1 s idle wait is not counted.
+    assert run.extra["num_steps"] == 4
+    assert run.extra["mean_between_steps_ms"] == pytest.approx((0.5 + 1.0) / 4)
+
+
+def test_cpu_meter_reads_processes_cpu_time():
+    import os
+    import time
+
+    from distserve_rt.benchmarks.sim_vs_runtime.cpu_time import (
+        CpuMeter,
+        engine_pids,
+        process_cpu_s,
+    )
+
+    assert process_cpu_s(os.getpid()) == pytest.approx(time.process_time(), abs=0.05)
+    assert process_cpu_s(2**22 + 12345) == 0.0  # no such process: nothing, not a failure
+    meter = CpuMeter({"harness": None})
+    end = time.monotonic() + 0.05
+    while time.monotonic() < end:  # busy: about a whole core
+        pass
+    assert meter.shares()["cpu_share_harness"] > 0.5
+    assert engine_pids(object()) == {"harness": None}

@@ -10,6 +10,7 @@ import numpy as np
 from tqdm import tqdm
 
 from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration, set_threads
+from distserve_rt.benchmarks.sim_vs_runtime.cpu_time import CpuMeter, engine_pids
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ScaledLatencyModel
 from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
 from distserve_rt.benchmarks.sim_vs_runtime.steps import step_time_ratios
@@ -59,12 +60,14 @@ def one_run(
     desc = f"{target.name} @ {run.rate:g} req/s"
     # A colocated engine logs its steps: their times against the model's, in the row.
     log = engine.enable_step_log(1 << 24) if hasattr(engine, "enable_step_log") else None
+    meter = CpuMeter(engine_pids(engine))
     try:
         with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
             runtime = replay(engine, run.arrival, run.workload, seed=run.seed, progress=bar.update)
     finally:
         if log is not None:
             engine.step_log = None
+    runtime.extra.update(meter.shares())
     if log is not None:
         runtime.extra.update(step_time_ratios(log.records(), cal.latency))
     return {
