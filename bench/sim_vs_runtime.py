@@ -208,8 +208,18 @@ def engine_profile_here(args, model, bytes_per_token: int, threads: int, max_mod
         max_model_len,
         args.max_num_seqs * max_model_len,
     )
-    (_, p_hi), (_, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
-    workload = EngineWorkload(args.profile_steps, p_hi, o_hi, 2 * args.max_num_seqs, args.seed)
+    # The served workload's own lengths: the fit sees the contexts the runs' steps have.
+    (p_lo, p_hi), (o_lo, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
+    workload = EngineWorkload(
+        args.profile_steps,
+        p_hi,
+        o_hi,
+        2 * args.max_num_seqs,
+        args.seed,
+        lengths="uniform",
+        min_prompt_len=p_lo,
+        min_output_len=max(o_lo, 2),
+    )
     engine = setup.make_engine(bytes_per_token, model=model)
     try:
         desc = f"engine profile ({threads} threads)"

@@ -495,3 +495,22 @@ def test_cpu_meter_reads_processes_cpu_time():
         pass
     assert meter.shares()["cpu_share_harness"] > 0.5
     assert engine_pids(object()) == {"harness": None}
+
+
+def test_engine_profile_workload_can_take_the_served_lengths():
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+
+    kw = {"num_steps": 200, "max_prompt_len": 192, "max_output_len": 48}
+    served = EngineWorkload(**kw, lengths="uniform", min_prompt_len=16, min_output_len=8)
+    prompts = [len(p) for step in served.arrivals(512) for p, _ in step]
+    outputs = [n for step in served.arrivals(512) for _, n in step if n > 1]
+    assert min(prompts) >= 16 and max(prompts) <= 192 and min(outputs) >= 8
+    # Uniform: the mean sits mid-range; log-uniform (the default) puts it far lower, so
+    # a profile of it extrapolates the long contexts the served steps have.
+    assert 80 < np.mean(prompts) < 130
+    default = [len(p) for step in EngineWorkload(**kw).arrivals(512) for p, _ in step]
+    assert np.mean(default) < 60
+    with pytest.raises(ValueError, match="lengths must be one of .*got 'zipf'"):
+        EngineWorkload(**kw, lengths="zipf")
+    with pytest.raises(ValueError, match=r"min_prompt_len must be in \[1, max_prompt_len=192\]"):
+        EngineWorkload(**kw, min_prompt_len=500)
