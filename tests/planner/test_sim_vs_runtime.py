@@ -289,6 +289,8 @@ def test_script_defaults_quick_and_shared_slo():
     script = _script()
     args = script.parse_args([])
     assert (args.num_requests, args.repeats) == (1000, 3)
+    assert (args.simulator, args.calibration, args.no_wake) == ("driven", "engine", False)
+    assert len(args.load_factors) == 3  # the full run stays near half an hour
     assert args.targets == ["continuous_batching", "chunked_prefill", "disaggregated_1p1d"]
     # --quick shrinks only what the user left at its default.
     quick = script.parse_args(["--quick", "--repeats", "2"])
@@ -514,3 +516,51 @@ def test_engine_profile_workload_can_take_the_served_lengths():
         EngineWorkload(**kw, lengths="zipf")
     with pytest.raises(ValueError, match=r"min_prompt_len must be in \[1, max_prompt_len=192\]"):
         EngineWorkload(**kw, min_prompt_len=500)
+
+
+def test_wake_penalty_interpolates_and_is_measured_against_busy_steps():
+    from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty, measure_wake
+
+    wake = WakePenalty.from_medians([0.0, 0.02, 0.1], [0.010, 0.012, 0.018])
+    assert wake(0.0) == 0.0 and wake(0.01) == pytest.approx(0.001)
+    assert wake(0.06) == pytest.approx(0.005) and wake(5.0) == pytest.approx(0.008)
+    # Faster than back to back (noise) is no penalty, never a negative one.
+    assert WakePenalty.from_medians([0.0, 0.1], [0.010, 0.009]).extra_s == (0.0, 0.0)
+    with pytest.raises(ValueError, match="WakePenalty needs >= 2 increasing idle_s"):
+        WakePenalty((0.1, 0.0), (0.0, 0.0))
+    # On the tiny engine with a sleep that sleeps not: one request per timed step, every
+    # idle point measured, and the penalty of no idleness stays ~0.
+    setup = ColocatedSetup(ColocatedPolicy.CHUNKED_PREFILL, 64, 4, 64, 4 * 64)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    slept = []
+    try:
+        measured = measure_wake(engine, 16, repeats=2, idle_points=(0.0, 0.05), sleep=slept.append)
+    finally:
+        engine.shutdown()
+    assert slept == [0.05, 0.05] and measured.idle_s == (0.0, 0.05)
+    assert engine.step_log is None and not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="idle_points must start at 0"):
+        measure_wake(object(), 16, idle_points=(0.01,))
+
+
+@pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
+def test_driven_simulators_charge_the_wake_up_after_idling(placement):
+    from distserve_rt.benchmarks.sim_vs_runtime import default_simulator
+    from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty
+
+    if placement == "colocated":
+        setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    else:
+        setup = DisaggSetup(64, 4, 64, 4 * 64, kv_transfer=KVTransferSpec(latency_s=0.05))
+    simulate, latency = default_simulator(setup), ConstantLatencyModel(0.1, 0.01)
+    wake = WakePenalty((0.0, 1.0), (0.0, 0.03))  # 30 ms after >= 1 s idle
+    workload = Workload("t", np.array([20, 20]), np.array([1, 1]))
+    # Far apart: each prefill starts on an idle instance and pays the wake-up.
+    apart = simulate(setup, latency, np.array([0.0, 10.0]), workload, wake=wake)
+    np.testing.assert_allclose(apart.ttft, 0.13)
+    # The second arrives during the first's step, which it then follows: 0.13 + 0.1 - 0.05.
+    queued = simulate(setup, latency, np.array([0.0, 0.05]), workload, wake=wake)
+    np.testing.assert_allclose(queued.ttft, [0.13, 0.18])
+    fast = default_simulator(setup, "fast")
+    with pytest.raises(ValueError, match="wake must be None for the fast simulators"):
+        fast(setup, latency, np.zeros(2), workload, wake=wake)

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes, pinned
+from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty, measure_wake
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.profiles import ProfileSet
 from distserve_rt.planner.simulator import KVTransferSpec
@@ -47,6 +48,8 @@ class Calibration:
     "predicted by the profile" (a profile made elsewhere, without the probe)."""
     noise: StepNoise | None = None
     """What each simulated step's time is multiplied by (None: the model's mean step)."""
+    wake: WakePenalty | None = None
+    """Extra time of a step after the instance idled (None: not modelled)."""
 
     def describe(self) -> dict[str, object]:
         entry = self.profile.entries[0] if self.profile.entries else None
@@ -60,6 +63,7 @@ class Calibration:
             "drift_probe_reference": self.probe_reference.to_dict(),
             "drift_probe_reference_source": self.reference_source,
             "step_noise": None if self.noise is None else getattr(self.noise, "quantiles", None),
+            "wake_penalty": None if self.wake is None else self.wake.to_dict(),
             # The whole profile (samples included): --profile can reuse it after extraction.
             "profile": self.profile.to_dict(),
         }
@@ -109,7 +113,8 @@ def profile_engine(
     """The latency profile of ``engine`` (an `LLMEngine` in this process) running
     ``workload`` (`EngineWorkload`) ``repeats`` times with ``threads`` threads, pinned as
     `profile_cores` says: the engine-step fit (per-step overhead, prefill, decode, mixed),
-    its held-out error and the step-time noise."""
+    its held-out error and the step-time noise; ``measurement.wake_penalty`` holds the cost
+    of a step after idling (`wake.measure_wake`, `wake_from_profile`)."""
     from distserve_rt.benchmarks.engine_profile import record_engine_steps
     from distserve_rt.planner.profiler import fit_engine_profile
 
@@ -117,6 +122,8 @@ def profile_engine(
     set_threads(threads)
     with pinned(cores):
         records = record_engine_steps(engine, workload, repeats=repeats, progress=progress)
+        prompt_len = (workload.min_prompt_len + workload.max_prompt_len) // 2
+        wake = measure_wake(engine, prompt_len)
     kinds = [r.shape.kind for r in records]
     measurement = {
         "device": "cpu",
@@ -128,11 +135,20 @@ def profile_engine(
         "includes": ["schedule", "execute", "postprocess"],
         "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
         "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
+        "wake_penalty": {"prompt_len": prompt_len, **wake.to_dict()},
     }
     source = f"sim_vs_runtime engine profile ({threads} threads)"
     return fit_engine_profile(
         records, engine.model_config, hardware=hardware, source=source, measurement=measurement
     )
+
+
+def wake_from_profile(profile: ProfileSet) -> WakePenalty | None:
+    """The wake-up penalty ``profile_engine`` measured (None: a profile without one)."""
+    raw = profile.measurement.get("wake_penalty")
+    if not isinstance(raw, dict):
+        return None
+    return WakePenalty(tuple(raw["idle_s"]), tuple(raw["extra_s"]))
 
 
 def profile_threads(profile: ProfileSet, where: str) -> int:

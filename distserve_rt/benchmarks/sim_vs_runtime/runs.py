@@ -51,12 +51,10 @@ def one_run(
     load_before = os.getloadavg()[0]
     ratio = probe.measure(probe_timer, *instance_cores(engine)).ratio(cal.probe_reference)
     set_threads(run.engine_threads)
-    noise, seed = cal.noise, run.noise_seed
-    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload, noise, seed)
+    kw = {"noise": cal.noise, "seed": run.noise_seed, "wake": cal.wake}
+    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload, **kw)
     rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
-    rescaled = target.simulate(
-        target.setup, rescaled_latency, run.arrival, run.workload, noise, seed
-    )
+    rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload, **kw)
     desc = f"{target.name} @ {run.rate:g} req/s"
     # A colocated engine logs its steps: their times against the model's, in the row.
     log = engine.enable_step_log(1 << 24) if hasattr(engine, "enable_step_log") else None
@@ -72,7 +70,7 @@ def one_run(
         runtime.extra.update(step_time_ratios(log.records(), cal.latency))
     return {
         "drift_ratio": ratio.to_dict(),
-        "noise_seed": seed,
+        "noise_seed": run.noise_seed,
         "load_average_1min_before": load_before,
         "load_average_1min_after": os.getloadavg()[0],
         "runtime": runtime.row(run.slo),

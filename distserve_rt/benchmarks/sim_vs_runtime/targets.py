@@ -133,12 +133,11 @@ class DisaggSetup:
 
 
 Setup = ColocatedSetup | DisaggSetup
-SimulateFn = Callable[
-    [Setup, LatencyModel, np.ndarray, Workload, StepNoise | None, int], RunLatencies
-]
-"""``simulate(setup, latency, arrival, workload, noise, seed)``: arrival ``[n]`` s,
-non-decreasing; each step's time times ``noise.sample`` (None: the model's mean step) from a
-generator seeded with ``seed``."""
+Wake = Callable[[float], float]
+SimulateFn = Callable[..., RunLatencies]
+"""``simulate(setup, latency, arrival, workload, noise=None, seed=0, wake=None)``: arrival
+``[n]`` s, non-decreasing; each step's time times ``noise.sample`` (None: the model's mean
+step) from a generator seeded with ``seed``, plus ``wake(idle_s)`` after an idle instance."""
 
 
 def simulate_colocated(
@@ -148,9 +147,10 @@ def simulate_colocated(
     workload: Workload,
     noise: StepNoise | None = None,
     seed: int = 0,
+    wake: Wake | None = None,
 ) -> RunLatencies:
-    """The fast colocated simulator (deterministic: ``noise`` must be None)."""
-    _check_no_noise(noise)
+    """The fast colocated simulator (deterministic, no wake-up cost: both must be None)."""
+    _check_driven_only(noise, wake)
     result = ColocatedSimulator(setup.instance_spec(latency), setup.policy).run(
         arrival, workload.prompt_lens, workload.output_lens
     )
@@ -164,9 +164,10 @@ def simulate_disaggregated(
     workload: Workload,
     noise: StepNoise | None = None,
     seed: int = 0,
+    wake: Wake | None = None,
 ) -> RunLatencies:
-    """DistServe's fast disaggregated simulator (deterministic: ``noise`` must be None)."""
-    _check_no_noise(noise)
+    """DistServe's fast disaggregated simulator (deterministic, no wake-up cost)."""
+    _check_driven_only(noise, wake)
     result = DisaggregatedSimulator(setup.spec(latency)).run(
         arrival, workload.prompt_lens, workload.output_lens
     )
@@ -180,6 +181,7 @@ def simulate_colocated_driven(
     workload: Workload,
     noise: StepNoise | None = None,
     seed: int = 0,
+    wake: Wake | None = None,
 ) -> RunLatencies:
     """The engine's own scheduler of ``setup.policy`` on a simulated clock."""
     sim = SchedulerDrivenColocated(
@@ -189,6 +191,7 @@ def simulate_colocated_driven(
         max_model_len=setup.max_model_len,
         noise=noise,
         seed=seed,
+        wake=wake,
     )
     return _run_latencies(sim.run(arrival, workload.prompt_lens, workload.output_lens), arrival)
 
@@ -200,6 +203,7 @@ def simulate_disaggregated_driven(
     workload: Workload,
     noise: StepNoise | None = None,
     seed: int = 0,
+    wake: Wake | None = None,
 ) -> RunLatencies:
     """The instances' own prefill and decode schedulers on a simulated clock."""
     sim = SchedulerDrivenDisaggregated(
@@ -208,16 +212,22 @@ def simulate_disaggregated_driven(
         max_model_len=setup.max_model_len,
         noise=noise,
         seed=seed,
+        wake=wake,
     )
     result = sim.run(arrival, workload.prompt_lens, workload.output_lens)
     return _with_breakdown(result, arrival)
 
 
-def _check_no_noise(noise: StepNoise | None) -> None:
+def _check_driven_only(noise: StepNoise | None, wake: Wake | None) -> None:
     if noise is not None:
         raise ValueError(
             f"noise must be None for the fast simulators (they are deterministic), got "
             f"{noise!r}; use simulator 'driven' for step-time noise"
+        )
+    if wake is not None:
+        raise ValueError(
+            f"wake must be None for the fast simulators (no idle-instance cost), got "
+            f"{wake!r}; use simulator 'driven'"
         )
 
 
