@@ -14,7 +14,9 @@ the simulator as profiled and drift-rescaled).
 Simulator (``--simulator``): by default the scheduler-driven simulators (the engine's own
 schedulers on a simulated clock, each step's time drawn from the profile's measured
 step-time noise, a different noise seed per repeat); ``fast`` keeps the fast simulators
-(deterministic) for comparison.
+(deterministic) for comparison. A step that starts after the instance idled also pays the
+wake-up cost measured after each profile (`wake.measure_wake`: the engine's thread pool
+sleeps while idle; ``--no-wake`` leaves it out).
 
 Calibration (``--calibration``): by default the latency model is fitted from the steps of an
 `LLMEngine` running a synthetic workload in this process (`engine_profile.EngineWorkload`:
