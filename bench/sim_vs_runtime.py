@@ -11,10 +11,23 @@ average around every run, the drift ratios, the profiles used) and a PNG next to
 attainment vs rate per target: the runtime's mean over the repeats with its min-max range,
 the simulator as profiled and drift-rescaled).
 
+Simulator (``--simulator``): by default the scheduler-driven simulators (the engine's own
+schedulers on a simulated clock, each step's time drawn from the profile's measured
+step-time noise, a different noise seed per repeat); ``fast`` keeps the fast simulators
+(deterministic) for comparison. A step that starts after the instance idled also pays the
+wake-up cost measured after each profile (`wake.measure_wake`: the engine's thread pool
+sleeps while idle; ``--no-wake`` leaves it out).
+
+Calibration (``--calibration``): by default the latency model is fitted from the steps of an
+`LLMEngine` running a synthetic workload in this process (`engine_profile.EngineWorkload`:
+per-step host overhead, prefill, decode, and chunked prefill's mixed steps, and the noise
+around them); ``isolated`` times isolated steps on a grid (no overhead, no noise).
+
 Threads: a colocated engine runs ``--threads``; each disaggregated instance is pinned to
 one core and runs one thread, so the two share a 2-core machine without oversubscribing it.
-Each thread count gets its own profile (``--profile`` files are matched by the threads they
-were measured with; the missing ones are profiled here).
+Each thread count gets its own profile, measured as its target runs (one thread pinned to
+the prefill instance's core for 1P1D); ``--profile`` files are matched by the threads they
+were measured with, the missing ones are profiled here.
 
 Drift: before every run, a fixed probe (one prefill, one decode batch; median of
 ``--probe-repeats``) is timed and divided by the same probe timed right after profiling.
@@ -52,11 +65,14 @@ from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     kv_transfer_from_bench,
     load_profiles,
     measure_kv_transfer,
+    profile_engine,
     profile_threads,
     set_threads,
+    wake_from_profile,
 )
 from distserve_rt.benchmarks.sim_vs_runtime.plot import plot_attainment
 from distserve_rt.benchmarks.sim_vs_runtime.runs import RunSpec, one_run, warm_up
+from distserve_rt.benchmarks.sim_vs_runtime.targets import SIMULATORS
 from distserve_rt.metrics.slo import SLO, attainment
 from distserve_rt.models import load_model
 from distserve_rt.planner.goodput import search_rate
@@ -73,8 +89,8 @@ TARGETS = [*(p.value for p in ColocatedPolicy), DISAGG]
 # Imported after distserve_rt, which sets OMP_WAIT_POLICY=PASSIVE before libgomp loads.
 import torch  # noqa: E402
 
-QUICK = {"num_requests": 60, "repeats": 1, "load_factors": [0.5, 1.5], "profile_repeats": 2,
-         "probe_repeats": 5}  # fmt: skip
+QUICK = {"num_requests": 60, "repeats": 1, "load_factors": [0.5, 1.5], "profile_repeats": 1,
+         "profile_steps": 150, "probe_repeats": 5}  # fmt: skip
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -87,7 +103,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output-lens", default="8,48", help="uniform output range LOW,HIGH")
     p.add_argument("--max-num-batched-tokens", type=int, default=256, help="step token budget")
     p.add_argument("--max-num-seqs", type=int, default=32, help="running requests at most")
-    p.add_argument("--load-factors", type=float, nargs="+", default=[0.5, 1.0, 1.5, 2.0])
+    # Three rates per target keep the full run (3 targets x 3 repeats x 1000 requests)
+    # near half an hour on 2 cores; each is a multiple of the simulated 90% rate.
+    p.add_argument("--load-factors", type=float, nargs="+", default=[0.5, 1.0, 1.5])
     p.add_argument("--rates", type=float, nargs="+", help="req/s (overrides --load-factors)")
     p.add_argument("--ttft-scale", type=float, default=4.0, help="TTFT SLO / unloaded prefill")
     p.add_argument("--tpot-scale", type=float, default=2.0, help="TPOT SLO / unloaded decode")
@@ -102,7 +120,34 @@ def parse_args(argv=None) -> argparse.Namespace:
         "the targets by the threads they were measured with, the rest profiled here",
     )
     p.add_argument("--save-profiles", help="folder to write the profiles measured here to")
-    p.add_argument("--profile-repeats", type=int, default=5, help="profiler repeats per point")
+    p.add_argument(
+        "--simulator",
+        choices=sorted(SIMULATORS),
+        default="driven",
+        help="driven: the engine's schedulers on a simulated clock, with step-time noise "
+        "(default); fast: the fast simulators, deterministic",
+    )
+    p.add_argument(
+        "--calibration",
+        choices=["engine", "isolated"],
+        default="engine",
+        help="engine: fit the steps of a running LLMEngine (default); isolated: time "
+        "isolated steps on a grid",
+    )
+    p.add_argument(
+        "--no-wake",
+        action="store_true",
+        help="driven: leave out the measured cost of a step after the engine idled",
+    )
+    p.add_argument(
+        "--profile-steps", type=int, default=400, help="engine profile: workload steps (400)"
+    )
+    p.add_argument(
+        "--profile-repeats",
+        type=int,
+        default=3,
+        help="engine profile: workload repeats; isolated: repeats per point (default 3)",
+    )
     p.add_argument("--probe-repeats", type=int, default=20, help="drift probe repeats (median)")
     p.add_argument(
         "--transfer-results",
@@ -125,7 +170,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
-    for key in ("threads", "num_requests", "repeats", "profile_repeats", "probe_repeats"):
+    keys = ("threads", "num_requests", "repeats", "profile_repeats", "profile_steps")
+    for key in (*keys, "probe_repeats"):
         if getattr(args, key) < 1:
             p.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     return args
@@ -159,7 +205,47 @@ def profile_here(args, model, config, max_model_len: int):
     return fit_profile(samples, config, hardware=hardware_name("cpu"), measurement=measurement)
 
 
-def calibrations(args, model, config, thread_counts, probe, probe_timer, max_model_len):
+def engine_profile_here(args, model, bytes_per_token: int, threads: int, max_model_len: int):
+    """The engine-step profile of ``threads`` threads: a chunked-prefill `LLMEngine` (its
+    steps are prefill-only, decode-only and mixed, so every kind the targets run is fitted)
+    with the targets' limits, running prompts and outputs up to the workload's longest."""
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+
+    setup = ColocatedSetup(
+        ColocatedPolicy.CHUNKED_PREFILL,
+        args.max_num_batched_tokens,
+        args.max_num_seqs,
+        max_model_len,
+        args.max_num_seqs * max_model_len,
+    )
+    # The served workload's own lengths: the fit sees the contexts the runs' steps have.
+    (p_lo, p_hi), (o_lo, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
+    workload = EngineWorkload(
+        args.profile_steps,
+        p_hi,
+        o_hi,
+        2 * args.max_num_seqs,
+        args.seed,
+        lengths="uniform",
+        min_prompt_len=p_lo,
+        min_output_len=max(o_lo, 2),
+    )
+    engine = setup.make_engine(bytes_per_token, model=model)
+    try:
+        desc = f"engine profile ({threads} threads)"
+        return profile_engine(
+            engine,
+            workload,
+            threads,
+            repeats=args.profile_repeats,
+            hardware=hardware_name("cpu"),
+            progress=lambda steps: tqdm(steps, desc=desc, unit="step"),
+        )
+    finally:
+        engine.shutdown()
+
+
+def calibrations(args, model, config, thread_counts, probe, probe_timer, max_model_len, bpt):
     """A `Calibration` per thread count: from ``--profile`` files, else profiled here."""
     files = {}
     for path in args.profile:
@@ -170,13 +256,20 @@ def calibrations(args, model, config, thread_counts, probe, probe_timer, max_mod
         set_threads(threads)
         profile = files.get(threads)
         measured_here = profile is None
-        if measured_here:
+        if measured_here and args.calibration == "engine":
+            profile = engine_profile_here(args, model, bpt, threads, max_model_len)
+        elif measured_here:
             profile = profile_here(args, model, config, max_model_len)
-            if args.save_profiles:
-                profile.save(Path(args.save_profiles) / f"tiny_cpu_{threads}t.json")
+        if measured_here and args.save_profiles:
+            profile.save(Path(args.save_profiles) / f"tiny_cpu_{threads}t.json")
         latency = profile.latency_model(config, 1)
         timer = probe_timer if measured_here else None
-        out[threads] = calibrate(profile, latency, threads, probe, timer)
+        cal = calibrate(profile, latency, threads, probe, timer)
+        # An isolated profile has no noise: its simulation stays deterministic.
+        driven = args.simulator == "driven"
+        noise = profile.step_noise(config, 1) if driven else None
+        wake = wake_from_profile(profile) if driven and not args.no_wake else None
+        out[threads] = replace(cal, noise=noise, wake=wake)
     return out
 
 
@@ -223,7 +316,10 @@ def make_targets(args, max_model_len: int, kv_transfer: KVTransferSpec) -> list[
         ),
         DISAGG: DisaggSetup(whole, args.max_num_seqs, max_model_len, kv_tokens, kv_transfer),
     }
-    return [Target(name, setups[name], default_simulator(setups[name])) for name in args.targets]
+    return [
+        Target(name, setups[name], default_simulator(setups[name], args.simulator))
+        for name in args.targets
+    ]
 
 
 def main(argv=None) -> int:
@@ -258,7 +354,14 @@ def main(argv=None) -> int:
     )
     threads_of = {t.name: t.threads or args.threads for t in targets}
     cals = calibrations(
-        args, model, config, set(threads_of.values()), probe, probe_timer, max_model_len
+        args,
+        model,
+        config,
+        set(threads_of.values()),
+        probe,
+        probe_timer,
+        max_model_len,
+        bytes_per_token,
     )
     # One SLO for every target, from the slowest profile's unloaded steps (one-thread
     # instances are slower): each target then reaches 90% attainment at some rate.
@@ -324,9 +427,11 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
             run = RunSpec(
                 target, cal, rate, arrival, ctx.workload, ctx.slo, args.threads, args.seed
             )
+            # Each repeat draws its own step-time noise, as each served run has its own.
             rows += [
                 {"target": target.name, "rate": rate, "repeat": r,
-                 **one_run(run, engine, ctx.probe, ctx.probe_timer)}
+                 **one_run(replace(run, noise_seed=args.seed * 1000 + r), engine, ctx.probe,
+                           ctx.probe_timer)}
                 for r in range(args.repeats)
             ]  # fmt: skip
             print(_line({"target": target.name, "rate": rate,
@@ -361,6 +466,9 @@ def _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped
         },
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "threads": {"colocated": args.threads, DISAGG: 1},
+        "simulator": args.simulator,
+        "calibration": args.calibration,
+        "command": " ".join(sys.argv),
         "targets": {t.name: t.setup.describe() for t in targets},
         "profiles": {str(k): c.describe() for k, c in cals.items()},
         "drift_probe": {**probe.to_dict(), "repeats": args.probe_repeats},

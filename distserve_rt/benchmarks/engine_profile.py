@@ -36,12 +36,31 @@ class EngineWorkload:
     max_queued: int = 64
     """No arrival while this many requests are unfinished (the queue stays bounded)."""
     seed: int = 0
+    lengths: str = "log-uniform"
+    """Prompt and output length distribution: "log-uniform" (the whole range, for a
+    general profile) or "uniform" (a workload's own, e.g. sim_vs_runtime's: the fit then
+    sees the contexts the served steps have; a decode step's cost per context token is
+    otherwise extrapolated from short ones)."""
+    min_prompt_len: int = 4
+    min_output_len: int = 2
 
     def __post_init__(self) -> None:
         for name in ("num_steps", "max_prompt_len", "max_output_len", "max_queued"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.lengths not in _DRAW:
+            raise ValueError(f"lengths must be one of {sorted(_DRAW)}, got {self.lengths!r}")
+        if not 1 <= self.min_prompt_len <= self.max_prompt_len:
+            raise ValueError(
+                f"min_prompt_len must be in [1, max_prompt_len={self.max_prompt_len}], got "
+                f"{self.min_prompt_len!r}"
+            )
+        if not 2 <= self.min_output_len <= self.max_output_len:
+            raise ValueError(
+                f"min_output_len must be in [2, max_output_len={self.max_output_len}], got "
+                f"{self.min_output_len!r}"
+            )
         if self.num_steps < len(PHASES):
             raise ValueError(
                 f"num_steps must be >= {len(PHASES)} (one per phase), got {self.num_steps!r}"
@@ -50,13 +69,16 @@ class EngineWorkload:
     def arrivals(self, vocab_size: int) -> list[list[tuple[list[int], int]]]:
         """Per step, the (prompt token ids, max_tokens) of the requests arriving at it."""
         rng = np.random.default_rng(self.seed)
+        draw = _DRAW[self.lengths]
         steps = []
         for i in range(self.num_steps):
             rate, prefill_only = PHASES[i * len(PHASES) // self.num_steps]
             step = []
             for _ in range(rng.poisson(rate)):
-                prompt_len = _log_uniform(rng, 4, self.max_prompt_len)
-                output_len = 1 if prefill_only else _log_uniform(rng, 2, self.max_output_len)
+                prompt_len = draw(rng, self.min_prompt_len, self.max_prompt_len)
+                output_len = (
+                    1 if prefill_only else draw(rng, self.min_output_len, self.max_output_len)
+                )
                 step.append((rng.integers(3, vocab_size, prompt_len).tolist(), output_len))
             steps.append(step)
         return steps
@@ -64,6 +86,13 @@ class EngineWorkload:
 
 def _log_uniform(rng: np.random.Generator, low: int, high: int) -> int:
     return int(np.exp(rng.uniform(np.log(low), np.log(high + 1)))) if high > low else low
+
+
+def _uniform(rng: np.random.Generator, low: int, high: int) -> int:
+    return int(rng.integers(low, high + 1))
+
+
+_DRAW = {"log-uniform": _log_uniform, "uniform": _uniform}
 
 
 def record_engine_steps(

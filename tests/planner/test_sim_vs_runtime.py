@@ -41,6 +41,7 @@ def test_replay_serves_every_request_at_its_arrival(policy):
     assert run.duration_s >= 0.15
     row = run.row(SLO(10.0, 10.0))
     assert row["attainment"] == 1.0 and row["num_failed"] == 0 and row["num_steps"] >= 5
+    assert 0 <= row["mean_between_steps_ms"] < 1e3 * run.duration_s / row["num_steps"]
 
 
 def test_runtime_row_counts_a_missed_slo():
@@ -288,6 +289,8 @@ def test_script_defaults_quick_and_shared_slo():
     script = _script()
     args = script.parse_args([])
     assert (args.num_requests, args.repeats) == (1000, 3)
+    assert (args.simulator, args.calibration, args.no_wake) == ("driven", "engine", False)
+    assert len(args.load_factors) == 3  # the full run stays near half an hour
     assert args.targets == ["continuous_batching", "chunked_prefill", "disaggregated_1p1d"]
     # --quick shrinks only what the user left at its default.
     quick = script.parse_args(["--quick", "--repeats", "2"])
@@ -324,3 +327,240 @@ def test_one_run_probes_simulates_twice_and_serves():
     assert record["simulated"]["attainment"] == 1.0
     assert record["simulated_rescaled"]["attainment"] == 0.0
     assert record["runtime"]["num_failed"] == 0 and record["load_average_1min_after"] >= 0
+
+
+class _Doubling:
+    """Noise that doubles every step (mean 2: easy to compute by hand)."""
+
+    def sample(self, rng):
+        return 2.0
+
+
+class _Coin:
+    """Noise of 0.5 or 1.5 at random: different seeds, different runs."""
+
+    def sample(self, rng):
+        return 0.5 if rng.random() < 0.5 else 1.5
+
+
+@pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
+def test_driven_simulators_are_the_default_and_apply_noise(placement):
+    from distserve_rt.benchmarks.sim_vs_runtime import (
+        default_simulator,
+        simulate_colocated_driven,
+        simulate_disaggregated_driven,
+    )
+
+    if placement == "colocated":
+        setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+        expected = simulate_colocated_driven
+    else:
+        setup = DisaggSetup(64, 4, 64, 4 * 64, kv_transfer=KVTransferSpec(latency_s=0.05))
+        expected = simulate_disaggregated_driven
+    simulate = default_simulator(setup)
+    assert simulate is expected
+    latency, arrival = ConstantLatencyModel(0.1, 0.01), np.array([0.0, 10.0, 20.0, 30.0])
+    # Requests far apart run alone: the prefill alone is the TTFT, times the noise.
+    np.testing.assert_allclose(simulate(setup, latency, arrival, WORKLOAD).ttft, 0.1)
+    doubled = simulate(setup, latency, arrival, WORKLOAD, _Doubling(), 0)
+    np.testing.assert_allclose(doubled.ttft, 0.2)
+    # A seed fixes the draws; repeats with their own seeds draw differently.
+    one, again = (simulate(setup, latency, arrival, WORKLOAD, _Coin(), 1) for _ in range(2))
+    np.testing.assert_array_equal(one.ttft, again.ttft)
+    draws = {tuple(simulate(setup, latency, arrival, WORKLOAD, _Coin(), s).ttft) for s in range(8)}
+    assert len(draws) > 1
+
+
+def test_fast_simulators_refuse_noise():
+    from distserve_rt.benchmarks.sim_vs_runtime import default_simulator
+
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    fast = default_simulator(setup, "fast")
+    assert fast is simulate_colocated
+    with pytest.raises(ValueError, match="noise must be None for the fast simulators"):
+        fast(setup, ConstantLatencyModel(0.1, 0.01), np.zeros(4), WORKLOAD, _Doubling(), 0)
+    with pytest.raises(ValueError, match=r"simulator must be one of \['driven', 'fast'\], got 'x'"):
+        default_simulator(setup, "x")
+
+
+def test_step_time_ratios_compare_the_engine_steps_with_the_model():
+    from distserve_rt.benchmarks.sim_vs_runtime.steps import step_time_ratios
+    from distserve_rt.engine.step_log import StepRecord, StepShape
+
+    prefill = StepShape(1, 32, 32 * 32, 0, 0)
+    decode = StepShape(0, 0, 0, 2, 40)
+    mixed = StepShape(1, 16, 16 * 16, 2, 40)
+    records = [
+        StepRecord(prefill, 0.3, 0.2),  # 3x the model's 0.1 s
+        StepRecord(prefill, 0.1, 0.1),  # 1x: time-weighted, (0.3 + 0.1) / 0.2 = 2
+        StepRecord(decode, 0.01, 0.01),
+        StepRecord(mixed, 0.15, 0.1),
+    ]
+    latency = ConstantLatencyModel(0.1, 0.01)
+    out = step_time_ratios(records, latency)
+    assert out["step_ratio_prefill"] == pytest.approx(2.0)
+    assert out["step_ratio_decode"] == pytest.approx(1.0)
+    assert out["step_ratio_mixed"] == pytest.approx(0.15 / latency.mixed_s(16, 256, 2, 40))
+    assert out["num_prefill_steps"] == 2 and out["mean_prefill_step_ms"] == pytest.approx(200)
+
+
+def test_profile_cores_pin_one_thread_like_a_disaggregated_instance():
+    import os
+
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import profile_cores
+
+    cores = sorted(os.sched_getaffinity(0))
+    assert profile_cores(len(cores)) is None  # a colocated engine takes them all, unpinned
+    if len(cores) > 1:
+        assert profile_cores(1) == (cores[0],)  # the prefill instance's core
+
+
+def test_engine_profile_fits_the_running_engine_with_noise():
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import profile_engine
+
+    setup = ColocatedSetup(ColocatedPolicy.CHUNKED_PREFILL, 64, 8, 96, 8 * 96)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    workload = EngineWorkload(num_steps=80, max_prompt_len=64, max_output_len=16, max_queued=16)
+    try:
+        profile = profile_engine(engine, workload, 1, repeats=1, hardware="cpu")
+    finally:
+        engine.shutdown()
+    m = profile.measurement
+    assert m["mode"] == "engine" and m["threads"] == 1 and m["policy"] == "chunked_prefill"
+    assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
+    entry = profile.entries[0]
+    assert entry.coefficients.overhead > 0  # the host's part of every step
+    assert profile.step_noise(engine.model_config, 1) is not None
+
+
+def test_replay_times_the_loop_between_busy_steps_not_idle_waits():
+    # A fake engine: each request takes two steps of 10 ms on a driven clock; the loop
+    # costs 1 ms per step (the clock moves when it polls), idle waits are not counted.
+    from types import SimpleNamespace
+
+    class Engine:
+        model_config = SimpleNamespace(vocab_size=100)
+
+        def __init__(self):
+            self.now, self.left, self.done = 0.0, {}, []
+
+        def add_request(self, rid, prompt, params, arrival_time):
+            self.left[rid] = 2
+
+        def has_unfinished_requests(self):
+            self.now += 0.0005  # the loop's own polls
+            return bool(self.left)
+
+        def step(self, timeout):
+            self.now += 0.010
+            out = []
+            for rid in list(self.left):
+                self.left[rid] -= 1
+                if not self.left[rid]:
+                    del self.left[rid]
+                    m = SimpleNamespace(ttft=0.01, tpot=0.0, finished_time=self.now, breakdown=None)
+                    done = [SimpleNamespace(finish_reason="length")]
+                    out.append(
+                        SimpleNamespace(request_id=rid, outputs=done, metrics=m, finished=True)
+                    )
+            return out
+
+    engine = Engine()
+
+    def sleep(s):  # overshoots by a tick, as a real sleep may (the replay only polls then)
+        engine.now += s + 0.002
+
+    run = replay(engine, np.array([0.0, 1.0]), Workload("t", np.array([4, 4]), np.array([1, 1])),
+                 clock=lambda: engine.now, sleep=sleep)  # fmt: skip
+    # Between the two busy steps of r0: one poll (the loop's condition stops at i < n);
+    # of r1: two (the condition's and the step's); the 1 s idle wait is not counted.
+    assert run.extra["num_steps"] == 4
+    assert run.extra["mean_between_steps_ms"] == pytest.approx((0.5 + 1.0) / 4)
+
+
+def test_cpu_meter_reads_processes_cpu_time():
+    import os
+    import time
+
+    from distserve_rt.benchmarks.sim_vs_runtime.cpu_time import (
+        CpuMeter,
+        engine_pids,
+        process_cpu_s,
+    )
+
+    assert process_cpu_s(os.getpid()) == pytest.approx(time.process_time(), abs=0.05)
+    assert process_cpu_s(2**22 + 12345) == 0.0  # no such process: nothing, not a failure
+    meter = CpuMeter({"harness": None})
+    end = time.monotonic() + 0.05
+    while time.monotonic() < end:  # busy: about a whole core
+        pass
+    assert meter.shares()["cpu_share_harness"] > 0.5
+    assert engine_pids(object()) == {"harness": None}
+
+
+def test_engine_profile_workload_can_take_the_served_lengths():
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+
+    kw = {"num_steps": 200, "max_prompt_len": 192, "max_output_len": 48}
+    served = EngineWorkload(**kw, lengths="uniform", min_prompt_len=16, min_output_len=8)
+    prompts = [len(p) for step in served.arrivals(512) for p, _ in step]
+    outputs = [n for step in served.arrivals(512) for _, n in step if n > 1]
+    assert min(prompts) >= 16 and max(prompts) <= 192 and min(outputs) >= 8
+    # Uniform: the mean sits mid-range; log-uniform (the default) puts it far lower, so
+    # a profile of it extrapolates the long contexts the served steps have.
+    assert 80 < np.mean(prompts) < 130
+    default = [len(p) for step in EngineWorkload(**kw).arrivals(512) for p, _ in step]
+    assert np.mean(default) < 60
+    with pytest.raises(ValueError, match="lengths must be one of .*got 'zipf'"):
+        EngineWorkload(**kw, lengths="zipf")
+    with pytest.raises(ValueError, match=r"min_prompt_len must be in \[1, max_prompt_len=192\]"):
+        EngineWorkload(**kw, min_prompt_len=500)
+
+
+def test_wake_penalty_interpolates_and_is_measured_against_busy_steps():
+    from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty, measure_wake
+
+    wake = WakePenalty.from_medians([0.0, 0.02, 0.1], [0.010, 0.012, 0.018])
+    assert wake(0.0) == 0.0 and wake(0.01) == pytest.approx(0.001)
+    assert wake(0.06) == pytest.approx(0.005) and wake(5.0) == pytest.approx(0.008)
+    # Faster than back to back (noise) is no penalty, never a negative one.
+    assert WakePenalty.from_medians([0.0, 0.1], [0.010, 0.009]).extra_s == (0.0, 0.0)
+    with pytest.raises(ValueError, match="WakePenalty needs >= 2 increasing idle_s"):
+        WakePenalty((0.1, 0.0), (0.0, 0.0))
+    # On the tiny engine with a sleep that sleeps not: one request per timed step, every
+    # idle point measured, and the penalty of no idleness stays ~0.
+    setup = ColocatedSetup(ColocatedPolicy.CHUNKED_PREFILL, 64, 4, 64, 4 * 64)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    slept = []
+    try:
+        measured = measure_wake(engine, 16, repeats=2, idle_points=(0.0, 0.05), sleep=slept.append)
+    finally:
+        engine.shutdown()
+    assert slept == [0.05, 0.05] and measured.idle_s == (0.0, 0.05)
+    assert engine.step_log is None and not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="idle_points must start at 0"):
+        measure_wake(object(), 16, idle_points=(0.01,))
+
+
+@pytest.mark.parametrize("placement", ["colocated", "disaggregated"])
+def test_driven_simulators_charge_the_wake_up_after_idling(placement):
+    from distserve_rt.benchmarks.sim_vs_runtime import default_simulator
+    from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty
+
+    if placement == "colocated":
+        setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    else:
+        setup = DisaggSetup(64, 4, 64, 4 * 64, kv_transfer=KVTransferSpec(latency_s=0.05))
+    simulate, latency = default_simulator(setup), ConstantLatencyModel(0.1, 0.01)
+    wake = WakePenalty((0.0, 1.0), (0.0, 0.03))  # 30 ms after >= 1 s idle
+    workload = Workload("t", np.array([20, 20]), np.array([1, 1]))
+    # Far apart: each prefill starts on an idle instance and pays the wake-up.
+    apart = simulate(setup, latency, np.array([0.0, 10.0]), workload, wake=wake)
+    np.testing.assert_allclose(apart.ttft, 0.13)
+    # The second arrives during the first's step, which it then follows: 0.13 + 0.1 - 0.05.
+    queued = simulate(setup, latency, np.array([0.0, 0.05]), workload, wake=wake)
+    np.testing.assert_allclose(queued.ttft, [0.13, 0.18])
+    fast = default_simulator(setup, "fast")
+    with pytest.raises(ValueError, match="wake must be None for the fast simulators"):
+        fast(setup, latency, np.zeros(2), workload, wake=wake)

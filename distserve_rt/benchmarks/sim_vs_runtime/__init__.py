@@ -14,13 +14,16 @@ from distserve_rt.benchmarks.sim_vs_runtime.latencies import RunLatencies
 from distserve_rt.benchmarks.sim_vs_runtime.repeats import spread, summarize_repeats
 from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
 from distserve_rt.benchmarks.sim_vs_runtime.targets import (
+    SIMULATORS,
     ColocatedSetup,
     DisaggSetup,
     SimulateFn,
     Target,
     default_simulator,
     simulate_colocated,
+    simulate_colocated_driven,
     simulate_disaggregated,
+    simulate_disaggregated_driven,
 )
 
 __all__ = [
@@ -29,13 +32,16 @@ __all__ = [
     "DriftProbe",
     "ProbeTimes",
     "RunLatencies",
+    "SIMULATORS",
     "ScaledLatencyModel",
     "SimulateFn",
     "Target",
     "default_simulator",
     "replay",
     "simulate_colocated",
+    "simulate_colocated_driven",
     "simulate_disaggregated",
+    "simulate_disaggregated_driven",
     "spread",
     "summarize_repeats",
 ]

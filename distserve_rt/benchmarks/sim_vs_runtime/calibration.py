@@ -1,19 +1,27 @@
 """The simulator's inputs measured on this machine: a latency profile per thread count the
 targets run with (a colocated engine uses the harness's threads, a disaggregated instance
-one), the drift probe's reference next to each, and the KV transfer cost of the 1P1D path."""
+one, pinned to its core), the drift probe's reference next to each, the step-time noise,
+and the KV transfer cost of the 1P1D path.
+
+The default profile is measured inside a running `LLMEngine` (its step log: host overhead,
+prefill, decode and chunked prefill's mixed steps, as the engine has them), not from steps
+timed in isolation, which ran 1.1-1.7x faster than the engine's (issue 15)."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes
+from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes, pinned
+from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty, measure_wake
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.profiles import ProfileSet
 from distserve_rt.planner.simulator import KVTransferSpec
+from distserve_rt.planner.simulator.driven_instance import StepNoise
 from distserve_rt.planner.step_timer import StepTimer
 
 
@@ -38,6 +46,10 @@ class Calibration:
     reference_source: str
     """"measured after profiling", "profile file" (its ``measurement.drift_probe``) or
     "predicted by the profile" (a profile made elsewhere, without the probe)."""
+    noise: StepNoise | None = None
+    """What each simulated step's time is multiplied by (None: the model's mean step)."""
+    wake: WakePenalty | None = None
+    """Extra time of a step after the instance idled (None: not modelled)."""
 
     def describe(self) -> dict[str, object]:
         entry = self.profile.entries[0] if self.profile.entries else None
@@ -50,6 +62,8 @@ class Calibration:
             "measurement_threads": self.profile.measurement.get("threads"),
             "drift_probe_reference": self.probe_reference.to_dict(),
             "drift_probe_reference_source": self.reference_source,
+            "step_noise": None if self.noise is None else getattr(self.noise, "quantiles", None),
+            "wake_penalty": None if self.wake is None else self.wake.to_dict(),
             # The whole profile (samples included): --profile can reuse it after extraction.
             "profile": self.profile.to_dict(),
         }
@@ -67,7 +81,8 @@ def calibrate(
     measurement; None: the reference comes from the profile file, or from the profile's own
     prediction of the probe when the file has none (or one of other shapes)."""
     if timer is not None:
-        reference = probe.measure(timer)
+        with pinned(profile_cores(threads)):  # where the profile was measured
+            reference = probe.measure(timer)
         profile.measurement["drift_probe"] = {**probe.to_dict(), **reference.to_dict()}
         return Calibration(threads, profile, latency, reference, "measured after profiling")
     stored = profile.measurement.get("drift_probe")
@@ -76,6 +91,64 @@ def calibrate(
         return Calibration(threads, profile, latency, reference, "profile file")
     predicted = probe.predict(latency)
     return Calibration(threads, profile, latency, predicted, "predicted by the profile")
+
+
+def profile_cores(threads: int) -> tuple[int, ...] | None:
+    """The cores an engine of ``threads`` threads is pinned to while it is profiled: a
+    disaggregated instance's setting (`Placement.cpu_core_groups`: the prefill instance gets the
+    lowest cores), or None when ``threads`` takes every core (a colocated engine, unpinned)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return None if threads >= len(cores) else tuple(cores[:threads])
+
+
+def profile_engine(
+    engine,
+    workload,
+    threads: int,
+    *,
+    repeats: int,
+    hardware: str,
+    progress=None,
+) -> ProfileSet:
+    """The latency profile of ``engine`` (an `LLMEngine` in this process) running
+    ``workload`` (`EngineWorkload`) ``repeats`` times with ``threads`` threads, pinned as
+    `profile_cores` says: the engine-step fit (per-step overhead, prefill, decode, mixed),
+    its held-out error and the step-time noise; ``measurement.wake_penalty`` holds the cost
+    of a step after idling (`wake.measure_wake`, `wake_from_profile`)."""
+    from distserve_rt.benchmarks.engine_profile import record_engine_steps
+    from distserve_rt.planner.profiler import fit_engine_profile
+
+    cores = profile_cores(threads)
+    set_threads(threads)
+    with pinned(cores):
+        records = record_engine_steps(engine, workload, repeats=repeats, progress=progress)
+        prompt_len = (workload.min_prompt_len + workload.max_prompt_len) // 2
+        wake = measure_wake(engine, prompt_len)
+    kinds = [r.shape.kind for r in records]
+    measurement = {
+        "device": "cpu",
+        "mode": "engine",
+        "threads": threads,
+        "cores": None if cores is None else list(cores),
+        "policy": str(engine.config.policy),
+        "repeats": repeats,
+        "includes": ["schedule", "execute", "postprocess"],
+        "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
+        "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
+        "wake_penalty": {"prompt_len": prompt_len, **wake.to_dict()},
+    }
+    source = f"sim_vs_runtime engine profile ({threads} threads)"
+    return fit_engine_profile(
+        records, engine.model_config, hardware=hardware, source=source, measurement=measurement
+    )
+
+
+def wake_from_profile(profile: ProfileSet) -> WakePenalty | None:
+    """The wake-up penalty ``profile_engine`` measured (None: a profile without one)."""
+    raw = profile.measurement.get("wake_penalty")
+    if not isinstance(raw, dict):
+        return None
+    return WakePenalty(tuple(raw["idle_s"]), tuple(raw["extra_s"]))
 
 
 def profile_threads(profile: ProfileSet, where: str) -> int:

@@ -74,7 +74,8 @@ def replay(
     timed = _TimedExecutor(engine.executor) if hasattr(engine, "executor") else None
     if timed is not None:
         engine.executor = timed
-    finished, num_steps, step_s = [], 0, 0.0
+    finished, num_steps, step_s, between_s = [], 0, 0.0, 0.0
+    last_end = None  # end of the previous step while work remained
     start = clock()
     i, n = 0, len(prompts)
     try:
@@ -89,19 +90,24 @@ def replay(
             if engine.has_unfinished_requests():
                 wait = start + arrival[i] - now if i < n else IDLE_POLL_S
                 t0 = clock()
+                if last_end is not None:  # the loop's own time between two busy steps
+                    between_s += t0 - last_end
                 done = [o for o in engine.step(min(max(wait, 0.0), IDLE_POLL_S)) if o.finished]
-                step_s += clock() - t0
+                last_end = clock()
+                step_s += last_end - t0
                 num_steps += 1
                 finished += done
                 if progress is not None and done:
                     progress(len(done))
             elif i < n:
+                last_end = None  # idle: the wait for the next arrival is not the loop's cost
                 _wait_until(start + arrival[i], clock, sleep)
     finally:
         if timed is not None:
             engine.executor = timed.inner
     run = latencies_from_outputs(finished, n, start, float(arrival.min()))
     run.extra["num_steps"] = float(num_steps)
+    run.extra["mean_between_steps_ms"] = 1e3 * between_s / max(num_steps, 1)
     if timed is not None:
         overhead_s = step_s - timed.execute_s
         run.extra["mean_host_overhead_ms"] = 1e3 * overhead_s / max(num_steps, 1)

@@ -10,8 +10,10 @@ import numpy as np
 from tqdm import tqdm
 
 from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration, set_threads
+from distserve_rt.benchmarks.sim_vs_runtime.cpu_time import CpuMeter, engine_pids
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ScaledLatencyModel
 from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
+from distserve_rt.benchmarks.sim_vs_runtime.steps import step_time_ratios
 from distserve_rt.benchmarks.sim_vs_runtime.targets import Target
 from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.metrics.slo import SLO
@@ -35,6 +37,8 @@ class RunSpec:
     """Threads of this process while serving (a colocated engine computes in it)."""
     seed: int = 0
     """Prompt tokens."""
+    noise_seed: int = 0
+    """The simulated step-time noise's draws (a repeat's own: repeats differ as runs do)."""
 
 
 def one_run(
@@ -47,14 +51,26 @@ def one_run(
     load_before = os.getloadavg()[0]
     ratio = probe.measure(probe_timer, *instance_cores(engine)).ratio(cal.probe_reference)
     set_threads(run.engine_threads)
-    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload)
+    kw = {"noise": cal.noise, "seed": run.noise_seed, "wake": cal.wake}
+    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload, **kw)
     rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
-    rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload)
+    rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload, **kw)
     desc = f"{target.name} @ {run.rate:g} req/s"
-    with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
-        runtime = replay(engine, run.arrival, run.workload, seed=run.seed, progress=bar.update)
+    # A colocated engine logs its steps: their times against the model's, in the row.
+    log = engine.enable_step_log(1 << 24) if hasattr(engine, "enable_step_log") else None
+    meter = CpuMeter(engine_pids(engine))
+    try:
+        with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
+            runtime = replay(engine, run.arrival, run.workload, seed=run.seed, progress=bar.update)
+    finally:
+        if log is not None:
+            engine.step_log = None
+    runtime.extra.update(meter.shares())
+    if log is not None:
+        runtime.extra.update(step_time_ratios(log.records(), cal.latency))
     return {
         "drift_ratio": ratio.to_dict(),
+        "noise_seed": run.noise_seed,
         "load_average_1min_before": load_before,
         "load_average_1min_after": os.getloadavg()[0],
         "runtime": runtime.row(run.slo),

@@ -1,7 +1,8 @@
 """What is compared: a `Target` is one deployment both sides run, its setup (the engine's
 settings and the simulator's spec, from one set of numbers) and the simulator that predicts
-it. The simulator is a plain function ``simulate(setup, latency, arrival, workload)``, so a
-different one (e.g. one driving the runtime's scheduler classes) plugs in per target."""
+it. The simulator is a plain function ``simulate(setup, latency, arrival, workload, noise,
+seed)``: by default the scheduler-driven simulators (core's own schedulers on a simulated
+clock, step times drawn from the profile's noise), or the fast ones (``SIMULATORS``)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from distserve_rt.planner.simulator import (
     SimInstanceSpec,
     SimResult,
 )
+from distserve_rt.planner.simulator.driven_colocated import SchedulerDrivenColocated
+from distserve_rt.planner.simulator.driven_disaggregated import SchedulerDrivenDisaggregated
+from distserve_rt.planner.simulator.driven_instance import StepNoise
 from distserve_rt.workloads.workload import Workload
 
 
@@ -129,13 +133,24 @@ class DisaggSetup:
 
 
 Setup = ColocatedSetup | DisaggSetup
-SimulateFn = Callable[[Setup, LatencyModel, np.ndarray, Workload], RunLatencies]
-"""``simulate(setup, latency, arrival, workload)``: arrival ``[n]`` s, non-decreasing."""
+Wake = Callable[[float], float]
+SimulateFn = Callable[..., RunLatencies]
+"""``simulate(setup, latency, arrival, workload, noise=None, seed=0, wake=None)``: arrival
+``[n]`` s, non-decreasing; each step's time times ``noise.sample`` (None: the model's mean
+step) from a generator seeded with ``seed``, plus ``wake(idle_s)`` after an idle instance."""
 
 
 def simulate_colocated(
-    setup: ColocatedSetup, latency: LatencyModel, arrival: np.ndarray, workload: Workload
+    setup: ColocatedSetup,
+    latency: LatencyModel,
+    arrival: np.ndarray,
+    workload: Workload,
+    noise: StepNoise | None = None,
+    seed: int = 0,
+    wake: Wake | None = None,
 ) -> RunLatencies:
+    """The fast colocated simulator (deterministic, no wake-up cost: both must be None)."""
+    _check_driven_only(noise, wake)
     result = ColocatedSimulator(setup.instance_spec(latency), setup.policy).run(
         arrival, workload.prompt_lens, workload.output_lens
     )
@@ -143,11 +158,80 @@ def simulate_colocated(
 
 
 def simulate_disaggregated(
-    setup: DisaggSetup, latency: LatencyModel, arrival: np.ndarray, workload: Workload
+    setup: DisaggSetup,
+    latency: LatencyModel,
+    arrival: np.ndarray,
+    workload: Workload,
+    noise: StepNoise | None = None,
+    seed: int = 0,
+    wake: Wake | None = None,
 ) -> RunLatencies:
+    """DistServe's fast disaggregated simulator (deterministic, no wake-up cost)."""
+    _check_driven_only(noise, wake)
     result = DisaggregatedSimulator(setup.spec(latency)).run(
         arrival, workload.prompt_lens, workload.output_lens
     )
+    return _with_breakdown(result, arrival)
+
+
+def simulate_colocated_driven(
+    setup: ColocatedSetup,
+    latency: LatencyModel,
+    arrival: np.ndarray,
+    workload: Workload,
+    noise: StepNoise | None = None,
+    seed: int = 0,
+    wake: Wake | None = None,
+) -> RunLatencies:
+    """The engine's own scheduler of ``setup.policy`` on a simulated clock."""
+    sim = SchedulerDrivenColocated(
+        setup.instance_spec(latency),
+        setup.policy,
+        block_size=setup.block_size,
+        max_model_len=setup.max_model_len,
+        noise=noise,
+        seed=seed,
+        wake=wake,
+    )
+    return _run_latencies(sim.run(arrival, workload.prompt_lens, workload.output_lens), arrival)
+
+
+def simulate_disaggregated_driven(
+    setup: DisaggSetup,
+    latency: LatencyModel,
+    arrival: np.ndarray,
+    workload: Workload,
+    noise: StepNoise | None = None,
+    seed: int = 0,
+    wake: Wake | None = None,
+) -> RunLatencies:
+    """The instances' own prefill and decode schedulers on a simulated clock."""
+    sim = SchedulerDrivenDisaggregated(
+        setup.spec(latency),
+        block_size=setup.block_size,
+        max_model_len=setup.max_model_len,
+        noise=noise,
+        seed=seed,
+        wake=wake,
+    )
+    result = sim.run(arrival, workload.prompt_lens, workload.output_lens)
+    return _with_breakdown(result, arrival)
+
+
+def _check_driven_only(noise: StepNoise | None, wake: Wake | None) -> None:
+    if noise is not None:
+        raise ValueError(
+            f"noise must be None for the fast simulators (they are deterministic), got "
+            f"{noise!r}; use simulator 'driven' for step-time noise"
+        )
+    if wake is not None:
+        raise ValueError(
+            f"wake must be None for the fast simulators (no idle-instance cost), got "
+            f"{wake!r}; use simulator 'driven'"
+        )
+
+
+def _with_breakdown(result: SimResult, arrival: np.ndarray) -> RunLatencies:
     run = _run_latencies(result, arrival)
     # The same stages the runtime's breakdown reports, to compare where the time goes.
     run.extra.update({f"mean_{k}_ms": 1e3 * v for k, v in result.mean_breakdown().items()})
@@ -174,6 +258,16 @@ class Target:
         return self.setup.threads_per_instance
 
 
-def default_simulator(setup: Setup) -> SimulateFn:
-    """Today's fast simulators: the colocated one for a colocated setup, else DistServe's."""
-    return simulate_colocated if isinstance(setup, ColocatedSetup) else simulate_disaggregated
+SIMULATORS: dict[str, tuple[SimulateFn, SimulateFn]] = {
+    "driven": (simulate_colocated_driven, simulate_disaggregated_driven),
+    "fast": (simulate_colocated, simulate_disaggregated),
+}
+"""Simulator name -> (colocated, disaggregated) functions."""
+
+
+def default_simulator(setup: Setup, simulator: str = "driven") -> SimulateFn:
+    """The ``simulator`` (a `SIMULATORS` name) function for ``setup``'s placement."""
+    if simulator not in SIMULATORS:
+        raise ValueError(f"simulator must be one of {sorted(SIMULATORS)}, got {simulator!r}")
+    colocated, disaggregated = SIMULATORS[simulator]
+    return colocated if isinstance(setup, ColocatedSetup) else disaggregated

@@ -9,6 +9,8 @@ Policies are `core.scheduler.POLICIES` (continuous_batching, chunked_prefill), e
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from distserve_rt.core.request import Request, RequestStatus
@@ -45,6 +47,8 @@ class SchedulerDrivenColocated:
         max_model_len: the context length; default the longest request (prompt + output).
         noise: multiplies each step's time by ``noise.sample(rng)``; None: deterministic.
         seed: seeds the noise's generator.
+        wake: extra seconds of a step that starts after the instance idled (its argument,
+            s); None: none.
     """
 
     def __init__(
@@ -57,8 +61,10 @@ class SchedulerDrivenColocated:
         max_model_len: int | None = None,
         noise: StepNoise | None = None,
         seed: int = 0,
+        wake: Callable[[float], float] | None = None,
     ) -> None:
         check_pp1(spec, "colocated")
+        self.wake = wake
         self.spec = spec
         self.policy = ColocatedPolicy(policy)
         self.block_size = block_size
@@ -86,7 +92,9 @@ class SchedulerDrivenColocated:
         bm = self.block_manager = make_block_manager(self.spec, self.block_size, self.watermark)
         self.num_preemptions = 0
         sched = make_scheduler(self.policy.value, make_scheduler_config(self.spec, max_len), bm)
-        clock = StepClock(self.spec.latency, self.noise, np.random.default_rng(self.seed))
+        clock = StepClock(
+            self.spec.latency, self.noise, np.random.default_rng(self.seed), self.wake
+        )
         n = arrival.size
         requests = [
             make_request(i, prompt[i], out[i], float(arrival[i]), max_len) for i in range(n)
@@ -109,7 +117,7 @@ class SchedulerDrivenColocated:
                 if sched.has_unfinished_requests():
                     raise RuntimeError(f"the {self.policy.value} scheduler stalled at t={t}")
                 break
-            end = t + clock.seconds(step)
+            end = t + clock.seconds(step, t)
             step_start[end] = t
             sched.update_from_output(step, sampled_tokens(step), None, end)
             t = end

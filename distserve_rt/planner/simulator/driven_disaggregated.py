@@ -23,6 +23,7 @@ forms one batch, as the colocated loop does.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import numpy as np
 
@@ -81,7 +82,7 @@ class SchedulerDrivenDisaggregated:
     """Simulate ``spec`` (pp=1 instances) with the runtime's prefill and decode schedulers.
 
     Args are those of `SchedulerDrivenColocated` (block_size, watermark, max_model_len,
-    noise, seed), for every instance; each instance draws its noise from its own stream.
+    noise, seed, wake), for every instance; each instance draws its noise from its own stream.
     """
 
     def __init__(
@@ -93,8 +94,10 @@ class SchedulerDrivenDisaggregated:
         max_model_len: int | None = None,
         noise: StepNoise | None = None,
         seed: int = 0,
+        wake: Callable[[float], float] | None = None,
     ) -> None:
         check_pp1(spec.prefill, "prefill")
+        self.wake = wake
         check_pp1(spec.decode, "decode")
         self.spec = spec
         self.block_size = block_size
@@ -138,7 +141,7 @@ class SchedulerDrivenDisaggregated:
             bm = make_block_manager(inst_spec, self.block_size, self.watermark)
             self.block_managers.append(bm)
             config = make_scheduler_config(inst_spec, self._max_len)
-            return config, bm, StepClock(inst_spec.latency, self.noise, rng)
+            return config, bm, StepClock(inst_spec.latency, self.noise, rng, self.wake)
 
         self._prefills = []
         for k in range(spec.num_prefill):
@@ -197,7 +200,7 @@ class SchedulerDrivenDisaggregated:
             inst.num_queued_tokens -= request.num_prompt_tokens
         if not out.is_empty:
             inst.busy = True
-            self._push(now + inst.clock.seconds(out), _PREFILL_END, p, out)
+            self._push(now + inst.clock.seconds(out, now), _PREFILL_END, p, out)
 
     def _on_prefill_end(self, now, p: int, out: SchedulerOutput, dirty_p, dirty_d) -> None:
         inst = self._prefills[p]
@@ -244,7 +247,7 @@ class SchedulerDrivenDisaggregated:
             if not (finished or num_preempted):
                 return
         inst.busy = True
-        end = now + inst.clock.seconds(out)
+        end = now + inst.clock.seconds(out, now)
         inst.step_start[end] = now
         self._push(end, _DECODE_END, d, out)
 

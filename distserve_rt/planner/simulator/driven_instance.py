@@ -16,6 +16,7 @@ output length with ``ignore_eos``, so the runtime's `StopChecker` stops them wit
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -118,21 +119,42 @@ def migrated_copy(request: Request, max_model_len: int) -> Request:
 
 
 class StepClock:
-    """Step times of one instance: the latency model on the batch's shape, times the noise."""
+    """Step times of one instance: the latency model on the batch's shape, times the noise,
+    plus ``wake(idle_s)`` for a step that starts after the instance idled ``idle_s``
+    (a thread pool woken from sleep runs its first step slower: measured, not fitted)."""
 
-    __slots__ = ("latency", "noise", "rng")
+    __slots__ = ("latency", "noise", "rng", "wake", "last_end")
 
     def __init__(
-        self, latency: LatencyModel, noise: StepNoise | None, rng: np.random.Generator
+        self,
+        latency: LatencyModel,
+        noise: StepNoise | None,
+        rng: np.random.Generator,
+        wake: Callable[[float], float] | None = None,
     ) -> None:
         self.latency = latency
         self.noise = noise
         self.rng = rng
+        self.wake = wake
+        self.last_end = -math.inf
+        """End of this instance's previous step (s); the first step follows a long idle."""
 
-    def seconds(self, out: SchedulerOutput) -> float:
-        """How long the step `out` takes (s). Prefill chunks cost Σ new tokens and
-        Σ chunk·(prefix + chunk) (attention over the prefix too); decodes B and Σ seq_lens
-        (each including its new token)."""
+    def seconds(self, out: SchedulerOutput, now: float | None = None) -> float:
+        """How long the step `out` starting at ``now`` takes (s). Prefill chunks cost Σ new
+        tokens and Σ chunk·(prefix + chunk) (attention over the prefix too); decodes B and
+        Σ seq_lens (each including its new token). ``now`` None: no wake-up cost."""
+        t = self._model_s(out)
+        if self.noise is not None:
+            factor = self.noise.sample(self.rng)
+            if not (factor > 0 and math.isfinite(factor)):
+                raise ValueError(f"noise.sample must return a finite factor > 0, got {factor!r}")
+            t *= factor
+        if self.wake is not None and now is not None:
+            t += self.wake(now - self.last_end)
+            self.last_end = now + t
+        return t
+
+    def _model_s(self, out: SchedulerOutput) -> float:
         lat = self.latency
         num_decodes = len(out.decodes)
         if out.prefills:
@@ -142,17 +164,9 @@ class StepClock:
                 sum_sq += p.num_new_tokens * (p.prefix_len + p.num_new_tokens)
             if num_decodes:
                 num_ctx = int(out.decode_seq_lens.sum())
-                t = lat.mixed_s(num_tokens, sum_sq, num_decodes, num_ctx)
-            else:
-                t = lat.prefill_s(num_tokens, sum_sq)
-        else:
-            t = lat.decode_s(num_decodes, int(out.decode_seq_lens.sum()))
-        if self.noise is not None:
-            factor = self.noise.sample(self.rng)
-            if not (factor > 0 and math.isfinite(factor)):
-                raise ValueError(f"noise.sample must return a finite factor > 0, got {factor!r}")
-            t *= factor
-        return t
+                return lat.mixed_s(num_tokens, sum_sq, num_decodes, num_ctx)
+            return lat.prefill_s(num_tokens, sum_sq)
+        return lat.decode_s(num_decodes, int(out.decode_seq_lens.sum()))
 
 
 def next_batch(sched: Scheduler, now: float) -> tuple[SchedulerOutput, list[Request], int]:

@@ -1,0 +1,51 @@
+"""The runtime's steps against the latency model: per step kind, the engine's recorded step
+time (its step log) over the model's prediction for the same batch shape.
+
+It tells the two halves of a gap apart: a ratio near 1 with a gap in attainment points at
+the simulated scheduling or at time outside the steps (the replay loop, arrivals, output
+visibility); a ratio away from 1 points at the calibration (or the machine, which the drift
+probe measures beside it)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from distserve_rt.engine.step_log import STEP_KINDS, StepRecord, StepShape
+from distserve_rt.planner.latency_model import LatencyModel
+
+
+def predicted_s(latency: LatencyModel, shape: StepShape) -> float:
+    """The model's time (s) of a step of ``shape``, as the scheduler-driven simulator's
+    clock computes it (`driven_instance.StepClock`, without noise)."""
+    if shape.num_prefills and shape.num_decodes:
+        return latency.mixed_s(
+            shape.num_prefill_tokens,
+            shape.prefill_attn_work,
+            shape.num_decodes,
+            shape.sum_decode_seq_lens,
+        )
+    if shape.num_prefills:
+        return latency.prefill_s(shape.num_prefill_tokens, shape.prefill_attn_work)
+    return latency.decode_s(shape.num_decodes, shape.sum_decode_seq_lens)
+
+
+def step_time_ratios(records: Iterable[StepRecord], latency: LatencyModel) -> dict[str, float]:
+    """Per kind present: ``step_ratio_{kind}`` = Σ measured / Σ predicted (time-weighted:
+    what the run's latencies feel), ``num_{kind}_steps`` and ``mean_{kind}_step_ms``."""
+    measured = dict.fromkeys(STEP_KINDS, 0.0)
+    predicted = dict.fromkeys(STEP_KINDS, 0.0)
+    counts = dict.fromkeys(STEP_KINDS, 0)
+    for record in records:
+        kind = record.shape.kind
+        if kind not in counts:  # empty steps are not recorded; nothing else to skip
+            continue
+        measured[kind] += record.duration_s
+        predicted[kind] += predicted_s(latency, record.shape)
+        counts[kind] += 1
+    out: dict[str, float] = {}
+    for kind, n in counts.items():
+        if n:
+            out[f"step_ratio_{kind}"] = measured[kind] / predicted[kind]
+            out[f"num_{kind}_steps"] = float(n)
+            out[f"mean_{kind}_step_ms"] = 1e3 * measured[kind] / n
+    return out
