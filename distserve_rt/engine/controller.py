@@ -28,6 +28,7 @@ from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
+from distserve_rt.engine.disagg.child import describe_reply, stop_children
 from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
@@ -121,9 +122,10 @@ class Controller:
                 if i in readies:
                     continue
                 if handle.conn.poll(0.01):
-                    reply = _recv(handle)
+                    reply = handle.recv()
                     if not isinstance(reply, msg.Ready):
-                        raise RuntimeError(f"{handle.name} failed to start: {_describe(reply)}")
+                        why = describe_reply(reply)
+                        raise RuntimeError(f"{handle.name} failed to start: {why}")
                     readies[i] = reply
                 elif not handle.is_running():
                     raise RuntimeError(f"{handle.name} exited during start-up")
@@ -473,10 +475,7 @@ class Controller:
 
 
 def _stop_all(instances: list[InstanceHandle]) -> None:
-    for handle in instances:
-        handle.send(msg.Shutdown())
-    for handle in instances:
-        handle.stop(timeout_s=10.0)
+    stop_children(instances)
     from distserve_rt.transfer.shm_region import sweep_stale_regions
 
     sweep_stale_regions()  # pools of instances that were killed (SIGKILL skips cleanup)
@@ -493,14 +492,3 @@ def _where(handle: InstanceHandle) -> str:
 def _decode_load(handle: InstanceHandle) -> tuple[int, int]:
     free = handle.status.num_free_blocks if handle.status is not None else 0
     return decode_load(handle.num_assigned, free)
-
-
-def _recv(handle: InstanceHandle) -> object:
-    try:
-        return handle.conn.recv()
-    except (EOFError, OSError) as exc:
-        return exc
-
-
-def _describe(reply: object) -> str:
-    return reply.error if isinstance(reply, msg.Fatal) else repr(reply)

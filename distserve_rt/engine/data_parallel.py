@@ -15,13 +15,10 @@ a ValueError from `add_request`, never a replica failure.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import threading
 import time
 import weakref
 from collections.abc import Sequence
 from multiprocessing import connection
-from multiprocessing.connection import Connection
 
 from distserve_rt.config import DisaggConfig, EngineConfig
 from distserve_rt.config.parallelism import check_parallel_sizes
@@ -32,7 +29,7 @@ from distserve_rt.engine.data_parallel_replica import (
     replica_specs,
     run_replica,
 )
-from distserve_rt.engine.disagg.pipe_sender import PipeSender
+from distserve_rt.engine.disagg.child import ChildHandle, describe_reply, stop_children
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
@@ -44,31 +41,17 @@ from distserve_rt.worker.multiproc_executor import load_model_config
 logger = init_logger(__name__)
 
 
-class ReplicaHandle:
+class ReplicaHandle(ChildHandle):
     """The core's end of one replica: pipe, liveness, its live requests, last load."""
 
     def __init__(self, spec: ReplicaSpec, in_process: bool) -> None:
+        # A daemonic process may not start children: a TP x PP replica starts workers.
+        single = spec.engine_config.parallelism.world_size == 1
+        super().__init__(
+            run_replica, spec, spec.name, in_process=in_process, daemon=single,
+            sender_name=f"core-{spec.name}",
+        )  # fmt: skip
         self.spec = spec
-        parent, child = multiprocessing.Pipe(duplex=True)
-        self.conn: Connection = parent
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._thread: threading.Thread | None = None
-        if in_process:
-            self._thread = threading.Thread(
-                target=run_replica, args=(spec, child, True), name=spec.name, daemon=True
-            )
-            self._thread.start()
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            # A daemonic process may not start children: a TP x PP replica starts workers.
-            single = spec.engine_config.parallelism.world_size == 1
-            self._process = ctx.Process(
-                target=run_replica, args=(spec, child), name=f"drt-{spec.name}", daemon=single
-            )
-            self._process.start()
-            child.close()  # only the child holds it now: its death closes the pipe
-        self._sender = PipeSender(self.conn, f"core-{spec.name}")
-        self.alive = True
         self.requests: dict[str, rep.AddRequest] = {}
         """Live requests dispatched to it, by id."""
         self.last_outputs: dict[str, RequestOutput] = {}
@@ -82,37 +65,8 @@ class ReplicaHandle:
     def name(self) -> str:
         return self.spec.name
 
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    @property
-    def sentinel(self) -> int | None:
-        return None if self._process is None else self._process.sentinel
-
-    def is_running(self) -> bool:
-        if self._process is not None:
-            return self._process.is_alive()
-        return self._thread is not None and self._thread.is_alive()
-
     def load(self) -> tuple[int, int]:
         return len(self.requests), self.num_queued_tokens
-
-    def send(self, message: object) -> bool:
-        return self.alive and self._sender.send(message)
-
-    def stop(self, timeout_s: float) -> None:
-        """Joins the replica (after Shutdown was sent), killing a process that hangs."""
-        self.alive = False
-        self._sender.close(timeout_s)
-        if self._process is not None:
-            self._process.join(timeout_s)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(timeout_s)
-        elif self._thread is not None:
-            self._thread.join(timeout_s)
-        self.conn.close()
 
 
 class DataParallelCore:
@@ -150,7 +104,7 @@ class DataParallelCore:
             for s in replica_specs(config, pin, detokenize=tokenizer is not None)
         ]
         self.replicas = [ReplicaHandle(s, dc.launcher == "thread") for s in specs]
-        self._finalizer = weakref.finalize(self, _stop_all, list(self.replicas))
+        self._finalizer = weakref.finalize(self, stop_children, list(self.replicas))
         self._where: dict[str, ReplicaHandle] = {}
         self._outputs: list[RequestOutput] = []
         self._closed = False
@@ -168,9 +122,10 @@ class DataParallelCore:
         while pending:
             for handle in list(pending):
                 if handle.conn.poll(0.01):
-                    reply = _recv(handle)
+                    reply = handle.recv()
                     if not isinstance(reply, rep.ReplicaReady):
-                        raise RuntimeError(f"{handle.name} failed to start: {_describe(reply)}")
+                        why = describe_reply(reply)
+                        raise RuntimeError(f"{handle.name} failed to start: {why}")
                     pending.remove(handle)
                 elif not handle.is_running():
                     raise RuntimeError(f"{handle.name} exited during start-up")
@@ -351,21 +306,3 @@ class DataParallelCore:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
-
-
-def _stop_all(replicas: list[ReplicaHandle]) -> None:
-    for handle in replicas:
-        handle.send(rep.Shutdown())
-    for handle in replicas:
-        handle.stop(timeout_s=10.0)
-
-
-def _recv(handle: ReplicaHandle) -> object:
-    try:
-        return handle.conn.recv()
-    except (EOFError, OSError) as exc:
-        return exc
-
-
-def _describe(reply: object) -> str:
-    return reply.error if isinstance(reply, rep.Fatal) else repr(reply)

@@ -4,44 +4,24 @@ controller's handle on it (pipe, liveness, last load report)."""
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
-import threading
-from multiprocessing.connection import Connection
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
+from distserve_rt.engine.disagg.child import ChildHandle
 from distserve_rt.engine.disagg.devices import instance_devices
 from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
 from distserve_rt.engine.disagg.messages import InstanceStatus
-from distserve_rt.engine.disagg.pipe_sender import PipeSender
 
 
-class InstanceHandle:
+class InstanceHandle(ChildHandle):
     """The controller's end of one instance."""
 
     def __init__(self, spec: InstanceSpec, in_process: bool) -> None:
+        super().__init__(
+            run_instance, spec, spec.name, in_process=in_process,
+            daemon=spec.num_ranks == 1, sender_name=f"controller-{spec.name}",
+        )  # fmt: skip
         self.spec = spec
-        parent, child = multiprocessing.Pipe(duplex=True)
-        self.conn: Connection = parent
-        self._process: multiprocessing.process.BaseProcess | None = None
-        self._thread: threading.Thread | None = None
-        if in_process:
-            self._thread = threading.Thread(
-                target=run_instance, args=(spec, child, True), name=spec.name, daemon=True
-            )
-            self._thread.start()
-        else:
-            ctx = multiprocessing.get_context("spawn")
-            # A daemonic process may not start children; a TP x PP instance starts its
-            # worker processes (they exit with it: their pipes to it close).
-            self._process = ctx.Process(
-                target=run_instance, args=(spec, child), name=f"drt-{spec.name}",
-                daemon=spec.num_ranks == 1,
-            )  # fmt: skip
-            self._process.start()
-            child.close()  # only the child holds it now: its death closes the pipe
-        self._sender = PipeSender(self.conn, f"controller-{spec.name}")
-        self.alive = True
         self.status: InstanceStatus | None = None
         self.num_queued_tokens = 0
         """Prefill: prompt tokens dispatched and not prefilled yet."""
@@ -55,39 +35,6 @@ class InstanceHandle:
     @property
     def role(self) -> InstanceRole:
         return self.spec.role
-
-    @property
-    def pid(self) -> int | None:
-        return None if self._process is None else self._process.pid
-
-    @property
-    def sentinel(self) -> int | None:
-        """Readable when the process has exited (None for a thread)."""
-        return None if self._process is None else self._process.sentinel
-
-    def is_running(self) -> bool:
-        if self._process is not None:
-            return self._process.is_alive()
-        return self._thread is not None and self._thread.is_alive()
-
-    def send(self, message: object) -> bool:
-        """Sends unless the instance is dead; False when it could not."""
-        if not self.alive:
-            return False
-        return self._sender.send(message)  # never blocks (see PipeSender)
-
-    def stop(self, timeout_s: float) -> None:
-        """Joins the instance (after Shutdown was sent), killing a process that hangs."""
-        self.alive = False
-        self._sender.close(timeout_s)
-        if self._process is not None:
-            self._process.join(timeout_s)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(timeout_s)
-        elif self._thread is not None:
-            self._thread.join(timeout_s)
-        self.conn.close()
 
 
 def instance_specs(

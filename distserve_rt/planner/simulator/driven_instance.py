@@ -21,6 +21,7 @@ from typing import Protocol
 
 import numpy as np
 
+from distserve_rt.config.engine import EngineConfig
 from distserve_rt.config.scheduler import SchedulerConfig
 from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.request import Request
@@ -30,10 +31,10 @@ from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.simulator.spec import SimInstanceSpec
 from distserve_rt.sampling_params import SamplingParams
 
-DEFAULT_BLOCK_SIZE = 16
-"""`EngineConfig.block_size`'s default."""
-DEFAULT_WATERMARK = 0.01
-"""`EngineConfig.watermark`'s default."""
+# The engine's defaults, read from `EngineConfig` so the two cannot drift apart.
+_ENGINE_FIELDS = EngineConfig.__dataclass_fields__
+DEFAULT_BLOCK_SIZE: int = _ENGINE_FIELDS["block_size"].default
+DEFAULT_WATERMARK: float = _ENGINE_FIELDS["watermark"].default
 _TOKEN = 0
 """Every simulated token's id: with ignore_eos and no stop ids, only the lengths stop."""
 

@@ -1,0 +1,98 @@
+"""The parent's end of one child (a disaggregated instance or a data-parallel replica): a
+spawned process, or a thread for fast tests, and the pipe between them."""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+from collections.abc import Callable
+from multiprocessing.connection import Connection
+
+from distserve_rt.engine.disagg.messages import Fatal, Shutdown
+from distserve_rt.engine.disagg.pipe_sender import PipeSender
+
+
+class ChildHandle:
+    """Starts ``target(spec, conn[, True])`` and owns the parent's end of its pipe."""
+
+    def __init__(
+        self,
+        target: Callable[..., None],
+        spec: object,
+        name: str,
+        *,
+        in_process: bool,
+        daemon: bool,
+        sender_name: str,
+    ) -> None:
+        parent, child = multiprocessing.Pipe(duplex=True)
+        self.conn: Connection = parent
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._thread: threading.Thread | None = None
+        if in_process:
+            self._thread = threading.Thread(
+                target=target, args=(spec, child, True), name=name, daemon=True
+            )
+            self._thread.start()
+        else:
+            # ``daemon`` must be False for a child that starts children of its own (TP x PP
+            # workers: they exit with it, their pipes to it close).
+            ctx = multiprocessing.get_context("spawn")
+            self._process = ctx.Process(
+                target=target, args=(spec, child), name=f"drt-{name}", daemon=daemon
+            )
+            self._process.start()
+            child.close()  # only the child holds it now: its death closes the pipe
+        self._sender = PipeSender(self.conn, sender_name)
+        self.alive = True
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
+
+    @property
+    def sentinel(self) -> int | None:
+        """Readable when the process has exited (None for a thread)."""
+        return None if self._process is None else self._process.sentinel
+
+    def is_running(self) -> bool:
+        if self._process is not None:
+            return self._process.is_alive()
+        return self._thread is not None and self._thread.is_alive()
+
+    def recv(self) -> object:
+        """The next message, or the EOFError/OSError of a pipe whose child died."""
+        try:
+            return self.conn.recv()
+        except (EOFError, OSError) as exc:
+            return exc
+
+    def send(self, message: object) -> bool:
+        """Sends unless the child is dead; False when it could not (never blocks)."""
+        return self.alive and self._sender.send(message)
+
+    def stop(self, timeout_s: float) -> None:
+        """Joins the child (after Shutdown was sent), killing a process that hangs."""
+        self.alive = False
+        self._sender.close(timeout_s)
+        if self._process is not None:
+            self._process.join(timeout_s)
+            if self._process.is_alive():
+                self._process.kill()
+                self._process.join(timeout_s)
+        elif self._thread is not None:
+            self._thread.join(timeout_s)
+        self.conn.close()
+
+
+def stop_children(handles: list[ChildHandle], timeout_s: float = 10.0) -> None:
+    """Asks every child to shut down, then joins each (killing one that hangs)."""
+    for handle in handles:
+        handle.send(Shutdown())
+    for handle in handles:
+        handle.stop(timeout_s)
+
+
+def describe_reply(reply: object) -> str:
+    """A start-up reply that is not Ready, for the error message."""
+    return reply.error if isinstance(reply, Fatal) else repr(reply)
