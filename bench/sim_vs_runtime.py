@@ -32,7 +32,10 @@ were measured with, the missing ones are profiled here.
 Drift: before every run, a fixed probe (one prefill, one decode batch; median of
 ``--probe-repeats``) is timed and divided by the same probe timed right after profiling.
 Each run is simulated twice: with the profile as measured, and with its step times scaled
-by that ratio (a gap left after rescaling is the model's, not the machine's).
+by that ratio (a gap left after rescaling is the model's, not the machine's). A colocated
+run is simulated a third time at the speed its own steps had (its step log's
+measured/predicted ratio per step kind, ``simulated_in_run``): not a prediction, a split of
+the gap into the step times' level (fit or machine) and the rest (the simulator's).
 
 SLOs and rates adapt to the machine, so that attainment spans ~30-100%: the SLOs are
 multiples of the profile's unloaded step times (``--ttft-scale``, ``--tpot-scale``), and
@@ -449,6 +452,7 @@ def _line(s) -> str:
         f"(gap {s['gap_pp']:+5.1f} pp)  rescaled "
         f"{s['simulated_rescaled_attainment']['mean']:6.1%} (gap {s['gap_rescaled_pp']:+5.1f} pp)"
         f"  drift p {s['drift_prefill']['mean']:.2f} d {s['drift_decode']['mean']:.2f}"
+        + (f"  in-run gap {s['gap_in_run_pp']:+5.1f} pp" if "gap_in_run_pp" in s else "")
     )
 
 
@@ -474,6 +478,9 @@ def _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped
         "drift_probe": {**probe.to_dict(), "repeats": args.probe_repeats},
         "max_abs_gap_pp": max(abs(s["gap_pp"]) for s in summaries),
         "max_abs_gap_rescaled_pp": max(abs(s["gap_rescaled_pp"]) for s in summaries),
+        "max_abs_gap_in_run_pp": max(
+            (abs(s["gap_in_run_pp"]) for s in summaries if "gap_in_run_pp" in s), default=None
+        ),
         "skipped_targets": skipped,
         "summaries": summaries,
         "repeats": repeats,

@@ -148,6 +148,23 @@ def test_scaled_latency_model_scales_each_phase():
     np.testing.assert_allclose(simulate_colocated(setup, scaled, arrival, WORKLOAD).ttft, 0.2)
     with pytest.raises(ValueError, match="decode_scale must be a positive finite number"):
         ScaledLatencyModel(inner, 1.0, 0.0)
+    # Mixed steps keep their own scale when one is given (a run's step log measures them).
+    own = ScaledLatencyModel(inner, 2.0, 3.0, mixed_scale=5.0)
+    assert own.mixed_s(32, 1024, 4, 100) == pytest.approx(5 * inner.mixed_s(32, 1024, 4, 100))
+
+
+def test_scaled_latency_model_from_a_runs_step_ratios():
+    inner = ConstantLatencyModel(0.1, 0.01)
+    scaled = ScaledLatencyModel.from_step_ratios(
+        inner, {"step_ratio_prefill": 1.5, "step_ratio_decode": 1.2, "num_decode_steps": 9.0}
+    )
+    assert scaled.prefill_s(50, 2500) == pytest.approx(0.15)
+    assert scaled.decode_s(4, 100) == pytest.approx(0.012)
+    # No mixed steps in the run: they scale as its prefill steps did.
+    assert scaled.mixed_s(32, 1024, 4, 100) == pytest.approx(1.5 * inner.mixed_s(32, 1024, 4, 100))
+    only_decode = ScaledLatencyModel.from_step_ratios(inner, {"step_ratio_decode": 2.0})
+    assert only_decode.prefill_s(50, 2500) == pytest.approx(0.1)
+    assert ScaledLatencyModel.from_step_ratios(inner, {"cpu_share_harness": 0.5}) is None
 
 
 def test_drift_probe_times_fixed_shapes_and_compares():
@@ -215,6 +232,14 @@ def test_summarize_repeats_mean_spread_and_gap():
     assert summary["drift_decode"]["mean"] == pytest.approx(2.4)
     assert summary["num_repeats"] == 3
     assert summarize_repeats([rep(0.5, 0.5, 0.5, 1.0)])["runtime_attainment"]["std"] == 0.0
+    assert "gap_in_run_pp" not in summary
+    # Repeats with a step log carry the in-run side: its gap is reported beside the others.
+    logged = [
+        {**rep(0.8, 0.9, 0.82, 1.0), "simulated_in_run": {"attainment": 0.79}},
+        {**rep(0.6, 0.9, 0.82, 1.0), "simulated_in_run": {"attainment": 0.63}},
+    ]
+    assert summarize_repeats(logged)["gap_in_run_pp"] == pytest.approx(-1.0)
+    assert "gap_in_run_pp" not in summarize_repeats([logged[0], rep(0.5, 0.5, 0.5, 1.0)])
 
 
 def test_calibration_probe_reference_sources(tmp_path):
@@ -327,6 +352,10 @@ def test_one_run_probes_simulates_twice_and_serves():
     assert record["simulated"]["attainment"] == 1.0
     assert record["simulated_rescaled"]["attainment"] == 0.0
     assert record["runtime"]["num_failed"] == 0 and record["load_average_1min_after"] >= 0
+    # The colocated engine logged its steps: simulated again at their measured speed.
+    ratio = record["runtime"]["step_ratio_prefill"]
+    in_run = record["simulated_in_run"]
+    assert in_run["mean_ttft_s"] == pytest.approx(0.1 * ratio, rel=1e-6)
 
 
 class _Doubling:

@@ -98,16 +98,30 @@ def pinned(cores: Collection[int] | None) -> Iterator[None]:
 
 class ScaledLatencyModel(LatencyModel):
     """``inner``'s step times times the drift ratios: prefill steps by ``prefill_scale``,
-    decode steps by ``decode_scale``; a chunked-prefill mixed step by ``prefill_scale``
-    (its cost is mostly the prefill tokens' GEMMs). Other attributes are ``inner``'s."""
+    decode steps by ``decode_scale``; a chunked-prefill mixed step by ``mixed_scale``, which
+    defaults to ``prefill_scale`` (a mixed step's cost is mostly the prefill tokens' GEMMs).
+    Other attributes are ``inner``'s."""
 
-    def __init__(self, inner: LatencyModel, prefill_scale: float, decode_scale: float) -> None:
-        for key, value in (("prefill_scale", prefill_scale), ("decode_scale", decode_scale)):
+    def __init__(
+        self,
+        inner: LatencyModel,
+        prefill_scale: float,
+        decode_scale: float,
+        mixed_scale: float | None = None,
+    ) -> None:
+        mixed_scale = prefill_scale if mixed_scale is None else mixed_scale
+        scales = (
+            ("prefill_scale", prefill_scale),
+            ("decode_scale", decode_scale),
+            ("mixed_scale", mixed_scale),
+        )
+        for key, value in scales:
             if not (isinstance(value, (int, float)) and 0 < value < float("inf")):
                 raise ValueError(f"{key} must be a positive finite number, got {value!r}")
         self.inner = inner
         self.prefill_scale = float(prefill_scale)
         self.decode_scale = float(decode_scale)
+        self.mixed_scale = float(mixed_scale)
         self.tp = inner.tp
 
     def __getattr__(self, name: str):
@@ -131,8 +145,25 @@ class ScaledLatencyModel(LatencyModel):
         if num_prefill_tokens == 0:
             return self.decode_s(batch_size, num_ctx_tokens)
         inner = self.inner.mixed_s(num_prefill_tokens, prefill_sum_sq, batch_size, num_ctx_tokens)
-        return self.prefill_scale * inner
+        return self.mixed_scale * inner
 
     @classmethod
     def from_ratio(cls, inner: LatencyModel, ratio: ProbeTimes) -> ScaledLatencyModel:
         return cls(inner, ratio.prefill_ms, ratio.decode_ms)
+
+    @classmethod
+    def from_step_ratios(
+        cls, inner: LatencyModel, ratios: dict[str, float]
+    ) -> ScaledLatencyModel | None:
+        """``inner`` at the speed a served run's steps had (`steps.step_time_ratios`'
+        ``step_ratio_{kind}``; a kind the run did not take keeps its scale of 1); None when
+        the run logged no steps (a disaggregated engine's instances keep their own)."""
+        scale = {k: ratios.get(f"step_ratio_{k}") for k in ("prefill", "decode", "mixed")}
+        if all(v is None for v in scale.values()):
+            return None
+        return cls(
+            inner,
+            scale["prefill"] or 1.0,
+            scale["decode"] or 1.0,
+            scale["mixed"] or scale["prefill"] or 1.0,
+        )

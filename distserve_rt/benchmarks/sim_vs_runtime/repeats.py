@@ -11,6 +11,10 @@ SIDES = ("runtime", "simulated", "simulated_rescaled")
 """The rows each repeat holds: served, simulated with the profile, and with the profile
 rescaled by that repeat's drift ratio."""
 
+IN_RUN = "simulated_in_run"
+"""The row a repeat with a step log also holds: simulated at its own steps' speed
+(`runs.in_run_simulation`)."""
+
 
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Mean, min, max and sample std (0 for one value) of ``values``."""
@@ -31,10 +35,12 @@ def summarize_repeats(repeats: Sequence[dict]) -> dict[str, object]:
 
     Returns each side's attainment spread, the drift ratios' spread, and the gaps in points
     between the runtime's mean and each simulated mean (``gap_pp``: with the profile as
-    measured; ``gap_rescaled_pp``: with the drift taken out).
+    measured; ``gap_rescaled_pp``: with the drift taken out; ``gap_in_run_pp``, when every
+    repeat has an `IN_RUN` row: at the speed the runs' steps had).
     """
     out: dict[str, object] = {"num_repeats": len(repeats)}
-    for side in SIDES:
+    sides = (*SIDES, IN_RUN) if all(IN_RUN in r for r in repeats) else SIDES
+    for side in sides:
         out[f"{side}_attainment"] = spread([r[side]["attainment"] for r in repeats])
     for key in ("prefill_ms", "decode_ms"):
         out[f"drift_{key.removesuffix('_ms')}"] = spread([r["drift_ratio"][key] for r in repeats])
@@ -43,4 +49,6 @@ def summarize_repeats(repeats: Sequence[dict]) -> dict[str, object]:
     out["gap_rescaled_pp"] = 100 * (
         runtime - out["simulated_rescaled_attainment"]["mean"]  # type: ignore[index]
     )
+    if IN_RUN in sides:
+        out["gap_in_run_pp"] = 100 * (runtime - out[f"{IN_RUN}_attainment"]["mean"])  # type: ignore[index]
     return out

@@ -66,8 +66,9 @@ def one_run(
         if log is not None:
             engine.step_log = None
     runtime.extra.update(meter.shares())
-    if log is not None:
-        runtime.extra.update(step_time_ratios(log.records(), cal.latency))
+    ratios = step_time_ratios(log.records(), cal.latency) if log is not None else {}
+    runtime.extra.update(ratios)
+    in_run = in_run_simulation(run, ratios)
     return {
         "drift_ratio": ratio.to_dict(),
         "noise_seed": run.noise_seed,
@@ -76,7 +77,23 @@ def one_run(
         "runtime": runtime.row(run.slo),
         "simulated": simulated.row(run.slo),
         "simulated_rescaled": rescaled.row(run.slo),
+        **({} if in_run is None else {"simulated_in_run": in_run.row(run.slo)}),
     }
+
+
+def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
+    """The same requests simulated at the speed the served run's steps had (the model's
+    step times times the run's measured/predicted ratio per step kind); None without a step
+    log. Not a prediction (it uses the run's own measurement): it splits a gap in two. What
+    is left against the runtime is the simulator's (scheduling, queueing, time outside the
+    steps, the shape of the noise); what it closes is the step times' level, from the
+    model's fit or the machine's speed during the run. The wake-up cost is already in the
+    measured prefill steps, so it is not charged again."""
+    latency = ScaledLatencyModel.from_step_ratios(run.cal.latency, ratios)
+    if latency is None:
+        return None
+    kw = {"noise": run.cal.noise, "seed": run.noise_seed, "wake": None}
+    return run.target.simulate(run.target.setup, latency, run.arrival, run.workload, **kw)
 
 
 def instance_cores(engine) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:
