@@ -340,14 +340,16 @@ def fit_engine_steps(
 
 def _judge(co, train_co, c, masks, test) -> EngineStepFit:
     """Errors (in-sample with ``co``, held out with ``train_co``) and noise of the fit."""
-    fit_error, held_out_error, noise, all_ratios = {}, {}, {}, []
+    fit_error, held_out_error, noise = {}, {}, {}
+    # Every step's ratio in step order: the noise's autocorrelation is that of the sequence.
+    all_ratios = np.full(c["ms"].size, np.nan)
     for kind, mask in masks.items():
         if not mask.any() or (kind == "mixed" and co.mixed is None):
             continue
         sel = _select(c, mask)
         ratio = sel["ms"] / _predict_ms(co, kind, sel)
         noise[kind] = StepTimeNoise.from_ratios(ratio)
-        all_ratios.append(ratio)
+        all_ratios[mask] = ratio
         rel = np.abs(1.0 / ratio - 1.0)
         if kind == "decode":
             small = sel["num_decodes"] < co.decode_threshold
@@ -359,5 +361,5 @@ def _judge(co, train_co, c, masks, test) -> EngineStepFit:
         if (test & mask).any() and not (kind == "mixed" and train_co.mixed is None):
             sel = _select(c, test & mask)
             held_out_error[kind] = _error(np.abs(_predict_ms(train_co, kind, sel) / sel["ms"] - 1))
-    noise["all"] = StepTimeNoise.from_ratios(np.concatenate(all_ratios))
+    noise["all"] = StepTimeNoise.from_ratios(all_ratios[~np.isnan(all_ratios)])
     return EngineStepFit(co, fit_error, held_out_error, noise)

@@ -9,7 +9,8 @@ Schema (``schema_version`` 2; times in ms, lengths in tokens)::
                                    "overhead": o, "mixed": [a, b, c, d]},  # both optional
                   "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...},
                   "held_out_error": {"decode": {...}, ...},               # optional
-                  "step_noise": {"decode": [21 quantiles], ..., "all": [...]}}],  # optional
+                  "step_noise": {"decode": [21 quantiles], ..., "all": [...]},  # optional
+                  "step_noise_autocorrelation": {"decode": 0.8, ...}}],  # optional, 0
      "analytic": {"coefficients": {"c1": .., ..., "attn_block_size": 128},
                   "fit_error": {...}},           # optional
      "measurement": {"hardware": .., "model": .., "dtype": "float32", "tp": 1, "pp": 1,
@@ -228,6 +229,10 @@ def _engine_fit_dict(entry: ProfileEntry) -> dict[str, object]:
         out["held_out_error"] = {k: v.to_dict() for k, v in entry.held_out_error.items()}
     if entry.step_noise:
         out["step_noise"] = {k: v.to_list() for k, v in entry.step_noise.items()}
+        # Beside the quantile lists, so readers of the lists alone still parse them.
+        out["step_noise_autocorrelation"] = {
+            k: v.autocorrelation for k, v in entry.step_noise.items()
+        }
     return out
 
 
@@ -255,7 +260,10 @@ def profile_from_dict(raw: dict, where: str = "profile") -> ProfileSet:
                 FittedCoefficients(**e["coefficients"]),
                 _fit_errors(e.get("fit_error", {})),
                 _fit_errors(e.get("held_out_error", {})),
-                {k: StepTimeNoise(tuple(q)) for k, q in e.get("step_noise", {}).items()},
+                {
+                    k: StepTimeNoise(tuple(q), e.get("step_noise_autocorrelation", {}).get(k, 0.0))
+                    for k, q in e.get("step_noise", {}).items()
+                },
             )
             for e in raw["entries"]
         ]

@@ -10,17 +10,39 @@ The distribution is kept as an empirical quantile table of measured/predicted ra
 transform with linear interpolation between quantiles. The table is scaled so that this
 sampler's mean is exactly 1: the latency model is fitted to the mean step
 (`profile_fit.fit_engine_steps`), so model x noise keeps the mean and adds the spread.
+
+Slow steps come in runs: on a shared 2-core machine the ratio's lag-1 autocorrelation was
+0.75-0.82, still 0.4-0.5 at lag 10 and 0.2 at lag 100 (another process holds a core for
+hundreds of milliseconds). Independent draws average out over a request's decode steps and
+over a queue's busy period, where the runtime's slow stretches do not: a simulator with
+independent noise is optimistic near saturation. So the noise also carries an
+``autocorrelation``: draws follow a Gaussian AR(1) process mapped through the quantile
+table (a Gaussian copula: each draw keeps the measured distribution, consecutive draws are
+correlated). Its coefficient is fitted to the variance of the measured ratios' means over
+`CORRELATION_BLOCK_STEPS` consecutive steps (about one request's decode steps), the
+time scale that decides TPOT and queueing, rather than to lag 1 alone, which would
+understate the long slow stretches an AR(1) cannot otherwise reproduce.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 
 NUM_QUANTILES = 21
 """Quantiles stored per step kind (every 5%)."""
+
+CORRELATION_BLOCK_STEPS = 32
+"""Steps per block whose mean's variance the autocorrelation is fitted to (see module)."""
+
+MAX_AUTOCORRELATION = 0.999
+"""Cap on the fitted coefficient (1 would freeze the process at its first draw)."""
+
+_NORMAL = NormalDist()
 
 
 def _sampler_mean(quantiles: np.ndarray) -> float:
@@ -34,8 +56,14 @@ class StepTimeNoise:
 
     quantiles: tuple[float, ...]
     """Factors at probabilities ``linspace(0, 1, len(quantiles))``, nondecreasing, > 0."""
+    autocorrelation: float = 0.0
+    """Coefficient of the AR(1) process behind consecutive draws, in [0, 1) (0: independent
+    draws; see module)."""
 
     def __post_init__(self) -> None:
+        rho = self.autocorrelation
+        if not (isinstance(rho, (int, float)) and 0 <= rho < 1):
+            raise ValueError(f"step noise autocorrelation must be in [0, 1), got {rho!r}")
         q = tuple(float(x) for x in self.quantiles)
         ordered = all(a <= b for a, b in zip(q[:-1], q[1:], strict=True))
         if len(q) < 2 or not all(x > 0 for x in q) or not ordered:
@@ -47,14 +75,15 @@ class StepTimeNoise:
 
     @classmethod
     def from_ratios(cls, ratios: Sequence[float], num_quantiles: int = NUM_QUANTILES):
-        """The noise of measured/predicted ``ratios`` (> 0), rescaled to mean 1."""
+        """The noise of measured/predicted ``ratios`` (> 0, in step order), rescaled to mean
+        1, with the autocorrelation of their order (`fit_autocorrelation`)."""
         r = np.asarray(ratios, dtype=np.float64)
         if r.size < 1 or not np.all(np.isfinite(r)) or np.any(r <= 0):
             raise ValueError(f"ratios must be a non-empty list of finite numbers > 0, got {r!r}")
         q = np.quantile(r, np.linspace(0.0, 1.0, num_quantiles))
         if q[-1] == q[0]:
             return cls((1.0,) * num_quantiles)
-        return cls(tuple(q / _sampler_mean(q)))
+        return cls(tuple(q / _sampler_mean(q)), fit_autocorrelation(r))
 
     @classmethod
     def none(cls) -> StepTimeNoise:
@@ -62,14 +91,78 @@ class StepTimeNoise:
         return cls((1.0, 1.0))
 
     def sample(self, rng: np.random.Generator) -> float:
-        """One factor to multiply a predicted step time by."""
+        """One factor to multiply a predicted step time by, independent of earlier ones
+        (`process` for draws with this noise's autocorrelation)."""
+        return self.at(rng.random())
+
+    def at(self, u: float) -> float:
+        """The factor at probability ``u`` in [0, 1] (the inverse CDF)."""
         q = self.quantiles
-        pos = rng.random() * (len(q) - 1)
+        pos = u * (len(q) - 1)
         i = min(int(pos), len(q) - 2)
         return q[i] + (q[i + 1] - q[i]) * (pos - i)
+
+    def process(self) -> StepTimeNoise | CorrelatedDraws:
+        """A sampler for one instance's consecutive steps: this noise itself when draws are
+        independent, else a fresh AR(1) process (each instance has its own slow stretches)."""
+        return self if self.autocorrelation == 0 else CorrelatedDraws(self)
 
     def mean(self) -> float:
         return _sampler_mean(np.asarray(self.quantiles))
 
     def to_list(self) -> list[float]:
         return list(self.quantiles)
+
+
+class CorrelatedDraws:
+    """Consecutive factors of one instance: z <- rho z + sqrt(1 - rho^2) e, factor =
+    quantile table at Phi(z). The stationary z is standard normal, so each factor keeps the
+    table's distribution (mean 1); the first draw starts from the stationary law."""
+
+    __slots__ = ("noise", "rho", "scale", "z")
+
+    def __init__(self, noise: StepTimeNoise) -> None:
+        self.noise = noise
+        self.rho = noise.autocorrelation
+        self.scale = math.sqrt(1.0 - self.rho * self.rho)
+        self.z: float | None = None
+
+    def sample(self, rng: np.random.Generator) -> float:
+        e = float(rng.standard_normal())
+        self.z = e if self.z is None else self.rho * self.z + self.scale * e
+        return self.noise.at(_NORMAL.cdf(self.z))
+
+
+def normal_scores(values: np.ndarray) -> np.ndarray:
+    """Rank-based normal scores of ``values``: Phi^-1(rank / (n + 1)), in their order."""
+    ranks = np.argsort(np.argsort(values, kind="stable"), kind="stable") + 1
+    return np.array([_NORMAL.inv_cdf(r / (values.size + 1)) for r in ranks])
+
+
+def block_mean_variance_ratio(rho: float, m: int) -> float:
+    """Variance of the mean of m consecutive AR(1) values over that of m independent ones."""
+    if rho == 0:
+        return 1.0
+    return (1 + rho) / (1 - rho) - 2 * rho * (1 - rho**m) / (m * (1 - rho) ** 2)
+
+
+def fit_autocorrelation(ratios: np.ndarray, block: int = CORRELATION_BLOCK_STEPS) -> float:
+    """The AR(1) coefficient whose means over ``block`` consecutive steps vary as much as
+    those of ``ratios``' normal scores do (0 when fewer than 4 blocks were measured or the
+    block means vary no more than independent draws')."""
+    r = np.asarray(ratios, dtype=np.float64)
+    num_blocks = r.size // block
+    if num_blocks < 4 or np.all(r == r[0]):
+        return 0.0
+    z = normal_scores(r)[: num_blocks * block]
+    means = z.reshape(num_blocks, block).mean(axis=1)
+    target = block * float(means.var(ddof=1)) / float(z.var(ddof=1))
+    if target <= 1.0:
+        return 0.0
+    lo, hi = 0.0, MAX_AUTOCORRELATION  # the ratio grows with rho: bisect
+    if block_mean_variance_ratio(hi, block) <= target:
+        return hi
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if block_mean_variance_ratio(mid, block) < target else (lo, mid)
+    return (lo + hi) / 2

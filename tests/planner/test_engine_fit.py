@@ -9,7 +9,12 @@ import pytest
 from distserve_rt.engine.step_log import StepRecord, StepShape
 from distserve_rt.planner.latency_model import FittedCoefficients, FittedLatencyModel
 from distserve_rt.planner.profile_fit import fit_engine_steps
-from distserve_rt.planner.step_noise import NUM_QUANTILES, StepTimeNoise
+from distserve_rt.planner.step_noise import (
+    CORRELATION_BLOCK_STEPS,
+    NUM_QUANTILES,
+    StepTimeNoise,
+    fit_autocorrelation,
+)
 
 TRUE = FittedCoefficients(
     prefill=(2.0, 0.01, 1e-5),
@@ -21,11 +26,14 @@ TRUE = FittedCoefficients(
 HOST_MS = 0.5
 
 
-def _steps(num: int, sigma: float, seed: int = 0) -> list[StepRecord]:
-    """Random prefill/decode/mixed steps timed by TRUE with lognormal execute noise."""
+def _steps(num: int, sigma: float, seed: int = 0, rho: float = 0.0) -> list[StepRecord]:
+    """Random prefill/decode/mixed steps timed by TRUE with lognormal execute noise, whose
+    normal part follows an AR(1) process of coefficient ``rho`` from step to step."""
     rng = np.random.default_rng(seed)
     lm, out = FittedLatencyModel(TRUE), []
+    z = rng.standard_normal()
     for i in range(num):
+        z = rho * z + np.sqrt(1 - rho**2) * rng.standard_normal()
         kind = ("prefill", "decode", "mixed")[i % 3]
         chunks = [(int(n), int(rng.integers(0, 64))) for n in rng.integers(8, 256, 1 + i % 4)]
         if kind == "decode":
@@ -51,7 +59,7 @@ def _steps(num: int, sigma: float, seed: int = 0) -> list[StepRecord]:
                 shape.num_decodes,
                 shape.sum_decode_seq_lens,
             )
-        exe = (exe - HOST_MS * 1e-3) * rng.lognormal(-(sigma**2) / 2, sigma)  # mean-1 noise
+        exe = (exe - HOST_MS * 1e-3) * np.exp(sigma * z - sigma**2 / 2)  # mean-1 noise
         out.append(StepRecord(shape, exe + HOST_MS * 1e-3, exe))
     return out
 
@@ -128,6 +136,62 @@ def test_step_time_noise_from_ratios_keeps_the_shape_of_the_input():
 def test_step_time_noise_rejects_bad_tables(quantiles):
     with pytest.raises((ValueError, TypeError)):
         StepTimeNoise(quantiles)
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.0, "0.5"])
+def test_step_time_noise_rejects_bad_autocorrelation(rho):
+    with pytest.raises(ValueError, match="autocorrelation must be in \\[0, 1\\)"):
+        StepTimeNoise((0.5, 1.5), rho)
+
+
+def _ar1(rho: float, n: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    z = np.empty(n)
+    z[0] = rng.standard_normal()
+    for i in range(1, n):
+        z[i] = rho * z[i - 1] + np.sqrt(1 - rho**2) * rng.standard_normal()
+    return z
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.5, 0.9, 0.97])
+def test_autocorrelation_is_recovered_from_the_ratios_order(rho):
+    ratios = np.exp(0.2 * _ar1(rho, 6000))
+    noise = StepTimeNoise.from_ratios(ratios)
+    assert noise.autocorrelation == pytest.approx(rho, abs=0.06)
+    # The same ratios shuffled have the same table and no memory.
+    shuffled = StepTimeNoise.from_ratios(np.random.default_rng(1).permutation(ratios))
+    assert shuffled.quantiles == noise.quantiles and shuffled.autocorrelation < 0.1
+    # Fewer than four blocks of steps: too few to tell, so independent.
+    assert fit_autocorrelation(ratios[: 4 * CORRELATION_BLOCK_STEPS - 1]) == 0.0
+
+
+def test_correlated_draws_keep_the_distribution_and_follow_each_other():
+    quantiles = tuple(np.exp(np.linspace(-0.5, 0.5, NUM_QUANTILES)))
+    rng = np.random.default_rng(0)
+    independent = StepTimeNoise(quantiles)
+    assert independent.process() is independent
+    noise = StepTimeNoise(quantiles, 0.9)
+    process = noise.process()
+    draws = np.asarray([process.sample(rng) for _ in range(40000)])
+    plain = np.asarray([noise.sample(rng) for _ in range(40000)])  # sample() stays independent
+    assert np.quantile(draws, [0.1, 0.5, 0.9]) == pytest.approx(
+        np.quantile(plain, [0.1, 0.5, 0.9]), rel=0.05
+    )
+    assert draws.mean() == pytest.approx(noise.mean(), rel=0.03)
+    assert np.corrcoef(draws[:-1], draws[1:])[0, 1] == pytest.approx(0.9, abs=0.05)
+    assert abs(np.corrcoef(plain[:-1], plain[1:])[0, 1]) < 0.05
+    # Each process starts on its own: two instances' slow stretches are independent.
+    other = noise.process()
+    assert other is not process and other.z is None
+
+
+def test_engine_fit_measures_the_noise_autocorrelation_in_step_order():
+    slow_stretches = fit_engine_steps(_steps(1800, sigma=0.2, rho=0.9))
+    assert slow_stretches.noise["all"].autocorrelation == pytest.approx(0.9, abs=0.08)
+    # Each kind's own steps are every third step: rho^3 between consecutive ones.
+    assert slow_stretches.noise["decode"].autocorrelation == pytest.approx(0.9**3, abs=0.12)
+    independent = fit_engine_steps(_steps(1800, sigma=0.2))
+    assert independent.noise["all"].autocorrelation < 0.15
 
 
 def test_too_few_steps_of_a_kind_is_a_clear_error():

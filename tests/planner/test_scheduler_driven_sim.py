@@ -243,6 +243,20 @@ def test_noise_changes_times_and_a_seed_reproduces_them():
     assert a.tpot.mean() == pytest.approx(plain.tpot.mean(), rel=0.2)
 
 
+def test_correlated_noise_gives_slow_stretches_that_do_not_average_out():
+    from distserve_rt.planner.step_noise import StepTimeNoise
+
+    table = tuple(np.exp(np.linspace(-0.6, 0.6, 21)))
+    independent, correlated = StepTimeNoise(table), StepTimeNoise(table, 0.98)
+    runs = [_noisy(seed, correlated) for seed in range(4)]
+    # Each run (each instance's clock) starts a fresh process: a seed reproduces its run.
+    np.testing.assert_array_equal(_noisy(0, correlated).finish, runs[0].finish)
+    spread_corr = np.mean([r.tpot.std() for r in runs])
+    spread_ind = np.mean([_noisy(seed, independent).tpot.std() for seed in range(4)])
+    # A request's decode steps share a slow or fast stretch: their mean varies more.
+    assert spread_corr > 1.5 * spread_ind
+
+
 def test_noise_that_returns_a_bad_factor_is_refused():
     class Zero:
         def sample(self, rng):

@@ -63,6 +63,7 @@ class Calibration:
             "drift_probe_reference": self.probe_reference.to_dict(),
             "drift_probe_reference_source": self.reference_source,
             "step_noise": None if self.noise is None else getattr(self.noise, "quantiles", None),
+            "step_noise_autocorrelation": getattr(self.noise, "autocorrelation", None),
             "wake_penalty": None if self.wake is None else self.wake.to_dict(),
             # The whole profile (samples included): --profile can reuse it after extraction.
             "profile": self.profile.to_dict(),

@@ -41,7 +41,9 @@ _TOKEN = 0
 
 class StepNoise(Protocol):
     """Step-time jitter: a multiplicative factor per step (mean about 1), e.g. drawn from the
-    step times a profile measured around its fit."""
+    step times a profile measured around its fit. A noise whose draws depend on earlier
+    ones (`step_noise.StepTimeNoise` with an autocorrelation) also has ``process()``, which
+    returns a fresh sampler: each instance's clock takes its own."""
 
     def sample(self, rng: np.random.Generator) -> float: ...
 
@@ -134,7 +136,9 @@ class StepClock:
         wake: Callable[[float], float] | None = None,
     ) -> None:
         self.latency = latency
-        self.noise = noise
+        # One sampler per instance: its slow stretches are its own (see StepNoise).
+        process = getattr(noise, "process", None)
+        self.noise = process() if process is not None else noise
         self.rng = rng
         self.wake = wake
         self.last_end = -math.inf
