@@ -39,55 +39,6 @@ STAGES=(env build sass kernel_tests bench_quick racecheck memcheck synccheck int
 FILES=(summary.txt build.log sass.txt kernel_tests.log bench_quick.log gpu_kernels.json
        sanitizer.log integration.log)
 
-stage_env() {
-  {
-    echo "== environment"
-    echo "host $(hostname), $(nproc) CPUs, $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB RAM"}')"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit \
-      --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
-    nvcc --version 2>&1 | tail -1 || echo "nvcc not found"
-    "$PY" - <<'EOF'
-import platform, torch
-print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
-if torch.cuda.is_available():
-    p = torch.cuda.get_device_properties(0)
-    print(f"device {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
-          f"{p.total_memory / 2**30:.0f} GiB")
-else:
-    print("torch sees no CUDA device")
-EOF
-    "$PY" -m pip list --format=freeze 2>/dev/null |
-      grep -iE '^(torch|triton|cupy|numpy|pybind11|cmake|ninja|pytest|hypothesis|nvidia-cu)' |
-      tr '\n' ' '
-    echo
-    for tool in compute-sanitizer cuobjdump c++filt; do
-      echo "$tool: $(command -v $tool || find_cuda_tool $tool || echo 'not found')"
-    done
-  }
-}
-
-# A CUDA tool off PATH: the toolkit folder beside nvcc, else /usr/local/cuda/bin.
-find_cuda_tool() {
-  local dir
-  for dir in "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/nvcc)")" \
-             /usr/local/cuda/bin; do
-    [ -x "$dir/$1" ] && { echo "$dir/$1"; return 0; }
-  done
-  return 1
-}
-
-stage_build() {
-  local bin cmake ninja
-  bin=$(dirname "$(command -v "$PY")")
-  cmake=$(command -v cmake || echo "$bin/cmake")
-  ninja=$(command -v ninja || echo "$bin/ninja")
-  "$cmake" -S . -B build/gpu -G Ninja -DDRT_CUDA=ON -DDRT_CUDA_ARCHS=90a \
-    -DCMAKE_MAKE_PROGRAM="$ninja" -DPython_EXECUTABLE="$(command -v "$PY")" \
-    "-DCMAKE_CUDA_FLAGS=-Xptxas -v" &&
-    "$cmake" --build build/gpu -j "$(nproc)" &&
-    "$PY" -c "import distserve_rt._cuda as m, distserve_rt._C as c; print('built', m.__file__, c.__file__)"
-}
-
 stage_sass() {
   echo "== ptxas (-Xptxas -v, sm_90a): kernel | registers | spill stores/loads (bytes) | smem"
   ptxas_table "$OUT/build.log"

@@ -17,13 +17,16 @@
 #                     plausible output), pytest only collects, the benchmark scripts only
 #                     parse their flags, every_op.py runs on CPU, and the server packages
 #                     are hidden as on the GPU machine: every path and flag is checked here.
+#   DRT_GPU_STUB_DIR  the dry run's stubs (default bench/gpu/stubs; tests swap one)
 #   PYTHON            the interpreter (default python3)
 
 # Each stage body is a function `stage_<name>` of the calling script, run in a fresh bash
 # (`bash SCRIPT --stage NAME`) under `timeout`, which signals the whole process group:
 # a cut pytest takes its spawned engine processes with it.
-STAGE_RESERVE_S=8  # kept back for writing the summary after the last stage
-STAGE_MIN_S=5      # a stage that would get less is skipped, not started
+# Seconds kept back for writing the summary after the last stage, and the least a stage
+# is started with (it is skipped below that); tests shrink both to cut stages quickly.
+STAGE_RESERVE_S=${DRT_GPU_STAGE_RESERVE_S:-8}
+STAGE_MIN_S=${DRT_GPU_STAGE_MIN_S:-5}
 
 gpu_setup() {
   ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -35,7 +38,7 @@ gpu_setup() {
   if [ "$DRT_GPU_DRY_RUN" = 1 ]; then
     export OUT=${OUT:-$(mktemp -d /tmp/drt_gpu_dry.XXXXXX)}
     export STUB_LOG=${STUB_LOG:-$(mktemp /tmp/drt_gpu_stub_calls.XXXXXX)}
-    export PATH="$ROOT/bench/gpu/stubs:$PATH"
+    export PATH="${DRT_GPU_STUB_DIR:-$ROOT/bench/gpu/stubs}:$PATH"
   else
     export OUT=${OUT:-$ROOT/bench/results/gpu}
   fi
@@ -180,4 +183,55 @@ dry_run_report() {
     echo "DRY RUN: $count files in OUT; the device tool brings back 8" >&2
     return 1
   fi
+}
+
+# ---- the stages both runs start with (a fresh machine each call) -------------------------
+
+stage_env() {
+  {
+    echo "== environment"
+    echo "host $(hostname), $(nproc) CPUs, $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB RAM"}')"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit \
+      --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
+    nvcc --version 2>&1 | tail -1 || echo "nvcc not found"
+    "$PY" - <<'EOF'
+import platform, torch
+print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print(f"device {p.name}, sm_{p.major}{p.minor}, {p.multi_processor_count} SMs, "
+          f"{p.total_memory / 2**30:.0f} GiB")
+else:
+    print("torch sees no CUDA device")
+EOF
+    "$PY" -m pip list --format=freeze 2>/dev/null |
+      grep -iE '^(torch|triton|cupy|numpy|pybind11|cmake|ninja|pytest|hypothesis|nvidia-cu)' |
+      tr '\n' ' '
+    echo
+    for tool in compute-sanitizer cuobjdump c++filt; do
+      echo "$tool: $(command -v $tool || find_cuda_tool $tool || echo 'not found')"
+    done
+  }
+}
+
+# A CUDA tool off PATH: the toolkit folder beside nvcc, else /usr/local/cuda/bin.
+find_cuda_tool() {
+  local dir
+  for dir in "$(dirname "$(command -v nvcc 2>/dev/null || echo /nonexistent/nvcc)")" \
+             /usr/local/cuda/bin; do
+    [ -x "$dir/$1" ] && { echo "$dir/$1"; return 0; }
+  done
+  return 1
+}
+
+stage_build() {
+  local bin cmake ninja
+  bin=$(dirname "$(command -v "$PY")")
+  cmake=$(command -v cmake || echo "$bin/cmake")
+  ninja=$(command -v ninja || echo "$bin/ninja")
+  "$cmake" -S . -B build/gpu -G Ninja -DDRT_CUDA=ON -DDRT_CUDA_ARCHS=90a \
+    -DCMAKE_MAKE_PROGRAM="$ninja" -DPython_EXECUTABLE="$(command -v "$PY")" \
+    "-DCMAKE_CUDA_FLAGS=-Xptxas -v" &&
+    "$cmake" --build build/gpu -j "$(nproc)" &&
+    "$PY" -c "import distserve_rt._cuda as m, distserve_rt._C as c; print('built', m.__file__, c.__file__)"
 }
