@@ -190,7 +190,7 @@ dry_run_report() {
 stage_env() {
   {
     echo "== environment"
-    echo "host $(hostname), $(nproc) CPUs, $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB RAM"}')"
+    echo "host $(uname -n), $(nproc) CPUs, $(free -g 2>/dev/null | awk '/Mem:/ {print $2 " GiB RAM"}')"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,power.limit \
       --format=csv,noheader 2>&1 || echo "nvidia-smi failed"
     nvcc --version 2>&1 | tail -1 || echo "nvcc not found"
