@@ -101,7 +101,11 @@ stage() {
   [ "$log" = summary.txt ] && file=$ENV_REPORT
   { echo; echo "===== stage $name: limit ${limit}s (cap ${cap}s), $(date -u +%H:%M:%S) UTC"; } >>"$file"
   start=$(date +%s)
-  timeout -k 5 "$limit" bash "$SCRIPT" --stage "$name" >>"$file" 2>&1
+  # In the background: bash runs a trap only once the foreground command ends, and `wait`
+  # returns at once on a signal, so a stopped run records the stage it stopped.
+  timeout -k 5 "$limit" bash "$SCRIPT" --stage "$name" >>"$file" 2>&1 &
+  STAGE_PID=$!
+  wait "$STAGE_PID"
   rc=$?
   case $rc in
     0) status=ok ;;
@@ -120,6 +124,8 @@ record() {
 }
 
 stage_killed() {
+  # timeout passes the signal on to the stage's whole process group.
+  [ -n "${STAGE_PID:-}" ] && kill -TERM "$STAGE_PID" 2>/dev/null
   if [ -n "$CURRENT_STAGE" ]; then
     read -r name log limit start <<<"$CURRENT_STAGE"
     CURRENT_STAGE=""

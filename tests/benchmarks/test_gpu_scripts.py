@@ -11,6 +11,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -111,12 +112,38 @@ def test_a_stage_past_the_budget_is_cut_and_the_rest_skipped_files_still_there(t
         DRT_GPU_BUDGET_S="5",
         DRT_GPU_STAGE_RESERVE_S="1",
         DRT_GPU_STAGE_MIN_S="1",
-        SLOW_MATCH="pytest",  # the kernel tests hang
+        SLOW_MATCH="-m pytest",  # the kernel tests hang
     )
     table = stage_table(out)
     assert table["build"] == "ok", stdout
     assert table["kernel_tests"].startswith("CUT (at its"), stdout
     assert all(table[s].startswith("SKIPPED (budget spent") for s in FIRST_RUN_STAGES[4:])
+    assert {p.name for p in out.iterdir()} == FIRST_RUN_FILES
+
+
+def test_a_stopped_run_records_the_stage_it_stopped_and_keeps_its_files(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(STUB_PYTHON)
+    python.chmod(0o755)
+    out, log = tmp_path / "out", tmp_path / "stub_calls.log"
+    env = {**os.environ, "PYTHON": str(python), "OUT": str(out), "STUB_LOG": str(log),
+           "SLOW_MATCH": "-m pytest"}  # fmt: skip
+    run = subprocess.Popen(
+        ["bash", str(GPU / "first_run.sh"), "--dry-run"], cwd=ROOT, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    # The kernel tests hang (the stub sleeps): stop the run once they have started.
+    for _ in range(200):
+        if "-m pytest" in (log.read_text() if log.exists() else ""):
+            break
+        time.sleep(0.05)
+    run.terminate()
+    stdout, _ = run.communicate(timeout=30)
+    assert run.returncode == 143, stdout
+    table = stage_table(out)
+    assert table["kernel_tests"] == "KILLED (the run was stopped)", stdout
+    assert all(table[s] == "not reached" for s in FIRST_RUN_STAGES[4:])
+    assert "state: stopped early" in (out / "summary.txt").read_text()
     assert {p.name for p in out.iterdir()} == FIRST_RUN_FILES
 
 
