@@ -36,6 +36,11 @@ class _Absent(importlib.abc.MetaPathFinder):
         return None
 
 
+def hide_server_packages() -> None:
+    """From now on, importing a server package fails as if it were not installed."""
+    sys.meta_path.insert(0, _Absent())
+
+
 class FlagsParsed(SystemExit):
     """Raised by the patched parse_args once the program's command line has parsed."""
 
@@ -63,7 +68,7 @@ def main(argv: list[str]) -> None:
         stop_after_parsing()
     if not argv or (argv[0] == "-m" and len(argv) < 2):
         sys.exit(f"{USAGE}; got {' '.join(argv) or 'nothing'}")
-    sys.meta_path.insert(0, _Absent())
+    hide_server_packages()
     if argv[0] == "-m":
         sys.argv = [argv[1], *argv[2:]]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
