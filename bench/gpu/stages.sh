@@ -23,6 +23,7 @@
 # Each stage body is a function `stage_<name>` of the calling script, run in a fresh bash
 # (`bash SCRIPT --stage NAME`) under `timeout`, which signals the whole process group:
 # a cut pytest takes its spawned engine processes with it.
+
 # Seconds kept back for writing the summary after the last stage, and the least a stage
 # is started with (it is skipped below that); tests shrink both to cut stages quickly.
 STAGE_RESERVE_S=${DRT_GPU_STAGE_RESERVE_S:-8}
