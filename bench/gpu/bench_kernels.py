@@ -1,6 +1,6 @@
 """GPU kernel benchmarks of distserve_rt._cuda against torch, read against measured ceilings.
 
-Run on a GPU machine (bench/gpu/run_all.sh does it after building):
+Run on a GPU machine (bench/gpu/first_run.sh runs --quick, second_run.sh the full grid):
     python bench/gpu/bench_kernels.py --out <folder> [--quick]
 Writes <folder>/gpu_kernels.json (provenance, ceilings, every timing) and
 <folder>/gpu_kernels.png (achieved fraction of the ceiling per case), prints a table last.

@@ -2,7 +2,7 @@
 from a prefill process's pool (cuda_ipc on one GPU; shm on CPU for a smoke run), against a
 plain copy of the same bytes in one process (cudaMemcpy D2D through torch on a GPU).
 
-Run (bench/gpu/run_all.sh does it after the kernel benchmarks):
+Run (bench/gpu/second_run.sh does it after the kernel benchmarks):
     python bench/gpu/bench_transfer.py --out <folder> [--quick] [--transport shm]
 Adds a "kv_transfer" entry to <folder>/gpu_kernels.json when that file exists (the device
 tool brings back at most 8 files), else writes <folder>/gpu_transfer.json.

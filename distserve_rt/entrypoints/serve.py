@@ -9,20 +9,26 @@ SIGTERM uvicorn stops accepting connections, lets open ones finish for up to
 from __future__ import annotations
 
 import argparse
+import importlib
 import ipaddress
 import logging
 import os
-
-import uvicorn
+from typing import TYPE_CHECKING
 
 from distserve_rt.engine.protocol import EngineClient
 from distserve_rt.entrypoints import engine_args
-from distserve_rt.entrypoints.openai import build_app
 from distserve_rt.logger import init_logger
+
+if TYPE_CHECKING:
+    import uvicorn
 
 logger = init_logger(__name__)
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+# Only serving needs these: the parser, `serve --help` and every other command work without
+# them (the GPU machine has none of them), so they are imported when a server is built.
+SERVER_PACKAGES = ("fastapi", "uvicorn")
 
 
 def port_number(text: str) -> int:
@@ -75,6 +81,10 @@ def resolve_api_key(args: argparse.Namespace) -> str | None:
 
 def build_server(engine: EngineClient, args: argparse.Namespace) -> uvicorn.Server:
     """The uvicorn server for `engine` with the serve flags (it does not run yet)."""
+    import uvicorn
+
+    from distserve_rt.entrypoints.openai import build_app
+
     api_key = resolve_api_key(args)
     if api_key is None and not _is_loopback(args.host):
         logger.warning(
@@ -114,7 +124,23 @@ def run_server(server: uvicorn.Server, engine: EngineClient) -> int:
     return 0 if server.started else 1
 
 
+def missing_server_packages() -> list[str]:
+    missing = []
+    for name in SERVER_PACKAGES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing
+
+
 def run(args: argparse.Namespace) -> int:
+    # Before the engine is built: loading a model only to fail at the import is minutes lost.
+    if missing := missing_server_packages():
+        raise SystemExit(
+            f"drt-run serve: the HTTP server needs {', '.join(missing)}, not installed here "
+            f"(pip install {' '.join(missing)}); the other drt-run commands work without them"
+        )
     logging.getLogger("distserve_rt").setLevel(args.log_level.upper())
     try:
         engine = engine_args.build_engine_client(args)

@@ -10,6 +10,11 @@ import threading
 import time
 
 import pytest
+
+# The tiny HTTP target runs on uvicorn + starlette: absent on the GPU machine, where this
+# module skips (the in-process cases need neither, but share the module).
+pytest.importorskip("uvicorn")
+pytest.importorskip("starlette")
 import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request

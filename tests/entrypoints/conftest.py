@@ -1,4 +1,7 @@
-"""Fixtures for the HTTP server tests: a fake engine, an app over it, an async client."""
+"""Fixtures for the HTTP server tests: a fake engine, an app over it, an async client.
+
+The app is imported inside its fixture: the CLI tests beside the server's need no fastapi
+(the GPU machine has none), and the server's own test modules skip without it."""
 
 from __future__ import annotations
 
@@ -7,7 +10,6 @@ import json
 import httpx
 import pytest
 
-from distserve_rt.entrypoints.openai import build_app
 from tests.entrypoints.fake_engine import FakeEngine
 
 
@@ -27,6 +29,8 @@ def make_client(app) -> httpx.AsyncClient:
 
 @pytest.fixture
 async def client(engine):
+    from distserve_rt.entrypoints.openai import build_app
+
     async with make_client(build_app(engine)) as c:
         yield c
 

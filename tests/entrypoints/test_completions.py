@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+# The HTTP server's dependencies: absent on the GPU machine, where these tests skip.
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
 from tests.entrypoints.conftest import parse_sse
 from tests.entrypoints.fake_engine import letter_id
 

@@ -11,6 +11,11 @@ import contextlib
 import json
 
 import pytest
+
+# The HTTP server's dependencies: absent on the GPU machine, where these tests skip.
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
 from starlette.requests import ClientDisconnect
 
 from distserve_rt.entrypoints.openai import build_app

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import pytest
+
+# The HTTP server's dependencies: absent on the GPU machine, where these tests skip.
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
 from prometheus_client.parser import text_string_to_metric_families
 
 from distserve_rt.entrypoints.openai import build_app

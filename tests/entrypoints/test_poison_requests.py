@@ -9,6 +9,10 @@ from __future__ import annotations
 import anyio
 import pytest
 
+# The HTTP server's dependencies: absent on the GPU machine, where these tests skip.
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
 from distserve_rt.config import DisaggConfig
 from distserve_rt.engine.async_llm import AsyncLLM
 from distserve_rt.entrypoints.openai import build_app

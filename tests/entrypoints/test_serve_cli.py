@@ -10,6 +10,10 @@ import time
 import httpx
 import pytest
 
+# The HTTP server's dependencies: absent on the GPU machine, where these tests skip.
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+
 from distserve_rt.entrypoints import engine_args, serve
 from distserve_rt.entrypoints.cli import build_parser, main
 from tests.entrypoints.fake_engine import FakeEngine

@@ -14,6 +14,7 @@ import torch
 from distserve_rt import _native
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool, layer_view
 from distserve_rt.ops.decode_attention import decode_attention, reference_decode_attention
+from tests.kernels.cuda_head_dims import skip_without_cuda_kernel
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 DTYPES = list(TOLERANCE)
@@ -126,6 +127,7 @@ def test_workspace_is_zero_when_there_is_no_split():
 
 @pytest.mark.parametrize("head_dim", [40, 80, 256])
 def test_other_head_dims(device, generator, head_dim):
+    skip_without_cuda_kernel(device, head_dim)
     query, kv_cache, block_table, seq_lens = make_inputs(
         [5, 700, 16],
         num_heads=6,

@@ -10,6 +10,7 @@ import torch
 from distserve_rt import _native
 from distserve_rt.ops import prefill_attention
 from distserve_rt.ops.prefill_attention import reference_prefill_attention
+from tests.kernels.cuda_head_dims import skip_without_cuda_kernel
 from tests.kernels.native_abi import arg_names
 
 # Kernel and reference both accumulate in fp32; low-precision outputs differ by rounding of
@@ -70,6 +71,7 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("head_dim", [64, 128, 80])
 @pytest.mark.parametrize("group", [1, 4, 8])
 def test_matches_reference(device, generator, dtype, head_dim, group):
+    skip_without_cuda_kernel(device, head_dim)
     num_kv_heads = 2
     q, k, v = random_qkv(
         MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, dtype, device, generator
@@ -88,6 +90,7 @@ def test_matches_reference(device, generator, dtype, head_dim, group):
 def test_uneven_groups_and_head_dims(device, generator, group, num_kv_heads, head_dim):
     """Groups that do not divide the 64-row tile (padding rows), groups wider than one
     64-row score chunk, and the largest head_dim."""
+    skip_without_cuda_kernel(device, head_dim)
     q, k, v = random_qkv(
         MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, torch.float32, device, generator
     )
