@@ -21,7 +21,8 @@ plus the ptxas -v registers / spill bytes / static shared memory. Usage:
     python bench/gpu/sass_counts.py --out build/sass/now            # compile, sm_90a + sm_80
     python bench/gpu/sass_counts.py --cubin a.cubin --out DIR       # existing cubins
     python bench/gpu/sass_counts.py --so distserve_rt/_cuda*.so --out DIR
-Writes DIR/sass_counts.json and DIR/sass_counts.md (the table is printed too).
+Writes DIR/sass_counts.json and DIR/sass_counts.md (the table is printed too; with
+--summary REGEX only the matching kernels, sm_90a counts with sm_80 registers beside).
 """
 
 from __future__ import annotations
@@ -220,6 +221,21 @@ def count(cubins: list[Path], nvdisasm: str, ptxas_text: str) -> list[dict]:
     return sorted(rows, key=lambda r: (r["kernel"], r["arch"]))
 
 
+def summary(rows: list[dict], pattern: str) -> list[dict]:
+    """The sm_90a rows of the kernels matching `pattern`, with sm_80's registers and spills
+    beside them (one row per kernel: the NOTES.md tables)."""
+    sm80 = {r["kernel"]: r for r in rows if r["arch"] == "80"}
+    out = []
+    for r in rows:
+        if r["arch"] != "90a" or not re.search(pattern, r["kernel"]):
+            continue
+        other = sm80.get(r["kernel"], {})
+        regs = f"{r.get('registers', '')}/{other.get('registers', '')}"
+        spills = f"{r.get('spill_bytes', '')}/{other.get('spill_bytes', '')}"
+        out.append({**r, "arch": "90a/80", "registers": regs, "spill_bytes": spills})
+    return out
+
+
 def markdown(rows: list[dict]) -> str:
     cols = ["kernel", "arch", "registers", "spill_bytes", *COLUMNS]
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -233,6 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arch", nargs="+", default=list(ARCHS), help="archs to compile (90a 80)")
     ap.add_argument("--cubin", type=Path, nargs="+", help="count these cubins, compile nothing")
     ap.add_argument("--so", type=Path, help="count the cubins embedded in a built _cuda .so")
+    ap.add_argument("--summary", metavar="REGEX", help="print one row per matching kernel")
     ap.add_argument("--nvcc", default=None)
     ap.add_argument("--nvdisasm", default=None)
     ap.add_argument("--cuobjdump", default=None)
@@ -252,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "sass_counts.json").write_text(json.dumps(rows, indent=1) + "\n")
     table = markdown(rows)
     (args.out / "sass_counts.md").write_text(table)
-    print(table)
+    print(markdown(summary(rows, args.summary)) if args.summary else table)
 
 
 if __name__ == "__main__":

@@ -63,3 +63,13 @@ def test_short_names_and_table():
     header, _, row = table.splitlines()
     assert header.startswith("| kernel | arch | registers | spill_bytes | lds_u16 |")
     assert row.startswith("| k<fp16,64> | 90a |  |  | ") and "| 2 |" in row
+
+
+def test_summary_puts_sm80_registers_beside_sm90a():
+    rows = [
+        {"kernel": "decode<bf16>", "arch": "80", "registers": 61, "spill_bytes": 0},
+        {"kernel": "decode<bf16>", "arch": "90a", "registers": 70, "spill_bytes": 0, "hmma": 0},
+        {"kernel": "prefill<bf16>", "arch": "90a", "registers": 190, "spill_bytes": 0},
+    ]
+    (row,) = sass_counts.summary(rows, "^decode")
+    assert (row["registers"], row["spill_bytes"], row["arch"]) == ("70/61", "0/0", "90a/80")
