@@ -49,10 +49,13 @@ COLUMNS = (
 )  # fmt: skip
 
 _KERNEL = re.compile(r"^\.text\.(\S+):\s*$")
-_SUBROUTINE = re.compile(r"^\$__internal_\d+_\$__cuda_\w+?_(\w+):\s*$")
+# nvcc's helpers ($__internal_3_$__cuda_sm20_div_s64) and non-inlined device functions
+# ($<kernel>$<function>) follow the kernel in its section.
+_SUBROUTINE = re.compile(r"^\$\S+:\s*$")
 _INSTR = re.compile(r"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)(.*?);")
-_CALL_TARGET = re.compile(r"\$__internal_\d+_\$__cuda_\w+?_(\w+)\)")
+_CALL_TARGET = re.compile(r"`\(\$(?:\S*\$)?(?:__cuda_sm\d+_)?(\w+)\)")
 _PTXAS_ENTRY = re.compile(r"Compiling entry function '(\S+)' for 'sm_(\w+)'")
+_PTXAS_PROPS = re.compile(r"Function properties for (\S+)")
 _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
@@ -125,11 +128,14 @@ def parse_ptxas(text: str) -> dict[tuple[str, str], dict]:
     """(mangled kernel, arch) -> registers, spill bytes and static shared memory (ptxas -v)."""
     out: dict[tuple[str, str], dict] = {}
     key = None
+    props_of = None  # ptxas also reports the kernel's non-inlined callees: skip their lines
     for line in text.splitlines():
         if m := _PTXAS_ENTRY.search(line):
             key = (m.group(1), m.group(2))
             out[key] = {"registers": 0, "spill_bytes": 0, "smem_bytes": 0}
-        elif key and (m := _PTXAS_SPILL.search(line)):
+        elif m := _PTXAS_PROPS.search(line):
+            props_of = m.group(1)
+        elif key and props_of == key[0] and (m := _PTXAS_SPILL.search(line)):
             out[key]["spill_bytes"] = int(m.group(1)) + int(m.group(2))
         elif key and (m := _PTXAS_REGS.search(line)):
             out[key]["registers"] = int(m.group(1))

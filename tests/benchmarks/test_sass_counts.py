@@ -41,6 +41,8 @@ def test_ptxas_report_parsed_per_kernel_and_arch():
         f"ptxas info    : Function properties for {PREFILL}\n"
         "    16 bytes stack frame, 6 bytes spill stores, 4 bytes spill loads\n"
         "ptxas info    : Used 190 registers, used 1 barriers, 96 bytes cmem[0]\n"
+        "ptxas info    : Function properties for _ZN3drt4cuda14slot_block_anyEli\n"
+        "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
         f"ptxas info    : Compiling entry function '{DECODE}' for 'sm_80'\n"
         "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
         "ptxas info    : Used 61 registers, used 1 barriers, 36864 bytes smem, 96 bytes cmem[0]\n"
@@ -73,3 +75,10 @@ def test_summary_puts_sm80_registers_beside_sm90a():
     ]
     (row,) = sass_counts.summary(rows, "^decode")
     assert (row["registers"], row["spill_bytes"], row["arch"]) == ("70/61", "0/0", "90a/80")
+
+
+def test_non_inlined_function_is_a_subroutine_not_a_division():
+    simt = "_ZN3drt4cuda19prefill_simt_kernelILi64EEEvNS0_13PrefillParamsE"
+    row = sass_counts.parse_nvdisasm(EXCERPT)[simt]
+    assert row["calls"] == {"_ZN3drt4cuda14slot_block_anyEli": 1}
+    assert (row["div_calls"], row["total"], row["subroutine_total"]) == (0, 2, 3)
