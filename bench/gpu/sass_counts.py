@@ -7,6 +7,8 @@ this script counts per kernel what bench/gpu/NOTES.md reasons about:
     lds_u16 / lds_32 / lds_64 / lds_128   shared-memory loads by width
     ldsm, hmma, ldgsts                    ldmatrix, tensor-core mma, cp.async
     mufu_ex2, mufu_rcp                    special-function unit (exp2, reciprocal)
+    ex2_range_checks                      IEEE exp2f's guard (FSETP.GEU x, -126) before
+                                          MUFU.EX2, with two fix-up FMULs: 0 with ex2.approx
     int_div32                             inline 32-bit division/modulo sequences by a
                                           runtime divisor (each starts with I2F[.U32].RP)
     calls                                 CALL.REL to nvcc's subroutines by name (div_s64,
@@ -45,7 +47,7 @@ ARCHS = ("90a", "80")
 NVCC_FLAGS = ("-std=c++17", "--expt-relaxed-constexpr", "-O3", "-lineinfo")
 COLUMNS = (
     "lds_u16", "lds_32", "lds_64", "lds_128", "ldsm", "hmma", "ldgsts", "mufu_ex2",
-    "mufu_rcp", "int_div32", "div_calls", "ldl", "stl", "total",
+    "mufu_rcp", "ex2_range_checks", "int_div32", "div_calls", "ldl", "stl", "total",
 )  # fmt: skip
 
 _KERNEL = re.compile(r"^\.text\.(\S+):\s*$")
@@ -60,7 +62,7 @@ _PTXAS_SPILL = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers(?:.*?(\d+) bytes smem)?")
 
 
-def _count_opcode(counts: Counter, op: str) -> None:
+def _count_opcode(counts: Counter, op: str, operands: str) -> None:
     if op.startswith("LDSM"):
         counts["ldsm"] += 1
     elif op.startswith("LDS"):
@@ -76,6 +78,8 @@ def _count_opcode(counts: Counter, op: str) -> None:
         counts["mufu_rcp"] += 1
     elif op.startswith("I2F") and op.endswith(".RP") and ".U64" not in op:
         counts["int_div32"] += 1  # the reciprocal estimate that opens a 32-bit div/mod
+    elif op.startswith("FSETP.GEU") and operands.rstrip().endswith("-126, PT"):
+        counts["ex2_range_checks"] += 1
     elif op.startswith("LDL"):
         counts["ldl"] += 1
     elif op.startswith("STL"):
@@ -111,7 +115,7 @@ def parse_nvdisasm(text: str) -> dict[str, dict]:
         if op == "NOP":
             continue
         counts["total"] += 1
-        _count_opcode(counts, op)
+        _count_opcode(counts, op, m.group(2))
         if op.startswith("CALL") and (t := _CALL_TARGET.search(m.group(2))):
             kernels[next(reversed(kernels))]["calls"][t.group(1)] += 1
     result = {}

@@ -21,7 +21,8 @@ def test_counts_shared_loads_by_width_and_special_functions():
     assert (row["lds_u16"], row["lds_32"], row["lds_64"], row["lds_128"]) == (2, 1, 1, 1)
     assert (row["mufu_ex2"], row["mufu_rcp"], row["ldgsts"]) == (1, 2, 1)
     assert row["int_div32"] == 1  # I2F.RP opens a signed 32-bit division
-    assert row["total"] == 13  # the NOP is padding, not work
+    assert row["ex2_range_checks"] == 1  # IEEE exp2f's guard before its MUFU.EX2
+    assert row["total"] == 14  # the NOP is padding, not work
 
 
 def test_counts_tensor_core_local_memory_and_division_calls():

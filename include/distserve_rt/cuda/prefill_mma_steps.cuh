@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "distserve_rt/cuda/fast_math.cuh"
 #include "distserve_rt/cuda/mma.cuh"
 #include "distserve_rt/cuda/prefill_tiles.cuh"
 
@@ -83,7 +84,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
     const float m_new = fmaxf(st.m[h], row_max[h]);
     // A row with every key masked so far keeps max -inf; exp2 of (-inf) - 0 is then 0.
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(st.m[h] - m_use);
+    const float alpha = fast_exp2(st.m[h] - m_use);
     st.l[h] *= alpha;
 #pragma unroll
     for (int d = 0; d < HEAD_DIM / 8; ++d) {
@@ -97,7 +98,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
   for (int t = 0; t < kBlockN / 8; ++t) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[t][e] = exp2f(s[t][e] - row_max[e / 2]);
+      s[t][e] = fast_exp2(s[t][e] - row_max[e / 2]);
       st.l[e / 2] += s[t][e];
     }
   }
@@ -158,7 +159,7 @@ __device__ __forceinline__ void store_o_rows(MmaRows<HEAD_DIM>& st, const Prefil
     if (token >= s.num_q) continue;
     const int head = kv_head * p.group + packed % p.group;
     T* row = out + (s.q_start + token) * p.out_stride + static_cast<int64_t>(head) * HEAD_DIM;
-    const float inv_l = 1.f / l;
+    const float inv_l = fast_rcp(l);
 #pragma unroll
     for (int d = 0; d < HEAD_DIM / 8; ++d) {
       *reinterpret_cast<uint32_t*>(row + d * 8 + 2 * (lane % 4)) =
