@@ -31,15 +31,6 @@ void check_row_alignment(std::uintptr_t ptr, int64_t stride, int64_t elem, const
             ")");
 }
 
-// log2(block_size) for a power of two, else -1: the kernels then split slots and positions
-// into (block, offset) with a shift and a mask instead of a division.
-int block_shift(int64_t block_size) {
-  if (block_size < 1 || (block_size & (block_size - 1)) != 0) return -1;
-  int shift = 0;
-  while ((int64_t{1} << shift) < block_size) ++shift;
-  return shift;
-}
-
 }  // namespace
 
 void prefill_attention(const PrefillAttentionArgs& a, std::uintptr_t stream) {
@@ -78,13 +69,17 @@ void prefill_attention(const PrefillAttentionArgs& a, std::uintptr_t stream) {
   p.num_heads = static_cast<int>(a.num_heads);
   p.num_kv_heads = static_cast<int>(a.num_kv_heads);
   p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
+  p.group_div = drt::cuda::FastDivmod<int32_t>::make(p.group);
   p.query_stride = a.query_token_stride;
   p.key_stride = a.key_token_stride;
   p.value_stride = a.value_token_stride;
   p.out_stride = a.out_token_stride;
   p.num_blocks = static_cast<int>(a.num_blocks);
   p.block_size = static_cast<int>(a.block_size);
-  p.block_shift = block_shift(a.block_size);
+  if (a.kv_cache != 0) {
+    p.block_div = drt::cuda::FastDivmod<int32_t>::make(a.block_size);
+    p.slot_div = drt::cuda::FastDivmod<int64_t>::make(a.block_size);
+  }
   p.max_blocks_per_seq = static_cast<int>(a.max_blocks_per_seq);
   p.kv_block_stride = a.kv_block_stride;
   p.scale_log2 = static_cast<float>(a.softmax_scale * M_LOG2E);

@@ -32,9 +32,9 @@ __device__ __forceinline__ void attend_m_tile(uint4* q_tile, uint4* k_tile, uint
   const int lane = threadIdx.x % 32;
   int row_pos[2];  // query positions of this thread's rows (group, group + 8)
   for (int h = 0; h < 2; ++h) {
-    row_pos[h] = s.prefix + (m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h) / p.group;
+    row_pos[h] = s.prefix + p.group_div.div(m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h);
   }
-  const int last_token = min(s.num_q - 1, (m0 + Cfg::kBlockM - 1) / p.group);
+  const int last_token = min(s.num_q - 1, p.group_div.div(m0 + Cfg::kBlockM - 1));
   const int kv_len = s.prefix + s.num_q;
   const int num_n_tiles = (s.prefix + last_token + 1 + kN - 1) / kN;
 

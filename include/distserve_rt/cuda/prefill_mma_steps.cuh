@@ -155,9 +155,9 @@ __device__ __forceinline__ void store_o_rows(MmaRows<HEAD_DIM>& st, const Prefil
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int packed = m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h;
-    const int token = packed / p.group;
+    const int token = p.group_div.div(packed);
     if (token >= s.num_q) continue;
-    const int head = kv_head * p.group + packed % p.group;
+    const int head = kv_head * p.group + p.group_div.mod(packed, token);
     T* row = out + (s.q_start + token) * p.out_stride + static_cast<int64_t>(head) * HEAD_DIM;
     const float inv_l = fast_rcp(l);
 #pragma unroll

@@ -132,9 +132,9 @@ __device__ __forceinline__ void store_rows(SimtRows<HEAD_DIM>& st, const Prefill
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     l += __shfl_xor_sync(0xffffffffu, l, 4);
     const int packed = m0 + 2 * rg + r;
-    const int token = packed / p.group;
+    const int token = p.group_div.div(packed);
     if (token >= s.num_q) continue;
-    const int head = kv_head * p.group + packed % p.group;
+    const int head = kv_head * p.group + p.group_div.mod(packed, token);
     float4* row =
         reinterpret_cast<float4*>(static_cast<float*>(p.out) + (s.q_start + token) * p.out_stride +
                                   static_cast<int64_t>(head) * HEAD_DIM);
