@@ -59,8 +59,8 @@ __device__ __forceinline__ void qk_tile(float (&s)[kBlockN / 8][4],
 
 // Causal mask + online softmax on S (in place: S becomes P), rescaling O and l.
 // row_pos[h]: query position of row group + 8h; keys at positions > row_pos or >= kv_len
-// are masked.
-template <int HEAD_DIM, int kBlockN>
+// are masked. kMasked = false: the caller knows no key of the tile is (see attend_m_tile).
+template <int HEAD_DIM, int kBlockN, bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows<HEAD_DIM>& st,
                                              const int (&row_pos)[2], int n0, int kv_len,
                                              float scale_log2) {
@@ -71,7 +71,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = n0 + t * 8 + 2 * quad + (e & 1);
-      const bool masked = key > row_pos[e / 2] || key >= kv_len;
+      const bool masked = kMasked && (key > row_pos[e / 2] || key >= kv_len);
       s[t][e] = masked ? -INFINITY : s[t][e] * scale_log2;
       row_max[e / 2] = fmaxf(row_max[e / 2], s[t][e]);
     }
