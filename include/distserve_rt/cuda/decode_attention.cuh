@@ -152,13 +152,21 @@ __global__ void __launch_bounds__(HEAD_DIM) decode_merge_kernel(const DecodePara
   *out = from_float<T>(acc * fast_rcp(l_all));
 }
 
+// CTAs of one split of the launch: what decode_num_splits multiplies by the split count.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+int64_t decode_ctas_per_split(int64_t batch, int num_heads, int num_kv_heads) {
+  using Cfg = DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
+  return batch * num_kv_heads * decode_num_head_tiles(num_heads / num_kv_heads, Cfg::kRows);
+}
+
 // Launches the split kernel and, with several splits, the merge. `p` needs every field
-// but the head tiling, which depends on the instantiation and is filled here.
+// but the head tiling, which depends on the instantiation and is filled here (num_splits
+// from decode_num_splits with the same tiling: decode_ctas_per_split).
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
 cudaError_t launch_decode_attention(DecodeParams p, cudaStream_t stream) {
   using Cfg = DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
   const int group = p.num_heads / p.num_kv_heads;
-  p.num_head_tiles = (group + Cfg::kRows - 1) / Cfg::kRows;
+  p.num_head_tiles = decode_num_head_tiles(group, Cfg::kRows);
   p.heads_per_cta = (group + p.num_head_tiles - 1) / p.num_head_tiles;
   p.block_size = BLOCK_SIZE;
   const dim3 grid(p.num_splits, p.num_kv_heads * p.num_head_tiles, p.batch);
