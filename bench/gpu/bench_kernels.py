@@ -38,7 +38,9 @@ def cases(quick: bool):
         yield lambda s=seq_len, n=num_seqs: prefill_case(s, n)
     yield lambda: prefill_case(4096, 2, dtype=torch.float16)
     yield lambda: prefill_case(4096, 2, head_dim=64)
-    for batch, ctx in [(32, 4096), (64, 4096), (32, 8192), (8, 32768)]:
+    yield lambda: prefill_case(4096, 2, slot_mapping=True)  # the engine's call: fused write_kv
+    # (1, 4096): batch x KV heads alone fill under half an H200; the planner adds splits.
+    for batch, ctx in [(1, 4096), (32, 4096), (64, 4096), (32, 8192), (8, 32768)]:
         yield lambda b=batch, c=ctx: decode_case(b, c)
     for heads, kv_heads in [(32, 32), (64, 8)]:  # GQA group 1 and 8 beside 4 above
         yield lambda h=heads, k=kv_heads: decode_case(32, 4096, h, k)

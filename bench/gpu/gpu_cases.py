@@ -111,11 +111,46 @@ def decode_case(
     )
 
 
+class _FusedWrite:
+    """The engine's prefill: a pool and a slot mapping (whole blocks in shuffled order), so the
+    kernel also writes the new tokens' K/V (the fused write_kv)."""
+
+    def __init__(self, key, value, block_size=16):
+        num_tokens, num_kv_heads, head_dim = key.shape
+        num_blocks = 2 * math.ceil(num_tokens / block_size)
+        self.block_size = block_size
+        # [num_blocks, 2, num_kv_heads, block_size, head_dim]
+        self.kv_cache = key.new_zeros(num_blocks, 2, num_kv_heads, block_size, head_dim)
+        blocks = torch.randperm(num_blocks, device=key.device)[: math.ceil(num_tokens / block_size)]
+        offsets = torch.arange(block_size, device=key.device)
+        self.slots = (blocks[:, None] * block_size + offsets).flatten()[:num_tokens]
+        self.key, self.value = key, value
+
+    def args(self) -> dict[str, int]:
+        return dict(
+            kv_cache=self.kv_cache.data_ptr(), slot_mapping=self.slots.data_ptr(),
+            num_blocks=self.kv_cache.shape[0], block_size=self.block_size,
+            kv_block_stride=self.kv_cache.stride(0),
+        )  # fmt: skip
+
+    def written_correctly(self) -> bool:
+        blocks, offsets = self.slots // self.block_size, self.slots % self.block_size
+        written = self.kv_cache[blocks, :, :, offsets]  # [num_tokens, 2, num_kv_heads, dim]
+        return torch.equal(written, torch.stack([self.key, self.value], dim=1))
+
+
 def prefill_case(
-    seq_len, num_seqs, num_heads=32, num_kv_heads=8, head_dim=128, dtype=torch.bfloat16
+    seq_len,
+    num_seqs,
+    num_heads=32,
+    num_kv_heads=8,
+    head_dim=128,
+    dtype=torch.bfloat16,
+    slot_mapping=False,
 ) -> GpuCase:
     """Causal varlen prefill vs SDPA (default and cuDNN backends) on [batch, heads, seq, dim]
-    copies of the same data (layout change not timed)."""
+    copies of the same data (layout change not timed). slot_mapping: the engine's call, which
+    also writes the new K/V into a pool (checked bit for bit)."""
     mod = _native.cuda_module()
     num_tokens = seq_len * num_seqs
     group = num_heads // num_kv_heads
@@ -125,6 +160,10 @@ def prefill_case(
     out = torch.empty_like(query)
     cu_seqlens = (torch.arange(num_seqs + 1, device="cuda") * seq_len).to(torch.int32)
     scale = head_dim**-0.5
+    fused = _FusedWrite(key, value) if slot_mapping else None
+    paged = fused.args() if fused else dict(
+        kv_cache=0, slot_mapping=0, num_blocks=0, block_size=16, kv_block_stride=0
+    )  # fmt: skip
 
     def ours():
         mod.prefill_attention(
@@ -133,9 +172,9 @@ def prefill_case(
             num_tokens=num_tokens, max_seqlen_q=seq_len, num_heads=num_heads,
             num_kv_heads=num_kv_heads, head_dim=head_dim, query_token_stride=query.stride(0),
             key_token_stride=key.stride(0), value_token_stride=value.stride(0),
-            out_token_stride=out.stride(0), softmax_scale=scale, kv_cache=0, block_table=0,
-            prefix_lens=0, slot_mapping=0, num_blocks=0, block_size=16, kv_block_stride=0,
-            max_blocks_per_seq=0, dtype=DTYPE_CODES[dtype], stream=_stream(),
+            out_token_stride=out.stride(0), softmax_scale=scale, block_table=0,
+            prefix_lens=0, max_blocks_per_seq=0, dtype=DTYPE_CODES[dtype], stream=_stream(),
+            **paged,
         )  # fmt: skip
 
     def bhsd(x: torch.Tensor) -> torch.Tensor:  # [tokens, heads, dim] -> [seqs, heads, S, dim]
@@ -155,9 +194,13 @@ def prefill_case(
 
     def check() -> dict[str, float]:
         out.fill_(float("nan"))
+        if fused:
+            fused.kv_cache.fill_(float("nan"))
         ours()
         ref = F.scaled_dot_product_attention(q4.float(), k4x.float(), v4x.float(), is_causal=True)
         ref = ref.transpose(1, 2).reshape(num_tokens, num_heads, head_dim)
+        if fused and not fused.written_correctly():
+            return {"kernel": math.inf}  # reported WRONG, not timed
         return {"kernel": rel_error(out, ref)}
 
     return GpuCase(
@@ -168,6 +211,7 @@ def prefill_case(
             heads=f"{num_heads}/{num_kv_heads}",
             head_dim=head_dim,
             dtype=str(dtype)[6:],
+            slot_mapping=slot_mapping,
         ),
         ours={"kernel": ours},
         baselines={

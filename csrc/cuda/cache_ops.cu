@@ -59,6 +59,7 @@ void write_kv(const WriteKVArgs& a, std::uintptr_t stream) {
   p.value_token_stride = a.value_token_stride;
   p.num_slots = a.num_blocks * a.block_size;
   p.block_size = static_cast<int>(a.block_size);
+  p.slot_div = drt::cuda::FastDivmod<int64_t>::make(a.block_size);
   p.kv_block_stride = a.kv_block_stride;
 
   const cudaStream_t cuda_stream = as_stream(stream);

@@ -1,7 +1,9 @@
-// Launcher of paged decode attention: argument checks, workspace size, dispatch on
-// dtype x head_dim x block_size (3 x 2 x 3 instantiations).
+// Launcher of paged decode attention: argument checks, workspace size, the split count
+// from the device's SM count and occupancy, dispatch on dtype x head_dim x block_size
+// (3 x 2 x 3 instantiations).
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 
@@ -42,6 +44,40 @@ void check_decode_alignment(const DecodeAttentionArgs& a, int64_t elem) {
   check_arg(aligned16(a.workspace), "workspace must be 16-byte aligned");
 }
 
+// CTAs of the split kernel the device runs at once (SMs x resident CTAs per SM): what the
+// split planner fills. Queried once per (device, instantiation): cudaGetDeviceProperties-
+// class calls cost microseconds to milliseconds, a decode step calls this every layer.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+int64_t decode_fill_ctas(int device) {
+  constexpr int kCachedDevices = 64;
+  static std::atomic<int64_t> cache[kCachedDevices] = {};  // 0: not queried yet
+  if (device >= 0 && device < kCachedDevices) {
+    const int64_t cached = cache[device].load(std::memory_order_relaxed);
+    if (cached > 0) return cached;
+  }
+  using Cfg = drt::cuda::DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
+  int num_sms = 0;
+  check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device),
+             "cudaDeviceGetAttribute(MultiProcessorCount)");
+  int per_sm = 0;
+  check_cuda(
+      cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+          &per_sm, drt::cuda::decode_split_kernel<T, HEAD_DIM, BLOCK_SIZE>, Cfg::kThreads, 0),
+      "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_split_kernel)");
+  const int64_t fill = static_cast<int64_t>(num_sms) * (per_sm > 0 ? per_sm : 1);
+  if (device >= 0 && device < kCachedDevices) cache[device].store(fill, std::memory_order_relaxed);
+  return fill;
+}
+
+// Points the split partials into the workspace (its layout depends on the split count).
+void set_workspace(drt::cuda::DecodeParams& p, const DecodeAttentionArgs& a) {
+  if (p.num_splits == 1) return;
+  char* base = as_ptr<char>(a.workspace);
+  p.partial_lse = reinterpret_cast<float2*>(base);
+  p.partial_out = reinterpret_cast<float*>(
+      base + drt::cuda::decode_partial_out_offset(a.batch, a.num_heads, p.num_splits));
+}
+
 }  // namespace
 
 int64_t decode_attention_workspace_bytes(const DecodeWorkspaceArgs& a) {
@@ -73,13 +109,6 @@ void decode_attention(const DecodeAttentionArgs& a, std::uintptr_t stream) {
   p.kv_cache = as_ptr<const void>(a.kv_cache);
   p.block_table = as_ptr<const int32_t>(a.block_table);
   p.seq_lens = as_ptr<const int32_t>(a.seq_lens);
-  p.num_splits = drt::cuda::decode_num_splits(a.max_seq_len);
-  if (p.num_splits > 1) {
-    char* base = as_ptr<char>(a.workspace);
-    p.partial_lse = reinterpret_cast<float2*>(base);
-    p.partial_out = reinterpret_cast<float*>(
-        base + drt::cuda::decode_partial_out_offset(a.batch, a.num_heads, p.num_splits));
-  }
   p.batch = static_cast<int>(a.batch);
   p.num_heads = static_cast<int>(a.num_heads);
   p.num_kv_heads = static_cast<int>(a.num_kv_heads);
@@ -95,6 +124,14 @@ void decode_attention(const DecodeAttentionArgs& a, std::uintptr_t stream) {
   const cudaError_t err = DRT_CUDA_DISPATCH_DTYPE(dtype, T, [&] {
     return DRT_DISPATCH_HEAD_DIM(a.head_dim, HEAD_DIM, [&] {
       return DRT_DISPATCH_BLOCK_SIZE(a.block_size, BLOCK_SIZE, [&] {
+        // Never more splits than the workspace was sized for: decode_workspace_bytes bounds
+        // this count over every num_kv_heads and device (decode_plan.cuh).
+        p.num_splits =
+            drt::cuda::decode_num_splits(a.max_seq_len,
+                                         drt::cuda::decode_ctas_per_split<T, HEAD_DIM, BLOCK_SIZE>(
+                                             a.batch, p.num_heads, p.num_kv_heads),
+                                         decode_fill_ctas<T, HEAD_DIM, BLOCK_SIZE>(guard.device()));
+        set_workspace(p, a);
         return drt::cuda::launch_decode_attention<T, HEAD_DIM, BLOCK_SIZE>(p, cuda_stream);
       });
     });

@@ -69,12 +69,17 @@ void prefill_attention(const PrefillAttentionArgs& a, std::uintptr_t stream) {
   p.num_heads = static_cast<int>(a.num_heads);
   p.num_kv_heads = static_cast<int>(a.num_kv_heads);
   p.group = static_cast<int>(a.num_heads / a.num_kv_heads);
+  p.group_div = drt::cuda::FastDivmod<int32_t>::make(p.group);
   p.query_stride = a.query_token_stride;
   p.key_stride = a.key_token_stride;
   p.value_stride = a.value_token_stride;
   p.out_stride = a.out_token_stride;
   p.num_blocks = static_cast<int>(a.num_blocks);
   p.block_size = static_cast<int>(a.block_size);
+  if (a.kv_cache != 0) {
+    p.block_div = drt::cuda::FastDivmod<int32_t>::make(a.block_size);
+    p.slot_div = drt::cuda::FastDivmod<int64_t>::make(a.block_size);
+  }
   p.max_blocks_per_seq = static_cast<int>(a.max_blocks_per_seq);
   p.kv_block_stride = a.kv_block_stride;
   p.scale_log2 = static_cast<float>(a.softmax_scale * M_LOG2E);

@@ -9,6 +9,8 @@
 
 #include <cstdint>
 
+#include "distserve_rt/cuda/fast_divmod.cuh"
+
 namespace drt::cuda {
 
 struct WriteKVParams {
@@ -23,7 +25,8 @@ struct WriteKVParams {
   int64_t value_token_stride;  // elements
   int64_t num_slots;           // num_blocks * block_size
   int block_size;
-  int64_t kv_block_stride;  // elements between blocks of kv_cache
+  FastDivmod<int64_t> slot_div;  // divides slots by block_size (set by the launcher)
+  int64_t kv_block_stride;       // elements between blocks of kv_cache
 };
 
 // One CTA per token (grid-stride); threads cover heads x head_dim in VecT-sized pieces
@@ -38,8 +41,8 @@ __global__ void write_kv_kernel(WriteKVParams p) {
   for (int64_t token = blockIdx.x; token < p.num_tokens; token += gridDim.x) {
     const int64_t slot = p.slot_mapping[token];
     if (slot < 0 || slot >= p.num_slots) continue;  // padding, or an id out of range
-    const int64_t block = slot / p.block_size;
-    const int offset = static_cast<int>(slot % p.block_size);
+    const int64_t block = p.slot_div.div(slot);     // not a 64-bit div and rem subroutine
+    const int offset = static_cast<int>(slot - block * p.block_size);
     const T* key = static_cast<const T*>(p.key) + token * p.key_token_stride;
     const T* value = static_cast<const T*>(p.value) + token * p.value_token_stride;
     T* cache = static_cast<T*>(p.kv_cache) + block * p.kv_block_stride;

@@ -4,7 +4,7 @@
 // Grid (split, kv_head x head_tile, seq); each CTA runs every query head of its GQA group
 // (up to Cfg::kRows of them; larger groups are tiled) over one split's tokens, so a K/V
 // tile is read from device memory once per group. Tiles stream through shared memory with
-// cp.async, double-buffered. Softmax is online in fp32, in the log2 domain (exp2f). With
+// cp.async, double-buffered. Softmax is online in fp32, in the log2 domain (fast_exp2). With
 // more than one split, each CTA leaves (max, sum, unnormalised output) in the workspace and
 // decode_merge_kernel combines the splits of each (seq, head).
 //
@@ -21,6 +21,7 @@
 #include "distserve_rt/cuda/decode_params.cuh"
 #include "distserve_rt/cuda/decode_tile.cuh"
 #include "distserve_rt/cuda/dtype.cuh"
+#include "distserve_rt/cuda/fast_math.cuh"
 
 namespace drt::cuda {
 namespace decode_detail {
@@ -51,13 +52,13 @@ __device__ __forceinline__ void merge_rows_and_store(DecodeSmem<Cfg>& smem, cons
   for (int z = 0; z < w.num_z; ++z) {
     const int r = z * w.num_cta_heads + row;
     const float2 ml = smem.ml[r];
-    const float scale = ml.x == -INFINITY ? 0.f : exp2f(ml.x - m_all);  // empty group: 0
+    const float scale = ml.x == -INFINITY ? 0.f : fast_exp2(ml.x - m_all);  // empty group: 0
     l_all = fmaf(ml.y, scale, l_all);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] = fmaf(smem.o[r][w.lane * kVec + i], scale, acc[i]);
   }
   if (p.num_splits == 1) {
-    const float inv_l = 1.f / l_all;
+    const float inv_l = fast_rcp(l_all);
 #pragma unroll
     for (int i = 0; i < kVec; ++i) acc[i] *= inv_l;
     T* out = static_cast<T*>(p.out) + w.seq * p.out_stride +
@@ -144,20 +145,28 @@ __global__ void __launch_bounds__(HEAD_DIM) decode_merge_kernel(const DecodePara
   float acc = 0.f;
   for (int s = 0; s < num_used; ++s) {
     const float2 ml = p.partial_lse[base + s];
-    const float scale = ml.x == -INFINITY ? 0.f : exp2f(ml.x - m_all);
+    const float scale = ml.x == -INFINITY ? 0.f : fast_exp2(ml.x - m_all);
     l_all = fmaf(ml.y, scale, l_all);
     acc = fmaf(p.partial_out[(base + s) * HEAD_DIM + dim], scale, acc);
   }
-  *out = from_float<T>(acc / l_all);
+  *out = from_float<T>(acc * fast_rcp(l_all));
+}
+
+// CTAs of one split of the launch: what decode_num_splits multiplies by the split count.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+int64_t decode_ctas_per_split(int64_t batch, int num_heads, int num_kv_heads) {
+  using Cfg = DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
+  return batch * num_kv_heads * decode_num_head_tiles(num_heads / num_kv_heads, Cfg::kRows);
 }
 
 // Launches the split kernel and, with several splits, the merge. `p` needs every field
-// but the head tiling, which depends on the instantiation and is filled here.
+// but the head tiling, which depends on the instantiation and is filled here (num_splits
+// from decode_num_splits with the same tiling: decode_ctas_per_split).
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
 cudaError_t launch_decode_attention(DecodeParams p, cudaStream_t stream) {
   using Cfg = DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
   const int group = p.num_heads / p.num_kv_heads;
-  p.num_head_tiles = (group + Cfg::kRows - 1) / Cfg::kRows;
+  p.num_head_tiles = decode_num_head_tiles(group, Cfg::kRows);
   p.heads_per_cta = (group + p.num_head_tiles - 1) / p.num_head_tiles;
   p.block_size = BLOCK_SIZE;
   const dim3 grid(p.num_splits, p.num_kv_heads * p.num_head_tiles, p.batch);

@@ -1,4 +1,5 @@
-// Parameters, tiling and workspace size of paged decode attention (decode_attention.cuh).
+// Parameters and tiling of paged decode attention (decode_attention.cuh); the split
+// planner and the workspace size are in decode_plan.cuh.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -6,45 +7,10 @@
 #include <cstdint>
 
 #include "distserve_rt/cuda/cp_async.cuh"
+#include "distserve_rt/cuda/decode_plan.cuh"
 #include "distserve_rt/cuda/dtype.cuh"
 
 namespace drt::cuda {
-
-// A split covers at least this many tokens: below it the merge costs more than the extra
-// parallelism gains (the partition size of vLLM's paged attention v2).
-inline constexpr int kDecodeMinSplitTokens = 512;
-// Bounds the workspace; 32 splits of >= 512 tokens already give >= 32 CTAs per KV head.
-inline constexpr int kDecodeMaxSplits = 32;
-
-// Splits of one launch, from the caller's bound on seq_lens only (no device read).
-inline int decode_num_splits(int64_t max_seq_len) {
-  int64_t splits = (max_seq_len + kDecodeMinSplitTokens - 1) / kDecodeMinSplitTokens;
-  if (splits < 1) splits = 1;
-  return static_cast<int>(splits < kDecodeMaxSplits ? splits : kDecodeMaxSplits);
-}
-
-// Tokens per split of one sequence: every token is covered even when seq_len exceeds the
-// max_seq_len the split count came from (the splits just grow).
-__host__ __device__ inline int decode_split_tokens(int seq_len, int num_splits) {
-  int per_split = (seq_len + num_splits - 1) / num_splits;
-  per_split = (per_split + 31) / 32 * 32;
-  return per_split > kDecodeMinSplitTokens ? per_split : kDecodeMinSplitTokens;
-}
-
-// Workspace layout: partial_lse [batch, num_heads, num_splits] float2 (max, sum), then at a
-// 256-byte boundary partial_out [batch, num_heads, num_splits, head_dim] float.
-inline int64_t decode_partial_out_offset(int64_t batch, int64_t num_heads, int num_splits) {
-  const int64_t lse_bytes = batch * num_heads * num_splits * static_cast<int64_t>(sizeof(float2));
-  return (lse_bytes + 255) / 256 * 256;
-}
-
-inline int64_t decode_workspace_bytes(int64_t batch, int64_t num_heads, int64_t head_dim,
-                                      int64_t max_seq_len) {
-  const int num_splits = decode_num_splits(max_seq_len);
-  if (num_splits == 1 || batch == 0) return 0;  // one split writes the output directly
-  return decode_partial_out_offset(batch, num_heads, num_splits) +
-         batch * num_heads * num_splits * head_dim * static_cast<int64_t>(sizeof(float));
-}
 
 struct DecodeParams {
   const void* query;           // [batch, num_heads, head_dim], batch stride query_stride

@@ -8,6 +8,7 @@
 #include "distserve_rt/cuda/cp_async.cuh"
 #include "distserve_rt/cuda/decode_params.cuh"
 #include "distserve_rt/cuda/dtype.cuh"
+#include "distserve_rt/cuda/fast_math.cuh"
 
 namespace drt::cuda {
 namespace decode_detail {
@@ -121,13 +122,13 @@ __device__ __forceinline__ void attend_tile(const DecodeSmem<Cfg>& smem, int sta
     float m_new = st.m;
 #pragma unroll
     for (int k = 0; k < Cfg::kChunk; ++k) m_new = fmaxf(m_new, s[k]);
-    const float alpha = exp2f(st.m - m_new);
+    const float alpha = fast_exp2(st.m - m_new);
     st.l *= alpha;
 #pragma unroll
     for (int i = 0; i < Cfg::kVec; ++i) st.o[i] *= alpha;
 #pragma unroll
     for (int k = 0; k < Cfg::kChunk; ++k) {
-      const float prob = exp2f(s[k] - m_new);
+      const float prob = fast_exp2(s[k] - m_new);
       st.l += prob;
       float vf[Cfg::kVec];
       vec_to_float<T>(smem.v[stage][first + k][w.lane], vf);

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace drt::cuda {
 
@@ -33,12 +34,34 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) {
 template <typename T>
 inline constexpr int kVecElems = 16 / static_cast<int>(sizeof(T));
 
-// Converts the 16 bytes in `raw` (kVecElems<T> values of T) to fp32.
+// The two 16-bit values packed in a 32-bit word (low half first, as in memory) to fp32.
+__device__ __forceinline__ float2 word_to_float2(uint32_t word, __nv_bfloat16 /*tag*/) {
+  // A bf16 is the top half of an fp32: shift and mask are the exact conversion.
+  return make_float2(__uint_as_float(word << 16), __uint_as_float(word & 0xffff0000u));
+}
+__device__ __forceinline__ float2 word_to_float2(uint32_t word, __half /*tag*/) {
+  __half2 pair;
+  static_assert(sizeof(pair) == sizeof(word));
+  memcpy(&pair, &word, sizeof(word));
+  return __half22float2(pair);
+}
+
+// Converts the 16 bytes in `raw` (kVecElems<T> values of T) to fp32. `raw` is taken by value
+// and converted from its 32-bit words: reading the elements through a `const T*` into
+// shared memory made nvcc split the 16-byte load into 8 LDS.U16 (bf16, sm_90a).
 template <typename T>
-__device__ __forceinline__ void vec_to_float(const uint4& raw, float (&out)[kVecElems<T>]) {
-  const T* elems = reinterpret_cast<const T*>(&raw);
+__device__ __forceinline__ void vec_to_float(const uint4 raw, float (&out)[kVecElems<T>]) {
+  const uint32_t words[4] = {raw.x, raw.y, raw.z, raw.w};
 #pragma unroll
-  for (int i = 0; i < kVecElems<T>; ++i) out[i] = to_float(elems[i]);
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (sizeof(T) == 4) {
+      out[i] = __uint_as_float(words[i]);
+    } else {
+      const float2 pair = word_to_float2(words[i], T{});
+      out[2 * i] = pair.x;
+      out[2 * i + 1] = pair.y;
+    }
+  }
 }
 
 // Packs kVecElems<T> fp32 values into 16 bytes of T (round to nearest even).

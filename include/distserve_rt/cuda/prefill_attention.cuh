@@ -34,8 +34,9 @@ __device__ __forceinline__ void attend_m_tile(uint4* q_tile, uint4* k_tile, uint
   constexpr int kN = Cfg::kBlockN;
   constexpr int kThreads = Cfg::kThreads;
   int row_pos[2];  // query positions of rows 2rg, 2rg + 1
-  for (int r = 0; r < 2; ++r) row_pos[r] = s.prefix + (m0 + 2 * (threadIdx.x / 8) + r) / p.group;
-  const int last_token = min(s.num_q - 1, (m0 + Cfg::kBlockM - 1) / p.group);
+  for (int r = 0; r < 2; ++r)
+    row_pos[r] = s.prefix + p.group_div.div(m0 + 2 * (threadIdx.x / 8) + r);
+  const int last_token = min(s.num_q - 1, p.group_div.div(m0 + Cfg::kBlockM - 1));
   const int kv_len = s.prefix + s.num_q;
   const int num_n_tiles = (s.prefix + last_token + 1 + kN - 1) / kN;
 

@@ -32,11 +32,16 @@ __device__ __forceinline__ void attend_m_tile(uint4* q_tile, uint4* k_tile, uint
   const int lane = threadIdx.x % 32;
   int row_pos[2];  // query positions of this thread's rows (group, group + 8)
   for (int h = 0; h < 2; ++h) {
-    row_pos[h] = s.prefix + (m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h) / p.group;
+    row_pos[h] = s.prefix + p.group_div.div(m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h);
   }
-  const int last_token = min(s.num_q - 1, (m0 + Cfg::kBlockM - 1) / p.group);
+  const int last_token = min(s.num_q - 1, p.group_div.div(m0 + Cfg::kBlockM - 1));
   const int kv_len = s.prefix + s.num_q;
   const int num_n_tiles = (s.prefix + last_token + 1 + kN - 1) / kN;
+  // Key tiles that end at or before this warp's first query position (and inside the
+  // sequence) need no mask for any of its rows: the softmax branches once per tile, warp-
+  // uniformly, to a mask-free body; only the diagonal and the ragged last tiles pay for it.
+  const int warp_first_pos = s.prefix + p.group_div.div(m0 + (threadIdx.x / 32) * 16);
+  const int unmasked_end = min(warp_first_pos + 1, kv_len);
 
   load_q_tile<T, HEAD_DIM, Cfg::kBlockM, kThreads>(q_tile, p, s, kv_head, m0);
   load_kv_tile<T, HEAD_DIM, kN, kThreads>(k_tile, 0, p, s, seq, kv_head, 0);
@@ -58,7 +63,11 @@ __device__ __forceinline__ void attend_m_tile(uint4* q_tile, uint4* k_tile, uint
     cp_async_commit();
     float sp[kN / 8][4];  // S, then P in place
     qk_tile<T, HEAD_DIM, kN>(sp, qf, k_tile);
-    softmax_tile<HEAD_DIM, kN>(sp, st, row_pos, n0, kv_len, p.scale_log2);
+    if (n0 + kN <= unmasked_end) {
+      softmax_tile<HEAD_DIM, kN, false>(sp, st, row_pos, n0, kv_len, p.scale_log2);
+    } else {
+      softmax_tile<HEAD_DIM, kN, true>(sp, st, row_pos, n0, kv_len, p.scale_log2);
+    }
     cp_async_wait<0>();
     __syncthreads();  // V(nt) landed; every warp is done with K(nt)
     if (writer) write_new_kv_rows<T, HEAD_DIM, kN, kThreads>(v_tile, 1, p, s, kv_head, n0);

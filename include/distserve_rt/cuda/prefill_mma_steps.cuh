@@ -5,6 +5,7 @@
 
 #include <cstdint>
 
+#include "distserve_rt/cuda/fast_math.cuh"
 #include "distserve_rt/cuda/mma.cuh"
 #include "distserve_rt/cuda/prefill_tiles.cuh"
 
@@ -58,8 +59,8 @@ __device__ __forceinline__ void qk_tile(float (&s)[kBlockN / 8][4],
 
 // Causal mask + online softmax on S (in place: S becomes P), rescaling O and l.
 // row_pos[h]: query position of row group + 8h; keys at positions > row_pos or >= kv_len
-// are masked.
-template <int HEAD_DIM, int kBlockN>
+// are masked. kMasked = false: the caller knows no key of the tile is (see attend_m_tile).
+template <int HEAD_DIM, int kBlockN, bool kMasked>
 __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows<HEAD_DIM>& st,
                                              const int (&row_pos)[2], int n0, int kv_len,
                                              float scale_log2) {
@@ -70,7 +71,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
       const int key = n0 + t * 8 + 2 * quad + (e & 1);
-      const bool masked = key > row_pos[e / 2] || key >= kv_len;
+      const bool masked = kMasked && (key > row_pos[e / 2] || key >= kv_len);
       s[t][e] = masked ? -INFINITY : s[t][e] * scale_log2;
       row_max[e / 2] = fmaxf(row_max[e / 2], s[t][e]);
     }
@@ -83,7 +84,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
     const float m_new = fmaxf(st.m[h], row_max[h]);
     // A row with every key masked so far keeps max -inf; exp2 of (-inf) - 0 is then 0.
     const float m_use = m_new == -INFINITY ? 0.f : m_new;
-    const float alpha = exp2f(st.m[h] - m_use);
+    const float alpha = fast_exp2(st.m[h] - m_use);
     st.l[h] *= alpha;
 #pragma unroll
     for (int d = 0; d < HEAD_DIM / 8; ++d) {
@@ -97,7 +98,7 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
   for (int t = 0; t < kBlockN / 8; ++t) {
 #pragma unroll
     for (int e = 0; e < 4; ++e) {
-      s[t][e] = exp2f(s[t][e] - row_max[e / 2]);
+      s[t][e] = fast_exp2(s[t][e] - row_max[e / 2]);
       st.l[e / 2] += s[t][e];
     }
   }
@@ -154,11 +155,11 @@ __device__ __forceinline__ void store_o_rows(MmaRows<HEAD_DIM>& st, const Prefil
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     const int packed = m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h;
-    const int token = packed / p.group;
+    const int token = p.group_div.div(packed);
     if (token >= s.num_q) continue;
-    const int head = kv_head * p.group + packed % p.group;
+    const int head = kv_head * p.group + p.group_div.mod(packed, token);
     T* row = out + (s.q_start + token) * p.out_stride + static_cast<int64_t>(head) * HEAD_DIM;
-    const float inv_l = 1.f / l;
+    const float inv_l = fast_rcp(l);
 #pragma unroll
     for (int d = 0; d < HEAD_DIM / 8; ++d) {
       *reinterpret_cast<uint32_t*>(row + d * 8 + 2 * (lane % 4)) =

@@ -12,6 +12,7 @@
 #include <cstdint>
 
 #include "distserve_rt/cuda/cp_async.cuh"
+#include "distserve_rt/cuda/fast_math.cuh"
 #include "distserve_rt/cuda/prefill_tiles.cuh"
 
 namespace drt::cuda {
@@ -79,7 +80,7 @@ __device__ __forceinline__ void scores_to_p(SimtRows<HEAD_DIM>& st, const uint4*
     }
     const float m_new = fmaxf(st.m[r], max_over_cg(row_max));
     const float m_use = m_new == -INFINITY ? 0.f : m_new;  // fully masked row so far
-    const float alpha = exp2f(st.m[r] - m_use);
+    const float alpha = fast_exp2(st.m[r] - m_use);
     st.l[r] *= alpha;
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 32; ++i) {
@@ -90,7 +91,7 @@ __device__ __forceinline__ void scores_to_p(SimtRows<HEAD_DIM>& st, const uint4*
     }
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
-      const float prob = exp2f(s[r][c] - m_use);
+      const float prob = fast_exp2(s[r][c] - m_use);
       st.l[r] += prob;
       p_smem[(2 * rg + r) * Cfg::kPStride + cg + 8 * c] = prob;
     }
@@ -131,13 +132,13 @@ __device__ __forceinline__ void store_rows(SimtRows<HEAD_DIM>& st, const Prefill
     l += __shfl_xor_sync(0xffffffffu, l, 2);
     l += __shfl_xor_sync(0xffffffffu, l, 4);
     const int packed = m0 + 2 * rg + r;
-    const int token = packed / p.group;
+    const int token = p.group_div.div(packed);
     if (token >= s.num_q) continue;
-    const int head = kv_head * p.group + packed % p.group;
+    const int head = kv_head * p.group + p.group_div.mod(packed, token);
     float4* row =
         reinterpret_cast<float4*>(static_cast<float*>(p.out) + (s.q_start + token) * p.out_stride +
                                   static_cast<int64_t>(head) * HEAD_DIM);
-    const float inv_l = 1.f / l;
+    const float inv_l = fast_rcp(l);
 #pragma unroll
     for (int i = 0; i < HEAD_DIM / 32; ++i) {
       const float4 o = st.o[r][i];

@@ -9,6 +9,7 @@
 
 #include "distserve_rt/cuda/cp_async.cuh"
 #include "distserve_rt/cuda/dtype.cuh"
+#include "distserve_rt/cuda/fast_divmod.cuh"
 
 namespace drt::cuda {
 
@@ -26,13 +27,16 @@ struct PrefillParams {
   int64_t num_tokens;
   int num_heads;
   int num_kv_heads;
-  int group;  // num_heads / num_kv_heads
+  int group;                      // num_heads / num_kv_heads
+  FastDivmod<int32_t> group_div;  // divides packed rows by group (set by the launcher)
   int64_t query_stride;
   int64_t key_stride;
   int64_t value_stride;
   int64_t out_stride;
   int num_blocks;
   int block_size;
+  FastDivmod<int32_t> block_div;  // divides positions by block_size (set by the launcher)
+  FastDivmod<int64_t> slot_div;   // divides slots by block_size (set by the launcher)
   int max_blocks_per_seq;
   int64_t kv_block_stride;
   float scale_log2;  // softmax_scale * log2(e)
@@ -81,8 +85,8 @@ __device__ __forceinline__ void load_q_tile(uint4* tile, const PrefillParams& p,
     const int row = i / Shape::kVecsPerRow;
     const int vec = i % Shape::kVecsPerRow;
     const int packed = m0 + row;
-    const int token = packed / p.group;
-    const int head = kv_head * p.group + packed % p.group;
+    const int token = p.group_div.div(packed);
+    const int head = kv_head * p.group + p.group_div.mod(packed, token);
     const bool valid = token < s.num_q;
     const T* src = valid ? query + (s.q_start + token) * p.query_stride +
                                static_cast<int64_t>(head) * HEAD_DIM + vec * Shape::kVec
@@ -109,8 +113,9 @@ __device__ __forceinline__ void load_kv_tile(uint4* tile, int kind, const Prefil
     const T* src = fresh;
     bool valid = false;
     if (pos < s.prefix) {
+      const int table_index = p.block_div.div(pos);
       const int32_t block =
-          p.block_table[static_cast<int64_t>(seq) * p.max_blocks_per_seq + pos / p.block_size];
+          p.block_table[static_cast<int64_t>(seq) * p.max_blocks_per_seq + table_index];
       if (block < 0 || block >= p.num_blocks) {
         *dst = nan_vec<T>();
         continue;
@@ -118,7 +123,7 @@ __device__ __forceinline__ void load_kv_tile(uint4* tile, int kind, const Prefil
       // [2, num_kv_heads, block_size, head_dim] inside the block, K before V.
       src = cache + block * p.kv_block_stride +
             ((static_cast<int64_t>(kind) * p.num_kv_heads + kv_head) * p.block_size +
-             pos % p.block_size) *
+             (pos - table_index * p.block_size)) *
                 HEAD_DIM +
             vec * Shape::kVec;
       valid = true;
@@ -141,6 +146,9 @@ __device__ __forceinline__ void write_new_kv_rows(const uint4* tile, int kind,
   using Shape = TileShape<T, HEAD_DIM>;
   T* cache = static_cast<T*>(p.kv_cache);
   const int64_t num_slots = static_cast<int64_t>(p.num_blocks) * p.block_size;
+  // Rolled: one CTA per sequence writes, and unrolled the loop's hoisted loads cost the
+  // attention loop registers (and the fp32 kernel spills; see bench/gpu/NOTES.md).
+#pragma unroll 1
   for (int i = threadIdx.x; i < kRows * Shape::kVecsPerRow; i += kThreads) {
     const int row = i / Shape::kVecsPerRow;
     const int vec = i % Shape::kVecsPerRow;
@@ -148,9 +156,10 @@ __device__ __forceinline__ void write_new_kv_rows(const uint4* tile, int kind,
     if (pos < s.prefix || pos >= s.prefix + s.num_q) continue;
     const int64_t slot = p.slot_mapping[s.q_start + pos - s.prefix];
     if (slot < 0 || slot >= num_slots) continue;  // padding, or an id out of range
-    T* dst = cache + (slot / p.block_size) * p.kv_block_stride +
-             ((static_cast<int64_t>(kind) * p.num_kv_heads + kv_head) * p.block_size +
-              slot % p.block_size) *
+    const int64_t block = p.slot_div.div(slot);
+    const int offset = static_cast<int>(slot - block * p.block_size);
+    T* dst = cache + block * p.kv_block_stride +
+             ((static_cast<int64_t>(kind) * p.num_kv_heads + kv_head) * p.block_size + offset) *
                  HEAD_DIM +
              vec * Shape::kVec;
     *reinterpret_cast<uint4*>(dst) = tile[row * Shape::kStride + vec];
@@ -166,9 +175,9 @@ __device__ __forceinline__ void store_nan_rows(const PrefillParams& p, const Pre
   T* out = static_cast<T*>(p.out);
   for (int i = threadIdx.x; i < kRows * Shape::kVecsPerRow; i += kThreads) {
     const int packed = m0 + i / Shape::kVecsPerRow;
-    const int token = packed / p.group;
+    const int token = p.group_div.div(packed);
     if (token >= s.num_q) continue;
-    const int head = kv_head * p.group + packed % p.group;
+    const int head = kv_head * p.group + p.group_div.mod(packed, token);
     T* dst = out + (s.q_start + token) * p.out_stride + static_cast<int64_t>(head) * HEAD_DIM +
              (i % Shape::kVecsPerRow) * Shape::kVec;
     *reinterpret_cast<uint4*>(dst) = nan_vec<T>();
