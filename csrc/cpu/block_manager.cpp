@@ -44,7 +44,8 @@ const char* alloc_status_name(AllocStatus status) {
 }
 
 std::unique_ptr<BlockManager> make_block_manager(std::int64_t num_blocks, std::int64_t block_size,
-                                                 double watermark, bool enable_prefix_caching) {
+                                                 double watermark, bool enable_prefix_caching,
+                                                 int hash_bits) {
   check_arg(block_size == 8 || block_size == 16 || block_size == 32,
             "block_size must be one of 8, 16, 32, got ", block_size);
   check_arg(num_blocks >= 1, "num_blocks must be >= 1, got ", num_blocks);
@@ -52,9 +53,10 @@ std::unique_ptr<BlockManager> make_block_manager(std::int64_t num_blocks, std::i
   check_arg(num_blocks <= max_blocks, "num_blocks must be <= ", max_blocks, " for block_size ",
             block_size, " (token positions are int32 in seq_lens), got ", num_blocks);
   check_arg(watermark >= 0.0 && watermark < 1.0, "watermark must be in [0, 1), got ", watermark);
+  check_arg(hash_bits >= 1 && hash_bits <= 64, "hash_bits must be in [1, 64], got ", hash_bits);
   return std::make_unique<BlockManager>(static_cast<std::int32_t>(num_blocks),
                                         static_cast<std::int32_t>(block_size), watermark,
-                                        enable_prefix_caching);
+                                        enable_prefix_caching, hash_bits);
 }
 
 // Raises for the statuses every per-request call shares. The binding checks counts and
@@ -333,7 +335,25 @@ std::int64_t num_tokens_of(const BlockManager& self, std::int64_t request_id) {
 
 }  // namespace
 
+// [num_tokens / block_size] uint64: the chained hashes of the full blocks of token_ids, as
+// the prefix cache keys them (content only: the same on every instance).
+py::array_t<std::uint64_t> prefix_block_hashes(const py::handle& token_ids, std::int64_t block_size,
+                                               std::uint64_t extra_key) {
+  check_arg(block_size >= 1, "prefix_block_hashes: block_size must be >= 1, got ", block_size);
+  const std::vector<std::int32_t> tokens = as_token_ids(token_ids, 0, "prefix_block_hashes");
+  const auto size = static_cast<std::int32_t>(block_size);
+  std::vector<std::uint64_t> out;
+  std::uint64_t hash = drt::root_block_hash(extra_key);
+  for (std::size_t start = 0; start + size <= tokens.size(); start += size) {
+    hash = drt::block_hash(hash, tokens.data() + start, size);
+    out.push_back(hash);
+  }
+  return to_numpy(out);
+}
+
 void register_block_manager(py::module_& m) {
+  m.def("prefix_block_hashes", &prefix_block_hashes, py::arg("token_ids"), py::arg("block_size"),
+        py::arg("extra_key"));
   py::enum_<AllocStatus>(m, "AllocStatus")
       .value("OK", AllocStatus::kOk)
       .value("LATER", AllocStatus::kLater)
@@ -343,7 +363,7 @@ void register_block_manager(py::module_& m) {
   const auto request_ids = py::arg("request_ids");
   py::class_<BlockManager>(m, "BlockManager")
       .def(py::init(&make_block_manager), py::arg("num_blocks"), py::arg("block_size"),
-           py::arg("watermark"), py::arg("enable_prefix_caching"))
+           py::arg("watermark"), py::arg("enable_prefix_caching"), py::arg("hash_bits"))
       .def_property_readonly("enable_prefix_caching", &BlockManager::enable_prefix_caching)
       .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks)
       .def_property_readonly("prefix_cache_queries", &BlockManager::prefix_cache_queries)

@@ -95,6 +95,16 @@ class BlockManagerStats:
 DEFAULT_EXTRA_KEY = 0
 
 
+def prefix_block_hashes(
+    token_ids: RequestIds, block_size: int, extra_key: int = DEFAULT_EXTRA_KEY
+) -> np.ndarray:
+    """uint64 [len(token_ids) // block_size]: the chained hash of each full block of
+    `token_ids` as the prefix cache keys it: block i's hash covers tokens 0 .. (i + 1) *
+    block_size - 1 and `extra_key`. Content only (no block ids), so equal on every instance:
+    what a router compares to find where a prompt's prefix is cached."""
+    return _C.prefix_block_hashes(token_ids, block_size, extra_key)
+
+
 class BlockManager:
     """Paged-KV block allocator with reference counts (vLLM's BlockSpaceManager shape).
 
@@ -108,6 +118,9 @@ class BlockManager:
             the same prefix (see the module docstring). Off by default here, so that a
             caller with synthetic token ids (the planner's simulators) never gets hits it
             does not model; the engine passes ``EngineConfig.enable_prefix_caching``.
+        hash_bits: low bits of the block hash that index the cache's table, in [1, 64].
+            64 but in tests, which narrow it so that unrelated blocks collide: the lookup
+            compares tokens, so collisions cost time, never correctness.
     """
 
     def __init__(
@@ -116,6 +129,7 @@ class BlockManager:
         block_size: int = 16,
         watermark: float = 0.01,
         enable_prefix_caching: bool = False,
+        hash_bits: int = 64,
     ) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(value, int) or isinstance(value, bool):
@@ -128,7 +142,7 @@ class BlockManager:
             raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
         # The native constructor checks the ranges (num_blocks, watermark) and says why.
         self._native = _C.BlockManager(
-            num_blocks, block_size, float(watermark), enable_prefix_caching
+            num_blocks, block_size, float(watermark), enable_prefix_caching, hash_bits
         )
         self._watermark = float(watermark)
 

@@ -95,6 +95,7 @@ class LLMEngine:
             config.watermark,
             config.policy,
             self.scheduler_config,
+            config.enable_prefix_caching,
         )
         # (virtual engine, its batch, executor handle or None when nothing ran, the batch's
         # seeded streams before it ran), oldest first

@@ -67,13 +67,16 @@ class BlockManager {
   // Preconditions (the binding layer checks them and names the bad value):
   //   num_blocks >= 1, block_size >= 1, num_blocks * block_size <= INT32_MAX (every token
   //   position fits the int32 seq_lens of the attention ABI), 0 <= watermark < 1.
+  // hash_bits: see PrefixCache (64 except in tests).
   BlockManager(std::int32_t num_blocks, std::int32_t block_size, double watermark,
-               bool enable_prefix_caching = false)
+               bool enable_prefix_caching = false, int hash_bits = 64)
       : num_blocks_(num_blocks),
         block_size_(block_size),
         watermark_blocks_(static_cast<std::int32_t>(watermark * num_blocks)),
         refcounts_(static_cast<std::size_t>(num_blocks), 0) {
-    if (enable_prefix_caching) cache_ = std::make_unique<PrefixCache>(num_blocks, block_size);
+    if (enable_prefix_caching) {
+      cache_ = std::make_unique<PrefixCache>(num_blocks, block_size, hash_bits);
+    }
     free_blocks_.reserve(static_cast<std::size_t>(num_blocks));
     // Block 0 on top: a fresh pool hands out blocks 0, 1, 2, ... in order.
     for (std::int32_t block = num_blocks - 1; block >= 0; --block) free_blocks_.push_back(block);

@@ -64,8 +64,11 @@ class PrefixCache {
     std::uint64_t hash = 0;
   };
 
-  PrefixCache(std::int32_t num_blocks, std::int32_t block_size)
+  // hash_bits (1..64): how many low bits of the hash index the table. Always 64 but in
+  // tests, which narrow it so that every lookup collides and the exact match is exercised.
+  PrefixCache(std::int32_t num_blocks, std::int32_t block_size, int hash_bits = 64)
       : block_size_(block_size),
+        key_mask_(hash_bits >= 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << hash_bits) - 1),
         tokens_(static_cast<std::size_t>(num_blocks) * block_size, 0),
         extra_key_(static_cast<std::size_t>(num_blocks), 0),
         hash_(static_cast<std::size_t>(num_blocks), 0),
@@ -85,7 +88,7 @@ class PrefixCache {
   // The cached block holding `tokens` [block_size] right after `parent`, or -1.
   std::int32_t find(std::uint64_t hash, const Link& parent, const std::int32_t* tokens,
                     std::uint64_t extra_key) const {
-    const auto range = by_hash_.equal_range(hash);
+    const auto range = by_hash_.equal_range(hash & key_mask_);
     for (auto it = range.first; it != range.second; ++it) {
       const std::int32_t block = it->second;
       const Link& p = parent_[block];
@@ -106,14 +109,14 @@ class PrefixCache {
     hash_[block] = hash;
     parent_[block] = parent;
     cached_[block] = 1;
-    by_hash_.emplace(hash, block);
+    by_hash_.emplace(hash & key_mask_, block);
   }
 
   // Drops `block`'s entry; its content is about to be overwritten. Children registered
   // after it keep their entries but can never match again (the generation moved on); they
   // age out of the LRU like any other block.
   void evict(std::int32_t block) {
-    const auto range = by_hash_.equal_range(hash_[block]);
+    const auto range = by_hash_.equal_range(hash_[block] & key_mask_);
     for (auto it = range.first; it != range.second; ++it) {
       if (it->second == block) {
         by_hash_.erase(it);
@@ -169,7 +172,8 @@ class PrefixCache {
     std::int64_t num_in_table = 0;
     for (const auto& [hash, block] : by_hash_) {
       if (!is_cached(block)) return "hash table lists uncached block " + std::to_string(block);
-      if (hash_[block] != hash) return "block " + std::to_string(block) + " under a wrong hash";
+      if ((hash_[block] & key_mask_) != hash)
+        return "block " + std::to_string(block) + " under a wrong hash";
       ++num_in_table;
     }
     std::int64_t num_cached_blocks = 0, num_walked = 0;
@@ -193,6 +197,7 @@ class PrefixCache {
 
  private:
   std::int32_t block_size_;
+  std::uint64_t key_mask_;
   std::vector<std::int32_t> tokens_;       // [num_blocks, block_size] a cached block's tokens
   std::vector<std::uint64_t> extra_key_;   // [num_blocks]
   std::vector<std::uint64_t> hash_;        // [num_blocks]
