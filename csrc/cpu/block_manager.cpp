@@ -204,17 +204,21 @@ std::int64_t allocate(BlockManager& self, std::int64_t request_id, std::int64_t 
   return num_cached_tokens;
 }
 
+// token_ids [num_computed_tokens - start]: the tokens at positions start.. (see the header).
 void cache_blocks(BlockManager& self, std::int64_t request_id, const py::handle& token_ids,
-                  std::int64_t num_computed_tokens) {
+                  std::int64_t num_computed_tokens, std::int64_t start) {
   const std::int64_t num_tokens = self.num_tokens(request_id);
   if (num_tokens < 0) raise_for(BlockStatus::kUnknownRequest, "cache_blocks", request_id);
   check_arg(0 <= num_computed_tokens && num_computed_tokens <= num_tokens,
             "cache_blocks: num_computed_tokens must be in [0, num_tokens = ", num_tokens,
             "] of request_id ", request_id, ", got ", num_computed_tokens);
+  check_arg(start >= 0 && start % self.block_size() == 0 && start <= num_computed_tokens,
+            "cache_blocks: start must be a multiple of block_size (", self.block_size(),
+            ") in [0, num_computed_tokens = ", num_computed_tokens, "], got ", start);
   const std::vector<std::int32_t> tokens =
-      as_token_ids(token_ids, num_computed_tokens, "cache_blocks");
-  raise_for(self.cache_blocks(request_id, tokens.data(), num_computed_tokens), "cache_blocks",
-            request_id);
+      as_token_ids(token_ids, num_computed_tokens - start, "cache_blocks");
+  raise_for(self.cache_blocks(request_id, tokens.data(), num_computed_tokens, start),
+            "cache_blocks", request_id);
 }
 
 std::int64_t blocks_to_append_one(BlockManager& self, std::int64_t request_id,
@@ -380,7 +384,7 @@ void register_block_manager(py::module_& m) {
       .def("allocate", &allocate, request_id, py::arg("num_tokens"), py::arg("token_ids"),
            py::arg("extra_key"))
       .def("cache_blocks", &cache_blocks, request_id, py::arg("token_ids"),
-           py::arg("num_computed_tokens"))
+           py::arg("num_computed_tokens"), py::arg("start"))
       .def("fork", &fork_request, py::arg("parent_id"), py::arg("child_id"))
       .def("free", &free_request, request_id)
       .def("can_append_slots", &can_append_slots, request_id, py::arg("num_new_tokens"))

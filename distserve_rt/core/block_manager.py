@@ -182,14 +182,18 @@ class BlockManager:
         return self._native.allocate(request_id, num_tokens, token_ids, extra_key)
 
     def cache_blocks(
-        self, request_id: int, token_ids: RequestIds, num_computed_tokens: int
+        self, request_id: int, token_ids: RequestIds, num_computed_tokens: int, start: int = 0
     ) -> None:
         """The KV of the request's first `num_computed_tokens` tokens is written: its
         full blocks among them become reusable by later requests (a no-op with prefix
         caching off). Call it after the step that wrote them has run, never at schedule
-        time: a block must not be shared before its KV exists. `token_ids` holds at least
-        `num_computed_tokens` of the request's tokens."""
-        self._native.cache_blocks(request_id, token_ids, num_computed_tokens)
+        time: a block must not be shared before its KV exists.
+
+        `token_ids` holds the request's tokens at positions ``start .. num_computed_tokens
+        - 1`` (`start` a multiple of block_size), so that a step passes only the blocks it
+        filled, not the whole context. Blocks before `start` must be registered already;
+        when they are not, nothing is (a chain cannot skip a block)."""
+        self._native.cache_blocks(request_id, token_ids, num_computed_tokens, start)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """New request `child_id` shares all of `parent_id`'s tokens and blocks (each

@@ -165,11 +165,14 @@ class BlockManager {
   }
 
   // Registers the request's full blocks among its first num_computed_tokens positions (their
-  // KV written) in the prefix cache, from the first one not yet registered; `tokens` holds
-  // at least num_computed_tokens token ids. A block whose content another block already
-  // caches stays unregistered (the request keeps using it). No-op with caching off.
+  // KV written) in the prefix cache, from the first one not yet registered. tokens[j] is the
+  // token at position tokens_start + j, up to num_computed_tokens - 1: a caller passes only
+  // the unregistered tail (a decode: the block it just filled), not the whole context.
+  // tokens_start (a multiple of block_size, >= 0) past the first unregistered block
+  // registers nothing: a chain cannot skip a block. A block whose content another block
+  // already caches stays unregistered (the request keeps using it). No-op with caching off.
   BlockStatus cache_blocks(std::int64_t request_id, const std::int32_t* tokens,
-                           std::int64_t num_computed_tokens);
+                           std::int64_t num_computed_tokens, std::int64_t tokens_start = 0);
 
   // The child gets the parent's tokens by sharing every block (refcount + 1); no block is
   // taken until one of them writes into a shared block.
@@ -399,17 +402,19 @@ inline void BlockManager::match_prefix(const std::int32_t* tokens, std::int64_t 
 }
 
 inline BlockStatus BlockManager::cache_blocks(std::int64_t request_id, const std::int32_t* tokens,
-                                              std::int64_t num_computed_tokens) {
+                                              std::int64_t num_computed_tokens,
+                                              std::int64_t tokens_start) {
   const auto it = requests_.find(request_id);
   if (it == requests_.end()) return BlockStatus::kUnknownRequest;
   Request& request = it->second;
-  if (num_computed_tokens < 0 || num_computed_tokens > request.num_tokens) {
+  if (num_computed_tokens < 0 || num_computed_tokens > request.num_tokens || tokens_start < 0 ||
+      tokens_start % block_size_ != 0) {
     return BlockStatus::kInvalidArgument;
   }
-  if (!cache_) return BlockStatus::kOk;
+  if (!cache_ || tokens_start > request.num_cached_blocks * block_size_) return BlockStatus::kOk;
   const std::int64_t num_full = num_computed_tokens / block_size_;
   for (std::int64_t i = request.num_cached_blocks; i < num_full; ++i) {
-    const std::int32_t* block_tokens = tokens + i * block_size_;
+    const std::int32_t* block_tokens = tokens + (i * block_size_ - tokens_start);
     const std::uint64_t hash = block_hash(request.cached_tail.hash, block_tokens, block_size_);
     std::int32_t block = cache_->find(hash, request.cached_tail, block_tokens, request.extra_key);
     if (block < 0) {

@@ -154,3 +154,17 @@ def test_caching_off_ignores_token_ids():
         BlockManager(8, BS, 0.0, enable_prefix_caching=1)
     with pytest.raises(ValueError, match=r"hash_bits must be in \[1, 64\], got 0"):
         BlockManager(8, BS, 0.0, enable_prefix_caching=True, hash_bits=0)
+
+
+def test_registration_takes_only_the_unregistered_tail():
+    bm = cached_manager()
+    t = tokens(1, 2, 3)
+    bm.allocate(1, len(t), t)
+    bm.cache_blocks(1, t[:BS], BS)  # block 0, as a first chunk would
+    bm.cache_blocks(1, t[BS : 2 * BS], 2 * BS, start=BS)  # block 1, as a decode would
+    assert bm.num_cached_blocks == 2
+    bm.cache_blocks(1, t[3 * BS : 3 * BS], 3 * BS, start=3 * BS)  # would skip block 2
+    assert bm.num_cached_blocks == 2  # nothing: a chain cannot skip a block
+    assert run(bm, 2, t) == 2 * BS
+    with pytest.raises(ValueError, match=r"start must be a multiple of block_size \(8\)"):
+        bm.cache_blocks(1, t, 3 * BS, start=3)

@@ -179,18 +179,23 @@ class SchedulerBase(Scheduler):
         """Registers the full blocks the step wrote in the prefix cache: each prefill chunk
         up to its end, each decode up to its new token. The counts come from the output,
         not from ``num_computed_tokens``, which a later schedule may already have moved."""
+        # Only the blocks the step touched are passed (earlier ones were registered by
+        # earlier steps or found at admission): converting a whole long context per
+        # request and step would cost more than the lookup itself.
         bm = self.block_manager
+        block_size = bm.block_size
         running = RequestStatus.RUNNING
         for chunk in output.prefills:
             request = chunk.request
             if request.status is running:  # not finished or preempted while in flight
+                start = chunk.prefix_len - chunk.prefix_len % block_size
                 end = chunk.prefix_len + chunk.num_new_tokens
-                bm.cache_blocks(request.seq_id, request.token_ids, end)
-        block_size = bm.block_size
+                bm.cache_blocks(request.seq_id, request.token_ids[start:end], end, start)
         for request, seq_len in zip(output.decodes, output.decode_seq_lens.tolist(), strict=True):
             # Only a decode that filled its block completes one.
             if seq_len % block_size == 0 and request.status is running:
-                bm.cache_blocks(request.seq_id, request.token_ids, seq_len)
+                start = seq_len - block_size
+                bm.cache_blocks(request.seq_id, request.token_ids[start:seq_len], seq_len, start)
 
     def _reserve_decodes(
         self, now: float, preempted: list[Request]
