@@ -158,7 +158,9 @@ class SchedulerBase(Scheduler):
         computed (``num_computed_tokens``), so the request's first chunk starts after them
         (a recomputed request may hit its own blocks from before its preemption)."""
         bm = self.block_manager
-        token_ids = request.token_ids if bm.enable_prefix_caching else None
+        token_ids = None
+        if bm.enable_prefix_caching:  # one list -> array conversion for both calls
+            token_ids = np.array(request.token_ids, dtype=np.int64)
         status = bm.can_allocate(request.num_tokens, token_ids)
         if status is AllocStatus.OK:
             request.num_computed_tokens = bm.allocate(request.seq_id, request.num_tokens, token_ids)
