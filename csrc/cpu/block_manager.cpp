@@ -44,7 +44,8 @@ const char* alloc_status_name(AllocStatus status) {
 }
 
 std::unique_ptr<BlockManager> make_block_manager(std::int64_t num_blocks, std::int64_t block_size,
-                                                 double watermark) {
+                                                 double watermark, bool enable_prefix_caching,
+                                                 int hash_bits) {
   check_arg(block_size == 8 || block_size == 16 || block_size == 32,
             "block_size must be one of 8, 16, 32, got ", block_size);
   check_arg(num_blocks >= 1, "num_blocks must be >= 1, got ", num_blocks);
@@ -52,8 +53,10 @@ std::unique_ptr<BlockManager> make_block_manager(std::int64_t num_blocks, std::i
   check_arg(num_blocks <= max_blocks, "num_blocks must be <= ", max_blocks, " for block_size ",
             block_size, " (token positions are int32 in seq_lens), got ", num_blocks);
   check_arg(watermark >= 0.0 && watermark < 1.0, "watermark must be in [0, 1), got ", watermark);
+  check_arg(hash_bits >= 1 && hash_bits <= 64, "hash_bits must be in [1, 64], got ", hash_bits);
   return std::make_unique<BlockManager>(static_cast<std::int32_t>(num_blocks),
-                                        static_cast<std::int32_t>(block_size), watermark);
+                                        static_cast<std::int32_t>(block_size), watermark,
+                                        enable_prefix_caching, hash_bits);
 }
 
 // Raises for the statuses every per-request call shares. The binding checks counts and
@@ -140,6 +143,24 @@ void raise_for_batch(const BatchStatus& status, const char* op, const Batch& bat
   }
 }
 
+// A request's token ids (list, numpy array or CPU tensor of ints in [0, INT32_MAX]), at
+// least min_len of them: what the prefix cache hashes and compares.
+std::vector<std::int32_t> as_token_ids(const py::handle& value, std::int64_t min_len,
+                                       const char* op) {
+  const Int64Array ids = as_int64_array(value, "token_ids");
+  const std::int64_t n = ids.shape(0);
+  check_arg(n >= min_len, op, ": token_ids must hold at least ", min_len, " tokens, got ", n);
+  std::vector<std::int32_t> out(static_cast<std::size_t>(n));
+  const std::int64_t* data = ids.data();
+  for (std::int64_t i = 0; i < n; ++i) {
+    if (data[i] < 0 || data[i] > std::numeric_limits<std::int32_t>::max()) {
+      check_arg(false, op, ": token_ids[", i, "] must be in [0, 2**31 - 1], got ", data[i]);
+    }
+    out[static_cast<std::size_t>(i)] = static_cast<std::int32_t>(data[i]);
+  }
+  return out;
+}
+
 template <typename T>
 py::array_t<T> to_numpy(const std::vector<T>& values) {
   py::array_t<T> out(static_cast<py::ssize_t>(values.size()));
@@ -159,9 +180,16 @@ py::tuple append_result(const std::vector<std::int64_t>& slot_mapping,
   return py::make_tuple(to_numpy(slot_mapping), pairs);
 }
 
-void allocate(BlockManager& self, std::int64_t request_id, std::int64_t num_tokens) {
+// Returns the tokens found in the prefix cache (0 without token_ids or with caching off).
+std::int64_t allocate(BlockManager& self, std::int64_t request_id, std::int64_t num_tokens,
+                      const py::handle& token_ids, std::uint64_t extra_key) {
   check_arg(num_tokens >= 0, "allocate: num_tokens must be >= 0, got ", num_tokens);
-  const BlockStatus status = self.allocate(request_id, num_tokens);
+  std::vector<std::int32_t> tokens;
+  if (!token_ids.is_none()) tokens = as_token_ids(token_ids, num_tokens, "allocate");
+  std::int64_t num_cached_tokens = 0;
+  const BlockStatus status =
+      self.allocate(request_id, num_tokens, token_ids.is_none() ? nullptr : tokens.data(),
+                    extra_key, &num_cached_tokens);
   if (status == BlockStatus::kOutOfBlocks) {
     throw std::invalid_argument(
         "allocate: request_id " + std::to_string(request_id) + " needs " +
@@ -173,6 +201,24 @@ void allocate(BlockManager& self, std::int64_t request_id, std::int64_t num_toke
         " blocks); check can_allocate first");
   }
   raise_for(status, "allocate", request_id);
+  return num_cached_tokens;
+}
+
+// token_ids [num_computed_tokens - start]: the tokens at positions start.. (see the header).
+void cache_blocks(BlockManager& self, std::int64_t request_id, const py::handle& token_ids,
+                  std::int64_t num_computed_tokens, std::int64_t start) {
+  const std::int64_t num_tokens = self.num_tokens(request_id);
+  if (num_tokens < 0) raise_for(BlockStatus::kUnknownRequest, "cache_blocks", request_id);
+  check_arg(0 <= num_computed_tokens && num_computed_tokens <= num_tokens,
+            "cache_blocks: num_computed_tokens must be in [0, num_tokens = ", num_tokens,
+            "] of request_id ", request_id, ", got ", num_computed_tokens);
+  check_arg(start >= 0 && start % self.block_size() == 0 && start <= num_computed_tokens,
+            "cache_blocks: start must be a multiple of block_size (", self.block_size(),
+            ") in [0, num_computed_tokens = ", num_computed_tokens, "], got ", start);
+  const std::vector<std::int32_t> tokens =
+      as_token_ids(token_ids, num_computed_tokens - start, "cache_blocks");
+  raise_for(self.cache_blocks(request_id, tokens.data(), num_computed_tokens, start),
+            "cache_blocks", request_id);
 }
 
 std::int64_t blocks_to_append_one(BlockManager& self, std::int64_t request_id,
@@ -263,9 +309,12 @@ py::array_t<std::int32_t> seq_lens(const BlockManager& self, const py::handle& r
   return out;
 }
 
-AllocStatus can_allocate(const BlockManager& self, std::int64_t num_tokens) {
+AllocStatus can_allocate(const BlockManager& self, std::int64_t num_tokens,
+                         const py::handle& token_ids, std::uint64_t extra_key) {
   check_arg(num_tokens >= 0, "can_allocate: num_tokens must be >= 0, got ", num_tokens);
-  return self.can_allocate(num_tokens);
+  if (token_ids.is_none()) return self.can_allocate(num_tokens);
+  const std::vector<std::int32_t> tokens = as_token_ids(token_ids, num_tokens, "can_allocate");
+  return self.can_allocate(num_tokens, tokens.data(), extra_key);
 }
 
 void fork_request(BlockManager& self, std::int64_t parent_id, std::int64_t child_id) {
@@ -290,7 +339,25 @@ std::int64_t num_tokens_of(const BlockManager& self, std::int64_t request_id) {
 
 }  // namespace
 
+// [num_tokens / block_size] uint64: the chained hashes of the full blocks of token_ids, as
+// the prefix cache keys them (content only: the same on every instance).
+py::array_t<std::uint64_t> prefix_block_hashes(const py::handle& token_ids, std::int64_t block_size,
+                                               std::uint64_t extra_key) {
+  check_arg(block_size >= 1, "prefix_block_hashes: block_size must be >= 1, got ", block_size);
+  const std::vector<std::int32_t> tokens = as_token_ids(token_ids, 0, "prefix_block_hashes");
+  const auto size = static_cast<std::int32_t>(block_size);
+  std::vector<std::uint64_t> out;
+  std::uint64_t hash = drt::root_block_hash(extra_key);
+  for (std::size_t start = 0; start + size <= tokens.size(); start += size) {
+    hash = drt::block_hash(hash, tokens.data() + start, size);
+    out.push_back(hash);
+  }
+  return to_numpy(out);
+}
+
 void register_block_manager(py::module_& m) {
+  m.def("prefix_block_hashes", &prefix_block_hashes, py::arg("token_ids"), py::arg("block_size"),
+        py::arg("extra_key"));
   py::enum_<AllocStatus>(m, "AllocStatus")
       .value("OK", AllocStatus::kOk)
       .value("LATER", AllocStatus::kLater)
@@ -300,7 +367,11 @@ void register_block_manager(py::module_& m) {
   const auto request_ids = py::arg("request_ids");
   py::class_<BlockManager>(m, "BlockManager")
       .def(py::init(&make_block_manager), py::arg("num_blocks"), py::arg("block_size"),
-           py::arg("watermark"))
+           py::arg("watermark"), py::arg("enable_prefix_caching"), py::arg("hash_bits"))
+      .def_property_readonly("enable_prefix_caching", &BlockManager::enable_prefix_caching)
+      .def_property_readonly("num_cached_blocks", &BlockManager::num_cached_blocks)
+      .def_property_readonly("prefix_cache_queries", &BlockManager::prefix_cache_queries)
+      .def_property_readonly("prefix_cache_hits", &BlockManager::prefix_cache_hits)
       .def_property_readonly("num_blocks", &BlockManager::num_blocks)
       .def_property_readonly("block_size", &BlockManager::block_size)
       .def_property_readonly("watermark_blocks", &BlockManager::watermark_blocks)
@@ -308,8 +379,12 @@ void register_block_manager(py::module_& m) {
       .def_property_readonly("num_used_blocks", &BlockManager::num_used_blocks)
       .def_property_readonly("num_requests", &BlockManager::num_requests)
       .def("has_request", &BlockManager::has_request, request_id)
-      .def("can_allocate", &can_allocate, py::arg("num_tokens"))
-      .def("allocate", &allocate, request_id, py::arg("num_tokens"))
+      .def("can_allocate", &can_allocate, py::arg("num_tokens"), py::arg("token_ids"),
+           py::arg("extra_key"))
+      .def("allocate", &allocate, request_id, py::arg("num_tokens"), py::arg("token_ids"),
+           py::arg("extra_key"))
+      .def("cache_blocks", &cache_blocks, request_id, py::arg("token_ids"),
+           py::arg("num_computed_tokens"), py::arg("start"))
       .def("fork", &fork_request, py::arg("parent_id"), py::arg("child_id"))
       .def("free", &free_request, request_id)
       .def("can_append_slots", &can_append_slots, request_id, py::arg("num_new_tokens"))
@@ -323,5 +398,7 @@ void register_block_manager(py::module_& m) {
       .def("num_tokens", &num_tokens_of, request_id)
       .def("refcounts", [](const BlockManager& self) { return to_numpy(self.refcounts()); })
       .def("free_blocks", [](const BlockManager& self) { return to_numpy(self.free_blocks()); })
+      .def("evictable_blocks",
+           [](const BlockManager& self) { return to_numpy(self.evictable_blocks()); })
       .def("check_invariants", &BlockManager::check_invariants);
 }

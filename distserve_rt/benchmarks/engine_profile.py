@@ -108,6 +108,12 @@ def record_engine_steps(
     iterator (a tqdm)."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be a positive int, got {repeats!r}")
+    if engine.config.enable_prefix_caching:
+        # Repeats of the same prompts would hit the cache: other batches, shorter prefills.
+        raise ValueError(
+            "record_engine_steps: the engine has enable_prefix_caching=True; build it with "
+            "enable_prefix_caching=False so that every repeat computes the same batches"
+        )
     arrivals = workload.arrivals(engine.model_config.vocab_size)
     _run(engine, arrivals[:warmup_steps], workload.max_queued, "warmup")
     engine.step_log = None  # the warm-up stays out of the log

@@ -69,6 +69,7 @@ def step_cost(policy: str, batch: int = 256, prompt_len: int = 16, num_steps: in
         max_num_batched_tokens=max(4096, batch * prompt_len),
         max_model_len=4096,
         log_stats_interval_s=0,
+        enable_prefix_caching=False,  # comparable with the step costs recorded before it
     )
     engine = LLMEngine(config, executor=NoModelExecutor(model_config, num_blocks))
     params = SamplingParams(temperature=0, max_tokens=num_steps + 8, ignore_eos=True)

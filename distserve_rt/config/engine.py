@@ -54,6 +54,11 @@ class EngineConfig:
     """GPU: fraction of device memory for weights + activations + KV cache, in (0, 1]."""
     watermark: float = 0.01
     """Fraction of KV blocks kept free when admitting requests (running ones grow into it)."""
+    enable_prefix_caching: bool = True
+    """Reuse the KV of full blocks an earlier request with the same tokens already computed
+    (vLLM's automatic prefix caching): a prompt that starts like a recent one prefills only
+    the rest. Colocated engines and prefill instances; on by default, as in vLLM. The output
+    tokens are the same either way."""
     max_num_seqs: int = 256
     """Requests holding KV at once at most (the decode batch size limit)."""
     max_num_batched_tokens: int | None = None
@@ -99,6 +104,10 @@ class EngineConfig:
             "gpu_memory_utilization", self.gpu_memory_utilization, low=0, high=1, low_open=True
         )
         check_range("watermark", self.watermark, low=0, high=1, high_open=True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise ValueError(
+                f"enable_prefix_caching must be True or False, got {self.enable_prefix_caching!r}"
+            )
         check_range(
             "log_stats_interval_s", self.log_stats_interval_s, low=0, high=math.inf,
             high_open=True, unit="seconds",

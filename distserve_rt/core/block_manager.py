@@ -13,6 +13,14 @@ into a shared last block copies it first (copy-on-write, reported in
 `AppendResult.block_copies`; the caller copies those blocks before writing the new KV).
 Nothing in the engine forks yet (see `fork`), so the engine step carries no copies.
 
+Automatic prefix caching (``enable_prefix_caching``, vLLM's): once the engine has written a
+full block's KV, the scheduler registers it (`cache_blocks`) under a chained hash of its
+token ids; a later request whose prompt starts with the same blocks shares them instead of
+recomputing them (`allocate` with ``token_ids`` returns how many tokens were cached). Cached
+blocks nobody owns still count as free: they are evicted, least recently freed first, only
+when no never-cached block is left. Lookups are exact (tokens compared, not only hashes),
+so a hash collision costs a miss, never wrong KV (include/distserve_rt/prefix_cache.h).
+
 The data structure is native (include/distserve_rt/block_manager.h): every call costs
 O(the blocks and requests it touches); the free list is a stack, so a freed block is the
 next one reused while it is still warm in cache. Not thread-safe: one scheduler owns it.
@@ -76,6 +84,25 @@ class BlockManagerStats:
     usage: float
     """num_used_blocks / num_blocks, in [0, 1]."""
     num_requests: int
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache at admission, since the start."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached (not recomputed)."""
+
+
+# The cache key's extra part for requests that share a model and nothing else (no LoRA
+# adapter, no multimodal input yet): whatever else changes a block's KV goes here.
+DEFAULT_EXTRA_KEY = 0
+
+
+def prefix_block_hashes(
+    token_ids: RequestIds, block_size: int, extra_key: int = DEFAULT_EXTRA_KEY
+) -> np.ndarray:
+    """uint64 [len(token_ids) // block_size]: the chained hash of each full block of
+    `token_ids` as the prefix cache keys it: block i's hash covers tokens 0 .. (i + 1) *
+    block_size - 1 and `extra_key`. Content only (no block ids), so equal on every instance:
+    what a router compares to find where a prompt's prefix is cached."""
+    return _C.prefix_block_hashes(token_ids, block_size, extra_key)
 
 
 class BlockManager:
@@ -87,9 +114,23 @@ class BlockManager:
         watermark: fraction of the blocks kept free when admitting new requests, in [0, 1),
             so that running requests can still grow without an immediate preemption.
             The watermark is ``int(watermark * num_blocks)`` blocks; appends may use it.
+        enable_prefix_caching: keep written full blocks reusable by later requests with
+            the same prefix (see the module docstring). Off by default here, so that a
+            caller with synthetic token ids (the planner's simulators) never gets hits it
+            does not model; the engine passes ``EngineConfig.enable_prefix_caching``.
+        hash_bits: low bits of the block hash that index the cache's table, in [1, 64].
+            64 but in tests, which narrow it so that unrelated blocks collide: the lookup
+            compares tokens, so collisions cost time, never correctness.
     """
 
-    def __init__(self, num_blocks: int, block_size: int = 16, watermark: float = 0.01) -> None:
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int = 16,
+        watermark: float = 0.01,
+        enable_prefix_caching: bool = False,
+        hash_bits: int = 64,
+    ) -> None:
         for name, value in (("num_blocks", num_blocks), ("block_size", block_size)):
             if not isinstance(value, int) or isinstance(value, bool):
                 raise ValueError(f"{name} must be an int, got {value!r}")
@@ -97,24 +138,62 @@ class BlockManager:
             raise ValueError(f"block_size must be one of {ALLOWED_BLOCK_SIZES}, got {block_size}")
         if not isinstance(watermark, (int, float)) or isinstance(watermark, bool):
             raise ValueError(f"watermark must be a float in [0, 1), got {watermark!r}")
+        if not isinstance(enable_prefix_caching, bool):
+            raise ValueError(f"enable_prefix_caching must be a bool, got {enable_prefix_caching!r}")
         # The native constructor checks the ranges (num_blocks, watermark) and says why.
-        self._native = _C.BlockManager(num_blocks, block_size, float(watermark))
+        self._native = _C.BlockManager(
+            num_blocks, block_size, float(watermark), enable_prefix_caching, hash_bits
+        )
         self._watermark = float(watermark)
 
     # ---- admission --------------------------------------------------------------------
 
-    def can_allocate(self, num_tokens: int) -> AllocStatus:
-        """Whether a new request holding `num_tokens` (>= 0) tokens can be allocated now."""
-        return AllocStatus(int(self._native.can_allocate(num_tokens)))
+    def can_allocate(
+        self,
+        num_tokens: int,
+        token_ids: RequestIds | None = None,
+        extra_key: int = DEFAULT_EXTRA_KEY,
+    ) -> AllocStatus:
+        """Whether a new request holding `num_tokens` (>= 0) tokens can be allocated now.
 
-    def allocate(self, request_id: int, num_tokens: int) -> None:
+        With `token_ids` (the request's tokens, at least `num_tokens`) and prefix caching
+        on, its cached leading blocks need no free block (see `allocate`)."""
+        return AllocStatus(int(self._native.can_allocate(num_tokens, token_ids, extra_key)))
+
+    def allocate(
+        self,
+        request_id: int,
+        num_tokens: int,
+        token_ids: RequestIds | None = None,
+        extra_key: int = DEFAULT_EXTRA_KEY,
+    ) -> int:
         """Builds the block_table of new request `request_id` for token positions
         0..num_tokens-1 (``ceil(num_tokens / block_size)`` blocks).
 
-        Raises ValueError when the id is already allocated or `can_allocate(num_tokens)`
-        is not OK: check it first.
+        With `token_ids` (ints in [0, 2**31), at least `num_tokens`) and prefix caching
+        on, the leading full blocks already cached for the same tokens and `extra_key` are
+        shared instead of taken. Returns the tokens they hold, whose KV the caller need not
+        compute: a multiple of block_size, at most ``num_tokens - 1`` (the last token is
+        always computed, for its logits, in a block of the request's own). 0 otherwise.
+
+        Raises ValueError when the id is already allocated or `can_allocate` with the same
+        arguments is not OK: check it first.
         """
-        self._native.allocate(request_id, num_tokens)
+        return self._native.allocate(request_id, num_tokens, token_ids, extra_key)
+
+    def cache_blocks(
+        self, request_id: int, token_ids: RequestIds, num_computed_tokens: int, start: int = 0
+    ) -> None:
+        """The KV of the request's first `num_computed_tokens` tokens is written: its
+        full blocks among them become reusable by later requests (a no-op with prefix
+        caching off). Call it after the step that wrote them has run, never at schedule
+        time: a block must not be shared before its KV exists.
+
+        `token_ids` holds the request's tokens at positions ``start .. num_computed_tokens
+        - 1`` (`start` a multiple of block_size), so that a step passes only the blocks it
+        filled, not the whole context. Blocks before `start` must be registered already;
+        when they are not, nothing is (a chain cannot skip a block)."""
+        self._native.cache_blocks(request_id, token_ids, num_computed_tokens, start)
 
     def fork(self, parent_id: int, child_id: int) -> None:
         """New request `child_id` shares all of `parent_id`'s tokens and blocks (each
@@ -204,6 +283,15 @@ class BlockManager:
         return self._native.block_size
 
     @property
+    def enable_prefix_caching(self) -> bool:
+        return self._native.enable_prefix_caching
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks registered in the prefix cache, owned or evictable."""
+        return self._native.num_cached_blocks
+
+    @property
     def watermark(self) -> float:
         return self._watermark
 
@@ -245,6 +333,8 @@ class BlockManager:
             num_used_blocks=num_used,
             usage=num_used / native.num_blocks,
             num_requests=native.num_requests,
+            prefix_cache_queries=native.prefix_cache_queries,
+            prefix_cache_hits=native.prefix_cache_hits,
         )
 
     # ---- debugging --------------------------------------------------------------------
@@ -254,16 +344,23 @@ class BlockManager:
         return self._native.refcounts()
 
     def free_blocks(self) -> np.ndarray:
-        """int32 [num_free_blocks]: the free stack, bottom to top (the last is handed out
-        next). A copy."""
+        """int32: the free stack of never-cached blocks, bottom to top (the last is handed
+        out next; cached blocks are evicted only once it is empty). A copy."""
         return self._native.free_blocks()
+
+    def evictable_blocks(self) -> np.ndarray:
+        """int32: cached blocks nobody owns, in eviction order (least recently freed
+        first; free too, counted in num_free_blocks). A copy."""
+        return self._native.evictable_blocks()
 
     def check_invariants(self) -> None:
         """Recomputes the bookkeeping from the block tables (O(num_blocks + total table
         length), for tests and debugging); raises RuntimeError naming the first broken
-        invariant: refcount == number of block_tables holding the block, no block listed
-        twice in one table or in the free list, free exactly when the refcount is 0, and
-        every table sized ceil(num_tokens / block_size)."""
+        invariant: refcount == number of block_tables holding the block (never negative),
+        no block listed twice in one table or in the free list, free (in the free stack or
+        the LRU, not both) exactly when the refcount is 0, every table sized
+        ceil(num_tokens / block_size), and the prefix cache's hash table and LRU agree with
+        the refcounts."""
         problem = self._native.check_invariants()
         if problem:
             raise RuntimeError(f"block manager is inconsistent: {problem}")
@@ -272,5 +369,6 @@ class BlockManager:
         return (
             f"BlockManager(num_blocks={self.num_blocks}, block_size={self.block_size}, "
             f"watermark={self.watermark}, num_free_blocks={self.num_free_blocks}, "
+            f"enable_prefix_caching={self.enable_prefix_caching}, "
             f"num_requests={self.num_requests})"
         )

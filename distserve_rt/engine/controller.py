@@ -442,6 +442,8 @@ class Controller:
                 InstanceStats(
                     h.name, h.role.value, s.num_running if s else 0, s.num_waiting if s else 0,
                     s.kv_usage if s else 0.0, alive=h.alive,
+                    prefix_cache_queries=s.prefix_cache_queries if s else 0,
+                    prefix_cache_hits=s.prefix_cache_hits if s else 0,
                 )
             )  # fmt: skip
             if s is not None:

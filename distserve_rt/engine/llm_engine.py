@@ -95,6 +95,7 @@ class LLMEngine:
             config.watermark,
             config.policy,
             self.scheduler_config,
+            config.enable_prefix_caching,
         )
         # (virtual engine, its batch, executor handle or None when nothing ran, the batch's
         # seeded streams before it ran), oldest first
@@ -391,10 +392,12 @@ class LLMEngine:
         engines = self.virtual_engines  # PP > 1: one scheduler per virtual engine
         num_running = sum(ve.scheduler.num_running for ve in engines)
         num_waiting = sum(ve.scheduler.num_waiting for ve in engines)
-        usage = combined_kv_stats(engines).usage
-        return EngineStats(
-            [InstanceStats("colocated-0", "colocated", num_running, num_waiting, usage)]
-        )
+        kv = combined_kv_stats(engines)
+        instance = InstanceStats(
+            "colocated-0", "colocated", num_running, num_waiting, kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+        )  # fmt: skip
+        return EngineStats([instance])
 
     def check_health(self) -> None:
         if self._closed:

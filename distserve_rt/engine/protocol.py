@@ -42,6 +42,10 @@ class InstanceStats:
     kv_usage: float
     """Fraction of the instance's KV blocks in use, 0..1."""
     alive: bool = True
+    prefix_cache_queries: int = 0
+    """Prompt tokens looked up in the prefix cache since start (0 with caching off)."""
+    prefix_cache_hits: int = 0
+    """Of those, tokens found cached: their prefill was skipped."""
 
 
 @dataclass(slots=True)

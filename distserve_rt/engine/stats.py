@@ -96,6 +96,10 @@ class StatsLogger:
             *_queues(stats),
             _kv_usage(stats),
         ]
+        queries = sum(s.prefix_cache_queries for s in stats.instances)
+        if queries:  # caching on and something admitted; since start, as vLLM's gauge
+            hits = sum(s.prefix_cache_hits for s in stats.instances)
+            parts.append(f"prefix cache hit rate {100.0 * hits / queries:.1f}%")
         if stats.transfers.transport == "none":  # colocated: no migration, may preempt
             parts.append(f"preemptions {self._num_preemptions}")
         else:

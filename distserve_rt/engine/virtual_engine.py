@@ -42,6 +42,7 @@ def make_virtual_engines(
     watermark: float,
     policy: str,
     scheduler_config: SchedulerConfig,
+    enable_prefix_caching: bool = False,
 ) -> list[VirtualEngine]:
     """``num_virtual_engines`` schedulers, each over ``num_blocks // num_virtual_engines``
     blocks (the remainder is unused). ValueError when a share would hold no block."""
@@ -53,7 +54,7 @@ def make_virtual_engines(
         )
     engines = []
     for index in range(num_virtual_engines):
-        block_manager = BlockManager(share, block_size, watermark)
+        block_manager = BlockManager(share, block_size, watermark, enable_prefix_caching)
         scheduler = make_scheduler(policy, scheduler_config, block_manager)
         engines.append(VirtualEngine(index, scheduler, block_manager, index * share))
     return engines
@@ -75,4 +76,6 @@ def combined_kv_stats(engines: list[VirtualEngine]) -> BlockManagerStats:
         num_used_blocks=num_used,
         usage=num_used / num_blocks,
         num_requests=sum(s.num_requests for s in stats),
+        prefix_cache_queries=sum(s.prefix_cache_queries for s in stats),
+        prefix_cache_hits=sum(s.prefix_cache_hits for s in stats),
     )

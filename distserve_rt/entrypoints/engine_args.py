@@ -161,6 +161,8 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "kv_cache_memory_bytes": {"type": memory_size, "metavar": "SIZE"},
     "gpu_memory_utilization": {"type": float},
     "watermark": {"type": float},
+    # --enable-prefix-caching / --no-enable-prefix-caching (vLLM's flags)
+    "enable_prefix_caching": {"action": argparse.BooleanOptionalAction},
     "max_num_seqs": {"type": positive_int},
     "max_num_batched_tokens": {"type": positive_int},
     "max_model_len": {"type": positive_int},

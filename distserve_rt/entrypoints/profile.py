@@ -260,6 +260,8 @@ def _run_engine(args):
         max_num_batched_tokens=args.max_num_batched_tokens,
         tensor_parallel_size=args.tp,
         log_stats_interval_s=0,
+        # A profile times full prompts: the workload's repeats would hit the prefix cache.
+        enable_prefix_caching=False,
     )
     if args.kv_cache_memory_bytes is not None:
         config = config.replace(kv_cache_memory_bytes=args.kv_cache_memory_bytes)

@@ -171,13 +171,24 @@ class EngineStatsCollector(Collector):
             "distserve_instance_alive", "1 while the instance serves, 0 once it is gone.",
             labels=labels,
         )  # fmt: skip
+        # vLLM's prefix_cache_queries / prefix_cache_hits: hit rate = hits / queries.
+        queries = CounterMetricFamily(
+            "distserve_instance_prefix_cache_queries", "Prompt tokens looked up in the "
+            "instance's prefix cache.", labels=labels,
+        )  # fmt: skip
+        hits = CounterMetricFamily(
+            "distserve_instance_prefix_cache_hits", "Prompt tokens found in the instance's "
+            "prefix cache (prefill skipped).", labels=labels,
+        )  # fmt: skip
         for inst in stats.instances:
             key = [inst.name, inst.role]
             running.add_metric(key, inst.num_running)
             waiting.add_metric(key, inst.num_waiting)
             kv_usage.add_metric(key, inst.kv_usage)
             alive.add_metric(key, 1.0 if inst.alive else 0.0)
-        yield from (running, waiting, kv_usage, alive)
+            queries.add_metric(key, inst.prefix_cache_queries)
+            hits.add_metric(key, inst.prefix_cache_hits)
+        yield from (running, waiting, kv_usage, alive, queries, hits)
         yield from _transfer_metrics(stats)
 
 

@@ -158,9 +158,14 @@ def test_engine_workload_repeats_the_same_batches():
     from distserve_rt.benchmarks.engine_profile import EngineWorkload, record_engine_steps
     from distserve_rt.engine import EngineConfig, LLMEngine
 
-    config = EngineConfig(max_num_seqs=8, kv_cache_memory_bytes=16 << 20, log_stats_interval_s=0)
+    config = EngineConfig(
+        max_num_seqs=8, kv_cache_memory_bytes=16 << 20, log_stats_interval_s=0,
+        enable_prefix_caching=False,
+    )  # fmt: skip
     engine = LLMEngine(config)
     workload = EngineWorkload(30, 40, 5, 16, seed=1)
+    with pytest.raises(ValueError, match="enable_prefix_caching=True; build it with"):
+        record_engine_steps(LLMEngine(config.replace(enable_prefix_caching=True)), workload)
     records = record_engine_steps(engine, workload, repeats=2, warmup_steps=0)
     shapes = [r.shape for r in records]
     half = len(shapes) // 2

@@ -56,6 +56,8 @@ class ColocatedSetup:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             log_stats_interval_s=0.0,
+            # The simulator does not model prefix-cache hits (yet): neither may the engine.
+            enable_prefix_caching=False,
         )
 
     def make_engine(self, bytes_per_token: int, model=None) -> EngineCore:
@@ -104,6 +106,8 @@ class DisaggSetup:
             max_num_batched_tokens=self.max_num_batched_tokens,
             max_model_len=self.max_model_len,
             log_stats_interval_s=0.0,
+            # The simulator does not model prefix-cache hits (yet): neither may the engine.
+            enable_prefix_caching=False,
         )
 
     def make_engine(self, bytes_per_token: int, model=None, **disagg) -> EngineCore:

@@ -77,6 +77,10 @@ class SchedulerBase(Scheduler):
                 f"sampled_token_ids has {len(sampled_token_ids)} rows; the step has "
                 f"{len(requests)} requests that sample"
             )
+        if self.block_manager.enable_prefix_caching:
+            # Before any request of the step finishes and frees its blocks: freed blocks
+            # that were registered stay reusable.
+            self._cache_written_blocks(output)
         # The engine's hottest Python loop (every running request, every step): locals only.
         update = StepUpdate()
         updated, finished = update.updated, update.finished
@@ -148,11 +152,18 @@ class SchedulerBase(Scheduler):
     def _try_admit(self, request: Request, now: float) -> AllocStatus:
         """Allocates blocks for all of the request's tokens (prompt, plus generated ones
         when it is recomputed); on NEVER the request is rejected. The caller pops it from
-        `waiting` when OK or NEVER."""
+        `waiting` when OK or NEVER.
+
+        With prefix caching, the leading blocks already cached are shared and count as
+        computed (``num_computed_tokens``), so the request's first chunk starts after them
+        (a recomputed request may hit its own blocks from before its preemption)."""
         bm = self.block_manager
-        status = bm.can_allocate(request.num_tokens)
+        token_ids = None
+        if bm.enable_prefix_caching:  # one list -> array conversion for both calls
+            token_ids = np.array(request.token_ids, dtype=np.int64)
+        status = bm.can_allocate(request.num_tokens, token_ids)
         if status is AllocStatus.OK:
-            bm.allocate(request.seq_id, request.num_tokens)
+            request.num_computed_tokens = bm.allocate(request.seq_id, request.num_tokens, token_ids)
             request.status = RequestStatus.RUNNING
             request.mark_scheduled(now)
         elif status is AllocStatus.NEVER:
@@ -165,6 +176,28 @@ class SchedulerBase(Scheduler):
                 now,
             )
         return status
+
+    def _cache_written_blocks(self, output: SchedulerOutput) -> None:
+        """Registers the full blocks the step wrote in the prefix cache: each prefill chunk
+        up to its end, each decode up to its new token. The counts come from the output,
+        not from ``num_computed_tokens``, which a later schedule may already have moved."""
+        # Only the blocks the step touched are passed (earlier ones were registered by
+        # earlier steps or found at admission): converting a whole long context per
+        # request and step would cost more than the lookup itself.
+        bm = self.block_manager
+        block_size = bm.block_size
+        running = RequestStatus.RUNNING
+        for chunk in output.prefills:
+            request = chunk.request
+            if request.status is running:  # not finished or preempted while in flight
+                start = chunk.prefix_len - chunk.prefix_len % block_size
+                end = chunk.prefix_len + chunk.num_new_tokens
+                bm.cache_blocks(request.seq_id, request.token_ids[start:end], end, start)
+        for request, seq_len in zip(output.decodes, output.decode_seq_lens.tolist(), strict=True):
+            # Only a decode that filled its block completes one.
+            if seq_len % block_size == 0 and request.status is running:
+                start = seq_len - block_size
+                bm.cache_blocks(request.seq_id, request.token_ids[start:seq_len], seq_len, start)
 
     def _reserve_decodes(
         self, now: float, preempted: list[Request]

@@ -69,7 +69,8 @@ class ChunkedPrefillScheduler(SchedulerBase):
             self.waiting.popleft()
             if status is AllocStatus.NEVER:
                 continue
-            chunk = self._schedule_chunk(request, min(request.num_tokens, budget))
+            # Uncomputed, not all: the prompt's cached blocks (prefix caching) are skipped.
+            chunk = self._schedule_chunk(request, min(request.num_uncomputed_tokens, budget))
             budget -= chunk.num_new_tokens
             num_seqs += 1
             prefills.append(chunk)

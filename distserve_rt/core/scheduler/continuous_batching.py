@@ -58,6 +58,8 @@ class ContinuousBatchingScheduler(SchedulerBase):
             self.waiting.popleft()
             if status is AllocStatus.NEVER:
                 continue
+            # Less than num_tokens when the prompt's first blocks were in the prefix cache.
+            num_new_tokens = request.num_uncomputed_tokens
             prefills.append(self._schedule_chunk(request, num_new_tokens))
             self.running.append(request)
             budget -= num_new_tokens

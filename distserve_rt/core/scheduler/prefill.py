@@ -74,6 +74,8 @@ class PrefillScheduler(SchedulerBase):
             self.waiting.popleft()
             if status is AllocStatus.NEVER:
                 continue
+            # Less than num_tokens when the prompt's first blocks were in the prefix cache.
+            num_new_tokens = request.num_uncomputed_tokens
             prefills.append(self._schedule_chunk(request, num_new_tokens))
             self.prefilling.append(request)
             budget -= num_new_tokens

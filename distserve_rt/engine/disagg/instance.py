@@ -106,7 +106,12 @@ class Instance(abc.ABC):
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
         num_blocks = self.executor.init_kv_cache(self.scheduler_config)
-        self.block_manager = BlockManager(num_blocks, config.block_size, config.watermark)
+        # Prefix caching on prefill instances only, for now: a decode instance's blocks
+        # arrive by migration, and reusing them is issue 12's decode-side step.
+        caching = config.enable_prefix_caching and spec.role is InstanceRole.PREFILL
+        self.block_manager = BlockManager(
+            num_blocks, config.block_size, config.watermark, enable_prefix_caching=caching
+        )
         self.outbox: list[object] = []
         self._seq_ids = itertools.count()
 

@@ -175,6 +175,8 @@ class InstanceStatus:
     num_transfer_failures: int = 0
     transfer_bytes: int = 0
     transfer_seconds: float = 0.0
+    prefix_cache_queries: int = 0
+    prefix_cache_hits: int = 0
 
 
 @dataclass(slots=True)

@@ -101,7 +101,11 @@ class PrefillInstance(Instance):
     def status(self) -> msg.InstanceStatus:
         s = self.scheduler
         bm = self.block_manager
-        return msg.InstanceStatus(s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage)
+        kv = bm.stats()
+        return msg.InstanceStatus(
+            s.num_running, s.num_waiting, kv.num_free_blocks, kv.usage,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+        )  # fmt: skip
 
 
 def _generator_state_of(request: Request, result: ModelRunnerOutput) -> bytes | None:

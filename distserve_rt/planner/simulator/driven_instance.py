@@ -75,7 +75,9 @@ def make_block_manager(spec: SimInstanceSpec, block_size: int, watermark: float)
             f"kv_capacity_tokens ({spec.kv_capacity_tokens}) must hold at least one block of "
             f"block_size={block_size} tokens"
         )
-    return BlockManager(num_blocks, block_size, watermark)
+    # Prefix caching off, explicitly: every simulated token has the same id, so a cache
+    # would hit on every prompt, and the simulator does not model hits (yet).
+    return BlockManager(num_blocks, block_size, watermark, enable_prefix_caching=False)
 
 
 def make_request(
