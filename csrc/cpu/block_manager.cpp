@@ -356,8 +356,9 @@ py::array_t<std::uint64_t> prefix_block_hashes(const py::handle& token_ids, std:
 }
 
 void register_block_manager(py::module_& m) {
-  m.def("prefix_block_hashes", &prefix_block_hashes, py::arg("token_ids"), py::arg("block_size"),
-        py::arg("extra_key"));
+  // Keyword-only, as every op of the module (tests/kernels/test_native_abi.py).
+  m.def("prefix_block_hashes", &prefix_block_hashes, py::kw_only(), py::arg("token_ids"),
+        py::arg("block_size"), py::arg("extra_key"));
   py::enum_<AllocStatus>(m, "AllocStatus")
       .value("OK", AllocStatus::kOk)
       .value("LATER", AllocStatus::kLater)

@@ -102,7 +102,7 @@ def prefix_block_hashes(
     `token_ids` as the prefix cache keys it: block i's hash covers tokens 0 .. (i + 1) *
     block_size - 1 and `extra_key`. Content only (no block ids), so equal on every instance:
     what a router compares to find where a prompt's prefix is cached."""
-    return _C.prefix_block_hashes(token_ids, block_size, extra_key)
+    return _C.prefix_block_hashes(token_ids=token_ids, block_size=block_size, extra_key=extra_key)
 
 
 class BlockManager:
