@@ -127,8 +127,18 @@ def test_without_the_copy_a_decode_would_corrupt_the_shared_block():
 def test_preempted_sequences_recompute_and_blocks_are_conserved():
     # 8 blocks: the prompt takes 3, each sequence grows into more: preemption must happen.
     engine = make_engine(num_blocks=8, seqs=4)
+    scheduler = engine.scheduler
+    schedule, preempted = scheduler.schedule, []
+
+    def counting_schedule(now):
+        out = schedule(now)
+        preempted.extend(out.preempted)
+        return out
+
+    scheduler.schedule = counting_schedule
     params = SamplingParams(n=4, temperature=0, max_tokens=20, ignore_eos=True)
     out = generate(engine, params)
+    assert preempted  # the rule under test ran: forked sequences recomputed on their own
     expected = reference_greedy(MODEL, PROMPT, 20)
     assert [c.token_ids for c in out.outputs] == [expected] * 4
     bm = engine.block_manager
