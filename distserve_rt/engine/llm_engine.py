@@ -167,7 +167,7 @@ class LLMEngine:
             request = self._new_request(request_id, token_ids, params, arrival_time, prompt)
             request.stop_checker = checker
         else:
-            request = self._new_group(request_id, token_ids, params, arrival_time, prompt, stream)
+            request = self._new_group(request_id, token_ids, params, arrival_time, prompt)
         self._requests[request_id] = request
         if stream:
             self._streaming.update(r.request_id for r in (request, *request.forks))
@@ -204,7 +204,6 @@ class LLMEngine:
         params: SamplingParams,
         arrival_time: float,
         prompt: str | None,
-        stream: bool,
     ) -> Request:
         """The sequences of a request with n > 1 or best_of (`engine.parallel_sampling`):
         returns sequence 0, which carries the others as its pending forks."""
@@ -215,11 +214,6 @@ class LLMEngine:
             raise ValueError(
                 f"request {request_id!r}: {name}={num_seqs}; at most max_num_seqs="
                 f"{max_num_seqs} sequences run at once"
-            )
-        if stream and num_seqs > params.n:
-            raise ValueError(
-                f"request {request_id!r}: best_of={num_seqs} > n={params.n} cannot stream "
-                "(the best sequences are known only at the end); use best_of=None or n"
             )
         ids = [request_id] + [sequence_id(request_id, i) for i in range(1, num_seqs)]
         for seq_id in ids[1:]:

@@ -13,7 +13,9 @@ Sequence i samples with its own parameters (vLLM's semantics):
 * greedy sequences are k identical copies (as in vLLM);
 * with ``best_of > n`` every sequence records its sampled tokens' logprobs (the ranking
   needs them; they are returned only when the caller asked), and the n sequences with
-  the highest cumulative logprob are returned, best first, as indices 0..n-1.
+  the highest cumulative logprob are returned, best first, as indices 0..n-1. While such
+  a request runs, its streamed outputs show all best_of sequences by index (the ranking
+  exists only at the end: the OpenAI server refuses to stream it, as vLLM does).
 """
 
 from __future__ import annotations

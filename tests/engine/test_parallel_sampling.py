@@ -176,8 +176,6 @@ def test_bad_n_and_best_of_are_refused_naming_the_argument():
         SamplingParams(n=3, best_of=2)
     with pytest.raises(ValueError, match="n=5; at most max_num_seqs=4"):
         engine.add_request("a", PROMPT, SamplingParams(n=5))
-    with pytest.raises(ValueError, match="best_of=3 > n=1 cannot stream"):
-        engine.add_request("b", PROMPT, SamplingParams(best_of=3), stream=True)
     engine.add_request("c#1", PROMPT, SamplingParams())
     with pytest.raises(ValueError, match="'c#1' \\(a sequence of 'c'\\) is in use"):
         engine.add_request("c", PROMPT, SamplingParams(n=2))
