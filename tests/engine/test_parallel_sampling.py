@@ -179,3 +179,60 @@ def test_bad_n_and_best_of_are_refused_naming_the_argument():
     engine.add_request("c#1", PROMPT, SamplingParams())
     with pytest.raises(ValueError, match="'c#1' \\(a sequence of 'c'\\) is in use"):
         engine.add_request("c", PROMPT, SamplingParams(n=2))
+
+
+@pytest.mark.parametrize("after_sampling", [False, True])
+def test_a_failing_group_fails_whole_and_alone(after_sampling):
+    """Step isolation with forks: a request whose prompt step fails alone fails with every
+    sequence forked off it (their KV was never written); a group batched beside it gets
+    the tokens of a run without it; the re-run parts carry the step's block copies."""
+    from tests.engine.test_failure_isolation import POISON, PoisonExecutor
+
+    params = SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=6, ignore_eos=True)
+    expected = generate(make_engine(), params)
+    engine = make_engine()
+    engine.executor = PoisonExecutor(engine.executor.worker, after_sampling)
+    engine.add_request("ok", PROMPT, params)
+    engine.add_request(POISON, [4, 6, 8, 10, 12], SamplingParams(n=3, max_tokens=6))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert engine.executor.num_mixed_failures >= 1
+    assert [c.finish_reason for c in outputs[POISON].outputs] == ["error"] * 3
+    assert [c.token_ids for c in outputs["ok"].outputs] == [c.token_ids for c in expected.outputs]
+    assert engine.block_manager.num_used_blocks == 0
+    engine.block_manager.check_invariants()
+
+
+def test_a_failed_step_re_runs_its_parts_with_the_block_copies():
+    """A decode step with copy-on-write pairs fails (before anything ran) because of one
+    request: the parts re-run without it must still copy the forked blocks first, or the
+    forked sequence would attend over a block that was never copied."""
+    from distserve_rt.worker.executor import UniprocExecutor
+
+    copies = []
+
+    class FailOnPoisonDecode(UniprocExecutor):
+        def execute(self, scheduler_output):
+            copies.extend(scheduler_output.block_copies.tolist())
+            if any(r.request_id == "poison" for r in scheduler_output.decodes):
+                raise RuntimeError("device fault")
+            return super().execute(scheduler_output)
+
+    params = SamplingParams(n=2, temperature=0, max_tokens=6, ignore_eos=True)
+    engine = make_engine(caching=False)
+    engine.executor = FailOnPoisonDecode(engine.executor.worker)
+    engine.add_request("poison", [4, 6, 8, 10, 12], SamplingParams(max_tokens=6))
+    engine.add_request("ok", PROMPT, params)
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o for o in engine.step() if o.finished})
+    assert outputs["poison"].outputs[0].finish_reason == "error"
+    expected = reference_greedy(MODEL, PROMPT, 6)
+    assert [c.token_ids for c in outputs["ok"].outputs] == [expected, expected]
+    assert engine.block_manager.num_used_blocks == 0
+    # The copy holds the prompt's 5 tokens of the shared block (greedy tokens alone are
+    # too robust to show a block of zeros).
+    [(src, dst)] = {tuple(c) for c in copies}
+    pool = engine.executor.worker.kv_pool
+    torch.testing.assert_close(pool[dst][..., :5, :], pool[src][..., :5, :])
