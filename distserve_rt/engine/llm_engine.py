@@ -27,7 +27,7 @@ from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
-from distserve_rt.engine.parallel_sampling import SequenceGroup, sequence_id, sequence_params
+from distserve_rt.engine.parallel_sampling import SequenceGroup, sequence_ids, sequence_params
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
@@ -207,18 +207,12 @@ class LLMEngine:
     ) -> Request:
         """The sequences of a request with n > 1 or best_of (`engine.parallel_sampling`):
         returns sequence 0, which carries the others as its pending forks."""
-        num_seqs = params.num_sequences
-        max_num_seqs = self.scheduler_config.max_num_seqs
-        if num_seqs > max_num_seqs:
-            name = "n" if params.best_of is None else "best_of"
-            raise ValueError(
-                f"request {request_id!r}: {name}={num_seqs}; at most max_num_seqs="
-                f"{max_num_seqs} sequences run at once"
-            )
-        ids = [request_id] + [sequence_id(request_id, i) for i in range(1, num_seqs)]
-        for seq_id in ids[1:]:
-            if seq_id in self._groups or seq_id in self._requests:
-                raise ValueError(f"request_id {seq_id!r} (a sequence of {request_id!r}) is in use")
+        ids = sequence_ids(
+            request_id,
+            params,
+            self.scheduler_config.max_num_seqs,
+            lambda i: i in self._groups or i in self._requests,
+        )
         max_model_len = self.scheduler_config.max_model_len
         sequences = []
         for index, seq_request_id in enumerate(ids):

@@ -21,15 +21,31 @@ Sequence i samples with its own parameters (vLLM's semantics):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 from distserve_rt.core.request import Request
 from distserve_rt.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from distserve_rt.sampling_params import MAX_SEED, SamplingParams
 
 
-def sequence_id(request_id: str, index: int) -> str:
-    """The scheduler's id of sequence `index` (> 0) of request `request_id`."""
-    return f"{request_id}#{index}"
+def sequence_ids(
+    request_id: str, params: SamplingParams, max_num_seqs: int, in_use: Callable[[str], bool]
+) -> list[str]:
+    """The scheduler's ids of the request's sequences: `request_id`, then
+    ``{request_id}#{i}``. ValueError when they cannot all run at once (more than
+    `max_num_seqs`) or one is `in_use` (a live request's id)."""
+    num_seqs = params.num_sequences
+    if num_seqs > max_num_seqs:
+        name = "n" if params.best_of is None else "best_of"
+        raise ValueError(
+            f"request {request_id!r}: {name}={num_seqs}; at most max_num_seqs="
+            f"{max_num_seqs} sequences run at once"
+        )
+    ids = [request_id] + [f"{request_id}#{i}" for i in range(1, num_seqs)]
+    for seq_id in ids[1:]:
+        if in_use(seq_id):
+            raise ValueError(f"request_id {seq_id!r} (a sequence of {request_id!r}) is in use")
+    return ids
 
 
 def sequence_params(params: SamplingParams, index: int) -> SamplingParams:

@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from distserve_rt import LLM, SamplingParams
+from distserve_rt.config import DisaggConfig
 from distserve_rt.engine import EngineConfig, LLMEngine
+from distserve_rt.engine.data_parallel import DataParallelCore
+from distserve_rt.worker.executor import UniprocExecutor
+from tests.engine.disagg_helpers import PROMPTS as TINY
+from tests.engine.disagg_helpers import drain, engine_config
 from tests.engine.fakes import FakeCausalLM, reference_greedy
+from tests.engine.test_failure_isolation import POISON, PoisonExecutor
 
 MODEL = FakeCausalLM()
 BLOCK_BYTES = 2 * 2 * 1 * 8 * 16 * 4  # layers * (K, V) * kv heads * block_size 8 * head_dim * fp32
@@ -185,9 +191,7 @@ def test_bad_n_and_best_of_are_refused_naming_the_argument():
 def test_a_failing_group_fails_whole_and_alone(after_sampling):
     """Step isolation with forks: a request whose prompt step fails alone fails with every
     sequence forked off it (their KV was never written); a group batched beside it gets
-    the tokens of a run without it; the re-run parts carry the step's block copies."""
-    from tests.engine.test_failure_isolation import POISON, PoisonExecutor
-
+    the tokens of a run without it."""
     params = SamplingParams(n=2, temperature=0.9, seed=5, max_tokens=6, ignore_eos=True)
     expected = generate(make_engine(), params)
     engine = make_engine()
@@ -208,8 +212,6 @@ def test_a_failed_step_re_runs_its_parts_with_the_block_copies():
     """A decode step with copy-on-write pairs fails (before anything ran) because of one
     request: the parts re-run without it must still copy the forked blocks first, or the
     forked sequence would attend over a block that was never copied."""
-    from distserve_rt.worker.executor import UniprocExecutor
-
     copies = []
 
     class FailOnPoisonDecode(UniprocExecutor):
@@ -236,3 +238,15 @@ def test_a_failed_step_re_runs_its_parts_with_the_block_copies():
     [(src, dst)] = {tuple(c) for c in copies}
     pool = engine.executor.worker.kv_pool
     torch.testing.assert_close(pool[dst][..., :5, :], pool[src][..., :5, :])
+
+
+def test_data_parallel_replicas_serve_groups():
+    config = engine_config(data_parallel_size=2)
+    with DataParallelCore(config, DisaggConfig(launcher="thread")) as core:
+        greedy = SamplingParams(n=3, temperature=0, max_tokens=5, ignore_eos=True)
+        core.add_request("a", TINY[1], greedy)
+        core.add_request("b", TINY[2], SamplingParams(n=2, best_of=3, seed=1, max_tokens=5))
+        outputs = drain(core)
+    assert [c.index for c in outputs["a"].outputs] == [0, 1, 2]
+    assert len({tuple(c.token_ids) for c in outputs["a"].outputs}) == 1
+    assert [c.index for c in outputs["b"].outputs] == [0, 1]
