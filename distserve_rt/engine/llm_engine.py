@@ -387,7 +387,10 @@ class LLMEngine:
         logger.exception("engine step failed; failing the %d requests in it", num)
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         finished = list(scheduler_output.finished)
-        step_requests = [p.request for p in scheduler_output.prefills]
+        prefills = scheduler_output.prefills
+        step_requests = [p.request for p in prefills]
+        # Forked in this step: their KV is the prompt the failed step did not write.
+        step_requests += [child for p in prefills for child in p.forks]
         step_requests += scheduler_output.decodes
         for request in step_requests:
             if request.is_finished:  # aborted while its batch was in flight

@@ -250,3 +250,22 @@ def test_data_parallel_replicas_serve_groups():
     assert [c.index for c in outputs["a"].outputs] == [0, 1, 2]
     assert len({tuple(c.token_ids) for c in outputs["a"].outputs}) == 1
     assert [c.index for c in outputs["b"].outputs] == [0, 1]
+
+
+def test_a_dead_executor_fails_every_sequence_of_a_group_in_its_step():
+    """The step that forks a group fails engine-fatally: the forks fail with their request
+    (none is left running on KV that was never written) and every block comes back."""
+    from distserve_rt.distributed.launch import WorkerFailedError
+
+    class Dead(UniprocExecutor):
+        def execute(self, scheduler_output):
+            raise WorkerFailedError("worker 0 died")
+
+    engine = make_engine()
+    engine.executor = Dead(engine.executor.worker)
+    engine.add_request("r", PROMPT, SamplingParams(n=3, max_tokens=4))
+    with pytest.raises(WorkerFailedError):
+        engine.step()
+    assert engine.scheduler.num_running == 0 and not engine.scheduler.has_unfinished_requests()
+    assert engine.block_manager.num_used_blocks == 0
+    engine.block_manager.check_invariants()
