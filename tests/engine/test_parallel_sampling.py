@@ -269,3 +269,17 @@ def test_a_dead_executor_fails_every_sequence_of_a_group_in_its_step():
     assert engine.scheduler.num_running == 0 and not engine.scheduler.has_unfinished_requests()
     assert engine.block_manager.num_used_blocks == 0
     engine.block_manager.check_invariants()
+
+
+def test_tensor_parallel_workers_copy_the_forked_blocks_themselves():
+    """TP = 2 worker processes get the copies in the pickled `StepBatch` and the repeated
+    logits rows from its fork counts: seeded sequences equal the in-process engine's."""
+    params = SamplingParams(n=3, temperature=0.8, seed=4, max_tokens=6, ignore_eos=True)
+    tokens = []
+    for tp in (1, 2):
+        engine = LLMEngine(engine_config(tensor_parallel_size=tp))
+        try:
+            tokens.append([c.token_ids for c in generate(engine, params, TINY[2]).outputs])
+        finally:
+            engine.shutdown()
+    assert tokens[0] == tokens[1] and len({tuple(t) for t in tokens[0]}) == 3
