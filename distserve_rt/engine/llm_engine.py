@@ -432,6 +432,10 @@ class LLMEngine:
         """The outputs of a step: streaming requests that got a token (`updated`, still
         running) and finished ones. A group of sequences gives one output, once per step:
         while streaming, then when its last sequence finishes (and it leaves the tables)."""
+        if not self._groups:  # no n > 1 request live: one output per request
+            for request in finished:
+                self._finalize(request)
+            return [RequestOutput.from_request(r) for r in (*updated, *finished)]
         outputs = []
         seen: set[int] = set()
         for request in updated:
