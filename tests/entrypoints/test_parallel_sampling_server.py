@@ -126,3 +126,21 @@ async def test_disaggregated_engine_refuses_n_with_a_400():
     assert r.status_code == 400
     message = r.json()["error"]["message"]
     assert "n=2; the disaggregated engine serves n=1" in message and "\n" not in message
+
+
+async def test_streamed_chat_n_starts_every_choice_and_sends_its_deltas(client):
+    messages = [{"role": "user", "content": "hello there"}]
+    body = {"messages": messages, "n": 2, "stream": True, **GREEDY}
+    r = await client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    events = parse_sse(r.text)[:-1]
+    assert [c["delta"]["role"] for c in events[0]["choices"]] == ["assistant", "assistant"]
+    texts, reasons = {0: "", 1: ""}, {}
+    for event in events[1:]:
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["delta"]["content"]
+            if choice["finish_reason"] is not None:
+                reasons[choice["index"]] = choice["finish_reason"]
+    full = await client.post("/v1/chat/completions", json={"messages": messages, **GREEDY})
+    want = full.json()["choices"][0]["message"]["content"]
+    assert texts == {0: want, 1: want} and reasons == {0: "length", 1: "length"}
