@@ -10,7 +10,7 @@ from distserve_rt.core.stop_checker import FinishReason
 
 @dataclass(slots=True)
 class CompletionOutput:
-    """One completion of a request (``n == 1``: always index 0)."""
+    """One completion of a request: index 0..n-1 (``n == 1``: always 0)."""
 
     index: int
     text: str
@@ -23,6 +23,30 @@ class CompletionOutput:
     logprobs: list[dict[int, float]] | None = None
     """Per output token: {token id: logprob} of the sampled token and the top
     SamplingParams.logprobs tokens; None when not asked."""
+    cumulative_logprob: float | None = None
+    """Sum of the sampled tokens' logprobs (what best_of ranks by); None when no logprob
+    was drawn (neither logprobs nor best_of > n asked)."""
+
+    @classmethod
+    def from_request(
+        cls, request: Request, index: int = 0, keep_logprobs: bool = True
+    ) -> CompletionOutput:
+        """The request's completion so far, as completion `index`; `keep_logprobs` False
+        drops logprobs drawn only for the cumulative one (best_of's ranking)."""
+        logprobs = None if request.logprobs is None else list(request.logprobs)
+        cumulative = None
+        if logprobs is not None:
+            pairs = zip(request.output_token_ids, logprobs, strict=False)
+            cumulative = sum(row[token] for token, row in pairs)
+        return cls(
+            index=index,
+            text=request.output_text,
+            token_ids=request.output_token_ids,
+            finish_reason=request.finish_reason,
+            stop_reason=request.stop_reason,
+            logprobs=logprobs if keep_logprobs else None,
+            cumulative_logprob=cumulative,
+        )
 
 
 @dataclass(slots=True)
@@ -119,14 +143,7 @@ class RequestOutput:
     @classmethod
     def from_request(cls, request: Request, metrics: RequestMetrics | None = None) -> RequestOutput:
         """`metrics`: the disaggregated controller's (with its latency breakdown)."""
-        completion = CompletionOutput(
-            index=0,
-            text=request.output_text,
-            token_ids=request.output_token_ids,
-            finish_reason=request.finish_reason,
-            stop_reason=request.stop_reason,
-            logprobs=None if request.logprobs is None else list(request.logprobs),
-        )
+        completion = CompletionOutput.from_request(request)
         return cls(
             request_id=request.request_id,
             prompt=request.prompt,

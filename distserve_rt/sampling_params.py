@@ -18,7 +18,9 @@ class SamplingParams:
     """How to pick tokens and when to stop, for one request."""
 
     n: int = 1
-    """Completions per prompt. Only 1 is supported (parallel sampling is not built)."""
+    """Completions returned per prompt. The prompt is prefilled once and its KV blocks are
+    shared by the sequences (copy-on-write); with a seed, sequence i samples with seed + i
+    (so sequence 0 is the n == 1 output), and greedy sequences are n identical copies."""
     temperature: float = 1.0
     """0 means greedy; otherwise logits are divided by it before softmax (at most the
     largest float32, `MAX_TEMPERATURE`)."""
@@ -44,6 +46,9 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the log-probability of the sampled token and of this many top tokens."""
     skip_special_tokens: bool = True
+    best_of: int | None = None
+    """Sequences generated per prompt (>= n; None means n): the n with the highest
+    cumulative logprob are returned. Not with streaming when > n (vLLM's rule)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -51,8 +56,10 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = list(self.stop_token_ids or [])
         _check_int("n", self.n, 1)
-        if self.n != 1:
-            raise NotImplementedError(f"n={self.n}: parallel sampling (n > 1) is not supported")
+        if self.best_of is not None:
+            _check_int("best_of", self.best_of, 1)
+            if self.best_of < self.n:
+                raise ValueError(f"best_of must be >= n ({self.n}), got {self.best_of!r}")
         # The sampler divides float32 logits by it: a larger value becomes inf there, and
         # -inf / inf (a min_tokens-suppressed token) is NaN, sampling an id past the vocab.
         _check_float("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
@@ -86,6 +93,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature < _GREEDY_EPS
+
+    @property
+    def num_sequences(self) -> int:
+        """Sequences the engine generates for the prompt: best_of, else n."""
+        return self.n if self.best_of is None else self.best_of
 
 
 MAX_SEED = 2**64 - 1

@@ -11,7 +11,8 @@ Blocks are reference counted so that requests can share a prefix (`fork`, e.g. p
 sampling): a block returns to the free list only when its last owner frees it, and writing
 into a shared last block copies it first (copy-on-write, reported in
 `AppendResult.block_copies`; the caller copies those blocks before writing the new KV).
-Nothing in the engine forks yet (see `fork`), so the engine step carries no copies.
+The colocated engine forks for parallel sampling (n > 1): the schedulers put a step's
+copies in `SchedulerOutput.block_copies` and the model runner copies them first.
 
 Automatic prefix caching (``enable_prefix_caching``, vLLM's): once the engine has written a
 full block's KV, the scheduler registers it (`cache_blocks`) under a chained hash of its
@@ -199,11 +200,6 @@ class BlockManager:
         """New request `child_id` shares all of `parent_id`'s tokens and blocks (each
         block's refcount + 1); no block is taken until one of them writes into a shared
         block. Raises ValueError for an unknown parent or an existing child id."""
-        # Nothing forks yet, so no step carries copy-on-write pairs: the engine step has no
-        # block-copy plumbing and the schedulers refuse an append that returns copies.
-        # Whoever wires sharing (issue 12: prefix caching, n > 1) adds that plumbing back:
-        # the pairs through SchedulerOutput and StepBatch, ``ops.copy_blocks`` before the
-        # model runs.
         self._native.fork(parent_id, child_id)
 
     def free(self, request_id: int) -> None:

@@ -123,6 +123,8 @@ class Request:
         "finished_time",
         "token_times",
         "preempted_times",
+        "forks",
+        "seq_index",
     )
 
     def __init__(
@@ -170,6 +172,13 @@ class Request:
         self.finished_time: float | None = None
         self.token_times: list[float] = []
         self.preempted_times: list[float] = []
+        self.forks: list[Request] = []
+        """Parallel sampling (n > 1, best_of): the group's other sequences, not yet in any
+        queue. The scheduler forks them off this request's blocks (`BlockManager.fork`)
+        when it schedules the prefill chunk that completes the prompt: they sample their
+        first token from the same logits row, then decode on their own (empty after)."""
+        self.seq_index = 0
+        """This sequence's index in its request's group (0 for the request itself)."""
 
     # ---- tokens -----------------------------------------------------------------------
 
@@ -193,6 +202,11 @@ class Request:
     def num_uncomputed_tokens(self) -> int:
         """Tokens whose KV a step still has to compute (1 for a decode)."""
         return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def num_seqs(self) -> int:
+        """Sequences this request will run as (itself and its pending forks)."""
+        return 1 + len(self.forks)
 
     @property
     def is_finished(self) -> bool:

@@ -197,9 +197,18 @@ class Controller:
         ValueError for invalid input, EngineDeadError when no prefill instance lives."""
         if request_id in self.requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        if params.num_sequences != 1:
+            # Forked sequences would need their shared prompt blocks migrated once and
+            # forked on the decode instance: not built (issue 12 does it colocated only).
+            name = "n" if params.best_of is None else "best_of"
+            raise ValueError(
+                f"request {request_id!r}: {name}={params.num_sequences}; the disaggregated "
+                "engine serves n=1 (best_of None or 1) only; use a colocated engine for n > 1"
+            )
         now = time.monotonic() if arrival_time is None else arrival_time
         tracked = admission.admit(
-            request_id, prompt, prompt_token_ids, sampling_params or SamplingParams(), now,
+            request_id, prompt, prompt_token_ids, params, now,
             stream, model_config=self.model_config,
             max_model_len=self.scheduler_config.max_model_len, tokenizer=self.tokenizer,
         )  # fmt: skip

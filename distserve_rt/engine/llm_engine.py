@@ -27,6 +27,7 @@ from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import Scheduler, SchedulerOutput
 from distserve_rt.core.stop_checker import StopChecker
 from distserve_rt.distributed.launch import WorkerFailedError
+from distserve_rt.engine.parallel_sampling import SequenceGroup, sequence_ids, sequence_params
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
@@ -104,6 +105,8 @@ class LLMEngine:
         ] = deque()
         self.tokenizer = tokenizer
         self._requests: dict[str, Request] = {}
+        # Every sequence id of a request with n > 1 or best_of -> its group.
+        self._groups: dict[str, SequenceGroup] = {}
         self._streaming: set[str] = set()
         self._seq_ids = itertools.count()
         self._stats = StatsLogger(logger, config.log_stats_interval_s)
@@ -159,32 +162,86 @@ class LLMEngine:
         max_model_len = self.scheduler_config.max_model_len
         # Raises ValueError for stop strings without a tokenizer, before anything is queued.
         checker = None if len(token_ids) >= max_model_len else self._stop_checker(params, token_ids)
+        arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        if params.num_sequences == 1:
+            request = self._new_request(request_id, token_ids, params, arrival_time, prompt)
+            request.stop_checker = checker
+        else:
+            request = self._new_group(request_id, token_ids, params, arrival_time, prompt)
+        self._requests[request_id] = request
+        if stream:
+            self._streaming.update(r.request_id for r in (request, *request.forks))
+        least_loaded(self.virtual_engines).scheduler.add_request(request)
+        return request
+
+    def _new_request(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        prompt: str | None,
+    ) -> Request:
+        # No stop checker yet: the caller sets it (none when the prompt leaves no room in
+        # the context: the scheduler rejects the request).
         request = Request(
             request_id,
             next(self._seq_ids),
             token_ids,
             params,
-            time.monotonic() if arrival_time is None else arrival_time,
-            max_model_len,
+            arrival_time,
+            self.scheduler_config.max_model_len,
             prompt=prompt,
         )
-        # No checker: the prompt leaves no room in the context and the scheduler rejects it.
-        request.stop_checker = checker
         if params.logprobs is not None:
             request.logprobs = []
-        self._requests[request_id] = request
-        if stream:
-            self._streaming.add(request_id)
-        least_loaded(self.virtual_engines).scheduler.add_request(request)
         return request
+
+    def _new_group(
+        self,
+        request_id: str,
+        token_ids: list[int],
+        params: SamplingParams,
+        arrival_time: float,
+        prompt: str | None,
+    ) -> Request:
+        """The sequences of a request with n > 1 or best_of (`engine.parallel_sampling`):
+        returns sequence 0, which carries the others as its pending forks."""
+        ids = sequence_ids(
+            request_id,
+            params,
+            self.scheduler_config.max_num_seqs,
+            lambda i: i in self._groups or i in self._requests,
+        )
+        max_model_len = self.scheduler_config.max_model_len
+        sequences = []
+        for index, seq_request_id in enumerate(ids):
+            seq_params = sequence_params(params, index)
+            sequence = self._new_request(
+                seq_request_id, token_ids, seq_params, arrival_time, prompt
+            )
+            if len(token_ids) < max_model_len:
+                sequence.stop_checker = self._stop_checker(seq_params, token_ids)
+            sequences.append(sequence)
+        group = SequenceGroup(params, sequences)
+        for sequence in sequences:
+            self._groups[sequence.request_id] = group
+        sequences[0].forks = sequences[1:]
+        return sequences[0]
 
     def abort_request(self, request_id: str) -> bool:
         """Aborts a live request (finish_reason "abort", reported by the next `step`);
         False when it is unknown or already finished."""
         now = time.monotonic()
-        return any(
-            ve.scheduler.abort_request(request_id, now) is not None for ve in self.virtual_engines
-        )
+        group = self._groups.get(request_id)
+        ids = [request_id] if group is None else [s.request_id for s in group.sequences]
+        # A list, not any(): every sequence of a group is aborted.
+        aborted = [
+            ve.scheduler.abort_request(i, now) is not None
+            for i in ids
+            for ve in self.virtual_engines
+        ]
+        return any(aborted)
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._in_flight) or any(
@@ -312,10 +369,7 @@ class LLMEngine:
             scheduler_output.num_decode_tokens,
             len(scheduler_output.preempted),
         )
-        outputs = [RequestOutput.from_request(r) for r in updated]
-        for request in finished:
-            self._finalize(request)
-            outputs.append(RequestOutput.from_request(request))
+        outputs = self._outputs(updated, finished)
         if finished:
             self.executor.release_requests([r.seq_id for r in finished])
         self._stats.observe(busy=self.has_unfinished_requests())
@@ -333,7 +387,10 @@ class LLMEngine:
         logger.exception("engine step failed; failing the %d requests in it", num)
         message = f"engine step failed: {type(exc).__name__}: {exc}"
         finished = list(scheduler_output.finished)
-        step_requests = [p.request for p in scheduler_output.prefills]
+        prefills = scheduler_output.prefills
+        step_requests = [p.request for p in prefills]
+        # Forked in this step: their KV is the prompt the failed step did not write.
+        step_requests += [child for p in prefills for child in p.forks]
         step_requests += scheduler_output.decodes
         for request in step_requests:
             if request.is_finished:  # aborted while its batch was in flight
@@ -341,10 +398,7 @@ class LLMEngine:
             request.error = message
             ve.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
             finished.append(request)
-        outputs = []
-        for request in finished:
-            self._finalize(request)
-            outputs.append(RequestOutput.from_request(request))
+        outputs = self._outputs([], finished)
         self._stats.observe(busy=self.has_unfinished_requests())  # may have gone idle
         return outputs
 
@@ -352,12 +406,10 @@ class LLMEngine:
         self, ve: VirtualEngine, failed: list[tuple[Request, str]], now: float
     ) -> list[RequestOutput]:
         """Finishes the requests that failed their step alone (finish_reason "error")."""
-        outputs = []
         for request, message in failed:
             request.error = message
             ve.scheduler.finish_request(request, RequestStatus.FINISHED_ERROR, now)
-            self._finalize(request)
-            outputs.append(RequestOutput.from_request(request))
+        outputs = self._outputs([], [r for r, _ in failed])
         if failed:
             self.executor.release_requests([r.seq_id for r, _ in failed])
         return outputs
@@ -375,6 +427,36 @@ class LLMEngine:
             max_model_len=self.scheduler_config.max_model_len,
             detokenizer=detokenizer,
         )
+
+    def _outputs(self, updated: list[Request], finished: list[Request]) -> list[RequestOutput]:
+        """The outputs of a step: streaming requests that got a token (`updated`, still
+        running) and finished ones. A group of sequences gives one output, once per step:
+        while streaming, then when its last sequence finishes (and it leaves the tables)."""
+        if not self._groups:  # no n > 1 request live: one output per request
+            for request in finished:
+                self._finalize(request)
+            return [RequestOutput.from_request(r) for r in (*updated, *finished)]
+        outputs = []
+        seen: set[int] = set()
+        for request in updated:
+            group = self._groups.get(request.request_id)
+            if group is None:
+                outputs.append(RequestOutput.from_request(request))
+            elif id(group) not in seen:
+                seen.add(id(group))
+                outputs.append(group.output())
+        groups = [self._groups.get(r.request_id) for r in finished]
+        for request, group in zip(finished, groups, strict=True):
+            if group is None:
+                self._finalize(request)
+                outputs.append(RequestOutput.from_request(request))
+            elif group.is_finished and group.request.request_id in self._requests:
+                for sequence in group.sequences:
+                    self._finalize(sequence)
+                    del self._groups[sequence.request_id]
+                outputs = [o for o in outputs if o.request_id != group.request.request_id]
+                outputs.append(group.output())
+        return outputs
 
     def _finalize(self, request: Request) -> None:
         """Drops the request from the engine's tables."""

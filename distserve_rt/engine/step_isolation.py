@@ -129,8 +129,19 @@ def isolate_failure(
     survivors = [r for r in requests if r.seq_id not in search.failed]
     step = search.assemble(survivors)
     checked = check_sampled(step.scheduler_output, step.runner_output, vocab_size)
-    checked.failed = search.failures(requests) + checked.failed
+    checked.failed = search.failures(requests) + _failed_forks(batch, search) + checked.failed
     return checked
+
+
+def _failed_forks(batch: SchedulerOutput, search: _Search) -> list[tuple[Request, str]]:
+    """The sequences forked off a failed request's prompt (n > 1) fail with it: their KV
+    is its prompt's, which the failed step did not write."""
+    return [
+        (child, search.failed[chunk.request.seq_id])
+        for chunk in batch.prefills
+        if chunk.request.seq_id in search.failed
+        for child in chunk.forks
+    ]
 
 
 def check_sampled(
@@ -178,6 +189,9 @@ def sub_batch(batch: SchedulerOutput, keep: Collection[int]) -> SchedulerOutput:
         decodes=[batch.decodes[j] for j in decode_rows],
         slot_mapping=np.concatenate(slots),
         num_prefill_tokens=sum(p.num_new_tokens for p in prefills),
+        # All of them: a re-run copies again (a copy's source is never written by the
+        # step, so copying twice gives the same block).
+        block_copies=batch.block_copies,
     )
     if batch.prefill_block_tables is not None and prefills:
         out.prefill_block_tables = batch.prefill_block_tables[prefill_rows]

@@ -7,7 +7,9 @@ the logits of those rows only, and samples.
 
 Rows of the step (see `layers.attention`): prefill chunks first, then one row per decode.
 Logits are needed for the last row of each prefill chunk that completes its prompt
-(`ScheduledPrefill.produces_token`) and for every decode row.
+(`ScheduledPrefill.produces_token`), once more for each sequence forked off it (parallel
+sampling: they all sample the prompt's last row), and for every decode row. A step's
+copy-on-write block pairs are copied before its forward writes any KV.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler import SchedulerOutput
 from distserve_rt.layers.attention import AttentionMetadata
 from distserve_rt.models.interface import CausalLM
+from distserve_rt.ops import copy_blocks
 from distserve_rt.worker.sampling import SampledTokens
 from distserve_rt.worker.step_batch import StepBatch
 
@@ -106,6 +109,10 @@ class ModelRunner:
         ``sampling_requests`` is then None and its sampler works from seq ids)."""
         num_p, num_d = batch.num_prefill_tokens, batch.num_decodes
         num_tokens = num_p + num_d
+        if batch.block_copies is not None:
+            # Before the forward: a forked sequence's new token goes into the copy, and the
+            # shared original must keep the KV its other owners read.
+            copy_blocks(self.kv_pool, self.kv_pool, batch.block_copies)
         num_rows = self._fill_prefills(batch)
         if num_d:
             np.subtract(batch.decode_seq_lens, 1, out=self._positions[num_p:num_tokens])
@@ -136,13 +143,16 @@ class ModelRunner:
         pos, cu = self._positions, self._cu_seqlens
         start = num_rows = 0
         cu[0] = 0
+        num_prefills = len(batch.prefill_num_new_tokens)
+        forks = batch.prefill_num_forks
         chunks = zip(
             batch.prefill_num_new_tokens.tolist(),
             batch.prefill_prefix_lens.tolist(),
             batch.prefill_produces_token.tolist(),
+            [0] * num_prefills if forks is None else forks.tolist(),
             strict=True,
         )
-        for i, (n, prefix, produces_token) in enumerate(chunks):
+        for i, (n, prefix, produces_token, num_forks) in enumerate(chunks):
             end = start + n
             # np.arange, not a slice of _arange: a chunk may start past any fixed bound
             # (context lengths reach 128k).
@@ -150,8 +160,9 @@ class ModelRunner:
             cu[i + 1] = end
             self._prefix_lens[i] = prefix
             if produces_token:
-                self._logits_rows[num_rows] = end - 1
-                num_rows += 1
+                # The request's row, then one per forked sequence (`sampling_requests` order).
+                self._logits_rows[num_rows : num_rows + 1 + num_forks] = end - 1
+                num_rows += 1 + num_forks
             start = end
         return num_rows
 

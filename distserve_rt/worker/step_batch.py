@@ -40,6 +40,12 @@ class StepBatch:
     """int64 [num_tokens] (negative = padding, not written)."""
     prefill_block_tables: np.ndarray | None
     """int32 [num_prefills, max_blocks]; None when no chunk reads a cached prefix."""
+    prefill_num_forks: np.ndarray | None = None
+    """int64 [num_prefills]: sequences forked off each chunk's request (parallel sampling),
+    each sampling its last row again; None when no chunk forks."""
+    block_copies: np.ndarray | None = None
+    """int64 [num_pairs, 2]: copy-on-write (src, dst) blocks to copy before the forward;
+    None when there are none."""
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -80,6 +86,8 @@ class StepBatch:
             decode_block_tables=out.decode_block_tables,
             slot_mapping=out.slot_mapping,
             prefill_block_tables=out.prefill_block_tables,
+            prefill_num_forks=_num_forks(prefills),
+            block_copies=out.block_copies if len(out.block_copies) else None,
         )
 
     def shift_blocks(self, block_offset: int, block_size: int) -> None:
@@ -92,6 +100,15 @@ class StepBatch:
         self.decode_block_tables = self.decode_block_tables + np.int32(block_offset)
         if self.prefill_block_tables is not None:
             self.prefill_block_tables = self.prefill_block_tables + np.int32(block_offset)
+        if self.block_copies is not None:
+            self.block_copies = self.block_copies + block_offset
+
+
+def _num_forks(prefills: list) -> np.ndarray | None:
+    """`StepBatch.prefill_num_forks` of the chunks (None, the common case, without forks)."""
+    if not any(p.forks for p in prefills):
+        return None
+    return np.fromiter((len(p.forks) for p in prefills), np.int64, len(prefills))
 
 
 @dataclass(slots=True)

@@ -160,13 +160,19 @@ def test_config_checks():
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-def test_decode_into_a_shared_block_fails_instead_of_dropping_the_copy(policy):
-    """No step carries copy-on-write pairs yet (nothing forks): a decode append that needs
-    one must fail loudly, not write into a block another request still reads."""
+def test_decode_into_a_shared_block_carries_the_copy_in_the_step(policy):
+    """A decode append into a block another request shares (a fork) takes a new block and
+    the step carries the (src, dst) copy for the runner: never dropped, so the shared
+    block keeps the KV its other owner reads."""
     s, bm = make(policy)
     r = request(5)  # a partial block: its next token goes into the shared block
     s.add_request(r)
     step(s, bm)
+    shared = int(bm.block_table(r.seq_id)[-1])
     bm.fork(r.seq_id, 1 << 30)
-    with pytest.raises(RuntimeError, match="copy-on-write pairs"):
-        s.schedule(1.0)
+    out = s.schedule(1.0)
+    assert out.decodes == [r]
+    new = int(bm.block_table(r.seq_id)[-1])
+    assert out.block_copies.tolist() == [[shared, new]] and new != shared
+    assert int(bm.block_table(1 << 30)[-1]) == shared
+    assert s.schedule(2.0).block_copies.shape == (0, 2)  # once: the next step has none

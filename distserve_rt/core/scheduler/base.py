@@ -4,6 +4,16 @@ abort, rejection, and packing a step's KV bookkeeping into a `SchedulerOutput`.
 Policies (continuous batching, chunked prefill, and later the disaggregated prefill and
 decode schedulers) only decide *which* requests and *how many* tokens; these helpers keep
 the invariants (blocks conserved, no request lost, ``num_computed_tokens`` consistent).
+
+Parallel sampling (n > 1, best_of): a request carries its group's other sequences in
+``Request.forks``. It is admitted and prefilled alone (its group counts whole against
+``max_num_seqs``); the chunk that completes its prompt forks them (`BlockManager.fork`:
+they share every prompt block) and they sample from its logits row. From then on each
+sequence is an ordinary running request: the first decode that appends into a still
+shared block gets a copy-on-write pair (``SchedulerOutput.block_copies``, copied by the
+runner before the forward), and preemption recomputes one sequence at a time, its prompt
+plus its own tokens (the simplest rule that is correct: sequences no longer depend on each
+other once forked; with prefix caching on, the prompt's blocks are found again).
 """
 
 from __future__ import annotations
@@ -43,6 +53,8 @@ class SchedulerBase(Scheduler):
         # Finished requests are dropped from `running` lazily, once per schedule(), so that
         # finishing k of n requests costs O(n), not O(k * n).
         self._num_stale_running = 0
+        # The copy-on-write pairs of this schedule's decode appends (see _reserve_decodes).
+        self._block_copies = _NO_COPIES
 
     # ---- the Scheduler interface ------------------------------------------------------
 
@@ -116,6 +128,7 @@ class SchedulerBase(Scheduler):
         else:
             self.waiting.remove(request)
         request.finish(status, now)
+        self._finish_forks(request, status, now)
 
     def abort_request(self, request_id: str, now: float) -> Request | None:
         request = self._live.get(request_id)
@@ -204,18 +217,14 @@ class SchedulerBase(Scheduler):
     ) -> tuple[list[Request], np.ndarray]:
         """One slot for every running request, preempting the most recently arrived
         request holding blocks (running or prefilling) until the rest fit. Returns the
-        decodes and their slot_mapping (int64 [num_decodes])."""
+        decodes and their slot_mapping (int64 [num_decodes]); the copy-on-write pairs of
+        forked sequences appending into a shared block go to `_build_output` through
+        ``_block_copies`` (the step's one source of copies)."""
         decodes = self.running
         while decodes:
             result = self.block_manager.append_slots_batch([r.seq_id for r in decodes])
             if result is not None:
-                if len(result.block_copies):
-                    # Only `fork` shares blocks and nothing calls it yet; a step has no way
-                    # to carry the copies, so dropping them would corrupt the KV silently.
-                    raise RuntimeError(
-                        f"a decode append returned {len(result.block_copies)} copy-on-write "
-                        "pairs, but the engine step cannot copy blocks (see BlockManager.fork)"
-                    )
+                self._block_copies = result.block_copies
                 for request in decodes:
                     request.num_computed_tokens += 1
                 # A copy: policies append requests that finish their prefill to `running`.
@@ -237,12 +246,40 @@ class SchedulerBase(Scheduler):
         return victim
 
     def _schedule_chunk(self, request: Request, num_new_tokens: int) -> ScheduledPrefill:
-        """Commits a prefill chunk of an admitted request."""
+        """Commits a prefill chunk of an admitted request; the chunk that completes the
+        prompt forks the request's pending sequences (they join `running`)."""
         prefix_len = request.num_computed_tokens
         request.num_computed_tokens = prefix_len + num_new_tokens
-        return ScheduledPrefill(
-            request, num_new_tokens, prefix_len, request.num_computed_tokens == request.num_tokens
-        )
+        produces_token = request.num_computed_tokens == request.num_tokens
+        chunk = ScheduledPrefill(request, num_new_tokens, prefix_len, produces_token)
+        if produces_token and request.forks:
+            chunk.forks, request.forks = request.forks, []
+            for child in chunk.forks:
+                self._fork(request, child)
+        return chunk
+
+    def _fork(self, parent: Request, child: Request) -> None:
+        """`child` shares all of `parent`'s blocks (scheduled KV included: this step's
+        forward writes it before the child's first decode reads it)."""
+        if child.request_id in self._live:
+            raise ValueError(f"request_id {child.request_id!r} is already live")
+        self.block_manager.fork(parent.seq_id, child.seq_id)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = RequestStatus.RUNNING
+        child.first_scheduled_time = parent.first_scheduled_time
+        self._live[child.request_id] = child
+        self.running.append(child)
+
+    def _finish_forks(self, request: Request, status: RequestStatus, now: float) -> None:
+        """Sequences never forked (their request finished before its prefill did: abort,
+        rejection, error) finish with it."""
+        for child in request.forks:
+            child.finish(status, now, error=request.error)
+        request.forks = []
+
+    def _num_seqs(self) -> int:
+        """Sequences holding blocks now or once their prefill forks (max_num_seqs)."""
+        return len(self.running) + sum(r.num_seqs for r in self.prefilling)
 
     def _build_output(
         self,
@@ -255,6 +292,9 @@ class SchedulerBase(Scheduler):
         bm = self.block_manager
         out = SchedulerOutput(prefills=prefills, decodes=decodes, preempted=preempted)
         out.finished = finished
+        if decodes and len(self._block_copies):
+            out.block_copies = self._block_copies
+        self._block_copies = _NO_COPIES
         if prefills:
             chunks = [
                 bm.slot_mapping(p.request.seq_id, p.prefix_len, p.prefix_len + p.num_new_tokens)
@@ -286,4 +326,8 @@ class SchedulerBase(Scheduler):
 
     def _reject(self, request: Request, message: str, now: float) -> None:
         request.finish(RequestStatus.FINISHED_ERROR, now, error=message)
+        self._finish_forks(request, RequestStatus.FINISHED_ERROR, now)
         self._finished.append(request)
+
+
+_NO_COPIES = np.zeros((0, 2), dtype=np.int64)

@@ -60,9 +60,11 @@ class ChunkedPrefillScheduler(SchedulerBase):
 
     def _admit_new(self, budget: int, now: float) -> list[ScheduledPrefill]:
         prefills: list[ScheduledPrefill] = []
-        num_seqs = len(self.running) + len(self.prefilling)
-        while self.waiting and budget > 0 and num_seqs < self.config.max_num_seqs:
+        num_seqs = self._num_seqs()
+        while self.waiting and budget > 0:
             request = self.waiting[0]
+            if num_seqs + request.num_seqs > self.config.max_num_seqs:
+                break
             status = self._try_admit(request, now)
             if status is AllocStatus.LATER:
                 break
@@ -72,7 +74,7 @@ class ChunkedPrefillScheduler(SchedulerBase):
             # Uncomputed, not all: the prompt's cached blocks (prefix caching) are skipped.
             chunk = self._schedule_chunk(request, min(request.num_uncomputed_tokens, budget))
             budget -= chunk.num_new_tokens
-            num_seqs += 1
+            num_seqs += 1 + len(chunk.forks) + len(request.forks)
             prefills.append(chunk)
             (self.running if chunk.produces_token else self.prefilling).append(request)
         return prefills

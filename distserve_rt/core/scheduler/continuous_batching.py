@@ -50,7 +50,7 @@ class ContinuousBatchingScheduler(SchedulerBase):
             request = self.waiting[0]
             # A recomputed request prefills its generated tokens too.
             num_new_tokens = request.num_tokens
-            if num_new_tokens > budget:
+            if num_new_tokens > budget or num_seqs + request.num_seqs > self.config.max_num_seqs:
                 break
             status = self._try_admit(request, now)
             if status is AllocStatus.LATER:
@@ -60,10 +60,10 @@ class ContinuousBatchingScheduler(SchedulerBase):
                 continue
             # Less than num_tokens when the prompt's first blocks were in the prefix cache.
             num_new_tokens = request.num_uncomputed_tokens
+            num_seqs += request.num_seqs  # its forks join `running` in _schedule_chunk
             prefills.append(self._schedule_chunk(request, num_new_tokens))
             self.running.append(request)
             budget -= num_new_tokens
-            num_seqs += 1
         return prefills
 
 

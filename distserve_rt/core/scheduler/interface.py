@@ -48,6 +48,9 @@ class ScheduledPrefill:
     """Tokens of the request already in the KV cache before this chunk."""
     produces_token: bool
     """Whether this is the last chunk (its last row's logits give the next token)."""
+    forks: list[Request] = field(default_factory=list)
+    """Sequences forked off the request at this chunk (parallel sampling): each samples
+    its first token from the same logits row, after the request's own row."""
 
 
 @dataclass(slots=True)
@@ -70,6 +73,9 @@ class SchedulerOutput:
     decode_seq_lens: np.ndarray = field(default_factory=lambda: _EMPTY_I32)
     """int32 [num_decodes]: cached tokens including this step's new one."""
     num_prefill_tokens: int = 0
+    block_copies: np.ndarray = field(default_factory=lambda: _EMPTY_I64.reshape(0, 2))
+    """int64 [num_pairs, 2]: copy-on-write (src block, dst block) pairs of the decodes'
+    appends: the runner copies them (``ops.copy_blocks``) before the step writes any KV."""
 
     @property
     def num_decode_tokens(self) -> int:
@@ -86,7 +92,11 @@ class SchedulerOutput:
 
     def sampling_requests(self) -> list[Request]:
         """Requests that get a token this step, in the executor's output row order."""
-        out = [p.request for p in self.prefills if p.produces_token]
+        out = []
+        for p in self.prefills:
+            if p.produces_token:
+                out.append(p.request)
+                out += p.forks
         out += self.decodes
         return out
 

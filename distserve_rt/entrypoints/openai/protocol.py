@@ -2,7 +2,7 @@
 
 Unknown fields are ignored (vLLM and the OpenAI clients send extras such as ``user`` or
 ``repetition_penalty``); a known field with a wrong type is a 400 with pydantic's message.
-Fields that would change the output but are not built (penalties, ``echo``, ``n > 1``,
+Fields that would change the output but are not built (penalties, ``echo``,
 ``logit_bias``, ...) are accepted only at their neutral value, and refused with a 400 that
 names them otherwise: a request never gets silently different sampling than it asked for.
 """
@@ -47,7 +47,10 @@ class GenerationRequest(OpenAIBaseModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     n: int = 1
+    """Choices per prompt (indices 0..n-1; batched prompts: prompt i's are i*n .. i*n+n-1)."""
     best_of: int | None = None
+    """Sequences generated per prompt (>= n); the n with the highest cumulative logprob are
+    returned. Not with stream=true when > n."""
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -67,10 +70,6 @@ class GenerationRequest(OpenAIBaseModel):
             bad.append(
                 ("repetition_penalty", self.repetition_penalty, "1.0 (penalties are not supported)")
             )
-        if self.n != 1:
-            bad.append(("n", self.n, "1 (parallel sampling is not supported)"))
-        if self.best_of not in (None, 1):
-            bad.append(("best_of", self.best_of, "1 (best_of is not supported)"))
         if self.logit_bias:
             bad.append(("logit_bias", self.logit_bias, "none (logit_bias is not supported)"))
         return bad
@@ -80,7 +79,7 @@ class CompletionRequest(GenerationRequest):
     """``POST /v1/completions``."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
-    """Text or token ids; a list of one prompt is accepted, several are not (batching)."""
+    """Text or token ids, or a list of prompts (a batch: each gets n choices)."""
     logprobs: int | None = None
     """Top logprobs per generated token, 0..MAX_LOGPROBS (the sampled one is always in)."""
     echo: bool = False

@@ -1,4 +1,5 @@
-"""``POST /v1/chat/completions``: messages rendered with the model's chat template."""
+"""``POST /v1/chat/completions``: messages rendered with the model's chat template; n > 1
+gives n choices (indices 0..n-1) of one engine request (`engine.parallel_sampling`)."""
 
 from __future__ import annotations
 
@@ -29,13 +30,13 @@ from distserve_rt.entrypoints.openai.serving_engine import (
 )
 from distserve_rt.entrypoints.openai.streaming import (
     DONE_EVENT,
-    DeltaTracker,
+    ChoiceDelta,
+    ChoiceTracker,
     OutputDelta,
     SSEResponse,
     internal_error,
     sse,
 )
-from distserve_rt.outputs import RequestOutput
 
 
 def message_text(message: ChatMessage, index: int) -> str:
@@ -121,21 +122,23 @@ class OpenAIServingChat:
                 break  # close() aborts it; nobody is left to answer
         if final is None or not final.finished:
             return Response(status_code=499)
-        completion = final.outputs[0]
-        delta = DeltaTracker().next(completion)
-        choice = ChatChoice(
-            index=0,
-            message=ChatResponseMessage(role="assistant", content=completion.text),
-            logprobs=self._logprobs(request, delta),
-            finish_reason=completion.finish_reason,
-            stop_reason=completion.stop_reason,
-        )
+        tracker = ChoiceTracker()
+        choices = [
+            ChatChoice(
+                index=news.completion.index,
+                message=ChatResponseMessage(role="assistant", content=news.completion.text),
+                logprobs=self._logprobs(request, news.delta),
+                finish_reason=news.completion.finish_reason,
+                stop_reason=news.completion.stop_reason,
+            )
+            for news in tracker.next(final)
+        ]
         body = ChatCompletionResponse(
             id=generation.request_id,
             created=now_s(),
             model=self.ctx.model_name,
-            choices=[choice],
-            usage=UsageInfo.of(generation.num_prompt_tokens, len(completion.token_ids)),
+            choices=choices,
+            usage=UsageInfo.of(generation.num_prompt_tokens, tracker.num_tokens),
         )
         return JSONResponse(body.model_dump())
 
@@ -149,15 +152,15 @@ class OpenAIServingChat:
         )
 
     def _content_choice(
-        self, request: ChatCompletionRequest, output: RequestOutput, delta: OutputDelta
+        self, request: ChatCompletionRequest, news: ChoiceDelta
     ) -> ChatStreamChoice:
-        completion = output.outputs[0]
+        completion = news.completion
         return ChatStreamChoice(
-            index=0,
-            delta=DeltaMessage(content=delta.text),
-            logprobs=self._logprobs(request, delta),
-            finish_reason=completion.finish_reason if output.finished else None,
-            stop_reason=completion.stop_reason if output.finished else None,
+            index=completion.index,
+            delta=DeltaMessage(content=news.delta.text),
+            logprobs=self._logprobs(request, news.delta),
+            finish_reason=completion.finish_reason if news.finished else None,
+            stop_reason=completion.stop_reason if news.finished else None,
         )
 
     async def _stream(
@@ -165,20 +168,23 @@ class OpenAIServingChat:
     ) -> AsyncIterator[str]:
         options = request.stream_options
         continuous = bool(options and options.continuous_usage_stats)
-        created, tracker = now_s(), DeltaTracker()
+        created, tracker = now_s(), ChoiceTracker()
         try:
-            role = ChatStreamChoice(index=0, delta=DeltaMessage(role="assistant", content=""))
+            roles = [
+                ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
+                for i in range(request.n)
+            ]
             usage = UsageInfo.of(generation.num_prompt_tokens, 0) if continuous else None
-            yield sse(self._chunk(generation, created, [role], usage))
+            yield sse(self._chunk(generation, created, roles, usage))
             async for output in generation.outputs():
-                delta = tracker.next(output.outputs[0])
-                if not delta.token_ids and not delta.text and not output.finished:
+                news = tracker.next(output)
+                if not news:
                     continue
-                choice = self._content_choice(request, output, delta)
+                choices = [self._content_choice(request, n) for n in news]
                 usage = None
                 if continuous:
                     usage = UsageInfo.of(generation.num_prompt_tokens, tracker.num_tokens)
-                yield sse(self._chunk(generation, created, [choice], usage))
+                yield sse(self._chunk(generation, created, choices, usage))
             if options and options.include_usage:
                 usage = UsageInfo.of(generation.num_prompt_tokens, tracker.num_tokens)
                 yield sse(self._chunk(generation, created, [], usage))

@@ -73,14 +73,17 @@ class ServingContext:
                 "model",
             )
 
-    def check_prompt_ids(self, prompt_ids: list[int], param: str) -> None:
+    def check_prompt_ids(self, prompt_ids: list[int], param: str, name: str | None = None) -> None:
+        """`name`: what the message calls the prompt (``prompt[2]`` in a batch), `param`
+        by default."""
         vocab_size = self.engine.tokenizer.vocab_size
+        name = name or param
         if not prompt_ids:
-            raise bad_request(f"{param} is empty (0 tokens)", param)
+            raise bad_request(f"{name} is empty (0 tokens)", param)
         for i, token in enumerate(prompt_ids):
             if not 0 <= token < vocab_size:
                 raise bad_request(
-                    f"{param}[{i}] = {token} is not a token id in [0, {vocab_size})", param
+                    f"{name}[{i}] = {token} is not a token id in [0, {vocab_size})", param
                 )
 
 
@@ -101,6 +104,13 @@ def sampling_params(
         raise bad_request(f"{name}={value!r} is not supported; allowed: {allowed}", name)
     if request.stream_options is not None and not request.stream:
         raise bad_request("stream_options is only allowed with stream=true", "stream_options")
+    if request.stream and request.best_of is not None and request.best_of > request.n:
+        # The best n are known only when all best_of sequences end (vLLM refuses it too).
+        raise bad_request(
+            f"best_of={request.best_of} > n={request.n} cannot stream: the best sequences "
+            "are known only at the end; use stream=false or best_of <= n",
+            "best_of",
+        )
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
         raise bad_request(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}", "logprobs")
     check_context_length(ctx.engine.max_model_len, num_prompt_tokens, max_tokens, prompt_param)
@@ -119,9 +129,13 @@ def sampling_params(
         include_stop_str_in_output=request.include_stop_str_in_output,
         skip_special_tokens=request.skip_special_tokens,
         logprobs=logprobs,
+        n=request.n,
+        best_of=request.best_of,
     )
     # None means "the default" in the API; SamplingParams has its own defaults for those.
-    kwargs = {k: v for k, v in kwargs.items() if v is not None or k in ("seed", "logprobs")}
+    kwargs = {
+        k: v for k, v in kwargs.items() if v is not None or k in ("seed", "logprobs", "best_of")
+    }
     try:
         return SamplingParams(**kwargs)
     except (ValueError, NotImplementedError) as exc:
@@ -227,7 +241,7 @@ class Generation:
         Raises `OpenAIError` (500, or 503 for a dead engine) when the request fails."""
         output = self.first
         while True:
-            self.tracker.observe(len(output.outputs[0].token_ids))
+            self.tracker.observe(sum(len(c.token_ids) for c in output.outputs))
             if output.finished:
                 self._finish(output)
                 yield output

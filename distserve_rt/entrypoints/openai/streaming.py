@@ -78,3 +78,44 @@ def internal_error(exc: Exception, request_id: str) -> OpenAIError:
     """An unexpected error while writing a response, logged with its traceback."""
     logger.exception("request %s: error while writing the response", request_id)
     return OpenAIError(HTTPStatus.INTERNAL_SERVER_ERROR, f"{type(exc).__name__}: {exc}")
+
+
+@dataclass
+class ChoiceDelta:
+    """One completion's news in a chunk: its delta, and its finish reason when it ended."""
+
+    completion: CompletionOutput
+    delta: OutputDelta
+    finished: bool
+
+
+class ChoiceTracker:
+    """Deltas of the n completions of cumulative outputs (n > 1: each by its index).
+
+    A completion appears in a chunk when it has new tokens or text, and once more when it
+    finishes (its finish reason, reported once); ``num_tokens`` counts every completion's
+    tokens so far (usage)."""
+
+    def __init__(self) -> None:
+        self._trackers: dict[int, DeltaTracker] = {}
+        self._done: set[int] = set()
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(t.num_tokens for t in self._trackers.values())
+
+    def next(self, output) -> list[ChoiceDelta]:
+        """The news of `output` (a `RequestOutput`), in completion index order."""
+        news = []
+        for completion in output.outputs:
+            tracker = self._trackers.setdefault(completion.index, DeltaTracker())
+            delta = tracker.next(completion)
+            # A completion's reason is final once set (best_of > n never streams, so
+            # indices never move); the request's end closes every completion.
+            finished = output.finished or completion.finish_reason is not None
+            newly_done = finished and completion.index not in self._done
+            if newly_done:
+                self._done.add(completion.index)
+            if delta.token_ids or delta.text or newly_done:
+                news.append(ChoiceDelta(completion, delta, newly_done))
+        return news
