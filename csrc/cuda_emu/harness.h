@@ -1,0 +1,14 @@
+// Test-only kernels of the CUDA emulator (harness_kernels.cu): each breaks one rule.
+#pragma once
+
+#include <cstdint>
+
+namespace drt_emu::harness {
+
+void missing_arrival(int* out);                                    // [64]
+void divergent_barrier(int* out);                                  // [64]
+void missing_lane(float* out);                                     // [32]
+void cp_async_then_read(const float* src, float* out, bool wait);  // [128] each
+void copy(const float* src, float* out, int64_t n);                // [n] each
+
+}  // namespace drt_emu::harness

@@ -1,0 +1,69 @@
+// Small kernels that break the CUDA rules on purpose, to show that the emulator catches
+// each kind of bug the project's kernels could have (tests/kernels/test_cuda_emulated.py).
+// Compiled through the same generator as the real launchers, so <<<>>> and __shared__ go
+// the same way.
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "cuda_emu/harness.h"
+#include "distserve_rt/cuda/cp_async.cuh"
+
+namespace drt_emu::harness {
+namespace {
+
+// Thread 5 leaves before the barrier the others wait at.
+__global__ void missing_arrival_kernel(int* out) {
+  if (threadIdx.x == 5) return;
+  __syncthreads();
+  out[threadIdx.x] = 1;
+}
+
+// The two warps reach different __syncthreads call sites.
+__global__ void divergent_barrier_kernel(int* out) {
+  if (threadIdx.x < 32) {
+    __syncthreads();
+  } else {
+    __syncthreads();
+  }
+  out[threadIdx.x] = 1;
+}
+
+// Lane 3 leaves before a full-warp shuffle.
+__global__ void missing_lane_kernel(float* out) {
+  if (threadIdx.x == 3) return;
+  out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<float>(threadIdx.x), 1);
+}
+
+// Each thread copies 16 bytes into shared memory with cp.async and then reads its
+// neighbour's: correct only with the wait_group before the barrier.
+__global__ void cp_async_kernel(const float* src, float* out, bool wait) {
+  __shared__ float4 tile[32];
+  const int t = threadIdx.x;
+  drt::cuda::cp_async_16(&tile[t], src + 4 * t, true);
+  drt::cuda::cp_async_commit();
+  if (wait) drt::cuda::cp_async_wait<0>();
+  __syncthreads();
+  const float4 v = tile[(t + 1) % 32];
+  out[4 * t] = v.x;
+  out[4 * t + 1] = v.y;
+  out[4 * t + 2] = v.z;
+  out[4 * t + 3] = v.w;
+}
+
+// out[i] = src[i] for i < n, with a grid-stride loop over one CTA of 64 threads.
+__global__ void copy_kernel(const float* src, float* out, int64_t n) {
+  for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = src[i];
+}
+
+}  // namespace
+
+void missing_arrival(int* out) { missing_arrival_kernel<<<1, 64>>>(out); }
+void divergent_barrier(int* out) { divergent_barrier_kernel<<<1, 64>>>(out); }
+void missing_lane(float* out) { missing_lane_kernel<<<1, 32>>>(out); }
+void cp_async_then_read(const float* src, float* out, bool wait) {
+  cp_async_kernel<<<1, 32>>>(src, out, wait);
+}
+void copy(const float* src, float* out, int64_t n) { copy_kernel<<<1, 64>>>(src, out, n); }
+
+}  // namespace drt_emu::harness
