@@ -9,6 +9,7 @@ void missing_arrival(int* out);                                    // [64]
 void divergent_barrier(int* out);                                  // [64]
 void missing_lane(float* out);                                     // [32]
 void cp_async_then_read(const float* src, float* out, bool wait);  // [128] each
+void unsynchronised_read(float* out);                              // [1]
 void copy(const float* src, float* out, int64_t n);                // [n] each
 
 }  // namespace drt_emu::harness

@@ -51,6 +51,14 @@ __global__ void cp_async_kernel(const float* src, float* out, bool wait) {
   out[4 * t + 3] = v.w;
 }
 
+// Warp 1 reads what warp 0 wrote to shared memory with no barrier between: a race whose
+// outcome depends on which warp runs first.
+__global__ void unsynchronised_read_kernel(float* out) {
+  __shared__ float value;
+  if (threadIdx.x == 0) value = 1.f;
+  if (threadIdx.x == 32) *out = value;
+}
+
 // out[i] = src[i] for i < n, with a grid-stride loop over one CTA of 64 threads.
 __global__ void copy_kernel(const float* src, float* out, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = src[i];
@@ -64,6 +72,7 @@ void missing_lane(float* out) { missing_lane_kernel<<<1, 32>>>(out); }
 void cp_async_then_read(const float* src, float* out, bool wait) {
   cp_async_kernel<<<1, 32>>>(src, out, wait);
 }
+void unsynchronised_read(float* out) { unsynchronised_read_kernel<<<1, 64>>>(out); }
 void copy(const float* src, float* out, int64_t n) { copy_kernel<<<1, 64>>>(src, out, n); }
 
 }  // namespace drt_emu::harness

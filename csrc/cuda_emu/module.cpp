@@ -153,6 +153,8 @@ void register_harness(py::module_& m) {
   m.def("harness_cp_async_then_read", [=](uintptr_t src, uintptr_t out, bool wait) {
     h::cp_async_then_read(static_cast<const float*>(ptr(src)), static_cast<float*>(ptr(out)), wait);
   });
+  m.def("harness_unsynchronised_read",
+        [=](uintptr_t out) { h::unsynchronised_read(static_cast<float*>(ptr(out))); });
   m.def("harness_copy", [=](uintptr_t src, uintptr_t out, int64_t n) {
     h::copy(static_cast<const float*>(ptr(src)), static_cast<float*>(ptr(out)), n);
   });

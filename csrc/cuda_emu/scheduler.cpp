@@ -194,7 +194,7 @@ bool release_barrier(Launch& l) {
   if (!exited.empty()) {
     throw std::runtime_error(where(l, nullptr) + ": threads " + thread_list(waiting) +
                              " wait at __syncthreads (" + site(head.file, head.line) +
-                             ") but threads " + thread_list(exited) +
+                             ") but thread(s) " + thread_list(exited) +
                              " exited without reaching it");
   }
   for (const EmuThread* t : waiting) {
