@@ -32,6 +32,7 @@ from distserve_rt.ops.cache import copy_blocks, reference_copy_blocks, reference
 from distserve_rt.ops.prefill_attention import reference_prefill_attention
 from distserve_rt.transfer.fake import reference_transfer
 from tests.kernels.cache_helpers import make_slot_mapping, randn, random_pool
+from tests.kernels.native_abi import ABI, arg_names
 from tests.kernels.test_decode_attention import assert_matches_reference, make_inputs
 from tests.kernels.test_prefill_attention import (
     MIXED_LENS,
@@ -293,6 +294,12 @@ def test_block_slice_kernel_matches_reference(emulated, generator, dtype, kv_sli
         stream=0,
     )
     assert torch.equal(dst, expected)
+
+
+@pytest.mark.parametrize("op", list(ABI))
+def test_ops_take_the_cuda_module_keywords(op):
+    """The same keyword ABI as _C and _cuda (op_args.h), with _cuda's `stream`."""
+    assert arg_names(getattr(EMU, op)) == [*ABI[op].split(), "stream"]
 
 
 # ---- the harness catches what it should --------------------------------------------------
