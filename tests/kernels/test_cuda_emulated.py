@@ -60,11 +60,21 @@ wide = pytest.mark.emu_wide
 
 
 class _EmulatedModule:
-    """What the op wrappers see as the native module: the emulated CUDA ops, `stream` 0."""
+    """What the op wrappers see as the native module: the emulated CUDA ops, `stream` 0.
+    decode_attention's scratch workspace (allocated by its wrapper) is swapped for a
+    guarded buffer of the same size, so the split kernel's writes are bounds-checked too."""
 
     def __getattr__(self, name: str):
         op = getattr(EMU, name)
-        return lambda **kwargs: op(**kwargs, stream=0)
+
+        def call(**kwargs):
+            workspace = None
+            if name == "decode_attention" and kwargs["workspace_bytes"] > 0:
+                workspace = EMU.alloc(nbytes=kwargs["workspace_bytes"])
+                kwargs["workspace"] = workspace.address
+            return op(**kwargs, stream=0)
+
+        return call
 
 
 @pytest.fixture(params=WARP_ORDERS)
