@@ -73,6 +73,7 @@ struct Cta {
 };
 
 EmuThread& current_thread();
+bool in_emulated_thread();
 Cta& current_cta();
 // Suspends the calling emulated thread (its state already says why) until resumed.
 void suspend();

@@ -1,6 +1,8 @@
 // Test-only kernels of the CUDA emulator (harness_kernels.cu): each breaks one rule.
 #pragma once
 
+#include <cuda_runtime.h>
+
 #include <cstdint>
 
 namespace drt_emu::harness {
@@ -10,6 +12,7 @@ void divergent_barrier(int* out);                                  // [64]
 void missing_lane(float* out);                                     // [32]
 void cp_async_then_read(const float* src, float* out, bool wait);  // [128] each
 void unsynchronised_read(float* out);                              // [1]
+void vector_read(const char* src, int offset, uint4* out);         // src [offset + 512], out [32]
 void copy(const float* src, float* out, int64_t n);                // [n] each
 
 }  // namespace drt_emu::harness

@@ -59,6 +59,12 @@ __global__ void unsynchronised_read_kernel(float* out) {
   if (threadIdx.x == 32) *out = value;
 }
 
+// Reads 16-byte words at byte offset `offset` of `src`: a fault on a GPU unless it is a
+// multiple of 16.
+__global__ void vector_read_kernel(const char* src, int offset, uint4* out) {
+  out[threadIdx.x] = reinterpret_cast<const uint4*>(src + offset)[threadIdx.x];
+}
+
 // out[i] = src[i] for i < n, with a grid-stride loop over one CTA of 64 threads.
 __global__ void copy_kernel(const float* src, float* out, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = src[i];
@@ -73,6 +79,9 @@ void cp_async_then_read(const float* src, float* out, bool wait) {
   cp_async_kernel<<<1, 32>>>(src, out, wait);
 }
 void unsynchronised_read(float* out) { unsynchronised_read_kernel<<<1, 64>>>(out); }
+void vector_read(const char* src, int offset, uint4* out) {
+  vector_read_kernel<<<1, 32>>>(src, offset, out);
+}
 void copy(const float* src, float* out, int64_t n) { copy_kernel<<<1, 64>>>(src, out, n); }
 
 }  // namespace drt_emu::harness

@@ -335,6 +335,7 @@ void run_grid(const char* kernel_name, const void* kernel, const LaunchConfig& c
 // ---- calls from inside emulated threads ------------------------------------------------------
 
 EmuThread& current_thread() { return *g_launch->current; }
+bool in_emulated_thread() { return g_launch != nullptr && g_launch->current != nullptr; }
 Cta& current_cta() { return g_launch->cta; }
 
 void suspend() {

@@ -353,6 +353,18 @@ def test_out_of_bounds_global_read_is_an_error():
         EMU.harness_copy(src.data_ptr(), out.data_ptr(), 101)
 
 
+def test_misaligned_vector_read_is_an_error():
+    """x86 reads a misaligned uint4 without complaint; a GPU faults, and so does the
+    emulator (the kernels are compiled with alignment checks)."""
+    src = torch.frombuffer(EMU.alloc(nbytes=528), dtype=torch.uint8)
+    src.copy_(torch.arange(528) % 251)
+    out = torch.frombuffer(EMU.alloc(nbytes=512), dtype=torch.uint8)
+    EMU.harness_vector_read(src.data_ptr(), 16, out.data_ptr())
+    assert torch.equal(out, src[16:])
+    with pytest.raises(RuntimeError, match=r"misaligned address 0x[0-9a-f]+ for a 16-byte aligned"):
+        EMU.harness_vector_read(src.data_ptr(), 8, out.data_ptr())
+
+
 def test_kernel_reading_past_a_short_buffer_is_an_error(generator):
     """A launcher told of more tokens than the key buffer holds: the write_kv kernel's first
     read past the end raises (on a GPU: a silent read of a neighbour, or a later crash)."""
