@@ -6,6 +6,8 @@ The kernels and launchers are compiled unchanged except for what C++ cannot pars
   * ``__shared__ T name[dims];`` becomes a reference to a per-CTA guarded buffer
     (``::drt_emu::shared_var``), ``extern __shared__ T name[];`` a pointer to the launch's
     dynamic shared memory (``::drt_emu::dynamic_shared``);
+  * a kernel's ``__launch_bounds__(N)`` adds a check of the block size at the top of its
+    body (``::drt_emu::check_launch_bounds``: on a GPU a larger block fails to launch);
   * the two headers with inline PTX (mma.cuh, cp_async.cuh) are replaced by their host
     variants in csrc/cuda_emu/ptx/.
 Each output starts with ``#line 1 "<original path>"`` and keeps every line where it was, so
@@ -100,6 +102,21 @@ def rewrite_launches(text: str, path: str) -> str:
     return text
 
 
+def rewrite_launch_bounds(text: str, path: str) -> str:
+    pos = 0
+    while (start := _code_only(text).find("__launch_bounds__", pos)) >= 0:
+        paren = text.index("(", start)
+        close = _matching_forward(text, paren, "(", ")")
+        max_threads = text[paren + 1 : close].split(",")[0].strip()
+        brace = _code_only(text).find("{", close)
+        if brace < 0:
+            raise ValueError(f"{path}: no kernel body after the __launch_bounds__ at {start}")
+        check = f" ::drt_emu::check_launch_bounds({max_threads}, __FILE__, __LINE__);"
+        text = text[: brace + 1] + check + text[brace + 1 :]
+        pos = brace
+    return text
+
+
 def rewrite_shared(text: str, path: str) -> str:
     if "__shared__" not in _code_only(text):
         return text
@@ -122,6 +139,10 @@ def rewrite_shared(text: str, path: str) -> str:
     return text
 
 
+def _rewrite(text: str, path: str) -> str:
+    return rewrite_shared(rewrite_launch_bounds(rewrite_launches(text, path), path), path)
+
+
 def _write_if_changed(path: Path, text: str) -> None:
     # Unchanged outputs keep their time stamps: ninja then rebuilds only what changed.
     if path.exists() and path.read_text() == text:
@@ -136,10 +157,10 @@ def generate(root: Path, out: Path, headers: list[str], sources: list[str]) -> N
         src_rel = HOST_VARIANTS.get(below_include, rel)
         text = (root / src_rel).read_text()
         if src_rel == rel:
-            text = rewrite_shared(rewrite_launches(text, rel), rel)
+            text = _rewrite(text, rel)
         _write_if_changed(out / "include" / below_include, f'#line 1 "{src_rel}"\n{text}')
     for rel in sources:
-        text = rewrite_shared(rewrite_launches((root / rel).read_text(), rel), rel)
+        text = _rewrite((root / rel).read_text(), rel)
         _write_if_changed(out / "src" / (Path(rel).stem + ".cpp"), f'#line 1 "{rel}"\n{text}')
 
 

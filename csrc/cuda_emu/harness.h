@@ -13,6 +13,7 @@ void missing_lane(float* out);                                     // [32]
 void cp_async_then_read(const float* src, float* out, bool wait);  // [128] each
 void unsynchronised_read(float* out);                              // [1]
 void vector_read(const char* src, int offset, uint4* out);         // src [offset + 512], out [32]
+void bounded(int* out, int threads);                               // [threads]
 void copy(const float* src, float* out, int64_t n);                // [n] each
 
 }  // namespace drt_emu::harness

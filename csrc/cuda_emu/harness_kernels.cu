@@ -65,6 +65,9 @@ __global__ void vector_read_kernel(const char* src, int offset, uint4* out) {
   out[threadIdx.x] = reinterpret_cast<const uint4*>(src + offset)[threadIdx.x];
 }
 
+// Declared for at most 32 threads per block.
+__global__ void __launch_bounds__(32) bounded_kernel(int* out) { out[threadIdx.x] = 1; }
+
 // out[i] = src[i] for i < n, with a grid-stride loop over one CTA of 64 threads.
 __global__ void copy_kernel(const float* src, float* out, int64_t n) {
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) out[i] = src[i];
@@ -82,6 +85,7 @@ void unsynchronised_read(float* out) { unsynchronised_read_kernel<<<1, 64>>>(out
 void vector_read(const char* src, int offset, uint4* out) {
   vector_read_kernel<<<1, 32>>>(src, offset, out);
 }
+void bounded(int* out, int threads) { bounded_kernel<<<1, threads>>>(out); }
 void copy(const float* src, float* out, int64_t n) { copy_kernel<<<1, 64>>>(src, out, n); }
 
 }  // namespace drt_emu::harness

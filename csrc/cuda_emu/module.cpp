@@ -158,6 +158,8 @@ void register_harness(py::module_& m) {
   m.def("harness_vector_read", [=](uintptr_t src, int offset, uintptr_t out) {
     h::vector_read(static_cast<const char*>(ptr(src)), offset, static_cast<uint4*>(ptr(out)));
   });
+  m.def("harness_bounded",
+        [=](uintptr_t out, int threads) { h::bounded(static_cast<int*>(ptr(out)), threads); });
   m.def("harness_copy", [=](uintptr_t src, uintptr_t out, int64_t n) {
     h::copy(static_cast<const float*>(ptr(src)), static_cast<float*>(ptr(out)), n);
   });

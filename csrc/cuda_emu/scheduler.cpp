@@ -391,6 +391,15 @@ void* shared_var(const char* file, int line, size_t bytes, size_t align) {
   return it->second.begin;
 }
 
+void check_launch_bounds(unsigned max_threads, const char* file, int line) {
+  const unsigned threads = blockDim.x * blockDim.y * blockDim.z;
+  if (threads > max_threads) {
+    fail("launched with " + std::to_string(threads) + " threads per block, more than its " +
+         "__launch_bounds__(" + std::to_string(max_threads) + ") at " + site(file, line) +
+         " (on a GPU the launch fails)");
+  }
+}
+
 void* dynamic_shared() { return g_launch->dynamic_shared; }
 
 size_t shared_offset(const void* ptr, const char* file, int line) {

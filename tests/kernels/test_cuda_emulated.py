@@ -365,6 +365,14 @@ def test_misaligned_vector_read_is_an_error():
         EMU.harness_vector_read(src.data_ptr(), 8, out.data_ptr())
 
 
+def test_block_larger_than_launch_bounds_is_an_error():
+    out = guarded(torch.zeros(64, dtype=torch.int32))
+    EMU.harness_bounded(out.data_ptr(), 32)
+    assert out[:32].eq(1).all()
+    with pytest.raises(RuntimeError, match=r"64 threads per block, more than its __launch_bou"):
+        EMU.harness_bounded(out.data_ptr(), 64)
+
+
 def test_kernel_reading_past_a_short_buffer_is_an_error(generator):
     """A launcher told of more tokens than the key buffer holds: the write_kv kernel's first
     read past the end raises (on a GPU: a silent read of a neighbour, or a later crash)."""

@@ -42,6 +42,9 @@ void launch(const char* kernel_name, const LaunchConfig& cfg, void (*kernel)(P..
       &call);
 }
 
+// First statement of a kernel with __launch_bounds__(max_threads): a larger block fails.
+void check_launch_bounds(unsigned max_threads, const char* file, int line);
+
 // `__shared__ T name;` of one call site: one object per CTA, in its own buffer that ends at
 // a guard page and is filled with 0xFF (NaN) when each CTA starts.
 void* shared_var(const char* file, int line, size_t bytes, size_t align);
