@@ -1,10 +1,12 @@
 // Internal state of the CUDA emulator shared by its parts: fibers (fiber.cpp), guarded
-// memory and faults (memory.cpp), the CTA scheduler with barriers and cp.async
-// (scheduler.cpp) and the warp collectives (warp_ops.cpp).
+// memory (memory.cpp), the CTA scheduler with barriers, shared memory and the fault trap
+// (scheduler.cpp), cp.async (cp_async.cpp) and the warp collectives (warp_ops.cpp).
 #pragma once
 
 #include <cuda_runtime.h>
 
+#include <csetjmp>
+#include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <deque>
@@ -33,6 +35,24 @@ void* guarded_alloc(size_t bytes, size_t align, RegionKind kind);
 void guarded_free(void* ptr);
 // What a faulting address is (e.g. "12 bytes past the end of a 4096-byte global buffer").
 std::string describe_address(const void* addr);
+
+// Installs the fault handler for one launch (on its own stack: the fault may be a fiber's
+// stack overflow) and puts back whatever was there (e.g. Python's faulthandler) after. A
+// SIGSEGV/SIGBUS then siglongjmps to fault_env() with the address in fault_address().
+class FaultTrap {
+ public:
+  FaultTrap();
+  ~FaultTrap();
+  FaultTrap(const FaultTrap&) = delete;
+  FaultTrap& operator=(const FaultTrap&) = delete;
+
+ private:
+  stack_t old_stack_{};
+  struct sigaction old_segv_{};
+  struct sigaction old_bus_{};
+};
+sigjmp_buf& fault_env();
+void* fault_address();
 
 // ---- threads and the running CTA ------------------------------------------------------------
 enum class State { kReady, kBarrier, kCollective, kExited, kFailed };
@@ -74,7 +94,6 @@ struct Cta {
 
 EmuThread& current_thread();
 bool in_emulated_thread();
-Cta& current_cta();
 // Suspends the calling emulated thread (its state already says why) until resumed.
 void suspend();
 // Aborts the launch from inside an emulated thread: the scheduler raises `what`, prefixed

@@ -1,8 +1,8 @@
 // Guarded buffers of the emulator: every global test buffer, every __shared__ buffer and
 // every fiber stack sits against an inaccessible page, so the first byte read or written
-// out of bounds faults at once (the fault handler in scheduler.cpp turns it into an error
-// naming the buffer). Global and shared buffers end at the guard page; stacks grow down
-// onto theirs.
+// out of bounds faults at once (FaultTrap carries the fault out of the signal handler to
+// the scheduler, which raises an error naming the buffer). Global and shared buffers end
+// at the guard page; stacks grow down onto theirs.
 #include <sys/mman.h>
 #include <unistd.h>
 
@@ -49,7 +49,38 @@ const char* kind_name(RegionKind kind) {
   return "?";
 }
 
+sigjmp_buf g_fault_env;
+void* volatile g_fault_addr = nullptr;
+
+void on_fault(int, siginfo_t* info, void*) {
+  g_fault_addr = info->si_addr;
+  siglongjmp(g_fault_env, 1);
+}
+
 }  // namespace
+
+FaultTrap::FaultTrap() {
+  static char alt_stack[64 << 10];
+  stack_t ss{};
+  ss.ss_sp = alt_stack;
+  ss.ss_size = sizeof alt_stack;
+  sigaltstack(&ss, &old_stack_);
+  struct sigaction sa{};
+  sa.sa_sigaction = on_fault;
+  sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+  sigemptyset(&sa.sa_mask);
+  sigaction(SIGSEGV, &sa, &old_segv_);
+  sigaction(SIGBUS, &sa, &old_bus_);
+}
+
+FaultTrap::~FaultTrap() {
+  sigaction(SIGSEGV, &old_segv_, nullptr);
+  sigaction(SIGBUS, &old_bus_, nullptr);
+  sigaltstack(&old_stack_, nullptr);
+}
+
+sigjmp_buf& fault_env() { return g_fault_env; }
+void* fault_address() { return g_fault_addr; }
 
 void* guarded_alloc(size_t bytes, size_t align, RegionKind kind) {
   const size_t page = page_size();

@@ -49,44 +49,6 @@ uint64_t g_seed = 0;
 uint64_t g_launch_count = 0;
 std::map<const void*, int> g_max_dynamic_shared;  // cudaFuncSetAttribute
 
-// ---- faults: carried out of the signal handler to run_grid with siglongjmp ----
-sigjmp_buf g_fault_env;
-void* volatile g_fault_addr = nullptr;
-
-void on_fault(int, siginfo_t* info, void*) {
-  g_fault_addr = info->si_addr;
-  siglongjmp(g_fault_env, 1);
-}
-
-// Installs the fault handler (on its own stack: the fault may be a fiber's stack overflow)
-// for one launch, and puts back whatever was there (e.g. Python's faulthandler) after.
-class FaultTrap {
- public:
-  FaultTrap() {
-    static char alt_stack[64 << 10];
-    stack_t ss{};
-    ss.ss_sp = alt_stack;
-    ss.ss_size = sizeof alt_stack;
-    sigaltstack(&ss, &old_stack_);
-    struct sigaction sa{};
-    sa.sa_sigaction = on_fault;
-    sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGSEGV, &sa, &old_segv_);
-    sigaction(SIGBUS, &sa, &old_bus_);
-  }
-  ~FaultTrap() {
-    sigaction(SIGSEGV, &old_segv_, nullptr);
-    sigaction(SIGBUS, &old_bus_, nullptr);
-    sigaltstack(&old_stack_, nullptr);
-  }
-
- private:
-  stack_t old_stack_{};
-  struct sigaction old_segv_{};
-  struct sigaction old_bus_{};
-};
-
 std::string dim_str(uint3 d) {
   return "(" + std::to_string(d.x) + ", " + std::to_string(d.y) + ", " + std::to_string(d.z) + ")";
 }
@@ -317,9 +279,9 @@ void run_grid(const char* kernel_name, const void* kernel, const LaunchConfig& c
   }
   g_launch = &l;
   FaultTrap trap;
-  if (sigsetjmp(g_fault_env, 1) != 0) {
+  if (sigsetjmp(fault_env(), 1) != 0) {
     // A fault: the fiber (or the collective being computed) is abandoned where it stood.
-    const std::string msg = where(l, l.current) + ": " + describe_address(g_fault_addr);
+    const std::string msg = where(l, l.current) + ": " + describe_address(fault_address());
     release_launch(l);
     throw std::runtime_error(msg);
   }
@@ -336,7 +298,6 @@ void run_grid(const char* kernel_name, const void* kernel, const LaunchConfig& c
 
 EmuThread& current_thread() { return *g_launch->current; }
 bool in_emulated_thread() { return g_launch != nullptr && g_launch->current != nullptr; }
-Cta& current_cta() { return g_launch->cta; }
 
 void suspend() {
   Launch& l = *g_launch;
@@ -411,42 +372,6 @@ size_t shared_offset(const void* ptr, const char* file, int line) {
   }
   fail("address " + std::to_string(reinterpret_cast<uintptr_t>(ptr)) +
        " is not shared memory (converted to a shared address at " + site(file, line) + ")");
-}
-
-// ---- cp.async ------------------------------------------------------------------------------
-
-void cp_async(void* dst, const void* src, int src_bytes, int cp_bytes, const char* file, int line) {
-  EmuThread& t = current_thread();
-  const auto d = reinterpret_cast<uintptr_t>(dst);
-  const auto s = reinterpret_cast<uintptr_t>(src);
-  if (d % cp_bytes != 0 || !in_shared(dst, cp_bytes)) {
-    fail("cp.async destination " + std::to_string(d) + " is not " + std::to_string(cp_bytes) +
-         " aligned shared memory (" + site(file, line) + ")");
-  }
-  if (src_bytes > 0 && s % cp_bytes != 0) {
-    fail("cp.async source " + std::to_string(s) + " is not " + std::to_string(cp_bytes) +
-         "-byte aligned (" + site(file, line) + ")");
-  }
-  PendingCopy c{dst, cp_bytes, {}};
-  // The source is read now (a bad address faults at the issuing line); the bytes land at
-  // the wait that retires the group, and until then the destination reads as NaN.
-  std::memcpy(c.data, src, static_cast<size_t>(src_bytes));
-  std::memset(dst, 0xFF, static_cast<size_t>(cp_bytes));
-  t.uncommitted.push_back(c);
-}
-
-void cp_async_commit() {
-  EmuThread& t = current_thread();
-  t.groups.push_back(std::move(t.uncommitted));
-  t.uncommitted.clear();
-}
-
-void cp_async_wait(int pending, const char*, int) {
-  EmuThread& t = current_thread();
-  while (static_cast<int>(t.groups.size()) > pending) {
-    for (const PendingCopy& c : t.groups.front()) std::memcpy(c.dst, c.data, c.bytes);
-    t.groups.pop_front();
-  }
 }
 
 }  // namespace drt_emu
