@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import platform
 import zlib
 
 import numpy as np
@@ -46,7 +47,9 @@ from tests.kernels.test_prefill_attention import (
 def _load_emulator():
     path = os.environ.get("DRT_CUDA_EMU_MODULE")
     if not path:
-        return importlib.import_module("distserve_rt._cuda_emu")
+        if platform.machine() not in ("x86_64", "AMD64"):  # fiber switch is x86-64 only
+            return pytest.importorskip("distserve_rt._cuda_emu")
+        return importlib.import_module("distserve_rt._cuda_emu")  # built by every make build
     spec = importlib.util.spec_from_file_location("_cuda_emu", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
