@@ -56,7 +56,7 @@ void* fault_address();
 
 // ---- threads and the running CTA ------------------------------------------------------------
 enum class State { kReady, kBarrier, kCollective, kExited, kFailed };
-enum class OpKind { kShfl, kLdmatrix, kMma };
+enum class OpKind { kShfl, kLdmatrix, kMma, kSyncwarp };
 
 struct PendingCopy {
   void* dst;

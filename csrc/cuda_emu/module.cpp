@@ -160,6 +160,13 @@ void register_harness(py::module_& m) {
   });
   m.def("harness_bounded",
         [=](uintptr_t out, int threads) { h::bounded(static_cast<int*>(ptr(out)), threads); });
+  m.def("harness_mma", [=](bool bf16, uintptr_t a, uintptr_t b_nk, uintptr_t b_kn, uintptr_t d_nk,
+                           uintptr_t d_kn) {
+    h::mma(bf16, ptr(a), ptr(b_nk), ptr(b_kn), static_cast<float*>(ptr(d_nk)),
+           static_cast<float*>(ptr(d_kn)));
+  });
+  m.def("harness_syncwarp_missing_lane",
+        [=](uintptr_t out) { h::syncwarp_missing_lane(static_cast<float*>(ptr(out))); });
   m.def("harness_copy", [=](uintptr_t src, uintptr_t out, int64_t n) {
     h::copy(static_cast<const float*>(ptr(src)), static_cast<float*>(ptr(out)), n);
   });

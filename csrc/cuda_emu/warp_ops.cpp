@@ -203,6 +203,8 @@ void resolve_collective(std::vector<EmuThread*>& lanes) {
       return resolve_ldmatrix(lanes);
     case OpKind::kMma:
       return resolve_mma(lanes);
+    case OpKind::kSyncwarp:
+      return;  // a barrier of the warp: nothing to compute once every lane is there
   }
 }
 
@@ -211,6 +213,12 @@ uint32_t shfl(uint32_t mask, uint32_t value, int arg, int width, int mode, const
   ShflOp op{mask, value, arg, width, mode, 0};
   arrive(OpKind::kShfl, &op, file, line);
   return op.result;
+}
+
+void syncwarp(uint32_t mask, const char* file, int line) {
+  if (mask != 0xffffffffu)
+    fail("__syncwarp with a partial mask is not emulated (" + site(file, line) + ")");
+  arrive(OpKind::kSyncwarp, nullptr, file, line);
 }
 
 void ldmatrix(uint32_t* regs, int num, bool trans, const void* row, const char* file, int line) {

@@ -315,6 +315,26 @@ def test_ops_take_the_cuda_module_keywords(op):
     assert arg_names(getattr(EMU, op)) == [*ABI[op].split(), "stream"]
 
 
+# ---- the harness itself -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_ldmatrix_and_mma_compute_a_matrix_product(generator, dtype):
+    """The warp collectives on their own, through the canonical fragment loads (A with
+    ldmatrix.x4; B as [n, k] with ldmatrix.x4 and as [k, n] with .trans): D = A B exactly
+    as fp32 accumulation of the 16-bit inputs gives it."""
+    a = torch.randn(16, 16, generator=generator).to(dtype)
+    b = torch.randn(16, 16, generator=generator).to(dtype)
+    inputs = [guarded(t.contiguous()) for t in (a, b.t(), b)]
+    d_nk, d_kn = guarded(torch.zeros(16, 16)), guarded(torch.zeros(16, 16))
+    EMU.harness_mma(
+        dtype == torch.bfloat16, *(t.data_ptr() for t in inputs), d_nk.data_ptr(), d_kn.data_ptr()
+    )
+    expected = (a.double() @ b.double()).float()
+    torch.testing.assert_close(d_nk, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(d_kn, expected, rtol=0, atol=1e-6)
+
+
 # ---- the harness catches what it should --------------------------------------------------
 
 
@@ -334,6 +354,12 @@ def test_missing_lane_at_a_shuffle_is_an_error():
     out = guarded(torch.zeros(32))
     with pytest.raises(RuntimeError, match=r"lane 3 exited while lanes of its warp wait"):
         EMU.harness_missing_lane(out.data_ptr())
+
+
+def test_missing_lane_at_syncwarp_is_an_error():
+    out = guarded(torch.zeros(32))
+    with pytest.raises(RuntimeError, match=r"lane 7 exited while lanes of its warp wait"):
+        EMU.harness_syncwarp_missing_lane(out.data_ptr())
 
 
 def test_cp_async_destination_reads_nan_until_its_wait():

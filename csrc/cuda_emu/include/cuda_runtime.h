@@ -118,6 +118,7 @@ inline void __stcs(T* p, T v) {
 // ---- synchronisation and warp collectives: cooperative points of the emulated threads ----
 namespace drt_emu {
 void syncthreads(const char* file, int line);
+void syncwarp(uint32_t mask, const char* file, int line);
 uint32_t shfl(uint32_t mask, uint32_t value, int arg, int width, int mode, const char* file,
               int line);
 enum ShflMode { kShflIdx = 0, kShflUp = 1, kShflDown = 2, kShflXor = 3 };
@@ -134,7 +135,9 @@ inline T shfl_as(uint32_t mask, T value, int arg, int width, int mode, const cha
 
 // A call site names the barrier, so threads at different __syncthreads are reported.
 #define __syncthreads() ::drt_emu::syncthreads(__FILE__, __LINE__)
-#define __syncwarp(...) ((void)0)
+#define __syncwarp(...) ::drt_emu::syncwarp(DRT_EMU_MASK(__VA_ARGS__), __FILE__, __LINE__)
+// The optional mask of __syncwarp (the full warp when left out).
+#define DRT_EMU_MASK(...) (0xffffffffu __VA_OPT__(*0 + (__VA_ARGS__)))
 #define __shfl_sync(mask, v, lane, ...)                                                        \
   ::drt_emu::shfl_as(mask, v, lane, DRT_EMU_WIDTH(__VA_ARGS__), ::drt_emu::kShflIdx, __FILE__, \
                      __LINE__)
