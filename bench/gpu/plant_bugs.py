@@ -3,9 +3,9 @@
 Copies the native sources (CMakeLists.txt, include/, csrc/) to a scratch folder, builds the
 emulated module `_cuda_emu` there once unchanged (its tests must pass), then for each
 planted bug: applies it to the scratch copy, rebuilds (ninja: only the affected launcher),
-runs tests/kernels/test_cuda_emulated.py against that build (DRT_CUDA_EMU_MODULE) and
-reverts it. Prints a Markdown table (bug, tests failed, which ones) for bench/gpu/NOTES.md.
-The repository's own sources are never modified.
+runs tests/kernels/test_cuda_emulated.py (the kernel tests) against that build
+(DRT_CUDA_EMU_MODULE) and reverts it. Prints a Markdown table (bug, tests failed, which
+ones) for bench/gpu/NOTES.md. The repository's own sources are never modified.
 
     python bench/gpu/plant_bugs.py [--scratch DIR] [--jobs N]
 """
