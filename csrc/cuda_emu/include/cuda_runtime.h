@@ -181,6 +181,23 @@ inline cudaError_t cudaGetDeviceCount(int* count) {
   *count = 1;
   return cudaSuccess;
 }
+// What the emulated device reports to launchers that size grids from occupancy (the decode
+// split planner): an H200's 132 SMs, and 6 resident CTAs of any kernel per SM (the decode
+// split kernel's shared-memory limit there). Emulation runs CTAs one at a time, so these
+// only choose the grid the tests exercise, as the real device's numbers would.
+constexpr int kEmuMultiProcessorCount = 132;
+constexpr int kEmuResidentCtasPerSm = 6;
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMultiProcessorCount || device != 0) return cudaErrorInvalidValue;
+  *value = kEmuMultiProcessorCount;
+  return cudaSuccess;
+}
+template <typename F>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* num_blocks, F*, int, size_t) {
+  *num_blocks = kEmuResidentCtasPerSm;
+  return cudaSuccess;
+}
 namespace drt_emu {
 cudaError_t set_max_dynamic_shared(const void* kernel, int bytes);
 }
