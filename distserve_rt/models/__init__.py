@@ -1,4 +1,4 @@
-"""Model architectures (Llama/Mistral, Qwen2/2.5/3, OPT), their shapes and presets, and
+"""Model architectures (Llama/Mistral, Qwen2/2.5/3, Phi-3, OPT), their shapes and presets, and
 weight loading.
 
 `ModelConfig` and the presets are plain data; the model classes and the loader need torch

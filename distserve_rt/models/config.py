@@ -1,6 +1,6 @@
 """Architecture shape of a causal LM: what the model code, the KV pool and the planner need.
 
-One dataclass for every family we run (Llama/Mistral, Qwen2/2.5, Qwen3 and OPT). It is
+One dataclass for every family we run (Llama/Mistral, Qwen2/2.5, Qwen3, Phi-3 and OPT). It is
 built from a Hugging Face ``config.json`` (`ModelConfig.from_hf_config`) or taken from a
 preset (`models/presets.py`), so the planner reasons about OPT-175B with the same numbers
 the runtime would load.
@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "opt")
-LLAMA_LIKE = ("llama", "qwen2", "qwen3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "opt")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "phi3")
 """Families built from Llama's layers (RMSNorm, RoPE, SwiGLU, GQA): the same config keys."""
 
 # HF `architectures[0]` / `model_type` -> our family name.
@@ -22,6 +22,7 @@ _HF_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Phi3ForCausalLM": "phi3",
     "OPTForCausalLM": "opt",
 }
 _HF_MODEL_TYPES = {
@@ -29,6 +30,7 @@ _HF_MODEL_TYPES = {
     "mistral": "llama",
     "qwen2": "qwen2",
     "qwen3": "qwen3",
+    "phi3": "phi3",
     "opt": "opt",
 }
 
@@ -39,7 +41,8 @@ class ModelConfig:
 
     architecture: str
     """"llama" (RMSNorm, RoPE, SwiGLU, GQA), "qwen2" (Llama with q/k/v biases), "qwen3"
-    (Llama with a per-head RMSNorm on q and k) or "opt" (LayerNorm, learned positions, ReLU)."""
+    (Llama with a per-head RMSNorm on q and k), "phi3" (Llama with fused checkpoint tensors)
+    or "opt" (LayerNorm, learned positions, ReLU)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -196,8 +199,10 @@ class ModelConfig:
                     rope_theta=_rope_theta(hf),
                     rope_scaling=_rope_scaling(hf),
                     # Qwen2's q/k/v biases are implied by the architecture (`qkv_bias`); a
-                    # stray attention_bias key would wrongly add one to its o_proj.
-                    attention_bias=arch != "qwen2" and bool(hf.get("attention_bias", False)),
+                    # stray attention_bias key would wrongly add one to its o_proj. Phi-3's
+                    # projections never have biases.
+                    attention_bias=arch not in ("qwen2", "phi3")
+                    and bool(hf.get("attention_bias", False)),
                     mlp_bias=bool(hf.get("mlp_bias", False)),
                 )
             return cls(
@@ -236,6 +241,7 @@ _ACTIVATIONS = {
     "llama": ("hidden_act", "silu"),
     "qwen2": ("hidden_act", "silu"),
     "qwen3": ("hidden_act", "silu"),
+    "phi3": ("hidden_act", "silu"),
     "opt": ("activation_function", "relu"),
 }
 
@@ -256,12 +262,21 @@ def _sliding_window(hf: dict[str, Any]) -> int | None:
 
 
 def _check_activation(hf: dict[str, Any], arch: str) -> None:
-    """Our Llama is SwiGLU and our OPT ReLU; other activations would silently differ."""
+    """Refuses what our layers would silently compute differently: activations other than
+    Llama's SwiGLU and OPT's ReLU, partial RoPE, OPT variants without the final norm."""
     key, allowed = _ACTIVATIONS[arch]
     value = hf.get(key, allowed)
     if value != allowed:
         raise ValueError(
             f"config.json has {key}={value!r}; only {allowed!r} is supported for {arch}"
+        )
+    params = hf.get("rope_parameters") or {}
+    partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+    if arch in LLAMA_LIKE and partial != 1.0:
+        # Phi-4-mini rotates 3/4 of each head; RoPE on the whole head would differ.
+        raise ValueError(
+            f"config.json has partial_rotary_factor={partial}; only 1.0 (RoPE on the whole "
+            "head) is supported"
         )
     if arch == "opt" and hf.get("_remove_final_layer_norm", False):
         raise ValueError("OPT checkpoints with _remove_final_layer_norm=True are not supported")

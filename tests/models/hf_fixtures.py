@@ -1,7 +1,7 @@
 """Small random Hugging Face models and tokenizers saved as local directories, for parity
 tests here and for engine/e2e tests that need a real checkpoint on disk (no downloads).
 
-    from tests.models.hf_fixtures import save_llama, save_opt, save_qwen, save_tokenizer
+    from tests.models.hf_fixtures import save_llama, save_opt, save_phi3, save_qwen
     path = save_llama(tmp_path / "llama", num_kv_heads=2, tie_word_embeddings=False)
 
 Weights are HF's random initialisation with a larger std (sharper logits, so greedy
@@ -84,6 +84,29 @@ def qwen_hf_config(version: int, **overrides: Any):
     return {2: Qwen2Config, 3: Qwen3Config}[version](**kwargs)
 
 
+def phi3_hf_config(**overrides: Any):
+    from transformers import Phi3Config
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return Phi3Config(**kwargs)
+
+
 def opt_hf_config(**overrides: Any):
     from transformers import OPTConfig
 
@@ -134,6 +157,15 @@ def save_qwen(
     torch.manual_seed(seed)
     model_cls = {2: Qwen2ForCausalLM, 3: Qwen3ForCausalLM}[version]
     model = model_cls(qwen_hf_config(version, **config)).eval()
+    return _save(model, path, seed, max_shard_size)
+
+
+def save_phi3(path: Path, *, seed: int = 0, max_shard_size: str | None = None, **config) -> Path:
+    """Saves a random ``Phi3ForCausalLM`` (fused qkv_proj and gate_up_proj tensors)."""
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(phi3_hf_config(**config)).eval()
     return _save(model, path, seed, max_shard_size)
 
 

@@ -89,3 +89,49 @@ def test_unsupported_architecture_lists_the_supported_ones():
     assert "\n" not in message
     for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"):
         assert name in message
+
+
+def _phi3_dict(**overrides) -> dict:
+    from tests.models.hf_fixtures import phi3_hf_config
+
+    hf = json.loads(phi3_hf_config(**overrides).to_json_string())
+    hf["architectures"] = ["Phi3ForCausalLM"]
+    return hf
+
+
+def test_phi3_num_params_equals_transformers():
+    from transformers import Phi3ForCausalLM
+
+    from tests.models.hf_fixtures import phi3_hf_config
+
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in Phi3ForCausalLM(phi3_hf_config()).parameters())
+    config = ModelConfig.from_hf_config(_phi3_dict())
+    assert (config.architecture, config.qkv_bias, config.attention_bias) == ("phi3", False, False)
+    assert config.num_params() == expected
+    assert sum(p.numel() for p in build_model(config, device="meta").parameters()) == expected
+
+
+def test_phi3_variants_we_would_compute_wrongly_are_refused():
+    # Phi-4-mini: RoPE on 3/4 of each head (transformers 5 keeps it in rope_parameters).
+    partial = _phi3_dict()
+    partial["rope_parameters"] = {**partial["rope_parameters"], "partial_rotary_factor": 0.75}
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.75; only 1.0"):
+        ModelConfig.from_hf_config(partial)
+    older = {k: v for k, v in _phi3_dict().items() if k != "rope_parameters"}  # top level
+    with pytest.raises(ValueError, match="partial_rotary_factor=0.5"):
+        ModelConfig.from_hf_config({**older, "rope_theta": 1e4, "partial_rotary_factor": 0.5})
+    # Phi-3-mini-4k: a 2047-token window in a 4096-token context.
+    windowed = {**_phi3_dict(), "sliding_window": 2047, "max_position_embeddings": 4096}
+    with pytest.raises(ValueError, match="sliding_window=2047"):
+        ModelConfig.from_hf_config(windowed)
+    # Phi-3-*-128k and Phi-3.5: LongRoPE.
+    longrope = _phi3_dict()
+    longrope["rope_parameters"] = {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "short_factor": [1.0] * 8,
+        "long_factor": [2.0] * 8,
+    }
+    with pytest.raises(ValueError, match="rope_scaling type 'longrope' is not supported"):
+        build_model(ModelConfig.from_hf_config(longrope), device="meta")
