@@ -1,6 +1,6 @@
 """Architecture shape of a causal LM: what the model code, the KV pool and the planner need.
 
-One dataclass for every family we run (Llama/Mistral, Qwen2/2.5, Qwen3, Phi-3 and OPT). It is
+One dataclass for every family we run (Llama/Mistral, Qwen2/2.5, Qwen3, Phi-3, Gemma, OPT). It is
 built from a Hugging Face ``config.json`` (`ModelConfig.from_hf_config`) or taken from a
 preset (`models/presets.py`), so the planner reasons about OPT-175B with the same numbers
 the runtime would load.
@@ -12,8 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "opt")
-LLAMA_LIKE = ("llama", "qwen2", "qwen3", "phi3")
+ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "opt")
+LLAMA_LIKE = ("llama", "qwen2", "qwen3", "phi3", "gemma")
 """Families built from Llama's layers (RMSNorm, RoPE, SwiGLU, GQA): the same config keys."""
 
 # HF `architectures[0]` / `model_type` -> our family name.
@@ -23,6 +23,7 @@ _HF_ARCHITECTURES = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
     "Phi3ForCausalLM": "phi3",
+    "GemmaForCausalLM": "gemma",
     "OPTForCausalLM": "opt",
 }
 _HF_MODEL_TYPES = {
@@ -31,6 +32,7 @@ _HF_MODEL_TYPES = {
     "qwen2": "qwen2",
     "qwen3": "qwen3",
     "phi3": "phi3",
+    "gemma": "gemma",
     "opt": "opt",
 }
 
@@ -41,8 +43,9 @@ class ModelConfig:
 
     architecture: str
     """"llama" (RMSNorm, RoPE, SwiGLU, GQA), "qwen2" (Llama with q/k/v biases), "qwen3"
-    (Llama with a per-head RMSNorm on q and k), "phi3" (Llama with fused checkpoint tensors)
-    or "opt" (LayerNorm, learned positions, ReLU)."""
+    (Llama with a per-head RMSNorm on q and k), "phi3" (Llama with fused checkpoint tensors),
+    "gemma" (Llama with GELU, ``1 + weight`` norms and scaled embeddings) or "opt"
+    (LayerNorm, learned positions, ReLU)."""
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -171,7 +174,8 @@ class ModelConfig:
             num_layers=hf["num_hidden_layers"],
             num_heads=hf["num_attention_heads"],
             max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch == "opt")),
+            # transformers' defaults: OPT and Gemma tie, the others do not.
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", arch in ("opt", "gemma"))),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=eos,
             extra_eos_token_ids=extra_eos,
@@ -188,8 +192,10 @@ class ModelConfig:
         try:
             if arch in LLAMA_LIKE:
                 num_heads = hf["num_attention_heads"]
-                # Qwen3Config's default head_dim is 128 whatever hidden_size / heads is.
-                default_head_dim = 128 if arch == "qwen3" else hf["hidden_size"] // num_heads
+                # Qwen3Config's and GemmaConfig's head_dim defaults ignore hidden_size / heads.
+                default_head_dim = {"qwen3": 128, "gemma": 256}.get(
+                    arch, hf["hidden_size"] // num_heads
+                )
                 return cls(
                     **common,
                     intermediate_size=hf["intermediate_size"],
@@ -238,11 +244,13 @@ def _rope_scaling(hf: dict[str, Any]) -> dict[str, Any] | None:
 
 
 _ACTIVATIONS = {
-    "llama": ("hidden_act", "silu"),
-    "qwen2": ("hidden_act", "silu"),
-    "qwen3": ("hidden_act", "silu"),
-    "phi3": ("hidden_act", "silu"),
-    "opt": ("activation_function", "relu"),
+    "llama": ("hidden_act", ("silu",)),
+    "qwen2": ("hidden_act", ("silu",)),
+    "qwen3": ("hidden_act", ("silu",)),
+    "phi3": ("hidden_act", ("silu",)),
+    # Gemma 1.0 files say "gelu", which transformers runs as the tanh approximation.
+    "gemma": ("hidden_act", ("gelu_pytorch_tanh", "gelu")),
+    "opt": ("activation_function", ("relu",)),
 }
 
 
@@ -263,12 +271,16 @@ def _sliding_window(hf: dict[str, Any]) -> int | None:
 
 def _check_activation(hf: dict[str, Any], arch: str) -> None:
     """Refuses what our layers would silently compute differently: activations other than
-    Llama's SwiGLU and OPT's ReLU, partial RoPE, OPT variants without the final norm."""
+    Llama's SwiGLU, Gemma's GeGLU and OPT's ReLU, partial RoPE, bidirectional attention,
+    OPT variants without the final norm."""
     key, allowed = _ACTIVATIONS[arch]
-    value = hf.get(key, allowed)
-    if value != allowed:
+    value = hf.get(key, allowed[0])
+    if value not in allowed:
+        choices = " or ".join(repr(a) for a in allowed)
+        raise ValueError(f"config.json has {key}={value!r}; only {choices} is supported for {arch}")
+    if arch == "gemma" and hf.get("use_bidirectional_attention"):
         raise ValueError(
-            f"config.json has {key}={value!r}; only {allowed!r} is supported for {arch}"
+            "config.json has use_bidirectional_attention=True; only causal is supported"
         )
     params = hf.get("rope_parameters") or {}
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))

@@ -1,8 +1,9 @@
-"""Llama family (Llama-2/3, Mistral-shaped and Qwen2/2.5 checkpoints): GQA attention with
-RoPE (and Llama-3.1 rope scaling), RMSNorm, SwiGLU MLP, tied or untied embeddings, optional
-biases (Qwen2: on q/k/v only, `ModelConfig.qkv_bias`). Qwen3 subclasses it (`models.qwen3`)
-through the hooks `LlamaAttention.normalize_qk`, ``attention_cls``, ``decoder_layer_cls`` and
-`LlamaForCausalLM.layer_entries`.
+"""Llama family (Llama-2/3, Mistral-shaped, Qwen2/2.5 and Phi-3 checkpoints): GQA attention
+with RoPE (and Llama-3.1 rope scaling), RMSNorm, SwiGLU MLP, tied or untied embeddings,
+optional biases (Qwen2: on q/k/v only, `ModelConfig.qkv_bias`). Qwen3 (`models.qwen3`) and
+Gemma (`models.gemma`) subclass it through the hooks `LlamaAttention.normalize_qk`,
+`LlamaForCausalLM.embed` and `layer_entries`, and the classes they build
+(``attention_cls``, ``mlp_cls``, ``act_cls``, ``norm_cls``, ``decoder_layer_cls``).
 
 One object is one pipeline stage of one TP rank (`models.base.StagedCausalLM`). HF names
 ``model.layers.N.self_attn.{q,k,v}_proj`` load into the fused ``qkv_proj``,
@@ -74,6 +75,9 @@ class LlamaAttention(torch.nn.Module):
 
 
 class LlamaMLP(torch.nn.Module):
+    act_cls: type[torch.nn.Module] = SiluAndMul
+    """``[n, 2 * ffn] (gate | up) -> [n, ffn]`` (Gemma: GELU instead of SiLU)."""
+
     def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device) -> None:
         super().__init__()
         kw: dict[str, Any] = dict(
@@ -82,7 +86,7 @@ class LlamaMLP(torch.nn.Module):
         ffn = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, (ffn, ffn), **kw)
         self.down_proj = RowParallelLinear(ffn, config.hidden_size, **kw)
-        self.act = SiluAndMul()
+        self.act = self.act_cls()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -90,14 +94,16 @@ class LlamaMLP(torch.nn.Module):
 
 class LlamaDecoderLayer(torch.nn.Module):
     attention_cls: type[LlamaAttention] = LlamaAttention
+    mlp_cls: type[LlamaMLP] = LlamaMLP
+    norm_cls: type[RMSNorm] = RMSNorm
 
     def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device) -> None:
         super().__init__()
         norm: dict[str, Any] = dict(dtype=dtype, device=device)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm)
+        self.input_layernorm = self.norm_cls(config.hidden_size, config.norm_eps, **norm)
         self.self_attn = self.attention_cls(config, parallel, dtype, device)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm)
-        self.mlp = LlamaMLP(config, parallel, dtype, device)
+        self.post_attention_layernorm = self.norm_cls(config.hidden_size, config.norm_eps, **norm)
+        self.mlp = self.mlp_cls(config, parallel, dtype, device)
 
     def forward(self, hidden, residual, positions, kv_cache, metadata):
         """``(hidden, residual) -> (mlp output, residual stream before it)``: each residual
@@ -132,7 +138,8 @@ class LlamaForCausalLM(StagedCausalLM):
         )
         self.norm = self.lm_head = None
         if parallel.is_last_stage:
-            self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype=dtype, device=device)
+            norm_cls = self.decoder_layer_cls.norm_cls
+            self.norm = norm_cls(config.hidden_size, config.norm_eps, dtype=dtype, device=device)
             tied = (
                 self.embed_tokens.weight
                 if config.tie_word_embeddings and self.embed_tokens

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.hf_fixtures import save_llama, save_opt, save_phi3, save_qwen
+from tests.models.hf_fixtures import save_gemma, save_llama, save_opt, save_phi3, save_qwen
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -30,6 +30,7 @@ CHECKPOINTS = {
     "qwen2-tied": (save_qwen, dict(version=2, tie_word_embeddings=True)),
     "qwen3": (save_qwen, dict(version=3)),
     "phi3": (save_phi3, {}),
+    "gemma": (save_gemma, {}),
 }
 
 

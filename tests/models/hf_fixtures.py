@@ -1,7 +1,7 @@
 """Small random Hugging Face models and tokenizers saved as local directories, for parity
 tests here and for engine/e2e tests that need a real checkpoint on disk (no downloads).
 
-    from tests.models.hf_fixtures import save_llama, save_opt, save_phi3, save_qwen
+    from tests.models.hf_fixtures import save_gemma, save_llama, save_opt, save_phi3
     path = save_llama(tmp_path / "llama", num_kv_heads=2, tie_word_embeddings=False)
 
 Weights are HF's random initialisation with a larger std (sharper logits, so greedy
@@ -107,6 +107,30 @@ def phi3_hf_config(**overrides: Any):
     return Phi3Config(**kwargs)
 
 
+def gemma_hf_config(**overrides: Any):
+    """A tiny ``GemmaConfig``: tied embeddings and head_dim 32 (q wider than hidden), as in
+    Gemma-2B/7B."""
+    from transformers import GemmaConfig
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=INIT_STD,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return GemmaConfig(**kwargs)
+
+
 def opt_hf_config(**overrides: Any):
     from transformers import OPTConfig
 
@@ -166,6 +190,15 @@ def save_phi3(path: Path, *, seed: int = 0, max_shard_size: str | None = None, *
 
     torch.manual_seed(seed)
     model = Phi3ForCausalLM(phi3_hf_config(**config)).eval()
+    return _save(model, path, seed, max_shard_size)
+
+
+def save_gemma(path: Path, *, seed: int = 0, max_shard_size: str | None = None, **config) -> Path:
+    """Saves a random ``GemmaForCausalLM`` of `gemma_hf_config` shape."""
+    from transformers import GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(gemma_hf_config(**config)).eval()
     return _save(model, path, seed, max_shard_size)
 
 

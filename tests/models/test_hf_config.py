@@ -82,12 +82,13 @@ def test_sliding_window_in_use_is_refused(version):
 
 
 def test_unsupported_architecture_lists_the_supported_ones():
-    hf = {**_hf_dict(2), "architectures": ["GemmaForCausalLM"], "model_type": "gemma"}
+    hf = {**_hf_dict(2), "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2"}
     with pytest.raises(ValueError, match="unsupported architecture") as info:
         ModelConfig.from_hf_config(hf)
     message = str(info.value)
     assert "\n" not in message
-    for name in ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "OPTForCausalLM"):
+    supported = ("Llama", "Mistral", "Qwen2", "Qwen3", "Phi3", "Gemma", "OPT")
+    for name in (f"{family}ForCausalLM" for family in supported):
         assert name in message
 
 
@@ -135,3 +136,41 @@ def test_phi3_variants_we_would_compute_wrongly_are_refused():
     }
     with pytest.raises(ValueError, match="rope_scaling type 'longrope' is not supported"):
         build_model(ModelConfig.from_hf_config(longrope), device="meta")
+
+
+def _gemma_dict(**overrides) -> dict:
+    from tests.models.hf_fixtures import gemma_hf_config
+
+    hf = json.loads(gemma_hf_config(**overrides).to_json_string())
+    hf["architectures"] = ["GemmaForCausalLM"]
+    return hf
+
+
+def test_gemma_config_and_num_params():
+    from transformers import GemmaForCausalLM
+
+    from tests.models.hf_fixtures import gemma_hf_config
+
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in GemmaForCausalLM(gemma_hf_config()).parameters())
+    config = ModelConfig.from_hf_config(_gemma_dict())
+    assert (config.architecture, config.head_dim, config.tie_word_embeddings) == ("gemma", 32, True)
+    assert config.num_params() == expected
+    assert sum(p.numel() for p in build_model(config, device="meta").parameters()) == expected
+    # Gemma 1.0's config.json says "gelu" and means the tanh approximation, as in transformers.
+    assert ModelConfig.from_hf_config({**_gemma_dict(), "hidden_act": "gelu"}).architecture
+    without = {
+        k: v for k, v in _gemma_dict().items() if k not in ("head_dim", "tie_word_embeddings")
+    }
+    assert (ModelConfig.from_hf_config(without).head_dim, config.tie_word_embeddings) == (256, True)
+
+
+def test_gemma_variants_we_would_compute_wrongly_are_refused():
+    with pytest.raises(ValueError, match="hidden_act='relu'; only 'gelu_pytorch_tanh' or 'gelu'"):
+        ModelConfig.from_hf_config({**_gemma_dict(), "hidden_act": "relu"})
+    with pytest.raises(ValueError, match="use_bidirectional_attention=True"):
+        ModelConfig.from_hf_config({**_gemma_dict(), "use_bidirectional_attention": True})
+    for arch, model_type in (("Gemma2ForCausalLM", "gemma2"), ("Gemma3ForCausalLM", "gemma3")):
+        gemma_n = {**_gemma_dict(), "architectures": [arch], "model_type": model_type}
+        with pytest.raises(ValueError, match=f"unsupported architecture.*{arch}.*GemmaForCausalLM"):
+            ModelConfig.from_hf_config(gemma_n)

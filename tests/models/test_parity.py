@@ -136,7 +136,9 @@ def test_bf16_smoke(checkpoint_dirs, name):
 
 @torch.no_grad()
 @pytest.mark.parametrize("backend", ["native", "torch"])
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-bias", "llama3-rope", "qwen2"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa", "llama-tied-bias", "llama3-rope", "qwen2", "phi3", "gemma"]
+)
 def test_bf16_llama_rounds_like_hf(checkpoint_dirs, monkeypatch, name, backend):
     """The CPU layer ops round as HF's eager bf16 modules do (RoPE and the residual adds bit
     for bit, norms and GEMMs up to summation order), so prefill logits stay within a few
