@@ -14,7 +14,7 @@ from typing import Any
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma", "opt")
 LLAMA_LIKE = ("llama", "qwen2", "qwen3", "phi3", "gemma")
-"""Families built from Llama's layers (RMSNorm, RoPE, SwiGLU, GQA): the same config keys."""
+"""Families built from Llama's layers (RMSNorm, RoPE, gated MLP, GQA): the same config keys."""
 
 # HF `architectures[0]` / `model_type` -> our family name.
 _HF_ARCHITECTURES = {
