@@ -1,4 +1,5 @@
-"""Model architectures (Llama, OPT), their shapes and presets, and weight loading.
+"""Model architectures (Llama/Mistral, Qwen2/2.5/3, Phi-3, Gemma, OPT), their shapes and
+presets, and weight loading.
 
 `ModelConfig` and the presets are plain data; the model classes and the loader need torch
 and load on first use, so the planner (shapes only) never imports torch.

@@ -13,6 +13,7 @@ from distserve_rt.core.kv_cache import layer_view
 from distserve_rt.distributed.parallel_state import ParallelContext, partition_layers
 from distserve_rt.layers.attention import AttentionMetadata
 from distserve_rt.layers.embedding import ParallelLMHead
+from distserve_rt.layers.weight_utils import FullTensor
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.weights import WeightMap
 
@@ -57,6 +58,14 @@ class StagedCausalLM(torch.nn.Module):
     @staticmethod
     def normalize_weight_name(name: str) -> str:
         return name
+
+    @classmethod
+    def split_fused_tensor(
+        cls, config: ModelConfig, name: str, tensor: FullTensor
+    ) -> dict[str, FullTensor]:
+        """A checkpoint tensor (normalised name) as the tensors of the weight map: itself,
+        or its parts when the checkpoint fuses what the map keeps apart (Phi-3)."""
+        return {name: tensor}
 
     @staticmethod
     def is_ignored_weight(config: ModelConfig, name: str) -> bool:

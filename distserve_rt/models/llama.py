@@ -1,5 +1,9 @@
-"""Llama family (Llama-2/3, Mistral-shaped checkpoints): GQA attention with RoPE (and
-Llama-3.1 rope scaling), RMSNorm, SwiGLU MLP, tied or untied embeddings, optional biases.
+"""Llama family (Llama-2/3, Mistral-shaped, Qwen2/2.5 and Phi-3 checkpoints): GQA attention
+with RoPE (and Llama-3.1 rope scaling), RMSNorm, SwiGLU MLP, tied or untied embeddings,
+optional biases (Qwen2: on q/k/v only, `ModelConfig.qkv_bias`). Qwen3 (`models.qwen3`) and
+Gemma (`models.gemma`) subclass it through the hooks `LlamaAttention.normalize_qk`,
+`LlamaForCausalLM.embed` and `layer_entries`, and the classes they build
+(``attention_cls``, ``mlp_cls``, ``act_cls``, ``norm_cls``, ``decoder_layer_cls``).
 
 One object is one pipeline stage of one TP rank (`models.base.StagedCausalLM`). HF names
 ``model.layers.N.self_attn.{q,k,v}_proj`` load into the fused ``qkv_proj``,
@@ -37,7 +41,7 @@ class LlamaAttention(torch.nn.Module):
             config.head_dim,
             config.num_heads,
             config.num_kv_heads,
-            bias=config.attention_bias,
+            bias=config.qkv_bias,
             **kw,
         )
         self.o_proj = RowParallelLinear(
@@ -59,12 +63,21 @@ class LlamaAttention(torch.nn.Module):
         q = q.view(-1, self.attn.num_heads, head_dim)
         k = k.view(-1, self.attn.num_kv_heads, head_dim)
         v = v.view(-1, self.attn.num_kv_heads, head_dim)
+        q, k = self.normalize_qk(q, k)
         q, k = self.rotary_emb(positions, q, k)
         out = self.attn(q, k, v, kv_cache, metadata)
         return self.o_proj(out.view(-1, q_size))
 
+    def normalize_qk(self, q: torch.Tensor, k: torch.Tensor):
+        """Hook before RoPE on ``q [num_tokens, heads, head_dim]``, ``k [.., kv_heads, ..]``
+        (Qwen3 normalises each head); Llama uses them as projected."""
+        return q, k
+
 
 class LlamaMLP(torch.nn.Module):
+    act_cls: type[torch.nn.Module] = SiluAndMul
+    """``[n, 2 * ffn] (gate | up) -> [n, ffn]`` (Gemma: GELU instead of SiLU)."""
+
     def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device) -> None:
         super().__init__()
         kw: dict[str, Any] = dict(
@@ -73,20 +86,24 @@ class LlamaMLP(torch.nn.Module):
         ffn = config.intermediate_size
         self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, (ffn, ffn), **kw)
         self.down_proj = RowParallelLinear(ffn, config.hidden_size, **kw)
-        self.act = SiluAndMul()
+        self.act = self.act_cls()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
 
 
 class LlamaDecoderLayer(torch.nn.Module):
+    attention_cls: type[LlamaAttention] = LlamaAttention
+    mlp_cls: type[LlamaMLP] = LlamaMLP
+    norm_cls: type[RMSNorm] = RMSNorm
+
     def __init__(self, config: ModelConfig, parallel: ParallelContext, dtype, device) -> None:
         super().__init__()
         norm: dict[str, Any] = dict(dtype=dtype, device=device)
-        self.input_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm)
-        self.self_attn = LlamaAttention(config, parallel, dtype, device)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.norm_eps, **norm)
-        self.mlp = LlamaMLP(config, parallel, dtype, device)
+        self.input_layernorm = self.norm_cls(config.hidden_size, config.norm_eps, **norm)
+        self.self_attn = self.attention_cls(config, parallel, dtype, device)
+        self.post_attention_layernorm = self.norm_cls(config.hidden_size, config.norm_eps, **norm)
+        self.mlp = self.mlp_cls(config, parallel, dtype, device)
 
     def forward(self, hidden, residual, positions, kv_cache, metadata):
         """``(hidden, residual) -> (mlp output, residual stream before it)``: each residual
@@ -105,6 +122,8 @@ class LlamaForCausalLM(StagedCausalLM):
     """A Llama pipeline stage: embeds on the first stage, applies the final RMSNorm and
     owns the LM head on the last."""
 
+    decoder_layer_cls: type[LlamaDecoderLayer] = LlamaDecoderLayer
+
     def __init__(
         self, config: ModelConfig, parallel: ParallelContext, dtype: torch.dtype, device: Any
     ) -> None:
@@ -114,11 +133,13 @@ class LlamaForCausalLM(StagedCausalLM):
         if parallel.is_first_stage:
             self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **kw)
         self.layers = torch.nn.ModuleList(
-            LlamaDecoderLayer(config, parallel, dtype, device) for _ in range(self.num_local_layers)
+            self.decoder_layer_cls(config, parallel, dtype, device)
+            for _ in range(self.num_local_layers)
         )
         self.norm = self.lm_head = None
         if parallel.is_last_stage:
-            self.norm = RMSNorm(config.hidden_size, config.norm_eps, dtype=dtype, device=device)
+            norm_cls = self.decoder_layer_cls.norm_cls
+            self.norm = norm_cls(config.hidden_size, config.norm_eps, dtype=dtype, device=device)
             tied = (
                 self.embed_tokens.weight
                 if config.tie_word_embeddings and self.embed_tokens
@@ -151,7 +172,7 @@ class LlamaForCausalLM(StagedCausalLM):
             weight_map["model.embed_tokens.weight"] = WeightTarget(
                 "embed_tokens.weight", None, (v, h)
             )
-        add_layer_entries(weight_map, layer_range, "model.layers.", _layer_entries(config))
+        add_layer_entries(weight_map, layer_range, "model.layers.", cls.layer_entries(config))
         if is_last:
             weight_map["model.norm.weight"] = WeightTarget("norm.weight", None, (h,))
             if not config.tie_word_embeddings:
@@ -162,17 +183,21 @@ class LlamaForCausalLM(StagedCausalLM):
                 )
         return weight_map
 
+    @classmethod
+    def layer_entries(cls, config: ModelConfig) -> list[tuple[str, str, Any, tuple[int, ...]]]:
+        """(hf_suffix, our_suffix, shard_id, full shape) of one decoder layer."""
+        return _layer_entries(config)
+
 
 def _layer_entries(config: ModelConfig) -> list[tuple[str, str, Any, tuple[int, ...]]]:
-    """(hf_suffix, our_suffix, shard_id, full shape) of one decoder layer."""
     h, f = config.hidden_size, config.intermediate_size
     q, kv = config.q_size, config.kv_size
-    projections = [
+    qkv = [
         ("self_attn.q_proj", "self_attn.qkv_proj", "q", q),
         ("self_attn.k_proj", "self_attn.qkv_proj", "k", kv),
         ("self_attn.v_proj", "self_attn.qkv_proj", "v", kv),
-        ("self_attn.o_proj", "self_attn.o_proj", None, h),
     ]
+    o_proj = [("self_attn.o_proj", "self_attn.o_proj", None, h)]
     mlp = [
         ("mlp.gate_proj", "mlp.gate_up_proj", 0, f),
         ("mlp.up_proj", "mlp.gate_up_proj", 1, f),
@@ -180,7 +205,8 @@ def _layer_entries(config: ModelConfig) -> list[tuple[str, str, Any, tuple[int, 
     ]
     in_features = {"self_attn.o_proj": q, "mlp.down_proj": f}
     entries = []
-    for group, has_bias in ((projections, config.attention_bias), (mlp, config.mlp_bias)):
+    groups = ((qkv, config.qkv_bias), (o_proj, config.attention_bias), (mlp, config.mlp_bias))
+    for group, has_bias in groups:
         for hf, ours, shard, out in group:
             entries.append((f"{hf}.weight", f"{ours}.weight", shard, (out, in_features.get(hf, h))))
             if has_bias:

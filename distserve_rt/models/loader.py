@@ -167,7 +167,8 @@ def load_checkpoint(stage: StagedCausalLM, directory: Path) -> None:
         for path in safetensors_files(directory):
             handle = stack.enter_context(safe_open(str(path), framework="pt"))
             for raw_name in handle.keys():  # noqa: SIM118 (safe_open is not a Mapping)
-                tensors[cls.normalize_weight_name(raw_name)] = handle.get_slice(raw_name)
+                name = cls.normalize_weight_name(raw_name)
+                tensors.update(cls.split_fused_tensor(config, name, handle.get_slice(raw_name)))
         stage_map = stage.stage_weight_map()
         whole_map = cls.weight_map(config, (0, config.num_layers), True, True)
         check_checkpoint(

@@ -2,7 +2,8 @@
 
 Shapes are copied from the models' published Hugging Face ``config.json`` files. The
 ``*-tiny`` presets are ours: small enough that a 2-core CPU runs them at interactive speed,
-with the same structure as the real families (GQA for Llama, OPT's learned positions).
+with the same structure as the real families (GQA for Llama, OPT's learned positions,
+Qwen3's q/k norms and head_dim wider than hidden / heads).
 Their vocabulary (512) fits the built-in byte tokenizer that dummy models use.
 """
 
@@ -44,18 +45,21 @@ def _llama(
     rope_scaling: dict | None = None,
     bos: int = 1,
     eos: int = 2,
+    architecture: str = "llama",
+    head_dim: int | None = None,
+    norm_eps: float = 1e-5,
 ) -> ModelConfig:
     return ModelConfig(
-        architecture="llama",
+        architecture=architecture,
         vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=ffn,
         num_layers=layers,
         num_heads=heads,
         num_kv_heads=kv_heads,
-        head_dim=hidden // heads,
+        head_dim=head_dim or hidden // heads,
         max_position_embeddings=max_pos,
-        norm_eps=1e-5,
+        norm_eps=norm_eps,
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
         bos_token_id=bos,
@@ -72,6 +76,8 @@ _LLAMA31_SCALING = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8192,
 }
+
+_QWEN = dict(vocab=151936, max_pos=32768, rope_theta=1e6, bos=151643, eos=151645, norm_eps=1e-6)
 
 PRESETS: dict[str, ModelConfig] = {
     # OPT (the paper's models): facebook/opt-* config.json.
@@ -98,8 +104,18 @@ PRESETS: dict[str, ModelConfig] = {
         **{**_LLAMA3, "max_pos": 131072},
         rope_scaling=_LLAMA31_SCALING,
     ),
+    # Qwen: Qwen/* config.json (the Instruct models' eos).
+    "qwen2.5-7b": _llama(
+        "qwen2.5-7b", 3584, 28, 28, 4, 18944, **{**_QWEN, "vocab": 152064}, architecture="qwen2"
+    ),
+    "qwen3-8b": _llama(
+        "qwen3-8b", 4096, 36, 32, 8, 12288, **{**_QWEN, "max_pos": 40960}, architecture="qwen3"
+    ),
     # Tiny, ours: fast on 2 CPU cores; GQA 2:1 and head_dim 64 like the real families.
     "llama-tiny": _llama("llama-tiny", 256, 4, 4, 2, 768, vocab=512, max_pos=4096),
+    "qwen3-tiny": _llama(
+        "qwen3-tiny", 256, 4, 4, 2, 768, vocab=512, architecture="qwen3", head_dim=128
+    ),
     "opt-tiny": ModelConfig(
         architecture="opt",
         vocab_size=512,

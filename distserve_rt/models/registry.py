@@ -9,11 +9,19 @@ import torch
 from distserve_rt.distributed.parallel_state import ParallelContext
 from distserve_rt.models.base import StagedCausalLM
 from distserve_rt.models.config import ARCHITECTURES, ModelConfig
+from distserve_rt.models.gemma import GemmaForCausalLM
 from distserve_rt.models.llama import LlamaForCausalLM
 from distserve_rt.models.opt import OPTForCausalLM
+from distserve_rt.models.phi3 import Phi3ForCausalLM
+from distserve_rt.models.qwen3 import Qwen3ForCausalLM
 
 MODEL_CLASSES: dict[str, type[StagedCausalLM]] = {
     "llama": LlamaForCausalLM,
+    # Qwen2/2.5 is Llama with q/k/v biases, which LlamaForCausalLM takes from the config.
+    "qwen2": LlamaForCausalLM,
+    "qwen3": Qwen3ForCausalLM,
+    "phi3": Phi3ForCausalLM,
+    "gemma": GemmaForCausalLM,
     "opt": OPTForCausalLM,
 }
 assert set(MODEL_CLASSES) == set(ARCHITECTURES), "every ModelConfig architecture has a class"

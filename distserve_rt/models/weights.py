@@ -77,6 +77,53 @@ def check_checkpoint(
             )
 
 
+class RowSlice:
+    """Rows ``[start, start + num_rows)`` of a full checkpoint tensor, read lazily: one part
+    of a tensor that a checkpoint stores fused (Phi-3's ``qkv_proj``), so it loads like the
+    separate tensors other checkpoints have (the `SliceableTensor` interface)."""
+
+    def __init__(self, base: FullTensor, start: int, num_rows: int) -> None:
+        self.base, self.start, self.num_rows = base, start, num_rows
+        self._rest = full_shape(base)[1:]
+
+    def get_shape(self) -> list[int]:
+        return [self.num_rows, *self._rest]
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        parts = index if isinstance(index, tuple) else (index,)
+        rows = parts[0] if parts else slice(None)
+        if not isinstance(rows, slice) or rows.step not in (None, 1):
+            raise ValueError(f"RowSlice takes [a:b] or [:, a:b] slices, got {index!r}")
+        start, stop, _ = rows.indices(self.num_rows)
+        return self.base[(slice(self.start + start, self.start + stop), *parts[1:])]
+
+
+def split_rows(
+    name: str, tensor: FullTensor, parts: list[tuple[str, int]]
+) -> dict[str, FullTensor]:
+    """The fused tensor `name` as ``{part name: RowSlice}``, `parts` being (name, rows) in
+    order; ValueError when the rows do not add up (a config.json that does not match)."""
+    shape = full_shape(tensor)
+    expected = sum(rows for _, rows in parts)
+    if not shape or shape[0] != expected:
+        raise ValueError(
+            f"fused tensor {name!r} has shape {shape}, expected {expected} rows "
+            f"({' + '.join(f'{rows} {_module(part)}' for part, rows in parts)}) for this "
+            "config.json"
+        )
+    out: dict[str, FullTensor] = {}
+    start = 0
+    for part, rows in parts:
+        out[part] = RowSlice(tensor, start, rows)
+        start += rows
+    return out
+
+
+def _module(name: str) -> str:
+    """``model.layers.0.self_attn.q_proj.weight`` -> ``q_proj``."""
+    return name.rsplit(".", 2)[-2] if "." in name else name
+
+
 def _first(names: list[str], limit: int = 8) -> str:
     shown = ", ".join(repr(n) for n in names[:limit])
     return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")

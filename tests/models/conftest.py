@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.models.hf_fixtures import save_llama, save_opt
+from tests.models.hf_fixtures import save_gemma, save_llama, save_opt, save_phi3, save_qwen
 
 LLAMA3_ROPE = {
     "rope_type": "llama3",
@@ -25,6 +25,12 @@ CHECKPOINTS = {
     ),
     "llama3-rope": (save_llama, dict(rope_parameters=LLAMA3_ROPE, num_key_value_heads=1)),
     "opt": (save_opt, {}),
+    "qwen2": (save_qwen, dict(version=2)),
+    # Qwen2.5-0.5B/1.5B/3B tie the LM head to the embedding.
+    "qwen2-tied": (save_qwen, dict(version=2, tie_word_embeddings=True)),
+    "qwen3": (save_qwen, dict(version=3)),
+    "phi3": (save_phi3, {}),
+    "gemma": (save_gemma, {}),
 }
 
 

@@ -1,7 +1,7 @@
 """Small random Hugging Face models and tokenizers saved as local directories, for parity
 tests here and for engine/e2e tests that need a real checkpoint on disk (no downloads).
 
-    from tests.models.hf_fixtures import save_llama, save_opt, save_tokenizer
+    from tests.models.hf_fixtures import save_gemma, save_llama, save_opt, save_phi3
     path = save_llama(tmp_path / "llama", num_kv_heads=2, tie_word_embeddings=False)
 
 Weights are HF's random initialisation with a larger std (sharper logits, so greedy
@@ -58,6 +58,79 @@ def llama_hf_config(**overrides: Any):
     return LlamaConfig(**kwargs)
 
 
+def qwen_hf_config(version: int, **overrides: Any):
+    """A tiny ``Qwen2Config`` (version 2) or ``Qwen3Config`` (3); Qwen3's head_dim 32 makes
+    q (4 heads x 32) wider than hidden (64), as in real Qwen3 checkpoints."""
+    from transformers import Qwen2Config, Qwen3Config
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        use_sliding_window=False,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if version == 3:
+        kwargs["head_dim"] = 32
+    kwargs.update(overrides)
+    return {2: Qwen2Config, 3: Qwen3Config}[version](**kwargs)
+
+
+def phi3_hf_config(**overrides: Any):
+    from transformers import Phi3Config
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        original_max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        initializer_range=INIT_STD,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return Phi3Config(**kwargs)
+
+
+def gemma_hf_config(**overrides: Any):
+    """A tiny ``GemmaConfig``: tied embeddings and head_dim 32 (q wider than hidden), as in
+    Gemma-2B/7B."""
+    from transformers import GemmaConfig
+
+    kwargs: dict[str, Any] = dict(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-6,
+        initializer_range=INIT_STD,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return GemmaConfig(**kwargs)
+
+
 def opt_hf_config(**overrides: Any):
     from transformers import OPTConfig
 
@@ -95,6 +168,42 @@ def save_llama(path: Path, *, seed: int = 0, max_shard_size: str | None = None, 
 
     torch.manual_seed(seed)
     model = LlamaForCausalLM(llama_hf_config(**config)).eval()
+    return _save(model, path, seed, max_shard_size)
+
+
+def save_qwen(
+    path: Path, version: int, *, seed: int = 0, max_shard_size: str | None = None, **config
+) -> Path:
+    """Saves a random ``Qwen2ForCausalLM`` (`version` 2: q/k/v biases) or
+    ``Qwen3ForCausalLM`` (3: q/k norms) of `qwen_hf_config` shape to `path`."""
+    from transformers import Qwen2ForCausalLM, Qwen3ForCausalLM
+
+    torch.manual_seed(seed)
+    model_cls = {2: Qwen2ForCausalLM, 3: Qwen3ForCausalLM}[version]
+    model = model_cls(qwen_hf_config(version, **config)).eval()
+    return _save(model, path, seed, max_shard_size)
+
+
+def save_phi3(path: Path, *, seed: int = 0, max_shard_size: str | None = None, **config) -> Path:
+    """Saves a random ``Phi3ForCausalLM`` (fused qkv_proj and gate_up_proj tensors)."""
+    from transformers import Phi3ForCausalLM
+
+    torch.manual_seed(seed)
+    model = Phi3ForCausalLM(phi3_hf_config(**config)).eval()
+    return _save(model, path, seed, max_shard_size)
+
+
+def save_gemma(path: Path, *, seed: int = 0, max_shard_size: str | None = None, **config) -> Path:
+    """Saves a random ``GemmaForCausalLM`` of `gemma_hf_config` shape."""
+    from transformers import GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    model = GemmaForCausalLM(gemma_hf_config(**config)).eval()
+    # Embeddings scaled by sqrt(hidden) = 8 and a tied LM head: at this init the random model
+    # echoes its last input token forever; a 4x smaller table makes greedy tokens vary, so
+    # the greedy tests compare something.
+    with torch.no_grad():
+        model.model.embed_tokens.weight.div_(4)
     return _save(model, path, seed, max_shard_size)
 
 

@@ -51,7 +51,7 @@ def test_tp_that_does_not_divide_heads_is_rejected(tp, what):
         build_model(PRESETS["llama-tiny"], parallel, device="meta")
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny", "qwen3-tiny"])
 def test_tiny_dummy_runs_deterministic_and_varied(name):
     model, config = load_model(f"dummy:{name}", seed=3)
     assert config is PRESETS[name]
@@ -68,7 +68,7 @@ def test_tiny_dummy_runs_deterministic_and_varied(name):
     assert not torch.equal(PagedRunner(other).step(prefills=[(0, prompt)]), logits)
 
 
-@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny", "qwen3-tiny"])
 def test_pipeline_stages_chained_equal_whole_model(name):
     whole, config = load_model(f"dummy:{name}")
     stages = [
@@ -97,7 +97,7 @@ def test_models_satisfy_the_causal_lm_protocol():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny"])
+@pytest.mark.parametrize("name", ["llama-tiny", "opt-tiny", "qwen3-tiny"])
 def test_cuda_matches_cpu(name):
     """The same dummy model on the GPU kernels and on the CPU ones (fp32)."""
     prompt = list(range(50, 75))

@@ -155,3 +155,17 @@ def test_post_layernorm_opt_is_not_implemented(tmp_path, checkpoint_dirs):
     )
     with pytest.raises(NotImplementedError, match="post-LayerNorm"):
         load_model(str(dst))
+
+
+def test_fused_tensor_of_the_wrong_size_is_named(tmp_path, checkpoint_dirs):
+    """Phi-3 stores q/k/v as one tensor; rows that do not match config.json are an error
+    naming that tensor, not a silent mis-split."""
+    name = "model.layers.1.self_attn.qkv_proj.weight"
+
+    def drop_rows(tensors):
+        tensors[name] = tensors[name][:-16]
+        return tensors
+
+    dst = _rewrite(checkpoint_dirs("phi3"), tmp_path / "phi3", edit_tensors=drop_rows)
+    with pytest.raises(ValueError, match=rf"{name}.*expected 128 rows \(64 q_proj \+ 32 k_proj"):
+        load_model(str(dst))

@@ -99,6 +99,22 @@ def test_chunked_prefill_mixed_with_decode(models):
 
 
 @torch.no_grad()
+def test_logprobs_match_hf(models):
+    """What a user sees with logprobs=k: the same top-k tokens with log-probabilities within
+    1e-4 of transformers' (fp32), after the prompt and after each decoded token."""
+    ours, hf = models
+    seq = _tokens(11, 20)
+    runner = PagedRunner(ours)
+    logits = [runner.step(prefills=[(0, seq[:12])])]
+    logits += [runner.step(decodes=[(0, token)]) for token in seq[12:]]
+    ours_lp = torch.log_softmax(torch.cat(logits), dim=-1)
+    ref_lp = torch.log_softmax(_hf_logits(hf, seq), dim=-1)
+    torch.testing.assert_close(ours_lp, ref_lp, rtol=0, atol=1e-4)
+    top = ref_lp.topk(5, dim=-1)
+    assert torch.equal(ours_lp.topk(5, dim=-1).indices, top.indices)
+
+
+@torch.no_grad()
 def test_greedy_generation_matches_hf_generate(models):
     ours, hf = models
     prompt = _tokens(8, 11)
@@ -106,7 +122,9 @@ def test_greedy_generation_matches_hf_generate(models):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("name", ["llama-gqa", "opt"])
+# Qwen3 here, not in the greedy bf16 test below: its tiny checkpoint's bf16 logits have
+# one-step near-ties on which HF's own generate (KV cache) and full forward already disagree.
+@pytest.mark.parametrize("name", ["llama-gqa", "opt", "qwen3"])
 def test_bf16_smoke(checkpoint_dirs, name):
     path = checkpoint_dirs(name)
     ours, _ = load_model(str(path), dtype="bfloat16")
@@ -118,7 +136,9 @@ def test_bf16_smoke(checkpoint_dirs, name):
 
 @torch.no_grad()
 @pytest.mark.parametrize("backend", ["native", "torch"])
-@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied-bias", "llama3-rope"])
+@pytest.mark.parametrize(
+    "name", ["llama-gqa", "llama-tied-bias", "llama3-rope", "qwen2", "phi3", "gemma"]
+)
 def test_bf16_llama_rounds_like_hf(checkpoint_dirs, monkeypatch, name, backend):
     """The CPU layer ops round as HF's eager bf16 modules do (RoPE and the residual adds bit
     for bit, norms and GEMMs up to summation order), so prefill logits stay within a few

@@ -1,6 +1,8 @@
 """TP=2 in two real processes (torch.distributed, gloo) gives the logits and greedy tokens of
 TP=1: Llama with GQA (2 kv heads split over 2 ranks), OPT with an odd vocabulary (padded
-vocab shards) and the llama-tiny dummy (whose weights do not depend on the layout)."""
+vocab shards), Qwen2 (q/k/v biases sharded with their rows), Qwen3 (replicated q/k norms),
+Phi-3 (each rank reads its rows of the fused qkv and gate_up tensors), Gemma (tied, scaled
+embeddings) and the llama-tiny dummy (whose weights do not depend on the layout)."""
 
 from __future__ import annotations
 
@@ -52,6 +54,10 @@ def test_tp2_equals_tp1(tmp_path, checkpoint_dirs):
         str(checkpoint_dirs("llama-gqa")),
         str(save_opt(tmp_path / "opt_odd_vocab", vocab_size=321)),
         str(save_llama(tmp_path / "llama_tied", tie_word_embeddings=True)),
+        str(checkpoint_dirs("qwen2")),
+        str(checkpoint_dirs("qwen3")),
+        str(checkpoint_dirs("phi3")),
+        str(checkpoint_dirs("gemma")),
         "dummy:llama-tiny",
     ]
     out_path = str(tmp_path / "tp2.pt")
