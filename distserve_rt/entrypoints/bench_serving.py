@@ -92,7 +92,7 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
 
     card: dict[str, Any] = {}
     if args.model is None or args.max_model_len is None:
-        card = loop.run(fetch_model_card(args.base_url, args.api_key))
+        card = loop.run(_model_card(args.base_url, args.api_key))
     model = args.model or card["id"]
     max_len = args.max_model_len or card.get("max_model_len")
     if max_len is None:
@@ -109,6 +109,19 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
         max_model_len=int(max_len),
         engine=None,
     )
+
+
+async def _model_card(base_url: str, api_key: str | None) -> dict[str, Any]:
+    """The server's /v1/models card; a server that cannot be reached is a user error."""
+    import httpx
+
+    try:
+        return await fetch_model_card(base_url, api_key)
+    except httpx.TransportError as exc:
+        raise ValueError(
+            f"--base-url {base_url}: cannot reach the server ({exc or type(exc).__name__}); "
+            "is `drt-run serve` running there?"
+        ) from exc
 
 
 def _in_process_target(args, entry: CompareEntry | None) -> dict[str, Any]:
