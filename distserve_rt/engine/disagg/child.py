@@ -4,6 +4,7 @@ spawned process, or a thread for fast tests, and the pipe between them."""
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
@@ -53,7 +54,7 @@ class ChildHandle:
             # workers: they exit with it, their pipes to it close).
             ctx = multiprocessing.get_context("spawn")
             self._process = ctx.Process(
-                target=target, args=(spec, child), name=f"drt-{name}", daemon=daemon
+                target=_run_child, args=(target, spec, child), name=f"drt-{name}", daemon=daemon
             )
             self._process.start()
             child.close()  # only the child holds it now: its death closes the pipe
@@ -113,6 +114,14 @@ def stop_children(handles: list[ChildHandle], timeout_s: float = 10.0) -> None:
         handle.send(Shutdown())
     for handle in handles:
         handle.stop(timeout_s)
+
+
+def _run_child(target: Callable[..., None], spec: object, conn: Connection) -> None:
+    """A spawned child's entry. Ctrl-C in a terminal sends SIGINT to the whole process
+    group: the parent stops its children in order (Shutdown), so a child ignores it rather
+    than die mid-step with a KeyboardInterrupt traceback. Its own children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(spec, conn)
 
 
 def describe_reply(reply: object) -> str:
