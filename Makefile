@@ -16,6 +16,7 @@ CXX_FILES = $(shell find csrc include -name '*.h' -o -name '*.cpp' -o -name '*.c
 .PHONY: run bench-ops test lint format build bench clean
 
 $(DEPS_STAMP): requirements/build.txt requirements/runtime.txt requirements/test.txt
+	@echo "== set-up: installing torch and the Python dependencies into $(VENV) (first time: 1-2 minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements/build.txt \
@@ -23,8 +24,10 @@ $(DEPS_STAMP): requirements/build.txt requirements/runtime.txt requirements/test
 	touch $@
 
 # Editable install: the native modules are built into distserve_rt/ by CMake (ninja).
+# Without -q pip shows its progress line while CMake compiles (about 1.5 minutes on 2 cores).
 $(BUILD_STAMP): $(DEPS_STAMP) $(NATIVE_SOURCES) pyproject.toml
-	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@echo "== build: compiling the native extension (C++, CMake + ninja; about 1.5 minutes)"
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
 	touch $@
 
 build: $(BUILD_STAMP)

@@ -28,7 +28,7 @@ from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import admission, recovery
 from distserve_rt.engine.disagg import messages as msg
-from distserve_rt.engine.disagg.child import describe_reply, stop_children
+from distserve_rt.engine.disagg.child import stop_children
 from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
@@ -124,7 +124,7 @@ class Controller:
                 if handle.conn.poll(0.01):
                     reply = handle.recv()
                     if not isinstance(reply, msg.Ready):
-                        why = describe_reply(reply)
+                        why = handle.describe_start_failure(reply)
                         raise RuntimeError(f"{handle.name} failed to start: {why}")
                     readies[i] = reply
                 elif not handle.is_running():

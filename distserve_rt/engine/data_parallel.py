@@ -29,7 +29,7 @@ from distserve_rt.engine.data_parallel_replica import (
     replica_specs,
     run_replica,
 )
-from distserve_rt.engine.disagg.child import ChildHandle, describe_reply, stop_children
+from distserve_rt.engine.disagg.child import ChildHandle, stop_children
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
@@ -124,7 +124,7 @@ class DataParallelCore:
                 if handle.conn.poll(0.01):
                     reply = handle.recv()
                     if not isinstance(reply, rep.ReplicaReady):
-                        why = describe_reply(reply)
+                        why = handle.describe_start_failure(reply)
                         raise RuntimeError(f"{handle.name} failed to start: {why}")
                     pending.remove(handle)
                 elif not handle.is_running():

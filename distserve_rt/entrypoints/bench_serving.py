@@ -37,6 +37,7 @@ from distserve_rt.benchmarks.serving.report import RunInfo, format_table
 from distserve_rt.benchmarks.serving.request_set import tokenizer_special_ids
 from distserve_rt.benchmarks.serving.sweep import BenchmarkAborted, sweep_json
 from distserve_rt.entrypoints import bench_serving_args, engine_args, planner_args
+from distserve_rt.entrypoints.bench_report import describe_plan, plot_compare, verdict
 from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
 
 
@@ -92,7 +93,7 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
 
     card: dict[str, Any] = {}
     if args.model is None or args.max_model_len is None:
-        card = loop.run(fetch_model_card(args.base_url, args.api_key))
+        card = loop.run(_model_card(args.base_url, args.api_key))
     model = args.model or card["id"]
     max_len = args.max_model_len or card.get("max_model_len")
     if max_len is None:
@@ -109,6 +110,19 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
         max_model_len=int(max_len),
         engine=None,
     )
+
+
+async def _model_card(base_url: str, api_key: str | None) -> dict[str, Any]:
+    """The server's /v1/models card; a server that cannot be reached is a user error."""
+    import httpx
+
+    try:
+        return await fetch_model_card(base_url, api_key)
+    except httpx.TransportError as exc:
+        raise ValueError(
+            f"--base-url {base_url}: cannot reach the server ({exc or type(exc).__name__}); "
+            "is `drt-run serve` running there?"
+        ) from exc
 
 
 def _in_process_target(args, entry: CompareEntry | None) -> dict[str, Any]:
@@ -185,6 +199,9 @@ def _run(args: argparse.Namespace) -> int:
     _check_compare(args)
     settings, workload, metadata = _settings(args), build_workload(args), _metadata(args.metadata)
     provenance = environment()
+    if args.compare:
+        slo = settings.slo
+        print(describe_plan(args, workload, (slo.ttft_s * 1e3, slo.tpot_s * 1e3)), flush=True)
     outcomes = []
     with EventLoop() as loop:
         for entry in args.compare or [None]:
@@ -240,8 +257,9 @@ def _run_target(args, loop: EventLoop, entry: CompareEntry | None, common: tuple
 
 
 def _finish_compare(args, outcomes, provenance) -> None:
-    """The side-by-side table of the --compare setups at the asked rates; with
-    --save-result one JSON (``--result-filename`` or compare-<model>.json) and its PNG."""
+    """The side-by-side table of the --compare setups at the asked rates, the verdict line
+    and the PNG (``--plot``, else compare-<model>.png in --result-dir; both need a finite
+    rate); with --save-result also the JSON (``--result-filename`` or compare-<model>.json)."""
     rows = [
         (bench.info.label, run)
         for rate in args.request_rate
@@ -254,15 +272,18 @@ def _finish_compare(args, outcomes, provenance) -> None:
     print(format_compare_table(rows, searches))
     slo = outcomes[0][0].settings.slo
     print(f"SLOs: TTFT {slo.ttft_s * 1e3:g} ms, TPOT {slo.tpot_s * 1e3:g} ms; latencies in ms")
-    if not args.save_result:
-        return
     sweeps = [sweep_json(bench, search, provenance) for bench, search in outcomes]
-    payload = {**compare_json(sweeps, rows), **_metadata(args.metadata), "provenance": provenance}
-    payload["load_average_at_end"] = list(os.getloadavg())
+    curve = any(math.isfinite(r) for r in args.request_rate)  # inf alone has no rate axis
+    if curve:
+        print(f"Verdict: {verdict(sweeps)}")
     base = outcomes[0][0].info.model_id.rstrip("/").split("/")[-1].replace(":", "-")
-    path = _save(Path(args.result_dir) / (args.result_filename or f"compare-{base}.json"), payload)
-    print(f"saved {path}")
-    print(f"saved {plot_summaries(sweeps, path.with_suffix('.png'))}")
+    path = Path(args.result_dir) / (args.result_filename or f"compare-{base}.json")
+    if args.save_result:
+        payload = {**compare_json(sweeps, rows), **_metadata(args.metadata)}
+        payload.update(provenance=provenance, load_average_at_end=list(os.getloadavg()))
+        print(f"saved {_save(path, payload)}")
+    if curve:  # the picture comes with every comparison: it is what a reader looks at
+        print(f"saved {plot_compare(sweeps, args.plot or path.with_suffix('.png'))}")
 
 
 def _bench(args, bench: ServingBenchmark, metadata, provenance):
@@ -296,13 +317,15 @@ def _bench(args, bench: ServingBenchmark, metadata, provenance):
 def _finish(args, bench: ServingBenchmark, search, provenance) -> None:
     runs = sorted(bench.runs, key=lambda r: r.rate)
     if len(runs) > 1 or args.slo_scale:
+        # Attainment columns: the share of requests meeting both SLOs, TTFT's, TPOT's.
         print(
-            f"\n{'rate':>8} {'attain':>7} {'ttft':>7} {'tpot':>7} {'goodput':>8} {'slo scale':>9}"
+            f"\n{'rate':>8} {'SLO att.':>8} {'TTFT att.':>9} {'TPOT att.':>9} {'goodput':>8} "
+            f"{'slo scale':>9}"
         )
         for r in runs:
             a = r.metrics.attainment
             print(
-                f"{r.rate:8.3g} {a.joint:7.1%} {a.ttft:7.1%} {a.tpot:7.1%} "
+                f"{r.rate:8.3g} {a.joint:8.1%} {a.ttft:9.1%} {a.tpot:9.1%} "
                 f"{r.metrics.request_goodput:8.3f} {r.metrics.slo_scale:9.3f}"
             )
     if search is not None:

@@ -191,7 +191,11 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument("--result-dir", default=".", help="where results go (default: .)")
     g.add_argument("--result-filename", help="file name of a single run's JSON")
-    g.add_argument("--plot", help="PNG of attainment vs rate (default with --save-result)")
+    g.add_argument(
+        "--plot",
+        help="PNG of attainment vs rate (default with --save-result; with --compare always, "
+        "by default compare-<model>.png in --result-dir)",
+    )
     g.add_argument(
         "--metadata", nargs="*", metavar="KEY=VALUE", default=[], help="extra keys for the JSON"
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # Command -> (module of distserve_rt.entrypoints, the one line `drt-run --help` shows), in
@@ -78,9 +79,41 @@ def build_parser(*, load_all: bool = False) -> argparse.ArgumentParser:
     return parser
 
 
+# Exit status of a run stopped by Ctrl-C: the shell convention, 128 + SIGINT.
+EXIT_INTERRUPTED = 130
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return int(args.handler(args) or 0)
+    """Runs one command. Any exception it ends in becomes one line on stderr
+    (``drt-run COMMAND: message``) and exit status 1, Ctrl-C exit status 130; with
+    DRT_LOG_LEVEL=DEBUG the exception propagates with its traceback instead."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = build_parser().parse_args(argv)  # parsing imports the command's module
+        return int(args.handler(args) or 0)
+    except (KeyboardInterrupt, Exception) as exc:
+        if os.environ.get("DRT_LOG_LEVEL", "").upper() == "DEBUG":
+            raise
+        print(f"{_command(argv)}: {error_line(exc)}", file=sys.stderr)
+        return EXIT_INTERRUPTED if isinstance(exc, KeyboardInterrupt) else 1
+
+
+def error_line(exc: BaseException) -> str:
+    """``exc`` as one line. Errors users cause and can fix (ValueError, OSError, a timeout)
+    carry a message written for them; anything else is named by its type, so a bug reads
+    as one and the hint says how to see where it happened."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "interrupted"
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    if isinstance(exc, (ValueError, OSError, RuntimeError)):
+        return text
+    return f"{type(exc).__name__}: {text} (DRT_LOG_LEVEL=DEBUG shows the traceback)"
+
+
+def _command(argv: list[str]) -> str:
+    """``drt-run COMMAND``, the prefix of the error line (the first argument naming one)."""
+    name = next((a for a in argv if a in COMMANDS), None)
+    return "drt-run" if name is None else f"drt-run {name}"
 
 
 if __name__ == "__main__":

@@ -279,9 +279,23 @@ def configs_from_args(
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
+    check_device(engine.get("device", "cpu"))
     # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
     # contradicts them is refused here, before anything starts.
     return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)
+
+
+def check_device(device: str) -> None:
+    """ValueError for ``--device cuda[:N]`` where torch has no GPU: refused before a model is
+    loaded, instead of torch's AssertionError from deep inside the first CUDA call."""
+    import torch
+
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+        raise ValueError(
+            f"--device {device}: this torch ({torch.__version__}) {why}; use --device cpu "
+            "or install a CUDA build of torch"
+        )
 
 
 def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> dict[str, Any]:

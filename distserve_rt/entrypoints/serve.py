@@ -9,10 +9,13 @@ SIGTERM uvicorn stops accepting connections, lets open ones finish for up to
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import ipaddress
 import logging
 import os
+import signal
+import threading
 from typing import TYPE_CHECKING
 
 from distserve_rt.engine.protocol import EngineClient
@@ -113,7 +116,10 @@ def run_server(server: uvicorn.Server, engine: EngineClient) -> int:
     """Serves until SIGINT/SIGTERM (or ``server.should_exit``), then shuts the engine
     down, also when serving failed."""
     try:
-        server.run()
+        with _stop_signals_end_the_run():
+            server.run()
+    except _StopRequested:
+        pass  # the signal's graceful shutdown has run: a requested stop is a normal end
     finally:
         shutdown = getattr(engine, "shutdown", None)
         if shutdown is None:
@@ -122,6 +128,30 @@ def run_server(server: uvicorn.Server, engine: EngineClient) -> int:
             shutdown()
     # uvicorn reports a failed bind by exiting its loop without raising.
     return 0 if server.started else 1
+
+
+class _StopRequested(Exception):
+    """SIGINT or SIGTERM after uvicorn's graceful shutdown."""
+
+
+@contextlib.contextmanager
+def _stop_signals_end_the_run():
+    """uvicorn re-raises the SIGINT/SIGTERM it caught once it has shut down, to the handlers
+    it found: by default a KeyboardInterrupt (a traceback, exit 130) and a kill by SIGTERM
+    (the engine's shutdown skipped). These handlers turn both into `_StopRequested`."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # only the main thread may set handlers (tests run servers in threads)
+        return
+
+    def stop(signum, frame):
+        raise _StopRequested(signal.Signals(signum).name)
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def missing_server_packages() -> list[str]:

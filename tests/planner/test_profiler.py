@@ -182,6 +182,7 @@ def test_engine_workload_repeats_the_same_batches():
         (["--tp=0"], "--tp must be >= 1, got 0"),
     ],
 )
-def test_drt_run_profile_refuses_unsupported_parallelism(flags, message):
-    with pytest.raises(ValueError, match=message):
-        main(["profile", *flags])
+def test_drt_run_profile_refuses_unsupported_parallelism(flags, message, capsys):
+    assert main(["profile", *flags]) == 1  # one line, no traceback (cli.main)
+    err = capsys.readouterr().err
+    assert err.startswith(f"drt-run profile: {message}") and err.count("\n") == 1

@@ -4,12 +4,22 @@ spawned process, or a thread for fast tests, and the pipe between them."""
 from __future__ import annotations
 
 import multiprocessing
+import signal
 import threading
 from collections.abc import Callable
 from multiprocessing.connection import Connection
 
 from distserve_rt.engine.disagg.messages import Fatal, Shutdown
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
+
+# The exit status of a spawned child that, while re-importing the parent's main module, was
+# asked to start children itself: the parent turns it into MAIN_GUARD_MISSING.
+MAIN_REIMPORT_EXIT = 87
+MAIN_GUARD_MISSING = (
+    'the script that created the engine has no `if __name__ == "__main__":` guard; '
+    "the spawn start method re-imports the main module in every instance process, which "
+    "created the engine again there: put the engine's creation under the guard"
+)
 
 
 class ChildHandle:
@@ -35,11 +45,16 @@ class ChildHandle:
             )
             self._thread.start()
         else:
+            if getattr(multiprocessing.current_process(), "_inheriting", False):
+                # We are a spawned child re-importing an unguarded main script: exit
+                # quietly with a status the parent names, instead of multiprocessing's
+                # 30-line RuntimeError per child and an EOFError in the parent.
+                raise SystemExit(MAIN_REIMPORT_EXIT)
             # ``daemon`` must be False for a child that starts children of its own (TP x PP
             # workers: they exit with it, their pipes to it close).
             ctx = multiprocessing.get_context("spawn")
             self._process = ctx.Process(
-                target=target, args=(spec, child), name=f"drt-{name}", daemon=daemon
+                target=_run_child, args=(target, spec, child), name=f"drt-{name}", daemon=daemon
             )
             self._process.start()
             child.close()  # only the child holds it now: its death closes the pipe
@@ -67,6 +82,14 @@ class ChildHandle:
         except (EOFError, OSError) as exc:
             return exc
 
+    def describe_start_failure(self, reply: object) -> str:
+        """Why the child sent ``reply`` instead of Ready, for the start-up error."""
+        if isinstance(reply, (EOFError, OSError)) and self._process is not None:
+            self._process.join(5.0)  # its pipe closed: it is exiting, the status tells why
+            if self._process.exitcode == MAIN_REIMPORT_EXIT:
+                return MAIN_GUARD_MISSING
+        return describe_reply(reply)
+
     def send(self, message: object) -> bool:
         """Sends unless the child is dead; False when it could not (never blocks)."""
         return self.alive and self._sender.send(message)
@@ -91,6 +114,14 @@ def stop_children(handles: list[ChildHandle], timeout_s: float = 10.0) -> None:
         handle.send(Shutdown())
     for handle in handles:
         handle.stop(timeout_s)
+
+
+def _run_child(target: Callable[..., None], spec: object, conn: Connection) -> None:
+    """A spawned child's entry. Ctrl-C in a terminal sends SIGINT to the whole process
+    group: the parent stops its children in order (Shutdown), so a child ignores it rather
+    than die mid-step with a KeyboardInterrupt traceback. Its own children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    target(spec, conn)
 
 
 def describe_reply(reply: object) -> str:
