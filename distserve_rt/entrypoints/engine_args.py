@@ -279,7 +279,6 @@ def configs_from_args(
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
-    check_device(engine.get("device", "cpu"))
     # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
     # contradicts them is refused here, before anything starts.
     return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)
@@ -409,6 +408,9 @@ def build_engine_client(
     from distserve_rt.engine.async_llm import AsyncLLM
 
     config, placement, disagg = configs_from_args(args, placement)
+    # Checked where an engine is about to start, not in configs_from_args: configs for a
+    # GPU deployment can be built (and tested) on a CPU-only machine.
+    check_device(config.device)
     if policy is not None:
         config = config.replace(policy=policy)
     return AsyncLLM.from_config(config, placement, disagg, getattr(args, "served_model_name", None))

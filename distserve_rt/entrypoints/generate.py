@@ -6,7 +6,11 @@ from __future__ import annotations
 import argparse
 
 from distserve_rt.engine.llm import LLM
-from distserve_rt.entrypoints.engine_args import add_engine_args, configs_from_args
+from distserve_rt.entrypoints.engine_args import (
+    add_engine_args,
+    check_device,
+    configs_from_args,
+)
 from distserve_rt.sampling_params import SamplingParams
 
 
@@ -27,6 +31,7 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     try:
         config, placement, disagg = configs_from_args(args)
+        check_device(config.device)
     except ValueError as exc:
         raise SystemExit(f"drt-run generate: {exc}") from None
     params = SamplingParams(
