@@ -1,6 +1,7 @@
 // Launcher of paged decode attention: argument checks, workspace size, the split count
 // from the device's SM count and occupancy, dispatch on dtype x head_dim x block_size
-// (3 x 2 x 3 instantiations).
+// (3 x 2 x 3 instantiations), each routed to the tensor-core or the SIMT split kernel by
+// the GQA group (decode_uses_mma).
 #include <cuda_runtime.h>
 
 #include <atomic>
@@ -44,10 +45,30 @@ void check_decode_alignment(const DecodeAttentionArgs& a, int64_t elem) {
   check_arg(aligned16(a.workspace), "workspace must be 16-byte aligned");
 }
 
+// Resident CTAs per SM of the split kernel decode_uses_mma picks (kMma), with its shared memory.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, bool kMma>
+int decode_ctas_per_sm() {
+  int per_sm = 0;
+  if constexpr (kMma) {
+    using Cfg = drt::cuda::DecodeMmaConfig<T, HEAD_DIM>;
+    check_cuda(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+                   &per_sm, drt::cuda::decode_mma_kernel<T, HEAD_DIM, BLOCK_SIZE>, Cfg::kThreads,
+                   Cfg::kSmemBytes),
+               "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_mma_kernel)");
+  } else {
+    using Cfg = drt::cuda::DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
+    check_cuda(
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+            &per_sm, drt::cuda::decode_split_kernel<T, HEAD_DIM, BLOCK_SIZE>, Cfg::kThreads, 0),
+        "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_split_kernel)");
+  }
+  return per_sm;
+}
+
 // CTAs of the split kernel the device runs at once (SMs x resident CTAs per SM): what the
-// split planner fills. Queried once per (device, instantiation): cudaGetDeviceProperties-
-// class calls cost microseconds to milliseconds, a decode step calls this every layer.
-template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+// split planner fills. Queried once per (device, kernel): cudaGetDeviceProperties-class
+// calls cost microseconds to milliseconds, a decode step calls this every layer.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE, bool kMma>
 int64_t decode_fill_ctas(int device) {
   constexpr int kCachedDevices = 64;
   static std::atomic<int64_t> cache[kCachedDevices] = {};  // 0: not queried yet
@@ -55,18 +76,22 @@ int64_t decode_fill_ctas(int device) {
     const int64_t cached = cache[device].load(std::memory_order_relaxed);
     if (cached > 0) return cached;
   }
-  using Cfg = drt::cuda::DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
   int num_sms = 0;
   check_cuda(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, device),
              "cudaDeviceGetAttribute(MultiProcessorCount)");
-  int per_sm = 0;
-  check_cuda(
-      cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-          &per_sm, drt::cuda::decode_split_kernel<T, HEAD_DIM, BLOCK_SIZE>, Cfg::kThreads, 0),
-      "cudaOccupancyMaxActiveBlocksPerMultiprocessor(decode_split_kernel)");
+  const int per_sm = decode_ctas_per_sm<T, HEAD_DIM, BLOCK_SIZE, kMma>();
   const int64_t fill = static_cast<int64_t>(num_sms) * (per_sm > 0 ? per_sm : 1);
   if (device >= 0 && device < kCachedDevices) cache[device].store(fill, std::memory_order_relaxed);
   return fill;
+}
+
+// decode_fill_ctas of the kernel this launch takes.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+int64_t decode_fill_ctas(int device, bool mma) {
+  if constexpr (sizeof(T) == 2) {
+    if (mma) return decode_fill_ctas<T, HEAD_DIM, BLOCK_SIZE, true>(device);
+  }
+  return decode_fill_ctas<T, HEAD_DIM, BLOCK_SIZE, false>(device);
 }
 
 // Points the split partials into the workspace (its layout depends on the split count).
@@ -126,11 +151,12 @@ void decode_attention(const DecodeAttentionArgs& a, std::uintptr_t stream) {
       return DRT_DISPATCH_BLOCK_SIZE(a.block_size, BLOCK_SIZE, [&] {
         // Never more splits than the workspace was sized for: decode_workspace_bytes bounds
         // this count over every num_kv_heads and device (decode_plan.cuh).
-        p.num_splits =
-            drt::cuda::decode_num_splits(a.max_seq_len,
-                                         drt::cuda::decode_ctas_per_split<T, HEAD_DIM, BLOCK_SIZE>(
-                                             a.batch, p.num_heads, p.num_kv_heads),
-                                         decode_fill_ctas<T, HEAD_DIM, BLOCK_SIZE>(guard.device()));
+        const bool mma = drt::cuda::decode_uses_mma<T>(p.num_heads, p.num_kv_heads);
+        p.num_splits = drt::cuda::decode_num_splits(
+            a.max_seq_len,
+            drt::cuda::decode_ctas_per_split<T, HEAD_DIM, BLOCK_SIZE>(a.batch, p.num_heads,
+                                                                      p.num_kv_heads),
+            decode_fill_ctas<T, HEAD_DIM, BLOCK_SIZE>(guard.device(), mma));
         set_workspace(p, a);
         return drt::cuda::launch_decode_attention<T, HEAD_DIM, BLOCK_SIZE>(p, cuda_stream);
       });

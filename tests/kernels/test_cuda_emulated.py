@@ -221,9 +221,11 @@ def check_decode(dtype, head_dim, group, block_size, generator, seq_lens=None):
     assert_matches_reference(out, query, kv_cache, block_table, lens)
 
 
+# fp16/bf16 groups >= 4 take the tensor-core kernel (decode_mma.cuh), the rest the SIMT one;
+# group 32 is two head tiles of the tensor-core kernel's 16 M rows.
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize(("group", "block_size"), [(1, 8), (4, 16), (8, 32)])
+@pytest.mark.parametrize(("group", "block_size"), [(1, 8), (4, 16), (8, 32), (32, 8)])
 def test_decode_split_and_merge_match_reference(
     emulated, generator, dtype, head_dim, group, block_size
 ):
@@ -233,10 +235,64 @@ def test_decode_split_and_merge_match_reference(
 @wide
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 4, 6, 8, 16])
 @pytest.mark.parametrize("block_size", [8, 16, 32])
 def test_decode_wide(emulated, generator, dtype, head_dim, group, block_size):
     check_decode(dtype, head_dim, group, block_size, generator, seq_lens=[3000, 1, 513, 77])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("max_seq_len", [128, 1024], ids=["one_split", "splits"])
+def test_decode_bad_block_id_and_seq_len_give_nan(emulated, generator, dtype, group, max_seq_len):
+    """The kernels' own defence (the Python wrapper refuses these before launching): a block id
+    out of range makes its sequence's rows NaN, as does a seq_len the block table cannot hold;
+    the other sequences are unaffected. Block 3 of sequence 0 (64 tokens) is exactly the last
+    warp's only 16-key slice in the tensor-core kernel: a warp that saw nothing but NaN keys
+    keeps max -inf, and its NaN must still reach the combined output."""
+    block_size = 16
+    query, kv_cache, block_table, lens = make_inputs(
+        [64, 40, 20],
+        num_heads=2 * group,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=block_size,
+        dtype=dtype,
+        generator=generator,
+    )
+    block_table[0, 3] = kv_cache.shape[0] + 5
+    lens[2] = block_table.shape[1] * block_size + 1
+    query, kv_cache, block_table, lens = (guarded(t) for t in (query, kv_cache, block_table, lens))
+    out = guarded(torch.zeros_like(query))  # NaN only where the kernel writes it
+    workspace_bytes = EMU.decode_attention_workspace_bytes(
+        batch=3, num_heads=2 * group, head_dim=64, max_seq_len=max_seq_len, stream=0
+    )
+    workspace = EMU.alloc(nbytes=max(workspace_bytes, 16))
+    EMU.decode_attention(
+        query=query.data_ptr(),
+        out=out.data_ptr(),
+        kv_cache=kv_cache.data_ptr(),
+        block_table=block_table.data_ptr(),
+        seq_lens=lens.data_ptr(),
+        workspace=workspace.address,
+        workspace_bytes=workspace_bytes,
+        batch=3,
+        max_seq_len=max_seq_len,
+        num_heads=2 * group,
+        num_kv_heads=2,
+        head_dim=64,
+        query_stride=query.stride(0),
+        out_stride=out.stride(0),
+        softmax_scale=0.125,
+        num_blocks=kv_cache.shape[0],
+        block_size=block_size,
+        kv_block_stride=kv_cache.stride(0),
+        max_blocks_per_seq=block_table.shape[1],
+        dtype=_native.dtype_code(dtype),
+        stream=0,
+    )
+    assert torch.isnan(out[0]).all() and torch.isnan(out[2]).all()
+    assert_matches_reference(out[1:2], query[1:2], kv_cache, block_table[1:2], lens[1:2], 0.125)
 
 
 # ---- KV pool kernels -----------------------------------------------------------------------

@@ -6,7 +6,9 @@
 // tile is read from device memory once per group. Tiles stream through shared memory with
 // cp.async, double-buffered. Softmax is online in fp32, in the log2 domain (fast_exp2). With
 // more than one split, each CTA leaves (max, sum, unnormalised output) in the workspace and
-// decode_merge_kernel combines the splits of each (seq, head).
+// decode_merge_kernel combines the splits of each (seq, head). This is the SIMT kernel: for
+// fp16/bf16 with GQA groups >= 4 launch_decode_attention routes to the tensor-core one
+// (decode_mma.cuh), which keeps this grid, split and workspace layout.
 //
 // Bad inputs never cause out-of-bounds accesses: a block id out of range reads as NaN, and
 // a seq_len < 1 or larger than the block table holds gives a NaN output row, so the error
@@ -18,6 +20,7 @@
 
 #include <cstdint>
 
+#include "distserve_rt/cuda/decode_mma.cuh"
 #include "distserve_rt/cuda/decode_params.cuh"
 #include "distserve_rt/cuda/decode_tile.cuh"
 #include "distserve_rt/cuda/dtype.cuh"
@@ -152,25 +155,59 @@ __global__ void __launch_bounds__(HEAD_DIM) decode_merge_kernel(const DecodePara
   *out = from_float<T>(acc * fast_rcp(l_all));
 }
 
+// GQA groups from which fp16/bf16 decode runs on tensor cores (decode_mma.cuh): below, most
+// of the 16 M rows would be padding and the SIMT kernel is bandwidth-bound anyway.
+inline constexpr int kDecodeMmaMinGroup = 4;
+
+// Whether a launch takes the tensor-core kernel: fp16/bf16 (fp32 has no m16n8k16) and a
+// group of kDecodeMmaMinGroup or more.
+template <typename T>
+bool decode_uses_mma(int num_heads, int num_kv_heads) {
+  return sizeof(T) == 2 && num_heads / num_kv_heads >= kDecodeMmaMinGroup;
+}
+
+// Query heads per CTA of the kernel decode_uses_mma picks.
+template <typename T, int HEAD_DIM, int BLOCK_SIZE>
+int decode_rows_per_cta(bool mma) {
+  if constexpr (sizeof(T) == 2) {
+    if (mma) return DecodeMmaConfig<T, HEAD_DIM>::kRows;
+  }
+  return DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>::kRows;
+}
+
 // CTAs of one split of the launch: what decode_num_splits multiplies by the split count.
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
 int64_t decode_ctas_per_split(int64_t batch, int num_heads, int num_kv_heads) {
-  using Cfg = DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
-  return batch * num_kv_heads * decode_num_head_tiles(num_heads / num_kv_heads, Cfg::kRows);
+  const int rows =
+      decode_rows_per_cta<T, HEAD_DIM, BLOCK_SIZE>(decode_uses_mma<T>(num_heads, num_kv_heads));
+  return batch * num_kv_heads * decode_num_head_tiles(num_heads / num_kv_heads, rows);
 }
 
-// Launches the split kernel and, with several splits, the merge. `p` needs every field
-// but the head tiling, which depends on the instantiation and is filled here (num_splits
-// from decode_num_splits with the same tiling: decode_ctas_per_split).
+// Launches the split kernel (tensor-core or SIMT, as decode_uses_mma says) and, with several
+// splits, the merge. `p` needs every field but the head tiling, which depends on the kernel
+// and is filled here (num_splits from decode_num_splits with the same tiling:
+// decode_ctas_per_split).
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
 cudaError_t launch_decode_attention(DecodeParams p, cudaStream_t stream) {
   using Cfg = DecodeConfig<T, HEAD_DIM, BLOCK_SIZE>;
   const int group = p.num_heads / p.num_kv_heads;
-  p.num_head_tiles = decode_num_head_tiles(group, Cfg::kRows);
+  const bool mma = decode_uses_mma<T>(p.num_heads, p.num_kv_heads);
+  p.num_head_tiles =
+      decode_num_head_tiles(group, decode_rows_per_cta<T, HEAD_DIM, BLOCK_SIZE>(mma));
   p.heads_per_cta = (group + p.num_head_tiles - 1) / p.num_head_tiles;
   p.block_size = BLOCK_SIZE;
   const dim3 grid(p.num_splits, p.num_kv_heads * p.num_head_tiles, p.batch);
-  decode_split_kernel<T, HEAD_DIM, BLOCK_SIZE><<<grid, Cfg::kThreads, 0, stream>>>(p);
+  bool launched = false;
+  if constexpr (sizeof(T) == 2) {
+    if (mma) {
+      using MmaCfg = DecodeMmaConfig<T, HEAD_DIM>;
+      decode_mma_kernel<T, HEAD_DIM, BLOCK_SIZE>
+          <<<grid, MmaCfg::kThreads, MmaCfg::kSmemBytes, stream>>>(p);
+      launched = true;
+    }
+  }
+  if (!launched)
+    decode_split_kernel<T, HEAD_DIM, BLOCK_SIZE><<<grid, Cfg::kThreads, 0, stream>>>(p);
   const cudaError_t err = cudaGetLastError();
   if (err != cudaSuccess || p.num_splits == 1) return err;
   decode_merge_kernel<T, HEAD_DIM><<<dim3(p.num_heads, p.batch), HEAD_DIM, 0, stream>>>(p);
