@@ -39,6 +39,8 @@ def cases(quick: bool):
     yield lambda: prefill_case(4096, 2, dtype=torch.float16)
     yield lambda: prefill_case(4096, 2, head_dim=64)
     yield lambda: prefill_case(4096, 2, slot_mapping=True)  # the engine's call: fused write_kv
+    # 16 tokens x group 4 = 64 rows: the 64-row M-tile kernel (longer prompts take 128 rows).
+    yield lambda: prefill_case(16, 256)
     # (1, 4096): batch x KV heads alone fill under half an H200; the planner adds splits.
     for batch, ctx in [(1, 4096), (32, 4096), (64, 4096), (32, 8192), (8, 32768)]:
         yield lambda b=batch, c=ctx: decode_case(b, c)

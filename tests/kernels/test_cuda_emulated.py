@@ -36,7 +36,7 @@ from tests.kernels.cache_helpers import make_slot_mapping, randn, random_pool
 from tests.kernels.native_abi import ABI, arg_names
 from tests.kernels.test_decode_attention import assert_matches_reference, make_inputs
 from tests.kernels.test_prefill_attention import (
-    MIXED_LENS,
+    TILE_ROUTES,
     assert_close,
     cu_seqlens_of,
     paged_prefix,
@@ -121,12 +121,13 @@ def run_prefill(q, k, v, cu_seqlens, **cache_args):
     return out, cache_args.get("kv_cache")
 
 
-def check_prefill(dtype, head_dim, group, generator):
+def check_prefill(dtype, head_dim, group, route, generator):
     num_kv_heads = 2
+    seq_lens = TILE_ROUTES[route](group)
     q, k, v = random_qkv(
-        MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, dtype, "cpu", generator
+        seq_lens, num_kv_heads * group, num_kv_heads, head_dim, dtype, "cpu", generator
     )
-    cu_seqlens = cu_seqlens_of(MIXED_LENS, "cpu")
+    cu_seqlens = cu_seqlens_of(seq_lens, "cpu")
     out, _ = run_prefill(q, k, v, cu_seqlens)
     assert_close(out, reference_prefill_attention(q, k, v, cu_seqlens))
 
@@ -134,17 +135,20 @@ def check_prefill(dtype, head_dim, group, generator):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [1, 4])
-def test_prefill_matches_reference(emulated, generator, dtype, head_dim, group):
-    """fp16/bf16: the tensor-core kernel (ldmatrix, mma.sync); fp32: the SIMT kernel."""
-    check_prefill(dtype, head_dim, group, generator)
+@pytest.mark.parametrize("route", list(TILE_ROUTES))
+def test_prefill_matches_reference(emulated, generator, dtype, head_dim, group, route):
+    """fp16/bf16: the tensor-core kernel (ldmatrix, mma.sync) on 128-row M tiles (32 rows a
+    warp) or, when every sequence fits 64 rows, 64-row tiles; fp32: the SIMT kernel."""
+    check_prefill(dtype, head_dim, group, route, generator)
 
 
 @wide
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("head_dim", [64, 128])
 @pytest.mark.parametrize("group", [2, 3, 8])
-def test_prefill_matches_reference_wide(emulated, generator, dtype, head_dim, group):
-    check_prefill(dtype, head_dim, group, generator)
+@pytest.mark.parametrize("route", list(TILE_ROUTES))
+def test_prefill_matches_reference_wide(emulated, generator, dtype, head_dim, group, route):
+    check_prefill(dtype, head_dim, group, route, generator)
 
 
 def check_paged_prefill(dtype, block_size, group, write_kv, generator):

@@ -24,6 +24,17 @@ DTYPES = list(TOLERANCES)
 MIXED_LENS = [1, 17, 70, 5, 130]  # 1 token, tile-crossing, > one 64-key tile
 
 
+def narrow_tile_lens(group: int) -> list[int]:
+    """Sequence lengths whose longest has exactly 64 packed (token, head) rows: CUDA fp16/bf16
+    run them on 64-row M tiles (16 rows a warp), while MIXED_LENS (more than 64 rows at any
+    group) take the 128-row tiles (32 rows a warp); see launch_prefill_attention."""
+    return [1, 64 // group, 5, 3]
+
+
+# Both M-tile routes of the CUDA tensor-core kernel, by name: group -> seq_lens.
+TILE_ROUTES = {"tile128": lambda group: MIXED_LENS, "tile64": narrow_tile_lens}
+
+
 def cu_seqlens_of(seq_lens: list[int], device: torch.device) -> torch.Tensor:
     bounds = [0]
     for n in seq_lens:
@@ -70,13 +81,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("head_dim", [64, 128, 80])
 @pytest.mark.parametrize("group", [1, 4, 8])
-def test_matches_reference(device, generator, dtype, head_dim, group):
+@pytest.mark.parametrize("route", list(TILE_ROUTES))
+def test_matches_reference(device, generator, dtype, head_dim, group, route):
     skip_without_cuda_kernel(device, head_dim)
     num_kv_heads = 2
+    seq_lens = TILE_ROUTES[route](group)
     q, k, v = random_qkv(
-        MIXED_LENS, num_kv_heads * group, num_kv_heads, head_dim, dtype, device, generator
+        seq_lens, num_kv_heads * group, num_kv_heads, head_dim, dtype, device, generator
     )
-    cu_seqlens = cu_seqlens_of(MIXED_LENS, device)
+    cu_seqlens = cu_seqlens_of(seq_lens, device)
     out = prefill_attention(q, k, v, cu_seqlens)
     assert out.shape == q.shape and out.dtype == dtype
     assert_close(out, reference_prefill_attention(q, k, v, cu_seqlens))

@@ -5,7 +5,8 @@
 // prefix + j; they attend to the cached prefix (positions < prefix, read through the block
 // table) and causally to each other (read from key/value). Rows of an M tile are packed
 // (token, head-in-group) pairs, so one K/V tile serves every query head of a KV head.
-//   fp16/bf16: tensor cores (prefill_mma.cuh), fp32: CUDA cores (prefill_simt.cuh).
+//   fp16/bf16: tensor cores (prefill_mma.cuh; 128-row M tiles unless every sequence fits
+//   64 rows), fp32: CUDA cores (prefill_simt.cuh).
 // Bad ids never reach memory outside the buffers: cu_seqlens are clamped to
 // [0, num_tokens], bad block ids read as NaN rows, a prefix_lens entry out of range gives
 // NaN output rows, and slots out of range are not written.
@@ -97,36 +98,62 @@ __global__ void __launch_bounds__(128) prefill_simt_kernel(const PrefillParams p
   }
 }
 
+// Packed rows (max_seqlen_q x group) above which fp16/bf16 run 128-row M tiles (32 rows a
+// warp, twice the reuse of each K/V fragment). At or below it a sequence fits one 64-row
+// tile: a 128-row tile would compute at least half its rows as padding, and twice the CTAs
+// fill more of the GPU for the short prefills of chunked or mixed batches.
+inline constexpr int64_t kPrefillWideTileMinRows = 64;
+
+// Grid x: M-tile slots for the longest sequence (the CTAs stride past it), at least 1.
+inline int64_t prefill_grid_x(int64_t max_seqlen_q, int group, int block_m) {
+  constexpr int64_t kMaxGridX = 1 << 16;
+  const int64_t grid_x = (max_seqlen_q * group + block_m - 1) / block_m;
+  return grid_x < 1 ? 1 : (grid_x > kMaxGridX ? kMaxGridX : grid_x);
+}
+
+// Above 48 KiB a kernel must opt in to its dynamic shared memory (per device, cheap).
+inline cudaError_t allow_dynamic_smem(const void* kernel, int smem_bytes) {
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_bytes);
+}
+
+template <typename T, int HEAD_DIM, int kRowTiles>
+cudaError_t launch_prefill_mma(const PrefillParams& p, int64_t max_seqlen_q, cudaStream_t stream) {
+  using Cfg = PrefillMmaConfig<T, HEAD_DIM, kRowTiles>;
+  const dim3 grid(static_cast<unsigned>(prefill_grid_x(max_seqlen_q, p.group, Cfg::kBlockM)),
+                  p.num_kv_heads, p.batch);
+  const cudaError_t err = allow_dynamic_smem(
+      reinterpret_cast<const void*>(&prefill_mma_kernel<T, HEAD_DIM, kRowTiles>), Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  prefill_mma_kernel<T, HEAD_DIM, kRowTiles><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <int HEAD_DIM>
+cudaError_t launch_prefill_simt(const PrefillParams& p, int64_t max_seqlen_q, cudaStream_t stream) {
+  using Cfg = PrefillSimtConfig<HEAD_DIM>;
+  const dim3 grid(static_cast<unsigned>(prefill_grid_x(max_seqlen_q, p.group, Cfg::kBlockM)),
+                  p.num_kv_heads, p.batch);
+  const cudaError_t err = allow_dynamic_smem(
+      reinterpret_cast<const void*>(&prefill_simt_kernel<HEAD_DIM>), Cfg::kSmemBytes);
+  if (err != cudaSuccess) return err;
+  prefill_simt_kernel<HEAD_DIM><<<grid, Cfg::kThreads, Cfg::kSmemBytes, stream>>>(p);
+  return cudaGetLastError();
+}
+
 // Launches the kernel for T (tensor cores for fp16/bf16, CUDA cores for fp32).
-// max_seqlen_q sizes the grid; longer sequences are still covered (the CTAs stride).
+// max_seqlen_q sizes the grid and picks the M tile; longer sequences are still covered
+// (the CTAs stride).
 template <typename T, int HEAD_DIM>
 cudaError_t launch_prefill_attention(const PrefillParams& p, int64_t max_seqlen_q,
                                      cudaStream_t stream) {
-  constexpr bool kFp32 = std::is_same_v<T, float>;
-  using MmaCfg = PrefillMmaConfig<std::conditional_t<kFp32, __half, T>, HEAD_DIM>;
-  using SimtCfg = PrefillSimtConfig<HEAD_DIM>;
-  constexpr int kBlockM = kFp32 ? SimtCfg::kBlockM : MmaCfg::kBlockM;
-  constexpr int kSmemBytes = kFp32 ? SimtCfg::kSmemBytes : MmaCfg::kSmemBytes;
-  constexpr int64_t kMaxGridX = 1 << 16;
-  int64_t grid_x = (max_seqlen_q * p.group + kBlockM - 1) / kBlockM;
-  grid_x = grid_x < 1 ? 1 : (grid_x > kMaxGridX ? kMaxGridX : grid_x);
-  const dim3 grid(static_cast<unsigned>(grid_x), p.num_kv_heads, p.batch);
-  const void* kernel;
-  if constexpr (kFp32) {
-    kernel = reinterpret_cast<const void*>(&prefill_simt_kernel<HEAD_DIM>);
+  if constexpr (std::is_same_v<T, float>) {
+    return launch_prefill_simt<HEAD_DIM>(p, max_seqlen_q, stream);
   } else {
-    kernel = reinterpret_cast<const void*>(&prefill_mma_kernel<T, HEAD_DIM>);
+    if (max_seqlen_q * p.group > kPrefillWideTileMinRows) {
+      return launch_prefill_mma<T, HEAD_DIM, 2>(p, max_seqlen_q, stream);
+    }
+    return launch_prefill_mma<T, HEAD_DIM, 1>(p, max_seqlen_q, stream);
   }
-  // Above 48 KiB a kernel must opt in to its dynamic shared memory (per device, cheap).
-  cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
-  if (err != cudaSuccess) return err;
-  if constexpr (kFp32) {
-    prefill_simt_kernel<HEAD_DIM><<<grid, SimtCfg::kThreads, kSmemBytes, stream>>>(p);
-  } else {
-    prefill_mma_kernel<T, HEAD_DIM><<<grid, MmaCfg::kThreads, kSmemBytes, stream>>>(p);
-  }
-  return cudaGetLastError();
 }
 
 }  // namespace drt::cuda

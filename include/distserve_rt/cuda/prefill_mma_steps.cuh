@@ -11,16 +11,25 @@
 
 namespace drt::cuda {
 
-template <typename T, int HEAD_DIM>
+// kRowTiles: m16 row tiles per warp. 1: 16 rows a warp, 64-row M tiles (short sequences
+// waste fewer rows). 2: 32 rows a warp, 128-row M tiles as FA2 runs head_dim 128: each K/V
+// fragment loaded by ldmatrix feeds two mma instead of one, at twice the O accumulators.
+template <typename T, int HEAD_DIM, int kRowTiles = 1>
 struct PrefillMmaConfig {
+  static_assert(kRowTiles == 1 || kRowTiles == 2, "16 or 32 query rows per warp");
   static constexpr int kWarps = 4;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kBlockM = kWarps * 16;
+  static constexpr int kRowsPerWarp = 16 * kRowTiles;
+  static constexpr int kBlockM = kWarps * kRowsPerWarp;
   static constexpr int kBlockN = 64;
+  // Q's A fragments stay in registers for the key loop unless that would not fit: at
+  // head_dim 128 with two row tiles they are 64 registers beside 128 of O and 64 of S, so
+  // they are reloaded from the Q tile (which stays in shared memory) per key tile, as FA2.
+  static constexpr bool kQInRegs = kRowTiles * HEAD_DIM <= 128;
   using Shape = TileShape<T, HEAD_DIM>;
-  static constexpr int kTileWords = kBlockM * Shape::kStride;  // Q, K and V tiles alike
-  static constexpr int kSmemBytes = 3 * kTileWords * 16;
-  static_assert(kBlockM == kBlockN, "Q, K and V tiles share one shape");
+  static constexpr int kQTileWords = kBlockM * Shape::kStride;
+  static constexpr int kKvTileWords = kBlockN * Shape::kStride;  // K and V tiles alike
+  static constexpr int kSmemBytes = (kQTileWords + 2 * kKvTileWords) * 16;
 };
 
 namespace prefill_mma_detail {
@@ -33,26 +42,67 @@ struct MmaRows {
   float l[2];                // this thread's part of the running sum (quad-reduced at the end)
 };
 
-// S = Q K^T for the warp's 16 rows and the tile's 64 keys.
-template <typename T, int HEAD_DIM, int kBlockN>
-__device__ __forceinline__ void qk_tile(float (&s)[kBlockN / 8][4],
-                                        const uint32_t (&qf)[HEAD_DIM / 16][4],
-                                        const uint4* k_tile) {
+// Q A-fragments (k-step kk) of the 16 rows from `row0` of the Q tile.
+template <typename T, int HEAD_DIM>
+__device__ __forceinline__ void load_q_fragment(uint32_t (&a)[4], const uint4* q_tile, int row0,
+                                                int kk) {
+  constexpr int kStride = TileShape<T, HEAD_DIM>::kStride;
+  const int lane = threadIdx.x % 32;
+  const int mat = lane / 8;
+  // Matrices: (rows +0, dims +0), (rows +8, dims +0), (rows +0, dims +8), (rows +8, +8).
+  const int row = row0 + (mat & 1) * 8 + (lane & 7);
+  ldmatrix_x4(a, q_tile + row * kStride + kk * 2 + (mat >> 1));
+}
+
+// Q fragments of the warp's row tiles, kept in registers (Cfg::kQInRegs) for the key loop.
+template <typename T, int HEAD_DIM, int kRowTiles>
+__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[kRowTiles][HEAD_DIM / 16][4],
+                                                 const uint4* q_tile, int warp_row0) {
+#pragma unroll
+  for (int r = 0; r < kRowTiles; ++r) {
+#pragma unroll
+    for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+      load_q_fragment<T, HEAD_DIM>(qf[r][kk], q_tile, warp_row0 + 16 * r, kk);
+    }
+  }
+}
+
+// S = Q K^T for the warp's row tiles and the tile's 64 keys: each K fragment serves every
+// row tile. Q comes from `qf` (kQInRegs) or is reloaded from the Q tile per k-step.
+template <typename T, int HEAD_DIM, int kBlockN, int kRowTiles, bool kQInRegs>
+__device__ __forceinline__ void qk_tile(float (&s)[kRowTiles][kBlockN / 8][4],
+                                        const uint32_t (&qf)[kRowTiles][HEAD_DIM / 16][4],
+                                        const uint4* q_tile, int warp_row0, const uint4* k_tile) {
   constexpr int kStride = TileShape<T, HEAD_DIM>::kStride;
   const int lane = threadIdx.x % 32;
   const int mat = lane / 8;  // which 8x8 matrix this lane addresses
 #pragma unroll
-  for (int t = 0; t < kBlockN / 8; ++t) s[t][0] = s[t][1] = s[t][2] = s[t][3] = 0.f;
+  for (int r = 0; r < kRowTiles; ++r) {
+#pragma unroll
+    for (int t = 0; t < kBlockN / 8; ++t) s[r][t][0] = s[r][t][1] = s[r][t][2] = s[r][t][3] = 0.f;
+  }
 #pragma unroll
   for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
+    uint32_t a[kRowTiles][4];
+#pragma unroll
+    for (int r = 0; r < kRowTiles; ++r) {
+      if constexpr (kQInRegs) {
+        for (int i = 0; i < 4; ++i) a[r][i] = qf[r][kk][i];
+      } else {
+        load_q_fragment<T, HEAD_DIM>(a[r], q_tile, warp_row0 + 16 * r, kk);
+      }
+    }
 #pragma unroll
     for (int nn = 0; nn < kBlockN / 16; ++nn) {
       // Matrices: (keys +0, dims +0), (keys +0, dims +8), (keys +8, dims +0), (keys +8, +8).
       const int key = nn * 16 + (mat >> 1) * 8 + (lane & 7);
       uint32_t b[4];
       ldmatrix_x4(b, k_tile + key * kStride + kk * 2 + (mat & 1));
-      mma_16816<T>(s[2 * nn], qf[kk], b[0], b[1]);
-      mma_16816<T>(s[2 * nn + 1], qf[kk], b[2], b[3]);
+#pragma unroll
+      for (int r = 0; r < kRowTiles; ++r) {
+        mma_16816<T>(s[r][2 * nn], a[r], b[0], b[1]);
+        mma_16816<T>(s[r][2 * nn + 1], a[r], b[2], b[3]);
+      }
     }
   }
 }
@@ -104,49 +154,44 @@ __device__ __forceinline__ void softmax_tile(float (&s)[kBlockN / 8][4], MmaRows
   }
 }
 
-// O += P V: P (fp32 C fragments of S) is packed to T as A fragments, V via ldmatrix.trans.
-template <typename T, int HEAD_DIM, int kBlockN>
-__device__ __forceinline__ void pv_tile(MmaRows<HEAD_DIM>& st, const float (&p)[kBlockN / 8][4],
+// O += P V: P (fp32 C fragments of S) is packed to T as A fragments, V via ldmatrix.trans;
+// each V fragment serves every row tile.
+template <typename T, int HEAD_DIM, int kBlockN, int kRowTiles>
+__device__ __forceinline__ void pv_tile(MmaRows<HEAD_DIM> (&st)[kRowTiles],
+                                        const float (&p)[kRowTiles][kBlockN / 8][4],
                                         const uint4* v_tile) {
   constexpr int kStride = TileShape<T, HEAD_DIM>::kStride;
   const int lane = threadIdx.x % 32;
   const int mat = lane / 8;
 #pragma unroll
   for (int kk = 0; kk < kBlockN / 16; ++kk) {
-    const uint32_t a[4] = {
-        pack2<T>(p[2 * kk][0], p[2 * kk][1]), pack2<T>(p[2 * kk][2], p[2 * kk][3]),
-        pack2<T>(p[2 * kk + 1][0], p[2 * kk + 1][1]), pack2<T>(p[2 * kk + 1][2], p[2 * kk + 1][3])};
+    uint32_t a[kRowTiles][4];
+#pragma unroll
+    for (int r = 0; r < kRowTiles; ++r) {
+      a[r][0] = pack2<T>(p[r][2 * kk][0], p[r][2 * kk][1]);
+      a[r][1] = pack2<T>(p[r][2 * kk][2], p[r][2 * kk][3]);
+      a[r][2] = pack2<T>(p[r][2 * kk + 1][0], p[r][2 * kk + 1][1]);
+      a[r][3] = pack2<T>(p[r][2 * kk + 1][2], p[r][2 * kk + 1][3]);
+    }
 #pragma unroll
     for (int dd = 0; dd < HEAD_DIM / 16; ++dd) {
       // Matrices: (keys +0, dims +0), (keys +8, dims +0), (keys +0, dims +8), (keys +8, +8).
       const int key = kk * 16 + (mat & 1) * 8 + (lane & 7);
       uint32_t b[4];
       ldmatrix_x4_trans(b, v_tile + key * kStride + dd * 2 + (mat >> 1));
-      mma_16816<T>(st.o[2 * dd], a, b[0], b[1]);
-      mma_16816<T>(st.o[2 * dd + 1], a, b[2], b[3]);
+#pragma unroll
+      for (int r = 0; r < kRowTiles; ++r) {
+        mma_16816<T>(st[r].o[2 * dd], a[r], b[0], b[1]);
+        mma_16816<T>(st[r].o[2 * dd + 1], a[r], b[2], b[3]);
+      }
     }
   }
 }
 
-// Q A-fragments of the warp's 16 rows from the Q tile.
-template <typename T, int HEAD_DIM>
-__device__ __forceinline__ void load_q_fragments(uint32_t (&qf)[HEAD_DIM / 16][4],
-                                                 const uint4* q_tile) {
-  constexpr int kStride = TileShape<T, HEAD_DIM>::kStride;
-  const int lane = threadIdx.x % 32;
-  const int mat = lane / 8;
-  // Matrices: (rows +0, dims +0), (rows +8, dims +0), (rows +0, dims +8), (rows +8, +8).
-  const int row = (threadIdx.x / 32) * 16 + (mat & 1) * 8 + (lane & 7);
-#pragma unroll
-  for (int kk = 0; kk < HEAD_DIM / 16; ++kk) {
-    ldmatrix_x4(qf[kk], q_tile + row * kStride + kk * 2 + (mat >> 1));
-  }
-}
-
-// Normalises O and stores this thread's two rows (pairs of dims per n-tile).
+// Normalises O and stores this thread's two rows of the 16 from packed row `row0`.
 template <typename T, int HEAD_DIM>
 __device__ __forceinline__ void store_o_rows(MmaRows<HEAD_DIM>& st, const PrefillParams& p,
-                                             const PrefillSeq& s, int kv_head, int m0) {
+                                             const PrefillSeq& s, int kv_head, int row0) {
   const int lane = threadIdx.x % 32;
   T* out = static_cast<T*>(p.out);
 #pragma unroll
@@ -154,7 +199,7 @@ __device__ __forceinline__ void store_o_rows(MmaRows<HEAD_DIM>& st, const Prefil
     float l = st.l[h];
     l += __shfl_xor_sync(0xffffffffu, l, 1);
     l += __shfl_xor_sync(0xffffffffu, l, 2);
-    const int packed = m0 + (threadIdx.x / 32) * 16 + lane / 4 + 8 * h;
+    const int packed = row0 + lane / 4 + 8 * h;
     const int token = p.group_div.div(packed);
     if (token >= s.num_q) continue;
     const int head = kv_head * p.group + p.group_div.mod(packed, token);
