@@ -47,8 +47,8 @@ BUGS = [
     Bug(
         "causal mask off by one (a query sees the next token)",
         f"{CUDA}/prefill_mma_steps.cuh",
-        "const bool masked = key > row_pos[e / 2] || key >= kv_len;",
-        "const bool masked = key > row_pos[e / 2] + 1 || key >= kv_len;",
+        "const bool masked = kMasked && (key > row_pos[e / 2] || key >= kv_len);",
+        "const bool masked = kMasked && (key > row_pos[e / 2] + 1 || key >= kv_len);",
     ),
     Bug(
         "causal mask off by one in the fp32 SIMT kernel",
@@ -69,16 +69,28 @@ BUGS = [
         "\n",
     ),
     Bug(
-        "decode: __syncthreads after the tile wait removed",
+        "SIMT decode: __syncthreads after the tile wait removed",
         f"{CUDA}/decode_attention.cuh",
         "    cp_async_wait<1>();\n    __syncthreads();\n",
         "    cp_async_wait<1>();\n\n",
     ),
     Bug(
-        "decode: cp.async.wait_group loosened (1 -> 2 pending)",
+        "SIMT decode: cp.async.wait_group loosened (1 -> 2 pending)",
         f"{CUDA}/decode_attention.cuh",
         "cp_async_wait<1>();",
         "cp_async_wait<2>();",
+    ),
+    Bug(
+        "tensor-core decode: __syncthreads after the V wait removed",
+        f"{CUDA}/decode_mma.cuh",
+        "    cp_async_wait<0>();\n    __syncthreads();  // V(t) landed",
+        "    cp_async_wait<0>();\n    // V(t) landed",
+    ),
+    Bug(
+        "tensor-core decode: cp.async.wait_group loosened before S (0 -> 1 pending)",
+        f"{CUDA}/decode_mma.cuh",
+        "    cp_async_wait<0>();\n    __syncthreads();  // K(t) landed",
+        "    cp_async_wait<1>();\n    __syncthreads();  // K(t) landed",
     ),
     Bug(
         "prefill: cp.async.wait_group loosened before S (0 -> 1 pending)",

@@ -138,11 +138,13 @@ __device__ __forceinline__ void store_nan_rows(const DecodeParams& p, const MmaW
 }
 
 // Runs the split's tokens [start, end): each warp keeps the online softmax of its 16-token
-// slices of every tile in `st`.
+// slices of every tile in `st`. The prefill steps take a warp's row tiles as arrays (the
+// 128-row prefill tile has two); a decode warp has one row tile, so `st` and `qf` are
+// arrays of one.
 template <typename T, int HEAD_DIM, int BLOCK_SIZE>
-__device__ __forceinline__ void attend_split(prefill_mma_detail::MmaRows<HEAD_DIM>& st,
+__device__ __forceinline__ void attend_split(prefill_mma_detail::MmaRows<HEAD_DIM> (&st)[1],
                                              uint4* k_tile, uint4* v_tile,
-                                             const uint32_t (&qf)[HEAD_DIM / 16][4],
+                                             const uint32_t (&qf)[1][HEAD_DIM / 16][4],
                                              const DecodeParams& p, const MmaWork& w, int start,
                                              int end) {
   using Cfg = DecodeMmaConfig<T, HEAD_DIM>;
@@ -161,13 +163,14 @@ __device__ __forceinline__ void attend_split(prefill_mma_detail::MmaRows<HEAD_DI
     __syncthreads();  // K(t) landed; every warp is done with V(t - 1)
     load_tile<T, HEAD_DIM, BLOCK_SIZE>(v_tile, 1, p, w, tile_start, end);
     cp_async_commit();
-    float sp[kN / 8][4];  // S, then P in place
+    float sp[1][kN / 8][4];  // S, then P in place
     if (run) {
-      qk_tile<T, HEAD_DIM, kN>(sp, qf, k_tile + n0 * Cfg::kStride);
+      // Q in registers: no Q tile in shared memory (nullptr, row 0 are unused then).
+      qk_tile<T, HEAD_DIM, kN, 1, true>(sp, qf, nullptr, 0, k_tile + n0 * Cfg::kStride);
       if (n0 + kN <= n) {
-        softmax_tile<HEAD_DIM, kN, false>(sp, st, row_pos, n0, n, p.scale_log2);
+        softmax_tile<HEAD_DIM, kN, false>(sp[0], st[0], row_pos, n0, n, p.scale_log2);
       } else {
-        softmax_tile<HEAD_DIM, kN, true>(sp, st, row_pos, n0, n, p.scale_log2);
+        softmax_tile<HEAD_DIM, kN, true>(sp[0], st[0], row_pos, n0, n, p.scale_log2);
       }
     }
     cp_async_wait<0>();
@@ -176,7 +179,7 @@ __device__ __forceinline__ void attend_split(prefill_mma_detail::MmaRows<HEAD_DI
       load_tile<T, HEAD_DIM, BLOCK_SIZE>(k_tile, 0, p, w, tile_start + Cfg::kTileTokens, end);
     }
     cp_async_commit();
-    if (run) pv_tile<T, HEAD_DIM, kN>(st, sp, v_tile + n0 * Cfg::kStride);
+    if (run) pv_tile<T, HEAD_DIM, kN, 1>(st, sp, v_tile + n0 * Cfg::kStride);
   }
 }
 
@@ -263,15 +266,17 @@ __global__ void __launch_bounds__(128) decode_mma_kernel(const DecodeParams p) {
   const int end = min(start + split_tokens, seq_len);
   if (start >= end) return;  // this sequence needs fewer splits; the merge skips this one
 
-  uint32_t qf[HEAD_DIM / 16][4];
-  load_q_fragments<T, HEAD_DIM>(qf, p, w);
-  prefill_mma_detail::MmaRows<HEAD_DIM> st;
-  st.m[0] = st.m[1] = -INFINITY;
-  st.l[0] = st.l[1] = 0.f;
+  uint32_t qf[1][HEAD_DIM / 16][4];
+  load_q_fragments<T, HEAD_DIM>(qf[0], p, w);
+  prefill_mma_detail::MmaRows<HEAD_DIM> st[1];
+  st[0].m[0] = st[0].m[1] = -INFINITY;
+  st[0].l[0] = st[0].l[1] = 0.f;
 #pragma unroll
-  for (int d = 0; d < HEAD_DIM / 8; ++d) st.o[d][0] = st.o[d][1] = st.o[d][2] = st.o[d][3] = 0.f;
+  for (int d = 0; d < HEAD_DIM / 8; ++d) {
+    st[0].o[d][0] = st[0].o[d][1] = st[0].o[d][2] = st[0].o[d][3] = 0.f;
+  }
   attend_split<T, HEAD_DIM, BLOCK_SIZE>(st, k_tile, v_tile, qf, p, w, start, end);
-  merge_warps_and_store<T, HEAD_DIM>(smem, st, p, w);
+  merge_warps_and_store<T, HEAD_DIM>(smem, st[0], p, w);
 }
 
 }  // namespace drt::cuda
