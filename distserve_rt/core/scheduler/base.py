@@ -206,9 +206,13 @@ class SchedulerBase(Scheduler):
                 start = chunk.prefix_len - chunk.prefix_len % block_size
                 end = chunk.prefix_len + chunk.num_new_tokens
                 bm.cache_blocks(request.seq_id, request.token_ids[start:end], end, start)
-        for request, seq_len in zip(output.decodes, output.decode_seq_lens.tolist(), strict=True):
-            # Only a decode that filled its block completes one.
-            if seq_len % block_size == 0 and request.status is running:
+        # Only a decode that filled its block completes one: found in numpy, so a step
+        # visits the few requests that did (about 1 in block_size), not the whole batch.
+        seq_lens = output.decode_seq_lens
+        decodes = output.decodes
+        for i in np.flatnonzero(seq_lens % block_size == 0).tolist():
+            request, seq_len = decodes[i], int(seq_lens[i])
+            if request.status is running:
                 start = seq_len - block_size
                 bm.cache_blocks(request.seq_id, request.token_ids[start:seq_len], seq_len, start)
 
