@@ -78,6 +78,20 @@ class EngineConfig:
     request goes to the replica with the fewest unfinished requests."""
     log_stats_interval_s: float = 10.0
     """Seconds between the one-line stats logs; 0 disables them."""
+    tokenizer: str | None = None
+    """The tokenizer's local directory or cached hub id, when not the model's (default: the
+    model's)."""
+    revision: str | None = None
+    """The branch, tag or commit hash of a hub-id model in the local Hugging Face cache
+    (default: main); nothing is downloaded."""
+    tokenizer_revision: str | None = None
+    """As revision, for a hub-id tokenizer (default: main)."""
+    trust_remote_code: bool = False
+    """Accepted for vLLM compatibility; custom modeling code is never run: a checkpoint
+    whose architecture needs it is refused."""
+    chat_template: str | None = None
+    """A Jinja chat template, inline or the path of a file holding one, replacing the
+    tokenizer's."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -112,6 +126,14 @@ class EngineConfig:
             "log_stats_interval_s", self.log_stats_interval_s, low=0, high=math.inf,
             high_open=True, unit="seconds",
         )  # fmt: skip
+        for name in ("tokenizer", "revision", "tokenizer_revision", "chat_template"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise ValueError(f"{name} must be a non-empty str or None, got {value!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(
+                f"trust_remote_code must be True or False, got {self.trust_remote_code!r}"
+            )
         # Checks against the model (heads, layers) and the machine (devices) run when the
         # executor starts (`worker.multiproc_executor`), before any process is spawned.
         for name in ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size"):

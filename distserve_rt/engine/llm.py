@@ -9,16 +9,19 @@ outputs[0].outputs[0].text, outputs[0].outputs[0].token_ids
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tqdm import tqdm
 
-from distserve_rt.config import DisaggConfig, EngineConfig, Placement
+from distserve_rt.config import DisaggConfig, Placement
 from distserve_rt.engine.core import make_engine_core
+from distserve_rt.engine.llm_kwargs import engine_config_from_kwargs
 from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
+from distserve_rt.tokenizer import load_chat_template
+from distserve_rt.tokenizer.base import Message
 
 # A prompt: text, or {"prompt_token_ids": [...]} (already tokenized).
 Prompt = str | dict[str, Any]
@@ -28,24 +31,34 @@ class LLM:
     """An engine for offline use: colocated (`LLMEngine`) or disaggregated (`Controller`).
 
     Args:
-        model: a local HF directory or ``dummy:<preset>``.
-        dtype: "auto", "float32", "bfloat16" or "float16".
+        model: a local HF directory, a hub id (``org/name``) in the local Hugging Face cache
+            (``$HF_HUB_CACHE``, ``$HF_HOME/hub``, ``~/.cache/huggingface/hub``; nothing is
+            downloaded) or ``dummy:<preset>``.
+        tokenizer: the tokenizer's directory or cached hub id when not the model's.
         placement: a `Placement`, "colocated" (default), "disaggregated" (1 prefill + 1
             decode instance) or a placement YAML file. Disaggregated instances are spawned
             processes: scripts need an ``if __name__ == "__main__":`` guard.
         disagg_config: a `DisaggConfig` (leases, retries, pinning) for disaggregated ones.
-        engine_kwargs: the other `EngineConfig` fields (policy, device, max_num_seqs, ...).
+        kwargs: vLLM's keywords (`engine.llm_kwargs`): the `EngineConfig` fields (dtype,
+            seed, revision, tokenizer_revision, trust_remote_code (custom code is never
+            run), max_model_len, gpu_memory_utilization (GPU only), tensor_parallel_size,
+            policy, device, max_num_seqs, ...); ``enforce_eager`` is accepted and changes
+            nothing: there are no CUDA graphs here, every step runs eagerly. A keyword this
+            engine cannot honour is a ValueError saying why, an unknown one a TypeError.
     """
 
     def __init__(
         self,
         model: str = "dummy:llama-tiny",
-        dtype: str = "auto",
+        tokenizer: str | None = None,
+        *,
         placement: Placement | str | None = None,
         disagg_config: DisaggConfig | None = None,
-        **engine_kwargs,
+        **kwargs: Any,
     ):
-        config = EngineConfig(model=model, dtype=dtype, **engine_kwargs)
+        if tokenizer is not None:
+            kwargs["tokenizer"] = tokenizer
+        config = engine_config_from_kwargs(model=model, **kwargs)
         self.llm_engine: EngineCore = make_engine_core(config, placement, disagg_config)
         self._ids = itertools.count()
 
@@ -101,6 +114,49 @@ class LLM:
                         bar.update(1)
         return results  # type: ignore[return-value]
 
+    def chat(
+        self,
+        messages: Sequence[Message] | Sequence[Sequence[Message]],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+        chat_template: str | None = None,
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[RequestOutput]:
+        """Generates a reply to one conversation (a list of ``{"role", "content"}`` dicts)
+        or to each of a list of them, as vLLM's ``LLM.chat``: each is rendered with the
+        tokenizer's chat template (or `chat_template`: inline Jinja or a file), and the text
+        generated from as `generate` would (so ``chat(m)`` equals
+        ``generate(tokenizer.apply_chat_template(m, tokenize=False))``).
+
+        `chat_template_kwargs`: extra variables for the template. `continue_final_message`:
+        continue the last message instead of starting a reply (needs
+        ``add_generation_prompt=False``). Tool calling (`tools`) is not supported: a
+        NotImplementedError, rather than a prompt silently without the tools."""
+        if tools is not None:
+            raise NotImplementedError(
+                "LLM.chat(tools=...): tool calling is not supported (no tool parsers)"
+            )
+        tokenizer = self.llm_engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("LLM.chat needs a tokenizer; this engine runs without one")
+        conversations = _conversations(messages)
+        template = None if chat_template is None else load_chat_template(chat_template)
+        prompts = [
+            tokenizer.apply_chat_template(
+                conversation,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
+                chat_template=template,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}),
+            )
+            for conversation in conversations
+        ]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
     def _params_per_prompt(
         self, sampling_params: SamplingParams | Sequence[SamplingParams] | None, n: int
     ) -> list[SamplingParams]:
@@ -146,3 +202,18 @@ class LLM:
         raise ValueError(
             f'prompts[{index}] must be a str or {{"prompt_token_ids": [...]}}, got {prompt!r}'
         )
+
+
+def _conversations(messages: Any) -> list[Sequence[Message]]:
+    """One conversation (a list of message dicts) or a list of them, as a list of them."""
+    if isinstance(messages, Sequence) and not isinstance(messages, (str, bytes)):
+        if messages and all(
+            isinstance(m, Sequence) and not isinstance(m, (str, bytes)) for m in messages
+        ):
+            return list(messages)
+        if messages and all(isinstance(m, Mapping) for m in messages):
+            return [messages]
+    raise ValueError(
+        "messages must be a conversation (a non-empty list of {'role', 'content'} dicts) or "
+        f"a list of conversations, got {messages!r}"
+    )

@@ -152,7 +152,7 @@ def _help(cls: type, name: str) -> str:
 # EngineConfig field -> argparse keywords. Flags default to None ("keep EngineConfig's
 # default"), so a field's default is written once, in config/engine.py.
 _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
-    "model": {"metavar": "DIR|dummy:<preset>"},
+    "model": {"metavar": "DIR|ORG/NAME|dummy:<preset>"},
     "dtype": {"choices": DTYPE_NAMES},
     "device": {"metavar": "cpu|cuda[:I]"},
     "seed": {"type": int, "metavar": "N"},
@@ -170,6 +170,12 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "pipeline_parallel_size": {"type": positive_int, "aliases": ("-pp",)},
     "data_parallel_size": {"type": positive_int, "aliases": ("-dp",)},
     "log_stats_interval_s": {"type": float},
+    # vLLM's model and tokenizer flags (hub ids resolve in the local HF cache only)
+    "tokenizer": {"metavar": "DIR|ORG/NAME"},
+    "revision": {"metavar": "REV"},
+    "tokenizer_revision": {"metavar": "REV"},
+    "trust_remote_code": {"action": "store_true"},
+    "chat_template": {"metavar": "FILE|JINJA"},
 }
 
 # DisaggConfig field -> (flag, argparse keywords); launcher, stats_interval_s and the fake
@@ -268,6 +274,7 @@ def configs_from_args(
     colocated or -tp/-pp/-dp contradict a colocated placement file's instances
     (`Placement.apply_to`), and the dataclasses' ValueErrors for values they refuse.
     """
+    merge_model_tag(args)
     engine = {k: getattr(args, k) for k in _ENGINE_FLAGS if getattr(args, k, None) is not None}
     disagg = {k: getattr(args, k) for k in _DISAGG_FLAGS if getattr(args, k, None) is not None}
     if getattr(args, "pin_cpus", True) is False:
@@ -282,6 +289,31 @@ def configs_from_args(
     # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
     # contradicts them is refused here, before anything starts.
     return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)
+
+
+def add_model_tag(p: argparse.ArgumentParser) -> None:
+    """The optional positional MODEL of ``vllm serve MODEL`` (``--model`` still works)."""
+    p.add_argument(
+        "model_tag",
+        nargs="?",
+        default=None,
+        metavar="MODEL",
+        help="the model, as --model: a local directory, a hub id in the local Hugging Face "
+        "cache (org/name) or dummy:<preset>",
+    )
+
+
+def merge_model_tag(args: argparse.Namespace) -> None:
+    """Moves the positional MODEL into ``args.model``; ValueError when ``--model`` names
+    another one (which of the two was meant cannot be guessed)."""
+    tag = getattr(args, "model_tag", None)
+    if tag is None:
+        return
+    if getattr(args, "model", None) not in (None, tag):
+        raise ValueError(
+            f"MODEL {tag} and --model {args.model} name different models; give one of them"
+        )
+    args.model = tag
 
 
 def check_device(device: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from distserve_rt.engine.core import make_engine_core
 from distserve_rt.engine.llm import LLM
 from distserve_rt.entrypoints.engine_args import (
     add_engine_args,
@@ -38,8 +39,9 @@ def run(args: argparse.Namespace) -> int:
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
         seed=args.sampling_seed, max_tokens=args.max_tokens, ignore_eos=args.ignore_eos,
     )  # fmt: skip
-    fields = {f: getattr(config, f) for f in config.__slots__ if f not in ("model", "dtype")}
-    with LLM(config.model, config.dtype, placement, disagg, **fields) as llm:
+    # The configs as built: LLM's keywords are vLLM's (a CPU run refuses
+    # gpu_memory_utilization, which EngineConfig always holds).
+    with LLM.from_engine(make_engine_core(config, placement, disagg)) as llm:
         outputs = llm.generate(args.prompts, params, use_tqdm=False)
     for out in outputs:
         c, m = out.outputs[0], out.metrics

@@ -49,6 +49,7 @@ def add_parser(sub) -> None:
         "serve", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
+    engine_args.add_model_tag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument(

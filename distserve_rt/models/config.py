@@ -303,6 +303,15 @@ def _family(hf: dict[str, Any]) -> str:
     model_type = hf.get("model_type")
     if model_type in _HF_MODEL_TYPES:
         return _HF_MODEL_TYPES[model_type]
+    if hf.get("auto_map"):
+        # trust_remote_code is accepted for vLLM's sake, but its code is never imported: an
+        # architecture only that code defines cannot be served.
+        code = sorted(map(str, hf["auto_map"].values()))
+        raise ValueError(
+            f"architecture {hf.get('architectures')!r} needs the checkpoint's custom code "
+            f"(auto_map {code}), which distserve_rt never runs, "
+            f"with or without trust_remote_code; supported: {sorted(_HF_ARCHITECTURES)}"
+        )
     raise ValueError(
         f"unsupported architecture {hf.get('architectures')!r} (model_type {model_type!r}); "
         f"supported: {sorted(_HF_ARCHITECTURES)}"

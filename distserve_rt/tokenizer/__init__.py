@@ -5,7 +5,7 @@ from __future__ import annotations
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.loader import DUMMY_PREFIX
 from distserve_rt.models.presets import get_preset
-from distserve_rt.tokenizer.base import DEFAULT_CHAT_TEMPLATE, Tokenizer
+from distserve_rt.tokenizer.base import DEFAULT_CHAT_TEMPLATE, Tokenizer, load_chat_template
 from distserve_rt.tokenizer.byte_tokenizer import ByteTokenizer
 from distserve_rt.tokenizer.hf_tokenizer import HFTokenizer
 
@@ -26,4 +26,11 @@ def get_tokenizer(model: str, config: ModelConfig | None = None) -> Tokenizer:
     )
 
 
-__all__ = ["DEFAULT_CHAT_TEMPLATE", "ByteTokenizer", "HFTokenizer", "Tokenizer", "get_tokenizer"]
+__all__ = [
+    "DEFAULT_CHAT_TEMPLATE",
+    "ByteTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "get_tokenizer",
+    "load_chat_template",
+]

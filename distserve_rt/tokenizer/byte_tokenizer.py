@@ -13,8 +13,9 @@ decodes with U+FFFD replacement characters.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-from distserve_rt.tokenizer.base import Message, render_default_template
+from distserve_rt.tokenizer.base import Message, chat_template_output
 
 NUM_SPECIAL_IDS = 3
 
@@ -46,6 +47,7 @@ class ByteTokenizer:
         self.vocab_size = vocab_size
         self.bos_token_id, self.eos_token_id = bos_token_id, eos_token_id
         self.pad_token_id = pad_token_id
+        self.chat_template: str | None = None
         self._special_text = {i: "<unk>" for i in range(NUM_SPECIAL_IDS)}
         # eos after bos: a preset whose bos is its eos (OPT) prints "</s>".
         for value, text in ((pad_token_id, "<pad>"), (bos_token_id, "<s>"), (eos_token_id, "</s>")):
@@ -82,7 +84,19 @@ class ByteTokenizer:
         return "".join(out)
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
-    ) -> str:
-        """`tokenizer.base.DEFAULT_CHAT_TEMPLATE` (dummy models have no template)."""
-        return render_default_template(messages, add_generation_prompt)
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str | list[int]:
+        """`tokenizer.base.DEFAULT_CHAT_TEMPLATE` unless a template is given (dummy models
+        have none); see `tokenizer.base.chat_template_output`."""
+        special = {"bos_token": "", "eos_token": ""}
+        return chat_template_output(
+            self, messages, add_generation_prompt, tokenize, chat_template,
+            continue_final_message, special, template_kwargs,
+        )  # fmt: skip

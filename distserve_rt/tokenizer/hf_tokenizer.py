@@ -11,7 +11,7 @@ from typing import Any
 
 from tokenizers import Tokenizer as _RustTokenizer
 
-from distserve_rt.tokenizer.base import Message, render_default_template, render_jinja_template
+from distserve_rt.tokenizer.base import Message, chat_template_output
 
 
 class HFTokenizer:
@@ -82,14 +82,21 @@ class HFTokenizer:
         )
 
     def apply_chat_template(
-        self, messages: Sequence[Message], add_generation_prompt: bool = True
-    ) -> str:
-        """The model's template, or `tokenizer.base.DEFAULT_CHAT_TEMPLATE` if it has none."""
-        if self.chat_template is None:
-            return render_default_template(messages, add_generation_prompt)
-        return render_jinja_template(
-            self.chat_template, messages, add_generation_prompt, self._special_tokens
-        )
+        self,
+        messages: Sequence[Message],
+        add_generation_prompt: bool = True,
+        *,
+        tokenize: bool = False,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        **template_kwargs: Any,
+    ) -> str | list[int]:
+        """The model's template (or `chat_template`), `tokenizer.base.DEFAULT_CHAT_TEMPLATE`
+        if it has none; see `tokenizer.base.chat_template_output`."""
+        return chat_template_output(
+            self, messages, add_generation_prompt, tokenize, chat_template,
+            continue_final_message, self._special_tokens, template_kwargs,
+        )  # fmt: skip
 
 
 def _read_json(path: Path) -> dict[str, Any]:
