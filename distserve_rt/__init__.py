@@ -28,6 +28,7 @@ _LAZY = {
     "Placement": "distserve_rt.config",
     "CompletionOutput": "distserve_rt.outputs",
     "RequestOutput": "distserve_rt.outputs",
+    "Logprob": "distserve_rt.logprobs",
     "SamplingParams": "distserve_rt.sampling_params",
     "KVCacheSpec": "distserve_rt.core.kv_cache",
     "allocate_kv_pool": "distserve_rt.core.kv_cache",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from distserve_rt.core.request import Request, mean_tpot
 from distserve_rt.core.stop_checker import FinishReason
+from distserve_rt.logprobs import SampleLogprobs, fill_decoded_tokens
 
 
 @dataclass(slots=True)
@@ -20,24 +22,31 @@ class CompletionOutput:
     """STOP, LENGTH, ABORT or ERROR (a `str`: "stop", "length", ...), None while running."""
     stop_reason: int | str | None = None
     """The stop token id or stop string that ended it (None for EOS and length)."""
-    logprobs: list[dict[int, float]] | None = None
-    """Per output token: {token id: logprob} of the sampled token and the top
-    SamplingParams.logprobs tokens; None when not asked."""
+    logprobs: SampleLogprobs | None = None
+    """Per output token: {token id: `Logprob`} (logprob, rank, decoded_token) of the sampled
+    token and the top SamplingParams.logprobs tokens, as vLLM's; None when not asked."""
     cumulative_logprob: float | None = None
     """Sum of the sampled tokens' logprobs (what best_of ranks by); None when no logprob
     was drawn (neither logprobs nor best_of > n asked)."""
 
     @classmethod
     def from_request(
-        cls, request: Request, index: int = 0, keep_logprobs: bool = True
+        cls,
+        request: Request,
+        index: int = 0,
+        keep_logprobs: bool = True,
+        tokenizer: Any = None,
     ) -> CompletionOutput:
         """The request's completion so far, as completion `index`; `keep_logprobs` False
-        drops logprobs drawn only for the cumulative one (best_of's ranking)."""
+        drops logprobs drawn only for the cumulative one (best_of's ranking); `tokenizer`
+        (the engine's, or None) fills the logprobs' decoded_token."""
         logprobs = None if request.logprobs is None else list(request.logprobs)
         cumulative = None
         if logprobs is not None:
             pairs = zip(request.output_token_ids, logprobs, strict=False)
-            cumulative = sum(row[token] for token, row in pairs)
+            cumulative = sum(row[token].logprob for token, row in pairs)
+            if keep_logprobs:
+                fill_decoded_tokens(logprobs, tokenizer)
         return cls(
             index=index,
             text=request.output_text,
@@ -141,9 +150,12 @@ class RequestOutput:
     """Why the request failed (finish_reason "error")."""
 
     @classmethod
-    def from_request(cls, request: Request, metrics: RequestMetrics | None = None) -> RequestOutput:
-        """`metrics`: the disaggregated controller's (with its latency breakdown)."""
-        completion = CompletionOutput.from_request(request)
+    def from_request(
+        cls, request: Request, metrics: RequestMetrics | None = None, tokenizer: Any = None
+    ) -> RequestOutput:
+        """`metrics`: the disaggregated controller's (with its latency breakdown);
+        `tokenizer`: the engine's (decodes the logprobs' tokens), or None."""
+        completion = CompletionOutput.from_request(request, tokenizer=tokenizer)
         return cls(
             request_id=request.request_id,
             prompt=request.prompt,

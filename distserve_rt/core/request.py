@@ -21,6 +21,7 @@ import enum
 from typing import TYPE_CHECKING
 
 from distserve_rt.core.stop_checker import FinishReason, StopChecker
+from distserve_rt.logprobs import Logprob
 from distserve_rt.sampling_params import SamplingParams
 
 if TYPE_CHECKING:  # a simulator builds requests without loading torch
@@ -161,7 +162,7 @@ class Request:
         one, at the request's first sampled token here (then it is cleared)."""
         self.stop_checker: StopChecker | None = None
         """Owned by the engine: stop rules and the text to stream."""
-        self.logprobs: list[dict[int, float]] | None = None
+        self.logprobs: list[dict[int, Logprob]] | None = None
         self.error: str | None = None
         self.stop_reason: int | str | None = None
         """The stop token id or stop string that ended the request (None for EOS/length)."""

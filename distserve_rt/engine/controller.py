@@ -419,7 +419,7 @@ class Controller:
 
     def _emit_stream(self, tracked: TrackedRequest) -> None:
         if tracked.stream:
-            self._outputs.append(tracked.to_output())
+            self._outputs.append(tracked.to_output(self.tokenizer))
 
     def finish(
         self,
@@ -431,7 +431,7 @@ class Controller:
         self.requests.pop(tracked.request_id, None)
         self.release_load(tracked)
         tracked.finish(finish_reason, stop_reason, error, time.monotonic())
-        self._outputs.append(tracked.to_output())
+        self._outputs.append(tracked.to_output(self.tokenizer))
 
     def release_load(self, tracked: TrackedRequest) -> None:
         if tracked.num_queued_tokens and tracked.prefill_index is not None:

@@ -435,27 +435,30 @@ class LLMEngine:
         if not self._groups:  # no n > 1 request live: one output per request
             for request in finished:
                 self._finalize(request)
-            return [RequestOutput.from_request(r) for r in (*updated, *finished)]
+            return [
+                RequestOutput.from_request(r, tokenizer=self.tokenizer)
+                for r in (*updated, *finished)
+            ]
         outputs = []
         seen: set[int] = set()
         for request in updated:
             group = self._groups.get(request.request_id)
             if group is None:
-                outputs.append(RequestOutput.from_request(request))
+                outputs.append(RequestOutput.from_request(request, tokenizer=self.tokenizer))
             elif id(group) not in seen:
                 seen.add(id(group))
-                outputs.append(group.output())
+                outputs.append(group.output(self.tokenizer))
         groups = [self._groups.get(r.request_id) for r in finished]
         for request, group in zip(finished, groups, strict=True):
             if group is None:
                 self._finalize(request)
-                outputs.append(RequestOutput.from_request(request))
+                outputs.append(RequestOutput.from_request(request, tokenizer=self.tokenizer))
             elif group.is_finished and group.request.request_id in self._requests:
                 for sequence in group.sequences:
                     self._finalize(sequence)
                     del self._groups[sequence.request_id]
                 outputs = [o for o in outputs if o.request_id != group.request.request_id]
-                outputs.append(group.output())
+                outputs.append(group.output(self.tokenizer))
         return outputs
 
     def _finalize(self, request: Request) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import Any
 
 from distserve_rt.core.request import Request
 from distserve_rt.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -78,12 +79,14 @@ class SequenceGroup:
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.sequences)
 
-    def output(self) -> RequestOutput:
+    def output(self, tokenizer: Any = None) -> RequestOutput:
         """One `RequestOutput` with a `CompletionOutput` per returned sequence: all of them
-        in index order while running, the top n by cumulative logprob once finished."""
+        in index order while running, the top n by cumulative logprob once finished;
+        `tokenizer` (the engine's) decodes the logprobs' tokens."""
         keep_logprobs = self.params.logprobs is not None
         completions = [
-            CompletionOutput.from_request(s, s.seq_index, keep_logprobs) for s in self.sequences
+            CompletionOutput.from_request(s, s.seq_index, keep_logprobs, tokenizer)
+            for s in self.sequences
         ]
         finished = self.is_finished
         if finished and len(completions) > self.params.n:

@@ -51,8 +51,9 @@ def repo_folder(hub_id: str) -> str:
 
 def resolve_model_path(model: str, revision: str | None = None, *, what: str = "model") -> str:
     """The local directory of `model`: its cached snapshot when it is a hub id, else `model`
-    itself (a directory, or a path the loader reports missing). `revision` (a branch, tag or full commit hash; default "main")
-    selects the snapshot of a hub id; it is refused for a local directory, which has none.
+    itself (a directory, or a path the loader reports missing). `revision` (a branch, tag
+    or full commit hash; default "main") selects the snapshot of a hub id; it is refused
+    for a local directory, which has none.
 
     Raises FileNotFoundError naming `what` (model, tokenizer), the value, the caches
     searched and what is accepted."""

@@ -23,6 +23,7 @@ import torch
 from distserve_rt.core.request import Request
 from distserve_rt.core.scheduler import SchedulerOutput
 from distserve_rt.layers.attention import AttentionMetadata
+from distserve_rt.logprobs import Logprob
 from distserve_rt.models.interface import CausalLM
 from distserve_rt.ops import copy_blocks
 from distserve_rt.worker.sampling import SampledTokens
@@ -53,8 +54,8 @@ class ModelRunnerOutput:
 
     sampled_token_ids: list[int]
     """One token per request of `SchedulerOutput.sampling_requests()`, same order."""
-    logprobs: list[dict[int, float]] | None = None
-    """Per sampled row: {token id: logprob}; None when no row asked for logprobs."""
+    logprobs: list[dict[int, Logprob]] | None = None
+    """Per sampled row: {token id: Logprob}; None when no row asked for logprobs."""
     generator_states: dict[int, bytes] | None = None
     """seq_id -> generator state after this step's draw, of the seeded requests an executor
     was asked to report (`MultiprocExecutor(report_generator_states=True)`: the generators

@@ -19,6 +19,7 @@ from distserve_rt.layers.sampling_metadata import (
     make_generator,
     restore_generator,
 )
+from distserve_rt.logprobs import Logprob
 from distserve_rt.sampling_params import SamplingParams
 
 
@@ -40,9 +41,10 @@ class SamplingRequest(Protocol):
 class SampledTokens:
     token_ids: torch.Tensor
     """int64 [n], on the logits' device."""
-    logprobs: list[dict[int, float]] | None = None
-    """Per row: {token id: raw logprob} of the sampled token and the top-k the request
-    asked for (vLLM's shape); None when no row asked."""
+    logprobs: list[dict[int, Logprob]] | None = None
+    """Per row: {token id: Logprob} of the sampled token and the top-k the request asked
+    for (vLLM's shape; decoded_token is filled where outputs are made); None when no row
+    asked."""
 
 
 class RequestSampler:
@@ -101,15 +103,18 @@ class RequestSampler:
         return None if seed is None else make_generator(seed, self._device)
 
 
-def _logprob_dicts(out, requests: Sequence[SamplingRequest]) -> list[dict[int, float]]:
+def _logprob_dicts(out, requests: Sequence[SamplingRequest]) -> list[dict[int, Logprob]]:
+    """vLLM's rows: the sampled token (ranked by how many tokens are more likely), then the
+    top k ranked 1..k; a sampled token among them keeps its top-k rank (as vLLM's)."""
     lp = out.logprobs
     sampled = out.token_ids.tolist()
-    sampled_lp = lp.sampled_logprobs.tolist()
+    sampled_lp, sampled_rank = lp.sampled_logprobs.tolist(), lp.sampled_ranks.tolist()
     top_ids, top_lp = lp.topk_token_ids.tolist(), lp.topk_logprobs.tolist()
     rows = []
     for i, r in enumerate(requests):
         k = r.sampling_params.logprobs or 0
-        row = dict(zip(top_ids[i][:k], top_lp[i][:k], strict=True))
-        row[sampled[i]] = sampled_lp[i]
+        row = {sampled[i]: Logprob(sampled_lp[i], sampled_rank[i])}
+        for rank in range(1, k + 1):
+            row[top_ids[i][rank - 1]] = Logprob(top_lp[i][rank - 1], rank)
         rows.append(row)
     return rows

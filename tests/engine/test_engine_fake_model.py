@@ -170,7 +170,9 @@ def test_logprobs_per_token():
     assert len(c.logprobs) == 3
     for token, row in zip(c.token_ids, c.logprobs, strict=True):
         assert token in row and len(row) == 2  # greedy: the sampled token is the top one
-        assert row[token] == max(row.values()) and all(v <= 0 for v in row.values())
+        values = [lp.logprob for lp in row.values()]
+        assert row[token].logprob == max(values) and all(v <= 0 for v in values)
+        assert row[token].rank == 1 and sorted(lp.rank for lp in row.values()) == [1, 2]
 
 
 def test_periodic_stats_line(caplog):

@@ -133,3 +133,49 @@ def test_custom_code_architecture_is_refused(model_dir, tmp_path):
     (custom / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="needs the checkpoint's custom code .* never runs"):
         LLM(str(custom), trust_remote_code=True, **SMALL)
+
+
+def test_logprobs_are_vllm_logprob_objects_matching_hf(llm, model_dir):
+    """vLLM's type per position ({token id: Logprob(logprob, rank, decoded_token)}), with
+    values and ranks from transformers' full forward pass (fp32, 1e-4)."""
+    import torch
+
+    from distserve_rt import Logprob
+    from tests.models.hf_fixtures import load_hf
+
+    prompt = [5, 17, 42, 99, 7, 3]
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True, logprobs=3)
+    (out,) = llm.generate({"prompt_token_ids": prompt}, params, use_tqdm=False)
+    completion = out.outputs[0]
+    hf = load_hf(model_dir)
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt + completion.token_ids[:-1]])).logits[0]
+    ref = torch.log_softmax(logits.float(), dim=-1)[len(prompt) - 1 :]
+    tokenizer = llm.get_tokenizer()
+    assert len(completion.logprobs) == 4
+    for pos, (token, row) in enumerate(zip(completion.token_ids, completion.logprobs, strict=True)):
+        assert all(isinstance(lp, Logprob) for lp in row.values())
+        top = ref[pos].topk(3).indices.tolist()
+        assert list(row) == top  # greedy: the sampled token is the top one, listed once
+        assert [row[t].rank for t in top] == [1, 2, 3] and token == top[0]
+        for token_id, lp in row.items():
+            assert lp.logprob == pytest.approx(ref[pos, token_id].item(), abs=1e-4)
+            assert lp.decoded_token == tokenizer.decode([token_id], skip_special_tokens=False)
+    assert completion.cumulative_logprob == pytest.approx(
+        sum(
+            row[t].logprob for t, row in zip(completion.token_ids, completion.logprobs, strict=True)
+        )
+    )
+
+
+def test_sampled_token_outside_the_top_k_gets_its_vocabulary_rank(llm):
+    params = SamplingParams(temperature=5.0, seed=3, max_tokens=12, ignore_eos=True, logprobs=1)
+    (out,) = llm.generate({"prompt_token_ids": [5, 17, 42]}, params, use_tqdm=False)
+    c = out.outputs[0]
+    outside = [
+        (row[t], row) for t, row in zip(c.token_ids, c.logprobs, strict=True) if row[t].rank != 1
+    ]
+    assert outside, "temperature 5 sampled only top tokens: pick another seed"
+    for sampled, row in outside:
+        (top,) = [lp for lp in row.values() if lp.rank == 1]
+        assert len(row) == 2 and sampled.rank > 1 and sampled.logprob <= top.logprob

@@ -102,7 +102,7 @@ def test_seeded_sampling_and_logprobs_equal_tp1(reference):
         for got_row, exp_row in zip(got_lp, exp_lp, strict=True):
             assert got_row.keys() == exp_row.keys()
             for token_id, logprob in exp_row.items():
-                assert got_row[token_id] == pytest.approx(logprob, abs=1e-4)
+                assert got_row[token_id].logprob == pytest.approx(logprob.logprob, abs=1e-4)
 
 
 def test_killed_worker_fails_the_step_and_shuts_down():

@@ -27,6 +27,7 @@ from distserve_rt.engine.protocol import (
     PromptType,
     TransferTotals,
 )
+from distserve_rt.logprobs import Logprob
 from distserve_rt.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.tokenizer import ByteTokenizer
@@ -89,7 +90,7 @@ class FakeEngine:
         text = self._tokenizer.decode(ids)
         arrival = time.monotonic()
         tokens: list[int] = []
-        logprobs: list[dict[int, float]] | None = (
+        logprobs: list[dict[int, Logprob]] | None = (
             [] if sampling_params.logprobs is not None else None
         )
         try:
@@ -120,9 +121,9 @@ class FakeEngine:
         token = EOS_ID if eos else letter_id(len(tokens))
         tokens.append(token)
         if logprobs is not None:
-            row = {token: -0.1}
+            row = {token: Logprob(-0.1, 1)}
             for j in range(params.logprobs):
-                row.setdefault(letter_id(len(tokens) + j + 5), -1.0 - j)
+                row.setdefault(letter_id(len(tokens) + j + 5), Logprob(-1.0 - j, j + 2))
             logprobs.append(row)
 
     def _finish_reason(self, tokens, params: SamplingParams, text: str):

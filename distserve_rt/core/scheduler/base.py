@@ -32,6 +32,7 @@ from distserve_rt.core.scheduler.interface import (
     SchedulerOutput,
     StepUpdate,
 )
+from distserve_rt.logprobs import Logprob
 
 
 class SchedulerBase(Scheduler):
@@ -80,7 +81,7 @@ class SchedulerBase(Scheduler):
         self,
         output: SchedulerOutput,
         sampled_token_ids: Sequence[int],
-        logprobs: Sequence[dict[int, float] | None] | None,
+        logprobs: Sequence[dict[int, Logprob] | None] | None,
         now: float,
     ) -> StepUpdate:
         requests = output.sampling_requests()

@@ -33,6 +33,7 @@ import numpy as np
 from distserve_rt.config.scheduler import SchedulerConfig
 from distserve_rt.core.block_manager import BlockManagerStats
 from distserve_rt.core.request import Request, RequestStatus
+from distserve_rt.logprobs import Logprob
 
 _EMPTY_I64 = np.zeros(0, dtype=np.int64)
 _EMPTY_I32 = np.zeros(0, dtype=np.int32)
@@ -130,7 +131,7 @@ class Scheduler(abc.ABC):
         self,
         output: SchedulerOutput,
         sampled_token_ids: Sequence[int],
-        logprobs: Sequence[dict[int, float] | None] | None,
+        logprobs: Sequence[dict[int, Logprob] | None] | None,
         now: float,
     ) -> StepUpdate:
         """Takes the step's sampled tokens (one per `output.sampling_requests()` row): each

@@ -32,6 +32,7 @@ from distserve_rt.core.scheduler.interface import (
     SchedulerOutput,
     StepUpdate,
 )
+from distserve_rt.logprobs import Logprob
 
 
 @dataclass(slots=True)
@@ -86,7 +87,7 @@ class PrefillScheduler(SchedulerBase):
         self,
         output: SchedulerOutput,
         sampled_token_ids: Sequence[int],
-        logprobs: Sequence[dict[int, float] | None] | None,
+        logprobs: Sequence[dict[int, Logprob] | None] | None,
         now: float,
     ) -> StepUpdate:
         """The first tokens: a request that did not stop now awaits migration (its lease

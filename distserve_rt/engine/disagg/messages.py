@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from distserve_rt.core.stop_checker import FinishReason
+from distserve_rt.logprobs import Logprob
 from distserve_rt.sampling_params import SamplingParams
 
 # ---- controller -> instance ----------------------------------------------------------------
@@ -112,8 +113,8 @@ class Tokens:
     error: str | None = None
     first_decode_time: float | None = None
     """Decode instances: when its first decode step started (the decode queue ends)."""
-    logprobs: list[dict[int, float]] | None = None
-    """Per token of `token_ids` (SamplingParams.logprobs set): {token id: logprob}."""
+    logprobs: list[dict[int, Logprob]] | None = None
+    """Per token of `token_ids` (SamplingParams.logprobs set): {token id: Logprob}."""
 
 
 @dataclass(slots=True)
@@ -128,8 +129,8 @@ class PrefillDone:
     block_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
     stop_reason: int | str | None = None
-    logprobs: dict[int, float] | None = None
-    """The first token's {token id: logprob} (SamplingParams.logprobs set)."""
+    logprobs: dict[int, Logprob] | None = None
+    """The first token's {token id: Logprob} (SamplingParams.logprobs set)."""
     generator_state: bytes | None = None
     """Seeded requests: the generator state after sampling the first token."""
 

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
+from typing import Any
 
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.stop_checker import FinishReason, StopCheckResult
+from distserve_rt.logprobs import Logprob
 from distserve_rt.outputs import LatencyBreakdown, RequestMetrics, RequestOutput
 
 
@@ -70,7 +72,7 @@ class TrackedRequest:
         self,
         token_ids: list[int],
         now: float,
-        logprobs: list[dict[int, float]] | None = None,
+        logprobs: list[dict[int, Logprob]] | None = None,
     ) -> StopCheckResult | None:
         """Appends tokens in order until the stop checker ends the request (the tokens an
         instance computed after that are dropped, as the colocated engine never makes them).
@@ -113,5 +115,6 @@ class TrackedRequest:
             breakdown=self.breakdown(),
         )  # fmt: skip
 
-    def to_output(self) -> RequestOutput:
-        return RequestOutput.from_request(self.request, self.metrics())
+    def to_output(self, tokenizer: Any = None) -> RequestOutput:
+        """`tokenizer`: the controller's (decodes the logprobs' tokens), or None."""
+        return RequestOutput.from_request(self.request, self.metrics(), tokenizer)

@@ -13,6 +13,7 @@ from starlette.types import Receive, Scope, Send
 
 from distserve_rt.entrypoints.openai.errors import OpenAIError
 from distserve_rt.logger import init_logger
+from distserve_rt.logprobs import Logprob
 from distserve_rt.outputs import CompletionOutput
 
 logger = init_logger(__name__)
@@ -30,7 +31,7 @@ class OutputDelta:
 
     text: str
     token_ids: list[int]
-    logprobs: list[dict[int, float]] | None
+    logprobs: list[dict[int, Logprob]] | None
     text_offset: int
     """Characters of generated text before this delta."""
 
