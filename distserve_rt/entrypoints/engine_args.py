@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any
 from distserve_rt.config import DTYPE_NAMES, DisaggConfig, EngineConfig, PhaseConfig, Placement
 from distserve_rt.core.block_manager import ALLOWED_BLOCK_SIZES
 from distserve_rt.core.scheduler import POLICIES
+from distserve_rt.entrypoints.model_tag import merge_model_tag
 from distserve_rt.logger import init_logger
 from distserve_rt.planner.placement_file import PlacementFile, load_placement
 
@@ -289,31 +290,6 @@ def configs_from_args(
     # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
     # contradicts them is refused here, before anything starts.
     return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)
-
-
-def add_model_tag(p: argparse.ArgumentParser) -> None:
-    """The optional positional MODEL of ``vllm serve MODEL`` (``--model`` still works)."""
-    p.add_argument(
-        "model_tag",
-        nargs="?",
-        default=None,
-        metavar="MODEL",
-        help="the model, as --model: a local directory, a hub id in the local Hugging Face "
-        "cache (org/name) or dummy:<preset>",
-    )
-
-
-def merge_model_tag(args: argparse.Namespace) -> None:
-    """Moves the positional MODEL into ``args.model``; ValueError when ``--model`` names
-    another one (which of the two was meant cannot be guessed)."""
-    tag = getattr(args, "model_tag", None)
-    if tag is None:
-        return
-    if getattr(args, "model", None) not in (None, tag):
-        raise ValueError(
-            f"MODEL {tag} and --model {args.model} name different models; give one of them"
-        )
-    args.model = tag
 
 
 def check_device(device: str) -> None:

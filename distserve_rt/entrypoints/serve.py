@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from distserve_rt.engine.protocol import EngineClient
 from distserve_rt.entrypoints import engine_args
+from distserve_rt.entrypoints.model_tag import add_model_tag
 from distserve_rt.logger import init_logger
 
 if TYPE_CHECKING:
@@ -49,7 +50,7 @@ def add_parser(sub) -> None:
         "serve", description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
-    engine_args.add_model_tag(p)
+    add_model_tag(p)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s)")
     p.add_argument("--port", type=port_number, default=8000, help="(default: %(default)s)")
     p.add_argument(
