@@ -67,16 +67,19 @@ def resolve_model_path(model: str, revision: str | None = None, *, what: str = "
     if not is_hub_id(model):
         return model  # a path that is not there: the loader says so, naming what it needs
     revision = revision or DEFAULT_REVISION
-    searched = []
+    searched, cached = [], []
     for cache in hub_cache_dirs():
         repo = cache / repo_folder(model)
         searched.append(str(repo))
         snapshot = _snapshot(repo, revision)
         if snapshot is not None:
             return str(snapshot)
+        cached += _cached_revisions(repo)
     at = "" if revision == DEFAULT_REVISION else f" at revision {revision!r}"
+    # The repo is there at other revisions: say which, the likely fix is one of them.
+    others = f" (cached revisions: {', '.join(cached)})" if cached else ""
     raise FileNotFoundError(
-        f"{what} {model!r}{at} is not in the local Hugging Face cache (searched "
+        f"{what} {model!r}{at} is not in the local Hugging Face cache{others} (searched "
         f"{', '.join(searched)}) and nothing is downloaded; pass a local model directory, a "
         "hub id already in the cache (set HF_HUB_CACHE or HF_HOME to where it is) or "
         "dummy:<preset>"
@@ -96,3 +99,10 @@ def _snapshot(repo: Path, revision: str) -> Path | None:
         commit = ref.read_text(encoding="utf-8").strip()
     path = snapshots / commit
     return path if path.is_dir() else None
+
+
+def _cached_revisions(repo: Path) -> list[str]:
+    """The refs and the snapshot commits (first 12 hex digits) a repo folder holds."""
+    refs = sorted(p.name for p in (repo / "refs").glob("*") if p.is_file())
+    commits = sorted(p.name[:12] for p in (repo / "snapshots").glob("*") if p.is_dir())
+    return refs + commits

@@ -39,8 +39,9 @@ def test_refs_commits_and_revisions(cache):
     assert resolve_model_path(hub_id) == str(repo / "snapshots" / COMMIT)
     assert resolve_model_path(hub_id, "v1") == str(repo / "snapshots" / OLD_COMMIT)
     assert resolve_model_path(hub_id, OLD_COMMIT) == str(repo / "snapshots" / OLD_COMMIT)
-    with pytest.raises(FileNotFoundError, match="at revision 'v2' is not in the local"):
+    with pytest.raises(FileNotFoundError, match="at revision 'v2' is not in the local") as e:
         resolve_model_path(hub_id, "v2")
+    assert "(cached revisions: main, v1, 0123456789ab, fedcba987654)" in str(e.value)
 
 
 def test_cache_dirs_in_order(tmp_path, monkeypatch, cache):
