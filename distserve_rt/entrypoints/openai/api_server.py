@@ -79,10 +79,11 @@ def build_app(
         raise TypeError(f"engine must implement EngineClient, got {type(engine).__name__}")
     if api_key is not None and not api_key:
         raise ValueError("api_key must be None (no auth) or a non-empty string, got ''")
+    model_name = served_model_name or engine.model_name
     ctx = ServingContext(
         engine=engine,
-        model_name=served_model_name or engine.model_name,
-        metrics=PrometheusMetrics(engine.stats),
+        model_name=model_name,
+        metrics=PrometheusMetrics(engine.stats, model_name),
         limiter=ConcurrencyLimiter(max_concurrent),
     )
     # /docs: Swagger UI, whose page pulls its assets from a CDN (offline it stays blank;
