@@ -161,3 +161,20 @@ def test_disaggregated_gauges_count_each_request_once_and_report_the_fullest_poo
         "vllm:kv_cache_usage_perc": (labels, 0.80),
         "vllm:gpu_cache_usage_perc": (labels, 0.80),
     }
+
+
+def test_request_success_counts_stop_length_abort_but_not_errors():
+    from distserve_rt.metrics.prometheus import PrometheusMetrics
+
+    metrics = PrometheusMetrics(model_name="m")
+    for reason in ("abort", "abort", "length", "error"):
+        tracker = metrics.track()
+        tracker.observe(1)
+        tracker.finish(reason, num_prompt_tokens=2)
+    value = metrics.registry.get_sample_value
+    labels = {"model_name": "m", "engine": "0"}
+    for reason, count in (("abort", 2), ("length", 1), ("stop", 0)):
+        got = value("vllm:request_success_total", labels | {"finished_reason": reason})
+        assert got == count, reason
+    assert value("vllm:request_success_total", labels | {"finished_reason": "error"}) is None
+    assert value("vllm:prompt_tokens_total", labels) == 8  # every finished request's prompt
