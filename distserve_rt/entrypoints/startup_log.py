@@ -22,8 +22,15 @@ def non_default_args(args: argparse.Namespace, parser: argparse.ArgumentParser) 
             continue
         value = getattr(args, dest)
         if value != parser.get_default(dest):
-            out[dest] = "***" if dest in SECRET_ARGS and value else value
+            out[dest] = "***" if dest in SECRET_ARGS and value else _readable(value)
     return out
+
+
+def _readable(value: Any) -> Any:
+    """Parsed values as a user would write them: a `Placement`'s one-line description, not
+    its dataclass repr (hundreds of characters)."""
+    describe = getattr(value, "describe", None)
+    return describe() if callable(describe) else value
 
 
 def model_summary(model_config: Any) -> str:

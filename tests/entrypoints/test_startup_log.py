@@ -66,3 +66,11 @@ def test_non_default_args_compares_with_the_parsers_defaults():
     parser = serve.serve_parser()
     args = build_parser().parse_args(["serve", "--max-concurrent-requests", "4"])
     assert startup_log.non_default_args(args, parser) == {"max_concurrent_requests": 4}
+
+
+def test_a_parsed_placement_is_logged_as_its_description():
+    parser = serve.serve_parser()
+    args = build_parser().parse_args(["serve", "--placement", "disaggregated"])
+    assert startup_log.non_default_args(args, parser)["placement"] == (
+        "1 prefill x (tp=1, pp=1) + 1 decode x (tp=1, pp=1)"
+    )
