@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from distserve_rt.engine.protocol import EngineStats
 
@@ -131,5 +131,18 @@ def engine_gauges(stats: EngineStats, model_name: str) -> Iterable[Metric]:
     )  # fmt: skip
     for name, doc, value in specs:
         family = GaugeMetricFamily(name, doc, labels=LABELS)
+        family.add_metric(labels, value)
+        yield family
+    # Counters since start over every instance, dead ones included (their last report
+    # stays in the stats), so the sums never go down. Only prefill and colocated
+    # instances look prompts up, so no token is counted twice.
+    counters = (
+        ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
+         "tokens.", sum(s.prefix_cache_queries for s in stats.instances)),
+        ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
+         sum(s.prefix_cache_hits for s in stats.instances)),
+    )  # fmt: skip
+    for name, doc, value in counters:
+        family = CounterMetricFamily(name, doc, labels=LABELS)
         family.add_metric(labels, value)
         yield family

@@ -72,7 +72,7 @@ async def test_vllm_names_labels_and_counts_on_a_live_server(placement):
     )
     try:
         async with make_client(build_app(llm, served_model_name="tiny-served")) as client:
-            prompt_ids = llm.tokenizer.encode("Hello")
+            prompt_ids = llm.tokenizer.encode("Hello, world!!")  # 15 tokens: 1 full block
             bodies = [
                 {"prompt": prompt_ids, "max_tokens": 5, "ignore_eos": True},
                 {"prompt": prompt_ids, "max_tokens": 3, "ignore_eos": True, "stream": True},
@@ -98,6 +98,9 @@ async def test_vllm_names_labels_and_counts_on_a_live_server(placement):
     assert samples[_key("vllm:request_success_total", finished_reason="length")] == 3
     assert samples[_key("vllm:request_success_total", finished_reason="stop")] == 1
     assert samples[_key("vllm:request_success_total", finished_reason="abort")] == 0
+    # The same prompt 5 times (the reference too): the 2nd..5th find its full block cached.
+    assert samples[_key("vllm:prefix_cache_queries_total")] == 5 * n
+    assert samples[_key("vllm:prefix_cache_hits_total")] == 4 * 8
     for name in (
         "vllm:time_to_first_token_seconds",
         "vllm:e2e_request_latency_seconds",
@@ -150,6 +153,8 @@ def test_disaggregated_gauges_count_each_request_once_and_report_the_fullest_poo
             InstanceStats("decode-1", "decode", 9, 9, 0.99, alive=False),  # dead: not counted
         ]
     )
+    stats.instances[0].prefix_cache_queries, stats.instances[0].prefix_cache_hits = 100, 40
+    stats.instances[1].prefix_cache_queries, stats.instances[1].prefix_cache_hits = 50, 10
     got = {
         f.name: (f.samples[0].labels, f.samples[0].value)
         for f in vllm_names.engine_gauges(stats, "m")
@@ -160,6 +165,8 @@ def test_disaggregated_gauges_count_each_request_once_and_report_the_fullest_poo
         "vllm:num_requests_waiting": (labels, 5),
         "vllm:kv_cache_usage_perc": (labels, 0.80),
         "vllm:gpu_cache_usage_perc": (labels, 0.80),
+        "vllm:prefix_cache_queries": (labels, 150),
+        "vllm:prefix_cache_hits": (labels, 50),
     }
 
 
