@@ -87,6 +87,11 @@ class AsyncLLM:
     def tokenizer(self) -> Any:
         return self._core.tokenizer
 
+    @property
+    def model_config(self) -> Any:
+        """The loaded model's `ModelConfig` (the server's start-up log shows it)."""
+        return self._core.model_config
+
     async def generate(
         self, prompt: PromptType, sampling_params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:

@@ -1,9 +1,12 @@
 """The periodic one-line stats log of an engine, colocated (`LLMEngine`) or disaggregated
 (`Controller`): throughput, queues, KV usage, and preemptions or KV migrations.
 
-Throughput is averaged over the busy window: the time since the last line during which the
-engine had unfinished requests. Dividing by wall time instead would make an engine that
-worked 1 s of the last 10 report a tenth of its real rate.
+Prefill throughput counts the prompt tokens of finished prefills, prefix-cache hits
+included (vLLM's "prompt throughput"), in both placements; decode throughput counts the
+tokens generated after each request's first. Both are averaged over the busy window: the
+time since the last line during which the engine had unfinished requests (its steps run
+back to back then). Dividing by wall time instead would make an engine that worked 1 s of
+the last 10 report a tenth of its real rate.
 """
 
 from __future__ import annotations

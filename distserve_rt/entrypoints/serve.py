@@ -19,7 +19,7 @@ import threading
 from typing import TYPE_CHECKING
 
 from distserve_rt.engine.protocol import EngineClient
-from distserve_rt.entrypoints import engine_args
+from distserve_rt.entrypoints import engine_args, startup_log
 from distserve_rt.entrypoints.model_tag import add_model_tag
 from distserve_rt.logger import init_logger
 
@@ -80,6 +80,13 @@ def add_parser(sub) -> None:
     p.set_defaults(handler=run)
 
 
+def serve_parser() -> argparse.ArgumentParser:
+    """A fresh ``serve`` parser: its defaults are what the start-up log compares with."""
+    sub = argparse.ArgumentParser(prog="drt-run").add_subparsers()
+    add_parser(sub)
+    return sub.choices["serve"]
+
+
 def resolve_api_key(args: argparse.Namespace) -> str | None:
     return args.api_key or os.environ.get("DRT_API_KEY") or None
 
@@ -103,6 +110,8 @@ def build_server(engine: EngineClient, args: argparse.Namespace) -> uvicorn.Serv
         served_model_name=args.served_model_name,
         max_concurrent=args.max_concurrent_requests,
     )
+    # Once per server, before it binds: what it was started as (vLLM logs the same).
+    startup_log.log_startup(logger, args, serve_parser(), engine, app)
     config = uvicorn.Config(
         app,
         host=args.host,

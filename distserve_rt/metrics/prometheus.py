@@ -7,7 +7,9 @@ to the moment its outputs reach the handler, so they are what a client sees minu
 network. Engine state is read by `EngineStatsCollector` at scrape time from
 ``engine.stats()``: nothing is cached that could go stale.
 
-All names start with ``distserve_``; times are seconds.
+Our names start with ``distserve_`` (per-instance roles, KV transfers, rejections); the
+common serving metrics are also exposed under vLLM's names and labels
+(`distserve_rt.metrics.vllm_names`) so vLLM dashboards work unchanged. Times are seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from distserve_rt.engine.protocol import EngineStats
+from distserve_rt.metrics.vllm_names import VllmRequestMetrics, engine_gauges
 
 # Buckets span a tiny CPU model (sub-millisecond steps) and GPU serving of large models
 # (TTFT of seconds under load): roughly 1-2.5-5 per decade.
@@ -40,9 +43,13 @@ E2E_BUCKETS_S = (
 class PrometheusMetrics:
     """The server's metric objects, registered on a fresh registry."""
 
-    def __init__(self, stats: Callable[[], EngineStats] | None = None) -> None:
+    def __init__(
+        self, stats: Callable[[], EngineStats] | None = None, model_name: str = "unknown"
+    ) -> None:
+        """`model_name`: the served model name, vLLM's ``model_name`` label."""
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        self.vllm = VllmRequestMetrics(r, model_name)
         self.ttft = Histogram(
             "distserve_time_to_first_token_seconds",
             "Time from receiving a request to its first generated token.",
@@ -88,7 +95,7 @@ class PrometheusMetrics:
             "distserve_http_requests_in_flight", "Generation requests being served.", registry=r
         )
         if stats is not None:
-            r.register(EngineStatsCollector(stats))
+            r.register(EngineStatsCollector(stats, model_name))
 
     def track(self) -> RequestTracker:
         """A tracker for one request, started now."""
@@ -115,11 +122,13 @@ class RequestTracker:
         if self.first_token_time is None:
             self.first_token_time = now
             self._metrics.ttft.observe(now - self.arrival_time)
+            self._metrics.vllm.ttft.observe(now - self.arrival_time)
             num_new -= 1  # the first token has no gap before it
         elif num_new > 0:
             gap = (now - self.last_token_time) / num_new
             for _ in range(num_new):
                 self._metrics.itl.observe(gap)
+            self._metrics.vllm.observe_gaps(gap, num_new)
         self.last_token_time = now
         self.num_output_tokens = num_output_tokens
 
@@ -130,23 +139,32 @@ class RequestTracker:
         if self._done:
             return
         self._done = True
-        m = self._metrics
+        m, v = self._metrics, self._metrics.vllm
         m.requests.labels(finish_reason=finish_reason).inc()
         m.prompt_tokens.inc(num_prompt_tokens)
         m.generation_tokens.inc(self.num_output_tokens)
-        m.e2e.observe(time.perf_counter() - self.arrival_time)
+        v.prompt_tokens.inc(num_prompt_tokens)
+        v.generation_tokens.inc(self.num_output_tokens)
+        if finish_reason in v.success:  # "error" is no success
+            v.success[finish_reason].inc()
+        e2e = time.perf_counter() - self.arrival_time
+        m.e2e.observe(e2e)
+        v.e2e.observe(e2e)
         if self.num_output_tokens >= 2:
             span = self.last_token_time - self.first_token_time
             m.tpot.observe(span / (self.num_output_tokens - 1))
+            v.request_tpot.observe(span / (self.num_output_tokens - 1))
         if queue_time_s is not None:
             m.queue_time.observe(queue_time_s)
+            v.queue_time.observe(queue_time_s)
 
 
 class EngineStatsCollector(Collector):
     """Per-instance gauges and KV-transfer counters from ``engine.stats()`` at scrape time."""
 
-    def __init__(self, stats: Callable[[], EngineStats]) -> None:
+    def __init__(self, stats: Callable[[], EngineStats], model_name: str = "unknown") -> None:
         self._stats = stats
+        self._model_name = model_name
 
     def describe(self) -> Iterable[Metric]:
         # Without describe(), registering would call collect() (and engine.stats()) once.
@@ -190,6 +208,7 @@ class EngineStatsCollector(Collector):
             hits.add_metric(key, inst.prefix_cache_hits)
         yield from (running, waiting, kv_usage, alive, queries, hits)
         yield from _transfer_metrics(stats)
+        yield from engine_gauges(stats, self._model_name)
 
 
 def _transfer_metrics(stats: EngineStats) -> Iterable[Metric]:

@@ -232,3 +232,28 @@ def test_controller_logs_the_same_line_from_the_messages_it_receives(monkeypatch
     assert "| prefill running 0, waiting 0 | decode running 0, waiting 0 |" in line
     assert "| KV usage prefill-0 0.0%, decode-0 0.0% |" in line
     assert "| migrations 2 (" in line and line.endswith("GB/s), failed transfers 0")
+
+
+def test_prefix_cache_hits_count_as_prefill_like_the_controller(monkeypatch, caplog):
+    # Two 20-token prompts sharing their first two 8-token blocks: the second computes 4
+    # tokens but prefills 20, as the controller and vLLM's prompt throughput count it.
+    clock = _drive(monkeypatch, llm_engine_module)
+    config = EngineConfig(
+        model="fake", block_size=8, kv_cache_memory_bytes=1 << 20, log_stats_interval_s=10
+    )
+    engine = LLMEngine(config, model=FakeCausalLM())
+    shared = list(range(3, 19))
+    with caplog.at_level("INFO", logger="distserve_rt"):
+        for i, tail in enumerate(([40, 41, 42, 43], [50, 51, 52, 53])):
+            engine.add_request(str(i), shared + tail, greedy(2))
+            while engine.has_unfinished_requests():
+                clock.t += 1.0
+                engine.step()
+        assert engine.stats().instances[0].prefix_cache_hits == 16
+        clock.t = 11.0  # the interval counts from the first step (t=1)
+        engine.add_request("last", [7, 7, 7], greedy(1))
+        engine.step()
+    (line,) = _stats_lines(caplog)
+    # Each request is busy from its first step to its last (1 s): 2 busy seconds. 43
+    # prompt tokens (computed: 20 + 4 + 3 = 27) and 2 decode tokens.
+    assert line.startswith("prefill 21.5 tok/s, decode 1.0 tok/s (busy 2.0 s of 10.0 s)")

@@ -38,6 +38,11 @@ BAD_COMPLETION_FIELDS = [
     ({"logit_bias": {"5": 1.0}}, "logit_bias", "not supported"),
     ({"echo": True}, "echo", "echo is not supported"),
     ({"logprobs": 21}, "logprobs", "logprobs must be in [0, 20]"),
+    (
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+        "response_format 'json_object' is not supported yet",
+    ),
     ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
     ({"prompt": ["a", ""]}, "prompt", "prompt[1] is an empty string"),
     ({"prompt": [[5], [1, 9999]]}, "prompt", "prompt[1][1] = 9999 is not a token id"),
@@ -65,8 +70,18 @@ BAD_CHAT_FIELDS = [
     ({"messages": [{"content": "x"}]}, "messages.0.role", "Field required"),
     ({"top_logprobs": 2}, "top_logprobs", "needs logprobs=true"),
     ({"logprobs": True, "top_logprobs": 50}, "logprobs", "logprobs must be in [0, 20]"),
-    ({"tools": [{"type": "function"}]}, "tools", "tool calling is not supported"),
-    ({"response_format": {"type": "json_object"}}, "response_format", "no guided decoding"),
+    ({"tools": [{"type": "function"}]}, "tools", "tool calling is not supported yet"),
+    ({"tool_choice": "required"}, "tool_choice", "tool calling is not supported yet"),
+    (
+        {"response_format": {"type": "json_object"}},
+        "response_format",
+        "response_format 'json_object' is not supported yet",
+    ),
+    (
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+        "response_format",
+        "response_format 'json_schema' is not supported yet",
+    ),
     ({"max_completion_tokens": 500}, "max_tokens", "lower max_tokens"),
 ]
 

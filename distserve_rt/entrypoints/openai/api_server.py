@@ -1,9 +1,13 @@
 """`build_app(engine)`: the OpenAI-compatible FastAPI app over any `EngineClient`.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health`` (200, or 503 when the engine is dead), ``GET /metrics`` (Prometheus text).
+Routes (vLLM's paths and shapes): ``POST /v1/completions``, ``POST /v1/chat/completions``,
+``GET /v1/models``, ``POST /tokenize``, ``POST /detokenize``, ``GET /version``,
+``GET /health`` and ``GET|POST /ping`` (200, or 503 when the engine is dead),
+``GET /metrics`` (Prometheus text), ``GET /docs`` (FastAPI's Swagger page: it loads its
+JavaScript and CSS from a CDN, so it renders only where the browser reaches the internet;
+``GET /openapi.json``, the schema it shows, is served from here and works offline).
 With an API key, every ``/v1/*`` route needs ``Authorization: Bearer <key>`` (401
-otherwise); /health and /metrics stay open for probes and scrapers.
+otherwise); the others stay open for probes, scrapers and tools, as in vLLM.
 
 The app does not own the engine: whoever built the engine shuts it down
 (`distserve_rt.entrypoints.serve` does, when uvicorn exits).
@@ -19,6 +23,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+import distserve_rt
 from distserve_rt.engine.protocol import EngineClient, EngineDeadError
 from distserve_rt.entrypoints.openai.errors import OpenAIError, install_error_handlers
 from distserve_rt.entrypoints.openai.protocol import ChatCompletionRequest, CompletionRequest
@@ -26,6 +31,13 @@ from distserve_rt.entrypoints.openai.responses import ModelCard, ModelList, now_
 from distserve_rt.entrypoints.openai.serving_chat import OpenAIServingChat
 from distserve_rt.entrypoints.openai.serving_completions import OpenAIServingCompletion
 from distserve_rt.entrypoints.openai.serving_engine import ConcurrencyLimiter, ServingContext
+from distserve_rt.entrypoints.openai.serving_tokenization import (
+    DetokenizeRequest,
+    DetokenizeResponse,
+    OpenAIServingTokenization,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from distserve_rt.logger import init_logger
 from distserve_rt.metrics.prometheus import PrometheusMetrics
 
@@ -67,19 +79,28 @@ def build_app(
         raise TypeError(f"engine must implement EngineClient, got {type(engine).__name__}")
     if api_key is not None and not api_key:
         raise ValueError("api_key must be None (no auth) or a non-empty string, got ''")
+    model_name = served_model_name or engine.model_name
     ctx = ServingContext(
         engine=engine,
-        model_name=served_model_name or engine.model_name,
-        metrics=PrometheusMetrics(engine.stats),
+        model_name=model_name,
+        metrics=PrometheusMetrics(engine.stats, model_name),
         limiter=ConcurrencyLimiter(max_concurrent),
     )
-    app = FastAPI(title="distserve_rt OpenAI-compatible server", docs_url=None, redoc_url=None)
+    # /docs: Swagger UI, whose page pulls its assets from a CDN (offline it stays blank;
+    # /openapi.json is local). ReDoc is off: one docs page is enough.
+    app = FastAPI(
+        title="distserve_rt OpenAI-compatible server",
+        version=distserve_rt.__version__,
+        docs_url="/docs",
+        redoc_url=None,
+    )
     app.state.serving = ctx
     install_error_handlers(app)
     _add_fallback_handler(app)
     if api_key is not None:
         app.add_middleware(APIKeyMiddleware, api_key=api_key)
     _add_generation_routes(app, ctx)
+    _add_tokenization_routes(app, ctx)
     _add_info_routes(app, ctx)
     return app
 
@@ -108,6 +129,18 @@ def _add_generation_routes(app: FastAPI, ctx: ServingContext) -> None:
         return await chat.create(request, raw_request)
 
 
+def _add_tokenization_routes(app: FastAPI, ctx: ServingContext) -> None:
+    tokenization = OpenAIServingTokenization(ctx)
+
+    @app.post("/tokenize")
+    async def tokenize(request: TokenizeRequest) -> TokenizeResponse:
+        return tokenization.tokenize(request)
+
+    @app.post("/detokenize")
+    async def detokenize(request: DetokenizeRequest) -> DetokenizeResponse:
+        return tokenization.detokenize(request)
+
+
 def _add_info_routes(app: FastAPI, ctx: ServingContext) -> None:
     created = now_s()
 
@@ -121,7 +154,14 @@ def _add_info_routes(app: FastAPI, ctx: ServingContext) -> None:
         )
         return ModelList(data=[card])
 
+    @app.get("/version")
+    async def version() -> dict:
+        return {"version": distserve_rt.__version__}
+
+    # /ping is what SageMaker-style load balancers probe (GET or POST); same answer.
     @app.get("/health")
+    @app.get("/ping")
+    @app.post("/ping")
     async def health() -> Response:
         try:
             await ctx.engine.check_health()

@@ -58,10 +58,22 @@ class GenerationRequest(OpenAIBaseModel):
     frequency_penalty: float | None = 0.0
     repetition_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    """Only ``{"type": "text"}``: JSON output needs guided decoding, not built yet."""
 
     def unsupported_values(self) -> list[tuple[str, Any, str]]:
         """(field, value, what is allowed) for every field set to something not built."""
         bad = []
+        kind = (self.response_format or {}).get("type", "text")
+        if kind != "text":
+            bad.append(
+                (
+                    "response_format",
+                    self.response_format,
+                    f'{{"type": "text"}} (response_format {kind!r} is not supported yet: '
+                    "no guided decoding)",
+                )
+            )
         for name in ("presence_penalty", "frequency_penalty"):
             value = getattr(self, name)
             if value not in (None, 0.0):
@@ -119,15 +131,17 @@ class ChatCompletionRequest(GenerationRequest):
     add_special_tokens: bool = False
     """False as in vLLM: chat templates put the BOS in themselves."""
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
 
     def unsupported_values(self) -> list[tuple[str, Any, str]]:
         bad = super().unsupported_values()
+        # Refused, not ignored: a client asking for tool calls or JSON would otherwise get
+        # free text it cannot parse. Both need guided decoding, which is not built yet.
         if self.tools:
-            bad.append(("tools", "[...]", "none (tool calling is not supported)"))
-        if self.response_format and self.response_format.get("type") != "text":
+            bad.append(("tools", "[...]", "none (tool calling is not supported yet)"))
+        if self.tool_choice not in (None, "none"):
             bad.append(
-                ("response_format", self.response_format, '{"type": "text"} (no guided decoding)')
+                ("tool_choice", self.tool_choice, '"none" (tool calling is not supported yet)')
             )
         return bad
 

@@ -56,6 +56,21 @@ def message_text(message: ChatMessage, index: int) -> str:
     return "\n".join(texts)
 
 
+def render_chat(tokenizer, messages: list[ChatMessage], add_generation_prompt: bool) -> str:
+    """The messages as the prompt text the model's chat template makes of them (a 400 naming
+    ``messages`` when the template cannot or will not render them). Shared by chat
+    completions and /tokenize, so both see the same prompt."""
+    dicts = [{"role": m.role, "content": message_text(m, i)} for i, m in enumerate(messages)]
+    try:
+        return tokenizer.apply_chat_template(dicts, add_generation_prompt=add_generation_prompt)
+    except (ValueError, ImportError) as exc:
+        raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
+    except Exception as exc:  # jinja2's TemplateError (raise_exception in templates)
+        if type(exc).__module__.startswith("jinja2"):
+            raise bad_request(f"the chat template refused: {exc}", "messages") from exc
+        raise
+
+
 class OpenAIServingChat:
     def __init__(self, ctx: ServingContext) -> None:
         self.ctx = ctx
@@ -88,20 +103,8 @@ class OpenAIServingChat:
             await generation.close()
 
     def _prompt_ids(self, request: ChatCompletionRequest) -> list[int]:
-        messages = [
-            {"role": m.role, "content": message_text(m, i)} for i, m in enumerate(request.messages)
-        ]
         tokenizer = self.ctx.engine.tokenizer
-        try:
-            text = tokenizer.apply_chat_template(
-                messages, add_generation_prompt=request.add_generation_prompt
-            )
-        except (ValueError, ImportError) as exc:
-            raise bad_request(f"cannot apply the chat template: {exc}", "messages") from exc
-        except Exception as exc:  # jinja2's TemplateError (raise_exception in templates)
-            if type(exc).__module__.startswith("jinja2"):
-                raise bad_request(f"the chat template refused: {exc}", "messages") from exc
-            raise
+        text = render_chat(tokenizer, request.messages, request.add_generation_prompt)
         ids = tokenizer.encode(text, add_special_tokens=request.add_special_tokens)
         self.ctx.check_prompt_ids(ids, "messages")
         return ids
