@@ -60,6 +60,8 @@ def prefill_locally(
     *,
     max_uncached_tokens: int,
     min_prefill_queue_tokens: int,
+    num_prompt_tokens: int | None = None,
+    max_num_batched_tokens: int | None = None,
 ) -> bool:
     """Whether a request is prefilled on its decode instance instead of a prefill instance.
 
@@ -72,6 +74,10 @@ def prefill_locally(
         min_prefill_queue_tokens: prefill locally when the prefill queue holds at least this
             many tokens, whatever the prompt's length (0: never for the queue); the decode
             instance still runs at most its token budget of prefill per step.
+        num_prompt_tokens, max_num_batched_tokens: when both are given, never locally when
+            the whole prompt is longer than the decode instance's step budget: the uncached
+            part is the router's estimate (the instance may have evicted blocks since), and
+            the instance prefills a request in one step, which must fit its budget.
 
     Both thresholds 0 (the default configuration) means always disaggregated.
     """
@@ -83,6 +89,12 @@ def prefill_locally(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    if (
+        num_prompt_tokens is not None
+        and max_num_batched_tokens is not None
+        and num_prompt_tokens > max_num_batched_tokens
+    ):
+        return False
     if max_uncached_tokens and num_uncached_tokens <= max_uncached_tokens:
         return True
     return bool(min_prefill_queue_tokens) and num_prefill_queue_tokens >= min_prefill_queue_tokens

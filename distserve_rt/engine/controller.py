@@ -274,6 +274,8 @@ class Controller:
         if not prefill_locally(
             num_uncached, num_queued, max_uncached_tokens=dc.local_prefill_max_tokens,
             min_prefill_queue_tokens=dc.local_prefill_min_queue_tokens,
+            num_prompt_tokens=len(tracked.token_ids),
+            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
         ):  # fmt: skip
             return False
         tracked.phase = Phase.DECODING  # its first token comes as Tokens from the decode side

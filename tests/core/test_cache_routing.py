@@ -69,6 +69,12 @@ def test_prefill_locally_is_off_with_zero_thresholds():
     assert not prefill_locally(2, 10**9, max_uncached_tokens=1, min_prefill_queue_tokens=0)
 
 
+def test_never_locally_when_the_whole_prompt_exceeds_the_decode_step_budget():
+    rule = dict(max_uncached_tokens=64, min_prefill_queue_tokens=1)
+    assert prefill_locally(16, 5, **rule, num_prompt_tokens=512, max_num_batched_tokens=512)
+    assert not prefill_locally(16, 5, **rule, num_prompt_tokens=513, max_num_batched_tokens=512)
+
+
 @pytest.mark.parametrize("name", ["num_uncached_tokens", "max_uncached_tokens"])
 @pytest.mark.parametrize("value", [-1, 1.0, True])
 def test_prefill_locally_refuses_bad_input(name, value):
