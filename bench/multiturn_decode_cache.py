@@ -49,6 +49,8 @@ def run_config(name: str, args) -> dict:
     params = SamplingParams(temperature=0, max_tokens=args.output_len, ignore_eos=True)
     prompts = _conversation_prompts(args.conversations, args.first_len)
     ttft: dict[int, list[float]] = {}
+    transfer: list[float] = []  # follow-ups: pull start -> end (None: prefilled locally)
+    e2e: list[float] = []
     with Controller(config, placement, dc) as c:
         for turn in range(args.turns):
             for i, prompt in enumerate(prompts):
@@ -57,6 +59,12 @@ def run_config(name: str, args) -> dict:
             while c.has_unfinished_requests():
                 outs.update({o.request_id: o for o in c.step(0.01) if o.finished})
             ttft[turn] = [outs[f"{turn}-{i}"].metrics.ttft for i in range(len(prompts))]
+            if turn:
+                for i in range(len(prompts)):
+                    m = outs[f"{turn}-{i}"].metrics
+                    e2e.append(m.e2e_latency)
+                    if m.breakdown is not None and m.breakdown.transfer is not None:
+                        transfer.append(m.breakdown.transfer)
             for i in range(len(prompts)):
                 user = [7 + (turn * 31 + i * 17 + j) % 490 for j in range(args.user_len)]
                 prompts[i] = prompts[i] + outs[f"{turn}-{i}"].outputs[0].token_ids + user
@@ -79,6 +87,8 @@ def run_config(name: str, args) -> dict:
         "ttft_follow_up_mean_s": statistics.mean(follow_ups),
         "ttft_follow_up_p50_s": statistics.median(follow_ups),
         "ttft_follow_up_max_s": max(follow_ups),
+        "transfer_follow_up_mean_s": statistics.mean(transfer) if transfer else None,
+        "e2e_follow_up_mean_s": statistics.mean(e2e),
     }
 
 

@@ -481,6 +481,9 @@ class Controller:
             return  # aborted at the controller already
         if m.first_decode_time is not None:
             tracked.first_decode_time = m.first_decode_time
+        if tracked.prefill_index is None and m.token_ids and not tracked.output_token_ids:
+            # The first token of a request prefilled on its decode instance.
+            self._stats.record(num_prefill_tokens=len(tracked.token_ids))
         stopped = tracked.append_tokens(m.token_ids, m.time, m.logprobs)
         if m.finish_reason is not None:
             self.finish(tracked, m.finish_reason, m.stop_reason, m.error)

@@ -178,3 +178,28 @@ def test_a_follow_up_alone_is_routed_to_its_cache_not_to_the_first_idle_instance
         assert _pulled_reused(controller) == [(5, 0), (5 + 3, 5)]
     finally:
         controller.shutdown()
+
+
+def test_a_locally_prefilled_request_aborts_and_is_retried_on_a_prefill_instance(expected):
+    """Abort reaches the decode instance that prefills it; when that decode instance dies,
+    the request is re-prefilled on the prefill instance (a retry never goes local) and
+    migrates to the live decode instance."""
+    from distserve_rt.engine.disagg import recovery
+
+    controller = _controller(2, local_prefill_max_tokens=4096, retry_on_instance_failure=True)
+    try:
+        controller.add_request("a", FIRST_TURNS[0], greedy(200))
+        controller.add_request("b", FIRST_TURNS[1], greedy(8))
+        assert controller.requests["a"].decode_index is not None  # sent to a decode instance
+        assert controller.abort_request("a")
+        dead = controller.requests["b"].decode_index
+        recovery.on_instance_death(controller, controller.decode(dead), "declared dead by the test")
+        outs = drain(controller)
+        assert outs["a"].outputs[0].finish_reason == "abort"
+        assert outs["b"].outputs[0].finish_reason == "length"
+        assert outs["b"].outputs[0].token_ids == expected["greedy"][1]  # turn 1 of "b"
+        prefill = [s for s in controller.stats().instances if s.role == "prefill"][0]
+        settle(controller, lambda: controller.stats().transfers.num_transfers == 1)
+        assert controller.stats().instances[0].num_prefills == 1 and prefill.alive
+    finally:
+        controller.shutdown()
