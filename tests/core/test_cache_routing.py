@@ -103,5 +103,3 @@ def test_prefix_index_matches_leading_blocks_and_forgets_the_oldest():
     index.record(0, other)
     assert index.num_cached_blocks(0, hashes) == 0 and index.num_cached_blocks(0, other) == 3
     assert index.pick([0, 1], other, [0, 0], [0, 0], 4) == (0, 3)
-    index.forget(0)
-    assert index.num_cached_blocks(0, other) == 0

@@ -21,19 +21,11 @@ def _samples(stats: EngineStats) -> dict[tuple[str, tuple], float]:
 
 
 def test_prefills_and_blocks_per_instance():
+    decode_counts = dict(num_prefills=2, num_blocks_pulled=30, num_blocks_reused=12)
     stats = EngineStats(
         [
             InstanceStats("prefill-0", "prefill", 0, 0, 0.0, num_prefills=7),
-            InstanceStats(
-                "decode-0",
-                "decode",
-                0,
-                0,
-                0.0,
-                num_prefills=2,
-                num_blocks_pulled=30,
-                num_blocks_reused=12,
-            ),  # fmt: skip
+            InstanceStats("decode-0", "decode", 0, 0, 0.0, **decode_counts),
         ]
     )
     m = _samples(stats)

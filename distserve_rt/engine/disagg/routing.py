@@ -58,10 +58,6 @@ class DecodePrefixIndex:
         while len(known) > capacity:
             known.popitem(last=False)
 
-    def forget(self, index: int) -> None:
-        """Instance `index` died: nothing of it is reusable."""
-        self._hashes[index].clear()
-
     def pick(
         self,
         indices: Sequence[int],
