@@ -48,6 +48,20 @@ class DisaggConfig:
     """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
     stats_interval_s: float = 0.05
     """Seconds between the instances' load reports."""
+    decode_prefix_caching: bool = True
+    """Decode instances keep finished requests' KV as a prefix cache (with
+    EngineConfig.enable_prefix_caching): a migration pulls only the blocks its decode
+    instance lacks, and the controller routes a request to the decode instance holding the
+    longest prefix of it."""
+    max_decode_load_imbalance: int = 4
+    """Cache-aware routing: a decode instance is chosen for its cached prefix only while it
+    has at most this many more requests than the least loaded one (0: least loaded only)."""
+    local_prefill_max_tokens: int = 0
+    """Conditional disaggregation: prefill on the decode instance when the part of the prompt
+    it lacks is at most this many tokens (0: off, the default: not yet shown to pay)."""
+    local_prefill_min_queue_tokens: int = 0
+    """Conditional disaggregation: prefill on the decode instance when the least loaded
+    prefill instance has at least this many prompt tokens queued (0: off)."""
 
     def __post_init__(self) -> None:
         if self.transport not in ("auto", "shm", "cuda_ipc", "fake"):
@@ -64,6 +78,15 @@ class DisaggConfig:
         for name in ("kv_lease_timeout_s", "startup_timeout_s", "stats_interval_s"):
             check_range(name, getattr(self, name), low=0, low_open=True, unit="seconds")
         check_range("max_retries", self.max_retries, low=0, integer=True)
+        for name in (
+            "max_decode_load_imbalance", "local_prefill_max_tokens",
+            "local_prefill_min_queue_tokens",
+        ):  # fmt: skip
+            check_range(name, getattr(self, name), low=0, integer=True)
+        if not isinstance(self.decode_prefix_caching, bool):
+            raise ValueError(
+                f"decode_prefix_caching must be True or False, got {self.decode_prefix_caching!r}"
+            )
         if not isinstance(self.share_gpus, bool):
             raise ValueError(f"share_gpus must be a bool, got {self.share_gpus!r}")
         if self.launcher not in ("process", "thread"):

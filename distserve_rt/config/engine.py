@@ -57,8 +57,9 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     """Reuse the KV of full blocks an earlier request with the same tokens already computed
     (vLLM's automatic prefix caching): a prompt that starts like a recent one prefills only
-    the rest. Colocated engines and prefill instances; on by default, as in vLLM. The output
-    tokens are the same either way."""
+    the rest. Colocated engines, prefill instances and decode instances (these pull only the
+    blocks they lack; DisaggConfig.decode_prefix_caching); on by default, as in vLLM. The
+    output tokens are the same either way."""
     max_num_seqs: int = 256
     """Requests holding KV at once at most (the decode batch size limit)."""
     max_num_batched_tokens: int | None = None

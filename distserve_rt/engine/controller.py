@@ -9,6 +9,12 @@ Lifecycle of a request (see engine/disagg/README.md for the protocol and failure
                  it pulls the KV when it has room ──MigrationDone──► ReleaseKV to prefill
     ◄──Tokens (one per decode step) ... until finish_reason is set
 
+With prefix caching (and ``DisaggConfig.decode_prefix_caching``) the decode instance is
+the one holding the longest cached prefix of the request, within a load cap
+(`disagg/routing.py`), and it pulls only the blocks it lacks. Conditional disaggregation
+(``DisaggConfig.local_prefill_*``, off by default) sends a request straight to a decode
+instance as NewRequest when `core.cache_routing.prefill_locally` says so.
+
 It implements `EngineCore` (engine/protocol.py), as `LLMEngine` does, so `LLM` and
 `AsyncLLM` drive either one. Not thread-safe: one
 thread drives it. Nothing waits without a timeout.
@@ -24,6 +30,7 @@ from multiprocessing import connection
 import torch
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
+from distserve_rt.core.cache_routing import prefill_locally
 from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.stop_checker import FinishReason
 from distserve_rt.engine.disagg import admission, recovery
@@ -33,6 +40,7 @@ from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
+from distserve_rt.engine.disagg.routing import DecodePrefixIndex
 from distserve_rt.engine.disagg.tracking import Phase, TrackedRequest
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats, TransferTotals
 from distserve_rt.engine.stats import StatsLogger
@@ -104,6 +112,15 @@ class Controller:
             self.shutdown()
             raise
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
+        self.decode_prefixes: DecodePrefixIndex | None = None
+        """What each decode instance likely holds cached (None: decode caching off)."""
+        if config.enable_prefix_caching and dc.decode_prefix_caching:
+            self.decode_prefixes = DecodePrefixIndex(
+                {h.spec.index: self._num_blocks[h.name] for h in self.decodes()},
+                config.block_size,
+            )
+        self._num_prefills: dict[str, int] = {}
+        """Prefills each prefill instance completed (PrefillDone messages)."""
 
     # ---- start-up ----------------------------------------------------------------------
 
@@ -135,6 +152,7 @@ class Controller:
                     f"instances {missing} not ready after startup_timeout_s="
                     f"{self.disagg_config.startup_timeout_s}"
                 )
+        self._num_blocks = {h.name: readies[i].num_blocks for i, h in enumerate(self.instances)}
         descriptors = {
             h.spec.index: readies[i].pool_descriptors
             for i, h in enumerate(self.instances)
@@ -223,6 +241,8 @@ class Controller:
         if not live:
             self.finish(tracked, FinishReason.ERROR, error="no prefill instance is alive")
             return
+        if tracked.num_retries == 0 and self._prefill_on_decode(tracked, live):
+            return
         target = live[pick_prefill([h.num_queued_tokens for h in live])]
         tracked.phase = Phase.PREFILLING
         tracked.prefill_index = target.spec.index
@@ -238,6 +258,61 @@ class Controller:
                 tracked.request.arrival_time,
             )
         )
+
+    def _prefill_on_decode(self, tracked: TrackedRequest, prefills: list[InstanceHandle]) -> bool:
+        """Conditional disaggregation: sends the request to a decode instance to be
+        prefilled there when `prefill_locally` says so; False when it goes to a prefill
+        instance (the thresholds are off by default). A retried request never does."""
+        dc = self.disagg_config
+        if not (dc.local_prefill_max_tokens or dc.local_prefill_min_queue_tokens):
+            return False
+        target, num_cached_blocks = self.route_decode(tracked.token_ids)
+        if target is None:
+            return False
+        num_uncached = len(tracked.token_ids) - num_cached_blocks * self.config.block_size
+        num_queued = min(h.num_queued_tokens for h in prefills)
+        if not prefill_locally(
+            num_uncached, num_queued, max_uncached_tokens=dc.local_prefill_max_tokens,
+            min_prefill_queue_tokens=dc.local_prefill_min_queue_tokens,
+            num_prompt_tokens=len(tracked.token_ids),
+            max_num_batched_tokens=self.scheduler_config.max_num_batched_tokens,
+        ):  # fmt: skip
+            return False
+        tracked.phase = Phase.DECODING  # its first token comes as Tokens from the decode side
+        tracked.prefill_index = None
+        tracked.decode_index = target.spec.index
+        target.num_assigned += 1
+        self._record_decode_prefix(target.spec.index, tracked.token_ids)
+        target.send(
+            msg.NewRequest(
+                tracked.request_id, tracked.token_ids, tracked.num_prompt_tokens,
+                tracked.request.sampling_params, tracked.request.arrival_time,
+            )
+        )  # fmt: skip
+        return True
+
+    def route_decode(self, token_ids: Sequence[int]) -> tuple[InstanceHandle | None, int]:
+        """The decode instance for a request of `token_ids` (its KV: all but the last) and
+        the blocks of it that instance likely holds cached: the longest cached prefix within
+        DisaggConfig.max_decode_load_imbalance of the least loaded, else the least loaded."""
+        live = self.decodes()
+        if not live:
+            return None, 0
+        if self.decode_prefixes is None:
+            return self.least_loaded_decode(), 0
+        hashes = self.decode_prefixes.block_hashes(token_ids[:-1])
+        free = [h.status.num_free_blocks if h.status is not None else 0 for h in live]
+        pos, num_cached = self.decode_prefixes.pick(
+            [h.spec.index for h in live], hashes, [h.num_assigned for h in live], free,
+            self.disagg_config.max_decode_load_imbalance,
+        )  # fmt: skip
+        return live[pos], num_cached
+
+    def _record_decode_prefix(self, decode_index: int, token_ids: Sequence[int]) -> None:
+        """Decode instance `decode_index` will hold the KV of ``token_ids[:-1]`` cached."""
+        if self.decode_prefixes is not None:
+            hashes = self.decode_prefixes.block_hashes(token_ids[:-1])
+            self.decode_prefixes.record(decode_index, hashes)
 
     def abort_request(self, request_id: str) -> bool:
         """Aborts a live request wherever it is (finish_reason "abort" at once); its KV is
@@ -303,6 +378,7 @@ class Controller:
         elif isinstance(m, msg.PeersOpened):
             self._peers_opened.add(m.name)
         elif isinstance(m, msg.PrefillDone):
+            self._num_prefills[handle.name] = self._num_prefills.get(handle.name, 0) + 1
             self._record_prefill(m)
             self._on_prefill_done(handle, m)
         elif isinstance(m, msg.Tokens):
@@ -347,7 +423,7 @@ class Controller:
             self.finish(tracked, stopped.finish_reason, stopped.stop_reason)  # type: ignore[arg-type]
             return
         self._emit_stream(tracked)
-        target = self.least_loaded_decode()
+        target, _ = self.route_decode(tracked.token_ids)
         if target is None:
             handle.send(msg.ReleaseKV(m.request_id))
             self.finish(tracked, FinishReason.ERROR, error="no decode instance is alive")
@@ -362,6 +438,7 @@ class Controller:
         target = self.decode(migration.decode_index)
         target.num_assigned += 1
         tracked.decode_index = migration.decode_index
+        self._record_decode_prefix(migration.decode_index, tracked.token_ids)
         target.send(
             msg.Migrate(
                 tracked.request_id, migration.prefill_index, migration.block_ids,
@@ -404,6 +481,9 @@ class Controller:
             return  # aborted at the controller already
         if m.first_decode_time is not None:
             tracked.first_decode_time = m.first_decode_time
+        if tracked.prefill_index is None and m.token_ids and not tracked.output_token_ids:
+            # The first token of a request prefilled on its decode instance.
+            self._stats.record(num_prefill_tokens=len(tracked.token_ids))
         stopped = tracked.append_tokens(m.token_ids, m.time, m.logprobs)
         if m.finish_reason is not None:
             self.finish(tracked, m.finish_reason, m.stop_reason, m.error)
@@ -429,6 +509,9 @@ class Controller:
         error: str | None = None,
     ) -> None:
         self.requests.pop(tracked.request_id, None)
+        if tracked.decode_index is not None and finish_reason is not FinishReason.ERROR:
+            # Its decode instance keeps every full block it computed, output included.
+            self._record_decode_prefix(tracked.decode_index, tracked.token_ids)
         self.release_load(tracked)
         tracked.finish(finish_reason, stop_reason, error, time.monotonic())
         self._outputs.append(tracked.to_output(self.tokenizer))
@@ -453,6 +536,9 @@ class Controller:
                     s.kv_usage if s else 0.0, alive=h.alive,
                     prefix_cache_queries=s.prefix_cache_queries if s else 0,
                     prefix_cache_hits=s.prefix_cache_hits if s else 0,
+                    num_prefills=self._prefill_count(h),
+                    num_blocks_pulled=s.num_blocks_pulled if s else 0,
+                    num_blocks_reused=s.num_blocks_reused if s else 0,
                 )
             )  # fmt: skip
             if s is not None:
@@ -461,6 +547,13 @@ class Controller:
                 totals.bytes += s.transfer_bytes
                 totals.seconds += s.transfer_seconds
         return EngineStats(instances, totals)
+
+    def _prefill_count(self, handle: InstanceHandle) -> int:
+        """Prefills the instance ran: disaggregated ones (prefill instances, counted here)
+        or local ones (decode instances, from their reports)."""
+        if handle.role is InstanceRole.PREFILL:
+            return self._num_prefills.get(handle.name, 0)
+        return handle.status.num_local_prefills if handle.status is not None else 0
 
     def check_health(self) -> None:
         if self._closed:

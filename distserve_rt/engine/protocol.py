@@ -46,6 +46,13 @@ class InstanceStats:
     """Prompt tokens looked up in the prefix cache since start (0 with caching off)."""
     prefix_cache_hits: int = 0
     """Of those, tokens found cached: their prefill was skipped."""
+    num_prefills: int = 0
+    """Disaggregated: prefills the instance ran since start (a decode instance's are local
+    ones, conditional disaggregation); 0 for colocated instances."""
+    num_blocks_pulled: int = 0
+    """Decode instances: KV blocks their migrations copied from prefill instances."""
+    num_blocks_reused: int = 0
+    """Decode instances: migrated blocks found in their own prefix cache (not copied)."""
 
 
 @dataclass(slots=True)

@@ -197,6 +197,18 @@ _DISAGG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "max_retries": ("--max-retries", {"type": int}),
     "startup_timeout_s": ("--startup-timeout-s", {"type": float}),
     "share_gpus": ("--share-gpus", {"action": "store_true"}),
+    # Decode-side reuse and conditional disaggregation (issue 12).
+    "decode_prefix_caching": (
+        "--no-decode-prefix-caching",
+        {
+            "action": "store_false",
+            "help": "decode instances keep no prefix cache: every migration pulls all of "
+            "its blocks and decode instances are chosen by load only",
+        },
+    ),
+    "max_decode_load_imbalance": ("--max-decode-load-imbalance", {"type": int}),
+    "local_prefill_max_tokens": ("--local-prefill-max-tokens", {"type": int}),
+    "local_prefill_min_queue_tokens": ("--local-prefill-min-queue-tokens", {"type": int}),
 }
 
 

@@ -207,8 +207,36 @@ class EngineStatsCollector(Collector):
             queries.add_metric(key, inst.prefix_cache_queries)
             hits.add_metric(key, inst.prefix_cache_hits)
         yield from (running, waiting, kv_usage, alive, queries, hits)
+        yield from _disagg_reuse_metrics(stats)
         yield from _transfer_metrics(stats)
         yield from engine_gauges(stats, self._model_name)
+
+
+def _disagg_reuse_metrics(stats: EngineStats) -> Iterable[Metric]:
+    """Decode-side reuse and conditional disaggregation: per instance, prefills run where
+    (``where="disaggregated"`` on prefill instances, ``"local"`` on decode instances) and
+    migrated KV blocks copied vs found in the decode instance's prefix cache. Nothing for
+    colocated instances."""
+    prefills = CounterMetricFamily(
+        "distserve_instance_prefills", "Prefills the instance ran (where: disaggregated on a "
+        "prefill instance, local on a decode instance).", labels=["instance", "role", "where"],
+    )  # fmt: skip
+    pulled = CounterMetricFamily(
+        "distserve_instance_kv_blocks_transferred", "KV blocks the decode instance's "
+        "migrations copied from prefill instances.", labels=["instance", "role"],
+    )  # fmt: skip
+    reused = CounterMetricFamily(
+        "distserve_instance_kv_blocks_reused", "Migrated KV blocks the decode instance found "
+        "in its own prefix cache instead of copying them.", labels=["instance", "role"],
+    )  # fmt: skip
+    for inst in stats.instances:
+        if inst.role == "prefill":
+            prefills.add_metric([inst.name, inst.role, "disaggregated"], inst.num_prefills)
+        elif inst.role == "decode":
+            prefills.add_metric([inst.name, inst.role, "local"], inst.num_prefills)
+            pulled.add_metric([inst.name, inst.role], inst.num_blocks_pulled)
+            reused.add_metric([inst.name, inst.role], inst.num_blocks_reused)
+    yield from (prefills, pulled, reused)
 
 
 def _transfer_metrics(stats: EngineStats) -> Iterable[Metric]:

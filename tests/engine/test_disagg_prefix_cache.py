@@ -39,7 +39,8 @@ def test_prefill_instance_reuses_its_cache_with_the_same_tokens(params):
         settle(controller, lambda: controller.stats().instances[0].prefix_cache_hits > 0)
         prefill, decode = controller.stats().instances
         assert prefill.role == "prefill" and prefill.prefix_cache_hits >= 3 * 32
-        assert decode.prefix_cache_queries == 0  # decode-side reuse is a later step
+        # Round 2's migrations found round 1's blocks in the decode instance's cache too.
+        assert decode.prefix_cache_hits > 0 and decode.num_blocks_reused > 0
     finally:
         controller.shutdown()
     assert expected[:3] == expected[3:]  # same prompts and seeds: the rounds agree

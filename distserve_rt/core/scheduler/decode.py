@@ -11,6 +11,13 @@ recompute *here*: its KV is dropped and its next step is a local prefill of prom
 generated tokens (this instance holds the whole model stage, so it need not go back to a
 prefill instance). Such recompute prefills run before any decode step (vLLM's prefill-first
 order), and no new migration is admitted while one waits, so a short pool does not thrash.
+The same path prefills requests the controller sends here directly (`add_request`:
+conditional disaggregation, a short or mostly cached prompt).
+
+With prefix caching on, this pool is a prefix cache too: a migration's leading blocks
+already cached here (an earlier turn of the same conversation decoded here) are shared at
+admission (`reused_tokens`) and only the rest is pulled; once the pull lands, its full
+blocks are registered, and the blocks decode steps fill are registered as they fill.
 """
 
 from __future__ import annotations
@@ -38,6 +45,9 @@ class DecodeScheduler(SchedulerBase):
         """Announced migrations waiting for room, FCFS (no blocks yet)."""
         self.pulling: dict[str, Request] = {}
         """Blocks allocated, KV transfer in flight."""
+        self.reused_tokens: dict[str, int] = {}
+        """Of each pulling request's KV, the leading tokens found in this pool's prefix cache
+        (a multiple of block_size; 0 with caching off): the pull skips their blocks."""
 
     def add_migrated(self, request: Request) -> None:
         """Queues an announced request: ``token_ids`` = prompt + generated tokens (the last
@@ -63,7 +73,10 @@ class DecodeScheduler(SchedulerBase):
         bm = self.block_manager
         while self.pending and num_seqs < self.config.max_num_seqs:
             request = self.pending[0]
-            status = bm.can_allocate(request.num_computed_tokens)
+            token_ids = None
+            if bm.enable_prefix_caching:
+                token_ids = np.array(request.token_ids[: request.num_computed_tokens], np.int64)
+            status = bm.can_allocate(request.num_computed_tokens, token_ids)
             if status is AllocStatus.LATER:
                 break
             self.pending.popleft()
@@ -71,7 +84,11 @@ class DecodeScheduler(SchedulerBase):
                 self._live.pop(request.request_id)
                 self._reject(request, _never_fits(request, bm), now)
                 continue
-            bm.allocate(request.seq_id, request.num_computed_tokens)
+            # At most num_computed_tokens - 1 cached: the block of the last pulled token is
+            # always pulled (the block manager keeps the last token's block a request's own).
+            self.reused_tokens[request.request_id] = bm.allocate(
+                request.seq_id, request.num_computed_tokens, token_ids
+            )
             request.status = RequestStatus.RUNNING
             self.pulling[request.request_id] = request
             admitted.append(request)
@@ -79,14 +96,22 @@ class DecodeScheduler(SchedulerBase):
         return admitted
 
     def complete_migration(self, request: Request) -> None:
-        """The KV landed: the request decodes from the next step on."""
+        """The KV landed: the request decodes from the next step on; its pulled full blocks
+        join the prefix cache (after the pull, never before: a shared block must hold KV)."""
         del self.pulling[request.request_id]
+        start = self.reused_tokens.pop(request.request_id)
+        if self.block_manager.enable_prefix_caching:
+            end = request.num_computed_tokens
+            self.block_manager.cache_blocks(
+                request.seq_id, request.token_ids[start:end], end, start
+            )
         self.running.append(request)
 
     def drop_migration(self, request: Request, status: RequestStatus, now: float) -> None:
         """Ends a pending or pulling request (pull failed, aborted after the pull, revoked);
         frees its blocks. The caller reports it; it is not in ``SchedulerOutput.finished``."""
         if self.pulling.pop(request.request_id, None) is not None:
+            self.reused_tokens.pop(request.request_id)
             self.block_manager.free(request.seq_id)
         else:
             self.pending.remove(request)
@@ -116,9 +141,11 @@ class DecodeScheduler(SchedulerBase):
             self.waiting.popleft()
             if status is AllocStatus.NEVER:
                 continue
-            prefills.append(self._schedule_chunk(request, request.num_tokens))
+            # Less than num_tokens when its leading blocks were in the prefix cache.
+            num_new_tokens = request.num_uncomputed_tokens
+            prefills.append(self._schedule_chunk(request, num_new_tokens))
             self.running.append(request)
-            budget -= request.num_tokens
+            budget -= num_new_tokens
             num_seqs += 1
         return prefills
 

@@ -1,9 +1,15 @@
 """A decode instance: admits announced migrations when its pool has room, pulls their KV
-(a `puller.Puller`), then decodes them with continuous batching."""
+(a `puller.Puller`), then decodes them with continuous batching.
+
+With prefix caching on, a migration's leading blocks already cached in this pool are not
+pulled (the delta pull: the source and destination block lists are cut alike, so every
+transport and TP x PP re-slicing sees a shorter migration, nothing else). Requests the
+controller sends as `NewRequest` are prefilled here (conditional disaggregation)."""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 
 from distserve_rt.core.request import Request, RequestStatus
@@ -42,6 +48,12 @@ class DecodeInstance(Instance):
         ANNOUNCED while the scheduler keeps the request `pending` (no blocks), PULLING or
         ABORTING while it is in `pulling` (blocks being written)."""
         self._decoding: set[str] = set()  # requests that had their first decode step
+        self._reused_blocks: dict[str, int] = {}  # pulls in flight: blocks not pulled
+        self.num_blocks_pulled = 0
+        self.num_blocks_reused = 0
+        """Of the migrations that arrived, blocks copied and blocks found cached here."""
+        self.num_local_prefills = 0
+        """Requests sent here to be prefilled (`NewRequest`)."""
 
     def ready_message(self) -> msg.Ready:
         return msg.Ready(self.spec.name, self.model_config, self.block_manager.num_blocks)
@@ -56,6 +68,10 @@ class DecodeInstance(Instance):
                 message.block_ids, announcement=message,
             )  # fmt: skip
             self.scheduler.add_migrated(request)
+        elif isinstance(message, msg.NewRequest):
+            # Conditional disaggregation: prefilled here by the recompute path (prefill-first).
+            self.num_local_prefills += 1
+            self.scheduler.add_request(self.make_request(message))
         elif isinstance(message, msg.Revoke):
             self._revoke(message.request_id, now)
         elif isinstance(message, msg.Abort):
@@ -107,11 +123,16 @@ class DecodeInstance(Instance):
         """A final migration: tells the controller (which releases the source KV)."""
         assert migration.state.is_final, migration.state
         del self.migrations[migration.request_id]
-        self.outbox.append(
-            msg.MigrationDone(
-                migration.request_id, migration.prefill_index, ok, start, end, num_bytes, error
-            )
+        done = msg.MigrationDone(
+            migration.request_id, migration.prefill_index, ok, start, end, num_bytes, error
         )
+        reused = self._reused_blocks.pop(migration.request_id, 0)
+        if ok:
+            done.num_blocks_reused = reused
+            done.num_blocks_pulled = len(migration.block_ids) - reused
+            self.num_blocks_reused += reused
+            self.num_blocks_pulled += done.num_blocks_pulled
+        self.outbox.append(done)
 
     # ---- the step ---------------------------------------------------------------------------
 
@@ -149,15 +170,22 @@ class DecodeInstance(Instance):
         migration = self.migrations[request.request_id]
         migration.apply(MigrationEvent.PULL_STARTED, now)
         dst = self.block_manager.block_table(request.seq_id)
+        announced: msg.Migrate = migration.announcement  # type: ignore[assignment]
+        # The leading blocks this pool has cached hold the same tokens' KV: pull the rest.
+        reused = self.scheduler.reused_tokens[request.request_id] // self.block_manager.block_size
+        self._reused_blocks[request.request_id] = reused
+        if reused:
+            announced = dataclasses.replace(announced, block_ids=announced.block_ids[reused:])
+            dst = dst[reused:]
         # A fault plan names requests; its transport wrapper sees only blocks.
         scope = contextlib.nullcontext() if self.faults is None else self.faults.submitting(
             request.request_id
         )  # fmt: skip
         try:
             with scope:
-                self.puller.start(request, migration.announcement, dst, now)  # type: ignore[arg-type]
+                self.puller.start(request, announced, dst, now)
         except Exception as exc:  # bad ids, a peer gone: this migration fails, not the rest
-            pull = Pull(request, migration.announcement, [], dst, now)  # type: ignore[arg-type]
+            pull = Pull(request, announced, [], dst, now)
             error = f"KV pull could not start: {type(exc).__name__}: {exc}"
             self._finish_pull(FinishedPull(pull, PullOutcome.FAILED, self.clock(), error))
 
@@ -230,9 +258,12 @@ class DecodeInstance(Instance):
 
     def status(self) -> msg.InstanceStatus:
         s, bm = self.scheduler, self.block_manager
-        t = self.puller.totals()
+        t, kv = self.puller.totals(), bm.stats()
         return msg.InstanceStatus(
             s.num_running, s.num_waiting, bm.num_free_blocks, bm.usage,
             num_transfers=t.num_transfers, num_transfer_failures=t.num_failures,
             transfer_bytes=t.bytes, transfer_seconds=t.seconds,
+            prefix_cache_queries=kv.prefix_cache_queries, prefix_cache_hits=kv.prefix_cache_hits,
+            num_blocks_pulled=self.num_blocks_pulled, num_blocks_reused=self.num_blocks_reused,
+            num_local_prefills=self.num_local_prefills,
         )  # fmt: skip

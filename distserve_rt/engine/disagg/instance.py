@@ -106,9 +106,11 @@ class Instance(abc.ABC):
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
         num_blocks = self.executor.init_kv_cache(self.scheduler_config)
-        # Prefix caching on prefill instances only, for now: a decode instance's blocks
-        # arrive by migration, and reusing them is issue 12's decode-side step.
-        caching = config.enable_prefix_caching and spec.role is InstanceRole.PREFILL
+        # A decode instance caches the blocks it pulled and decoded, so that a later turn
+        # pulls only what it lacks (DisaggConfig.decode_prefix_caching turns that off alone).
+        caching = config.enable_prefix_caching and (
+            spec.role is InstanceRole.PREFILL or spec.disagg_config.decode_prefix_caching
+        )
         self.block_manager = BlockManager(
             num_blocks, config.block_size, config.watermark, enable_prefix_caching=caching
         )

@@ -19,8 +19,9 @@ from distserve_rt.sampling_params import SamplingParams
 
 @dataclass(slots=True)
 class NewRequest:
-    """Prefill this request (to a prefill instance). ``token_ids`` = prompt + tokens already
-    generated (non-empty only when retried: they are prefilled too)."""
+    """Prefill this request (to a prefill instance; to a decode instance when it prefills
+    locally, conditional disaggregation). ``token_ids`` = prompt + tokens already generated
+    (non-empty only when retried: they are prefilled too)."""
 
     request_id: str
     token_ids: list[int]
@@ -147,6 +148,10 @@ class MigrationDone:
     pull_end_time: float
     num_bytes: int = 0
     error: str | None = None
+    num_blocks_pulled: int = 0
+    """Blocks copied from the prefill pool (0 unless ok)."""
+    num_blocks_reused: int = 0
+    """Leading blocks found in the decode instance's prefix cache, not copied."""
 
 
 @dataclass(slots=True)
@@ -178,6 +183,12 @@ class InstanceStatus:
     transfer_seconds: float = 0.0
     prefix_cache_queries: int = 0
     prefix_cache_hits: int = 0
+    num_blocks_pulled: int = 0
+    """Decode instances: KV blocks their migrations copied, since start."""
+    num_blocks_reused: int = 0
+    """Decode instances: migrated blocks found in their prefix cache instead, since start."""
+    num_local_prefills: int = 0
+    """Decode instances: requests they prefilled themselves (conditional disaggregation)."""
 
 
 @dataclass(slots=True)
