@@ -21,6 +21,7 @@ from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanRe
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator.driven_instance import DEFAULT_BLOCK_SIZE
+from distserve_rt.workloads.multi_turn import MULTI_TURN
 
 
 def add_parser(sub) -> None:
@@ -244,6 +245,12 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    if (args.dataset or "").lower() == MULTI_TURN:
+        raise NotImplementedError(
+            f"--dataset {MULTI_TURN} is not implemented in plan: its search scores candidates "
+            "with the fast simulators, which have no prefix cache and no closed-loop turns; "
+            f"score a configuration with `drt-run simulate --dataset {MULTI_TURN}`"
+        )
     start = time.perf_counter()
     inputs = _inputs(args)
     planner = Planner(inputs)

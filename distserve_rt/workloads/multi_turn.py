@@ -27,6 +27,9 @@ import numpy as np
 from distserve_rt.workloads.datasets import load_lengths, resolve_dataset
 from distserve_rt.workloads.workload import Workload
 
+MULTI_TURN = "multi-turn"
+"""The ``--dataset`` name of these conversations (simulate; plan refuses it)."""
+
 
 @dataclass(frozen=True, eq=False)
 class Turn:
@@ -126,7 +129,10 @@ class MultiTurnWorkload:
         think times of mean ``think_s`` (0: the next turn arrives as the answer ends).
 
         ``max_seq_len``: a conversation whose last turn would exceed it is redrawn (its
-        lengths, up to 100 times; then ValueError asking for a smaller ``scale``)."""
+        lengths, up to 100 times; then ValueError asking for a smaller ``scale``). That
+        keeps the conversations that fit the context, so it shortens the mean lengths: a
+        chat that outgrows its context ends there, rather than being truncated (dropping
+        early turns would break the prefix every later turn shares)."""
         _check_int("num_conversations", num_conversations, 1)
         _check_int("min_turns", min_turns, 1)
         _check_int("max_turns", max_turns, min_turns)
@@ -172,7 +178,8 @@ def _draw_lengths(rng, user_lens, answer_lens, num_turns, scale, system_len, max
             return list(zip(users.tolist(), answers.tolist(), strict=True))
     raise ValueError(
         f"max_seq_len={max_seq_len} is too short for {num_turns}-turn conversations at "
-        f"scale={scale:g} (100 draws all longer); lower scale or max_turns"
+        f"scale={scale:g} (100 draws all longer); lower the scale (--length-scale) or the "
+        f"turns (--turns)"
     )
 
 
