@@ -332,6 +332,10 @@ def main(argv=None) -> int:
         args.output,
         {
             "benchmark": "multi_turn",
+            # The line to re-run it from the repository root (argv[0] alone is the file name).
+            "command": " ".join(
+                ["PYTHONPATH=.", ".venv/bin/python", "bench/multi_turn.py"] + sys.argv[1:]
+            ),
             "model": MODEL,
             "workload": {**workload.describe(), "name": workload.name, "seed": args.seed},
             "settings": {k: v for k, v in vars(args).items() if k not in ("output",)},
