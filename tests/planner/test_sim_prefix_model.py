@@ -143,3 +143,10 @@ def test_disaggregated_caches_prompts_on_prefill_instances_only():
     on, off = sim.run_conversations(w2), sim.run_conversations(w2, prefix_caching=False)
     assert on.prefix_cache_hits > 0 == off.prefix_cache_hits
     assert on.result.ttft.mean() < off.result.ttft.mean()
+
+
+def test_refuses_a_single_turn_workload():
+    from distserve_rt.workloads import Workload
+
+    with pytest.raises(ValueError, match="workload must be a MultiTurnWorkload .* got Workload"):
+        simulate(Workload.from_dataset("chat"))

@@ -43,6 +43,23 @@ class ConversationSimResult:
         )
 
 
+def context_len(workload: MultiTurnWorkload, max_model_len: int | None) -> int:
+    """The context length of a conversation replay: ``max_model_len``, else the longest
+    turn (prompt + output); ValueError for another workload or a shorter context."""
+    if not isinstance(workload, MultiTurnWorkload):
+        raise ValueError(
+            f"workload must be a MultiTurnWorkload (workloads.multi_turn), got "
+            f"{type(workload).__name__}; single-turn requests go through run()"
+        )
+    longest = workload.max_seq_len()
+    if max_model_len is not None and max_model_len < longest:
+        raise ValueError(
+            f"max_model_len ({max_model_len}) must be >= the longest turn's prompt + output "
+            f"({longest})"
+        )
+    return longest if max_model_len is None else max_model_len
+
+
 class ConversationArrivals:
     """The turns due by a time, and the next turn of each conversation whose turn finished.
 

@@ -16,7 +16,11 @@ import numpy as np
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import make_scheduler
 from distserve_rt.planner.simulator.colocated import ColocatedPolicy
-from distserve_rt.planner.simulator.conversations import ConversationArrivals, ConversationSimResult
+from distserve_rt.planner.simulator.conversations import (
+    ConversationArrivals,
+    ConversationSimResult,
+    context_len,
+)
 from distserve_rt.planner.simulator.driven_instance import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_WATERMARK,
@@ -117,12 +121,7 @@ class SchedulerDrivenColocated:
         arrives after the previous one's answer plus its think time. ``prefix_caching``: the
         runtime's prefix cache on the instance's pool (its default), so a turn's prefill
         skips the blocks its conversation already holds."""
-        max_len = self.max_model_len or workload.max_seq_len()
-        if max_len < workload.max_seq_len():
-            raise ValueError(
-                f"max_model_len ({max_len}) must be >= the longest turn's prompt + output "
-                f"({workload.max_seq_len()})"
-            )
+        max_len = context_len(workload, self.max_model_len)
         self._check_budget(max_len)
         bm = self.block_manager = make_block_manager(
             self.spec, self.block_size, self.watermark, prefix_caching=prefix_caching

@@ -31,7 +31,11 @@ from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import DecodeScheduler, PrefillScheduler, SchedulerOutput
-from distserve_rt.planner.simulator.conversations import ConversationArrivals, ConversationSimResult
+from distserve_rt.planner.simulator.conversations import (
+    ConversationArrivals,
+    ConversationSimResult,
+    context_len,
+)
 from distserve_rt.planner.simulator.driven_instance import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_WATERMARK,
@@ -141,12 +145,7 @@ class SchedulerDrivenDisaggregated:
         (a turn's prefill skips its cached prefix), not on the decode instances', and the
         migration moves the whole prompt's KV (decode-side reuse and a delta-only pull are
         not modelled)."""
-        self._max_len = self.max_model_len or workload.max_seq_len()
-        if self._max_len < workload.max_seq_len():
-            raise ValueError(
-                f"max_model_len ({self._max_len}) must be >= the longest turn's prompt + "
-                f"output ({workload.max_seq_len()})"
-            )
+        self._max_len = context_len(workload, self.max_model_len)
         self._build_instances(prefix_caching)
         self._requests, self._decoded, self._owner = [], [], []
         self._ts, self._te, self._decoded_by = [], [], []
