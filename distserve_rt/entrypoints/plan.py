@@ -246,10 +246,14 @@ def run(args) -> int:
 
 def _run(args) -> int:
     if (args.dataset or "").lower() == MULTI_TURN:
+        # Missing for an honest plan: a prefix model in the fast screening simulators, rates
+        # of closed-loop conversations in the goodput bisection, and replicas that keep a
+        # conversation on the instance holding its prefix (the runtime's replicas do not).
         raise NotImplementedError(
             f"--dataset {MULTI_TURN} is not implemented in plan: its search scores candidates "
-            "with the fast simulators, which have no prefix cache and no closed-loop turns; "
-            f"score a configuration with `drt-run simulate --dataset {MULTI_TURN}`"
+            "with the fast simulators (no prefix cache, no closed-loop turns) and replicates "
+            "them without keeping a conversation on one replica; score a configuration with "
+            f"`drt-run simulate --dataset {MULTI_TURN}`"
         )
     start = time.perf_counter()
     inputs = _inputs(args)
