@@ -13,7 +13,8 @@ def test_prompt_longer_than_the_prefill_budget():
     colocated = make_engine_core(engine_config(max_num_batched_tokens=64, max_num_seqs=8))
     expected = run(colocated, [prompt], max_tokens=4)["0"]
     colocated.shutdown()
-    config = engine_config(max_num_batched_tokens=64, max_num_seqs=8)  # L_m = 64 < 100 prompt tokens
+    # L_m = 64 < 100 prompt tokens
+    config = engine_config(max_num_batched_tokens=64, max_num_seqs=8)
     controller = make_engine_core(config, "disaggregated", DisaggConfig(launcher="thread"))
     try:
         out = run(controller, [prompt], max_tokens=4)["0"]
