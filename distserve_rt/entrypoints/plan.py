@@ -21,6 +21,7 @@ from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanRe
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator.driven_instance import DEFAULT_BLOCK_SIZE
+from distserve_rt.workloads.multi_turn import MULTI_TURN
 
 
 def add_parser(sub) -> None:
@@ -244,6 +245,16 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
+    if (args.dataset or "").lower() == MULTI_TURN:
+        # Missing for an honest plan: a prefix model in the fast screening simulators, rates
+        # of closed-loop conversations in the goodput bisection, and replicas that keep a
+        # conversation on the instance holding its prefix (the runtime's replicas do not).
+        raise NotImplementedError(
+            f"--dataset {MULTI_TURN} is not implemented in plan: its search scores candidates "
+            "with the fast simulators (no prefix cache, no closed-loop turns) and replicates "
+            "them without keeping a conversation on one replica; score a configuration with "
+            f"`drt-run simulate --dataset {MULTI_TURN}`"
+        )
     start = time.perf_counter()
     inputs = _inputs(args)
     planner = Planner(inputs)

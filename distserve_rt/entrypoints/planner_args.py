@@ -51,7 +51,8 @@ def add_common(p: argparse.ArgumentParser) -> None:
     lengths.add_argument(
         "--dataset",
         help="request lengths: sharegpt|chat, humaneval|code, longbench, "
-        f"summarization (default: {DEFAULT_DATASET})",
+        f"summarization (default: {DEFAULT_DATASET}); simulate also takes multi-turn "
+        "(ShareGPT-length conversations, closed loop, with the prefix cache)",
     )
     lengths.add_argument(
         "--fixed-lengths",

@@ -13,7 +13,7 @@ import json
 import numpy as np
 
 from distserve_rt.config.parallelism import Parallelism
-from distserve_rt.entrypoints import planner_args
+from distserve_rt.entrypoints import planner_args, simulate_multi_turn
 from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.planner.cluster import (
     DoesNotFitError,
@@ -115,6 +115,7 @@ def add_parser(sub) -> None:
         "--cv: a trace has its own rate and burstiness, and a rate that rescaled its times "
         "would make one flag mean two things",
     )
+    simulate_multi_turn.add_args(p)
     p.set_defaults(handler=run)
 
 
@@ -278,6 +279,8 @@ def _simulate(
 
 def _run(args) -> int:
     simulator = _simulator(args)
+    if simulate_multi_turn.is_multi_turn(args):
+        return _run_multi_turn(args, simulator)
     model = planner_args.load_model(args.model)
     cluster = planner_args.build_cluster(args)
     workload, runs = _requests(args)
@@ -340,4 +343,49 @@ def _run(args) -> int:
             f"{_rate_text(r['rate'])} {r['attainment']['joint']:7.1%} "
             f"{r['ttft_s']['p90'] * 1e3:9.1f} {r['tpot_s']['p90'] * 1e3:9.2f}"
         )
+    return 0
+
+
+def _run_multi_turn(args, simulator: str) -> int:
+    """`simulate_multi_turn`: each rate's conversations on the scheduler-driven simulator."""
+    simulate_multi_turn.check_args(args, simulator)
+    model = planner_args.load_model(args.model)
+    rates = args.rates or [1.0]
+    # One workload per rate (same seed: same lengths and ids, starts scaled by the rate).
+    workloads = [simulate_multi_turn.build_workload(args, r, model) for r in rates]
+    max_seq_len = max(w.max_seq_len() for w in workloads)
+    max_batch_tokens = _max_batch_tokens(args, simulator, max_seq_len)
+    profile = load_profile(args.profile)
+    cluster = planner_args.build_cluster(args)
+    spec = _spec(args, model, profile, cluster, max_seq_len, max_batch_tokens)
+    noise = _step_noise(args, simulator, profile, model)
+    slo = planner_args.build_slo(args)
+    caching = not args.no_prefix_caching
+    rows = []
+    for rate, workload in zip(rates, workloads, strict=True):
+        if args.placement == "colocated":
+            sim = SchedulerDrivenColocated(spec, args.policy, noise=noise, seed=args.seed)
+        else:
+            sim = SchedulerDrivenDisaggregated(spec, noise=noise, seed=args.seed)
+        got = sim.run_conversations(workload, prefix_caching=caching)
+        rows.append(simulate_multi_turn.row(rate, got, slo))
+    out = {
+        "json": args.json,
+        "model": model.name,
+        "placement": args.placement,
+        "simulator": simulator,
+        "dataset": workloads[0].name,
+        "prefix_caching": caching,
+        "max_batch_tokens": max_batch_tokens,
+        "step_noise": noise is not None,
+        "num_devices": spec.num_devices,
+        "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
+        "runs": rows,
+    }
+    header = (
+        f"{model.name} {args.placement} on {spec.num_devices} devices; {workloads[0].name}, "
+        f"closed loop; simulator: {_SIMULATOR_TEXT[simulator]}; token budget "
+        f"{max_batch_tokens}"
+    )
+    simulate_multi_turn.print_table(out, rows, header)
     return 0

@@ -132,9 +132,11 @@ class Worker:
         return runner.execute(runner.prepare_inputs(scheduler_output))
 
     def _make_runner(self, kv_pool: torch.Tensor, sc: SchedulerConfig) -> ModelRunner:
-        return ModelRunner(
-            self.model, kv_pool, self.sample, sc.max_num_batched_tokens, sc.max_num_seqs
-        )
+        # A prefill instance runs a prompt longer than its budget L_m in a batch of its own
+        # (`PrefillScheduler`: prompts are never split), up to max_model_len tokens: the
+        # host buffers must hold that step too (int arrays: a few MB at a 128k context).
+        max_step_tokens = max(sc.max_num_batched_tokens, sc.max_model_len)
+        return ModelRunner(self.model, kv_pool, self.sample, max_step_tokens, sc.max_num_seqs)
 
     def _kv_spec(self, num_blocks: int) -> KVCacheSpec:
         mc = self.model_config

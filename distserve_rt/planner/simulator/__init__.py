@@ -8,6 +8,7 @@ and preemption are the runtime's by construction; pp=1 only).
 """
 
 from distserve_rt.planner.simulator.colocated import ColocatedPolicy, ColocatedSimulator
+from distserve_rt.planner.simulator.conversations import ConversationSimResult
 from distserve_rt.planner.simulator.disaggregated import DisaggregatedSimulator
 from distserve_rt.planner.simulator.driven_colocated import SchedulerDrivenColocated
 from distserve_rt.planner.simulator.driven_disaggregated import SchedulerDrivenDisaggregated
@@ -25,6 +26,7 @@ __all__ = [
     "BREAKDOWN",
     "ColocatedPolicy",
     "ColocatedSimulator",
+    "ConversationSimResult",
     "DisaggSpec",
     "DisaggregatedSimulator",
     "SchedulerDrivenColocated",

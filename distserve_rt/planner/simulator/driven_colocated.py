@@ -16,6 +16,11 @@ import numpy as np
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import make_scheduler
 from distserve_rt.planner.simulator.colocated import ColocatedPolicy
+from distserve_rt.planner.simulator.conversations import (
+    ConversationArrivals,
+    ConversationSimResult,
+    context_len,
+)
 from distserve_rt.planner.simulator.driven_instance import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_WATERMARK,
@@ -32,6 +37,7 @@ from distserve_rt.planner.simulator.driven_instance import (
 )
 from distserve_rt.planner.simulator.results import SimResult
 from distserve_rt.planner.simulator.spec import SimInstanceSpec
+from distserve_rt.workloads.multi_turn import MultiTurnWorkload
 
 _INF = float("inf")
 
@@ -81,14 +87,7 @@ class SchedulerDrivenColocated:
         """Arrays ``[num_requests]`` in arrival order (s, tokens, tokens)."""
         arrival, prompt, out = check_lengths(arrival, prompt_lens, output_lens)
         max_len = resolve_max_model_len(self.max_model_len, prompt, out)
-        if self.policy is ColocatedPolicy.CONTINUOUS_BATCHING and self.spec.max_batch_tokens < (
-            max_len
-        ):
-            raise ValueError(
-                f"max_batch_tokens ({self.spec.max_batch_tokens}) must be >= max_model_len "
-                f"({max_len}) with continuous_batching: it never splits a prompt (the runtime "
-                f"refuses the same config)"
-            )
+        self._check_budget(max_len)
         bm = self.block_manager = make_block_manager(self.spec, self.block_size, self.watermark)
         self.num_preemptions = 0
         sched = make_scheduler(self.policy.value, make_scheduler_config(self.spec, max_len), bm)
@@ -99,29 +98,91 @@ class SchedulerDrivenColocated:
         requests = [
             make_request(i, prompt[i], out[i], float(arrival[i]), max_len) for i in range(n)
         ]
-        # step end -> its start: a request's decode starts with the step of its second token
-        # (looked up at the end, instead of scanning every step's decodes)
-        step_start: dict[float, float] = {}
         arrival_list = arrival.tolist()
-        t, i = 0.0, 0
+        pos = 0
+
+        def pop_due(t: float) -> list[Request]:
+            nonlocal pos
+            start = pos
+            while pos < n and arrival_list[pos] <= t:
+                pos += 1
+            return requests[start:pos]
+
+        def next_arrival() -> float:
+            return arrival_list[pos] if pos < n else _INF
+
+        step_start = self._drive(sched, clock, pop_due, next_arrival, None)
+        return _result(arrival, requests, step_start, out)
+
+    def run_conversations(
+        self, workload: MultiTurnWorkload, *, prefix_caching: bool = True
+    ) -> ConversationSimResult:
+        """Replay ``workload``'s conversations closed loop (`conversations`): each turn
+        arrives after the previous one's answer plus its think time. ``prefix_caching``: the
+        runtime's prefix cache on the instance's pool (its default), so a turn's prefill
+        skips the blocks its conversation already holds."""
+        max_len = context_len(workload, self.max_model_len)
+        self._check_budget(max_len)
+        bm = self.block_manager = make_block_manager(
+            self.spec, self.block_size, self.watermark, prefix_caching=prefix_caching
+        )
+        self.num_preemptions = 0
+        sched = make_scheduler(self.policy.value, make_scheduler_config(self.spec, max_len), bm)
+        clock = StepClock(
+            self.spec.latency, self.noise, np.random.default_rng(self.seed), self.wake
+        )
+        source = ConversationArrivals(workload, max_len)
+        step_start = self._drive(sched, clock, source.pop_due, source.next_arrival, source.finished)
+        requests = source.requests
+        arrival = np.asarray([r.arrival_time for r in requests], dtype=np.float64)
+        out = [r.sampling_params.max_tokens for r in requests]
+        return source.result(_result(arrival, requests, step_start, out), [bm])
+
+    def _check_budget(self, max_len: int) -> None:
+        if self.policy is ColocatedPolicy.CONTINUOUS_BATCHING and self.spec.max_batch_tokens < (
+            max_len
+        ):
+            raise ValueError(
+                f"max_batch_tokens ({self.spec.max_batch_tokens}) must be >= max_model_len "
+                f"({max_len}) with continuous_batching: it never splits a prompt (the runtime "
+                f"refuses the same config)"
+            )
+
+    def _drive(
+        self,
+        sched,
+        clock: StepClock,
+        pop_due: Callable[[float], list[Request]],
+        next_arrival: Callable[[], float],
+        on_finished: Callable[[list[Request]], None] | None,
+    ) -> dict[float, float]:
+        """The engine's loop on the simulated clock until every request arrived and
+        finished; ``on_finished`` sees each finished request (closed-loop arrivals).
+        Returns step end -> its start: a request's decode starts with the step of its second
+        token (looked up at the end, instead of scanning every step's decodes)."""
+        step_start: dict[float, float] = {}
+        t = 0.0
         while True:
-            while i < n and arrival_list[i] <= t:
-                sched.add_request(requests[i])
-                i += 1
-            step, _, num_preempted = next_batch(sched, t)
+            for request in pop_due(t):
+                sched.add_request(request)
+            step, finished, num_preempted = next_batch(sched, t)
             self.num_preemptions += num_preempted
+            if on_finished is not None and finished:
+                on_finished(finished)
             if step.is_empty:
-                if i < n:
-                    t = max(t, arrival_list[i])
+                upcoming = next_arrival()
+                if upcoming < _INF:
+                    t = max(t, upcoming)
                     continue
                 if sched.has_unfinished_requests():
                     raise RuntimeError(f"the {self.policy.value} scheduler stalled at t={t}")
-                break
+                return step_start
             end = t + clock.seconds(step, t)
             step_start[end] = t
-            sched.update_from_output(step, sampled_tokens(step), None, end)
+            update = sched.update_from_output(step, sampled_tokens(step), None, end)
+            if on_finished is not None and update.finished:
+                on_finished(update.finished)
             t = end
-        return _result(arrival, requests, step_start, out)
 
 
 def _result(

@@ -31,6 +31,11 @@ from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import DecodeScheduler, PrefillScheduler, SchedulerOutput
+from distserve_rt.planner.simulator.conversations import (
+    ConversationArrivals,
+    ConversationSimResult,
+    context_len,
+)
 from distserve_rt.planner.simulator.driven_instance import (
     DEFAULT_BLOCK_SIZE,
     DEFAULT_WATERMARK,
@@ -48,9 +53,10 @@ from distserve_rt.planner.simulator.driven_instance import (
 )
 from distserve_rt.planner.simulator.results import SimResult
 from distserve_rt.planner.simulator.spec import DisaggSpec
+from distserve_rt.workloads.multi_turn import MultiTurnWorkload
 
 _INF = float("inf")
-_ARRIVAL, _PREFILL_END, _DECODE_END, _PULL_DONE = range(4)
+_ARRIVAL, _PREFILL_END, _DECODE_END, _PULL_DONE, _TURNS = range(5)
 
 
 class _Prefill:
@@ -124,12 +130,56 @@ class SchedulerDrivenDisaggregated:
         self._ts, self._te = ([_INF] * n for _ in range(2))
         self._decoded_by = [0] * n
         self._seq = n
+        self._source = None
         self._events = [(float(t), i, _ARRIVAL, i, None) for i, t in enumerate(arrival.tolist())]
         heapq.heapify(self._events)
         self._loop()
         return self._result(arrival, out)
 
-    def _build_instances(self) -> None:
+    def run_conversations(
+        self, workload: MultiTurnWorkload, *, prefix_caching: bool = True
+    ) -> ConversationSimResult:
+        """Replay ``workload``'s conversations closed loop (see `conversations`).
+
+        ``prefix_caching`` as the runtime has it today: on the prefill instances' pools
+        (a turn's prefill skips its cached prefix), not on the decode instances', and the
+        migration moves the whole prompt's KV (decode-side reuse and a delta-only pull are
+        not modelled)."""
+        self._max_len = context_len(workload, self.max_model_len)
+        self._build_instances(prefix_caching)
+        self._requests, self._decoded, self._owner = [], [], []
+        self._ts, self._te, self._decoded_by = [], [], []
+        self._seq = 0
+        self._events = []
+        self._source = source = ConversationArrivals(workload, self._max_len)
+        self._push(source.next_arrival(), _TURNS, None)
+        self._loop()
+        requests = source.requests
+        arrival = np.asarray([r.arrival_time for r in requests], dtype=np.float64)
+        out = [r.sampling_params.max_tokens for r in requests]
+        caches = self.block_managers[: self.spec.num_prefill]
+        return source.result(self._result(arrival, out), caches)
+
+    def _on_turns(self, now, _a, _b, dirty_p, dirty_d) -> None:
+        for request in self._source.pop_due(now):
+            for values in (self._decoded, self._ts, self._te):
+                values.append(None if values is self._decoded else _INF)
+            self._owner.append(0)
+            self._decoded_by.append(0)
+            self._requests.append(request)
+            self._on_arrival(now, request.seq_id, None, dirty_p, dirty_d)
+
+    def _finished(self, requests: list[Request]) -> None:
+        """Closed loop: the next turns of finished requests' conversations arrive later."""
+        if self._source is None or not requests:
+            return
+        self._source.finished(requests)
+        for request in requests:
+            if request.status is not RequestStatus.FINISHED_ERROR:
+                # One event per queued turn; an event that finds no turn due does nothing.
+                self._push(self._source.next_arrival(), _TURNS, None)
+
+    def _build_instances(self, prefix_caching: bool = False) -> None:
         spec, rngs = (
             self.spec,
             np.random.default_rng(self.seed).spawn(self.spec.num_prefill + self.spec.num_decode),
@@ -137,15 +187,17 @@ class SchedulerDrivenDisaggregated:
         self.block_managers = []
         self.num_preemptions = 0
 
-        def parts(inst_spec, rng):
-            bm = make_block_manager(inst_spec, self.block_size, self.watermark)
+        def parts(inst_spec, rng, caching=False):
+            bm = make_block_manager(
+                inst_spec, self.block_size, self.watermark, prefix_caching=caching
+            )
             self.block_managers.append(bm)
             config = make_scheduler_config(inst_spec, self._max_len)
             return config, bm, StepClock(inst_spec.latency, self.noise, rng, self.wake)
 
         self._prefills = []
         for k in range(spec.num_prefill):
-            config, bm, clock = parts(spec.prefill, rngs[k])
+            config, bm, clock = parts(spec.prefill, rngs[k], prefix_caching)
             self._prefills.append(_Prefill(PrefillScheduler(config, bm), clock))
         self._decodes = []
         for k in range(spec.num_decode):
@@ -158,7 +210,13 @@ class SchedulerDrivenDisaggregated:
 
     def _loop(self) -> None:
         events = self._events
-        handlers = (self._on_arrival, self._on_prefill_end, self._on_decode_end, self._on_pull)
+        handlers = (
+            self._on_arrival,
+            self._on_prefill_end,
+            self._on_decode_end,
+            self._on_pull,
+            self._on_turns,
+        )
         while events:
             now = events[0][0]
             dirty_p: set[int] = set()
@@ -210,6 +268,7 @@ class SchedulerDrivenDisaggregated:
         for request in update.updated:
             inst.num_queued_tokens -= request.num_prompt_tokens
             if request.is_finished:
+                self._finished([request])
                 continue  # a one-token output: done at its first token
             d = min(range(len(self._decodes)), key=self._decode_key)
             target = self._decodes[d]
@@ -272,6 +331,7 @@ class SchedulerDrivenDisaggregated:
         inst.busy = False
         update = inst.sched.update_from_output(out, sampled_tokens(out), None, now)
         inst.num_assigned -= len(update.finished)
+        self._finished(update.finished)
         dirty_d.add(d)
 
     # ---- result -----------------------------------------------------------------------------

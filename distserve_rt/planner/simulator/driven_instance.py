@@ -67,26 +67,38 @@ def make_scheduler_config(spec: SimInstanceSpec, max_model_len: int) -> Schedule
     )
 
 
-def make_block_manager(spec: SimInstanceSpec, block_size: int, watermark: float) -> BlockManager:
-    """The instance's pool as the engine sizes it: whole blocks of its KV capacity."""
+def make_block_manager(
+    spec: SimInstanceSpec, block_size: int, watermark: float, *, prefix_caching: bool = False
+) -> BlockManager:
+    """The instance's pool as the engine sizes it: whole blocks of its KV capacity.
+
+    ``prefix_caching`` only where the requests carry real token ids (`run_conversations`):
+    the runtime's own cache (hashes, LRU eviction, capacity = the pool) then models hits."""
     num_blocks = spec.kv_capacity_tokens // block_size
     if num_blocks < 1:
         raise ValueError(
             f"kv_capacity_tokens ({spec.kv_capacity_tokens}) must hold at least one block of "
             f"block_size={block_size} tokens"
         )
-    # Prefix caching off, explicitly: every simulated token has the same id, so a cache
-    # would hit on every prompt, and the simulator does not model hits (yet).
-    return BlockManager(num_blocks, block_size, watermark, enable_prefix_caching=False)
+    # Off unless asked for: the length-only runs give every token the same id, so a cache
+    # would hit on every prompt (see tests/planner/test_driven_sim_prefix_cache.py).
+    return BlockManager(num_blocks, block_size, watermark, enable_prefix_caching=prefix_caching)
 
 
 def make_request(
-    index: int, prompt_len: int, output_len: int, arrival: float, max_model_len: int
+    index: int,
+    prompt_len: int,
+    output_len: int,
+    arrival: float,
+    max_model_len: int,
+    prompt_token_ids: list[int] | None = None,
 ) -> Request:
     """Request ``index`` (its id and seq_id) as the engine builds it: greedy, a forced
-    output length, the runtime's stop rules."""
+    output length, the runtime's stop rules. Its prompt is ``prompt_token_ids`` when given
+    (then of ``prompt_len`` tokens), else ``prompt_len`` copies of one id."""
     params = SamplingParams(temperature=0.0, max_tokens=output_len, ignore_eos=True)
-    request = Request(str(index), index, [_TOKEN] * prompt_len, params, arrival, max_model_len)
+    ids = [_TOKEN] * prompt_len if prompt_token_ids is None else prompt_token_ids
+    request = Request(str(index), index, ids, params, arrival, max_model_len)
     request.stop_checker = StopChecker(
         params,
         eos_token_id=None,
