@@ -134,13 +134,16 @@ def engine_gauges(stats: EngineStats, model_name: str) -> Iterable[Metric]:
         family.add_metric(labels, value)
         yield family
     # Counters since start over every instance, dead ones included (their last report
-    # stays in the stats), so the sums never go down. Only prefill and colocated
-    # instances look prompts up, so no token is counted twice.
+    # stays in the stats), so the sums never go down. Prompt lookups are counted where
+    # prompts are prefilled (prefill and colocated instances): a decode instance looks a
+    # migrated prompt up again to pull only the delta, which would count its tokens twice;
+    # that reuse has its own metric (distserve_instance_kv_blocks_reused).
+    prompt_side = [s for s in stats.instances if s.role != "decode"]
     counters = (
         ("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried "
-         "tokens.", sum(s.prefix_cache_queries for s in stats.instances)),
+         "tokens.", sum(s.prefix_cache_queries for s in prompt_side)),
         ("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.",
-         sum(s.prefix_cache_hits for s in stats.instances)),
+         sum(s.prefix_cache_hits for s in prompt_side)),
     )  # fmt: skip
     for name, doc, value in counters:
         family = CounterMetricFamily(name, doc, labels=LABELS)

@@ -47,13 +47,18 @@ def _buckets(samples: dict, name: str) -> list[float]:
     )  # fmt: skip
 
 
-async def _scrape_when_idle(client, timeout_s: float = 10.0) -> tuple[dict, dict]:
-    """Disaggregated instances report their queues every stats interval: the gauges reach
-    0 one report after the last request ends."""
+async def _scrape_when_idle(
+    client, expected_queries: int, timeout_s: float = 10.0
+) -> tuple[dict, dict]:
+    """Disaggregated instances report their queues and counters every stats interval, each
+    instance on its own: the gauges reach 0 and the prefill instance's cumulative counters
+    arrive a report after the last request ends, in either order."""
     deadline = anyio.current_time() + timeout_s
     while True:
         samples, types = _parse((await client.get("/metrics")).text)
-        if samples[_key("vllm:num_requests_running")] == 0 or anyio.current_time() > deadline:
+        idle = samples[_key("vllm:num_requests_running")] == 0
+        reported = samples[_key("vllm:prefix_cache_queries_total")] == expected_queries
+        if (idle and reported) or anyio.current_time() > deadline:
             return samples, types
         await anyio.sleep(0.01)
 
@@ -89,7 +94,7 @@ async def test_vllm_names_labels_and_counts_on_a_live_server(placement):
             r = await client.post("/v1/completions", json=body)
             assert r.json()["choices"][0]["finish_reason"] == "stop", r.text
             num_generated = 5 + 3 + 5 + 1
-            samples, types = await _scrape_when_idle(client)
+            samples, types = await _scrape_when_idle(client, 5 * len(prompt_ids))
     finally:
         llm.shutdown()
     n = len(prompt_ids)
