@@ -116,8 +116,16 @@ def build_requests(
     burstiness: float = 1.0,
     seed: int = 0,
     id_prefix: str = "bench-",
+    prompts: list[list[int]] | None = None,
 ) -> RequestSet:
-    """All of ``workload``'s requests, clipped to ``max_model_len``, sent at ``rate``."""
+    """All of ``workload``'s requests, clipped to ``max_model_len``, sent at ``rate``.
+
+    ``prompts``: each row's own prompt ids (a ShareGPT file's), cut to the clipped prompt
+    length; without them prompts are random ids (the same for every rate)."""
+    if prompts is not None and len(prompts) != workload.num_requests:
+        raise ValueError(
+            f"prompts has {len(prompts)} rows for a workload of {workload.num_requests}"
+        )
     prompt, output, num_clipped = clip_lengths(
         workload.prompt_lens, workload.output_lens, max_model_len
     )
@@ -127,7 +135,9 @@ def build_requests(
     requests = [
         BenchRequest(
             request_id=f"{id_prefix}{i}",
-            prompt_token_ids=rng.choice(allowed, int(p)).tolist(),
+            prompt_token_ids=(
+                rng.choice(allowed, int(p)).tolist() if prompts is None else prompts[i][: int(p)]
+            ),
             output_len=int(o),
             arrival_s=float(t),
         )
