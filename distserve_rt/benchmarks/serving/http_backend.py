@@ -10,8 +10,8 @@ token). The usage chunk's ``completion_tokens`` is the output length. An error o
 the stream (``{"error": {...}}`` or ``{"object": "error", ...}``) fails the request.
 
 The chat client sends the prompt as text (the prompt ids decoded) in one user message, with
-``max_completion_tokens``; a chunk's text is ``delta.content``, and a chunk without content
-(the role chunk) is no token. Its prompt length is the usage chunk's ``prompt_tokens``
+``max_completion_tokens``; a chunk's text is ``delta.content``, and the role chunk (a
+``role`` and no content) is no token. Its prompt length is the usage chunk's ``prompt_tokens``
 (the chat template adds tokens), as vLLM's chat client takes it.
 """
 
@@ -90,10 +90,11 @@ class StreamState:
         if not choices:
             return
         delta = choices[0].get("delta")
-        if isinstance(delta, dict):  # a chat chunk: only content is a token
+        if isinstance(delta, dict):  # a chat chunk
+            if "role" in delta and not delta.get("content"):
+                return  # the role chunk opens the stream; it carries no token
+            # content "" is still a token (bytes of a character not yet complete)
             text = delta.get("content") or ""
-            if not text:
-                return
         else:
             text = choices[0].get("text") or ""
         if not text and choices[0].get("finish_reason") is not None:
