@@ -174,26 +174,17 @@ class OpenAIServingChat:
                 ChatStreamChoice(index=i, delta=DeltaMessage(role="assistant", content=""))
                 for i in range(request.n)
             ]
-            # The role chunk goes out with the first output, as vLLM's server sends it: a
-            # client timing TTFT from the first chunk (vllm bench serve does) would
-            # otherwise measure the time to accept the request, not to the first token.
-            role_sent = False
+            usage = UsageInfo.of(generation.num_prompt_tokens, 0) if continuous else None
+            yield sse(self._chunk(generation, created, roles, usage))
             async for output in generation.outputs():
                 news = tracker.next(output)
                 if not news:
                     continue
-                if not role_sent:
-                    role_sent = True
-                    usage = UsageInfo.of(generation.num_prompt_tokens, 0) if continuous else None
-                    yield sse(self._chunk(generation, created, roles, usage))
                 choices = [self._content_choice(request, n) for n in news]
                 usage = None
                 if continuous:
                     usage = UsageInfo.of(generation.num_prompt_tokens, tracker.num_tokens)
                 yield sse(self._chunk(generation, created, choices, usage))
-            if not role_sent:  # no output at all: the stream still opens with the role
-                usage = UsageInfo.of(generation.num_prompt_tokens, 0) if continuous else None
-                yield sse(self._chunk(generation, created, roles, usage))
             if options and options.include_usage:
                 usage = UsageInfo.of(generation.num_prompt_tokens, tracker.num_tokens)
                 yield sse(self._chunk(generation, created, [], usage))
