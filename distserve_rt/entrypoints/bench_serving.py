@@ -39,7 +39,7 @@ from distserve_rt.benchmarks.serving.http_backend import (
 )
 from distserve_rt.benchmarks.serving.plot import plot_results, plot_summaries
 from distserve_rt.benchmarks.serving.report import RunInfo, format_table
-from distserve_rt.benchmarks.serving.request_set import tokenizer_special_ids
+from distserve_rt.benchmarks.serving.request_set import prompt_text, tokenizer_special_ids
 from distserve_rt.benchmarks.serving.sweep import BenchmarkAborted, sweep_json
 from distserve_rt.entrypoints import bench_resolve, bench_serving_args, engine_args, planner_args
 from distserve_rt.entrypoints.bench_report import describe_plan, plot_compare, verdict
@@ -160,7 +160,7 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
     if args.api == "chat":
 
         def decode(ids):
-            return tokenizer.decode(ids, skip_special_tokens=True)
+            return prompt_text(ids, tokenizer)
 
         backend = OpenAIChatHTTPBackend(args.base_url, args.api_key, decode=decode, **common)
     else:

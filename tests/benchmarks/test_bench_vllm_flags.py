@@ -323,3 +323,19 @@ def test_cli_errors_in_a_subprocess(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 1, (argv, proc.stderr)
         assert len(lines) == 1 and lines[0].startswith(message), (argv, proc.stderr)
+
+
+def test_chat_prompt_text_reads_back_within_the_requested_length():
+    from distserve_rt.benchmarks.serving.request_set import prompt_text
+    from distserve_rt.tokenizer import get_tokenizer
+
+    tok = get_tokenizer("dummy:llama-tiny")  # bytes: a lone high byte decodes to U+FFFD
+    rng = __import__("random").Random(0)
+    for n in (1, 7, 64):
+        ids = [rng.randrange(3, 259) for _ in range(n)]
+        naive = tok.encode(tok.decode(ids, skip_special_tokens=True), add_special_tokens=False)
+        text = prompt_text(ids, tok)
+        assert len(tok.encode(text, add_special_tokens=False)) <= n
+        if n == 64:
+            assert len(naive) > n  # what the chat client sent before
+            assert len(tok.encode(text, add_special_tokens=False)) >= n // 2

@@ -4,9 +4,15 @@
 (date, backend, model_id, tokenizer_id, num_prompts, request_rate, burstiness,
 max_concurrency, duration, completed, failed, total_input_tokens, total_output_tokens,
 request_throughput, request_goodput, output_throughput, total_token_throughput, input_lens,
-output_lens, ttfts, itls, generated_texts, errors, {mean,median,std,pNN}_{ttft,tpot,itl,
-e2el}_ms), so tools that read vLLM's files read ours; our additions are listed in
-`EXTRA_KEYS`. Latencies in the per-request lists are seconds, as vLLM writes them.
+output_lens, ttfts, itls, latencies, generated_texts, errors, {mean,median,std,pNN}_
+{ttft,tpot,itl,e2el}_ms), so tools that read vLLM's files read ours; our additions are listed
+in `EXTRA_KEYS`. Latencies in the per-request lists are seconds, as vLLM writes them.
+
+Which latency keys exist follows ``--percentile-metrics``/``--metric-percentiles`` as in
+vLLM; our defaults are all four metrics at p50/p90/p99 (vLLM's: ttft,tpot,itl at p99), a
+superset, so a reader of vLLM's default keys finds them. Two differences, on purpose:
+request_goodput without ``--goodput`` is the rate meeting both SLOs (vLLM writes null),
+and with it the objectives are saved under ``goodput``.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ EXTRA_KEYS = (
     "attainment",
     "slo_scale",
     "engine_breakdown_ms",
+    "goodput",
 )
 
 _METRIC_TITLES = (

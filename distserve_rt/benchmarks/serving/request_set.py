@@ -85,6 +85,30 @@ def tokenizer_special_ids(tokenizer: Any) -> list[int]:
     return [int(v) for v in (getattr(tokenizer, n, None) for n in names) if v is not None]
 
 
+def prompt_text(ids: list[int], tokenizer: Any, max_rounds: int = 8) -> str:
+    """Text for a chat message that the tokenizer reads back as at most ``len(ids)`` tokens.
+
+    Decoding random ids and encoding the text again rarely gives the same ids (merges
+    differ, a lone byte becomes U+FFFD, 3 bytes): the chat client sends text, so without
+    this a 64-token random prompt arrives as ~110 tokens. Cut and re-decode until it fits,
+    as vllm bench serve's random dataset corrects its prompts."""
+    n = len(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    again = tokenizer.encode(text, add_special_tokens=False)
+    cut = n
+    for _ in range(max_rounds):
+        if len(again) <= n:
+            return text
+        text = tokenizer.decode(again[:cut], skip_special_tokens=True)
+        again = tokenizer.encode(text, add_special_tokens=False)
+        # A cut may split a character whose bytes come back as a longer U+FFFD: the next
+        # cut is shorter by what this one overshot.
+        cut = max(0, cut - max(1, len(again) - n))
+    if len(again) > n:
+        raise ValueError(f"cannot fit a {n}-token prompt as text for this tokenizer")
+    return text
+
+
 def arrival_offsets(
     num_requests: int, rate: float, *, burstiness: float = 1.0, seed: int = 0
 ) -> np.ndarray:
