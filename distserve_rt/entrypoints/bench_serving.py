@@ -31,14 +31,20 @@ from distserve_rt.benchmarks.serving.compare import (
     compare_json,
     format_compare_table,
 )
-from distserve_rt.benchmarks.serving.http_backend import fetch_model_card
+from distserve_rt.benchmarks.serving.http_backend import (
+    OpenAIChatHTTPBackend,
+    fetch_model_card,
+    http_ready_probe,
+    wait_until_ready,
+)
 from distserve_rt.benchmarks.serving.plot import plot_results, plot_summaries
 from distserve_rt.benchmarks.serving.report import RunInfo, format_table
-from distserve_rt.benchmarks.serving.request_set import tokenizer_special_ids
+from distserve_rt.benchmarks.serving.request_set import prompt_text, tokenizer_special_ids
 from distserve_rt.benchmarks.serving.sweep import BenchmarkAborted, sweep_json
-from distserve_rt.entrypoints import bench_serving_args, engine_args, planner_args
+from distserve_rt.entrypoints import bench_resolve, bench_serving_args, engine_args, planner_args
 from distserve_rt.entrypoints.bench_report import describe_plan, plot_compare, verdict
-from distserve_rt.workloads import LengthDist, Workload, get_slo_preset
+from distserve_rt.workloads import LengthDist, Workload, get_slo_preset, load_length_file
+from distserve_rt.workloads.sharegpt import load_sharegpt
 
 
 def add_parser(sub) -> None:
@@ -61,9 +67,48 @@ def run_plot(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_workload(args: argparse.Namespace) -> Workload:
+def is_sharegpt_file(path: str) -> bool:
+    """A ShareGPT file is a JSON list; a length file is JSONL or CSV (first byte tells)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            head = f.read(4096).lstrip()
+    except OSError as exc:
+        raise ValueError(f"--dataset-path {path!r}: cannot read it ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"--dataset-path {path!r}: not a text file") from None
+    return head.startswith("[")
+
+
+def build_workload(args: argparse.Namespace, encode=None) -> tuple[Workload, list | None]:
+    """The requests' lengths and, for a ShareGPT file, their prompt ids (``encode``: the
+    target's tokenizer); None prompts mean random ids."""
     if args.num_prompts < 1:
         raise ValueError(f"--num-prompts must be >= 1, got {args.num_prompts}")
+    if args.dataset_path:
+        if args.dataset_name not in (None, "sharegpt"):
+            raise ValueError(
+                f"--dataset-path gives the requests; drop --dataset-name {args.dataset_name} "
+                "(or use --dataset-name sharegpt with a ShareGPT file)"
+            )
+        if is_sharegpt_file(args.dataset_path):
+            workload, prompts = load_sharegpt(
+                args.dataset_path, encode, args.num_prompts, seed=args.seed
+            )
+            if args.length_scale != 1:
+                raise ValueError("--length-scale cannot scale a ShareGPT file's real prompts")
+            return workload, prompts
+        if args.dataset_name == "sharegpt":
+            raise ValueError(
+                f"--dataset-path {args.dataset_path!r}: --dataset-name sharegpt needs a "
+                "ShareGPT-format JSON list (this file is not one)"
+            )
+        lengths = load_length_file(args.dataset_path).workload()
+        workload = lengths.sample(args.num_prompts, seed=args.seed)
+        return workload.scaled(args.length_scale), None
+    return _named_workload(args), None
+
+
+def _named_workload(args: argparse.Namespace) -> Workload:
     name = args.dataset_name
     if name is None:
         name = get_slo_preset(args.slo_preset).dataset if args.slo_preset else "sharegpt"
@@ -91,6 +136,15 @@ def build_workload(args: argparse.Namespace) -> Workload:
 def _http_target(args, loop: EventLoop) -> dict[str, Any]:
     from distserve_rt.tokenizer import get_tokenizer
 
+    if args.ready_check_timeout_sec:
+        print(f"Waiting up to {args.ready_check_timeout_sec:g} s for {args.base_url}", flush=True)
+        loop.run(
+            wait_until_ready(
+                http_ready_probe(args.base_url, args.api_key),
+                args.ready_check_timeout_sec,
+                what=f"the server at {args.base_url}",
+            )
+        )
     card: dict[str, Any] = {}
     if args.model is None or args.max_model_len is None:
         card = loop.run(_model_card(args.base_url, args.api_key))
@@ -99,14 +153,23 @@ def _http_target(args, loop: EventLoop) -> dict[str, Any]:
     if max_len is None:
         raise ValueError(f"{args.base_url}/v1/models does not give max_model_len; pass it")
     tokenizer_id = args.tokenizer or model
-    backend = OpenAIHTTPBackend(
-        args.base_url, args.api_key, model=model, temperature=args.temperature
+    tokenizer = get_tokenizer(tokenizer_id)
+    common = dict(
+        model=model, temperature=args.temperature, endpoint=args.endpoint, name=args.backend
     )
+    if args.api == "chat":
+
+        def decode(ids):
+            return prompt_text(ids, tokenizer)
+
+        backend = OpenAIChatHTTPBackend(args.base_url, args.api_key, decode=decode, **common)
+    else:
+        backend = OpenAIHTTPBackend(args.base_url, args.api_key, **common)
     return dict(
         backend=backend,
         model_id=model,
         tokenizer_id=tokenizer_id,
-        tokenizer=get_tokenizer(tokenizer_id),
+        tokenizer=tokenizer,
         max_model_len=int(max_len),
         engine=None,
     )
@@ -140,6 +203,14 @@ def _in_process_target(args, entry: CompareEntry | None) -> dict[str, Any]:
         max_model_len=engine.max_model_len,
         engine=engine,
     )
+
+
+def _tokenizer_of(name: str | None):
+    from distserve_rt.tokenizer import get_tokenizer
+
+    if name is None:
+        raise ValueError("--dataset-path with a ShareGPT file needs --tokenizer or --model")
+    return get_tokenizer(name)
 
 
 def _save(path: Path, payload: dict[str, Any]) -> Path:
@@ -182,6 +253,7 @@ def _settings(args: argparse.Namespace) -> BenchSettings:
         timeout_s=args.request_timeout,
         max_concurrency=args.max_concurrency,
         disable_tqdm=args.disable_tqdm,
+        goodput_ms=args.goodput_ms,
     )
 
 
@@ -196,12 +268,17 @@ def _check_compare(args: argparse.Namespace) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    bench_resolve.resolve(args)
     _check_compare(args)
-    settings, workload, metadata = _settings(args), build_workload(args), _metadata(args.metadata)
+    settings, metadata = _settings(args), _metadata(args.metadata)
     provenance = environment()
+    needs_tokenizer = bool(args.dataset_path) and is_sharegpt_file(args.dataset_path)
+    workload = None if needs_tokenizer else build_workload(args)
     if args.compare:
+        if workload is None:
+            workload = build_workload(args, _tokenizer_of(args.tokenizer or args.model).encode)
         slo = settings.slo
-        print(describe_plan(args, workload, (slo.ttft_s * 1e3, slo.tpot_s * 1e3)), flush=True)
+        print(describe_plan(args, workload[0], (slo.ttft_s * 1e3, slo.tpot_s * 1e3)), flush=True)
     outcomes = []
     with EventLoop() as loop:
         for entry in args.compare or [None]:
@@ -223,6 +300,9 @@ def _run_target(args, loop: EventLoop, entry: CompareEntry | None, common: tuple
     settings, workload, metadata and provenance every target shares."""
     settings, workload, metadata, provenance = common
     target = _http_target(args, loop) if args.base_url else _in_process_target(args, entry)
+    if workload is None:  # a ShareGPT file: its prompts are the target's tokenizer's ids
+        workload = build_workload(args, target["tokenizer"].encode)
+    workload, prompts = workload
     backend = target["backend"]
     label = entry.label if entry is not None else args.label or backend.name
     info = RunInfo(
@@ -234,6 +314,8 @@ def _run_target(args, loop: EventLoop, entry: CompareEntry | None, common: tuple
         burstiness=args.burstiness,
         max_concurrency=args.max_concurrency,
         num_clipped=0,
+        percentile_metrics=args.percentile_metrics,
+        metric_percentiles=args.metric_percentiles,
     )
     bench = ServingBenchmark(
         backend,
@@ -244,6 +326,7 @@ def _run_target(args, loop: EventLoop, entry: CompareEntry | None, common: tuple
         special_ids=tokenizer_special_ids(target["tokenizer"]),
         max_model_len=target["max_model_len"],
         loop=loop,
+        prompts=prompts,
     )
     try:
         bench.warm_up(args.num_warmups)

@@ -43,6 +43,24 @@ def add_target_args(p: argparse.ArgumentParser) -> None:
         help="OpenAI-compatible server, e.g. http://127.0.0.1:8000; without it the engine "
         "runs in this process (its flags are drt-run serve's)",
     )
+    g.add_argument(
+        "--backend",
+        help="HTTP client, as vllm bench serve's: openai (or its alias vllm) streams "
+        "/v1/completions, openai-chat streams /v1/chat/completions; giving it (or --host/"
+        "--port) targets http://HOST:PORT when --base-url is not given",
+    )
+    g.add_argument(
+        "--endpoint",
+        help="API path (default: /v1/completions, /v1/chat/completions for openai-chat)",
+    )
+    g.add_argument("--host", help="server host when no --base-url (default: 127.0.0.1)")
+    g.add_argument("--port", help="server port when no --base-url (default: 8000)")
+    g.add_argument(
+        "--ready-check-timeout-sec",
+        default="0",
+        help="HTTP: wait up to this long for the server's /health (else /v1/models) to answer "
+        "200 before starting; 0 skips the check, as vllm bench serve's default (default: 0)",
+    )
     g.add_argument("--api-key", help="bearer token for the server (default: none)")
     g.add_argument(
         "--model",
@@ -83,6 +101,12 @@ def add_workload_args(p: argparse.ArgumentParser) -> None:
         help="request lengths: a paper dataset (shipped with the package) or random "
         "(default: the --slo-preset's dataset, else sharegpt)",
     )
+    g.add_argument(
+        "--dataset-path",
+        help="a file of requests: a ShareGPT-format JSON list (conversations; turn 0 is the "
+        "prompt, turn 1's token count the output length, filtered and sampled as vllm bench "
+        "serve does) or a length file (JSONL/CSV with prompt_len/output_len columns)",
+    )
     g.add_argument("--num-prompts", type=int, default=100, help="requests per run (default: 100)")
     g.add_argument("--random-input-len", type=int, default=128, help="random: prompt tokens")
     g.add_argument("--random-output-len", type=int, default=32, help="random: output tokens")
@@ -119,11 +143,10 @@ def add_load_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--burstiness",
-        type=float,
-        default=1.0,
+        default="1.0",  # checked in bench_serving: a bad value is one line, not a usage dump
         help="1 = Poisson arrivals; else gamma gaps with this shape (<1 burstier)",
     )
-    g.add_argument("--max-concurrency", type=int, help="requests in flight at most (default: any)")
+    g.add_argument("--max-concurrency", help="requests in flight at most (default: any)")
     g.add_argument(
         "--request-timeout",
         type=float,
@@ -144,6 +167,14 @@ def add_slo_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("SLOs and goodput")
     g.add_argument(
         "--slo-preset", choices=sorted(SLO_PRESETS), help="the paper's Table 1 SLOs (and dataset)"
+    )
+    g.add_argument(
+        "--goodput",
+        nargs="+",
+        metavar="KEY:MS",
+        help="vllm bench serve's goodput: request_goodput counts the successful requests "
+        "meeting every objective given (ttft, tpot, e2el in ms, e.g. ttft:250 tpot:100); "
+        "without it request_goodput is the rate meeting both --slo-* SLOs",
     )
     g.add_argument("--slo-ttft-ms", type=float, help="TTFT SLO, ms (default: 250)")
     g.add_argument("--slo-tpot-ms", type=float, help="TPOT SLO, ms (default: 100)")
@@ -198,6 +229,16 @@ def add_output_args(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--metadata", nargs="*", metavar="KEY=VALUE", default=[], help="extra keys for the JSON"
+    )
+    g.add_argument(
+        "--percentile-metrics",
+        help="comma-separated latencies whose statistics are printed and saved, of ttft, tpot, "
+        "itl, e2el (default: all four)",
+    )
+    g.add_argument(
+        "--metric-percentiles",
+        help="comma-separated percentiles printed and saved as pNN_<metric>_ms, e.g. 50,90,99 "
+        "(default: 50,90,99)",
     )
 
 

@@ -42,6 +42,25 @@ async def completions(request: Request):
     return StreamingResponse(events(), media_type="text/event-stream")
 
 
+async def chat_completions(request: Request):
+    body = await request.json()
+    prompt = body["messages"][0]["content"]
+
+    async def events():
+        role = {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+        yield f"data: {json.dumps({'choices': [role]})}\n\n"
+        n = body["max_completion_tokens"]
+        for _ in range(n):
+            await asyncio.sleep(0.002)
+            choice = {"index": 0, "delta": {"content": "y"}, "finish_reason": None}
+            yield f"data: {json.dumps({'choices': [choice]})}\n\n"
+        usage = {"prompt_tokens": len(prompt) + 3, "completion_tokens": n}
+        yield f"data: {json.dumps({'choices': [], 'usage': usage})}\n\n"
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 async def models(request: Request):
     return JSONResponse({"data": [{"id": "tiny", "max_model_len": 64}]})
 
@@ -51,6 +70,8 @@ def server_url():
     app = Starlette(
         routes=[
             Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/health", lambda request: JSONResponse({})),
             Route("/v1/models", models),
         ]
     )
@@ -93,6 +114,33 @@ def test_http_sweep_saves_vllm_json_sweep_and_plot(server_url, tmp_path, capsys)
     assert main(["bench-plot", str(tmp_path / "colocated-sweep-tiny.json"), str(runs[0]), "-o",
                  str(tmp_path / "both.png")]) == 0  # fmt: skip
     assert (tmp_path / "both.png").exists()
+
+
+def test_http_chat_with_sharegpt_goodput_and_percentiles(server_url, tmp_path, capsys):
+    """vllm bench serve's flags end to end: the chat client, a ShareGPT file's prompts, the
+    ready check, --goodput and the percentile keys in the saved JSON."""
+    turn = lambda who, n: {"from": who, "value": "ab " * n}  # noqa: E731 - 3n bytes
+    data = [{"conversations": [turn("human", k), turn("gpt", 2)]} for k in (2, 3, 4)]
+    path = tmp_path / "sharegpt.json"
+    path.write_text(json.dumps(data))
+    argv = ["bench", "--base-url", server_url, "--backend", "openai-chat"]
+    argv += ["--tokenizer", "dummy:llama-tiny", "--dataset-path", str(path)]
+    argv += ["--num-prompts", "4", "--request-rate", "200", "--disable-tqdm", "--num-warmups", "0"]
+    argv += ["--goodput", "ttft:10000", "e2el:0.001", "--ready-check-timeout-sec", "5"]
+    argv += ["--percentile-metrics", "ttft,e2el", "--metric-percentiles", "50,99.5"]
+    argv += ["--save-result", "--result-dir", str(tmp_path), "--result-filename", "r.json"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "P99.5 TTFT (ms):" in out and "Mean TPOT" not in out
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["backend"] == "openai-chat" and result["completed"] == 4
+    assert result["request_goodput"] == 0.0  # nobody finishes within 1 us
+    assert result["goodput"] == {"ttft": 10000.0, "e2el": 0.001}
+    assert {"p50_ttft_ms", "p99.5_ttft_ms", "p99.5_e2el_ms"} <= result.keys()
+    assert "p99_tpot_ms" not in result and "mean_itl_ms" not in result
+    # Byte tokens: BOS + 3k bytes (+3 for the server's template, from the usage chunk).
+    assert sorted(set(result["input_lens"])) <= [7 + 3, 10 + 3, 13 + 3]
+    assert result["output_lens"] == [7, 7, 7, 7]  # "ab ab " is 6 bytes + BOS
 
 
 def test_in_process_uses_build_engine_client(monkeypatch, capsys):

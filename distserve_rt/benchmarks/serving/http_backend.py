@@ -1,4 +1,5 @@
-"""`OpenAIHTTPBackend`: streams ``/v1/completions`` from an OpenAI-compatible server.
+"""`OpenAIHTTPBackend`: streams ``/v1/completions`` from an OpenAI-compatible server;
+`OpenAIChatHTTPBackend` streams ``/v1/chat/completions`` (``--backend openai-chat``).
 
 The request is what ``vllm bench serve --backend openai`` sends, with the prompt as token
 ids: ``stream: true``, ``stream_options: {"include_usage": true}``, ``ignore_eos``,
@@ -7,12 +8,19 @@ lines, then ``data: [DONE]``. A chunk with choices is content: the first sets TT
 later one adds an ITL gap (a chunk carrying only a finish_reason and no text is not a
 token). The usage chunk's ``completion_tokens`` is the output length. An error object in
 the stream (``{"error": {...}}`` or ``{"object": "error", ...}``) fails the request.
+
+The chat client sends the prompt as text (the prompt ids decoded) in one user message, with
+``max_completion_tokens``; a chunk's text is ``delta.content``, and the role chunk (a
+``role`` and no content) is no token. Its prompt length is the usage chunk's ``prompt_tokens``
+(the chat template adds tokens), as vLLM's chat client takes it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +69,7 @@ class StreamState:
     last_chunk: float = 0.0
     num_chunks: int = 0
     usage_tokens: int | None = None
+    usage_prompt_tokens: int | None = None
     done: bool = False
 
     def on_event(self, data: dict[str, Any] | str, now: float) -> None:
@@ -75,10 +84,19 @@ class StreamState:
             return
         if data.get("usage"):
             self.usage_tokens = int(data["usage"].get("completion_tokens", 0))
+            if data["usage"].get("prompt_tokens") is not None:
+                self.usage_prompt_tokens = int(data["usage"]["prompt_tokens"])
         choices = data.get("choices") or []
         if not choices:
             return
-        text = choices[0].get("text") or ""
+        delta = choices[0].get("delta")
+        if isinstance(delta, dict):  # a chat chunk
+            if "role" in delta and not delta.get("content"):
+                return  # the role chunk opens the stream; it carries no token
+            # content "" is still a token (bytes of a character not yet complete)
+            text = delta.get("content") or ""
+        else:
+            text = choices[0].get("text") or ""
         if not text and choices[0].get("finish_reason") is not None:
             return
         if self.num_chunks == 0:
@@ -113,6 +131,7 @@ class OpenAIHTTPBackend:
     """
 
     name = "openai"
+    default_endpoint = "/v1/completions"
 
     def __init__(
         self,
@@ -122,6 +141,8 @@ class OpenAIHTTPBackend:
         model: str,
         temperature: float = 0.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        endpoint: str | None = None,
+        name: str | None = None,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"base_url must start with http:// or https://, got {base_url!r}")
@@ -136,6 +157,8 @@ class OpenAIHTTPBackend:
         )
         self.model = model
         self.temperature = temperature
+        self.endpoint = endpoint or self.default_endpoint
+        self.name = name or self.name  # --backend as typed (vllm, openai), for the JSON
 
     def payload(self, request: BenchRequest) -> dict[str, Any]:
         return {
@@ -154,7 +177,7 @@ class OpenAIHTTPBackend:
         headers = {"X-Request-Id": request.request_id}
         body = self.payload(request)
         async with self._client.stream(
-            "POST", "/v1/completions", json=body, headers=headers
+            "POST", self.endpoint, json=body, headers=headers
         ) as response:
             if response.status_code != 200:
                 detail = (await response.aread()).decode(errors="replace")[:500]
@@ -166,9 +189,95 @@ class OpenAIHTTPBackend:
                 if event is not None:
                     state.on_event(event, time.perf_counter())
         state.finish(time.perf_counter())
+        if self.prompt_len_from_usage and state.usage_prompt_tokens is not None:
+            record.prompt_len = state.usage_prompt_tokens
+
+    prompt_len_from_usage = False
 
     async def close(self) -> None:
         await self._client.aclose()
+
+
+class OpenAIChatHTTPBackend(OpenAIHTTPBackend):
+    """Client of ``{base_url}/v1/chat/completions`` (``--backend openai-chat``).
+
+    ``decode`` turns the request's prompt ids into the message text (the tokenizer's)."""
+
+    name = "openai-chat"
+    default_endpoint = "/v1/chat/completions"
+    prompt_len_from_usage = True
+
+    def __init__(self, *args, decode: Callable[[Sequence[int]], str], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.decode = decode
+
+    def payload(self, request: BenchRequest) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "messages": [{"role": "user", "content": self.decode(request.prompt_token_ids)}],
+            "max_completion_tokens": request.output_len,
+            "min_tokens": request.output_len,
+            "ignore_eos": True,
+            "temperature": self.temperature,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+
+
+READY_PATHS = ("/health", "/v1/models")
+
+
+async def wait_until_ready(
+    probe: Callable[[], Awaitable[str | None]],
+    timeout_s: float,
+    *,
+    what: str,
+    clock: Callable[[], float] = time.monotonic,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    interval_s: float = 1.0,
+) -> None:
+    """Calls ``probe`` (None: ready, else why not) until it answers None or ``timeout_s``
+    has passed on ``clock``; then ValueError naming the flag, ``what`` and the last reason.
+    ``clock``/``sleep`` are injectable so tests drive time instead of waiting."""
+    if not timeout_s > 0:
+        raise ValueError(f"--ready-check-timeout-sec must be > 0 seconds, got {timeout_s!r}")
+    deadline = clock() + timeout_s
+    while True:
+        reason = await probe()
+        if reason is None:
+            return
+        left = deadline - clock()
+        if left <= 0:
+            raise ValueError(
+                f"--ready-check-timeout-sec {timeout_s:g}: {what} was not ready within "
+                f"{timeout_s:g} s (last: {reason})"
+            )
+        await sleep(min(interval_s, left))
+
+
+def http_ready_probe(
+    base_url: str, api_key: str | None = None, **client_kw
+) -> Callable[[], Awaitable[str | None]]:
+    """A probe for `wait_until_ready`: GET /health, else /v1/models (a server without
+    /health), 200 meaning ready; a refused connection or other status is the reason."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+    async def probe() -> str | None:
+        reason = "no answer"
+        async with httpx.AsyncClient(
+            base_url=base_url.rstrip("/"), headers=headers, timeout=5.0, **client_kw
+        ) as client:
+            for path in READY_PATHS:
+                try:
+                    response = await client.get(path)
+                except httpx.TransportError as exc:
+                    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+                if response.status_code == 200:
+                    return None
+                reason = f"GET {path}: HTTP {response.status_code}"
+        return reason
+
+    return probe
 
 
 async def fetch_model_card(base_url: str, api_key: str | None = None, **client_kw) -> dict:

@@ -10,11 +10,12 @@ code) over *all* requests: a failed request carries ``inf`` and so misses every 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from distserve_rt.benchmarks.serving.record import RequestRecord
+from distserve_rt.benchmarks.serving.vllm_flags import count_good
 from distserve_rt.metrics.slo import SLO, Attainment, attainment, latency_percentiles, slo_scale
 
 REPORTED_PERCENTILES = (50.0, 90.0, 99.0)
@@ -30,14 +31,19 @@ class LatencyStats:
     p50: float | None
     p90: float | None
     p99: float | None
+    percentiles: dict[float, float | None] = field(default_factory=dict)
+    """Every percentile asked for (``--metric-percentiles``) -> ms, the three above included."""
 
     @classmethod
-    def of(cls, values_s: list[float]) -> LatencyStats:
+    def of(cls, values_s: list[float], percentiles: tuple[float, ...] = ()) -> LatencyStats:
+        asked = tuple(dict.fromkeys((*REPORTED_PERCENTILES, *percentiles)))
         if not values_s:
-            return cls(None, None, None, None, None, None)
+            return cls(None, None, None, None, None, None, dict.fromkeys(asked))
         ms = np.asarray(values_s, dtype=np.float64) * 1000.0
-        pct = latency_percentiles(ms, REPORTED_PERCENTILES)
-        return cls(float(ms.mean()), float(np.median(ms)), float(ms.std()), *(pct[k] for k in pct))
+        got = np.percentile(ms, asked)  # numpy's linear rule, as vLLM and latency_percentiles
+        by_p = {p: float(v) for p, v in zip(asked, got, strict=True)}
+        fixed = latency_percentiles(ms, REPORTED_PERCENTILES)
+        return cls(float(ms.mean()), float(np.median(ms)), float(ms.std()), *fixed.values(), by_p)
 
 
 @dataclass(frozen=True)
@@ -53,7 +59,8 @@ class ServingMetrics:
     total_output_tokens: int
     request_throughput: float
     request_goodput: float
-    """Requests per second that met both SLOs (``vllm bench serve --goodput``)."""
+    """Requests per second that met both SLOs; with ``goodput_ms`` (``--goodput``), those
+    that met every one of its objectives, counted as ``vllm bench serve --goodput`` does."""
     output_throughput: float
     total_token_throughput: float
     ttft: LatencyStats
@@ -66,6 +73,8 @@ class ServingMetrics:
     slo_scale: float
     """Tightest factor on both SLOs that ``target`` of the requests meet (inf: too many
     failed)."""
+    goodput_ms: dict[str, float] | None = None
+    """``--goodput``'s objectives (ms by metric) when given."""
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -79,9 +88,16 @@ def slo_arrays(records: list[RequestRecord]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def compute_metrics(
-    records: list[RequestRecord], duration_s: float, slo: SLO, target: float = 0.9
+    records: list[RequestRecord],
+    duration_s: float,
+    slo: SLO,
+    target: float = 0.9,
+    *,
+    percentiles: tuple[float, ...] = (),
+    goodput_ms: dict[str, float] | None = None,
 ) -> ServingMetrics:
-    """Scores ``records`` of a run that took ``duration_s`` seconds."""
+    """Scores ``records`` of a run that took ``duration_s`` seconds; ``percentiles`` are
+    computed besides p50/p90/p99, ``goodput_ms`` (``--goodput``) decides request_goodput."""
     if not records:
         raise ValueError("no request records to score")
     ok = [r for r in records if r.success]
@@ -91,6 +107,13 @@ def compute_metrics(
     att = attainment(ttft, tpot, slo)
     num_in = sum(r.prompt_len for r in ok)
     num_out = sum(r.output_len for r in ok)
+    if goodput_ms:
+        good = count_good(
+            [r.ttft for r in ok], [r.tpot for r in ok], [r.e2e for r in ok], goodput_ms
+        )
+    else:
+        good = att.joint * len(records)
+    pct = tuple(percentiles)
     return ServingMetrics(
         num_requests=len(records),
         completed=len(ok),
@@ -99,17 +122,18 @@ def compute_metrics(
         total_input_tokens=num_in,
         total_output_tokens=num_out,
         request_throughput=len(ok) / duration_s,
-        request_goodput=att.joint * len(records) / duration_s,
+        request_goodput=good / duration_s,
         output_throughput=num_out / duration_s,
         total_token_throughput=(num_in + num_out) / duration_s,
-        ttft=LatencyStats.of([r.ttft for r in ok]),
-        tpot=LatencyStats.of([r.tpot for r in ok if r.output_len > 1]),
-        itl=LatencyStats.of([gap for r in ok for gap in r.itl]),
-        e2el=LatencyStats.of([r.e2e for r in ok]),
+        ttft=LatencyStats.of([r.ttft for r in ok], pct),
+        tpot=LatencyStats.of([r.tpot for r in ok if r.output_len > 1], pct),
+        itl=LatencyStats.of([gap for r in ok for gap in r.itl], pct),
+        e2el=LatencyStats.of([r.e2e for r in ok], pct),
         slo=slo,
         target=target,
         attainment=att,
         slo_scale=slo_scale(ttft, tpot, slo, target),
+        goodput_ms=dict(goodput_ms) if goodput_ms else None,
     )
 
 

@@ -4,9 +4,15 @@
 (date, backend, model_id, tokenizer_id, num_prompts, request_rate, burstiness,
 max_concurrency, duration, completed, failed, total_input_tokens, total_output_tokens,
 request_throughput, request_goodput, output_throughput, total_token_throughput, input_lens,
-output_lens, ttfts, itls, generated_texts, errors, {mean,median,std,pNN}_{ttft,tpot,itl,
-e2el}_ms), so tools that read vLLM's files read ours; our additions are listed in
-`EXTRA_KEYS`. Latencies in the per-request lists are seconds, as vLLM writes them.
+output_lens, ttfts, itls, latencies, generated_texts, errors, {mean,median,std,pNN}_
+{ttft,tpot,itl,e2el}_ms), so tools that read vLLM's files read ours; our additions are listed
+in `EXTRA_KEYS`. Latencies in the per-request lists are seconds, as vLLM writes them.
+
+Which latency keys exist follows ``--percentile-metrics``/``--metric-percentiles`` as in
+vLLM; our defaults are all four metrics at p50/p90/p99 (vLLM's: ttft,tpot,itl at p99), a
+superset, so a reader of vLLM's default keys finds them. Two differences, on purpose:
+request_goodput without ``--goodput`` is the rate meeting both SLOs (vLLM writes null),
+and with it the objectives are saved under ``goodput``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from distserve_rt.benchmarks.serving.metrics import (
     engine_breakdown_ms,
 )
 from distserve_rt.benchmarks.serving.runner import RunOutput
+from distserve_rt.benchmarks.serving.vllm_flags import PERCENTILE_METRICS, percentile_word
 
 EXTRA_KEYS = (
     "label",
@@ -32,6 +39,7 @@ EXTRA_KEYS = (
     "attainment",
     "slo_scale",
     "engine_breakdown_ms",
+    "goodput",
 )
 
 _METRIC_TITLES = (
@@ -54,6 +62,10 @@ class RunInfo:
     burstiness: float
     max_concurrency: int | None
     num_clipped: int
+    percentile_metrics: tuple[str, ...] = PERCENTILE_METRICS
+    """``--percentile-metrics``: the latencies whose statistics are printed and saved."""
+    metric_percentiles: tuple[float, ...] = REPORTED_PERCENTILES
+    """``--metric-percentiles``: the ``pNN_<metric>_ms`` keys and ``PNN`` rows."""
 
 
 def json_number(value: float | None) -> float | str | None:
@@ -64,14 +76,16 @@ def json_number(value: float | None) -> float | str | None:
     return value
 
 
-def _latency_keys(name: str, stats: LatencyStats) -> dict[str, float | None]:
+def _latency_keys(
+    name: str, stats: LatencyStats, percentiles: tuple[float, ...]
+) -> dict[str, float | None]:
     out = {
         f"mean_{name}_ms": stats.mean,
         f"median_{name}_ms": stats.median,
         f"std_{name}_ms": stats.std,
     }
-    for p in REPORTED_PERCENTILES:
-        out[f"p{p:g}_{name}_ms"] = getattr(stats, f"p{p:g}")
+    for p in percentiles:
+        out[f"p{percentile_word(p)}_{name}_ms"] = stats.percentiles.get(p)
     return out
 
 
@@ -101,12 +115,16 @@ def result_json(info: RunInfo, run: RunOutput, m: ServingMetrics) -> dict[str, A
         "output_lens": [r.output_len if r.success else 0 for r in records],
         "ttfts": [r.ttft if r.success else 0.0 for r in records],
         "itls": [list(r.itl) if r.success else [] for r in records],
+        "latencies": [r.e2e if r.success else 0.0 for r in records],
         "generated_texts": [r.generated_text for r in records],
         "errors": [r.error for r in records],
         "start_times": [r.start_time - run.start_time for r in records],
     }
     for name, _, _ in _METRIC_TITLES:
-        out.update(_latency_keys(name, getattr(m, name)))
+        if name in info.percentile_metrics:  # vLLM saves only the selected metrics
+            out.update(_latency_keys(name, getattr(m, name), info.metric_percentiles))
+    if m.goodput_ms:
+        out["goodput"] = dict(m.goodput_ms)
     out.update(
         num_clipped=info.num_clipped,
         slo={"ttft_ms": 1000 * m.slo.ttft_s, "tpot_ms": 1000 * m.slo.tpot_s, "target": m.target},
@@ -143,6 +161,11 @@ def format_table(info: RunInfo, m: ServingMetrics) -> str:
         _row("Total generated tokens:", m.total_output_tokens),
         _row("Request throughput (req/s):", m.request_throughput, ".2f"),
         _row("Request goodput (req/s):", m.request_goodput, ".2f"),
+        *(
+            [_row("Goodput SLOs (ms):", " ".join(f"{k}:{v:g}" for k, v in m.goodput_ms.items()))]
+            if m.goodput_ms
+            else []
+        ),
         _row("Output token throughput (tok/s):", m.output_throughput, ".2f"),
         _row("Total Token throughput (tok/s):", m.total_token_throughput, ".2f"),
         "{s:{c}^{n}}".format(s="SLO Attainment", n=50, c="-"),
@@ -153,11 +176,14 @@ def format_table(info: RunInfo, m: ServingMetrics) -> str:
         _row(f"SLO scale for {100 * m.target:g}% (x):", m.slo_scale, ".3f"),
     ]
     for name, short, title in _METRIC_TITLES:
+        if name not in info.percentile_metrics:
+            continue
         stats: LatencyStats = getattr(m, name)
         lines.append("{s:{c}^{n}}".format(s=title, n=50, c="-"))
         lines.append(_row(f"Mean {short} (ms):", stats.mean, ".2f"))
         lines.append(_row(f"Median {short} (ms):", stats.median, ".2f"))
-        for p in REPORTED_PERCENTILES[1:]:
-            lines.append(_row(f"P{p:g} {short} (ms):", getattr(stats, f"p{p:g}"), ".2f"))
+        for p in info.metric_percentiles:
+            word = percentile_word(p)
+            lines.append(_row(f"P{word} {short} (ms):", stats.percentiles.get(p), ".2f"))
     lines.append("=" * 50)
     return "\n".join(lines)

@@ -85,6 +85,30 @@ def tokenizer_special_ids(tokenizer: Any) -> list[int]:
     return [int(v) for v in (getattr(tokenizer, n, None) for n in names) if v is not None]
 
 
+def prompt_text(ids: list[int], tokenizer: Any, max_rounds: int = 8) -> str:
+    """Text for a chat message that the tokenizer reads back as at most ``len(ids)`` tokens.
+
+    Decoding random ids and encoding the text again rarely gives the same ids (merges
+    differ, a lone byte becomes U+FFFD, 3 bytes): the chat client sends text, so without
+    this a 64-token random prompt arrives as ~110 tokens. Cut and re-decode until it fits,
+    as vllm bench serve's random dataset corrects its prompts."""
+    n = len(ids)
+    text = tokenizer.decode(ids, skip_special_tokens=True)
+    again = tokenizer.encode(text, add_special_tokens=False)
+    cut = n
+    for _ in range(max_rounds):
+        if len(again) <= n:
+            return text
+        text = tokenizer.decode(again[:cut], skip_special_tokens=True)
+        again = tokenizer.encode(text, add_special_tokens=False)
+        # A cut may split a character whose bytes come back as a longer U+FFFD: the next
+        # cut is shorter by what this one overshot.
+        cut = max(0, cut - max(1, len(again) - n))
+    if len(again) > n:
+        raise ValueError(f"cannot fit a {n}-token prompt as text for this tokenizer")
+    return text
+
+
 def arrival_offsets(
     num_requests: int, rate: float, *, burstiness: float = 1.0, seed: int = 0
 ) -> np.ndarray:
@@ -116,8 +140,16 @@ def build_requests(
     burstiness: float = 1.0,
     seed: int = 0,
     id_prefix: str = "bench-",
+    prompts: list[list[int]] | None = None,
 ) -> RequestSet:
-    """All of ``workload``'s requests, clipped to ``max_model_len``, sent at ``rate``."""
+    """All of ``workload``'s requests, clipped to ``max_model_len``, sent at ``rate``.
+
+    ``prompts``: each row's own prompt ids (a ShareGPT file's), cut to the clipped prompt
+    length; without them prompts are random ids (the same for every rate)."""
+    if prompts is not None and len(prompts) != workload.num_requests:
+        raise ValueError(
+            f"prompts has {len(prompts)} rows for a workload of {workload.num_requests}"
+        )
     prompt, output, num_clipped = clip_lengths(
         workload.prompt_lens, workload.output_lens, max_model_len
     )
@@ -127,7 +159,9 @@ def build_requests(
     requests = [
         BenchRequest(
             request_id=f"{id_prefix}{i}",
-            prompt_token_ids=rng.choice(allowed, int(p)).tolist(),
+            prompt_token_ids=(
+                rng.choice(allowed, int(p)).tolist() if prompts is None else prompts[i][: int(p)]
+            ),
             output_len=int(o),
             arrival_s=float(t),
         )

@@ -39,6 +39,8 @@ class BenchSettings:
     """Per-request limit, seconds; None waits forever."""
     max_concurrency: int | None = None
     disable_tqdm: bool = False
+    goodput_ms: dict[str, float] | None = None
+    """``--goodput``: vLLM's per-metric objectives (ms) for request_goodput; None: the SLO."""
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -103,11 +105,15 @@ class ServingBenchmark:
         special_ids: list[int],
         max_model_len: int,
         loop: EventLoop,
+        prompts: list[list[int]] | None = None,
     ) -> None:
+        """``prompts``: the workload's own prompt ids, row for row (a ShareGPT file's
+        prompts), sent instead of random ids; the warm-up still uses random ids."""
         self.backend, self.workload, self.info, self.settings = backend, workload, info, settings
         self._token_args = dict(
             vocab_size=vocab_size, special_ids=special_ids, max_model_len=max_model_len
         )
+        self.prompts = prompts
         self.loop = loop
         self.runs: list[RunResult] = []
 
@@ -136,7 +142,12 @@ class ServingBenchmark:
         """Sends the workload at ``rate`` req/s (inf: all at once) and scores it."""
         s = self.settings
         request_set = build_requests(
-            self.workload, rate=rate, burstiness=s.burstiness, seed=s.seed, **self._token_args
+            self.workload,
+            rate=rate,
+            burstiness=s.burstiness,
+            seed=s.seed,
+            prompts=self.prompts,
+            **self._token_args,
         )
         run: RunOutput = self.loop.run(
             run_requests(
@@ -148,7 +159,14 @@ class ServingBenchmark:
                 desc=f"{self.info.label} @ {rate:g} req/s",
             )
         )
-        metrics = compute_metrics(run.records, run.duration_s, s.slo, s.target)
+        metrics = compute_metrics(
+            run.records,
+            run.duration_s,
+            s.slo,
+            s.target,
+            percentiles=self.info.metric_percentiles,
+            goodput_ms=s.goodput_ms,
+        )
         info = replace(self.info, request_rate=rate, num_clipped=request_set.num_clipped)
         result = RunResult(rate, source, metrics, result_json(info, run, metrics))
         self.runs.append(result)
