@@ -72,7 +72,7 @@ DEFAULT_DEADLINE_S = 20.0
 """Below the decode puller's 60 s timeout, so a frozen peer shows as a FAILED transfer with
 the transport's reason rather than as the puller's generic timeout."""
 DEFAULT_STAGING_BYTES = 256 << 20
-UCX_ENV_DEFAULTS = {"UCX_TCP_TX_SEG_SIZE": "64K", "NIXL_LOG_LEVEL": "WARNING"}
+UCX_ENV_DEFAULTS = {"UCX_TCP_TX_SEG_SIZE": "64K", "NIXL_LOG_LEVEL": "WARN"}
 """Set before NIXL loads and the agent exists (both read their environment then), never
 over a user's value. NIXL logs every agent's creation at INFO otherwise."""
 
@@ -158,7 +158,13 @@ class NixlTransport(KVTransport):
         self.deadline_s = float(deadline_s)
         self._clock = clock
         name = agent_name or f"drt-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self._agent = nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"]))
+        try:
+            self._agent = nixl.nixl_agent(name, nixl.nixl_agent_config(backends=["UCX"]))
+        except Exception as exc:  # nixlBind's error types
+            raise RuntimeError(
+                f"NIXL could not start its UCX backend ({exc}); UCX printed why above, often "
+                "a UCX_* environment variable (UCX_TLS, UCX_TCP_TX_SEG_SIZE) it refuses"
+            ) from None
         if "UCX" not in self._agent.backends:
             raise RuntimeError("NIXL has no UCX backend plugin here; the nixl transport needs it")
         self.agent_name = name
@@ -296,7 +302,8 @@ class NixlTransport(KVTransport):
 
     @property
     def num_quarantined_bytes(self) -> int:
-        """Staging bytes held by READs given up on that have not ended yet."""
+        """Staging bytes held by READs given up on that have not ended yet (checked now)."""
+        self._reap_quarantined()
         return sum(t.num_staging_bytes for t in self._quarantined)
 
     def close(self) -> None:
@@ -373,13 +380,22 @@ class NixlTransport(KVTransport):
                 "READ", transfer.local_dlist, np.arange(num_runs, dtype=np.int32),
                 remote, nixl_layout.remote_indices(mapping[:, 0], layout),
             )  # fmt: skip
-            state = self._agent.transfer(transfer.xfer)
         except Exception as exc:  # NIXL raises its own error types (nixlBind.*)
-            self._fail_posted(transfer, f"NIXL could not post the READ: {exc}")
+            self._fail_posted(transfer, f"NIXL could not prepare the READ: {exc!r}")
             return True
+        state, reason = self._call_state(self._agent.transfer, transfer.xfer)
         if state == "ERR":
-            self._fail_posted(transfer, self._peer_error(transfer))
+            self._fail_posted(transfer, self._peer_error(transfer, reason))
         return True
+
+    @staticmethod
+    def _call_state(call: Callable, xfer: object) -> tuple[str, str]:
+        """("DONE" | "PROC" | "ERR", reason): a lost peer comes back from NIXL either as "ERR"
+        or as an exception (nixlRemoteDisconnectError), depending on when it is noticed."""
+        try:
+            return call(xfer), ""
+        except Exception as exc:
+            return "ERR", type(exc).__name__ + (f" {exc}" if str(exc) else "")
 
     def _start_queued(self) -> None:
         while self._queued:
@@ -392,14 +408,14 @@ class NixlTransport(KVTransport):
         if transfer.result is not None:
             return transfer.result.status
         if transfer.xfer is not None:
-            state = self._agent.check_xfer_state(transfer.xfer)
+            state, reason = self._call_state(self._agent.check_xfer_state, transfer.xfer)
             if state == "DONE":
                 self._copy_out(transfer)
                 self._release_request(transfer)
                 self._finish(transfer, TransferStatus.SUCCESS)
                 return TransferStatus.SUCCESS
             if state == "ERR":
-                self._fail_posted(transfer, self._peer_error(transfer))
+                self._fail_posted(transfer, self._peer_error(transfer, reason))
                 return TransferStatus.FAILED
         if self._clock() - transfer.submit_time >= self.deadline_s:
             self._give_up(transfer)
@@ -440,7 +456,7 @@ class NixlTransport(KVTransport):
     def _reap_quarantined(self) -> None:
         still = []
         for transfer in self._quarantined:
-            if self._agent.check_xfer_state(transfer.xfer) == "PROC":
+            if self._call_state(self._agent.check_xfer_state, transfer.xfer)[0] == "PROC":
                 still.append(transfer)
             else:
                 self._release_request(transfer)
@@ -450,11 +466,11 @@ class NixlTransport(KVTransport):
         self._release_request(transfer)
         self._finish(transfer, TransferStatus.FAILED, error)
 
-    def _peer_error(self, transfer: _Transfer) -> str:
+    def _peer_error(self, transfer: _Transfer, reason: str) -> str:
         return (
             f"NIXL reported an error for the READ from agent {transfer.peer.agent_name!r} "
-            f"(process {transfer.peer.descriptor.owner_pid}): the peer exited, deregistered "
-            "the pool, or the network path broke"
+            f"(process {transfer.peer.descriptor.owner_pid}){': ' + reason if reason else ''}; "
+            "the peer exited, deregistered the pool, or the network path broke"
         )
 
     def _release_request(self, transfer: _Transfer) -> None:
