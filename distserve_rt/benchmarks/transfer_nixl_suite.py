@@ -44,16 +44,21 @@ CASES = [
         "opt-13b, 8 blocks", KVCacheSpec(12, 40, 40, 128, block_size=16, dtype=torch.float16), 8
     ),
 ]
-VARIANTS = {
-    "tcp, 64K segments": {"UCX_TLS": "tcp", "UCX_TCP_TX_SEG_SIZE": "64K"},
-    "tcp, 8K segments (UCX default)": {"UCX_TLS": "tcp", "UCX_TCP_TX_SEG_SIZE": "8K"},
-    "UCX default transports (same host: cma/shm)": {"UCX_TCP_TX_SEG_SIZE": "64K"},
+TCP_64K = {"UCX_TLS": "tcp", "UCX_TCP_TX_SEG_SIZE": "64K"}
+VARIANTS = {  # label -> (environment of both processes, NixlTransport kwargs of both)
+    "tcp, 64K segments": (TCP_64K, {}),
+    "tcp, 8K segments (UCX default)": ({"UCX_TLS": "tcp", "UCX_TCP_TX_SEG_SIZE": "8K"}, {}),
+    "tcp, 64K segments, busy progress thread (progress_delay_us=0)": (
+        TCP_64K,
+        {"progress_delay_us": 0},
+    ),
+    "UCX default transports (same host: cma/shm)": ({"UCX_TCP_TX_SEG_SIZE": "64K"}, {}),
 }
 STAGING_BYTES = 128 << 20
 
 
-def _producer(conn, name: str, specs: list[KVCacheSpec]) -> None:
-    with create_transport(name) as transport:
+def _producer(conn, name: str, specs: list[KVCacheSpec], kwargs: dict) -> None:
+    with create_transport(name, **kwargs) as transport:
         descriptors = []
         for spec in specs:
             pool = transport.allocate_pool(spec)
@@ -63,7 +68,7 @@ def _producer(conn, name: str, specs: list[KVCacheSpec]) -> None:
         conn.recv()
 
 
-def _start_producer(name: str, env: dict[str, str]):
+def _start_producer(name: str, env: dict[str, str], kwargs: dict):
     """A prefill process for transport `name`, started with `env` (UCX reads it at start)."""
     saved = {k: os.environ.get(k) for k in ("UCX_TLS", "UCX_TCP_TX_SEG_SIZE")}
     for key in saved:
@@ -71,7 +76,9 @@ def _start_producer(name: str, env: dict[str, str]):
     os.environ.update(env)
     ctx = mp.get_context("spawn")
     conn, child_conn = ctx.Pipe()
-    process = ctx.Process(target=_producer, args=(child_conn, name, [c.spec for c in CASES]))
+    process = ctx.Process(
+        target=_producer, args=(child_conn, name, [c.spec for c in CASES], kwargs)
+    )
     process.start()
     return process, conn, [PoolDescriptor.from_bytes(d) for d in conn.recv()]
 
@@ -88,10 +95,11 @@ def _pull_once(transport, peer, dst, src_ids, dst_ids) -> None:
 
 
 def _measure(name: str, env: dict[str, str], latency_runs: int, **kwargs) -> dict:
-    process, conn, descs = _start_producer(name, env)
+    process, conn, descs = _start_producer(name, env, kwargs)
     rows = []
     try:
-        with create_transport(name, **kwargs) as transport:
+        staging = {"staging_bytes": STAGING_BYTES} if name == "nixl" else {}
+        with create_transport(name, **kwargs, **staging) as transport:
             rng = np.random.default_rng(0)
             for case, desc in zip(CASES, descs, strict=True):
                 rows.append(_bandwidth_row(transport, transport.open_peer(desc), case, rng))
@@ -147,10 +155,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     results = {}
-    for label, env in VARIANTS.items():
-        results[f"nixl, {label}"] = _measure(
-            "nixl", env, args.latency_runs, staging_bytes=STAGING_BYTES
-        )
+    for label, (env, kwargs) in VARIANTS.items():
+        results[f"nixl, {label}"] = _measure("nixl", env, args.latency_runs, **kwargs)
     results["shm"] = _measure("shm", {}, args.latency_runs)
     plain = []
     for case in CASES:
@@ -161,17 +167,17 @@ def main(argv: list[str] | None = None) -> int:
                       "plain_copy_gbps": num_bytes / best.median_s / 1e9})  # fmt: skip
     for name, result in results.items():
         for row in result["bandwidth"]:
-            print(f"{name:<58} {row['case']:<24} {row['pull_gbps']:7.2f} GB/s "
+            print(f"{name:<72} {row['case']:<24} {row['pull_gbps']:7.2f} GB/s "
                   f"(staging copy {row['staging_copy_ms_per_pull']:.2f} ms/pull)")  # fmt: skip
         lat = result["latency"]
-        print(f"{name:<58} 1-block fixed cost: median {lat['submit_to_success_median_us']:.0f} us"
+        print(f"{name:<72} 1-block fixed cost: median {lat['submit_to_success_median_us']:.0f} us"
               f", p99 {lat['submit_to_success_p99_us']:.0f} us")  # fmt: skip
     for row in plain:
         print(
-            f"{'plain copy (one process)':<58} {row['case']:<24} {row['plain_copy_gbps']:7.2f} GB/s"
+            f"{'plain copy (one process)':<72} {row['case']:<24} {row['plain_copy_gbps']:7.2f} GB/s"
         )
     if args.json:
-        payload = {"transports": results, "plain_copy": plain, "variants_env": VARIANTS,
+        payload = {"transports": results, "plain_copy": plain, "variants": VARIANTS,
                    "load_average": os.getloadavg()}  # fmt: skip
         print(f"saved {save_result(args.json, payload)}")
     return 0

@@ -227,3 +227,21 @@ def test_killed_peer_fails_fast_not_at_the_deadline(frozen_peer):
     assert handle.wait(20.0) == TransferStatus.FAILED
     assert "NIXL reported an error" in handle.error, handle.error
     assert consumer.num_quarantined_bytes == 0
+
+
+def test_progress_thread_pause_replaces_nixls_busy_loop():
+    # NIXL's Python agent sets pthrDelay = 0 (a busy loop: half a core per idle process on
+    # this machine); the transport substitutes its progress_delay_us while the agent is built.
+    import nixl_cu12
+
+    from distserve_rt.transfer.nixl import _progress_delay
+
+    with _progress_delay(nixl_cu12, 123):
+        config = nixl_cu12._api.nixlBind.nixlAgentConfig()
+        config.pthrDelay = 0
+        assert config.pthrDelay == 123
+    config = nixl_cu12._api.nixlBind.nixlAgentConfig()
+    config.pthrDelay = 0
+    assert config.pthrDelay == 0  # restored afterwards
+    with pytest.raises(ValueError, match="progress_delay_us must be an int in"):
+        create_transport("nixl", progress_delay_us=-1)
