@@ -236,8 +236,10 @@ class NixlTransport(KVTransport):
         )  # fmt: skip
 
     def unregister_pool(self, pool: torch.Tensor) -> None:
-        """Deregisters the pool: peers' later READs of it fail. Call it once every transfer
-        reading it is final."""
+        """Deregisters the pool from NIXL (later metadata leaves it out). It does not fence
+        peers that already loaded the metadata: over UCX TCP a READ after deregistration
+        still succeeded (measured), so, as the lifetime contract says, keep the memory
+        alive until every transfer reading it is final, then call this."""
         entry = self._registered.pop(pool.data_ptr(), None)
         if entry is None:
             raise ValueError("pool is not registered with this transport")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 
 import numpy as np
@@ -245,3 +246,9 @@ def test_progress_thread_pause_replaces_nixls_busy_loop():
     assert config.pthrDelay == 0  # restored afterwards
     with pytest.raises(ValueError, match="progress_delay_us must be an int in"):
         create_transport("nixl", progress_delay_us=-1)
+
+
+def test_missing_wheel_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl_cu12", None)  # import raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install nixl-cu12==1\.5\.1"):
+        create_transport("nixl")
