@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 import time
 
 import numpy as np
@@ -154,6 +155,23 @@ def test_full_staging_queues_then_starts(pair):
     assert first.wait(10.0) == TransferStatus.SUCCESS, first.error
     assert second.wait(10.0) == TransferStatus.SUCCESS, second.error
     assert torch.equal(bits(dst[:4]), bits(src[:4]))
+
+
+def test_copy_out_of_staging_runs_off_the_polling_thread(pair, monkeypatch):
+    _, consumer, src, peer = pair
+    threads = []
+    copy_out = type(consumer)._copy_out
+
+    def recording(self, transfer):
+        threads.append(threading.current_thread().name)
+        copy_out(self, transfer)
+
+    monkeypatch.setattr(type(consumer), "_copy_out", recording)
+    dst = torch.zeros(SPEC.shape)
+    handle = consumer.submit(peer, dst, [6, 7], [0, 1])
+    assert handle.wait(10.0) == TransferStatus.SUCCESS, handle.error
+    assert torch.equal(bits(dst[:2]), bits(src[6:8]))
+    assert len(threads) == 1 and threads[0].startswith("nixl-copy-out")
 
 
 def test_queued_transfer_fails_at_its_deadline(pair):
