@@ -22,8 +22,9 @@ class DisaggConfig:
     `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
 
     transport: str = "auto"
-    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc", or "fake"
-    (tests: in-process pools, so only with launcher="thread" and TP = PP = 1 instances)."""
+    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc", "nixl" (NIXL
+    READ over UCX: between machines; CPU pools for now), or "fake" (tests: in-process pools,
+    so only with launcher="thread" and TP = PP = 1 instances)."""
     kv_lease_timeout_s: float = 30.0
     """Seconds a finished prefill's KV may wait for a decode instance to pull it."""
     on_lease_expiry: LeaseExpiryAction = LeaseExpiryAction.FAIL
@@ -64,9 +65,10 @@ class DisaggConfig:
     prefill instance has at least this many prompt tokens queued (0: off)."""
 
     def __post_init__(self) -> None:
-        if self.transport not in ("auto", "shm", "cuda_ipc", "fake"):
+        if self.transport not in ("auto", "shm", "cuda_ipc", "nixl", "fake"):
             raise ValueError(
-                f"transport must be 'auto', 'shm', 'cuda_ipc' or 'fake', got {self.transport!r}"
+                "transport must be 'auto', 'shm', 'cuda_ipc', 'nixl' or 'fake', got "
+                f"{self.transport!r}"
             )
         if isinstance(self.on_lease_expiry, str):
             try:

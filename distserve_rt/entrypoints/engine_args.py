@@ -182,7 +182,7 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
 # DisaggConfig field -> (flag, argparse keywords); launcher, stats_interval_s and the fake
 # transport (in-process pools: thread launcher only) are test knobs, left to Python.
 _DISAGG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
-    "transport": ("--kv-transport", {"choices": ("auto", "shm", "cuda_ipc")}),
+    "transport": ("--kv-transport", {"choices": ("auto", "shm", "cuda_ipc", "nixl")}),
     "kv_lease_timeout_s": ("--kv-lease-timeout-s", {"type": float}),
     "on_lease_expiry": (
         "--on-lease-expiry",
