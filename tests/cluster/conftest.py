@@ -1,0 +1,80 @@
+"""The session's 2-node Ray cluster (`fake_cluster.py`, its own process group, killed by
+the finalizer) and the driver's connection to it. Every test here has a hard timeout
+(pytest-timeout): the failure mode of a cluster is a hang."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="tests/cluster need ray (requirements/cluster.txt)")
+
+HEAD_IP, WORKER_IP = "127.0.0.2", "127.0.0.3"
+NUM_CPUS_PER_NODE = 4
+"""Logical CPUs per fake node (Ray accounting only: both nodes share this machine)."""
+START_TIMEOUT_S = 60.0
+
+
+class FakeCluster:
+    def __init__(self) -> None:
+        self.temp_dir = tempfile.mkdtemp(prefix="drt-ray-")
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=self.temp_dir)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p
+        )
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).with_name("fake_cluster.py")),
+             str(NUM_CPUS_PER_NODE)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        self.address = self._expect("address", START_TIMEOUT_S)
+
+    def _expect(self, word: str, timeout_s: float) -> str:
+        import selectors
+
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if sel.select(deadline - time.monotonic()):
+                line = self.proc.stdout.readline()
+                if not line:
+                    raise RuntimeError(f"fake cluster exited (status {self.proc.poll()})")
+                if line.startswith(word):
+                    return line.split(" ", 1)[1].strip()
+        raise TimeoutError(f"fake cluster: no {word!r} line within {timeout_s} s")
+
+    def command(self, line: str, timeout_s: float = 30.0) -> None:
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        self._expect("ok", timeout_s)
+
+    def kill(self) -> None:
+        """Graceful quit (about 1.5 s), then SIGKILL to the whole process group."""
+        with contextlib.suppress(Exception):  # it may be hung or dead: killpg below
+            self.command("quit", 15.0)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def fake_cluster(request):
+    cluster = FakeCluster()
+    request.addfinalizer(cluster.kill)
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray.init(
+        address=cluster.address, _node_ip_address=HEAD_IP, log_to_driver=False,
+        logging_level="WARNING",
+    )  # fmt: skip
+    request.addfinalizer(ray.shutdown)  # runs before cluster.kill (finalizers are LIFO)
+    return cluster
