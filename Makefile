@@ -15,12 +15,12 @@ CXX_FILES = $(shell find csrc include -name '*.h' -o -name '*.cpp' -o -name '*.c
 
 .PHONY: run bench-ops test lint format build bench clean
 
-$(DEPS_STAMP): requirements/build.txt requirements/runtime.txt requirements/test.txt
+$(DEPS_STAMP): requirements/build.txt requirements/runtime.txt requirements/test.txt requirements/cluster.txt
 	@echo "== set-up: installing torch and the Python dependencies into $(VENV) (first time: 1-2 minutes)"
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)" -r requirements/build.txt \
-		-r requirements/runtime.txt -r requirements/test.txt
+		-r requirements/runtime.txt -r requirements/test.txt -r requirements/cluster.txt
 	touch $@
 
 # Editable install: the native modules are built into distserve_rt/ by CMake (ninja).

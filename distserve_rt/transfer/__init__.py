@@ -2,8 +2,9 @@
 decode instance's pool (see `base.KVTransport` for the contract).
 
 Backends: ``shm`` (CPU processes on one machine, POSIX shared memory), ``cuda_ipc`` (GPUs
-on one node, CUDA IPC), ``fake`` (in-process, for tests). `create_transport` picks one by
-name and never substitutes another.
+on one node, CUDA IPC), ``nixl`` (host pools across machines, NIXL READ over UCX),
+``fake`` (in-process, for tests). `create_transport` picks one by name and never
+substitutes another.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from distserve_rt.transfer.base import (
 from distserve_rt.transfer.descriptor import KVSlice, PoolDescriptor, PoolGeometry
 from distserve_rt.transfer.reslice import KVPull, Parallelism, kv_head_range, plan_kv_pulls
 
-TRANSPORTS = ("shm", "cuda_ipc", "fake")
+TRANSPORTS = ("shm", "cuda_ipc", "nixl", "fake")
 
 
 def create_transport(name: str, **kwargs: object) -> KVTransport:
@@ -36,6 +37,10 @@ def create_transport(name: str, **kwargs: object) -> KVTransport:
         from distserve_rt.transfer.cuda_ipc import CudaIpcTransport
 
         return CudaIpcTransport(**kwargs)  # type: ignore[arg-type]
+    if name == "nixl":
+        from distserve_rt.transfer.nixl import NixlTransport
+
+        return NixlTransport(**kwargs)  # type: ignore[arg-type]
     if name == "fake":
         from distserve_rt.transfer.fake import FakeTransport
 

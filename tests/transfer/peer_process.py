@@ -5,8 +5,10 @@ reference."""
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import torch
@@ -25,6 +27,21 @@ def random_pool(spec: KVCacheSpec, seed: int) -> torch.Tensor:
 def bits(tensor: torch.Tensor) -> torch.Tensor:
     """Integer view for bit-exact comparisons (NaN-safe, -0.0 != 0.0)."""
     return tensor.view(INT_VIEWS[tensor.dtype])
+
+
+@contextlib.contextmanager
+def ucx_over_tcp() -> Iterator[None]:
+    """UCX_TLS=tcp for this process and the peers it spawns meanwhile: on one host UCX
+    would otherwise pick cma (a process_vm_readv shortcut), not the network path."""
+    old = os.environ.get("UCX_TLS")
+    os.environ["UCX_TLS"] = "tcp"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["UCX_TLS"]
+        else:
+            os.environ["UCX_TLS"] = old
 
 
 def serve(conn, transport_name: str, transport_kwargs: dict) -> None:
@@ -49,8 +66,10 @@ def serve(conn, transport_name: str, transport_kwargs: dict) -> None:
             transport.mark_ready(pool)
             conn.send(desc.to_bytes())
         elif command == "close_pool":
-            if transport_name != "shm":
-                raise NotImplementedError(f"close_pool is only wired for shm, not {transport_name}")
+            if transport_name not in ("shm", "nixl"):
+                raise NotImplementedError(
+                    f"close_pool is only wired for shm and nixl, not {transport_name}"
+                )
             transport.unregister_pool(pools[args[0]])
             conn.send(None)
         elif command == "exit":
