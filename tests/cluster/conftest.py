@@ -26,7 +26,8 @@ START_TIMEOUT_S = 60.0
 class FakeCluster:
     def __init__(self) -> None:
         self.temp_dir = tempfile.mkdtemp(prefix="drt-ray-")
-        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=self.temp_dir)
+        # UCX_TLS=tcp: on one host UCX would pick cma, not the network path between nodes.
+        env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0", RAY_TMPDIR=self.temp_dir, UCX_TLS="tcp")
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (str(Path(__file__).parents[2]), env.get("PYTHONPATH")) if p
         )
