@@ -79,3 +79,22 @@ def fake_cluster(request):
     )  # fmt: skip
     request.addfinalizer(ray.shutdown)  # runs before cluster.kill (finalizers are LIFO)
     return cluster
+
+
+MAX_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def single_machine() -> dict[str, list[int]]:
+    """Greedy tokens of `PROMPTS` from one colocated engine in this process: what every
+    cluster run must produce."""
+    from distserve_rt.engine.llm_engine import LLMEngine
+    from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy
+
+    engine = LLMEngine(engine_config())
+    for i, p in enumerate(PROMPTS):
+        engine.add_request(str(i), p, greedy(MAX_TOKENS))
+    outputs = {}
+    while engine.has_unfinished_requests():
+        outputs.update({o.request_id: o.outputs[0].token_ids for o in engine.step() if o.finished})
+    return outputs

@@ -4,17 +4,14 @@ cannot hold is refused in one line before anything starts."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import yaml
 
 from distserve_rt.engine.controller import Controller
 from distserve_rt.entrypoints import engine_args
-from distserve_rt.entrypoints.cli import build_parser
-from tests.cluster.conftest import HEAD_IP, WORKER_IP
-from tests.engine.disagg_helpers import PROMPTS, greedy
+from distserve_rt.entrypoints.cli import build_parser, main
+from tests.cluster.conftest import HEAD_IP, MAX_TOKENS, WORKER_IP
+from tests.engine.disagg_helpers import PROMPTS, run
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,7 +37,7 @@ def _serve_argv(path, address) -> list[str]:
     ]  # fmt: skip
 
 
-def test_serve_runs_the_files_nodes(tmp_path, fake_cluster):
+def test_serve_runs_the_files_nodes(tmp_path, fake_cluster, single_machine):
     path = _write(tmp_path, {"prefill": [0], "decode": [1]})
     args = build_parser().parse_args(_serve_argv(path, fake_cluster.address))
     config, placement, disagg = engine_args.configs_from_args(args)
@@ -50,22 +47,17 @@ def test_serve_runs_the_files_nodes(tmp_path, fake_cluster):
         assert (prefill.node_ip, prefill.spec.num_ranks) == (HEAD_IP, 2)
         assert prefill.group.pg.bundle_count == 2  # both ranks reserved on node 0
         assert decode.node_ip == WORKER_IP
-        for i, p in enumerate(PROMPTS[:2]):
-            c.add_request(str(i), p, greedy(4))
-        outputs = {}
-        while c.has_unfinished_requests():
-            outputs.update({o.request_id: o for o in c.step(0.05) if o.finished})
-        assert all(len(o.outputs[0].token_ids) == 4 for o in outputs.values())
+        assert (prefill.spec.transport, decode.spec.transport) == ("nixl", "nixl")
+        outputs = run(c, max_tokens=MAX_TOKENS)
+        # TP=2 prefill, KV pulled across nodes: the tokens of one TP=1 engine on one machine.
+        assert {k: o.outputs[0].token_ids for k, o in outputs.items()} == single_machine
+        totals = c.stats().transfers
+        assert totals.transport == "nixl" and totals.num_failures == 0
+        assert totals.num_transfers == len(PROMPTS)
 
 
-def test_serve_refuses_a_file_the_cluster_cannot_hold(tmp_path, fake_cluster):
+def test_serve_refuses_a_file_the_cluster_cannot_hold(tmp_path, fake_cluster, capsys):
     path = _write(tmp_path, {"prefill": [0], "decode": [2]}, num_nodes=3)
-    proc = subprocess.run(
-        [sys.executable, "-m", "distserve_rt.entrypoints.cli",
-         *_serve_argv(path, fake_cluster.address)],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert proc.returncode != 0
-    lines = proc.stderr.strip().splitlines()
-    assert "names node 2; the cluster has 2" in lines[-1], proc.stderr
-    assert "Traceback" not in proc.stderr
+    with pytest.raises(SystemExit) as e:  # main's one line, no traceback
+        main(_serve_argv(path, fake_cluster.address))
+    assert "names node 2; the cluster has 2" in str(e.value) and "\n" not in str(e.value)
