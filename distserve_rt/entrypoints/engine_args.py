@@ -284,6 +284,11 @@ def configs_from_args(
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
+    if disagg.get("launcher") == "ray" and not placement.is_disaggregated:
+        raise NotImplementedError(
+            "--launcher ray runs disaggregated placements; colocated engines on Ray are not "
+            f"built (placement: {placement.describe()}): drop --launcher ray"
+        )
     # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
     # contradicts them is refused here, before anything starts.
     return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)

@@ -56,3 +56,12 @@ def test_bad_nodes_refused_in_one_line(nodes, match):
 def test_colocated_file_nodes():
     raw = _file(placement="colocated", decode=None, nodes={"prefill": [0]})
     assert PlacementFile(**{**placement_from_dict(raw).__dict__}).instance_nodes == (0,)
+
+
+def test_launcher_ray_refuses_a_colocated_placement():
+    from distserve_rt.entrypoints import engine_args
+    from distserve_rt.entrypoints.cli import build_parser
+
+    args = build_parser().parse_args(["serve", "--launcher", "ray"])
+    with pytest.raises(NotImplementedError, match="--launcher ray runs disaggregated"):
+        engine_args.configs_from_args(args)
