@@ -38,6 +38,7 @@ class FakeCluster:
             start_new_session=True,
         )  # fmt: skip
         self.address = self._expect("address", START_TIMEOUT_S)
+        self.removed: set[str] = set()
 
     def _expect(self, word: str, timeout_s: float) -> str:
         import selectors
@@ -53,6 +54,12 @@ class FakeCluster:
                 if line.startswith(word):
                     return line.split(" ", 1)[1].strip()
         raise TimeoutError(f"fake cluster: no {word!r} line within {timeout_s} s")
+
+    def remove_node(self, ip: str) -> None:
+        """Kills node `ip` at once (SIGKILL, no drain: a lost machine); tests after this one
+        get it back (`_nodes_back`)."""
+        self.command(f"remove {ip}")
+        self.removed.add(ip)
 
     def command(self, line: str, timeout_s: float = 30.0) -> None:
         self.proc.stdin.write(line + "\n")
@@ -79,6 +86,17 @@ def fake_cluster(request):
     )  # fmt: skip
     request.addfinalizer(ray.shutdown)  # runs before cluster.kill (finalizers are LIFO)
     return cluster
+
+
+@pytest.fixture(autouse=True)
+def _nodes_back(request):
+    """Re-adds a node an earlier test killed, only when a later test uses the cluster (the
+    node-loss test runs last in file order: then nothing is re-added)."""
+    if "fake_cluster" in request.fixturenames:
+        cluster = request.getfixturevalue("fake_cluster")
+        for ip in sorted(cluster.removed):
+            cluster.command(f"add {ip}")
+            cluster.removed.discard(ip)
 
 
 MAX_TOKENS = 16

@@ -95,3 +95,30 @@ def test_torch_distributed_group_across_nodes(fake_cluster):
         assert group.run_all(_pp_send_recv) == [28.0, 28.0]
     finally:
         group.shutdown()
+
+
+def test_actor_death_reaches_the_handle_as_actor_died(fake_cluster):
+    """The liveness path that does not need the connection to close (a lost node on a real
+    network sends no FIN): the actor's `run` ends in ActorDiedError, the handle's sentinel
+    becomes readable and says why."""
+    import os
+    from multiprocessing.connection import wait
+
+    from distserve_rt.engine.disagg.ray_launcher import RayInstanceHandle
+
+    group = RayWorkerGroup("decode-0", [{"CPU": 1}], [WORKER_IP], timeout_s=20)
+    run_ref = group.actors[0].run.remote(os._exit, 1)
+    handle = RayInstanceHandle(_spec(), group, 1, run_ref, pid=0)
+    assert wait([handle.sentinel], timeout=20) == [handle.sentinel]
+    assert not handle.is_running()
+    assert "its Ray actor died (ActorDiedError" in handle.death_reason
+    handle.stop(1.0)
+    handle.stop(1.0)  # the death rules stop it, shutdown again: the second does nothing
+
+
+def _spec():
+    from distserve_rt.config import DisaggConfig, EngineConfig
+    from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
+
+    config = EngineConfig(model="dummy:llama-tiny")
+    return InstanceSpec(InstanceRole.DECODE, 0, config, DisaggConfig(launcher="ray"), "nixl")
