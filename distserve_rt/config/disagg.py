@@ -22,9 +22,10 @@ class DisaggConfig:
     `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
 
     transport: str = "auto"
-    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU; launcher="ray": per pair, shm
-    when both ends share a node, nixl otherwise), "shm", "cuda_ipc", "nixl", or "fake"
-    (tests: in-process pools, so only with launcher="thread" and TP = PP = 1 instances)."""
+    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU; launcher="ray": per pair, shm when
+    both ends share a node, nixl otherwise), "shm", "cuda_ipc", "nixl" (NIXL
+    READ over UCX: between machines; CPU pools for now), or "fake" (tests: in-process pools,
+    so only with launcher="thread" and TP = PP = 1 instances)."""
     kv_lease_timeout_s: float = 30.0
     """Seconds a finished prefill's KV may wait for a decode instance to pull it."""
     on_lease_expiry: LeaseExpiryAction = LeaseExpiryAction.FAIL

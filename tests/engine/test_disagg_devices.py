@@ -4,6 +4,8 @@ processes of a GPU placement are built with."""
 
 from __future__ import annotations
 
+import argparse
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg import devices, instance
 from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec
 from distserve_rt.engine.disagg.launcher import instance_specs
+from distserve_rt.entrypoints.engine_args import add_engine_args
 from distserve_rt.worker import kv_sizing
 from tests.engine.disagg_helpers import engine_config
 
@@ -125,7 +128,14 @@ def test_shared_gpu_specs_and_memory_check(gpus):
         ("cuda:1", DisaggConfig(), 2, ValueError, "pass device='cuda' .* CUDA_VISIBLE_DEVICES"),
         ("cuda", DisaggConfig(launcher="thread"), 2, ValueError, "use launcher='process'"),
         ("cuda", DisaggConfig(transport="shm"), 2, ValueError, "transport='shm'.*'cuda_ipc'"),
-        ("cpu", DisaggConfig(transport="cuda_ipc"), 2, ValueError, "device 'cpu'; use 'shm'"),
+        (
+            "cpu",
+            DisaggConfig(transport="cuda_ipc"),
+            2,
+            ValueError,
+            "device 'cpu'; use 'shm' or 'nixl'",
+        ),
+        ("cuda", DisaggConfig(transport="nixl"), 2, ValueError, "transport='nixl'.*use 'cuda_ipc'"),
     ],
 )
 def test_startup_refusals(gpus, device, dc, num_gpus, error, message):
@@ -133,6 +143,16 @@ def test_startup_refusals(gpus, device, dc, num_gpus, error, message):
     config = engine_config(device=device)
     with pytest.raises(error, match=message):
         instance_specs(config, _placement(), dc, dc.transport_name(device))
+
+
+def test_nixl_moves_cpu_pools_and_is_a_cli_choice():
+    specs = instance_specs(engine_config(), _placement(), DisaggConfig(transport="nixl"), "nixl")
+    assert {s.transport for s in specs} == {"nixl"}
+    with pytest.raises(ValueError, match="'nixl' or 'fake', got 'rdma'"):
+        DisaggConfig(transport="rdma")
+    parser = argparse.ArgumentParser()
+    add_engine_args(parser)
+    assert parser.parse_args(["--kv-transport", "nixl"]).transport == "nixl"
 
 
 def test_missing_cuda_module_is_refused(gpus, monkeypatch):

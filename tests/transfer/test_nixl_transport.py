@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
+import threading
 import time
 
 import numpy as np
@@ -155,6 +157,23 @@ def test_full_staging_queues_then_starts(pair):
     assert torch.equal(bits(dst[:4]), bits(src[:4]))
 
 
+def test_copy_out_of_staging_runs_off_the_polling_thread(pair, monkeypatch):
+    _, consumer, src, peer = pair
+    threads = []
+    copy_out = type(consumer)._copy_out
+
+    def recording(self, transfer):
+        threads.append(threading.current_thread().name)
+        copy_out(self, transfer)
+
+    monkeypatch.setattr(type(consumer), "_copy_out", recording)
+    dst = torch.zeros(SPEC.shape)
+    handle = consumer.submit(peer, dst, [6, 7], [0, 1])
+    assert handle.wait(10.0) == TransferStatus.SUCCESS, handle.error
+    assert torch.equal(bits(dst[:2]), bits(src[6:8]))
+    assert len(threads) == 1 and threads[0].startswith("nixl-copy-out")
+
+
 def test_queued_transfer_fails_at_its_deadline(pair):
     _, consumer, _, peer = pair
     clock = consumer._clock
@@ -227,3 +246,27 @@ def test_killed_peer_fails_fast_not_at_the_deadline(frozen_peer):
     assert handle.wait(20.0) == TransferStatus.FAILED
     assert "NIXL reported an error" in handle.error, handle.error
     assert consumer.num_quarantined_bytes == 0
+
+
+def test_progress_thread_pause_replaces_nixls_busy_loop():
+    # NIXL's Python agent sets pthrDelay = 0 (a busy loop: half a core per idle process on
+    # this machine); the transport substitutes its progress_delay_us while the agent is built.
+    import nixl_cu12
+
+    from distserve_rt.transfer.nixl import _progress_delay
+
+    with _progress_delay(nixl_cu12, 123):
+        config = nixl_cu12._api.nixlBind.nixlAgentConfig()
+        config.pthrDelay = 0
+        assert config.pthrDelay == 123
+    config = nixl_cu12._api.nixlBind.nixlAgentConfig()
+    config.pthrDelay = 0
+    assert config.pthrDelay == 0  # restored afterwards
+    with pytest.raises(ValueError, match="progress_delay_us must be an int in"):
+        create_transport("nixl", progress_delay_us=-1)
+
+
+def test_missing_wheel_is_an_error_not_a_fallback(monkeypatch):
+    monkeypatch.setitem(sys.modules, "nixl_cu12", None)  # import raises ImportError
+    with pytest.raises(RuntimeError, match=r"pip install nixl-cu12==1\.5\.1"):
+        create_transport("nixl")

@@ -24,7 +24,10 @@ from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.transfer import KVTransport, create_transport
 
 TRANSPORT_OF_DEVICE = {"cpu": "shm", "cuda": "cuda_ipc"}
-"""The one transport that moves KV between pools on each device type."""
+"""The local transport that moves KV between pools on each device type."""
+NETWORK_TRANSPORTS = {"cpu": ("nixl",), "cuda": ()}
+"""Transports that also reach other machines, by device type (nixl: host pools only until
+its VRAM path has run on a GPU)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,10 +76,11 @@ def instance_devices(
 def check_transport(device_type: str, transport: str) -> None:
     """The transport must move pools of this device type (no staging through the host)."""
     wanted = TRANSPORT_OF_DEVICE[device_type]
-    if transport != wanted:
+    if transport != wanted and transport not in NETWORK_TRANSPORTS[device_type]:
+        allowed = " or ".join(repr(t) for t in (wanted, *NETWORK_TRANSPORTS[device_type]))
         raise ValueError(
             f"DisaggConfig(transport={transport!r}) cannot move KV pools on device "
-            f"{device_type!r}; use {wanted!r} (or 'auto')"
+            f"{device_type!r}; use {allowed} (or 'auto')"
         )
 
 
