@@ -229,9 +229,11 @@ class RayInstanceHandle:
         self._stopped = True
         if self._sender is not None:
             self._sender.close(timeout_s)
-        if self.death_reason is None:
-            ray.wait([self.run_ref], timeout=timeout_s)
-        self.group.shutdown()
+        # Ray already shut down (interpreter exit): its actors died with this driver.
+        if ray.is_initialized():
+            if self.death_reason is None:
+                ray.wait([self.run_ref], timeout=timeout_s)
+            self.group.shutdown()
         if self.conn is not None:
             self.conn.close()
         # The sentinel's pipe stays open: the watcher thread may still write its one byte.
