@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,7 @@ class FakeCluster:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)  # session logs, sockets
 
 
 @pytest.fixture(scope="session")
