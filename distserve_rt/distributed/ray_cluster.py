@@ -7,6 +7,7 @@ every test that does not ask for a cluster run without it (``requirements/cluste
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 
 from distserve_rt.logger import init_logger
@@ -51,6 +52,8 @@ def connect(address: str | None) -> None:
     ray = import_ray()
     if ray.is_initialized():
         return
+    if address not in (None, "auto"):
+        check_reachable(address)
     try:
         ray.init(address=address or "auto", log_to_driver=False, logging_level="WARNING")
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -58,6 +61,24 @@ def connect(address: str | None) -> None:
         raise ConnectionError(
             f"ray_address={address!r}: cannot join a Ray cluster there ({first}); start one "
             "with `ray start --head` and pass its address (host:port)"
+        ) from None
+
+
+PROBE_TIMEOUT_S = 5.0
+
+
+def check_reachable(address: str, timeout_s: float = PROBE_TIMEOUT_S) -> None:
+    """A TCP connect to the head's GCS first: `ray.init` at an address where nothing listens
+    retries for minutes (measured: over 2 minutes) before it gives up."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError(f"ray_address={address!r}: expected HOST:PORT of the Ray head's GCS")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ConnectionError(
+            f"ray_address={address!r}: nothing answers there ({exc.strerror or exc}); start "
+            "the head with `ray start --head --port PORT` and pass HOST:PORT"
         ) from None
 
 
