@@ -40,12 +40,14 @@ def test_gpu_on_ray_not_built(fake_cluster):
         check_ray_config(engine_config(device="cuda"), DisaggConfig(launcher="ray"), None)
 
 
-LOAD_TOKENS = 48
-"""Long enough that requests are still decoding on node 1 when it is killed."""
+LOAD_TOKENS = 400
+"""Long enough (seconds of decode) that requests are still decoding on node 1 when it is
+killed: at 48 tokens they sometimes all finished while the node was being removed."""
+LOAD_CONFIG = dict(max_model_len=512, kv_cache_memory_bytes=32 << 20)
 
 
 def _single_machine(max_tokens: int) -> list[list[int]]:
-    engine = LLMEngine(engine_config())
+    engine = LLMEngine(engine_config(**LOAD_CONFIG))
     for i, p in enumerate(PROMPTS):
         engine.add_request(str(i), p, greedy(max_tokens))
     outputs = {}
@@ -69,7 +71,7 @@ def test_mixed_pairs_then_node_lost_mid_load(fake_cluster, single_machine):
     reference = _single_machine(LOAD_TOKENS)
     placement = Placement.disaggregated(PhaseConfig(num_instances=2), PhaseConfig(num_instances=2))
     config = _ray(fake_cluster, (0, 1, 0, 1), retry_on_instance_failure=True, max_retries=2)
-    with Controller(engine_config(), placement, config) as c:
+    with Controller(engine_config(**LOAD_CONFIG), placement, config) as c:
         assert {h.spec.transport for h in c.instances} == {"shm+nixl"}
         assert c.instances[3].pair_transports == {0: "nixl", 1: "shm"}
         outputs = run(c, max_tokens=MAX_TOKENS)
