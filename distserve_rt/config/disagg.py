@@ -22,7 +22,8 @@ class DisaggConfig:
     `EngineConfig`; its max_num_batched_tokens is the prefill budget L_m)."""
 
     transport: str = "auto"
-    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU), "shm", "cuda_ipc", "nixl" (NIXL
+    """KV transport: "auto" (shm on CPU, cuda_ipc on GPU; launcher="ray": per pair, shm when
+    both ends share a node, nixl otherwise), "shm", "cuda_ipc", "nixl" (NIXL
     READ over UCX: between machines; CPU pools for now), or "fake" (tests: in-process pools,
     so only with launcher="thread" and TP = PP = 1 instances)."""
     kv_lease_timeout_s: float = 30.0
@@ -46,7 +47,19 @@ class DisaggConfig:
     startup_timeout_s: float = 300.0
     """Seconds for every instance to load its model and report ready."""
     launcher: str = "process"
-    """"process" (spawn, one per instance) or "thread" (tests: no isolation, no pinning)."""
+    """"process" (spawn, one per instance), "ray" (one Ray actor per instance, placed on a
+    Ray cluster: engine/disagg/ray_launcher.py) or "thread" (tests: no isolation, no
+    pinning)."""
+    ray_address: str | None = None
+    """launcher="ray": the cluster to join (``host:port`` of the head; None: "auto", the
+    cluster this machine's `ray start` joined)."""
+    placement_timeout_s: float = 60.0
+    """launcher="ray": seconds to wait for the cluster to reserve an instance's devices
+    (a placement group the cluster cannot hold would wait forever)."""
+    instance_nodes: tuple[int, ...] | None = None
+    """launcher="ray": the node index (cluster order: head first, then by IP) of each
+    instance, prefill instances first; a placement file's ``nodes``. None: each instance
+    on the first node with room for it."""
     stats_interval_s: float = 0.05
     """Seconds between the instances' load reports."""
     decode_prefix_caching: bool = True
@@ -91,8 +104,19 @@ class DisaggConfig:
             )
         if not isinstance(self.share_gpus, bool):
             raise ValueError(f"share_gpus must be a bool, got {self.share_gpus!r}")
-        if self.launcher not in ("process", "thread"):
-            raise ValueError(f"launcher must be 'process' or 'thread', got {self.launcher!r}")
+        if self.launcher not in ("process", "thread", "ray"):
+            raise ValueError(
+                f"launcher must be 'process', 'thread' or 'ray', got {self.launcher!r}"
+            )
+        check_range("placement_timeout_s", self.placement_timeout_s, low=0, low_open=True,
+                    unit="seconds")  # fmt: skip
+        if self.instance_nodes is not None:
+            nodes = tuple(self.instance_nodes)
+            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in nodes):
+                raise ValueError(
+                    f"instance_nodes must be node indices (ints >= 0), got {self.instance_nodes!r}"
+                )
+            object.__setattr__(self, "instance_nodes", nodes)
 
     def transport_name(self, device: str) -> str:
         if self.transport != "auto":

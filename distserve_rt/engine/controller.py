@@ -93,6 +93,10 @@ class Controller:
         self.transport_name = dc.transport_name(config.device)
         self.tokenizer = tokenizer
         self.instances = self._launch()
+        if dc.launcher == "ray":  # chosen per pair, by where the instances run
+            self.transport_name = "+".join(
+                t for t in ("shm", "nixl") if any(t in h.spec.transport for h in self.instances)
+            )
         # Runs once: at shutdown(), garbage collection, or interpreter exit.
         self._finalizer = weakref.finalize(self, _stop_all, list(self.instances))
         self.requests: dict[str, TrackedRequest] = {}
@@ -125,6 +129,12 @@ class Controller:
     # ---- start-up ----------------------------------------------------------------------
 
     def _launch(self) -> list[InstanceHandle]:
+        if self.disagg_config.launcher == "ray":
+            from distserve_rt.engine.disagg.ray_launcher import launch_ray_instances
+
+            return launch_ray_instances(  # type: ignore[return-value]
+                self.config, self.placement, self.disagg_config, self.fault_plan
+            )
         in_process = self.disagg_config.launcher == "thread"
         specs = instance_specs(
             self.config, self.placement, self.disagg_config, self.transport_name, self.fault_plan
@@ -159,7 +169,10 @@ class Controller:
             if h.role is InstanceRole.PREFILL
         }
         for handle in self.decodes():
-            handle.send(msg.PeerPools(descriptors))  # type: ignore[arg-type]
+            # Ray: each pair's transport is chosen by where its ends run (ray_launcher).
+            select = getattr(handle, "select_peer_descriptors", None)
+            pools = select(descriptors) if select is not None else descriptors
+            handle.send(msg.PeerPools(pools))  # type: ignore[arg-type]
         # Mapping a peer pool (MAP_POPULATE) takes seconds for a GiB pool: wait for it here,
         # or the first requests' transfer queue time would include it.
         while not all(h.name in self._peers_opened for h in self.decodes()):
@@ -360,7 +373,8 @@ class Controller:
                     self._drain(handle)
                 elif ready == handle.sentinel and handle.alive:
                     self._drain(handle)  # what it sent before dying still counts
-                    recovery.on_instance_death(self, handle, "its process exited")
+                    why = getattr(handle, "death_reason", None) or "its process exited"
+                    recovery.on_instance_death(self, handle, why)
         for handle in live:
             if handle.alive and handle.sentinel is None and not handle.is_running():
                 recovery.on_instance_death(self, handle, "its thread exited")

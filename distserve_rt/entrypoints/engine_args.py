@@ -179,10 +179,13 @@ _ENGINE_FLAGS: dict[str, dict[str, Any]] = {
     "chat_template": {"metavar": "FILE|JINJA"},
 }
 
-# DisaggConfig field -> (flag, argparse keywords); launcher, stats_interval_s and the fake
-# transport (in-process pools: thread launcher only) are test knobs, left to Python.
+# DisaggConfig field -> (flag, argparse keywords); the thread launcher, stats_interval_s and
+# the fake transport (in-process pools: thread launcher only) are test knobs, left to Python.
 _DISAGG_FLAGS: dict[str, tuple[str, dict[str, Any]]] = {
     "transport": ("--kv-transport", {"choices": ("auto", "shm", "cuda_ipc", "nixl")}),
+    "launcher": ("--launcher", {"choices": ("process", "ray")}),
+    "ray_address": ("--ray-address", {"metavar": "HOST:PORT"}),
+    "placement_timeout_s": ("--placement-timeout-s", {"type": float}),
     "kv_lease_timeout_s": ("--kv-lease-timeout-s", {"type": float}),
     "on_lease_expiry": (
         "--on-lease-expiry",
@@ -296,9 +299,16 @@ def configs_from_args(
         planned = getattr(args, "placement_file", None)
         if planned is not None:
             engine = planned_engine_settings(planned, engine)
+            if planned.instance_nodes is not None and disagg.get("launcher") == "ray":
+                disagg["instance_nodes"] = planned.instance_nodes  # the file names nodes
         placement = placement_from_args(args)
     elif placement.is_disaggregated:
         placement = placement_from_args(args, placement)
+    if disagg.get("launcher") == "ray" and not placement.is_disaggregated:
+        raise NotImplementedError(
+            "--launcher ray runs disaggregated placements; colocated engines on Ray are not "
+            f"built (placement: {placement.describe()}): drop --launcher ray"
+        )
     # A colocated file's TP x PP and replica count become the engine's sizes; a flag that
     # contradicts them is refused here, before anything starts.
     return placement.apply_to(EngineConfig(**engine)), placement, DisaggConfig(**disagg)

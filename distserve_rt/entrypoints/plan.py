@@ -18,7 +18,7 @@ from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.planner.candidates import Candidate, num_nodes_needed, parallelism_label
 from distserve_rt.planner.cluster import build_instance
 from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanResult
-from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile
+from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, assign_nodes
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator.driven_instance import DEFAULT_BLOCK_SIZE
 from distserve_rt.workloads.multi_turn import MULTI_TURN
@@ -197,11 +197,17 @@ def _placement(args, result: PlanResult) -> PlacementFile:
             "asked_rate": inputs.rate,
             "sustained_rate": best.goodput,
         }
+    prefill, decode = _phase(best.prefill, best.num_prefill), _phase(best.decode, best.num_decode)
+    # Where each instance runs (serve --launcher ray places them there): a fitting plan only.
+    nodes = assign_nodes(prefill, decode, inputs.cluster.devices_per_node) if fits else {}
+    if any(n >= inputs.cluster.num_nodes for ns in nodes.values() for n in ns):
+        nodes = {}  # whole instances do not pack onto the cluster's nodes: left unnamed
     return PlacementFile(
         model=args.model,
         placement=best.placement.value,
-        prefill=_phase(best.prefill, best.num_prefill),
-        decode=_phase(best.decode, best.num_decode),
+        prefill=prefill,
+        decode=decode,
+        nodes=nodes,
         # Only a placement that fits is validated against (and written with) the cluster.
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},

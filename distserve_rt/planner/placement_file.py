@@ -10,6 +10,11 @@ Schema::
     slo: {ttft_s: 0.25, tpot_s: 0.1, target: 0.9}
     engine: {max_num_batched_tokens: 512, max_num_seqs: 256, gpu_memory_utilization: 0.9}
     predicted: {...}                    # free-form: the planner's numbers
+    nodes: {prefill: [0, 0], decode: [1, 1, 1]}  # node index of each instance (optional)
+
+``nodes`` says where each instance runs (node indices in the cluster's order: the Ray
+head first, then by IP; `drt-run serve --launcher ray` places them there). Each instance
+sits on one node. `assign_nodes` packs them, prefill instances first, when plan writes it.
 
 ``engine`` holds the `EngineConfig` settings the plan assumed (the prefill batch budget L_m,
 the batch size limit, the fraction of device memory for weights + KV), so `drt-run serve
@@ -60,6 +65,8 @@ class PlacementFile:
     predicted: dict = field(default_factory=dict)
     engine: dict = field(default_factory=dict)
     """EngineConfig settings the plan assumed (keys from ENGINE_KEYS)."""
+    nodes: dict = field(default_factory=dict)
+    """{"prefill": [node per instance], "decode": [...]} (empty: not named)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -75,6 +82,14 @@ class PlacementFile:
         if total and self.num_devices > total:
             raise ValueError(f"placement uses {self.num_devices} devices, the cluster has {total}")
         _check_engine(self.engine)
+        _check_nodes(self)
+
+    @property
+    def instance_nodes(self) -> tuple[int, ...] | None:
+        """The node of each instance, prefill instances first (None: not named)."""
+        if not self.nodes:
+            return None
+        return tuple(self.nodes["prefill"]) + tuple(self.nodes.get("decode") or ())
 
     @property
     def num_devices(self) -> int:
@@ -93,13 +108,61 @@ class PlacementFile:
             "slo": self.slo,
             "engine": self.engine,
             "predicted": self.predicted,
-        }
+        } | ({"nodes": self.nodes} if self.nodes else {})
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
         return path
+
+
+def _check_nodes(pf: PlacementFile) -> None:
+    if not pf.nodes:
+        return
+    phases = {"prefill": pf.prefill, "decode": pf.decode}
+    if not isinstance(pf.nodes, dict) or set(pf.nodes) != {k for k, v in phases.items() if v}:
+        raise ValueError(
+            f"nodes must map each phase of the placement to a list of node indices, got "
+            f"{pf.nodes!r}"
+        )
+    num_nodes = pf.cluster.get("num_nodes")
+    for phase, indices in pf.nodes.items():
+        want = phases[phase].num_instances  # type: ignore[union-attr]
+        if not isinstance(indices, list) or len(indices) != want:
+            raise ValueError(f"nodes.{phase} must list {want} node indices, got {indices!r}")
+        for node in indices:
+            if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+                raise ValueError(f"nodes.{phase}: node indices are ints >= 0, got {node!r}")
+            if num_nodes and node >= num_nodes:
+                raise ValueError(
+                    f"nodes.{phase} names node {node}; the cluster has num_nodes={num_nodes}"
+                )
+
+
+def assign_nodes(
+    prefill: PhasePlacement, decode: PhasePlacement | None, devices_per_node: int
+) -> dict:
+    """Packs whole instances onto nodes, prefill instances first (first node with room):
+    the ``nodes`` entry `drt-run plan` writes. {} when an instance is larger than a node
+    (it would span nodes, which serving does not do)."""
+    free: list[int] = []
+    out: dict[str, list[int]] = {}
+    for phase, p in (("prefill", prefill), ("decode", decode)):
+        if p is None:
+            continue
+        need = p.tp * p.pp
+        if need > devices_per_node:
+            return {}
+        out[phase] = []
+        for _ in range(p.num_instances):
+            node = next((k for k, f in enumerate(free) if f >= need), None)
+            if node is None:
+                free.append(devices_per_node)
+                node = len(free) - 1
+            free[node] -= need
+            out[phase].append(node)
+    return out
 
 
 def _check_engine(engine: dict) -> None:
@@ -131,6 +194,7 @@ def placement_from_dict(raw: dict) -> PlacementFile:
     if not isinstance(raw, dict):
         raise ValueError(f"a placement file holds a mapping, got {type(raw).__name__}")
     keys = {"model", "placement", "prefill", "decode", "cluster", "slo", "engine", "predicted"}
+    keys.add("nodes")
     unknown = set(raw) - keys
     if unknown:
         raise ValueError(f"unknown keys in placement file: {sorted(unknown)}")
@@ -146,6 +210,7 @@ def placement_from_dict(raw: dict) -> PlacementFile:
         slo=raw.get("slo") or {},
         predicted=raw.get("predicted") or {},
         engine=raw.get("engine") or {},
+        nodes=raw.get("nodes") or {},
     )
 
 

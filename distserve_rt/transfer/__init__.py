@@ -20,6 +20,9 @@ from distserve_rt.transfer.base import (
 from distserve_rt.transfer.descriptor import KVSlice, PoolDescriptor, PoolGeometry
 from distserve_rt.transfer.reslice import KVPull, Parallelism, kv_head_range, plan_kv_pulls
 
+SEPARATOR = "+"
+"""Joins transports chosen per pair (`per_pair.PerPairTransport`): ``shm+nixl``."""
+
 TRANSPORTS = ("shm", "cuda_ipc", "nixl", "fake")
 
 
@@ -29,6 +32,10 @@ def create_transport(name: str, **kwargs: object) -> KVTransport:
     ``cuda_ipc`` without a GPU or without the CUDA module raises RuntimeError saying why;
     there is no fallback to another backend.
     """
+    if SEPARATOR in name:  # per-pair: e.g. "shm+nixl" (transfer/per_pair.py)
+        from distserve_rt.transfer.per_pair import PerPairTransport
+
+        return PerPairTransport([create_transport(part) for part in name.split(SEPARATOR)])
     if name == "shm":
         from distserve_rt.transfer.shm import ShmTransport
 

@@ -195,3 +195,23 @@ def test_serve_refuses_a_flag_contradicting_a_colocated_file(tmp_path, flags, me
     path = _colocated_file(tmp_path, tp=2, num_instances=3)
     with pytest.raises(SystemExit, match=f"^drt-run serve: {message}"):
         main(["serve", "--placement", path, *flags])
+
+
+def test_plan_names_the_node_of_each_instance_and_serve_ray_takes_them(tmp_path, capsys, caplog):
+    """Issue 10: 2 x 8 GPUs: the file says which node runs each instance (whole instances,
+    at most 8 devices a node); `serve --launcher ray` places a disaggregated plan there and
+    refuses a colocated one."""
+    _, path = _plan(tmp_path, capsys, *_LLAMA_70B, "--rate", "10")
+    planned = load_placement(path)
+    nodes = planned.instance_nodes
+    assert nodes is not None and set(nodes) <= {0, 1}
+    phases = [planned.prefill] * planned.prefill.num_instances
+    phases += [planned.decode] * planned.decode.num_instances if planned.decode else []
+    for node in (0, 1):
+        assert sum(p.tp * p.pp for p, n in zip(phases, nodes, strict=True) if n == node) <= 8
+    args = build_parser().parse_args(["serve", "--placement", str(path), "--launcher", "ray"])
+    if planned.placement == "disaggregated":
+        assert engine_args.configs_from_args(args)[2].instance_nodes == nodes
+    else:  # "2 x colocated tp8" here: not built on Ray, said before anything starts
+        with pytest.raises(NotImplementedError, match="colocated engines on Ray"):
+            engine_args.configs_from_args(args)

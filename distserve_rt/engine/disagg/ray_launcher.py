@@ -1,0 +1,356 @@
+"""``launcher="ray"``: each instance is a Ray actor on a cluster node, placed by a
+placement group (STRICT_PACK over its tp*pp ranks, bundle 0 pinned to the node the
+placement names: `distributed.ray_worker_group`).
+
+The controller's message protocol is unchanged: the actor connects back to the controller
+with `multiprocessing.connection.Client` over TCP (authenticated with a per-controller
+key), and that `Connection` is what a process instance's pipe is. The actor runs the same
+`run_instance`; a TP x PP instance starts its rank processes on its node, where its
+placement group reserved their CPUs.
+
+Liveness: a dead actor or a lost node shows as `ActorDiedError` / `ActorUnavailableError`
+on the actor's `run` call (a lost node in ~2 s), or as the connection closing, whichever
+comes first; either feeds the controller's existing death rules (`recovery`), through the
+handle's ``sentinel`` and ``death_reason``.
+
+KV transport per pair (`transfer.per_pair`): shm when both ends share a node, nixl
+otherwise; an instance with peers of both kinds exports and reads through ``shm+nixl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import queue
+import secrets
+import threading
+import time
+from multiprocessing.connection import Client, Connection, Listener
+
+from distserve_rt.config import DisaggConfig, EngineConfig, Placement
+from distserve_rt.distributed import ray_cluster
+from distserve_rt.distributed.ray_worker_group import RayWorkerGroup
+from distserve_rt.engine.disagg.child import describe_reply
+from distserve_rt.engine.disagg.faults import FaultPlan
+from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_instance
+from distserve_rt.engine.disagg.launcher import instance_specs
+from distserve_rt.engine.disagg.messages import InstanceStatus
+from distserve_rt.engine.disagg.pipe_sender import PipeSender
+from distserve_rt.logger import init_logger
+from distserve_rt.transfer.per_pair import select_descriptor
+
+logger = init_logger(__name__)
+
+CONNECT_TIMEOUT_S = 60.0
+"""Seconds for every placed actor to start and connect back (after its placement)."""
+
+
+def pair_transport(prefill_node: int, decode_node: int, transport: str) -> str:
+    """The transport one (prefill, decode) pair moves KV through: the configured one, or
+    for "auto" shm on one node and nixl between nodes (never a fallback)."""
+    if transport != "auto":
+        return transport
+    return "shm" if prefill_node == decode_node else "nixl"
+
+
+def instance_transports(roles: list[InstanceRole], nodes: list[int], transport: str) -> list[str]:
+    """Per instance, what it exports (prefill) or reads (decode) through: one transport,
+    or ``shm+nixl`` when its peers are on its node and on others."""
+    names = []
+    for role, node in zip(roles, nodes, strict=True):
+        peers = [n for r, n in zip(roles, nodes, strict=True) if r is not role]
+        used = {
+            pair_transport(node, p, transport) if role is InstanceRole.PREFILL else
+            pair_transport(p, node, transport)
+            for p in peers
+        }  # fmt: skip
+        names.append("+".join(t for t in ("shm", "nixl") if t in used) or "shm")
+    return names
+
+
+def assign_nodes(
+    num_ranks: list[int], cluster: list[ray_cluster.ClusterNode], wanted: tuple[int, ...] | None
+) -> list[int]:
+    """The node index of each instance: `wanted` (a placement file's ``nodes``) checked
+    against the cluster, or the first node with room (CPUs) for each instance in turn."""
+    have = ", ".join(f"node {i}: {n.describe()}" for i, n in enumerate(cluster)) or "no node"
+    biggest = max((n.num_cpus for n in cluster), default=0)
+    for i, need in enumerate(num_ranks):
+        if need > biggest:
+            raise NotImplementedError(
+                f"instance {i} has {need} ranks and no node has {need} CPUs ({have}): an "
+                "instance spanning nodes (PP across nodes) is not built; the launcher "
+                "places each instance's ranks on one node (STRICT_PACK)"
+            )
+    if wanted is not None:
+        if len(wanted) != len(num_ranks):
+            raise ValueError(
+                f"instance_nodes={list(wanted)} names {len(wanted)} instances; the placement "
+                f"has {len(num_ranks)} (prefill instances first)"
+            )
+        for node in wanted:
+            if node >= len(cluster):
+                raise ValueError(
+                    f"instance_nodes={list(wanted)} names node {node}; the cluster has "
+                    f"{len(cluster)} ({have})"
+                )
+        used = [0.0] * len(cluster)
+        for node, need in zip(wanted, num_ranks, strict=True):
+            used[node] += need
+        for node, total in enumerate(used):
+            if total > cluster[node].num_cpus:
+                raise ValueError(
+                    f"instance_nodes={list(wanted)} puts {total:g} ranks on node {node}, which "
+                    f"has {cluster[node].num_cpus:g} CPUs ({have})"
+                )
+        return list(wanted)
+    free = [n.num_cpus for n in cluster]
+    nodes = []
+    for i, need in enumerate(num_ranks):
+        node = next((k for k, f in enumerate(free) if f >= need), None)
+        if node is None:
+            raise ValueError(
+                f"the cluster has no room for instance {i} ({need} CPUs) after the ones "
+                f"before it ({have})"
+            )
+        free[node] -= need
+        nodes.append(node)
+    return nodes
+
+
+class InstanceActor:
+    """The Ray actor one instance runs in (defined plainly; `RayWorkerGroup` wraps it)."""
+
+    def node_ip(self) -> str:
+        return ray_cluster.import_ray().util.get_node_ip_address()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def run(self, spec: InstanceSpec, address: tuple[str, int], authkey: bytes) -> None:
+        conn = Client(address, authkey=authkey)
+        conn.send(spec.name)  # which instance this connection belongs to
+        run_instance(spec, conn)
+
+
+class RayInstanceHandle:
+    """The controller's end of one Ray instance: the same surface as `InstanceHandle`."""
+
+    def __init__(
+        self, spec: InstanceSpec, group: RayWorkerGroup, node: int, run_ref: object, pid: int
+    ) -> None:
+        self.spec = spec
+        self.group = group
+        self.node = node
+        """Index of its node in the cluster order."""
+        self.node_ip = group.node_ips[0]
+        self.run_ref = run_ref
+        self.conn: Connection | None = None
+        self._sender: PipeSender | None = None
+        self.alive = True
+        self.status: InstanceStatus | None = None
+        self.num_queued_tokens = 0
+        self.num_assigned = 0
+        self.pair_transports: dict[int, str] = {}
+        """Decode instances: prefill index -> the transport of that pair."""
+        self.death_reason: str | None = None
+        self._read_fd, self._write_fd = os.pipe()
+        self._pid = pid
+        self._stopped = False
+        threading.Thread(target=self._watch, name=f"watch-{spec.name}", daemon=True).start()
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def role(self) -> InstanceRole:
+        return self.spec.role
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    @property
+    def sentinel(self) -> int:
+        """Readable once the actor ended (its `run` returned, raised, or the actor died)."""
+        return self._read_fd
+
+    def _watch(self) -> None:
+        ray = ray_cluster.import_ray()
+        try:
+            ray.get(self.run_ref)
+            reason = "its Ray actor returned"
+        except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError) as exc:
+            reason = f"its Ray actor died ({type(exc).__name__}: {_first_line(exc)})"
+        except Exception as exc:  # noqa: BLE001 (any end of the actor is its death)
+            reason = f"its Ray actor failed ({type(exc).__name__}: {_first_line(exc)})"
+        self.death_reason = reason
+        os.write(self._write_fd, b"x")
+
+    def attach(self, conn: Connection) -> None:
+        self.conn = conn
+        self._sender = PipeSender(conn, f"controller-{self.name}")
+
+    def is_running(self) -> bool:
+        return self.death_reason is None
+
+    def recv(self) -> object:
+        try:
+            return self.conn.recv()  # type: ignore[union-attr]
+        except (EOFError, OSError) as exc:
+            return exc
+
+    def describe_start_failure(self, reply: object) -> str:
+        if isinstance(reply, (EOFError, OSError)):
+            deadline = time.monotonic() + 5.0
+            while self.death_reason is None and time.monotonic() < deadline:
+                time.sleep(0.05)  # the actor's end comes with the connection's
+            return self.death_reason or describe_reply(reply)
+        return describe_reply(reply)
+
+    def send(self, message: object) -> bool:
+        return self.alive and self._sender is not None and self._sender.send(message)
+
+    def select_peer_descriptors(self, descriptors: dict[int, list[bytes]]) -> dict[int, list]:
+        """The prefill pools' descriptors of the transport chosen for each pair."""
+        return {
+            index: [select_descriptor(raw, self.pair_transports[index]) for raw in raws]
+            for index, raws in descriptors.items()
+        }
+
+    def stop(self, timeout_s: float) -> None:
+        """Waits for the actor to return (after Shutdown), then kills it and frees its
+        placement group."""
+        ray = ray_cluster.import_ray()
+        self.alive = False
+        if self._stopped:  # death rules stop it once, shutdown again
+            return
+        self._stopped = True
+        if self._sender is not None:
+            self._sender.close(timeout_s)
+        # Ray already shut down (interpreter exit): its actors died with this driver.
+        if ray.is_initialized():
+            if self.death_reason is None:
+                ray.wait([self.run_ref], timeout=timeout_s)
+            self.group.shutdown()
+        if self.conn is not None:
+            self.conn.close()
+        # The sentinel's pipe stays open: the watcher thread may still write its one byte.
+
+
+def launch_ray_instances(
+    config: EngineConfig,
+    placement: Placement,
+    dc: DisaggConfig,
+    fault_plan: FaultPlan | None = None,
+) -> list[RayInstanceHandle]:
+    """Places and starts every instance of `placement` on the Ray cluster; returns their
+    handles once each actor connected back (its model then loads: the controller waits for
+    Ready as for processes). Raises (one line) what the cluster or config cannot run."""
+    check_ray_config(config, dc, fault_plan)
+    ray = ray_cluster.import_ray()
+    ray_cluster.connect(dc.ray_address)
+    cluster = ray_cluster.nodes()
+    specs = instance_specs(config, placement, dc, "shm")
+    nodes = assign_nodes([s.num_ranks for s in specs], cluster, dc.instance_nodes)
+    names = instance_transports([s.role for s in specs], nodes, dc.transport)
+    if dc.transport == "shm" and "nixl" in "".join(names):
+        raise ValueError("transport='shm' cannot reach across nodes; use 'auto' or 'nixl'")
+    specs = [
+        dataclasses.replace(s, transport=t, cpu_cores=None)
+        for s, t in zip(specs, names, strict=True)
+    ]
+    authkey = secrets.token_bytes(16)
+    listener = Listener(("0.0.0.0", 0), authkey=authkey)
+    address = (ray_cluster.driver_ip(), listener.address[1])
+    handles: list[RayInstanceHandle] = []
+    try:
+        for spec, node in zip(specs, nodes, strict=True):
+            pinned = [cluster[node].ip] + [None] * (spec.num_ranks - 1)
+            group = RayWorkerGroup(
+                spec.name, [{"CPU": 1}] * spec.num_ranks, pinned,
+                timeout_s=dc.placement_timeout_s, actor_cls=InstanceActor, num_actors=1,
+            )  # fmt: skip
+            actor = group.actors[0]
+            # Before `run`: an actor runs its calls in order, and `run` lasts its lifetime.
+            pid = ray.get(actor.pid.remote(), timeout=CONNECT_TIMEOUT_S)
+            run_ref = actor.run.remote(spec, address, authkey)
+            handles.append(RayInstanceHandle(spec, group, node, run_ref, pid))
+        prefills = [h for h in handles if h.role is InstanceRole.PREFILL]
+        for h in handles:
+            if h.role is InstanceRole.DECODE:
+                h.pair_transports = {
+                    p.spec.index: pair_transport(p.node, h.node, dc.transport) for p in prefills
+                }
+        _accept_all(listener, handles)
+    except BaseException:
+        for h in handles:
+            h.stop(1.0)
+        raise
+    finally:
+        listener.close()
+    logger.info(
+        "ray: %s",
+        ", ".join(f"{h.name} on {h.node_ip} ({h.spec.transport})" for h in handles),
+    )
+    return handles
+
+
+def check_ray_config(config: EngineConfig, dc: DisaggConfig, fault_plan: FaultPlan | None) -> None:
+    if config.device != "cpu":
+        raise NotImplementedError(
+            f"launcher='ray' with device={config.device!r}: GPU instances on Ray (a GPU per "
+            "bundle, NCCL groups, nixl VRAM registration) are not built or tested (no GPU "
+            "here); use device='cpu', or launcher='process' on one GPU node"
+        )
+    if fault_plan is not None:
+        raise ValueError("a fault plan needs launcher='thread'; launcher='ray' runs none")
+    if dc.transport not in ("auto", "shm", "nixl"):
+        raise ValueError(
+            f"launcher='ray' moves KV through 'shm' or 'nixl' (transport='auto' picks per "
+            f"pair), got transport={dc.transport!r}"
+        )
+
+
+def _accept_all(listener: Listener, handles: list[RayInstanceHandle]) -> None:
+    """Accepts each actor's connection (it names its instance first). Waits at most
+    CONNECT_TIMEOUT_S; an actor that failed before connecting is reported at once."""
+    by_name = {h.name: h for h in handles}
+    accepted: queue.Queue = queue.Queue()
+
+    def accept() -> None:
+        for _ in handles:
+            try:
+                conn = listener.accept()
+                accepted.put((conn.recv(), conn))
+            except (OSError, EOFError) as exc:  # closed by the caller, or a bad peer
+                accepted.put((None, exc))
+                return
+
+    threading.Thread(target=accept, name="ray-accept", daemon=True).start()
+    deadline = time.monotonic() + CONNECT_TIMEOUT_S
+    pending = set(by_name)
+    while pending:
+        try:
+            name, conn = accepted.get(timeout=0.1)
+        except queue.Empty:
+            dead = [h for h in handles if h.name in pending and h.death_reason is not None]
+            if dead:
+                why = dead[0].death_reason
+                raise RuntimeError(f"{dead[0].name} failed to start: {why}") from None
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"instances {sorted(pending)} placed but not connected to the controller "
+                    f"within {CONNECT_TIMEOUT_S:g} s"
+                ) from None
+            continue
+        if name is None:
+            raise RuntimeError(f"accepting the instances' connections failed: {conn}")
+        by_name[name].attach(conn)
+        pending.discard(name)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else ""
