@@ -1,6 +1,8 @@
 """The READMEs a reader follows name only files inside the repository: a path that leaves
 it (``../shared/...``, an absolute path on a developer's machine) is a dead end for anyone
-with a clone. Temporary folders that a documented command creates (``/tmp/...``) are fine."""
+with a clone. Temporary folders that a documented command creates (``/tmp/...``) and the
+standard per-user caches every user has (``~/.cache/huggingface/hub``, where models are
+looked up) are fine."""
 
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ def test_readme_names_no_file_outside_the_repository(readme):
     escaping = []
     for match in PATH.finditer(doc.read_text(encoding="utf-8")):
         target = match.group(1) or match.group(2)
-        if "://" in target or target.startswith(("/tmp/", "$", "-", "#")):
+        if "://" in target or target.startswith(("/tmp/", "~/.cache/", "$", "-", "#")):
             continue
         if target.startswith(MACHINE_ROOTS):
             escaping.append(target)
