@@ -381,6 +381,8 @@ def _model_key(model: str) -> str:
 def _runtime_model(planned: str) -> str:
     """``--model`` for the planner's model: its HF directory when the file names one that
     exists here, else the preset with random weights."""
+    if planned.startswith("dummy:"):  # a file written for the dummy model names it as such
+        return planned
     path = Path(planned)
     if path.name == "config.json" and path.is_file():
         return str(path.parent)

@@ -160,9 +160,9 @@ def test_plan_then_serve_the_tiny_model_on_cpu(
         assert [s.name for s in instances] == names and all(s.alive for s in instances)
 
 
-def _colocated_file(tmp_path, tp: int, num_instances: int) -> str:
+def _colocated_file(tmp_path, tp: int, num_instances: int, model: str = "llama-tiny") -> str:
     raw = {
-        "model": "llama-tiny",
+        "model": model,
         "placement": "colocated",
         "prefill": {"tp": tp, "pp": 1, "num_instances": num_instances},
     }
@@ -181,6 +181,13 @@ def test_a_colocated_file_s_tp_and_replicas_become_the_engine_s(tmp_path, caplog
     args = build_parser().parse_args(["serve", "--placement", path, "-tp", "2", "-dp", "3"])
     assert engine_args.configs_from_args(args)[0] == config
     assert placement.apply_to(config.replace(tensor_parallel_size=1)) == config
+
+
+@pytest.mark.parametrize("model", ["llama-tiny", "dummy:llama-tiny"])
+def test_a_file_for_the_dummy_model_serves_the_dummy_model(tmp_path, caplog, model):
+    path = _colocated_file(tmp_path, tp=1, num_instances=1, model=model)
+    _, (config, _, _) = _serve_configs(path, caplog)
+    assert config.model == "dummy:llama-tiny"  # was dummy:dummy:llama-tiny for the 2nd
 
 
 @pytest.mark.parametrize(
