@@ -149,3 +149,22 @@ def test_disaggregated_script_without_main_guard_names_the_cause(tmp_path):
     assert last.startswith("RuntimeError: ") and "failed to start: the script" in last
     assert 'no `if __name__ == "__main__":` guard' in last and "EOFError" not in out.stderr
     assert len(out.stderr.splitlines()) < 40  # was 147 lines: a traceback per instance
+
+
+def test_ctrl_c_during_the_native_imports_waits_until_they_are_done(monkeypatch):
+    """A SIGINT during torch's extension init used to abort the interpreter (a
+    KeyboardInterrupt thrown through pybind11) or kill it with no exit status of ours: the
+    imports run with SIGINT blocked, and the interrupt arrives after the last one."""
+    from distserve_rt.entrypoints import cli
+
+    imported = []
+
+    def import_module(name):
+        if not imported:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in the middle of the first import
+        imported.append(name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    with pytest.raises(KeyboardInterrupt):
+        cli.import_native_modules_uninterrupted()
+    assert imported == ["torch", "distserve_rt._C"]
