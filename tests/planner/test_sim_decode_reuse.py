@@ -152,3 +152,46 @@ def test_refuses_a_bad_disagg_config():
     sim = SchedulerDrivenDisaggregated(DisaggSpec(inst, inst), block_size=BLOCK)
     with pytest.raises(ValueError, match="disagg_config must be a DisaggConfig or None, got dict"):
         sim.run_conversations(conversations(0), disagg_config={})
+
+
+def test_a_long_prefill_queue_sends_a_request_to_a_decode_instance():
+    # Two first turns at t=0: the first finds the prefill queue empty, the second finds the
+    # first's 40 tokens queued (>= 1) and is prefilled on the decode instance.
+    convs = tuple(
+        Conversation(c, 0.0, (Turn(np.arange(1, 41) + 100 * c, 4, 0.0),)) for c in range(2)
+    )
+    w = MultiTurnWorkload("burst", convs)
+    inst = SimInstanceSpec(AffineLatency(), 200 * BLOCK, max_batch_tokens=512)
+    spec = DisaggSpec(inst, inst, 1, 1, KVTransferSpec(1e-3, 0.0))
+    sim = SchedulerDrivenDisaggregated(spec, block_size=BLOCK, max_model_len=MAX_LEN)
+    got = sim.run_conversations(w, disagg_config=DisaggConfig(local_prefill_min_queue_tokens=1))
+    assert got.num_local_prefills == 1
+    assert got.instance_prefix_cache_queries == (40, 40 + 40)  # a migration and a prefill
+    r = got.result
+    assert r.transfer_end[0] > r.prefill_end[0]  # migrated
+    assert r.transfer_start[1] == r.transfer_end[1] == r.prefill_end[1]  # local
+
+
+def test_a_follow_up_goes_to_the_decode_instance_holding_its_prefix():
+    # Conversation 1's first turn decodes on decode-1 (decode-0 holds conversation 0's
+    # long answer); conversation 2 lands there too and is still decoding when
+    # conversation 1's follow-up comes, while decode-0 is idle by then: least-loaded would
+    # pick decode-0, the cache-aware rule picks decode-1 (one more request, within
+    # max_decode_load_imbalance) and reuses its 5 blocks; with the cap at 0 it may not.
+    convs = (
+        Conversation(0, 0.0, (Turn(np.arange(1, 41), 150, 0.0),)),
+        Conversation(
+            1, 0.0, (Turn(np.arange(101, 141), 3, 0.2), Turn(np.arange(141, 161), 2, 0.0))
+        ),
+        Conversation(2, 0.05, (Turn(np.arange(201, 301), 150, 0.0),)),
+    )
+    w = MultiTurnWorkload("routing", convs)
+    inst = SimInstanceSpec(AffineLatency(), 200 * BLOCK, max_batch_tokens=512)
+    spec = DisaggSpec(inst, inst, 1, 2, KVTransferSpec(1e-3, 0.0))
+    sim = SchedulerDrivenDisaggregated(spec, block_size=BLOCK, max_model_len=MAX_LEN)
+    got = sim.run_conversations(w)
+    assert got.num_blocks_reused == 5
+    assert got.instance_prefix_cache_hits[1:] == (0, 5 * BLOCK)  # on decode-1
+    capped = sim.run_conversations(w, disagg_config=DisaggConfig(max_decode_load_imbalance=0))
+    assert capped.num_blocks_reused == 0
+    assert capped.instance_prefix_cache_hits[1:] == (0, 0)
