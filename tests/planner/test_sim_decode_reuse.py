@@ -98,6 +98,11 @@ def replay(controller, w: MultiTurnWorkload) -> None:
     ids=["1P1D", "1P2D", "1P2D-local-prefill"],
 )
 def test_counters_equal_the_runtime(num_decode, disagg):
+    # Timing-independent: a conversation's turns run one after another, nothing is evicted,
+    # and with 4 conversations no decode instance can be more than 4 requests above another
+    # (the default max_decode_load_imbalance), so each follow-up goes to its prefix's
+    # instance whatever the interleaving; which instance a first turn gets may differ, the
+    # summed counters may not.
     w = conversations(seed=3)
     placement = Placement.disaggregated(PhaseConfig(), PhaseConfig(num_instances=num_decode))
     dc = DisaggConfig(launcher="thread", stats_interval_s=0.01, **disagg)
