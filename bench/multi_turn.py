@@ -14,14 +14,15 @@ are forced (greedy, ``ignore_eos``, ``max_tokens``). Each setup runs the same co
 Colocated: one `LLMEngine` in this process (``--threads`` threads, default 1, the
 engine's default policy), so it has half the cores 1P1D has: compare per core.
 Disaggregated: the `Controller` with one prefill and one decode process, each pinned to one
-core with one thread. Caching as the runtime has it at this commit: colocated pool; prefill
-instances only in 1P1D (the decode instance does not reuse KV and the migration moves the
-whole prompt).
+core with one thread. Caching as the runtime has it at this commit (`DisaggConfig`'s
+defaults): colocated pool; in 1P1D the prefill instance's pool and the decode instance's,
+which keeps finished turns' KV so that a follow-up's migration pulls only the blocks it
+lacks (conditional disaggregation off, its default).
 
-For each run it also records the scheduler-driven simulator's hit count for the same
-conversations (the runtime's prefix cache on a simulated pool of the same size): with no
-shared system prompt and a pool that holds every conversation, hits do not depend on timing,
-so the two must be equal.
+For each run it also records the scheduler-driven simulator's counters for the same
+conversations (the runtime's prefix caches and routing on simulated pools of the same size):
+with no shared system prompt and pools that hold every conversation, prefix-cache hits and
+the blocks migrations pulled and reused do not depend on timing, so the two must be equal.
 
 Writes ``bench/results/multi_turn_cpu.json`` (command, date, commit, load average around
 every run) and a PNG next to it.
@@ -192,11 +193,10 @@ class _UnitLatency(LatencyModel):
         return 1e-3, 0.0
 
 
-def simulated_hits(
-    setup: Setup, engine, workload, kv_tokens: int, max_model_len: int
-) -> tuple[int, int]:
-    """The simulator's prefix-cache queries and hits for ``workload`` on ``engine``'s
-    settings (a colocated engine's own pool size: it may be below ``kv_tokens``)."""
+def simulated_counters(setup: Setup, engine, workload, kv_tokens: int, max_model_len: int):
+    """The simulator's `ConversationSimResult` for ``workload`` on ``engine``'s settings (a
+    colocated engine's own pool size: it may be below ``kv_tokens``): prefix-cache queries
+    and hits, and (1P1D) the blocks migrations pulled and reused."""
     sc = engine.scheduler_config
     if setup.placement == "colocated":
         bm = engine.block_manager
@@ -220,8 +220,11 @@ def simulated_hits(
             block_size=engine.config.block_size,
             max_model_len=max_model_len,
         )
-    got = sim.run_conversations(workload, prefix_caching=setup.caching)
-    return got.prefix_cache_queries, got.prefix_cache_hits
+    if setup.placement == "colocated":
+        return sim.run_conversations(workload, prefix_caching=setup.caching)
+    return sim.run_conversations(
+        workload, prefix_caching=setup.caching, disagg_config=engine.disagg_config
+    )
 
 
 def run_setup(setup: Setup, args, workload, bytes_per_token: int, max_model_len: int) -> dict:
@@ -230,14 +233,20 @@ def run_setup(setup: Setup, args, workload, bytes_per_token: int, max_model_len:
     try:
         with tqdm(total=workload.num_requests, desc=setup.label, unit="turn") as bar:
             got = replay(engine, workload, bar)
+        if setup.placement != "colocated":
+            # The instances' counters come with their periodic load reports: let the last
+            # ones (sent after the final turn) arrive before reading them.
+            until = time.monotonic() + 4 * engine.disagg_config.stats_interval_s
+            while time.monotonic() < until:
+                engine.step(IDLE_POLL_S)
         stats = engine.stats()
-        sim_queries, sim_hits = simulated_hits(
-            setup, engine, workload, args.kv_tokens, max_model_len
-        )
+        sim = simulated_counters(setup, engine, workload, args.kv_tokens, max_model_len)
     finally:
         engine.shutdown()
     queries = sum(s.prefix_cache_queries for s in stats.instances)
     hits = sum(s.prefix_cache_hits for s in stats.instances)
+    pulled = sum(s.num_blocks_pulled for s in stats.instances)
+    reused = sum(s.num_blocks_reused for s in stats.instances)
     slo = SLO(args.slo_ttft_ms / 1e3, args.slo_tpot_ms / 1e3)
     n = workload.num_requests
     # Failed turns and the turns their conversation never sent count as missing the SLO.
@@ -256,10 +265,15 @@ def run_setup(setup: Setup, args, workload, bytes_per_token: int, max_model_len:
         "prefix_cache_queries": queries,
         "prefix_cache_hits": hits,
         "hit_rate": hits / queries if queries else 0.0,
-        "simulated_prefix_cache_queries": sim_queries,
-        "simulated_prefix_cache_hits": sim_hits,
+        "simulated_prefix_cache_queries": sim.prefix_cache_queries,
+        "simulated_prefix_cache_hits": sim.prefix_cache_hits,
         "kv_bytes_transferred": stats.transfers.bytes,
         "num_transfers": stats.transfers.num_transfers,
+        # Decode instances: migrated KV blocks copied vs found in their own cache.
+        "num_blocks_pulled": pulled,
+        "num_blocks_reused": reused,
+        "simulated_num_blocks_pulled": sim.num_blocks_pulled,
+        "simulated_num_blocks_reused": sim.num_blocks_reused,
         "load_average_before": load_before,
         "load_average_after": list(os.getloadavg()),
     }
@@ -320,7 +334,9 @@ def main(argv=None) -> int:
             f"{r['ttft_s']['p90'] * 1e3:7.1f} ms, attainment {r['attainment']['joint']:6.1%}, "
             f"hit rate {r['hit_rate']:5.1%} (sim {r['simulated_prefix_cache_hits']} vs "
             f"{r['prefix_cache_hits']} tokens), KV moved "
-            f"{r['kv_bytes_transferred'] / 2**20:.1f} MiB"
+            f"{r['kv_bytes_transferred'] / 2**20:.1f} MiB, blocks pulled/reused "
+            f"{r['num_blocks_pulled']}/{r['num_blocks_reused']} (sim "
+            f"{r['simulated_num_blocks_pulled']}/{r['simulated_num_blocks_reused']})"
         )
     title = (
         f"{MODEL} on CPU, {workload.num_conversations} conversations ({workload.num_requests} "

@@ -39,9 +39,12 @@ def test_replay_serves_every_turn_and_hits_the_cache():
     assert stats.prefix_cache_hits > 0
     engine = LLMEngine(config, model=FakeCausalLM())
     setup = bench.Setup("colocated", True)
-    queries, hits = bench.simulated_hits(setup, engine, w, 1 << 20, 256)
+    sim = bench.simulated_counters(setup, engine, w, 1 << 20, 256)
     engine.shutdown()
-    assert (queries, hits) == (stats.prefix_cache_queries, stats.prefix_cache_hits)
+    assert (sim.prefix_cache_queries, sim.prefix_cache_hits) == (
+        stats.prefix_cache_queries,
+        stats.prefix_cache_hits,
+    )
 
 
 @pytest.mark.parametrize(

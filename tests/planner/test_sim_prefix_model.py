@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from distserve_rt import SamplingParams
+from distserve_rt.config import DisaggConfig
 from distserve_rt.engine import EngineConfig, LLMEngine
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.simulator import (
@@ -124,23 +125,26 @@ def test_hits_shorten_prefill_and_eviction_lowers_hits():
     assert 0 < small.prefix_cache_hits < on.prefix_cache_hits
 
 
-def test_disaggregated_caches_prompts_on_prefill_instances_only():
+def test_disaggregated_without_decode_caching_caches_on_prefill_instances_only():
+    # DisaggConfig.decode_prefix_caching off (tests/planner/test_sim_decode_reuse.py: on).
     turns = (Turn(np.arange(1, 41), 10, 0.5), Turn(np.arange(41, 61), 4, 0.0))
     w = MultiTurnWorkload("two", (Conversation(0, 0.0, turns),))
     inst = SimInstanceSpec(AffineLatency(), 200 * BLOCK, max_batch_tokens=512)
     spec = DisaggSpec(inst, inst, 1, 1, KVTransferSpec(1e-3, 0.0))
     sim = SchedulerDrivenDisaggregated(spec, block_size=BLOCK, max_model_len=256)
-    got = sim.run_conversations(w)
+    dc = DisaggConfig(decode_prefix_caching=False)
+    got = sim.run_conversations(w, disagg_config=dc)
     # The prefill instance never holds the answer: turn 2 hits turn 1's 40 prompt tokens
     # (5 full blocks), not the 48 a colocated pool holds.
     assert (got.prefix_cache_queries, got.prefix_cache_hits) == (110, 40)
     r = got.result
     assert r.arrival[1] == pytest.approx(r.finish[0] + 0.5)
-    # The whole prompt migrates (no delta-only pull in the runtime yet): 70 tokens' worth.
+    # The whole prompt migrates (no decode-side cache to pull a delta into): 70 tokens.
     assert r.transfer_end[1] - r.transfer_start[1] == pytest.approx(70e-3)
     assert all(bm.num_free_blocks == bm.num_blocks for bm in sim.block_managers[1:])
     w2 = workload(seed=2)
-    on, off = sim.run_conversations(w2), sim.run_conversations(w2, prefix_caching=False)
+    on = sim.run_conversations(w2, disagg_config=dc)
+    off = sim.run_conversations(w2, prefix_caching=False)
     assert on.prefix_cache_hits > 0 == off.prefix_cache_hits
     assert on.result.ttft.mean() < off.result.ttft.mean()
 

@@ -35,6 +35,16 @@ class ConversationSimResult:
     """Prompt tokens looked up in the cache (the runtime's counter, summed over instances)."""
     prefix_cache_hits: int
     """Prompt tokens found there (their prefill compute skipped)."""
+    instance_prefix_cache_queries: tuple[int, ...] = ()
+    instance_prefix_cache_hits: tuple[int, ...] = ()
+    """The two counters per instance (disaggregated: prefill instances first, then decode
+    instances, whose lookups are the migrations' admissions and local prefills)."""
+    num_blocks_pulled: int = 0
+    num_blocks_reused: int = 0
+    """Disaggregated: of the migrations' KV blocks, those pulled and those the decode
+    instance had cached (`DecodeInstance`'s counters, summed)."""
+    num_local_prefills: int = 0
+    """Disaggregated: requests prefilled on a decode instance (conditional disaggregation)."""
 
     @property
     def hit_rate(self) -> float:
@@ -119,7 +129,10 @@ class ConversationArrivals:
                 )
                 self._push(request.finished_time + turns[k].think_s, c, k + 1, prompt)
 
-    def result(self, sim: SimResult, block_managers: list[BlockManager]) -> ConversationSimResult:
+    def result(
+        self, sim: SimResult, block_managers: list[BlockManager], **counters: int
+    ) -> ConversationSimResult:
+        """The run's result; ``counters`` are `ConversationSimResult`'s migration fields."""
         stats = [bm.stats() for bm in block_managers]
         conv = np.asarray(self._conv, dtype=np.int64).reshape(-1, 2)
         return ConversationSimResult(
@@ -129,4 +142,7 @@ class ConversationArrivals:
             np.asarray([len(p) for p in self._prompts], dtype=np.int64),
             sum(s.prefix_cache_queries for s in stats),
             sum(s.prefix_cache_hits for s in stats),
+            tuple(s.prefix_cache_queries for s in stats),
+            tuple(s.prefix_cache_hits for s in stats),
+            **counters,
         )

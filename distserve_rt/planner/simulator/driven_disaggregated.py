@@ -18,16 +18,28 @@ What mirrors what:
 
 Events at one time are all applied before any idle instance steps, so a burst of arrivals
 forms one batch, as the colocated loop does.
+
+`run_conversations` (token ids real, prefix caching on) also models what the runtime does
+with the cache (`engine/controller.py`, `engine/disagg/decode_instance.py`), through the
+same code: the decode instances' pools cache too (`DecodeScheduler.admit_migrations` shares
+the cached leading blocks, and the pull, its time from the tokens of the blocks it moves,
+skips them); a request goes to the decode instance the controller's `DecodePrefixIndex`
+picks (`core.cache_routing.pick_decode_instance`, ``max_decode_load_imbalance``); and
+`core.cache_routing.prefill_locally` sends a request straight to a decode instance, whose
+scheduler prefills it there (decode-instance time), when the DisaggConfig thresholds say so.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 
 import numpy as np
 
+from distserve_rt.config.disagg import DisaggConfig
 from distserve_rt.core.block_manager import BlockManager
+from distserve_rt.core.cache_routing import prefill_locally
 from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.request import Request, RequestStatus
 from distserve_rt.core.scheduler import DecodeScheduler, PrefillScheduler, SchedulerOutput
@@ -70,7 +82,10 @@ class _Prefill:
 
 
 class _Decode:
-    __slots__ = ("sched", "clock", "busy", "link_free", "num_assigned", "step_start")
+    __slots__ = (
+        "sched", "clock", "busy", "link_free", "num_assigned", "step_start",
+        "num_blocks_pulled", "num_blocks_reused", "num_local_prefills", "reused_blocks",
+    )  # fmt: skip
 
     def __init__(self, sched: DecodeScheduler, clock: StepClock) -> None:
         self.sched = sched
@@ -82,6 +97,13 @@ class _Decode:
         self.step_start: dict[float, float] = {}
         """Step end -> its start: a request's decode starts with the step of its first
         token here (looked up at the end, instead of scanning every step's decodes)."""
+        self.num_blocks_pulled = 0
+        self.num_blocks_reused = 0
+        """`DecodeInstance`'s counters: of the migrations that landed, blocks copied and
+        blocks found in this pool's prefix cache."""
+        self.num_local_prefills = 0
+        """Requests sent here to be prefilled (conditional disaggregation)."""
+        self.reused_blocks: dict[str, int] = {}  # pulls in flight: blocks not pulled
 
 
 class SchedulerDrivenDisaggregated:
@@ -129,26 +151,52 @@ class SchedulerDrivenDisaggregated:
         self._owner = [0] * n
         self._ts, self._te = ([_INF] * n for _ in range(2))
         self._decoded_by = [0] * n
+        self._local = [False] * n
         self._seq = n
         self._source = None
+        self._dc = DisaggConfig()
+        self._prefixes = None
         self._events = [(float(t), i, _ARRIVAL, i, None) for i, t in enumerate(arrival.tolist())]
         heapq.heapify(self._events)
         self._loop()
         return self._result(arrival, out)
 
     def run_conversations(
-        self, workload: MultiTurnWorkload, *, prefix_caching: bool = True
+        self,
+        workload: MultiTurnWorkload,
+        *,
+        prefix_caching: bool = True,
+        disagg_config: DisaggConfig | None = None,
     ) -> ConversationSimResult:
         """Replay ``workload``'s conversations closed loop (see `conversations`).
 
-        ``prefix_caching`` as the runtime has it today: on the prefill instances' pools
-        (a turn's prefill skips its cached prefix), not on the decode instances', and the
-        migration moves the whole prompt's KV (decode-side reuse and a delta-only pull are
-        not modelled)."""
+        ``prefix_caching`` is `EngineConfig.enable_prefix_caching`: the prefill instances'
+        pools cache (a turn's prefill skips its cached prefix), and with
+        ``disagg_config.decode_prefix_caching`` (default on, as `DisaggConfig`'s) the
+        decode instances' too, with cache-aware routing and delta pulls; the
+        ``disagg_config.local_prefill_*`` thresholds turn conditional disaggregation on.
+        Every rule is the runtime's own (see the module docstring)."""
+        dc = DisaggConfig() if disagg_config is None else disagg_config
+        if not isinstance(dc, DisaggConfig):
+            raise ValueError(
+                f"disagg_config must be a DisaggConfig or None, got {type(dc).__name__}"
+            )
         self._max_len = context_len(workload, self.max_model_len)
-        self._build_instances(prefix_caching)
+        self._dc = dc
+        decode_caching = prefix_caching and dc.decode_prefix_caching
+        self._build_instances(prefix_caching, decode_caching)
+        self._prefixes = None
+        if decode_caching:
+            # The controller's own view of the decode caches (imported here: the engine
+            # package pulls in torch, which the length-only simulations never need).
+            from distserve_rt.engine.disagg.routing import DecodePrefixIndex
+
+            self._prefixes = DecodePrefixIndex(
+                {d: inst.sched.block_manager.num_blocks for d, inst in enumerate(self._decodes)},
+                self.block_size,
+            )
         self._requests, self._decoded, self._owner = [], [], []
-        self._ts, self._te, self._decoded_by = [], [], []
+        self._ts, self._te, self._decoded_by, self._local = [], [], [], []
         self._seq = 0
         self._events = []
         self._source = source = ConversationArrivals(workload, self._max_len)
@@ -157,8 +205,13 @@ class SchedulerDrivenDisaggregated:
         requests = source.requests
         arrival = np.asarray([r.arrival_time for r in requests], dtype=np.float64)
         out = [r.sampling_params.max_tokens for r in requests]
-        caches = self.block_managers[: self.spec.num_prefill]
-        return source.result(self._result(arrival, out), caches)
+        return source.result(
+            self._result(arrival, out),
+            self.block_managers,
+            num_blocks_pulled=sum(d.num_blocks_pulled for d in self._decodes),
+            num_blocks_reused=sum(d.num_blocks_reused for d in self._decodes),
+            num_local_prefills=sum(d.num_local_prefills for d in self._decodes),
+        )
 
     def _on_turns(self, now, _a, _b, dirty_p, dirty_d) -> None:
         for request in self._source.pop_due(now):
@@ -166,6 +219,7 @@ class SchedulerDrivenDisaggregated:
                 values.append(None if values is self._decoded else _INF)
             self._owner.append(0)
             self._decoded_by.append(0)
+            self._local.append(False)
             self._requests.append(request)
             self._on_arrival(now, request.seq_id, None, dirty_p, dirty_d)
 
@@ -179,7 +233,7 @@ class SchedulerDrivenDisaggregated:
                 # One event per queued turn; an event that finds no turn due does nothing.
                 self._push(self._source.next_arrival(), _TURNS, None)
 
-    def _build_instances(self, prefix_caching: bool = False) -> None:
+    def _build_instances(self, prefix_caching: bool = False, decode_caching: bool = False) -> None:
         spec, rngs = (
             self.spec,
             np.random.default_rng(self.seed).spawn(self.spec.num_prefill + self.spec.num_decode),
@@ -201,7 +255,7 @@ class SchedulerDrivenDisaggregated:
             self._prefills.append(_Prefill(PrefillScheduler(config, bm), clock))
         self._decodes = []
         for k in range(spec.num_decode):
-            config, bm, clock = parts(spec.decode, rngs[spec.num_prefill + k])
+            config, bm, clock = parts(spec.decode, rngs[spec.num_prefill + k], decode_caching)
             self._decodes.append(_Decode(DecodeScheduler(config, bm), clock))
 
     def _push(self, time: float, kind: int, a, b=None) -> None:
@@ -241,13 +295,60 @@ class SchedulerDrivenDisaggregated:
     # ---- prefill ----------------------------------------------------------------------------
 
     def _on_arrival(self, now, i: int, _, dirty_p, dirty_d) -> None:
+        request = self._requests[i]
+        if self._prefill_on_decode(request, dirty_d):
+            return
         p = pick_prefill([inst.num_queued_tokens for inst in self._prefills])
         inst = self._prefills[p]
-        request = self._requests[i]
         self._owner[i] = p
         inst.num_queued_tokens += request.num_prompt_tokens
         inst.sched.add_request(request)
         dirty_p.add(p)
+
+    def _prefill_on_decode(self, request: Request, dirty_d) -> bool:
+        """`Controller._prefill_on_decode`: conditional disaggregation by `prefill_locally`
+        (False, the request goes to a prefill instance, when the thresholds are off)."""
+        dc = self._dc
+        if not (dc.local_prefill_max_tokens or dc.local_prefill_min_queue_tokens):
+            return False
+        token_ids = request.token_ids
+        d, num_cached_blocks = self._route_decode(token_ids)
+        num_uncached = len(token_ids) - num_cached_blocks * self.block_size
+        num_queued = min(inst.num_queued_tokens for inst in self._prefills)
+        target = self._decodes[d]
+        if not prefill_locally(
+            num_uncached, num_queued, max_uncached_tokens=dc.local_prefill_max_tokens,
+            min_prefill_queue_tokens=dc.local_prefill_min_queue_tokens,
+            num_prompt_tokens=len(token_ids),
+            max_num_batched_tokens=target.sched.config.max_num_batched_tokens,
+        ):  # fmt: skip
+            return False
+        target.num_assigned += 1
+        target.num_local_prefills += 1
+        self._record_decode_prefix(d, token_ids)
+        self._local[request.seq_id] = True
+        self._decoded_by[request.seq_id] = d
+        target.sched.add_request(request)  # prefilled by the decode scheduler, prefill-first
+        dirty_d.add(d)
+        return True
+
+    def _route_decode(self, token_ids: list[int]) -> tuple[int, int]:
+        """`Controller.route_decode`: the decode instance for a request of ``token_ids``
+        (its KV: all but the last) and the blocks of it that instance likely holds."""
+        if self._prefixes is None:
+            return min(range(len(self._decodes)), key=self._decode_key), 0
+        hashes = self._prefixes.block_hashes(token_ids[:-1])
+        decodes = self._decodes
+        return self._prefixes.pick(
+            range(len(decodes)), hashes, [inst.num_assigned for inst in decodes],
+            [inst.sched.block_manager.num_free_blocks for inst in decodes],
+            self._dc.max_decode_load_imbalance,
+        )  # fmt: skip
+
+    def _record_decode_prefix(self, d: int, token_ids: list[int]) -> None:
+        """`Controller._record_decode_prefix`: instance ``d`` will hold ``token_ids[:-1]``."""
+        if self._prefixes is not None:
+            self._prefixes.record(d, self._prefixes.block_hashes(token_ids[:-1]))
 
     def _step_prefill(self, now: float, p: int) -> None:
         inst = self._prefills[p]
@@ -270,10 +371,11 @@ class SchedulerDrivenDisaggregated:
             if request.is_finished:
                 self._finished([request])
                 continue  # a one-token output: done at its first token
-            d = min(range(len(self._decodes)), key=self._decode_key)
+            decoded = migrated_copy(request, self._max_len)
+            d, _ = self._route_decode(decoded.token_ids)
             target = self._decodes[d]
             target.num_assigned += 1
-            decoded = migrated_copy(request, self._max_len)
+            self._record_decode_prefix(d, decoded.token_ids)
             self._decoded[request.seq_id] = decoded
             self._decoded_by[request.seq_id] = d
             target.sched.add_migrated(decoded)
@@ -311,15 +413,26 @@ class SchedulerDrivenDisaggregated:
         self._push(end, _DECODE_END, d, out)
 
     def _start_pulls(self, now: float, d: int) -> None:
+        """Pulls start for the admitted migrations, each moving only the blocks this pool
+        lacks (`DecodeInstance._start_pull`): its time is that of their tokens."""
         inst, transfer = self._decodes[d], self.spec.kv_transfer
         for request in inst.sched.admit_migrations(now):
+            reused_tokens = inst.sched.reused_tokens[request.request_id]
+            inst.reused_blocks[request.request_id] = reused_tokens // self.block_size
             start = max(now, inst.link_free)
-            inst.link_free = end = start + transfer.seconds(request.num_computed_tokens)
+            num_tokens = request.num_computed_tokens - reused_tokens
+            inst.link_free = end = start + transfer.seconds(num_tokens)
             self._ts[request.seq_id] = start
             self._push(end, _PULL_DONE, d, request)
 
     def _on_pull(self, now, d: int, request: Request, dirty_p, dirty_d) -> None:
-        self._decodes[d].sched.complete_migration(request)
+        inst = self._decodes[d]
+        reused = inst.reused_blocks.pop(request.request_id)
+        # The prefill side's block list, as the Migrate announced it, less the cached ones.
+        num_blocks = math.ceil(request.num_computed_tokens / self.block_size)
+        inst.num_blocks_reused += reused
+        inst.num_blocks_pulled += num_blocks - reused
+        inst.sched.complete_migration(request)
         self._te[request.seq_id] = now
         p = self._owner[request.seq_id]
         self._prefills[p].sched.release_migration(request.request_id)
@@ -331,6 +444,10 @@ class SchedulerDrivenDisaggregated:
         inst.busy = False
         update = inst.sched.update_from_output(out, sampled_tokens(out), None, now)
         inst.num_assigned -= len(update.finished)
+        for request in update.finished:
+            if request.status is not RequestStatus.FINISHED_ERROR:
+                # `Controller.finish`: it keeps every full block it computed, output too.
+                self._record_decode_prefix(d, request.token_ids)
         self._finished(update.finished)
         dirty_d.add(d)
 
@@ -347,7 +464,10 @@ class SchedulerDrivenDisaggregated:
                 continue  # never fit a pool: misses every SLO
             ps[k] = r.first_scheduled_time
             pe[k] = r.first_token_time
-            if decoded is None:  # one-token output
+            if self._local[k]:  # prefilled on its decode instance: nothing moved
+                ts[k] = te[k] = ds[k] = pe[k]
+                fin[k] = r.finished_time
+            elif decoded is None:  # one-token output
                 ts[k] = te[k] = ds[k] = fin[k] = pe[k]
             else:
                 step_start = self._decodes[self._decoded_by[k]].step_start
