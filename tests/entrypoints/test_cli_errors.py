@@ -87,6 +87,16 @@ def test_error_line_names_unexpected_errors_by_type():
     assert line == "KeyError: 'k' (DRT_LOG_LEVEL=DEBUG shows the traceback)"
 
 
+def _interactive_signals() -> None:
+    """SIGINT as a terminal's foreground process gets it: unblocked and at its default, so
+    Python installs its KeyboardInterrupt handler. An ignored or blocked SIGINT is inherited
+    through exec, and a suite started in the background of a non-interactive shell (as CI
+    and `make test &` run it) has SIGINT ignored: the server then never saw the Ctrl-C and
+    the test hung for 60 s."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start_serve(*extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "distserve_rt.entrypoints.cli", "serve"]
     cmd += ["--port", str(free_port()), *extra]
@@ -94,7 +104,7 @@ def _start_serve(*extra: str) -> subprocess.Popen:
     # as Ctrl-C in a terminal sends it to the whole foreground process group.
     return subprocess.Popen(
         cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
-        env=_env(), start_new_session=True,
+        env=_env(), start_new_session=True, preexec_fn=_interactive_signals,
     )  # fmt: skip
 
 
@@ -151,7 +161,7 @@ def test_disaggregated_script_without_main_guard_names_the_cause(tmp_path):
     assert len(out.stderr.splitlines()) < 40  # was 147 lines: a traceback per instance
 
 
-def test_ctrl_c_during_the_native_imports_waits_until_they_are_done(monkeypatch):
+def test_ctrl_c_during_the_native_imports_waits_until_they_are_done(monkeypatch, request):
     """A SIGINT during torch's extension init used to abort the interpreter (a
     KeyboardInterrupt thrown through pybind11) or kill it with no exit status of ours: the
     imports run with SIGINT blocked, and the interrupt arrives after the last one."""
@@ -165,6 +175,11 @@ def test_ctrl_c_during_the_native_imports_waits_until_they_are_done(monkeypatch)
         imported.append(name)
 
     monkeypatch.setattr(cli.importlib, "import_module", import_module)
+    # SIGINT as in an interactive process (see _interactive_signals), restored afterwards.
+    blocked = signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    request.addfinalizer(lambda: signal.pthread_sigmask(signal.SIG_SETMASK, blocked))
+    request.addfinalizer(lambda: signal.signal(signal.SIGINT, handler))
     with pytest.raises(KeyboardInterrupt):
         cli.import_native_modules_uninterrupted()
     assert imported == ["torch", "distserve_rt._C"]
