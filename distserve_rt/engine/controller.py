@@ -170,9 +170,7 @@ class Controller:
         }
         for handle in self.decodes():
             # Ray: each pair's transport is chosen by where its ends run (ray_launcher).
-            select = getattr(handle, "select_peer_descriptors", None)
-            pools = select(descriptors) if select is not None else descriptors
-            handle.send(msg.PeerPools(pools))  # type: ignore[arg-type]
+            handle.send(msg.PeerPools(handle.select_peer_descriptors(descriptors)))  # type: ignore[arg-type]
         # Mapping a peer pool (MAP_POPULATE) takes seconds for a GiB pool: wait for it here,
         # or the first requests' transfer queue time would include it.
         while not all(h.name in self._peers_opened for h in self.decodes()):
@@ -373,7 +371,7 @@ class Controller:
                     self._drain(handle)
                 elif ready == handle.sentinel and handle.alive:
                     self._drain(handle)  # what it sent before dying still counts
-                    why = getattr(handle, "death_reason", None) or "its process exited"
+                    why = handle.death_reason or "its process exited"
                     recovery.on_instance_death(self, handle, why)
         for handle in live:
             if handle.alive and handle.sentinel is None and not handle.is_running():

@@ -27,6 +27,13 @@ class InstanceHandle(ChildHandle):
         """Prefill: prompt tokens dispatched and not prefilled yet."""
         self.num_assigned = 0
         """Decode: requests forwarded to it and not finished."""
+        self.death_reason: str | None = None
+        """Why it died when its launcher knows more than "its process exited" (Ray's)."""
+
+    def select_peer_descriptors(self, descriptors: dict[int, list[bytes]]) -> dict[int, list]:
+        """The prefill pools' descriptors this decode instance reads: all of them, since every
+        pair shares the one transport here (`ray_launcher` picks one per pair)."""
+        return descriptors
 
     @property
     def name(self) -> str:
