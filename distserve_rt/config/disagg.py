@@ -69,7 +69,8 @@ class DisaggConfig:
     longest prefix of it."""
     max_decode_load_imbalance: int = 4
     """Cache-aware routing: a decode instance is chosen for its cached prefix only while it
-    has at most this many more requests than the least loaded one (0: least loaded only)."""
+    has at most this many more requests than the least loaded one (0: least loaded only).
+    Data-parallel replicas (`DataParallelCore`) are routed by the same rule and cap."""
     local_prefill_max_tokens: int = 0
     """Conditional disaggregation: prefill on the decode instance when the part of the prompt
     it lacks is at most this many tokens (0: off, the default: not yet shown to pay)."""

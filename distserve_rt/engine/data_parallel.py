@@ -4,9 +4,13 @@
 Each replica is a whole colocated `LLMEngine` (TP x PP as the config says) in its own
 process (`data_parallel_replica`), on its own devices: on CPU pinned to its share of this
 process's cores, on GPU the next ``tp * pp`` GPUs. A request goes to the live replica with
-the fewest unfinished requests (then the fewest queued prompt tokens), aborts go to the
-replica holding the request, and a replica that dies fails only its own requests (finish
-reason "error"); the others keep serving.
+the fewest unfinished requests (then the fewest queued prompt tokens); with the prefix
+cache on, to the one that likely holds the longest prefix of its prompt, while that one
+has at most ``DisaggConfig.max_decode_load_imbalance`` requests more than the least
+loaded (the controller's cache-aware rule, `core.cache_routing`): a conversation's next
+turn finds its KV, as the planner's multi-turn plans assume. Aborts go to the replica
+holding the request, and a replica that dies fails only its own requests (finish reason
+"error"); the others keep serving.
 
 Admission checks run here, as in the colocated engine (`request_checks`), so bad input is
 a ValueError from `add_request`, never a replica failure.
@@ -30,6 +34,7 @@ from distserve_rt.engine.data_parallel_replica import (
     run_replica,
 )
 from distserve_rt.engine.disagg.child import ChildHandle, stop_children
+from distserve_rt.engine.disagg.routing import DecodePrefixIndex
 from distserve_rt.engine.protocol import EngineDeadError, EngineStats, InstanceStats
 from distserve_rt.engine.request_checks import check_request
 from distserve_rt.engine.stats import StatsLogger
@@ -110,15 +115,21 @@ class DataParallelCore:
         self._closed = False
         self._stats = StatsLogger(logger, config.log_stats_interval_s)
         """One stats line for all replicas (theirs are off), counted from their outputs."""
+        self.prefixes: DecodePrefixIndex | None = None
+        """What each replica (by position) likely holds cached; None: prefix caching off."""
         try:
-            self._wait_ready(dc.startup_timeout_s)
+            num_blocks = self._wait_ready(dc.startup_timeout_s)
         except BaseException:
             self.shutdown()
             raise
+        if config.enable_prefix_caching:
+            self.prefixes = DecodePrefixIndex(dict(enumerate(num_blocks)), config.block_size)
 
-    def _wait_ready(self, timeout_s: float) -> None:
+    def _wait_ready(self, timeout_s: float) -> list[int]:
+        """Waits for every replica; returns their pools' sizes in blocks (replica order)."""
         deadline = time.monotonic() + timeout_s
         pending = list(self.replicas)
+        num_blocks = {}
         while pending:
             for handle in list(pending):
                 if handle.conn.poll(0.01):
@@ -126,6 +137,7 @@ class DataParallelCore:
                     if not isinstance(reply, rep.ReplicaReady):
                         why = handle.describe_start_failure(reply)
                         raise RuntimeError(f"{handle.name} failed to start: {why}")
+                    num_blocks[handle.name] = reply.num_blocks
                     pending.remove(handle)
                 elif not handle.is_running():
                     raise RuntimeError(f"{handle.name} exited during start-up")
@@ -140,6 +152,7 @@ class DataParallelCore:
             self.config.parallelism,
             ", ".join(f"{h.name} pid {h.pid} {describe_devices(h.spec)}" for h in self.replicas),
         )
+        return [num_blocks[h.name] for h in self.replicas]
 
     # ---- requests -------------------------------------------------------------------------
 
@@ -153,7 +166,7 @@ class DataParallelCore:
         arrival_time: float | None = None,
         stream: bool = False,
     ) -> None:
-        """Sends the request to the least-loaded live replica. ValueError for invalid input
+        """Sends the request to a live replica (`route`). ValueError for invalid input
         (the colocated engine's checks), EngineDeadError when no replica lives."""
         if request_id in self._where:
             raise ValueError(f"request_id {request_id!r} is already in use")
@@ -166,7 +179,7 @@ class DataParallelCore:
         live = [h for h in self.replicas if h.alive]
         if not live:
             raise EngineDeadError("every data-parallel replica is dead")
-        target = min(live, key=ReplicaHandle.load)
+        target = self.route(live, token_ids)
         now = time.monotonic() if arrival_time is None else arrival_time
         m = rep.AddRequest(request_id, token_ids, params, prompt, now, stream)
         target.requests[request_id] = m
@@ -174,6 +187,23 @@ class DataParallelCore:
         self._where[request_id] = target
         self._stats.observe(busy=True)
         target.send(m)
+
+    def route(self, live: list[ReplicaHandle], token_ids: Sequence[int]) -> ReplicaHandle:
+        """The replica for a prompt of ``token_ids``: the least loaded (fewest requests, then
+        fewest queued prompt tokens), or with the prefix cache on the one likely holding the
+        longest prefix of its blocks within the load cap (`pick_decode_instance`; the
+        least-loaded order breaks ties). It is recorded as holding them from then on."""
+        if self.prefixes is None:
+            return min(live, key=ReplicaHandle.load)
+        hashes = self.prefixes.block_hashes(token_ids)
+        positions = [self.replicas.index(h) for h in live]
+        pos, _ = self.prefixes.pick(
+            positions, hashes, [len(h.requests) for h in live],
+            [-h.num_queued_tokens for h in live],  # "most free" -> fewest queued tokens
+            self.disagg_config.max_decode_load_imbalance,
+        )  # fmt: skip
+        self.prefixes.record(positions[pos], hashes)
+        return live[pos]
 
     def abort_request(self, request_id: str) -> bool:
         """Forwards the abort to the request's replica (which reports it finished with

@@ -51,6 +51,8 @@ class AddRequest:
 class ReplicaReady:
     name: str
     model_config: object
+    num_blocks: int
+    """Its KV pool, in blocks (what the core's prefix index keeps per replica)."""
 
 
 @dataclass(slots=True)
@@ -157,7 +159,7 @@ def run_replica(spec: ReplicaSpec, conn: Connection, in_process: bool = False) -
         model_config = load_model_config(config.model)
         tokenizer = load_tokenizer(config, model_config) if spec.detokenize else None
         engine = LLMEngine(config, tokenizer=tokenizer)
-        sender.send(ReplicaReady(spec.name, engine.model_config))
+        sender.send(ReplicaReady(spec.name, engine.model_config, engine.num_blocks))
         _loop(spec, engine, conn, sender)
     except (EOFError, BrokenPipeError, ConnectionResetError):
         pass  # the core is gone

@@ -88,7 +88,8 @@ class LLMEngine:
         self.executor = executor or make_executor(config, model, sample)
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)
-        num_blocks = self.executor.init_kv_cache(self.scheduler_config)
+        self.num_blocks = num_blocks = self.executor.init_kv_cache(self.scheduler_config)
+        """KV blocks of each virtual engine's pool."""
         self.virtual_engines = make_virtual_engines(
             config.pipeline_parallel_size,
             num_blocks,

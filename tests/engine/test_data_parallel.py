@@ -235,3 +235,21 @@ def test_the_core_logs_one_stats_line_for_all_replicas(monkeypatch, caplog):
     assert line.startswith(expected + "(busy 2.0 s of 50.0 s)")
     assert "| running 0, waiting 0 | KV usage colocated-0 0.0%, colocated-1 0.0% |" in line
     assert line.endswith("| preemptions 0")
+
+
+@pytest.mark.parametrize("caching", [True, False], ids=["prefix-cache", "no-prefix-cache"])
+def test_a_follow_up_turn_goes_to_the_replica_holding_its_prefix(caching):
+    """With the prefix cache on, a prompt that extends a live one goes where its blocks are,
+    although the least-loaded rule (equal requests, fewer queued tokens) says the other
+    replica; the multi-turn plans count on it. Off, the least loaded wins."""
+    first = list(range(1, 33))  # four full blocks of 8
+    config = engine_config(data_parallel_size=2, enable_prefix_caching=caching)
+    with DataParallelCore(config, THREADS) as core:
+        core.add_request("turn-1", first, greedy(200))
+        core.add_request("other", [7] * 20, greedy(200))  # fewer requests: replica 1
+        core.add_request("turn-2", [*first, 3, 4, 5], greedy(200))
+        holder = 0 if caching else 1  # 1 request each; replica 1 has fewer tokens queued
+        assert "turn-2" in core.replicas[holder].requests
+        for request_id in ("turn-1", "other", "turn-2"):
+            assert core.abort_request(request_id)
+        _drain(core)
