@@ -340,9 +340,12 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     settings = dict(given)
     for key, value in {**planned.engine, **_planned_sizes(planned)}.items():
         if key in settings and settings[key] != value:
+            given_flag = _flag_text(key, settings[key])
+            # --[no-]enable-prefix-caching is named as a flag; sizes by their value.
+            planned_with = _flag_text(key, value) if isinstance(value, bool) else value
             raise ValueError(
-                f"--{key.replace('_', '-')} {settings[key]} but the placement file was planned "
-                f"with {value}; drop the flag or plan again with that setting"
+                f"{given_flag} but the placement file was planned with {planned_with}; drop "
+                "the flag or plan again with that setting"
             )
         settings[key] = value
     if "model" in settings:
@@ -354,6 +357,14 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     else:
         settings["model"] = _runtime_model(planned.model)
     return settings
+
+
+def _flag_text(key: str, value: Any) -> str:
+    """``--max-num-seqs 8``; a boolean flag as given: ``--no-enable-prefix-caching``."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
 
 
 def _planned_sizes(planned: PlacementFile) -> dict[str, int]:

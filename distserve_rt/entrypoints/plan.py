@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 from distserve_rt.config import PlacementKind
-from distserve_rt.entrypoints import planner_args
+from distserve_rt.entrypoints import planner_args, simulate_multi_turn
 from distserve_rt.entrypoints.engine_args import positive_float, positive_int
 from distserve_rt.planner.candidates import Candidate, num_nodes_needed, parallelism_label
 from distserve_rt.planner.cluster import build_instance
@@ -21,14 +21,17 @@ from distserve_rt.planner.placement import Affinity, PlanInputs, Planner, PlanRe
 from distserve_rt.planner.placement_file import PhasePlacement, PlacementFile, assign_nodes
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator.driven_instance import DEFAULT_BLOCK_SIZE
-from distserve_rt.workloads.multi_turn import MULTI_TURN
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("plan", description=__doc__)
     planner_args.add_common(p)
+    simulate_multi_turn.add_args(p)
     p.add_argument(
-        "--rate", type=positive_float, required=True, help="traffic rate to serve, req/s"
+        "--rate",
+        type=positive_float,
+        required=True,
+        help="traffic rate to serve, req/s (--dataset multi-turn: conversations/s)",
     )
     p.add_argument(
         "--affinity",
@@ -148,18 +151,18 @@ def _inputs(args) -> PlanInputs:
     )
 
 
-def best_effort_note(result: PlanResult) -> str:
+def best_effort_note(result: PlanResult, unit: str = "req/s") -> str:
     """``best effort: sustains X req/s of the Y asked (how X was computed)``."""
     best = result.best
     if best.decode is None or best.num_decode == best.num_prefill:  # replicated whole
-        how = f"{best.num_prefill} replica(s) x {best.prefill_goodput:.3g} req/s each"
+        how = f"{best.num_prefill} replica(s) x {best.prefill_goodput:.3g} {unit} each"
     else:
         how = (
             f"the weaker of {best.num_prefill} prefill x {best.prefill_goodput:.3g} and "
-            f"{best.num_decode} decode x {best.decode_goodput:.3g} req/s"
+            f"{best.num_decode} decode x {best.decode_goodput:.3g} {unit}"
         )
     return (
-        f"best effort: sustains {best.goodput:.3g} req/s of the {result.inputs.rate:g} asked "
+        f"best effort: sustains {best.goodput:.3g} {unit} of the {result.inputs.rate:g} asked "
         f"({how}, at {result.inputs.target:.0%} SLO attainment)"
     )
 
@@ -187,13 +190,17 @@ def _phase(parallelism, num_instances: int) -> PhasePlacement | None:
     return PhasePlacement(parallelism.tp_size, parallelism.pp_size, num_instances)
 
 
-def _placement(args, result: PlanResult) -> PlacementFile:
+def placement_file(
+    args, result: PlanResult, *, unit: str = "req/s", engine: dict | None = None
+) -> PlacementFile:
+    """The file for ``result.best``; ``engine`` adds settings the plan assumed beyond the
+    search's own (a multi-turn plan's prefix cache)."""
     inputs, best = result.inputs, result.best
     fits = best.num_devices <= inputs.cluster.num_devices
     answer = {}
     if result.best_effort:
         answer = {
-            "best_effort": best_effort_note(result),
+            "best_effort": best_effort_note(result, unit),
             "asked_rate": inputs.rate,
             "sustained_rate": best.goodput,
         }
@@ -211,7 +218,7 @@ def _placement(args, result: PlanResult) -> PlacementFile:
         # Only a placement that fits is validated against (and written with) the cluster.
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
-        engine=_engine_settings(inputs, best),
+        engine={**_engine_settings(inputs, best), **(engine or {})},
         predicted={
             **answer,
             "algorithm": best.algorithm.value,
@@ -251,22 +258,16 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    if (args.dataset or "").lower() == MULTI_TURN:
-        # Missing for an honest plan: a prefix model in the fast screening simulators, rates
-        # of closed-loop conversations in the goodput bisection, and replicas that keep a
-        # conversation on the instance holding its prefix (the runtime's replicas do not).
-        raise NotImplementedError(
-            f"--dataset {MULTI_TURN} is not implemented in plan: its search scores candidates "
-            "with the fast simulators (no prefix cache, no closed-loop turns) and replicates "
-            "them without keeping a conversation on one replica; score a configuration with "
-            f"`drt-run simulate --dataset {MULTI_TURN}`"
-        )
+    if simulate_multi_turn.is_multi_turn(args):
+        from distserve_rt.entrypoints import plan_multi_turn
+
+        return plan_multi_turn.run(args)
     start = time.perf_counter()
     inputs = _inputs(args)
     planner = Planner(inputs)
     result = planner.run()
     seconds = time.perf_counter() - start
-    placement = _placement(args, result)
+    placement = placement_file(args, result)
     fits = placement.num_devices <= inputs.cluster.num_devices
     out = {
         "search_seconds": seconds,

@@ -51,8 +51,9 @@ def add_common(p: argparse.ArgumentParser) -> None:
     lengths.add_argument(
         "--dataset",
         help="request lengths: sharegpt|chat, humaneval|code, longbench, "
-        f"summarization (default: {DEFAULT_DATASET}); simulate also takes multi-turn "
-        "(ShareGPT-length conversations, closed loop, with the prefix cache)",
+        f"summarization (default: {DEFAULT_DATASET}); plan and simulate also take "
+        "multi-turn (ShareGPT-length conversations, closed loop, with the prefix cache; "
+        "rates are then conversations/s)",
     )
     lengths.add_argument(
         "--fixed-lengths",

@@ -26,7 +26,8 @@ def add_args(p) -> None:
         "--num-conversations",
         type=positive_int,
         default=None,
-        help=f"conversations per rate (default: {DEFAULT_NUM_CONVERSATIONS})",
+        help=f"conversations per rate (default: simulate {DEFAULT_NUM_CONVERSATIONS}, plan "
+        "300 per rescoring run: fewer overstate goodput)",
     )
     g.add_argument(
         "--turns",
@@ -87,17 +88,20 @@ def check_args(args, simulator: str) -> None:
         )
 
 
-def build_workload(args, rate: float, model) -> MultiTurnWorkload:
+def build_workload(
+    args, rate: float, model, num_conversations: int | None = None
+) -> MultiTurnWorkload:
     """The conversations at start ``rate`` (conversations/s). Same ``--seed``, other rate:
     the same lengths and token ids, start times scaled by the rate. Conversations fit the
-    model's context (longer draws are redrawn, see `MultiTurnWorkload.generate`)."""
+    model's context (longer draws are redrawn, see `MultiTurnWorkload.generate`).
+    ``num_conversations`` overrides ``--num-conversations``."""
     turns = args.turns or "3,5"
     try:
         low, high = (int(x) for x in turns.split(","))
     except ValueError:
         raise ValueError(f"--turns must be MIN,MAX (ints), got {turns!r}") from None
     return MultiTurnWorkload.generate(
-        args.num_conversations or DEFAULT_NUM_CONVERSATIONS,
+        num_conversations or args.num_conversations or DEFAULT_NUM_CONVERSATIONS,
         rate=rate,
         min_turns=low,
         max_turns=high,

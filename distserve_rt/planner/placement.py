@@ -280,7 +280,10 @@ class Planner:
 
     # ---- the search -----------------------------------------------------------------------
 
-    def run(self) -> PlanResult:
+    def screen(self) -> list[Candidate]:
+        """Every deployment the search found (Algorithm 1 or 2, and colocated), scored by
+        the fast simulators and ranked (those that fit the cluster first); ValueError when
+        none meets the SLOs at any rate."""
         high = self.inputs.affinity is Affinity.HIGH
         disagg = self._algorithm1() if high else self._algorithm2()
         found = disagg + self._colocated_baseline()
@@ -291,7 +294,14 @@ class Planner:
                 "no configuration meets the SLOs at any rate: "
                 + "; ".join(f"{c}: {', '.join(r)}" for c, r in self.rejected[:5])
             )
-        ranked = self.refiner.refine(sorted(found, key=self._cluster_key))
+        return sorted(found, key=self._cluster_key)
+
+    def cluster_key(self, cand: Candidate) -> tuple:
+        """The search's ranking key (`Candidate.rank_key`), those that fit the cluster first."""
+        return self._cluster_key(cand)
+
+    def run(self) -> PlanResult:
+        ranked = self.refiner.refine(self.screen())
         for cand in ranked[: self.inputs.num_predicted]:
             self._predict(cand)
         best = self._first_meeting([c for c in ranked if self._fits(c)])

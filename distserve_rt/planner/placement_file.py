@@ -17,7 +17,8 @@ head first, then by IP; `drt-run serve --launcher ray` places them there). Each 
 sits on one node. `assign_nodes` packs them, prefill instances first, when plan writes it.
 
 ``engine`` holds the `EngineConfig` settings the plan assumed (the prefill batch budget L_m,
-the batch size limit, the fraction of device memory for weights + KV), so `drt-run serve
+the batch size limit, the fraction of device memory for weights + KV; a multi-turn plan
+also whether the prefix cache is on), so `drt-run serve
 --placement` runs what was planned: it applies them and refuses flags that contradict them
 (`entrypoints.engine_args`). Files written before it existed lack it and still load.
 """
@@ -34,7 +35,8 @@ PLACEMENTS = ("disaggregated", "colocated")
 # The `engine` keys a file may carry (EngineConfig's names; EngineConfig checks them fully
 # when serve builds it, these checks only catch a file that is malformed).
 ENGINE_INT_KEYS = ("max_num_batched_tokens", "max_num_seqs", "block_size")
-ENGINE_KEYS = (*ENGINE_INT_KEYS, "gpu_memory_utilization", "dtype")
+ENGINE_BOOL_KEYS = ("enable_prefix_caching",)  # a multi-turn plan counted on the cache
+ENGINE_KEYS = (*ENGINE_INT_KEYS, *ENGINE_BOOL_KEYS, "gpu_memory_utilization", "dtype")
 
 
 @dataclass(frozen=True)
@@ -175,6 +177,9 @@ def _check_engine(engine: dict) -> None:
         value = engine.get(key, 1)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"engine.{key} must be a positive int, got {value!r}")
+    for key in ENGINE_BOOL_KEYS:
+        if not isinstance(engine.get(key, True), bool):
+            raise ValueError(f"engine.{key} must be true or false, got {engine[key]!r}")
     fraction = engine.get("gpu_memory_utilization", 1.0)
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {fraction!r}")

@@ -19,7 +19,9 @@ def _pyplot():
     return plt
 
 
-def _attainment_axes(ax, curves: dict[str, list[tuple]], target: float) -> None:
+def _attainment_axes(
+    ax, curves: dict[str, list[tuple]], target: float, rate_unit: str = "req/s"
+) -> None:
     """Points are (rate, attainment) or (rate, attainment, 95% half-width: error bars)."""
     for label, points in curves.items():
         if not points:
@@ -29,7 +31,7 @@ def _attainment_axes(ax, curves: dict[str, list[tuple]], target: float) -> None:
         errs = [100 * h for h in cols[2]] if len(cols) > 2 else None
         ax.errorbar(rates, att, yerr=errs, marker="o", capsize=2, label=label)
     ax.axhline(100 * target, color="gray", linestyle="--", linewidth=1, label="target")
-    ax.set_xlabel("rate (req/s)")
+    ax.set_xlabel(f"rate ({rate_unit})")
     ax.set_ylabel("SLO attainment (%)")
     ax.set_ylim(0, 102)
     ax.legend(fontsize=7)
@@ -75,6 +77,7 @@ def plot_plan(
     chosen: str,
     title: str,
     path: str | Path,
+    rate_unit: str = "req/s",
 ) -> Path:
     """Two panels: attainment vs rate of ``curves`` (label -> (rate, attainment[,
     half-width]) points) with the ``target`` line, and ``breakdown`` (stage -> mean
@@ -82,7 +85,7 @@ def plot_plan(
     ``title`` says the setup."""
     plt = _pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
-    _attainment_axes(left, curves, target)
+    _attainment_axes(left, curves, target, rate_unit)
     _breakdown_axes(right, breakdown, chosen)
     fig.suptitle(title, fontsize=9)
     return _save(fig, plt, path)

@@ -28,7 +28,7 @@ from distserve_rt.workloads.datasets import load_lengths, resolve_dataset
 from distserve_rt.workloads.workload import Workload
 
 MULTI_TURN = "multi-turn"
-"""The ``--dataset`` name of these conversations (simulate; plan refuses it)."""
+"""The ``--dataset`` name of these conversations (simulate and plan)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -97,6 +97,19 @@ class MultiTurnWorkload:
                 output.append(t.output_len)
                 context = prompt[-1] + t.output_len
         return Workload(self.name, np.asarray(prompt), np.asarray(output))
+
+    def new_token_lengths(self) -> Workload:
+        """`flat_lengths` with each prompt cut to what its turn adds (the previous answer
+        and the new message; the whole first prompt): the prefill a perfect prefix cache
+        leaves, so a throughput bound from it is one no cache can beat."""
+        flat = self.flat_lengths()
+        prompt = flat.prompt_lens.copy()
+        i = 0
+        for c in self.conversations:
+            for k in range(1, c.num_turns):
+                prompt[i + k] = flat.prompt_lens[i + k] - flat.prompt_lens[i + k - 1]
+            i += c.num_turns
+        return Workload(f"{self.name} new tokens", prompt, flat.output_lens)
 
     def describe(self) -> dict[str, float]:
         flat = self.flat_lengths()

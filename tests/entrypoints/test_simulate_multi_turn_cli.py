@@ -1,5 +1,5 @@
 """drt-run simulate --dataset multi-turn: conversations with the prefix cache on the
-scheduler-driven simulator, its refusals, and plan's one-line refusal."""
+scheduler-driven simulator and its refusals (plan's: test_plan_multi_turn.py)."""
 
 from __future__ import annotations
 
@@ -48,10 +48,6 @@ def test_table(capsys):
         (
             ["simulate", "--dataset", "multi-turn", "--length-scale", "1"],
             "max_seq_len=2048 is too short",
-        ),
-        (
-            ["plan", "--dataset", "multi-turn", "--rate", "1"],
-            "drt-run plan: --dataset multi-turn is not implemented in plan",
         ),
     ],
 )
