@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from distserve_rt.config import DisaggConfig, Placement
+from distserve_rt.config import DisaggConfig, PhaseConfig, Placement
 from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.core import make_engine_core
+from distserve_rt.engine.disagg import recovery
 from distserve_rt.engine.disagg.faults import FaultPlan
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
 from distserve_rt.outputs import RequestOutput
 from distserve_rt.sampling_params import SamplingParams
-from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy, kv_idle, settle
+from tests.engine.disagg_helpers import PROMPTS, drain, engine_config, greedy, kv_idle, settle
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +138,18 @@ def test_a_failing_child_fails_only_its_sequence():
         assert "KV transfer failed: injected failure" in out.error
         assert len(out.outputs[0].token_ids) == 8 and len(out.outputs[1].token_ids) == 1
         settle(c, lambda: kv_idle(c))
+
+
+def test_a_dead_decode_instance_fails_only_the_sequence_it_held():
+    placement = Placement.disaggregated(PhaseConfig(), PhaseConfig(num_instances=2))
+    # Least-loaded routing (not cache-aware): the two children go to different instances.
+    config = DisaggConfig(launcher="thread", decode_prefix_caching=False)
+    with Controller(engine_config(), placement, config) as c:
+        c.add_request("g", PROMPTS[1], SamplingParams(n=2, temperature=0, max_tokens=200))
+        settle(c, lambda: _decoding(c, "g") and _decoding(c, "g#1"))
+        held = c.requests["g#1"].decode_index
+        assert c.requests["g"].decode_index != held  # the children went to both instances
+        recovery.on_instance_death(c, c.decode(held), "declared dead by the test")
+        out = drain(c)["g"]
+        assert [o.finish_reason for o in out.outputs] == ["length", "error"]
+        assert f"decode-{held} died" in out.error and len(out.outputs[0].token_ids) == 200
