@@ -15,6 +15,10 @@ the one holding the longest cached prefix of the request, within a load cap
 (``DisaggConfig.local_prefill_*``, off by default) sends a request straight to a decode
 instance as NewRequest when `core.cache_routing.prefill_locally` says so.
 
+A request with ``n > 1`` or ``best_of`` fans out into child requests, each an ordinary
+n == 1 request along this path; their outputs are gathered into the parent's, as the
+colocated engine presents it (`disagg/fanout.py`).
+
 It implements `EngineCore` (engine/protocol.py), as `LLMEngine` does, so `LLM` and
 `AsyncLLM` drive either one. Not thread-safe: one
 thread drives it. Nothing waits without a timeout.
@@ -33,7 +37,7 @@ from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.core.cache_routing import prefill_locally
 from distserve_rt.core.dispatch import decode_load, pick_prefill
 from distserve_rt.core.stop_checker import FinishReason
-from distserve_rt.engine.disagg import admission, recovery
+from distserve_rt.engine.disagg import admission, fanout, recovery
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.child import stop_children
 from distserve_rt.engine.disagg.faults import FaultPlan
@@ -102,6 +106,11 @@ class Controller:
         self.requests: dict[str, TrackedRequest] = {}
         """Live requests by id (the failure rules in disagg/recovery.py walk them)."""
         self._outputs: list[RequestOutput] = []
+        self.fan_outs: dict[str, fanout.FanOut] = {}
+        """n > 1 / best_of: every child request id -> its parent's `FanOut`, until the
+        parent's final output is returned (a finished child's id stays in use till then)."""
+        self._changed_fan_outs: dict[str, fanout.FanOut] = {}
+        """Parents with an output due at the next `step` (one per step, as colocated)."""
         self.migrations: dict[str, Migration] = {}
         """Every migration whose source KV is still held, by request id: it outlives its
         request when that was aborted mid-pull. Changed only through `Migration.apply`
@@ -222,30 +231,53 @@ class Controller:
         arrival_time: float | None = None,
         stream: bool = False,
     ) -> None:
-        """Queues a request on the prefill instance with the fewest queued tokens. Raises
-        ValueError for invalid input, EngineDeadError when no prefill instance lives."""
-        if request_id in self.requests:
+        """Queues a request on the prefill instance with the fewest queued tokens; with
+        ``n > 1`` or ``best_of``, its child requests (`disagg/fanout.py`), each on its own.
+        Raises ValueError for invalid input, EngineDeadError when no prefill instance
+        lives; then nothing is queued."""
+        if self._in_use(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = sampling_params or SamplingParams()
-        if params.num_sequences != 1:
-            # Forked sequences would need their shared prompt blocks migrated once and
-            # forked on the decode instance: not built (issue 12 does it colocated only).
-            name = "n" if params.best_of is None else "best_of"
-            raise ValueError(
-                f"request {request_id!r}: {name}={params.num_sequences}; the disaggregated "
-                "engine serves n=1 (best_of None or 1) only; use a colocated engine for n > 1"
-            )
         now = time.monotonic() if arrival_time is None else arrival_time
-        tracked = admission.admit(
-            request_id, prompt, prompt_token_ids, params, now,
-            stream, model_config=self.model_config,
-            max_model_len=self.scheduler_config.max_model_len, tokenizer=self.tokenizer,
-        )  # fmt: skip
+        params = sampling_params or SamplingParams()
+        fan, children = self._admit(request_id, prompt, prompt_token_ids, params, now, stream)
         if not self.prefills():
             raise EngineDeadError("every prefill instance is dead")
-        self.requests[request_id] = tracked
+        for tracked in children:
+            self.requests[tracked.request_id] = tracked
+            if fan is not None:
+                self.fan_outs[tracked.request_id] = fan
         self._stats.observe(busy=True)
-        self.dispatch_prefill(tracked)
+        for tracked in children:
+            self.dispatch_prefill(tracked)
+
+    def _admit(
+        self,
+        request_id: str,
+        prompt: str | None,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        now: float,
+        stream: bool,
+    ) -> tuple[fanout.FanOut | None, list[TrackedRequest]]:
+        """The requests to dispatch: the request itself, or its parent's children (then
+        with their `FanOut`). ValueError for invalid input."""
+        checks = dict(
+            model_config=self.model_config,
+            max_model_len=self.scheduler_config.max_model_len,
+            tokenizer=self.tokenizer,
+        )
+        if params.num_sequences == 1:
+            args = (request_id, prompt, prompt_token_ids, params, now, stream)
+            return None, [admission.admit(*args, **checks)]
+        fan = fanout.fan_out(
+            request_id, prompt, prompt_token_ids, params, now, stream,
+            max_num_seqs=self.scheduler_config.max_num_seqs, in_use=self._in_use, **checks,
+        )  # fmt: skip
+        return fan, fan.children
+
+    def _in_use(self, request_id: str) -> bool:
+        """A live request's id, or a finished child's whose parent still runs."""
+        return request_id in self.requests or request_id in self.fan_outs
 
     def dispatch_prefill(self, tracked: TrackedRequest) -> None:
         live = self.prefills()
@@ -327,7 +359,15 @@ class Controller:
 
     def abort_request(self, request_id: str) -> bool:
         """Aborts a live request wherever it is (finish_reason "abort" at once); its KV is
-        freed by the instances. False when the id is unknown or finished."""
+        freed by the instances. A parent's (or any child's) id aborts every live child.
+        False when the id is unknown or finished."""
+        fan = self.fan_outs.get(request_id)
+        ids = [request_id] if fan is None else [c.request_id for c in fan.children]
+        # A list, not any(): every child is aborted.
+        aborted = [self._abort_one(i) for i in ids]
+        return any(aborted)
+
+    def _abort_one(self, request_id: str) -> bool:
         tracked = self.requests.get(request_id)
         if tracked is None:
             return False
@@ -344,23 +384,25 @@ class Controller:
         return True
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self.requests) or bool(self._outputs)
+        return bool(self.requests) or bool(self._outputs) or bool(self._changed_fan_outs)
 
     @property
     def num_unfinished_requests(self) -> int:
-        return len(self.requests)
+        """Live requests as the caller added them: a parent counts once (as colocated)."""
+        parents = {self.fan_outs[i].request_id if i in self.fan_outs else i for i in self.requests}
+        return len(parents)
 
     # ---- the loop -------------------------------------------------------------------------
 
     def step(self, timeout_s: float = 0.05) -> list[RequestOutput]:
         """Handles the instances' messages (waiting up to `timeout_s` for the first);
         returns the outputs of finished requests and the new tokens of streaming ones."""
-        if not self._outputs:
+        if not self._outputs and not self._changed_fan_outs:
             self._receive(timeout_s)
         self._stats.observe(busy=bool(self.requests))
         self._stats.maybe_log(self.stats)
         outputs, self._outputs = self._outputs, []
-        return outputs
+        return outputs + self._fan_out_outputs()
 
     def _receive(self, timeout_s: float) -> None:
         live = [h for h in self.instances if h.alive]
@@ -511,7 +553,27 @@ class Controller:
 
     def _emit_stream(self, tracked: TrackedRequest) -> None:
         if tracked.stream:
+            self._publish(tracked)
+
+    def _publish(self, tracked: TrackedRequest) -> None:
+        """Queues the request's output, or marks its parent's due: a streaming parent on
+        every child's change, any parent when its last child finishes."""
+        fan = self.fan_outs.get(tracked.request_id)
+        if fan is None:
             self._outputs.append(tracked.to_output(self.tokenizer))
+        elif fan.stream or fan.is_finished:
+            self._changed_fan_outs[fan.request_id] = fan
+
+    def _fan_out_outputs(self) -> list[RequestOutput]:
+        """The due parents' outputs; a finished parent's child ids are free again."""
+        outputs = []
+        for fan in self._changed_fan_outs.values():
+            outputs.append(fan.output(self.tokenizer))
+            if fan.is_finished:
+                for child in fan.children:
+                    del self.fan_outs[child.request_id]
+        self._changed_fan_outs.clear()
+        return outputs
 
     def finish(
         self,
@@ -526,7 +588,7 @@ class Controller:
             self._record_decode_prefix(tracked.decode_index, tracked.token_ids)
         self.release_load(tracked)
         tracked.finish(finish_reason, stop_reason, error, time.monotonic())
-        self._outputs.append(tracked.to_output(self.tokenizer))
+        self._publish(tracked)
 
     def release_load(self, tracked: TrackedRequest) -> None:
         if tracked.num_queued_tokens and tracked.prefill_index is not None:

@@ -3,8 +3,11 @@
 The engine turns a request whose `SamplingParams.num_sequences` is k > 1 into k `Request`s:
 the request itself (sequence 0, the one the scheduler admits and prefills) and k - 1 forks
 in its ``Request.forks``, which the scheduler forks off its blocks when the prompt's
-prefill completes (see `core.scheduler.base`). This module builds the sequences' own
-sampling parameters and folds the sequences back into one `RequestOutput`.
+prefill completes (see `core.scheduler.base`). The disaggregated controller fans the
+request out instead (as vLLM v1 does): k ordinary n == 1 child requests with the same ids
+and parameters, each prefilled, migrated and decoded on its own. This module builds the
+sequences' ids and sampling parameters and folds the sequences back into one
+`RequestOutput`, for both engines.
 
 Sequence i samples with its own parameters (vLLM's semantics):
 
@@ -79,10 +82,11 @@ class SequenceGroup:
     def is_finished(self) -> bool:
         return all(s.is_finished for s in self.sequences)
 
-    def output(self, tokenizer: Any = None) -> RequestOutput:
+    def output(self, tokenizer: Any = None, metrics: RequestMetrics | None = None) -> RequestOutput:
         """One `RequestOutput` with a `CompletionOutput` per returned sequence: all of them
         in index order while running, the top n by cumulative logprob once finished;
-        `tokenizer` (the engine's) decodes the logprobs' tokens."""
+        `tokenizer` (the engine's) decodes the logprobs' tokens; `metrics`: sequence 0's
+        as the disaggregated controller measures them (default: from its `Request`)."""
         keep_logprobs = self.params.logprobs is not None
         completions = [
             CompletionOutput.from_request(s, s.seq_index, keep_logprobs, tokenizer)
@@ -102,7 +106,7 @@ class SequenceGroup:
             prompt_token_ids=first.prompt_token_ids,
             outputs=completions,
             finished=finished,
-            metrics=RequestMetrics.from_request(first),
+            metrics=metrics or RequestMetrics.from_request(first),
             error=errors[0] if errors else None,
         )
 

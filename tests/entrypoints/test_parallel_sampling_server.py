@@ -1,7 +1,8 @@
 """n > 1, best_of and batched prompts through the OpenAI server on a real colocated engine
 (dummy tiny Llama): n choices with indices 0..n-1 (batched prompts: prompt-major), each
 greedy choice equal to the n == 1 completion, usage counting every generated token,
-per-index streaming deltas; the disaggregated engine refuses n > 1 with a 400."""
+per-index streaming deltas; the disaggregated engine serves n > 1 (child requests) with the
+colocated engine's choices."""
 
 from __future__ import annotations
 
@@ -114,18 +115,20 @@ async def test_streamed_best_of_above_n_is_a_400(client):
     assert "best_of=3 > n=1 cannot stream" in error["message"]
 
 
-async def test_disaggregated_engine_refuses_n_with_a_400():
+async def test_disaggregated_engine_serves_n_as_the_colocated_one(client):
+    body = {"prompt": PROMPTS[2], "n": 2, "max_tokens": 5, "temperature": 1.0, "seed": 3}
+    want = await complete(client, **body)
     llm = AsyncLLM.from_config(
         engine_config(), "disaggregated", DisaggConfig(launcher="thread"), model_name="tiny"
     )
     try:
-        async with make_client(build_app(llm)) as client:
-            r = await client.post("/v1/completions", json={"prompt": "hi", "n": 2, **GREEDY})
+        async with make_client(build_app(llm)) as disagg:
+            got = await complete(disagg, **body)
     finally:
         llm.shutdown()
-    assert r.status_code == 400
-    message = r.json()["error"]["message"]
-    assert "n=2; the disaggregated engine serves n=1" in message and "\n" not in message
+    assert [c["index"] for c in got["choices"]] == [0, 1]
+    assert [c["text"] for c in got["choices"]] == [c["text"] for c in want["choices"]]
+    assert got["usage"] == want["usage"]
 
 
 async def test_streamed_chat_n_starts_every_choice_and_sends_its_deltas(client):

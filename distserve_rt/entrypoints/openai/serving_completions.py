@@ -1,10 +1,11 @@
 """``POST /v1/completions``: a prompt (text or token ids) or a batch of them, streamed or not.
 
-Each prompt is one engine request with n choices (n > 1 and best_of: the engine forks the
-prompt's KV, `engine.parallel_sampling`); choices are indexed prompt-major as OpenAI and
-vLLM do: prompt i's choice j has index ``i * n + j``. Usage counts every prompt's tokens
-and every returned choice's generated tokens. A streamed batch sends prompt 0's chunks,
-then prompt 1's, ... (the engine runs them together; their outputs wait in its queues).
+Each prompt is one engine request with n choices (n > 1 and best_of: the colocated engine
+forks the prompt's KV, the disaggregated one runs child requests; `engine.parallel_sampling`);
+choices are indexed prompt-major as OpenAI and vLLM do: prompt i's choice j has index
+``i * n + j``. Usage counts every prompt's tokens and every returned choice's generated
+tokens. A streamed batch sends prompt 0's chunks, then prompt 1's, ... (the engine runs
+them together; their outputs wait in its queues).
 """
 
 from __future__ import annotations
