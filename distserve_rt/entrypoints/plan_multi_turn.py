@@ -78,6 +78,7 @@ def run(args) -> int:
         rel_tol=args.rel_tol,
         seed=args.seed,
         show_progress=not (args.no_progress or args.json),
+        max_pp=1,  # what the rescoring simulator runs (a PP screen winner would go unscored)
     )
     caching = not args.no_prefix_caching
     planner = ConversationPlanner(
@@ -206,7 +207,7 @@ def _print(out: dict, plan: ConversationPlan, result: PlanResult) -> None:
     )
     print(
         f"  {'config':<30} {'units':>5} {'devices':>7} {'conv/s unit':>11} {'/device':>8} "
-        f"{'hits':>5} {'screened /device':>16} {'at rate':>8}"
+        f"{'hits':>5} {'screen req/s/dev':>16} {'at rate':>8}"
     )
     for r in out["ranked"]:
         hits = r["hit_rate_at_goodput"]

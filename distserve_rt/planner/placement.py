@@ -111,6 +111,9 @@ class PlanInputs:
     ``workload`` (the old answer, which changes with the seed)."""
     max_requests: int = 4000
     """Most requests one stable estimate simulates (the warm-up included)."""
+    max_pp: int | None = None
+    """Largest pipeline-parallel size searched (None: any). A multi-turn plan searches
+    pp = 1 only: the scheduler-driven simulator that rescores it runs pp = 1."""
     dtype: str | None = None
     """Weights and KV dtype the plan is for (KV capacity, weights, KV transfer bytes);
     None: the profile's measured dtype (`cluster.resolve_dtype`). Written to the
@@ -126,6 +129,10 @@ class PlanInputs:
                 raise ValueError(f"{key} must be an int >= {least}, got {value!r}")
         if not self.rate > 0:
             raise ValueError(f"rate must be > 0 req/s, got {self.rate!r}")
+        if self.max_pp is not None and (
+            isinstance(self.max_pp, bool) or not isinstance(self.max_pp, int) or self.max_pp < 1
+        ):
+            raise ValueError(f"max_pp must be None or an int >= 1, got {self.max_pp!r}")
         if not isinstance(self.num_predicted, int) or self.num_predicted < 1:
             raise ValueError(f"num_predicted must be a positive int, got {self.num_predicted!r}")
 
@@ -395,6 +402,7 @@ class Planner:
             Parallelism(tp, pp)
             for tp in divisors(i.model.num_heads, c.devices_per_node)
             for pp in divisors(i.model.num_layers, c.num_devices // tp)
+            if i.max_pp is None or pp <= i.max_pp
         ]
         for par in tqdm(configs, desc="plan (algorithm 1)", disable=not i.show_progress):
             if not self._feasible(par, "instance"):
@@ -438,8 +446,9 @@ class Planner:
         out = []
         for tp in divisors(i.model.num_heads, c.devices_per_node):
             for pp_local in range(1, c.devices_per_node // tp + 1):
-                if i.model.num_layers % (stages * pp_local) == 0:
-                    out.append(Parallelism(tp, stages * pp_local))
+                pp = stages * pp_local
+                if i.model.num_layers % pp == 0 and (i.max_pp is None or pp <= i.max_pp):
+                    out.append(Parallelism(tp, pp))
         return out
 
     def _pair_bounds(self) -> list[tuple[int, float, int, SimInstanceSpec, SimInstanceSpec, float]]:

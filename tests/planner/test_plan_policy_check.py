@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -11,7 +13,7 @@ from distserve_rt.models.presets import get_preset
 from distserve_rt.planner import placement as placement_mod
 from distserve_rt.planner.cluster import ClusterSpec, build_instance
 from distserve_rt.planner.goodput import GoodputEvaluator
-from distserve_rt.planner.placement import PlanInputs, plan
+from distserve_rt.planner.placement import PlanInputs, Planner, plan
 from distserve_rt.planner.profiles import load_profile
 from distserve_rt.planner.simulator import (
     ColocatedPolicy,
@@ -113,3 +115,21 @@ def test_plan_prints_the_check(check):
     line = _policy_check_line(check.to_dict())
     assert ("not checked" in line) == (check.estimate is None)
     assert "95.0%" in line or "pp=2" in line
+
+
+@pytest.mark.parametrize("affinity", ["low", "high"])
+def test_max_pp_keeps_the_search_to_those_pipelines(affinity):
+    """A multi-turn plan screens pp = 1 only (its rescoring simulator runs nothing else):
+    without the limit, Algorithm 2's pruning stopped at PP pairs and left no disaggregated
+    configuration to rescore."""
+    base = dataclasses.replace(_plan_inputs(), affinity=affinity, rate=40.0)
+    assert any(
+        c.prefill.pp_size > 1 or (c.decode is not None and c.decode.pp_size > 1)
+        for c in Planner(base).screen()
+    )
+    screened = Planner(dataclasses.replace(base, max_pp=1)).screen()
+    assert screened and all(
+        c.prefill.pp_size == 1 and (c.decode is None or c.decode.pp_size == 1) for c in screened
+    )
+    with pytest.raises(ValueError, match="max_pp must be None or an int >= 1, got 0"):
+        dataclasses.replace(base, max_pp=0)
