@@ -30,6 +30,17 @@ inline float round_to(float x) {
   return to_float(from_float<T>(x));
 }
 
+// fp32 -> fp16 -> fp32 must round. GCC 12 on an AVX512-FP16 CPU (-march=native), under GNU
+// C++'s -fexcess-precision=fast, folded the two casts into nothing, so rotary's T(cos) and
+// T(q * c) kept fp32 (an ulp off the reference in 1 of 4 fp16 elements). The 16-bit pattern
+// is forced into a register here, which only a real conversion can fill.
+template <>
+inline float round_to<fp16>(float x) {
+  fp16 h = from_float<fp16>(x);
+  asm("" : "+r"(h.bits));
+  return to_float(h);
+}
+
 // Rows are spread over threads only when there is enough work to pay for waking them.
 constexpr int64_t kElementwiseParallelMin = 1 << 14;
 
