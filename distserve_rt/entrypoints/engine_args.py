@@ -13,8 +13,9 @@ Three groups of flags:
 - ``--placement colocated|disaggregated|<file.yaml>`` and per-phase overrides
   (``--num-prefill-instances``, ``--decode-tp``, ``--cpu-cores-per-instance``, ...). A file
   `drt-run plan` wrote also brings the model and engine settings the plan assumed (L_m,
-  max_num_seqs, ...; a colocated file its replicas' TP x PP and count, as -tp/-pp/-dp):
-  they apply where the flag is unset, a flag contradicting them is a ValueError
+  max_num_seqs, ...; a colocated file its replicas' TP x PP and count, as -tp/-pp/-dp;
+  a multi-turn disaggregated file the routing settings below it simulated): they apply
+  where the flag is unset, a flag contradicting them is a ValueError
   (`planned_engine_settings`).
 - The `DisaggConfig` knobs a user turns (``--kv-lease-timeout-s``, ``--no-pin-cpus``, ...);
   its test-only fields (``launcher``, ``stats_interval_s``, the ``fake`` transport) stay
@@ -263,10 +264,19 @@ def _add_placement_args(g: argparse._ActionsContainer) -> None:
         help="disaggregated or data-parallel, CPU: let the instances share every core instead "
         "of pinning each to its own",
     )
-    for name, (flag, kwargs) in _DISAGG_FLAGS.items():
-        kwargs = {"help": _help(DisaggConfig, name), **_metavar(kwargs), **kwargs}
+    for name in _DISAGG_FLAGS:
+        flag, kwargs = disagg_flag(name)
         kwargs["help"] = "disaggregated: " + kwargs["help"]
-        g.add_argument(flag, dest=name, default=None, **kwargs)
+        g.add_argument(flag, **kwargs)
+
+
+def disagg_flag(name: str) -> tuple[str, dict[str, Any]]:
+    """(flag, argparse keywords) of a `DisaggConfig` field's serve flag, help from the field's
+    docstring: `drt-run simulate` and `plan` take the routing ones with serve's names and
+    meanings, so a plan is made with the settings serve will run."""
+    flag, kwargs = _DISAGG_FLAGS[name]
+    kwargs = {"help": _help(DisaggConfig, name), **_metavar(kwargs), **kwargs}
+    return flag, {**kwargs, "dest": name, "default": None}
 
 
 def _metavar(kwargs: dict[str, Any]) -> dict[str, str]:
@@ -299,6 +309,7 @@ def configs_from_args(
         planned = getattr(args, "placement_file", None)
         if planned is not None:
             engine = planned_engine_settings(planned, engine)
+            disagg = _planned(planned.disagg, disagg)
             if planned.instance_nodes is not None and disagg.get("launcher") == "ray":
                 disagg["instance_nodes"] = planned.instance_nodes  # the file names nodes
         placement = placement_from_args(args)
@@ -337,8 +348,23 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
     names agree after dropping ``dummy:`` and a path's directories and ``config.json``. A
     preset name applied without ``--model`` becomes ``dummy:<preset>`` (random weights, and
     a warning saying so)."""
+    settings = _planned({**planned.engine, **_planned_sizes(planned)}, given)
+    if "model" in settings:
+        if _model_key(settings["model"]) != _model_key(planned.model):
+            raise ValueError(
+                f"--model {settings['model']} but the placement file was planned for "
+                f"{planned.model}; serve that model or plan again with --model"
+            )
+    else:
+        settings["model"] = _runtime_model(planned.model)
+    return settings
+
+
+def _planned(planned: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """``given`` (config fields from flags) plus ``planned`` (a placement file's settings of
+    that config); ValueError naming the flag when a given one contradicts the file."""
     settings = dict(given)
-    for key, value in {**planned.engine, **_planned_sizes(planned)}.items():
+    for key, value in planned.items():
         if key in settings and settings[key] != value:
             given_flag = _flag_text(key, settings[key])
             # --[no-]enable-prefix-caching is named as a flag; sizes by their value.
@@ -348,14 +374,6 @@ def planned_engine_settings(planned: PlacementFile, given: dict[str, Any]) -> di
                 "the flag or plan again with that setting"
             )
         settings[key] = value
-    if "model" in settings:
-        if _model_key(settings["model"]) != _model_key(planned.model):
-            raise ValueError(
-                f"--model {settings['model']} but the placement file was planned for "
-                f"{planned.model}; serve that model or plan again with --model"
-            )
-    else:
-        settings["model"] = _runtime_model(planned.model)
     return settings
 
 

@@ -191,10 +191,17 @@ def _phase(parallelism, num_instances: int) -> PhasePlacement | None:
 
 
 def placement_file(
-    args, result: PlanResult, *, unit: str = "req/s", engine: dict | None = None
+    args,
+    result: PlanResult,
+    *,
+    unit: str = "req/s",
+    engine: dict | None = None,
+    disagg: dict | None = None,
 ) -> PlacementFile:
     """The file for ``result.best``; ``engine`` adds settings the plan assumed beyond the
-    search's own (a multi-turn plan's prefix cache)."""
+    search's own (a multi-turn plan's prefix cache), ``disagg`` the routing settings a
+    disaggregated answer was simulated with (written only when ``best`` is disaggregated:
+    a colocated deployment has no decode instances to route to)."""
     inputs, best = result.inputs, result.best
     fits = best.num_devices <= inputs.cluster.num_devices
     answer = {}
@@ -219,6 +226,7 @@ def placement_file(
         cluster=inputs.cluster.to_dict() if fits else {},
         slo={"ttft_s": inputs.slo.ttft_s, "tpot_s": inputs.slo.tpot_s, "target": inputs.target},
         engine={**_engine_settings(inputs, best), **(engine or {})},
+        disagg=dict(disagg or {}) if decode is not None else {},
         predicted={
             **answer,
             "algorithm": best.algorithm.value,

@@ -5,7 +5,11 @@ runtime's prefix cache (`planner.conversation_plan`).
 multi-turn --rates`); each conversation has ``--turns`` turns, the next arriving
 ``--think-s`` after the answer. The placement file carries ``enable_prefix_caching``, so
 `drt-run serve --placement` runs with the cache the plan counted on (and refuses
-``--no-enable-prefix-caching`` against a plan that assumed it on).
+``--no-enable-prefix-caching`` against a plan that assumed it on). The disaggregated
+routing flags (``--local-prefill-max-tokens``, ``--local-prefill-min-queue-tokens``,
+``--max-decode-load-imbalance``, ``--no-decode-prefix-caching``: serve's) set how the
+disaggregated configurations are rescored and checked; a disaggregated answer's file
+carries them under ``disagg`` for serve to apply and hold flags to.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 
 from tqdm import tqdm
 
+from distserve_rt.config import DisaggConfig
 from distserve_rt.entrypoints import planner_args, simulate_multi_turn
 from distserve_rt.entrypoints.plan import best_effort_note, placement_file
 from distserve_rt.planner.candidates import Candidate, parallelism_label
@@ -81,12 +86,14 @@ def run(args) -> int:
         max_pp=1,  # what the rescoring simulator runs (a PP screen winner would go unscored)
     )
     caching = not args.no_prefix_caching
+    dc = simulate_multi_turn.disagg_config(args)
     planner = ConversationPlanner(
         inputs,
         args.rate,
         make_workload,
         num_conversations=num_conversations,
         prefix_caching=caching,
+        disagg_config=dc,
     )
     with tqdm(
         desc="plan (rescoring on conversations)", disable=not inputs.show_progress, unit="config"
@@ -94,7 +101,13 @@ def run(args) -> int:
         plan = planner.run(progress=lambda label: (bar.set_postfix_str(label), bar.update()))
     seconds = time.perf_counter() - start
     result = _plan_result(plan, planner.planner.rejected)
-    placement = placement_file(args, result, unit=UNIT, engine={"enable_prefix_caching": caching})
+    placement = placement_file(
+        args,
+        result,
+        unit=UNIT,
+        engine={"enable_prefix_caching": caching},
+        disagg=simulate_multi_turn.disagg_settings(dc),
+    )
     best = plan.best.candidate
     fits = best.num_devices <= inputs.cluster.num_devices
     out = {
@@ -104,6 +117,7 @@ def run(args) -> int:
         "mean_turns": turns,
         "request_rate": inputs.rate,
         "prefix_caching": caching,
+        "disagg": simulate_multi_turn.disagg_settings(dc),
         "num_conversations_per_run": num_conversations,
         "num_simulations": planner.num_simulations,
         "placement": placement.to_dict(),
@@ -200,6 +214,9 @@ def _print(out: dict, plan: ConversationPlan, result: PlanResult) -> None:
         f"{'on' if out['prefix_caching'] else 'off'}; SLOs TTFT {slo.ttft_s * 1e3:g} ms, "
         f"TPOT {slo.tpot_s * 1e3:g} ms at {i.target:.0%}"
     )
+    routing = simulate_multi_turn.routing_text(DisaggConfig(**out["disagg"]))
+    if routing:
+        print(f"disaggregated configurations routed as serve does with {routing}")
     print(
         "screened on the turns flattened (every turn's whole context prefilled, no cache), "
         f"then the best of each kind rescored on the runtime's schedulers with {UNIT} "

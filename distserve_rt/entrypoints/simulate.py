@@ -361,13 +361,15 @@ def _run_multi_turn(args, simulator: str) -> int:
     noise = _step_noise(args, simulator, profile, model)
     slo = planner_args.build_slo(args)
     caching = not args.no_prefix_caching
+    dc = simulate_multi_turn.disagg_config(args)
     rows = []
     for rate, workload in zip(rates, workloads, strict=True):
         if args.placement == "colocated":
             sim = SchedulerDrivenColocated(spec, args.policy, noise=noise, seed=args.seed)
+            got = sim.run_conversations(workload, prefix_caching=caching)
         else:
             sim = SchedulerDrivenDisaggregated(spec, noise=noise, seed=args.seed)
-        got = sim.run_conversations(workload, prefix_caching=caching)
+            got = sim.run_conversations(workload, prefix_caching=caching, disagg_config=dc)
         rows.append(simulate_multi_turn.row(rate, got, slo))
     out = {
         "json": args.json,
@@ -382,10 +384,15 @@ def _run_multi_turn(args, simulator: str) -> int:
         "slo": {"ttft_s": slo.ttft_s, "tpot_s": slo.tpot_s},
         "runs": rows,
     }
+    if args.placement == "disaggregated":
+        out["disagg"] = simulate_multi_turn.disagg_settings(dc)
     header = (
         f"{model.name} {args.placement} on {spec.num_devices} devices; {workloads[0].name}, "
         f"closed loop; simulator: {_SIMULATOR_TEXT[simulator]}; token budget "
         f"{max_batch_tokens}"
     )
+    if args.placement == "disaggregated":
+        routing = simulate_multi_turn.routing_text(dc)
+        header += f"; routing: {routing or 'serve defaults'}"
     simulate_multi_turn.print_table(out, rows, header)
     return 0

@@ -29,6 +29,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from distserve_rt.config.disagg import DisaggConfig
 from distserve_rt.metrics.rate_search import search_rate
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.planner.candidates import Candidate, fit_to_cluster, num_replicas
@@ -70,6 +71,8 @@ class ConversationScore:
     num_requests: int
     breakdown: dict[str, float] = field(default_factory=dict)
     """Mean seconds per turn in each stage (`SimResult.mean_breakdown`)."""
+    num_local_prefills: int = 0
+    """Disaggregated: turns prefilled on a decode instance (conditional disaggregation)."""
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -77,6 +80,7 @@ class ConversationScore:
             "attainment": self.attainment,
             "hit_rate": self.hit_rate,
             "num_requests": self.num_requests,
+            "num_local_prefills": self.num_local_prefills,
             "mean_breakdown_s": self.breakdown,
         }
 
@@ -125,6 +129,9 @@ class ConversationPlanner:
         num_conversations: conversations per rescoring run (the check of a deployment of n
             units runs n times as many).
         prefix_caching: the runtime's prefix cache on (its default) or off.
+        disagg_config: the disaggregated runtime's routing settings (decode-side prefix
+            cache, load cap, conditional disaggregation) the disaggregated configurations
+            are rescored and checked with; None: `DisaggConfig`'s defaults, as serve's.
         max_disaggregated, max_colocated: configurations of each kind rescored, best
             screened first.
     """
@@ -137,6 +144,7 @@ class ConversationPlanner:
         *,
         num_conversations: int = 100,
         prefix_caching: bool = True,
+        disagg_config: DisaggConfig | None = None,
         max_disaggregated: int = 3,
         max_colocated: int = 2,
     ) -> None:
@@ -151,6 +159,10 @@ class ConversationPlanner:
         self.make_workload = make_workload
         self.num_conversations = num_conversations
         self.prefix_caching = prefix_caching
+        dc = DisaggConfig() if disagg_config is None else disagg_config
+        if not isinstance(dc, DisaggConfig):
+            raise ValueError(f"disagg_config must be a DisaggConfig or None, got {dc!r}")
+        self.disagg_config = dc
         self.quota = {True: max_colocated, False: max_disaggregated}
         self.planner = Planner(inputs)
         self.num_simulations = 0
@@ -162,16 +174,20 @@ class ConversationPlanner:
         ``num_conversations x num_units`` conversations starting at ``rate``/s."""
         workload = self.make_workload(rate, self.num_conversations * num_units)
         seed = self.inputs.seed
+        caching = self.prefix_caching
         if isinstance(unit, SimInstanceSpec):
             sim = SchedulerDrivenColocated(unit, ColocatedPolicy.CONTINUOUS_BATCHING, seed=seed)
+            got = sim.run_conversations(workload, prefix_caching=caching)
         else:
             sim = SchedulerDrivenDisaggregated(unit, seed=seed)
-        got = sim.run_conversations(workload, prefix_caching=self.prefix_caching)
+            got = sim.run_conversations(
+                workload, prefix_caching=caching, disagg_config=self.disagg_config
+            )
         self.num_simulations += 1
         r = got.result
         return ConversationScore(
             rate, _attainment(got, self.inputs.slo), got.hit_rate, r.num_requests,
-            r.mean_breakdown(),
+            r.mean_breakdown(), got.num_local_prefills,
         )  # fmt: skip
 
     def rate_bound(self, unit: DisaggSpec | SimInstanceSpec) -> float:
@@ -181,7 +197,9 @@ class ConversationPlanner:
         (`GoodputEvaluator.rate_bound`) with the prefill side on each turn's new tokens
         only (no cache does better) and the decode side on the whole turns (the cache
         does not shorten decoding), divided by the turns per conversation. Without the
-        cache, the prefill side on the whole turns too."""
+        cache, the prefill side on the whole turns too. With conditional disaggregation
+        on, decode instances prefill some turns themselves, so the prefill side is what
+        the prefill and decode instances could prefill together."""
         conversations = self.make_workload(self.rate, self.num_conversations)
         flat = GoodputEvaluator(conversations.flat_lengths(), self.inputs.slo)
         new = flat
@@ -191,8 +209,16 @@ class ConversationPlanner:
             prefill, decode = new.prefill_rate_bound(unit), flat.decode_rate_bound(unit)
             bound = 0.0 if min(prefill, decode) <= 0 else 1 / (1 / prefill + 1 / decode)
         else:
-            bound = min(new.prefill_rate_bound(unit), flat.decode_rate_bound(unit))
+            prefill = new.prefill_rate_bound(unit)
+            if self._local_prefills():
+                prefill += unit.num_decode * new.prefill_rate_bound(unit.decode)
+            bound = min(prefill, flat.decode_rate_bound(unit))
         return bound / mean_turns(conversations)
+
+    def _local_prefills(self) -> bool:
+        """Conditional disaggregation on: some turns may prefill on a decode instance."""
+        dc = self.disagg_config
+        return dc.local_prefill_max_tokens > 0 or dc.local_prefill_min_queue_tokens > 0
 
     def _rescore(self, screened: Candidate, rate_hint: float) -> Rescored | None:
         unit = _one_unit(screened, self.inputs.colocated_max_batch_tokens)

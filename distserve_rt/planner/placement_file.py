@@ -11,6 +11,7 @@ Schema::
     engine: {max_num_batched_tokens: 512, max_num_seqs: 256, gpu_memory_utilization: 0.9}
     predicted: {...}                    # free-form: the planner's numbers
     nodes: {prefill: [0, 0], decode: [1, 1, 1]}  # node index of each instance (optional)
+    disagg: {local_prefill_max_tokens: 0, ...}   # routing the plan simulated (optional)
 
 ``nodes`` says where each instance runs (node indices in the cluster's order: the Ray
 head first, then by IP; `drt-run serve --launcher ray` places them there). Each instance
@@ -21,6 +22,11 @@ the batch size limit, the fraction of device memory for weights + KV; a multi-tu
 also whether the prefix cache is on), so `drt-run serve
 --placement` runs what was planned: it applies them and refuses flags that contradict them
 (`entrypoints.engine_args`). Files written before it existed lack it and still load.
+
+``disagg`` holds the `DisaggConfig` routing settings a multi-turn disaggregated plan
+simulated (decode-side prefix cache, load cap, conditional disaggregation thresholds): they
+change what a deployment carries, so serve applies them and refuses flags that contradict
+them, as for ``engine``. Other plans write none; files without it still load.
 """
 
 from __future__ import annotations
@@ -37,6 +43,14 @@ PLACEMENTS = ("disaggregated", "colocated")
 ENGINE_INT_KEYS = ("max_num_batched_tokens", "max_num_seqs", "block_size")
 ENGINE_BOOL_KEYS = ("enable_prefix_caching",)  # a multi-turn plan counted on the cache
 ENGINE_KEYS = (*ENGINE_INT_KEYS, *ENGINE_BOOL_KEYS, "gpu_memory_utilization", "dtype")
+
+# The `disagg` keys (DisaggConfig's names): the routing rules the conversation simulator
+# applies as the controller does, so a plan's numbers depend on them.
+DISAGG_INT_KEYS = (
+    "max_decode_load_imbalance", "local_prefill_max_tokens", "local_prefill_min_queue_tokens",
+)  # fmt: skip
+DISAGG_BOOL_KEYS = ("decode_prefix_caching",)
+DISAGG_KEYS = (*DISAGG_BOOL_KEYS, *DISAGG_INT_KEYS)
 
 
 @dataclass(frozen=True)
@@ -69,6 +83,8 @@ class PlacementFile:
     """EngineConfig settings the plan assumed (keys from ENGINE_KEYS)."""
     nodes: dict = field(default_factory=dict)
     """{"prefill": [node per instance], "decode": [...]} (empty: not named)."""
+    disagg: dict = field(default_factory=dict)
+    """DisaggConfig routing settings the plan assumed (keys from DISAGG_KEYS; empty: none)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
@@ -84,6 +100,7 @@ class PlacementFile:
         if total and self.num_devices > total:
             raise ValueError(f"placement uses {self.num_devices} devices, the cluster has {total}")
         _check_engine(self.engine)
+        _check_disagg(self.disagg)
         _check_nodes(self)
 
     @property
@@ -101,7 +118,7 @@ class PlacementFile:
         def phase(p):
             return None if p is None else {"tp": p.tp, "pp": p.pp, "num_instances": p.num_instances}
 
-        return {
+        out = {
             "model": self.model,
             "placement": self.placement,
             "prefill": phase(self.prefill),
@@ -110,7 +127,12 @@ class PlacementFile:
             "slo": self.slo,
             "engine": self.engine,
             "predicted": self.predicted,
-        } | ({"nodes": self.nodes} if self.nodes else {})
+        }
+        # The optional sections only when set: files without them read as before.
+        for key in ("nodes", "disagg"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
+        return out
 
     def save(self, path: str | Path) -> Path:
         path = Path(path)
@@ -187,6 +209,23 @@ def _check_engine(engine: dict) -> None:
         raise ValueError(f"engine.dtype must be a string, got {engine['dtype']!r}")
 
 
+def _check_disagg(disagg: dict) -> None:
+    """A malformed ``disagg`` refused in one line (DisaggConfig checks the ranges fully when
+    serve builds it; ints >= 0 here, as it allows)."""
+    if not isinstance(disagg, dict):
+        raise ValueError(f"disagg must be a mapping of {DISAGG_KEYS}, got {disagg!r}")
+    unknown = set(disagg) - set(DISAGG_KEYS)
+    if unknown:
+        raise ValueError(f"unknown disagg keys {sorted(unknown)}; allowed: {list(DISAGG_KEYS)}")
+    for key in DISAGG_INT_KEYS:
+        value = disagg.get(key, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"disagg.{key} must be an int >= 0, got {value!r}")
+    for key in DISAGG_BOOL_KEYS:
+        if not isinstance(disagg.get(key, True), bool):
+            raise ValueError(f"disagg.{key} must be true or false, got {disagg[key]!r}")
+
+
 def _phase(raw, key: str) -> PhasePlacement | None:
     if raw is None:
         return None
@@ -199,7 +238,7 @@ def placement_from_dict(raw: dict) -> PlacementFile:
     if not isinstance(raw, dict):
         raise ValueError(f"a placement file holds a mapping, got {type(raw).__name__}")
     keys = {"model", "placement", "prefill", "decode", "cluster", "slo", "engine", "predicted"}
-    keys.add("nodes")
+    keys |= {"nodes", "disagg"}
     unknown = set(raw) - keys
     if unknown:
         raise ValueError(f"unknown keys in placement file: {sorted(unknown)}")
@@ -216,7 +255,14 @@ def placement_from_dict(raw: dict) -> PlacementFile:
         predicted=raw.get("predicted") or {},
         engine=raw.get("engine") or {},
         nodes=raw.get("nodes") or {},
+        disagg=_or_empty(raw.get("disagg")),
     )
+
+
+def _or_empty(value):
+    """An absent (or empty, ``disagg:``) section as {}; anything else as written, for
+    `_check_disagg` to refuse (``raw.get(key) or {}`` would pass 0 or false as {})."""
+    return {} if value is None else value
 
 
 def load_placement(path: str | Path) -> PlacementFile:

@@ -128,3 +128,64 @@ def test_rescoring_takes_the_best_of_each_kind_that_pp1_allows():
     assert skipped == [
         ("P tp1pp2 + D tp1pp1", "pp=2: the scheduler-driven simulator runs pp=1 only")
     ]
+
+
+def _only(monkeypatch, placement: str) -> None:
+    """Rescore only ``placement``'s configurations, forcing the plan's kind of answer."""
+    rescore = ConversationPlanner._to_rescore
+
+    def only(self, screened):
+        kept = [c for c in screened if (c.decode is None) == (placement == "colocated")]
+        return rescore(self, kept)
+
+    monkeypatch.setattr(ConversationPlanner, "_to_rescore", only)
+
+
+FEW = [*FLAGS, "--rate", "1"]
+
+
+def test_a_disaggregated_plan_carries_its_routing_settings_to_serve(tmp_path, capsys, monkeypatch):
+    """--local-prefill-max-tokens rescores and checks the disaggregated configurations with
+    conditional disaggregation on, and the file's ``disagg`` makes serve run (and hold its
+    flags to) the routing that was planned."""
+    _only(monkeypatch, "disaggregated")
+    path = tmp_path / "p.yaml"
+    argv = [*FEW, "--local-prefill-max-tokens", "4096", "--max-decode-load-imbalance", "2"]
+    assert main([*argv, "--output", str(path), "--json", "--no-progress"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (chosen,) = [r for r in out["ranked"] if r["chosen"]]
+    assert chosen["placement"] == "disaggregated"
+    assert chosen["check_at_rate"]["num_local_prefills"] > 0  # the planner ran with it
+    planned = load_placement(path)
+    assert planned.disagg == {
+        "decode_prefix_caching": True,
+        "max_decode_load_imbalance": 2,
+        "local_prefill_max_tokens": 4096,
+        "local_prefill_min_queue_tokens": 0,
+    }
+    args = build_parser().parse_args(["serve", "--placement", str(path)])
+    _, _, disagg = engine_args.configs_from_args(args)
+    assert disagg.local_prefill_max_tokens == 4096 and disagg.max_decode_load_imbalance == 2
+    argv = ["serve", "--placement", str(path), "--local-prefill-max-tokens", "64"]
+    with pytest.raises(ValueError) as err:
+        engine_args.configs_from_args(build_parser().parse_args(argv))
+    assert str(err.value) == (
+        "--local-prefill-max-tokens 64 but the placement file was planned with 4096; drop the "
+        "flag or plan again with that setting"
+    )
+
+
+def test_a_colocated_plan_writes_no_routing_settings(tmp_path, capsys, monkeypatch):
+    _only(monkeypatch, "colocated")
+    path = tmp_path / "p.yaml"
+    argv = [*FEW, "--local-prefill-max-tokens", "4096", "--output", str(path), "--json"]
+    assert main([*argv, "--no-progress"]) == 0
+    assert json.loads(capsys.readouterr().out)["placement"]["placement"] == "colocated"
+    assert load_placement(path).disagg == {} and "disagg:" not in path.read_text()
+
+
+def test_the_routing_flags_need_multi_turn():
+    with pytest.raises(SystemExit) as exc:
+        main(["plan", "--rate", "1", "--local-prefill-max-tokens", "64", "--output", ""])
+    assert str(exc.value).endswith("--local-prefill-max-tokens: only with --dataset multi-turn")
+    assert len(str(exc.value).splitlines()) == 1

@@ -46,6 +46,15 @@ def test_table(capsys):
         ([*FEW, "--turns", "3"], "--turns must be MIN,MAX (ints), got '3'"),
         (["simulate", "--turns", "3,4"], "--turns: only with --dataset multi-turn"),
         (
+            ["simulate", "--no-decode-prefix-caching", "--local-prefill-max-tokens", "0"],
+            "--no-decode-prefix-caching, --local-prefill-max-tokens: only with --dataset "
+            "multi-turn",
+        ),
+        (
+            [*FEW, "--placement", "colocated", "--max-decode-load-imbalance", "2"],
+            "--max-decode-load-imbalance: only with --placement disaggregated",
+        ),
+        (
             ["simulate", "--dataset", "multi-turn", "--length-scale", "1"],
             "max_seq_len=2048 is too short",
         ),
@@ -58,3 +67,36 @@ def test_refusals_are_one_line(capsys, argv, message):
     except SystemExit as exc:
         err = str(exc)
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_conditional_disaggregation_reaches_the_replay(capsys):
+    """Serve's routing flags drive the disaggregated replay: local prefills appear only with
+    a threshold, and the report carries them and the blocks pulled and reused."""
+    off = _run(capsys, "--placement", "disaggregated")
+    on = _run(capsys, "--placement", "disaggregated", "--local-prefill-max-tokens", "4096")
+    assert off["disagg"]["local_prefill_max_tokens"] == 0
+    assert on["disagg"] == {
+        "decode_prefix_caching": True,
+        "max_decode_load_imbalance": 4,
+        "local_prefill_max_tokens": 4096,
+        "local_prefill_min_queue_tokens": 0,
+    }
+    (a,), (b,) = off["runs"], on["runs"]
+    assert a["num_local_prefills"] == 0 and b["num_local_prefills"] > 0
+    assert a["num_blocks_pulled"] > 0 and a["num_blocks_reused"] > 0
+    assert b["num_blocks_pulled"] < a["num_blocks_pulled"]  # local turns pull nothing
+
+
+def test_disaggregated_table_shows_local_prefills_and_blocks(capsys):
+    argv = [*FEW[:-1], "--placement", "disaggregated", "--local-prefill-max-tokens", "4096"]
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split()[-3:] == ["local", "pulled", "reused"]
+    assert int(lines[3].split()[-3]) > 0
+
+
+def test_a_negative_threshold_is_a_flag_error(capsys):
+    with pytest.raises(SystemExit):
+        main([*FEW, "--local-prefill-min-queue-tokens", "-1"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--local-prefill-min-queue-tokens: must be an int >= 0, got -1" in err
