@@ -41,6 +41,7 @@ from distserve_rt.engine.disagg import admission, fanout, recovery
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.child import stop_children
 from distserve_rt.engine.disagg.faults import FaultPlan
+from distserve_rt.engine.disagg.instance_step_logs import InstanceStepLogs
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
@@ -109,6 +110,8 @@ class Controller:
         self.fan_outs: dict[str, fanout.FanOut] = {}
         """n > 1 / best_of: every child request id -> its parent's `FanOut`, until the
         parent's final output is returned (a finished child's id stays in use till then)."""
+        self._step_log_replies: dict[str, list[dict]] = {}
+        """Instance name -> its step log's records (`enable_step_log`)."""
         self._changed_fan_outs: dict[str, fanout.FanOut] = {}
         """Parents with an output due at the next `step` (one per step, as colocated)."""
         self.migrations: dict[str, Migration] = {}
@@ -404,6 +407,31 @@ class Controller:
         outputs, self._outputs = self._outputs, []
         return outputs + self._fan_out_outputs()
 
+    def enable_step_log(self, capacity: int) -> InstanceStepLogs:
+        """Starts every live instance's step log (its last ``capacity`` steps); the
+        returned object's `records` stops them and gathers what they hold."""
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"step log capacity must be a positive int, got {capacity!r}")
+        for handle in self.instances:
+            if handle.alive:
+                handle.send(msg.StepLogControl(capacity))
+        return InstanceStepLogs(self._collect_step_logs)
+
+    def _collect_step_logs(self, timeout_s: float) -> dict[str, list[dict]]:
+        """Stops the live instances' step logs and waits for their records (messages that
+        arrive meanwhile are handled as in `step`; outputs stay queued for it)."""
+        live = [h for h in self.instances if h.alive]
+        self._step_log_replies = {}
+        for handle in live:
+            handle.send(msg.StepLogControl(0))
+        deadline = time.monotonic() + timeout_s
+        while any(h.alive and h.name not in self._step_log_replies for h in live):
+            if time.monotonic() > deadline:
+                missing = [h.name for h in live if h.name not in self._step_log_replies]
+                raise TimeoutError(f"no step log from {missing} after {timeout_s} s")
+            self._receive(0.05)
+        return dict(self._step_log_replies)
+
     def _receive(self, timeout_s: float) -> None:
         live = [h for h in self.instances if h.alive]
         waitables: list = [h.conn for h in live] + [h.sentinel for h in live if h.sentinel]
@@ -429,6 +457,8 @@ class Controller:
     def _handle_message(self, handle: InstanceHandle, m: object) -> None:
         if isinstance(m, msg.InstanceStatus):
             handle.status = m
+        elif isinstance(m, msg.StepLogRecords):
+            self._step_log_replies[handle.name] = m.records
         elif isinstance(m, msg.PeersOpened):
             self._peers_opened.add(m.name)
         elif isinstance(m, msg.PrefillDone):

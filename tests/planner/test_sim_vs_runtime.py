@@ -358,6 +358,38 @@ def test_one_run_probes_simulates_twice_and_serves():
     assert in_run["mean_ttft_s"] == pytest.approx(0.1 * ratio, rel=1e-6)
 
 
+def test_one_run_on_1p1d_reads_the_instances_steps():
+    """The controller gathers its instances' step logs: a 1P1D row carries the prefill
+    instance's and the decode instance's measured/predicted ratios and the in-run column."""
+    from distserve_rt.benchmarks.sim_vs_runtime import Target, default_simulator
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration
+    from distserve_rt.benchmarks.sim_vs_runtime.runs import RunSpec, one_run
+    from distserve_rt.planner.profiles import ProfileSet
+
+    class Timer:
+        def prefill_ms(self, prompt_lens):
+            return 1.0
+
+        def decode_ms(self, ctx_lens):
+            return 1.0
+
+    setup = DisaggSetup(64, 4, 64, 4 * 64)
+    cal = Calibration(
+        1, ProfileSet("cpu", []), ConstantLatencyModel(0.001, 0.001), ProbeTimes(1.0, 1.0), "t"
+    )
+    target = Target("1p1d", setup, default_simulator(setup))
+    run = RunSpec(target, cal, 1.0, np.array([0.0, 0.0, 0.05, 0.15]), WORKLOAD, SLO(1, 1), 1)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
+    try:
+        record = one_run(run, engine, DriftProbe(16, 2, 16), Timer())
+    finally:
+        engine.shutdown()
+    row = record["runtime"]
+    assert row["num_prefill_steps"] >= 1 and row["num_decode_steps"] >= 1
+    assert row["step_ratio_prefill"] > 0 and row["step_ratio_decode"] > 0
+    assert "simulated_in_run" in record
+
+
 class _Doubling:
     """Noise that doubles every step (mean 2: easy to compute by hand)."""
 
@@ -520,11 +552,16 @@ def test_cpu_meter_reads_processes_cpu_time():
 
     assert process_cpu_s(os.getpid()) == pytest.approx(time.process_time(), abs=0.05)
     assert process_cpu_s(2**22 + 12345) == 0.0  # no such process: nothing, not a failure
+    # Busy for 50 ms of CPU time, however long the machine takes to give it (a wall-time
+    # loop got 46% of a core with the suite running beside it): the share is the CPU time
+    # this process had over the wall time, as measured here around the meter.
+    wall0, cpu0 = time.monotonic(), time.process_time()
     meter = CpuMeter({"harness": None})
-    end = time.monotonic() + 0.05
-    while time.monotonic() < end:  # busy: about a whole core
+    while time.process_time() - cpu0 < 0.05:
         pass
-    assert meter.shares()["cpu_share_harness"] > 0.5
+    share = meter.shares()["cpu_share_harness"]
+    expected = (time.process_time() - cpu0) / (time.monotonic() - wall0)
+    assert share == pytest.approx(expected, abs=0.1) and share > 0.05
     assert engine_pids(object()) == {"harness": None}
 
 

@@ -56,17 +56,19 @@ def one_run(
     rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
     rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload, **kw)
     desc = f"{target.name} @ {run.rate:g} req/s"
-    # A colocated engine logs its steps: their times against the model's, in the row.
-    log = engine.enable_step_log(1 << 24) if hasattr(engine, "enable_step_log") else None
+    # The engine logs its steps (1P1D: each instance its own, gathered by the controller):
+    # their times against the model's, in the row.
+    log = engine.enable_step_log(1 << 24)
     meter = CpuMeter(engine_pids(engine))
     try:
         with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
             runtime = replay(engine, run.arrival, run.workload, seed=run.seed, progress=bar.update)
     finally:
-        if log is not None:
+        records = log.records()  # a controller's stops its instances' logs
+        if getattr(engine, "step_log", None) is log:  # LLMEngine keeps its log on itself
             engine.step_log = None
     runtime.extra.update(meter.shares())
-    ratios = step_time_ratios(log.records(), cal.latency) if log is not None else {}
+    ratios = step_time_ratios(records, cal.latency)
     runtime.extra.update(ratios)
     in_run = in_run_simulation(run, ratios)
     return {
@@ -83,8 +85,9 @@ def one_run(
 
 def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
     """The same requests simulated at the speed the served run's steps had (the model's
-    step times times the run's measured/predicted ratio per step kind); None without a step
-    log. Not a prediction (it uses the run's own measurement): it splits a gap in two. What
+    step times times the run's measured/predicted ratio per step kind: 1P1D's prefill
+    steps are the prefill instance's, its decode steps the decode instance's); None
+    without a step log. Not a prediction (it uses the run's own measurement): it splits a gap in two. What
     is left against the runtime is the simulator's (scheduling, queueing, time outside the
     steps, the shape of the noise); what it closes is the step times' level, from the
     model's fit or the machine's speed during the run. The wake-up cost is already in the

@@ -137,6 +137,7 @@ class DecodeInstance(Instance):
     # ---- the step ---------------------------------------------------------------------------
 
     def step(self, now: float) -> None:
+        step_start = time.perf_counter()
         if self.faults is None or not self.faults.hold_pulls:
             for request in self.scheduler.admit_migrations(now):
                 self._start_pull(request, now)
@@ -165,6 +166,7 @@ class DecodeInstance(Instance):
         )
         for request in update.updated:
             self._emit(request, start, end)
+        self.record_step(out, step_start, end - start)
 
     def _start_pull(self, request: Request, now: float) -> None:
         migration = self.migrations[request.request_id]

@@ -25,6 +25,7 @@ from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.faults import FaultPlan, FaultyTransport
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
+from distserve_rt.engine.step_log import StepLog
 from distserve_rt.logger import init_logger
 from distserve_rt.transfer import KVTransport
 from distserve_rt.worker.executor import Executor, UniprocExecutor
@@ -116,6 +117,23 @@ class Instance(abc.ABC):
         )
         self.outbox: list[object] = []
         self._seq_ids = itertools.count()
+        self.step_log: StepLog | None = None
+        """Each executed step's batch shape and time while the controller asks for it
+        (`StepLogControl`): the simulator's comparison reads the instances' steps."""
+
+    def control_step_log(self, message: msg.StepLogControl) -> None:
+        """Starts the step log, or stops it and queues what it held for the controller."""
+        if message.capacity > 0:
+            self.step_log = StepLog(message.capacity)
+            return
+        records = [] if self.step_log is None else self.step_log.records()
+        self.step_log = None
+        self.outbox.append(msg.StepLogRecords([r.to_dict() for r in records]))
+
+    def record_step(self, batch, start: float, execute_s: float) -> None:
+        """Logs a step that began at ``start`` (`time.perf_counter`) when the log is on."""
+        if self.step_log is not None:
+            self.step_log.record(batch, time.perf_counter() - start, execute_s)
 
     @property
     def transport(self) -> KVTransport:
@@ -262,6 +280,9 @@ def _loop(instance: Instance, conn: Connection, sender: PipeSender) -> None:
                 message = conn.recv()
                 if isinstance(message, msg.Shutdown):
                     return
+                if isinstance(message, msg.StepLogControl):
+                    instance.control_step_log(message)
+                    continue
                 instance.handle(message, instance.clock())
         instance.step(instance.clock())
         for message in instance.take_outbox():

@@ -81,6 +81,14 @@ class Shutdown:
     pass
 
 
+@dataclass(slots=True)
+class StepLogControl:
+    """Starts the instance's step log (``capacity`` > 0: its last steps, emptied), or with
+    0 stops it and asks for what it holds (a `StepLogRecords` reply)."""
+
+    capacity: int
+
+
 # ---- instance -> controller ----------------------------------------------------------------
 
 
@@ -189,6 +197,14 @@ class InstanceStatus:
     """Decode instances: migrated blocks found in their prefix cache instead, since start."""
     num_local_prefills: int = 0
     """Decode instances: requests they prefilled themselves (conditional disaggregation)."""
+
+
+@dataclass(slots=True)
+class StepLogRecords:
+    """The instance's step log when it was stopped (`StepLogControl(0)`), oldest first:
+    `engine.step_log.StepRecord.to_dict` of each executed step."""
+
+    records: list[dict]
 
 
 @dataclass(slots=True)

@@ -3,6 +3,8 @@ its KV is announced and held in the (exported) pool until a decode instance pull
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from distserve_rt.core.kv_cache import KVCacheSpec
@@ -48,13 +50,16 @@ class PrefillInstance(Instance):
             raise ValueError(f"{self.spec.name} got an unexpected message {message!r}")
 
     def step(self, now: float) -> None:
+        step_start = time.perf_counter()
         out = self.scheduler.schedule(now)
         for request in out.finished:  # aborted or rejected
             self.release(request)
             self.outbox.append(self.finished_tokens(request, now))
         if not out.is_empty:
             # A request that fails the step alone is reported failed; the rest go on.
+            execute_start = time.perf_counter()
             isolated = execute_isolated(self.executor, out, self.model_config.vocab_size)
+            execute_s = time.perf_counter() - execute_start
             if self.pool is not None:  # (worker processes mark their own pools)
                 self.transport.mark_ready(self.pool)  # pulls announced from now on see the KV
             end = self.clock()  # the lease starts at `end`: on the clock expiry reads
@@ -66,6 +71,7 @@ class PrefillInstance(Instance):
             )
             for request in update.updated:
                 self._announce(request, now, end, result)
+            self.record_step(out, step_start, execute_s)
         for request in self.scheduler.expired_leases(now, self._lease_s):
             self.outbox.append(msg.LeaseExpired(request.request_id))
 
