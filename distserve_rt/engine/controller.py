@@ -41,8 +41,8 @@ from distserve_rt.engine.disagg import admission, fanout, recovery
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.child import stop_children
 from distserve_rt.engine.disagg.faults import FaultPlan
-from distserve_rt.engine.disagg.instance_step_logs import InstanceStepLogs
 from distserve_rt.engine.disagg.instance import InstanceRole
+from distserve_rt.engine.disagg.instance_step_logs import InstanceStepLogs
 from distserve_rt.engine.disagg.launcher import InstanceHandle, instance_specs
 from distserve_rt.engine.disagg.migration import Migration, MigrationEvent
 from distserve_rt.engine.disagg.routing import DecodePrefixIndex

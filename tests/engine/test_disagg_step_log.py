@@ -35,7 +35,10 @@ def test_each_instance_logs_its_own_steps_and_the_controller_gathers_them():
 
 
 def test_a_capacity_below_one_is_refused():
-    config = engine_config()
-    with Controller(config, Placement.disaggregated(), DisaggConfig(launcher="thread")) as c:
-        with pytest.raises(ValueError, match="step log capacity must be a positive int, got 0"):
-            c.enable_step_log(0)
+    config, threads = engine_config(), DisaggConfig(launcher="thread")
+    message = "step log capacity must be a positive int, got 0"
+    with (
+        Controller(config, Placement.disaggregated(), threads) as c,
+        pytest.raises(ValueError, match=message),
+    ):
+        c.enable_step_log(0)

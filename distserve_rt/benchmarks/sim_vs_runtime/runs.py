@@ -87,11 +87,11 @@ def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
     """The same requests simulated at the speed the served run's steps had (the model's
     step times times the run's measured/predicted ratio per step kind: 1P1D's prefill
     steps are the prefill instance's, its decode steps the decode instance's); None
-    without a step log. Not a prediction (it uses the run's own measurement): it splits a gap in two. What
-    is left against the runtime is the simulator's (scheduling, queueing, time outside the
-    steps, the shape of the noise); what it closes is the step times' level, from the
-    model's fit or the machine's speed during the run. The wake-up cost is already in the
-    measured prefill steps, so it is not charged again."""
+    without a step log. Not a prediction (it uses the run's own measurement): it splits a
+    gap in two. What is left against the runtime is the simulator's (scheduling,
+    queueing, time outside the steps, the shape of the noise); what it closes is the step
+    times' level, from the model's fit or the machine's speed during the run. The wake-up
+    cost is already in the measured prefill steps, so it is not charged again."""
     latency = ScaledLatencyModel.from_step_ratios(run.cal.latency, ratios)
     if latency is None:
         return None
