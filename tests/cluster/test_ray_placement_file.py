@@ -11,7 +11,7 @@ from distserve_rt.engine.controller import Controller
 from distserve_rt.entrypoints import engine_args
 from distserve_rt.entrypoints.cli import build_parser, main
 from tests.cluster.conftest import HEAD_IP, MAX_TOKENS, WORKER_IP
-from tests.engine.disagg_helpers import PROMPTS, run
+from tests.engine.disagg_helpers import PROMPTS, run, settle
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -51,6 +51,8 @@ def test_serve_runs_the_files_nodes(tmp_path, fake_cluster, single_machine):
         outputs = run(c, max_tokens=MAX_TOKENS)
         # TP=2 prefill, KV pulled across nodes: the tokens of one TP=1 engine on one machine.
         assert {k: o.outputs[0].token_ids for k, o in outputs.items()} == single_machine
+        # The counters come with the instances' periodic reports: wait for the last one.
+        settle(c, lambda: c.stats().transfers.num_transfers >= len(PROMPTS))
         totals = c.stats().transfers
         assert totals.transport == "nixl" and totals.num_failures == 0
         assert totals.num_transfers == len(PROMPTS)

@@ -14,7 +14,7 @@ from distserve_rt.engine.controller import Controller
 from distserve_rt.engine.disagg.tracking import Phase
 from distserve_rt.engine.llm_engine import LLMEngine
 from tests.cluster.conftest import MAX_TOKENS, WORKER_IP
-from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy, run
+from tests.engine.disagg_helpers import PROMPTS, engine_config, greedy, run, settle
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -76,6 +76,8 @@ def test_mixed_pairs_then_node_lost_mid_load(fake_cluster, single_machine):
         assert c.instances[3].pair_transports == {0: "nixl", 1: "shm"}
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert {k: o.outputs[0].token_ids for k, o in outputs.items()} == single_machine
+        # The counters come with the instances' periodic reports: wait for the last one.
+        settle(c, lambda: c.stats().transfers.num_transfers >= len(PROMPTS))
         totals = c.stats().transfers
         assert totals.transport == "shm+nixl" and totals.num_failures == 0
         assert totals.num_transfers == len(PROMPTS)
