@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +69,7 @@ from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     load_profiles,
     measure_kv_transfer,
     profile_engine,
+    profile_instances,
     profile_threads,
     set_threads,
     wake_from_profile,
@@ -136,6 +137,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="engine",
         help="engine: fit the steps of a running LLMEngine (default); isolated: time "
         "isolated steps on a grid",
+    )
+    p.add_argument(
+        "--no-instance-profile",
+        dest="instance_profile",
+        action="store_false",
+        help="1P1D: simulate with the one-thread engine profile measured in this process "
+        "instead of one fitted from its running instances' own steps (the default)",
     )
     p.add_argument(
         "--no-wake",
@@ -212,8 +220,6 @@ def engine_profile_here(args, model, bytes_per_token: int, threads: int, max_mod
     """The engine-step profile of ``threads`` threads: a chunked-prefill `LLMEngine` (its
     steps are prefill-only, decode-only and mixed, so every kind the targets run is fitted)
     with the targets' limits, running prompts and outputs up to the workload's longest."""
-    from distserve_rt.benchmarks.engine_profile import EngineWorkload
-
     setup = ColocatedSetup(
         ColocatedPolicy.CHUNKED_PREFILL,
         args.max_num_batched_tokens,
@@ -221,9 +227,27 @@ def engine_profile_here(args, model, bytes_per_token: int, threads: int, max_mod
         max_model_len,
         args.max_num_seqs * max_model_len,
     )
-    # The served workload's own lengths: the fit sees the contexts the runs' steps have.
+    engine = setup.make_engine(bytes_per_token, model=model)
+    try:
+        desc = f"engine profile ({threads} threads)"
+        return profile_engine(
+            engine,
+            _profile_workload(args),
+            threads,
+            repeats=args.profile_repeats,
+            hardware=hardware_name("cpu"),
+            progress=lambda steps: tqdm(steps, desc=desc, unit="step"),
+        )
+    finally:
+        engine.shutdown()
+
+
+def _profile_workload(args):
+    """The served workload's own lengths: the fit sees the contexts the runs' steps have."""
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+
     (p_lo, p_hi), (o_lo, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
-    workload = EngineWorkload(
+    return EngineWorkload(
         args.profile_steps,
         p_hi,
         o_hi,
@@ -233,19 +257,26 @@ def engine_profile_here(args, model, bytes_per_token: int, threads: int, max_mod
         min_prompt_len=p_lo,
         min_output_len=max(o_lo, 2),
     )
-    engine = setup.make_engine(bytes_per_token, model=model)
-    try:
-        desc = f"engine profile ({threads} threads)"
-        return profile_engine(
-            engine,
-            workload,
-            threads,
-            repeats=args.profile_repeats,
-            hardware=hardware_name("cpu"),
-            progress=lambda steps: tqdm(steps, desc=desc, unit="step"),
-        )
-    finally:
-        engine.shutdown()
+
+
+def instance_calibration(args, engine, cal: Calibration) -> Calibration:
+    """1P1D calibrated on its own running instances (`profile_instances`): their steps'
+    fit and noise replace the one-thread engine's; its wake-up cost and drift-probe
+    reference stay (neither can be measured from here on the instances)."""
+    _, config = load_model(MODEL)
+    desc = "1P1D instances profile"
+    profile = profile_instances(
+        engine,
+        _profile_workload(args),
+        repeats=args.profile_repeats,
+        hardware=hardware_name("cpu"),
+        progress=lambda steps: tqdm(steps, desc=desc, unit="step"),
+    )
+    noise = profile.step_noise(config, 1) if args.simulator == "driven" else None
+    return replace(
+        cal, profile=profile, latency=profile.latency_model(config, 1), noise=noise,
+        reference_source=f"{cal.reference_source} (one-thread engine profile)",
+    )  # fmt: skip
 
 
 def calibrations(args, model, config, thread_counts, probe, probe_timer, max_model_len, bpt):
@@ -384,7 +415,10 @@ def main(argv=None) -> int:
             same = [r for r in rows if r["rate"] == rate]
             summaries.append({"target": target.name, "rate": rate, **summarize_repeats(same)})
         # Saved after every target: a long run stopped later keeps what it measured.
-        _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped)
+        _save(
+            args, workload, slo, targets, cals, ctx.instance_cals, probe, repeats, summaries,
+            skipped,
+        )  # fmt: skip
     return 0 if summaries and not skipped else 1
 
 
@@ -409,6 +443,8 @@ class Context:
     slo: SLO
     probe: DriftProbe
     probe_timer: RunnerStepTimer
+    instance_cals: dict[str, Calibration] = field(default_factory=dict)
+    """1P1D's calibration from its running instances (`--no-instance-profile`: none)."""
 
 
 def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target, list[dict]]:
@@ -422,6 +458,9 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
         if isinstance(target.setup, DisaggSetup) and args.kv_transfer == "measured":
             kv = measure_kv_transfer(engine, int(ctx.workload.prompt_lens.mean()))
             target = replace(target, setup=replace(target.setup, kv_transfer=kv))
+        if isinstance(target.setup, DisaggSetup) and args.instance_profile:
+            cal = instance_calibration(args, engine, cal)
+            ctx.instance_cals[target.name] = cal
         rates = choose_rates(args, target, cal.latency, ctx.gaps, ctx.workload, ctx.slo)
         print(f"{target.name}: rates {rates} (threads per instance {cal.threads})", flush=True)
         rows = []
@@ -456,7 +495,9 @@ def _line(s) -> str:
     )
 
 
-def _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped) -> None:
+def _save(
+    args, workload, slo, targets, cals, instance_cals, probe, repeats, summaries, skipped
+) -> None:
     payload = {
         "benchmark": "sim_vs_runtime",
         "model": MODEL,
@@ -475,6 +516,7 @@ def _save(args, workload, slo, targets, cals, probe, repeats, summaries, skipped
         "command": " ".join(sys.argv),
         "targets": {t.name: t.setup.describe() for t in targets},
         "profiles": {str(k): c.describe() for k, c in cals.items()},
+        "instance_profiles": {k: c.describe() for k, c in instance_cals.items()},
         "drift_probe": {**probe.to_dict(), "repeats": args.probe_repeats},
         "max_abs_gap_pp": max(abs(s["gap_pp"]) for s in summaries),
         "max_abs_gap_rescaled_pp": max(abs(s["gap_rescaled_pp"]) for s in summaries),

@@ -315,6 +315,9 @@ def test_script_defaults_quick_and_shared_slo():
     args = script.parse_args([])
     assert (args.num_requests, args.repeats) == (1000, 3)
     assert (args.simulator, args.calibration, args.no_wake) == ("driven", "engine", False)
+    assert (
+        args.instance_profile and not script.parse_args(["--no-instance-profile"]).instance_profile
+    )
     assert len(args.load_factors) == 3  # the full run stays near half an hour
     assert args.targets == ["continuous_batching", "chunked_prefill", "disaggregated_1p1d"]
     # --quick shrinks only what the user left at its default.
@@ -474,6 +477,26 @@ def test_profile_cores_pin_one_thread_like_a_disaggregated_instance():
     assert profile_cores(len(cores)) is None  # a colocated engine takes them all, unpinned
     if len(cores) > 1:
         assert profile_cores(1) == (cores[0],)  # the prefill instance's core
+
+
+def test_instance_profile_fits_a_running_1p1d_from_its_instances_steps():
+    """1P1D is calibrated on its own instances: the fit's steps are the prefill instance's
+    prefills and the decode instance's decodes, recorded in their processes (threads here)."""
+    from distserve_rt.benchmarks.engine_profile import EngineWorkload
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import profile_instances
+
+    setup = DisaggSetup(64, 8, 96, 8 * 96)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
+    workload = EngineWorkload(num_steps=60, max_prompt_len=64, max_output_len=16, max_queued=16)
+    try:
+        profile = profile_instances(engine, workload, repeats=1, hardware="cpu")
+    finally:
+        engine.shutdown()
+    m = profile.measurement
+    assert m["mode"] == "instances" and m["threads"] == 1
+    assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
+    assert m["num_steps"]["mixed"] == 0  # no instance runs both
+    assert profile.entries[0].coefficients.overhead > 0
 
 
 def test_engine_profile_fits_the_running_engine_with_noise():

@@ -144,6 +144,35 @@ def profile_engine(
     )
 
 
+def profile_instances(
+    engine, workload, *, repeats: int, hardware: str, progress=None
+) -> ProfileSet:
+    """The latency profile of a running 1P1D ``engine`` (a `Controller`): ``workload``
+    (`EngineWorkload`) through it with its instances' step logs on, the prefill fit from
+    the prefill instance's steps and the decode fit from the decode instance's, in their
+    own processes and loops. The one-thread engine profiled in this process underestimated
+    them by 1.06-1.44x (bench/README.md). No wake-up cost is measured: the instances' steps
+    cannot be timed after a chosen idle from here."""
+    from distserve_rt.benchmarks.engine_profile import record_engine_steps
+    from distserve_rt.planner.profiler import fit_engine_profile
+
+    records = record_engine_steps(engine, workload, repeats=repeats, progress=progress)
+    kinds = [r.shape.kind for r in records]
+    measurement = {
+        "device": "cpu",
+        "mode": "instances",
+        "threads": 1,
+        "repeats": repeats,
+        "includes": ["schedule", "execute", "postprocess"],
+        "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
+        "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
+    }
+    source = "sim_vs_runtime 1P1D instances' own steps"
+    return fit_engine_profile(
+        records, engine.model_config, hardware=hardware, source=source, measurement=measurement
+    )
+
+
 def wake_from_profile(profile: ProfileSet) -> WakePenalty | None:
     """The wake-up penalty ``profile_engine`` measured (None: a profile without one)."""
     raw = profile.measurement.get("wake_penalty")
