@@ -261,8 +261,8 @@ def _profile_workload(args):
 
 def instance_calibration(args, engine, cal: Calibration) -> Calibration:
     """1P1D calibrated on its own running instances (`profile_instances`): their steps'
-    fit and noise replace the one-thread engine's; its wake-up cost and drift-probe
-    reference stay (neither can be measured from here on the instances)."""
+    fit, noise and wake-up cost replace the one-thread engine's; the drift-probe reference
+    stays (the probe times isolated steps in this process)."""
     _, config = load_model(MODEL)
     desc = "1P1D instances profile"
     profile = profile_instances(
@@ -272,10 +272,12 @@ def instance_calibration(args, engine, cal: Calibration) -> Calibration:
         hardware=hardware_name("cpu"),
         progress=lambda steps: tqdm(steps, desc=desc, unit="step"),
     )
-    noise = profile.step_noise(config, 1) if args.simulator == "driven" else None
+    driven = args.simulator == "driven"
+    noise = profile.step_noise(config, 1) if driven else None
+    wake = wake_from_profile(profile) if driven and not args.no_wake else None
     return replace(
         cal, profile=profile, latency=profile.latency_model(config, 1), noise=noise,
-        reference_source=f"{cal.reference_source} (one-thread engine profile)",
+        wake=wake, reference_source=f"{cal.reference_source} (one-thread engine profile)",
     )  # fmt: skip
 
 

@@ -483,7 +483,10 @@ def test_instance_profile_fits_a_running_1p1d_from_its_instances_steps():
     """1P1D is calibrated on its own instances: the fit's steps are the prefill instance's
     prefills and the decode instance's decodes, recorded in their processes (threads here)."""
     from distserve_rt.benchmarks.engine_profile import EngineWorkload
-    from distserve_rt.benchmarks.sim_vs_runtime.calibration import profile_instances
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
+        profile_instances,
+        wake_from_profile,
+    )
 
     setup = DisaggSetup(64, 8, 96, 8 * 96)
     engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4, launcher="thread")
@@ -497,6 +500,10 @@ def test_instance_profile_fits_a_running_1p1d_from_its_instances_steps():
     assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
     assert m["num_steps"]["mixed"] == 0  # no instance runs both
     assert profile.entries[0].coefficients.overhead > 0
+    # The prefill instance's own wake-up cost, timed from its step log through the
+    # controller (a step after each idle wait, back to back first).
+    wake = wake_from_profile(profile)
+    assert wake is not None and wake.idle_s[0] == 0 and len(wake.idle_s) > 1
 
 
 def test_engine_profile_fits_the_running_engine_with_noise():

@@ -151,12 +151,15 @@ def profile_instances(
     (`EngineWorkload`) through it with its instances' step logs on, the prefill fit from
     the prefill instance's steps and the decode fit from the decode instance's, in their
     own processes and loops. The one-thread engine profiled in this process underestimated
-    them by 1.06-1.44x (bench/README.md). No wake-up cost is measured: the instances' steps
-    cannot be timed after a chosen idle from here."""
+    them by 1.06-1.44x (bench/README.md). ``measurement.wake_penalty`` is the prefill
+    instance's own (`wake.measure_wake` through the controller, from its step log): the
+    harness engine's left its prefills after an idle wait 1.10-1.27x slow."""
     from distserve_rt.benchmarks.engine_profile import record_engine_steps
     from distserve_rt.planner.profiler import fit_engine_profile
 
     records = record_engine_steps(engine, workload, repeats=repeats, progress=progress)
+    prompt_len = (workload.min_prompt_len + workload.max_prompt_len) // 2
+    wake = measure_wake(engine, prompt_len)
     kinds = [r.shape.kind for r in records]
     measurement = {
         "device": "cpu",
@@ -166,6 +169,7 @@ def profile_instances(
         "includes": ["schedule", "execute", "postprocess"],
         "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
         "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
+        "wake_penalty": {"prompt_len": prompt_len, **wake.to_dict()},
     }
     source = "sim_vs_runtime 1P1D instances' own steps"
     return fit_engine_profile(

@@ -65,19 +65,19 @@ def measure_wake(
     after each idle time of ``idle_points`` (the first must be 0: back to back), ``repeats``
     times in rotation (a slow moment of the machine spreads over all points); the medians
     give the penalty. A back-to-back step is the last of three in a row: the one right
-    after a sleep is still slow. ``engine``: an idle `LLMEngine` with its step log off."""
+    after a sleep is still slow. ``engine``: an idle `LLMEngine` with its step log off, or
+    a 1P1D `Controller` (its prefill instance's step, from the instance's own log)."""
     if not idle_points or idle_points[0] != 0:
         raise ValueError(f"idle_points must start at 0 (back to back), got {idle_points!r}")
-    log = engine.enable_step_log(1 << 16)
     times: dict[float, list[float]] = {g: [] for g in idle_points}
 
     def one_step(tag: str) -> float:
-        log.clear()
+        log = engine.enable_step_log(1 << 16)  # a fresh log: this request's step only
         params = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
         engine.add_request(tag, [1 + len(tag) % 5] * prompt_len, params)
         while engine.has_unfinished_requests():
             engine.step()
-        return sum(rec.duration_s for rec in log.records())
+        return sum(rec.duration_s for rec in log.records())  # a controller's: stops them
 
     try:
         for r in range(repeats):
@@ -86,7 +86,8 @@ def measure_wake(
                 times[g].append(one_step(f"wake-{r}-{g}"))
             times[0].append([one_step(f"busy-{r}-{k}") for k in range(3)][-1])
     finally:
-        engine.step_log = None
+        if hasattr(engine, "step_log"):  # LLMEngine keeps its log on itself
+            engine.step_log = None
     return WakePenalty.from_medians(
         list(idle_points), [float(np.median(times[g])) for g in idle_points]
     )
