@@ -67,6 +67,7 @@ from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     calibrate,
     kv_transfer_from_bench,
     load_profiles,
+    measure_hops,
     measure_kv_transfer,
     profile_engine,
     profile_instances,
@@ -463,6 +464,10 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
         if isinstance(target.setup, DisaggSetup) and args.instance_profile:
             cal = instance_calibration(args, engine, cal)
             ctx.instance_cals[target.name] = cal
+            if args.simulator == "driven":  # the fast simulator has no hops
+                hops = measure_hops(engine, target, cal, ctx.workload)
+                target = replace(target, setup=replace(target.setup, hops=hops))
+                print(f"{target.name}: hops {hops}", flush=True)
         rates = choose_rates(args, target, cal.latency, ctx.gaps, ctx.workload, ctx.slo)
         print(f"{target.name}: rates {rates} (threads per instance {cal.threads})", flush=True)
         rows = []

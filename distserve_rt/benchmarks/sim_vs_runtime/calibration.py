@@ -9,6 +9,7 @@ timed in isolation, which ran 1.1-1.7x faster than the engine's (issue 15)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -234,6 +235,29 @@ def measure_kv_transfer(engine, prompt_len: int, num_requests: int = 8) -> KVTra
             raise RuntimeError(f"kv-probe-{i} finished without a KV transfer: {outputs!r}")
         seconds.append((breakdown.transfer_queue or 0.0) + breakdown.transfer)
     return KVTransferSpec(latency_s=float(np.median(seconds)))
+
+
+def measure_hops(engine, target, cal: Calibration, workload, num_requests: int = 20):
+    """The time between 1P1D's processes that no step shows (`ProcessHops`), from the idle
+    runtime ``engine``: ``num_requests`` of ``workload``'s requests 0.15 s apart (no queue)
+    served and simulated without hops. ``dispatch_s`` is the runtime's extra prefill queue
+    (controller -> instance); ``token_s`` the rest of its extra TTFT (the first token back
+    to the controller, and what the prefill fit misses on an idle instance: measured
+    0.7 + ~2 ms, bench/README.md)."""
+    from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
+    from distserve_rt.planner.simulator import ProcessHops
+    from distserve_rt.workloads.workload import Workload
+
+    n = min(num_requests, workload.num_requests)
+    few = Workload("hops", workload.prompt_lens[:n], workload.output_lens[:n])
+    arrival = np.arange(n) * 0.15
+    served = replay(engine, arrival, few)
+    setup = dataclasses.replace(target.setup, hops=ProcessHops())
+    simulated = target.simulate(setup, cal.latency, arrival, few, noise=None, wake=cal.wake)
+    queue_ms = served.extra["mean_prefill_queue_ms"] - simulated.extra["mean_prefill_queue_ms"]
+    dispatch_s = max(0.0, queue_ms / 1e3)
+    ttft_s = float(np.mean(served.ttft) - np.mean(simulated.ttft))
+    return ProcessHops(dispatch_s, max(0.0, ttft_s - dispatch_s))
 
 
 def load_profiles(path: str | Path) -> list[ProfileSet]:

@@ -21,6 +21,7 @@ from distserve_rt.planner.simulator import (
     DisaggregatedSimulator,
     DisaggSpec,
     KVTransferSpec,
+    ProcessHops,
     SimInstanceSpec,
     SimResult,
 )
@@ -93,6 +94,8 @@ class DisaggSetup:
     kv_transfer: KVTransferSpec = field(default_factory=KVTransferSpec)
     model: str = "dummy:llama-tiny"
     block_size: int = 16
+    hops: ProcessHops = field(default_factory=ProcessHops)
+    """Time between the processes (`calibration.measure_hops` on the idle runtime)."""
 
     threads_per_instance = 1
     """`PhaseConfig.cpu_cores` default: the profile and the drift probe must use the same."""
@@ -126,12 +129,13 @@ class DisaggSetup:
             max_num_seqs=self.max_num_seqs,
         )
         decode = SimInstanceSpec(latency, self.kv_capacity_tokens, max_num_seqs=self.max_num_seqs)
-        return DisaggSpec(prefill, decode, kv_transfer=self.kv_transfer)
+        return DisaggSpec(prefill, decode, kv_transfer=self.kv_transfer, hops=self.hops)
 
     def describe(self) -> dict[str, object]:
         return {
-            **{k: v for k, v in vars(self).items() if k != "kv_transfer"},
+            **{k: v for k, v in vars(self).items() if k not in ("kv_transfer", "hops")},
             "kv_transfer": vars(self.kv_transfer),
+            "hops": vars(self.hops),
             "placement": "disaggregated 1P1D",
         }
 

@@ -17,6 +17,7 @@ from distserve_rt.planner.simulator.results import BREAKDOWN, SimResult
 from distserve_rt.planner.simulator.spec import (
     DisaggSpec,
     KVTransferSpec,
+    ProcessHops,
     SimInstanceSpec,
     SimMode,
     StepOverhead,
@@ -33,6 +34,7 @@ __all__ = [
     "SchedulerDrivenDisaggregated",
     "SimInstanceSpec",
     "KVTransferSpec",
+    "ProcessHops",
     "SimMode",
     "SimResult",
     "StepNoise",

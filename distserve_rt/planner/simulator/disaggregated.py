@@ -90,6 +90,11 @@ class DisaggregatedSimulator:
     """
 
     def __init__(self, spec: DisaggSpec, mode: SimMode = SimMode.FULL) -> None:
+        if not spec.hops.is_zero:
+            raise ValueError(
+                f"hops={spec.hops}: the fast disaggregated simulator does not model the time "
+                "between processes; use the scheduler-driven one (SchedulerDrivenDisaggregated)"
+            )
         self.spec = spec
         self.mode = SimMode(mode)
 

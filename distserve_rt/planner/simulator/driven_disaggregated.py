@@ -27,6 +27,10 @@ skips them); a request goes to the decode instance the controller's `DecodePrefi
 picks (`core.cache_routing.pick_decode_instance`, ``max_decode_load_imbalance``); and
 `core.cache_routing.prefill_locally` sends a request straight to a decode instance, whose
 scheduler prefills it there (decode-instance time), when the DisaggConfig thresholds say so.
+
+`DisaggSpec.hops` adds the time between processes no step shows: a request enters a prefill
+instance's queue ``dispatch_s`` after it arrived, and every token reaches the controller
+``token_s`` after its step (TTFT includes it).
 """
 
 from __future__ import annotations
@@ -156,7 +160,11 @@ class SchedulerDrivenDisaggregated:
         self._source = None
         self._dc = DisaggConfig()
         self._prefixes = None
-        self._events = [(float(t), i, _ARRIVAL, i, None) for i, t in enumerate(arrival.tolist())]
+        # A request reaches a prefill instance's queue one controller hop after it arrived.
+        dispatch = self.spec.hops.dispatch_s
+        self._events = [
+            (float(t) + dispatch, i, _ARRIVAL, i, None) for i, t in enumerate(arrival.tolist())
+        ]
         heapq.heapify(self._events)
         self._loop()
         return self._result(arrival, out)
@@ -221,7 +229,10 @@ class SchedulerDrivenDisaggregated:
             self._decoded_by.append(0)
             self._local.append(False)
             self._requests.append(request)
-            self._on_arrival(now, request.seq_id, None, dirty_p, dirty_d)
+            if self.spec.hops.dispatch_s > 0:  # one controller hop to an instance's queue
+                self._push(now + self.spec.hops.dispatch_s, _ARRIVAL, request.seq_id)
+            else:
+                self._on_arrival(now, request.seq_id, None, dirty_p, dirty_d)
 
     def _finished(self, requests: list[Request]) -> None:
         """Closed loop: the next turns of finished requests' conversations arrive later."""
@@ -482,4 +493,5 @@ class SchedulerDrivenDisaggregated:
             np.asarray(ds),
             np.asarray(fin),
             np.asarray(out, dtype=np.int64),
+            token_delay_s=self.spec.hops.token_s,
         )

@@ -35,6 +35,10 @@ class SimResult:
     decode_start: np.ndarray
     finish: np.ndarray
     output_lens: np.ndarray
+    token_delay_s: float = 0.0
+    """A token reaches the user this long after the step that made it (a disaggregated
+    instance's hop to the controller, `ProcessHops.token_s`): TTFT includes it, TPOT does
+    not (every token is late by the same)."""
 
     @property
     def num_requests(self) -> int:
@@ -42,7 +46,7 @@ class SimResult:
 
     @property
     def ttft(self) -> np.ndarray:
-        return self.prefill_end - self.arrival
+        return self.prefill_end + self.token_delay_s - self.arrival
 
     @property
     def tpot(self) -> np.ndarray:
@@ -83,5 +87,5 @@ def empty_result(arrival: np.ndarray, output_lens: np.ndarray) -> dict[str, np.n
     return {
         k: np.full(n, np.inf)
         for k in SimResult.__dataclass_fields__
-        if k not in ("arrival", "output_lens")
+        if k not in ("arrival", "output_lens", "token_delay_s")
     }

@@ -121,6 +121,28 @@ class KVTransferSpec:
 
 
 @dataclass(frozen=True)
+class ProcessHops:
+    """Time between a disaggregated deployment's processes that no step shows (s): a
+    request accepted by the controller reaches a prefill instance's queue ``dispatch_s``
+    later, and a token reaches the controller ``token_s`` after the step that made it.
+    Zero for the planner's GPU profiles (not measured there); on CPU the runtime's 1P1D
+    measured ~1 ms each (bench/README.md). Only the scheduler-driven simulator models them."""
+
+    dispatch_s: float = 0.0
+    token_s: float = 0.0
+
+    def __post_init__(self) -> None:
+        for key in ("dispatch_s", "token_s"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+                raise ValueError(f"{key} must be a number of seconds >= 0, got {value!r}")
+
+    @property
+    def is_zero(self) -> bool:
+        return self.dispatch_s == 0 and self.token_s == 0
+
+
+@dataclass(frozen=True)
 class DisaggSpec:
     """``num_prefill`` prefill and ``num_decode`` decode instances and the KV path between."""
 
@@ -129,6 +151,7 @@ class DisaggSpec:
     num_prefill: int = 1
     num_decode: int = 1
     kv_transfer: KVTransferSpec = KVTransferSpec()
+    hops: ProcessHops = ProcessHops()
 
     def __post_init__(self) -> None:
         for key in ("num_prefill", "num_decode"):
