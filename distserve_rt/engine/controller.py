@@ -430,7 +430,10 @@ class Controller:
                 missing = [h.name for h in live if h.name not in self._step_log_replies]
                 raise TimeoutError(f"no step log from {missing} after {timeout_s} s")
             self._receive(0.05)
-        return dict(self._step_log_replies)
+        # In the instances' order (prefill first), not the order the replies came in.
+        return {
+            h.name: self._step_log_replies[h.name] for h in live if h.name in self._step_log_replies
+        }
 
     def _receive(self, timeout_s: float) -> None:
         live = [h for h in self.instances if h.alive]
