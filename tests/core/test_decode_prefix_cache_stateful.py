@@ -95,7 +95,9 @@ class DecodeCacheMachine(RuleBasedStateMachine):
     @precondition(lambda self: self.scheduler.pulling)
     @rule(data=st.data())
     def land(self, data) -> None:
-        request = data.draw(st.sampled_from(sorted(self.scheduler.pulling.values(), key=id)))
+        # By seq_id, not id(): the order must replay identically (memory addresses do not).
+        pulling = sorted(self.scheduler.pulling.values(), key=lambda r: r.seq_id)
+        request = data.draw(st.sampled_from(pulling))
         self.scheduler.complete_migration(request)
 
     @rule()
