@@ -116,14 +116,15 @@ def record_engine_steps(
         )
     arrivals = workload.arrivals(engine.model_config.vocab_size)
     _run(engine, arrivals[:warmup_steps], workload.max_queued, "warmup")
-    engine.step_log = None  # the warm-up stays out of the log
+    engine.disable_step_log()  # the warm-up stays out of the log
     log = engine.enable_step_log(1 << 24)  # the whole run: bounded by the workload itself
     steps: Iterable = range(repeats * workload.num_steps)
     bar = iter(progress(steps) if progress else steps)
     for r in range(repeats):
         _run(engine, arrivals, workload.max_queued, f"r{r}", lambda: next(bar, None))
-    engine.step_log = None
-    return log.records()
+    records = log.records()
+    engine.disable_step_log()
+    return records
 
 
 def _run(engine, arrivals, max_queued: int, tag: str, tick=lambda: None) -> None:

@@ -417,6 +417,11 @@ class Controller:
                 handle.send(msg.StepLogControl(capacity))
         return InstanceStepLogs(self._collect_step_logs)
 
+    def disable_step_log(self, timeout_s: float = 30.0) -> None:
+        """Stops the instances' step logs, dropping what they hold (take it first with the
+        `InstanceStepLogs.records` that `enable_step_log` returned)."""
+        self._collect_step_logs(timeout_s)
+
     def _collect_step_logs(self, timeout_s: float) -> dict[str, list[dict]]:
         """Stops the live instances' step logs and waits for their records (messages that
         arrive meanwhile are handled as in `step`; outputs stay queued for it)."""

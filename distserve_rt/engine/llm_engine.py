@@ -124,6 +124,10 @@ class LLMEngine:
         self.step_log = StepLog(capacity)
         return self.step_log
 
+    def disable_step_log(self) -> None:
+        """Stops recording steps (the `StepLog` returned keeps what it holds)."""
+        self.step_log = None
+
     @property
     def scheduler(self) -> Scheduler:
         """Virtual engine 0's scheduler (the only one unless pipeline_parallel_size > 1)."""

@@ -180,7 +180,7 @@ def _plot(args, planner: Planner, result: PlanResult):
         f"workload, {i.rate:g} req/s asked; SLOs TTFT {i.slo.ttft_s * 1e3:g} ms, TPOT "
         f"{i.slo.tpot_s * 1e3:g} ms at {i.target:.0%}"
     )
-    chosen = f"{_describe(best)} at {best.predicted['rate']:.3g} req/s"
+    chosen = f"{describe_deployment(best)} at {best.predicted['rate']:.3g} req/s"
     return plot_plan(_curves(planner, result), i.target, breakdown, chosen, title, args.plot)
 
 
@@ -345,8 +345,9 @@ def _print_table(out: dict, result: PlanResult, inputs: PlanInputs) -> None:
         f" ({pred['goodput_low']:.3g}-{pred['goodput_high']:.3g})" if "goodput_low" in pred else ""
     )
     print(
-        f"chosen: {_describe(best)} ({best.num_devices} devices, {best.goodput:.2f}{span} "
-        f"req/s, {best.per_device:.3f} req/s per device; search {out['search_seconds']:.2f} s)"
+        f"chosen: {describe_deployment(best)} ({best.num_devices} devices, "
+        f"{best.goodput:.2f}{span} req/s, {best.per_device:.3f} req/s per device; search "
+        f"{out['search_seconds']:.2f} s)"
     )
     check = pred.get("policy_check")
     if check is not None:
@@ -373,7 +374,8 @@ def _policy_check_line(check: dict) -> str:
     )
 
 
-def _describe(c: Candidate) -> str:
+def describe_deployment(c: Candidate) -> str:
+    """``2 x prefill tp2pp1 + 2 x decode tp1pp1`` (or ``3 x colocated tp1pp1``)."""
     if c.decode is None:
         return f"{c.num_prefill} x colocated {parallelism_label(c.prefill)}"
     return (
@@ -396,7 +398,7 @@ def _print_best_effort(out: dict, result: PlanResult, inputs: PlanInputs) -> Non
         )
     verdict = "meets" if result.needed.predicted["meets_target"] else "still misses"
     print(
-        f"to meet {inputs.rate:g} req/s: {_describe(result.needed)}, "
+        f"to meet {inputs.rate:g} req/s: {describe_deployment(result.needed)}, "
         f"{needed['num_devices']} devices ({needed['num_nodes']} node(s) of "
         f"{inputs.cluster.devices_per_node}); simulated whole it {verdict} the target "
         f"({needed['attainment_at_rate']:.0%})"

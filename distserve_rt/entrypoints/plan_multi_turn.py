@@ -22,8 +22,7 @@ from tqdm import tqdm
 
 from distserve_rt.config import DisaggConfig
 from distserve_rt.entrypoints import planner_args, simulate_multi_turn
-from distserve_rt.entrypoints.plan import best_effort_note, placement_file
-from distserve_rt.planner.candidates import Candidate, parallelism_label
+from distserve_rt.entrypoints.plan import best_effort_note, describe_deployment, placement_file
 from distserve_rt.planner.conversation_plan import (
     ConversationPlan,
     ConversationPlanner,
@@ -157,7 +156,9 @@ def _plot(args, plan: ConversationPlan):
         f"{plan.conversation_rate:g} {UNIT} asked; SLOs TTFT {i.slo.ttft_s * 1e3:g} ms, "
         f"TPOT {i.slo.tpot_s * 1e3:g} ms at {i.target:.0%}"
     )
-    return plot_plan(curves, i.target, breakdown, _describe(best.candidate), title, args.plot, UNIT)
+    return plot_plan(
+        curves, i.target, breakdown, describe_deployment(best.candidate), title, args.plot, UNIT
+    )
 
 
 def _plan_result(plan: ConversationPlan, rejected) -> PlanResult:
@@ -196,15 +197,6 @@ def _row(r: Rescored, best: Rescored) -> dict:
     }
 
 
-def _describe(c: Candidate) -> str:
-    if c.decode is None:
-        return f"{c.num_prefill} x colocated {parallelism_label(c.prefill)}"
-    return (
-        f"{c.num_prefill} x (prefill {parallelism_label(c.prefill)} + decode "
-        f"{parallelism_label(c.decode)})"
-    )
-
-
 def _print(out: dict, plan: ConversationPlan, result: PlanResult) -> None:
     i = plan.inputs
     slo = i.slo
@@ -241,7 +233,7 @@ def _print(out: dict, plan: ConversationPlan, result: PlanResult) -> None:
     best = plan.best
     c = best.candidate
     print(
-        f"chosen: {_describe(c)} ({c.num_devices} devices, {c.goodput:.3g} {UNIT}, "
+        f"chosen: {describe_deployment(c)} ({c.num_devices} devices, {c.goodput:.3g} {UNIT}, "
         f"{c.per_device:.3g} per device; plan {out['search_seconds']:.1f} s, "
         f"{out['num_simulations']} conversation runs)"
     )
@@ -257,6 +249,9 @@ def _print(out: dict, plan: ConversationPlan, result: PlanResult) -> None:
             f"at {plan.conversation_rate:g} {UNIT}; {best_effort_note(result, UNIT)}"
         )
         n = plan.needed.candidate
-        print(f"to meet {plan.conversation_rate:g} {UNIT}: {_describe(n)}, {n.num_devices} devices")
+        print(
+            f"to meet {plan.conversation_rate:g} {UNIT}: {describe_deployment(n)}, "
+            f"{n.num_devices} devices"
+        )
     if "placement_file" in out:
         print(f"placement file: {out['placement_file']}")

@@ -117,32 +117,15 @@ def profile_engine(
     `profile_cores` says: the engine-step fit (per-step overhead, prefill, decode, mixed),
     its held-out error and the step-time noise; ``measurement.wake_penalty`` holds the cost
     of a step after idling (`wake.measure_wake`, `wake_from_profile`)."""
-    from distserve_rt.benchmarks.engine_profile import record_engine_steps
-    from distserve_rt.planner.profiler import fit_engine_profile
-
     cores = profile_cores(threads)
     set_threads(threads)
     with pinned(cores):
-        records = record_engine_steps(engine, workload, repeats=repeats, progress=progress)
-        prompt_len = (workload.min_prompt_len + workload.max_prompt_len) // 2
-        wake = measure_wake(engine, prompt_len)
-    kinds = [r.shape.kind for r in records]
-    measurement = {
-        "device": "cpu",
-        "mode": "engine",
-        "threads": threads,
-        "cores": None if cores is None else list(cores),
-        "policy": str(engine.config.policy),
-        "repeats": repeats,
-        "includes": ["schedule", "execute", "postprocess"],
-        "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
-        "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
-        "wake_penalty": {"prompt_len": prompt_len, **wake.to_dict()},
-    }
-    source = f"sim_vs_runtime engine profile ({threads} threads)"
-    return fit_engine_profile(
-        records, engine.model_config, hardware=hardware, source=source, measurement=measurement
-    )
+        return _profile_running(
+            engine, workload, repeats, hardware, progress,
+            f"sim_vs_runtime engine profile ({threads} threads)",
+            {"mode": "engine", "threads": threads, "cores": None if cores is None else list(cores),
+             "policy": str(engine.config.policy)},
+        )  # fmt: skip
 
 
 def profile_instances(
@@ -155,6 +138,17 @@ def profile_instances(
     them by 1.06-1.44x (bench/README.md). ``measurement.wake_penalty`` is the prefill
     instance's own (`wake.measure_wake` through the controller, from its step log): the
     harness engine's left its prefills after an idle wait 1.10-1.27x slow."""
+    return _profile_running(
+        engine, workload, repeats, hardware, progress,
+        "sim_vs_runtime 1P1D instances' own steps", {"mode": "instances", "threads": 1},
+    )  # fmt: skip
+
+
+def _profile_running(
+    engine, workload, repeats: int, hardware: str, progress, source: str, setting: dict
+) -> ProfileSet:
+    """``workload`` through ``engine`` with its step log on, the wake-up cost after, and
+    the fit; ``setting`` says what ran (mode, threads, ...) in the measurement."""
     from distserve_rt.benchmarks.engine_profile import record_engine_steps
     from distserve_rt.planner.profiler import fit_engine_profile
 
@@ -164,15 +158,13 @@ def profile_instances(
     kinds = [r.shape.kind for r in records]
     measurement = {
         "device": "cpu",
-        "mode": "instances",
-        "threads": 1,
+        **setting,
         "repeats": repeats,
         "includes": ["schedule", "execute", "postprocess"],
         "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
         "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
         "wake_penalty": {"prompt_len": prompt_len, **wake.to_dict()},
     }
-    source = "sim_vs_runtime 1P1D instances' own steps"
     return fit_engine_profile(
         records, engine.model_config, hardware=hardware, source=source, measurement=measurement
     )

@@ -64,9 +64,8 @@ def one_run(
         with tqdm(total=len(run.arrival), desc=desc, unit="req", leave=False) as bar:
             runtime = replay(engine, run.arrival, run.workload, seed=run.seed, progress=bar.update)
     finally:
-        records = log.records()  # a controller's stops its instances' logs
-        if getattr(engine, "step_log", None) is log:  # LLMEngine keeps its log on itself
-            engine.step_log = None
+        records = log.records()
+        engine.disable_step_log()
     runtime.extra.update(meter.shares())
     ratios = step_time_ratios(records, cal.latency)
     runtime.extra.update(ratios)

@@ -77,7 +77,7 @@ def measure_wake(
         engine.add_request(tag, [1 + len(tag) % 5] * prompt_len, params)
         while engine.has_unfinished_requests():
             engine.step()
-        return sum(rec.duration_s for rec in log.records())  # a controller's: stops them
+        return sum(rec.duration_s for rec in log.records())
 
     try:
         for r in range(repeats):
@@ -86,8 +86,7 @@ def measure_wake(
                 times[g].append(one_step(f"wake-{r}-{g}"))
             times[0].append([one_step(f"busy-{r}-{k}") for k in range(3)][-1])
     finally:
-        if hasattr(engine, "step_log"):  # LLMEngine keeps its log on itself
-            engine.step_log = None
+        engine.disable_step_log()
     return WakePenalty.from_medians(
         list(idle_points), [float(np.median(times[g])) for g in idle_points]
     )
