@@ -96,22 +96,13 @@ def import_native_modules_uninterrupted() -> None:
     `drt-run serve`). Blocked, the signal stays pending and arrives as a KeyboardInterrupt
     once the imports are done, which main() turns into its one line and exit 130."""
     if threading.current_thread() is not threading.main_thread():
-        return  # only the main thread runs signal handlers (and tests call main() in threads)
-    # Blocking alone is not enough: a process-directed SIGINT goes to any thread that has it
-    # unblocked (a thread started before this call), and Python then runs the handler in
-    # the main thread mid-import anyway. So the handler only records the interrupt, and it
-    # is raised here, after the last import.
-    interrupted: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+        return  # only the main thread receives signals (and tests call main() in threads)
     blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         importlib.import_module("torch")
         importlib.import_module("distserve_rt._C")
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)  # a pending one reaches the recorder
-        signal.signal(signal.SIGINT, previous)
-    if interrupted and previous not in (signal.SIG_IGN, None):
-        raise KeyboardInterrupt
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 def main(argv: list[str] | None = None) -> int:
