@@ -37,6 +37,15 @@ run is simulated a third time at the speed its own steps had (its step log's
 measured/predicted ratio per step kind, ``simulated_in_run``): not a prediction, a split of
 the gap into the step times' level (fit or machine) and the rest (the simulator's).
 
+Calibrated at the rate (``--at-load-requests``, default half of ``--num-requests``): before
+each rate's repeats, held-out requests (the next seed's lengths, arrivals and prompts) are
+served at that rate with the step log on, and the latency model refitted on those steps
+(`calibration.calibrate_at_load`); every repeat is also simulated with it
+(``simulated_at_load``, ``gap_at_load_pp``). A closed-loop profile has other batch shapes,
+idle gaps and load on the other core than a served rate has (1P1D's steps ran 0.85-1.26x
+its instance profile, depending on the rate). It is a prediction: its steps are other
+requests' than the compared runs'.
+
 SLOs and rates adapt to the machine, so that attainment spans ~30-100%: the SLOs are
 multiples of the profile's unloaded step times (``--ttft-scale``, ``--tpot-scale``), and
 each target's rates are multiples (``--load-factors``) of the rate at which its *simulated*
@@ -65,6 +74,7 @@ from distserve_rt.benchmarks.sim_vs_runtime import (
 from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
     Calibration,
     calibrate,
+    calibrate_at_load,
     kv_transfer_from_bench,
     load_profiles,
     measure_hops,
@@ -162,6 +172,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--probe-repeats", type=int, default=20, help="drift probe repeats (median)")
     p.add_argument(
+        "--at-load-requests",
+        type=int,
+        help="requests of the calibration at each rate (held-out lengths, arrivals and "
+        "prompts served at that rate before its repeats; each repeat is also simulated with "
+        "the model fitted on those steps); default: half of --num-requests; 0: none",
+    )
+    p.add_argument(
         "--transfer-results",
         default=str(RESULTS / "transfer_cpu.json"),
         help="transfer_suite.py results: the 1P1D simulator's KV transfer cost",
@@ -182,6 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         for key, value in QUICK.items():
             if getattr(args, key) == p.get_default(key):
                 setattr(args, key, value)
+    if args.at_load_requests is None:
+        args.at_load_requests = args.num_requests // 2
+    if args.at_load_requests < 0:
+        p.error(f"--at-load-requests must be >= 0, got {args.at_load_requests}")
     keys = ("threads", "num_requests", "repeats", "profile_repeats", "profile_steps")
     for key in (*keys, "probe_repeats"):
         if getattr(args, key) < 1:
@@ -361,14 +382,8 @@ def make_targets(args, max_model_len: int, kv_transfer: KVTransferSpec) -> list[
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    (p_lo, p_hi), (o_lo, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
-    max_model_len = p_hi + o_hi
-    workload = Workload.synthetic(
-        args.num_requests,
-        LengthDist("uniform", low=p_lo, high=p_hi),
-        LengthDist("uniform", low=o_lo, high=o_hi),
-        seed=args.seed,
-    )
+    max_model_len = _range(args.prompt_lens)[1] + _range(args.output_lens)[1]
+    workload = Workload.synthetic(args.num_requests, *_length_dists(args), seed=args.seed)
     gaps = np.cumsum(unit_interarrivals(args.num_requests, seed=args.seed))
     model, config = load_model(MODEL)
     bytes_per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * 4
@@ -419,8 +434,8 @@ def main(argv=None) -> int:
             summaries.append({"target": target.name, "rate": rate, **summarize_repeats(same)})
         # Saved after every target: a long run stopped later keeps what it measured.
         _save(
-            args, workload, slo, targets, cals, ctx.instance_cals, probe, repeats, summaries,
-            skipped,
+            args, workload, slo, targets, cals, ctx.instance_cals, ctx.at_load_cals, probe,
+            repeats, summaries, skipped,
         )  # fmt: skip
     return 0 if summaries and not skipped else 1
 
@@ -448,6 +463,8 @@ class Context:
     probe_timer: RunnerStepTimer
     instance_cals: dict[str, Calibration] = field(default_factory=dict)
     """1P1D's calibration from its running instances (`--no-instance-profile`: none)."""
+    at_load_cals: dict[str, Calibration] = field(default_factory=dict)
+    """``target@rate`` -> its calibration at that rate (`--at-load-requests`)."""
 
 
 def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target, list[dict]]:
@@ -473,9 +490,11 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
         rows = []
         for rate in rates:
             arrival = ctx.gaps / rate
+            at_load = _calibrate_at_load(ctx, engine, target, cal, rate)
             run = RunSpec(
-                target, cal, rate, arrival, ctx.workload, ctx.slo, args.threads, args.seed
-            )
+                target, cal, rate, arrival, ctx.workload, ctx.slo, args.threads, args.seed,
+                at_load=at_load,
+            )  # fmt: skip
             # Each repeat draws its own step-time noise, as each served run has its own.
             rows += [
                 {"target": target.name, "rate": rate, "repeat": r,
@@ -490,6 +509,31 @@ def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target,
         engine.shutdown()
 
 
+def _calibrate_at_load(ctx: Context, engine, target: Target, cal: Calibration, rate: float):
+    """``cal`` refitted on the engine's steps serving held-out requests (the next seed's
+    lengths, arrivals and prompts) at ``rate``; None with ``--at-load-requests 0``."""
+    args = ctx.args
+    n = args.at_load_requests
+    if n == 0:
+        return None
+    seed = args.seed + 1  # never the compared runs' requests
+    held_out = Workload.synthetic(n, *_length_dists(args), seed=seed)
+    arrival = np.cumsum(unit_interarrivals(n, seed=seed)) / rate
+    desc = f"{target.name} calibration @ {rate:g} req/s"
+    with tqdm(total=n, desc=desc, unit="req", leave=False) as bar:
+        at_load = calibrate_at_load(
+            engine, cal, arrival, held_out, seed=seed, hardware=hardware_name("cpu"),
+            progress=bar.update,
+        )  # fmt: skip
+    ctx.at_load_cals[f"{target.name}@{rate:g}"] = at_load
+    return at_load
+
+
+def _length_dists(args) -> tuple[LengthDist, LengthDist]:
+    (p_lo, p_hi), (o_lo, o_hi) = _range(args.prompt_lens), _range(args.output_lens)
+    return LengthDist("uniform", low=p_lo, high=p_hi), LengthDist("uniform", low=o_lo, high=o_hi)
+
+
 def _line(s) -> str:
     rt, sim = s["runtime_attainment"], s["simulated_attainment"]
     return (
@@ -499,11 +543,22 @@ def _line(s) -> str:
         f"{s['simulated_rescaled_attainment']['mean']:6.1%} (gap {s['gap_rescaled_pp']:+5.1f} pp)"
         f"  drift p {s['drift_prefill']['mean']:.2f} d {s['drift_decode']['mean']:.2f}"
         + (f"  in-run gap {s['gap_in_run_pp']:+5.1f} pp" if "gap_in_run_pp" in s else "")
+        + (f"  at-load gap {s['gap_at_load_pp']:+5.1f} pp" if "gap_at_load_pp" in s else "")
     )
 
 
 def _save(
-    args, workload, slo, targets, cals, instance_cals, probe, repeats, summaries, skipped
+    args,
+    workload,
+    slo,
+    targets,
+    cals,
+    instance_cals,
+    at_load_cals,
+    probe,
+    repeats,
+    summaries,
+    skipped,
 ) -> None:
     payload = {
         "benchmark": "sim_vs_runtime",
@@ -530,6 +585,11 @@ def _save(
         "max_abs_gap_in_run_pp": max(
             (abs(s["gap_in_run_pp"]) for s in summaries if "gap_in_run_pp" in s), default=None
         ),
+        "max_abs_gap_at_load_pp": max(
+            (abs(s["gap_at_load_pp"]) for s in summaries if "gap_at_load_pp" in s), default=None
+        ),
+        "at_load_requests": args.at_load_requests,
+        "at_load_profiles": {k: c.describe() for k, c in at_load_cals.items()},
         "skipped_targets": skipped,
         "summaries": summaries,
         "repeats": repeats,

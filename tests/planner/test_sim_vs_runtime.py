@@ -660,3 +660,45 @@ def test_driven_simulators_charge_the_wake_up_after_idling(placement):
     fast = default_simulator(setup, "fast")
     with pytest.raises(ValueError, match="wake must be None for the fast simulators"):
         fast(setup, latency, np.zeros(2), workload, wake=wake)
+
+
+def test_calibrate_at_load_refits_on_the_steps_served_at_the_rate():
+    """The calibration at a rate is fitted on the engine's own steps serving held-out
+    requests at that rate: a profile that says steps take a second is replaced by the
+    engine's real (millisecond) steps, with no wake-up cost on top (it is in the fit)."""
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import (
+        Calibration,
+        calibrate_at_load,
+    )
+    from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty
+    from distserve_rt.planner.profiles import ProfileSet
+
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 96, 8, 96, 8 * 96)
+    engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
+    wrong = Calibration(
+        1, ProfileSet("cpu", []), ConstantLatencyModel(1.0, 1.0), ProbeTimes(1.0, 1.0), "t",
+        wake=WakePenalty((0.0, 1.0), (0.0, 1.0)),
+    )  # fmt: skip
+    rng = np.random.default_rng(3)
+    held_out = Workload("h", rng.integers(8, 64, 40), rng.integers(2, 12, 40))
+    arrival = np.cumsum(rng.exponential(0.01, 40))
+    try:
+        cal = calibrate_at_load(engine, wrong, arrival, held_out, seed=1, hardware="cpu")
+    finally:
+        engine.shutdown()
+    m = cal.profile.measurement
+    assert m["mode"] == "at_load" and m["num_requests"] == 40 and m["rate"] > 0
+    assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
+    assert cal.wake is None and cal.noise is None  # the noise stays off when cal had none
+    assert cal.probe_reference == wrong.probe_reference
+    assert 0 < cal.latency.decode_s(4, 4 * 40) < 0.1  # the engine's steps, not 1 s
+    assert 0 < cal.latency.prefill_s(32, 32 * 32) < 0.1
+
+
+def test_summarize_repeats_gap_at_load_only_when_every_repeat_has_it():
+    row = {"attainment": 0.5}
+    base = {"runtime": {"attainment": 0.9}, "simulated": row, "simulated_rescaled": row,
+            "drift_ratio": {"prefill_ms": 1.0, "decode_ms": 1.0}}  # fmt: skip
+    both = [{**base, "simulated_at_load": {"attainment": 0.8}}] * 2
+    assert summarize_repeats(both)["gap_at_load_pp"] == pytest.approx(10.0)
+    assert "gap_at_load_pp" not in summarize_repeats([both[0], base])

@@ -170,6 +170,56 @@ def _profile_running(
     )
 
 
+def calibrate_at_load(
+    engine,
+    cal: Calibration,
+    arrival: np.ndarray,
+    workload,
+    *,
+    seed: int,
+    hardware: str,
+    progress=None,
+) -> Calibration:
+    """``cal`` refitted on ``engine``'s own steps while it serves ``workload`` (held-out
+    requests: other lengths, arrivals and prompt tokens than the compared runs') at
+    ``arrival``, the rate a run is compared at: the batch shapes, idle gaps and the other
+    instance's load are those of that rate, which a closed-loop profile does not have
+    (1P1D's decode steps ran 0.85-1.02x its instance profile depending on the rate, its
+    prefill steps 1.06-1.26x; bench/README.md). The steps after an idle wait are in the
+    fit and its noise, so no wake-up cost is added on top (``wake`` None). The drift-probe
+    reference stays ``cal``'s: the probe compares the machine with the first profile."""
+    from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
+    from distserve_rt.planner.profiler import fit_engine_profile
+
+    log = engine.enable_step_log(1 << 24)
+    try:
+        replay(engine, arrival, workload, seed=seed, progress=progress)
+    finally:
+        records = log.records()
+        engine.disable_step_log()
+    rate = (len(arrival) - 1) / float(arrival[-1] - arrival[0]) if len(arrival) > 1 else 0.0
+    kinds = [r.shape.kind for r in records]
+    measurement = {
+        "device": "cpu",
+        "mode": "at_load",
+        "threads": cal.threads,
+        "includes": ["schedule", "execute", "postprocess"],
+        "num_requests": int(workload.num_requests),
+        "rate": rate,
+        "seed": seed,
+        "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
+    }
+    model = engine.model_config
+    profile = fit_engine_profile(
+        records, model, hardware=hardware, source="sim_vs_runtime steps served at the rate",
+        measurement=measurement,
+    )  # fmt: skip
+    return dataclasses.replace(
+        cal, profile=profile, latency=profile.latency_model(model, 1),
+        noise=profile.step_noise(model, 1) if cal.noise is not None else None, wake=None,
+    )  # fmt: skip
+
+
 def wake_from_profile(profile: ProfileSet) -> WakePenalty | None:
     """The wake-up penalty ``profile_engine`` measured (None: a profile without one)."""
     raw = profile.measurement.get("wake_penalty")

@@ -1,6 +1,7 @@
 """The picture: SLO attainment vs rate, one panel per target, the runtime's mean over the
-repeats with its min-max range against the simulator (as profiled, drift-rescaled, and at
-the speed the run's own steps had where the run logged them)."""
+repeats with its min-max range against the simulator (as profiled, drift-rescaled,
+calibrated at each rate on held-out requests, and at the speed the run's own steps had
+where the run logged them)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ def plot_attainment(summaries: list[dict], title: str, path: Path) -> Path:
             ("simulated_attainment", "--o", "C0", "simulated"),
             ("simulated_rescaled_attainment", ":^", "C1", "simulated, drift-rescaled"),
             ("simulated_in_run_attainment", "-.v", "C2", "simulated at the run's step speed"),
+            ("simulated_at_load_attainment", "-D", "C3", "simulated, calibrated at the rate"),
         ):
             if all(key in s for s in rows):
                 means = [100 * s[key]["mean"] for s in rows]

@@ -15,6 +15,12 @@ IN_RUN = "simulated_in_run"
 """The row a repeat with a step log also holds: simulated at its own steps' speed
 (`runs.in_run_simulation`)."""
 
+AT_LOAD = "simulated_at_load"
+"""The row of a repeat calibrated at its rate: simulated with the latency model fitted on
+the engine's steps serving held-out requests at that rate (`calibration.calibrate_at_load`)."""
+
+OPTIONAL_SIDES = {IN_RUN: "gap_in_run_pp", AT_LOAD: "gap_at_load_pp"}
+
 
 def spread(values: Sequence[float]) -> dict[str, float]:
     """Mean, min, max and sample std (0 for one value) of ``values``."""
@@ -36,10 +42,12 @@ def summarize_repeats(repeats: Sequence[dict]) -> dict[str, object]:
     Returns each side's attainment spread, the drift ratios' spread, and the gaps in points
     between the runtime's mean and each simulated mean (``gap_pp``: with the profile as
     measured; ``gap_rescaled_pp``: with the drift taken out; ``gap_in_run_pp``, when every
-    repeat has an `IN_RUN` row: at the speed the runs' steps had).
+    repeat has an `IN_RUN` row: at the speed the runs' steps had; ``gap_at_load_pp``, when
+    every repeat has an `AT_LOAD` row: calibrated at the rate on held-out requests).
     """
     out: dict[str, object] = {"num_repeats": len(repeats)}
-    sides = (*SIDES, IN_RUN) if all(IN_RUN in r for r in repeats) else SIDES
+    optional = [side for side in OPTIONAL_SIDES if all(side in r for r in repeats)]
+    sides = (*SIDES, *optional)
     for side in sides:
         out[f"{side}_attainment"] = spread([r[side]["attainment"] for r in repeats])
     for key in ("prefill_ms", "decode_ms"):
@@ -49,6 +57,7 @@ def summarize_repeats(repeats: Sequence[dict]) -> dict[str, object]:
     out["gap_rescaled_pp"] = 100 * (
         runtime - out["simulated_rescaled_attainment"]["mean"]  # type: ignore[index]
     )
-    if IN_RUN in sides:
-        out["gap_in_run_pp"] = 100 * (runtime - out[f"{IN_RUN}_attainment"]["mean"])  # type: ignore[index]
+    for side in optional:
+        simulated = out[f"{side}_attainment"]["mean"]  # type: ignore[index]
+        out[OPTIONAL_SIDES[side]] = 100 * (runtime - simulated)
     return out

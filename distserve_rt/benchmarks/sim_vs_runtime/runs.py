@@ -39,6 +39,9 @@ class RunSpec:
     """Prompt tokens."""
     noise_seed: int = 0
     """The simulated step-time noise's draws (a repeat's own: repeats differ as runs do)."""
+    at_load: Calibration | None = None
+    """Refitted on the engine's steps at this rate on held-out requests
+    (`calibration.calibrate_at_load`): each repeat is also simulated with it."""
 
 
 def one_run(
@@ -79,7 +82,16 @@ def one_run(
         "simulated": simulated.row(run.slo),
         "simulated_rescaled": rescaled.row(run.slo),
         **({} if in_run is None else {"simulated_in_run": in_run.row(run.slo)}),
+        **({} if run.at_load is None else {"simulated_at_load": _at_load(run).row(run.slo)}),
     }
+
+
+def _at_load(run: RunSpec):
+    """The same requests simulated with the calibration fitted at this rate (a prediction:
+    its steps came from other requests than these)."""
+    cal = run.at_load
+    kw = {"noise": cal.noise, "seed": run.noise_seed, "wake": cal.wake}
+    return run.target.simulate(run.target.setup, cal.latency, run.arrival, run.workload, **kw)
 
 
 def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
