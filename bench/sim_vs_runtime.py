@@ -295,7 +295,7 @@ def instance_calibration(args, engine, cal: Calibration) -> Calibration:
         progress=lambda steps: tqdm(steps, desc=desc, unit="step"),
     )
     driven = args.simulator == "driven"
-    noise = profile.step_noise(config, 1) if driven else None
+    noise = profile.step_noise_by_kind(config, 1) if driven else None
     wake = wake_from_profile(profile) if driven and not args.no_wake else None
     return replace(
         cal, profile=profile, latency=profile.latency_model(config, 1), noise=noise,
@@ -325,7 +325,7 @@ def calibrations(args, model, config, thread_counts, probe, probe_timer, max_mod
         cal = calibrate(profile, latency, threads, probe, timer)
         # An isolated profile has no noise: its simulation stays deterministic.
         driven = args.simulator == "driven"
-        noise = profile.step_noise(config, 1) if driven else None
+        noise = profile.step_noise_by_kind(config, 1) if driven else None
         wake = wake_from_profile(profile) if driven and not args.no_wake else None
         out[threads] = replace(cal, noise=noise, wake=wake)
     return out

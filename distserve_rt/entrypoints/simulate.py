@@ -252,13 +252,13 @@ def _requests(args) -> tuple[Workload, list[tuple[float | None, np.ndarray | Non
 
 
 def _step_noise(args, simulator: str, profile, model):
-    """The profile's measured step-time spread (`StepTimeNoise`) for the scheduler-driven
-    simulator, or None: off by flag, the fast simulator (closed-form steps), or a profile
-    that measured none (DistServe's fits, isolated-step profiles)."""
+    """The profile's measured step-time spread per step kind (`KindNoise`) for the
+    scheduler-driven simulator, or None: off by flag, the fast simulator (closed-form
+    steps), or a profile that measured none (DistServe's fits, isolated-step profiles)."""
     if simulator != "scheduler" or args.no_step_noise:
         return None
     tps = [args.prefill_tp] if args.placement == "colocated" else [args.prefill_tp, args.decode_tp]
-    return next((n for tp in tps if (n := profile.step_noise(model, tp)) is not None), None)
+    return next((n for tp in tps if (n := profile.step_noise_by_kind(model, tp)) is not None), None)
 
 
 def _simulate(

@@ -52,7 +52,7 @@ from distserve_rt.planner.latency_model import (
     LatencyModel,
 )
 from distserve_rt.planner.profile_fit import FitError, fit_analytic_form
-from distserve_rt.planner.step_noise import StepTimeNoise
+from distserve_rt.planner.step_noise import KindNoise, StepTimeNoise
 from distserve_rt.workloads.datasets import data_path
 
 logger = init_logger(__name__)
@@ -142,6 +142,16 @@ class ProfileSet:
         name = model if isinstance(model, str) else model.name
         entry = self.find(name, tp)
         return None if entry is None else entry.step_noise.get(kind)
+
+    def step_noise_by_kind(self, model: str | ModelConfig, tp: int) -> KindNoise | None:
+        """The measured noise of (model, tp) per step kind (`KindNoise`: each simulated
+        step draws from its own kind's distribution); None as `step_noise`."""
+        name = model if isinstance(model, str) else model.name
+        entry = self.find(name, tp)
+        if entry is None or "all" not in entry.step_noise:
+            return None
+        kinds = {k: v for k, v in entry.step_noise.items() if k != "all"}
+        return KindNoise(kinds, entry.step_noise["all"])
 
     def check_use(self, *, dtype: str | None = None, hardware: str | None = None) -> list[str]:
         """Warns (once per mismatch) when the plan's ``dtype`` or ``hardware`` is not what the

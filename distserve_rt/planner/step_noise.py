@@ -166,3 +166,42 @@ def fit_autocorrelation(ratios: np.ndarray, block: int = CORRELATION_BLOCK_STEPS
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if block_mean_variance_ratio(mid, block) < target else (lo, mid)
     return (lo + hi) / 2
+
+
+@dataclass(frozen=True, slots=True)
+class KindNoise:
+    """Step-time noise per step kind ("prefill", "decode", "mixed"): a step draws from its
+    own kind's measured distribution (``fallback``, the noise of every step, for a kind the
+    profile has none of). One noise for every kind lends one kind's tail to another: a
+    1P1D profile's prefills after an idle wait (3.5x the fit) made the simulated decode
+    instance's steps slow where its measured decodes never were."""
+
+    by_kind: dict[str, StepTimeNoise]
+    fallback: StepTimeNoise
+
+    def for_kind(self, kind: str) -> StepTimeNoise:
+        return self.by_kind.get(kind, self.fallback)
+
+    def sample(self, rng: np.random.Generator, kind: str = "all") -> float:
+        """One independent factor of a ``kind`` step (`process` for correlated draws)."""
+        return self.for_kind(kind).sample(rng)
+
+    def process(self) -> KindDraws:
+        return KindDraws(self)
+
+
+class KindDraws:
+    """One instance's consecutive factors per step kind: each kind its own sampler
+    (`StepTimeNoise.process`), made at its first step."""
+
+    __slots__ = ("noise", "samplers")
+
+    def __init__(self, noise: KindNoise) -> None:
+        self.noise = noise
+        self.samplers: dict[str, StepTimeNoise | CorrelatedDraws] = {}
+
+    def sample(self, rng: np.random.Generator, kind: str = "all") -> float:
+        sampler = self.samplers.get(kind)
+        if sampler is None:
+            sampler = self.samplers[kind] = self.noise.for_kind(kind).process()
+        return sampler.sample(rng)

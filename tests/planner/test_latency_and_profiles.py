@@ -162,6 +162,9 @@ def test_engine_profile_round_trips_and_gives_back_its_noise(tmp_path):
     decode = again.step_noise(get_preset("llama-tiny"), 1, "decode")
     assert decode.quantiles == noise.quantiles and decode.autocorrelation == 0.6
     assert again.step_noise("llama-tiny", 1, "mixed") is None
+    by_kind = again.step_noise_by_kind("llama-tiny", 1)
+    assert by_kind.for_kind("decode") == decode and by_kind.for_kind("mixed") == noise
+    assert load_profile("a100-80g-distserve").step_noise_by_kind("opt-13b", 1) is None
     assert again.step_noise("opt-13b", 1) is None
     assert load_profile("a100-80g-distserve").step_noise("opt-13b", 1) is None
 

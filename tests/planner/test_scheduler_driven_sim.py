@@ -310,3 +310,26 @@ def test_random_tight_pools_never_stall_and_conserve_blocks(seed):
     assert np.isfinite(res.finish).any()
     for bm in dis.block_managers:
         assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_kind_noise_draws_each_step_from_its_own_kinds_distribution():
+    """A profile's noise per step kind: prefill steps scaled by the prefill table, decode
+    steps by the decode one (a prefill tail must not slow simulated decodes)."""
+    from distserve_rt.planner.step_noise import KindNoise, StepTimeNoise
+
+    noise = KindNoise(
+        {"prefill": StepTimeNoise((3.0, 3.0)), "decode": StepTimeNoise((0.5, 0.5))},
+        StepTimeNoise((100.0, 100.0)),
+    )
+    spec = replace(CONST, max_batch_tokens=2048)
+    arrival, prompt, out = np.array([0.0]), np.array([16]), np.array([5])
+    got = SchedulerDrivenColocated(spec, "continuous_batching", noise=noise).run(
+        arrival, prompt, out
+    )
+    assert got.ttft[0] == pytest.approx(3.0 * PREFILL_S)
+    assert got.tpot[0] == pytest.approx(0.5 * DECODE_S)
+    # A kind the profile has no table for (mixed steps here) draws from the fallback.
+    assert noise.for_kind("mixed").quantiles == (100.0, 100.0)
+    # Correlated tables keep one process per kind and instance: a seed reproduces a run.
+    correlated = KindNoise({"decode": StepTimeNoise((0.5, 1.5), 0.9)}, StepTimeNoise((1.0, 1.0)))
+    np.testing.assert_array_equal(_noisy(3, correlated).finish, _noisy(3, correlated).finish)

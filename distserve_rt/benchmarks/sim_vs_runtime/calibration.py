@@ -63,12 +63,28 @@ class Calibration:
             "measurement_threads": self.profile.measurement.get("threads"),
             "drift_probe_reference": self.probe_reference.to_dict(),
             "drift_probe_reference_source": self.reference_source,
-            "step_noise": None if self.noise is None else getattr(self.noise, "quantiles", None),
-            "step_noise_autocorrelation": getattr(self.noise, "autocorrelation", None),
+            **_describe_noise(self.noise),
             "wake_penalty": None if self.wake is None else self.wake.to_dict(),
             # The whole profile (samples included): --profile can reuse it after extraction.
             "profile": self.profile.to_dict(),
         }
+
+
+def _describe_noise(noise) -> dict[str, object]:
+    """Quantiles and autocorrelation of ``noise``: one table, or one per step kind."""
+    if noise is None:
+        return {"step_noise": None, "step_noise_autocorrelation": None}
+    by_kind = getattr(noise, "by_kind", None)
+    if by_kind is None:
+        return {
+            "step_noise": getattr(noise, "quantiles", None),
+            "step_noise_autocorrelation": getattr(noise, "autocorrelation", None),
+        }
+    kinds = {**by_kind, "all": noise.fallback}
+    return {
+        "step_noise": {k: list(n.quantiles) for k, n in kinds.items()},
+        "step_noise_autocorrelation": {k: n.autocorrelation for k, n in kinds.items()},
+    }
 
 
 def calibrate(
@@ -216,7 +232,7 @@ def calibrate_at_load(
     )  # fmt: skip
     return dataclasses.replace(
         cal, profile=profile, latency=profile.latency_model(model, 1),
-        noise=profile.step_noise(model, 1) if cal.noise is not None else None, wake=None,
+        noise=profile.step_noise_by_kind(model, 1) if cal.noise is not None else None, wake=None,
     )  # fmt: skip
 
 

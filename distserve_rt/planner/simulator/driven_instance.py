@@ -48,6 +48,10 @@ class StepNoise(Protocol):
     def sample(self, rng: np.random.Generator) -> float: ...
 
 
+# A noise with ``for_kind`` (`step_noise.KindNoise`) is sampled as ``sample(rng, kind)``, the
+# step's kind ("prefill", "decode", "mixed"): each kind draws from its own distribution.
+
+
 def check_pp1(spec: SimInstanceSpec, role: str) -> None:
     if spec.parallelism.pp_size != 1:
         raise NotImplementedError(
@@ -140,7 +144,7 @@ class StepClock:
     plus ``wake(idle_s)`` for a step that starts after the instance idled ``idle_s``
     (a thread pool woken from sleep runs its first step slower: measured, not fitted)."""
 
-    __slots__ = ("latency", "noise", "rng", "wake", "last_end")
+    __slots__ = ("latency", "noise", "rng", "wake", "last_end", "by_kind")
 
     def __init__(
         self,
@@ -153,6 +157,8 @@ class StepClock:
         # One sampler per instance: its slow stretches are its own (see StepNoise).
         process = getattr(noise, "process", None)
         self.noise = process() if process is not None else noise
+        self.by_kind = getattr(noise, "for_kind", None) is not None
+        """The noise draws per step kind (`step_noise.KindNoise`): ``sample(rng, kind)``."""
         self.rng = rng
         self.wake = wake
         self.last_end = -math.inf
@@ -164,7 +170,10 @@ class StepClock:
         Σ seq_lens (each including its new token). ``now`` None: no wake-up cost."""
         t = self._model_s(out)
         if self.noise is not None:
-            factor = self.noise.sample(self.rng)
+            if self.by_kind:
+                factor = self.noise.sample(self.rng, _kind(out))
+            else:
+                factor = self.noise.sample(self.rng)
             if not (factor > 0 and math.isfinite(factor)):
                 raise ValueError(f"noise.sample must return a finite factor > 0, got {factor!r}")
             t *= factor
@@ -186,6 +195,13 @@ class StepClock:
                 return lat.mixed_s(num_tokens, sum_sq, num_decodes, num_ctx)
             return lat.prefill_s(num_tokens, sum_sq)
         return lat.decode_s(num_decodes, int(out.decode_seq_lens.sum()))
+
+
+def _kind(out: SchedulerOutput) -> str:
+    """The step's kind as the engine's step log names it (`engine.step_log.StepShape`)."""
+    if out.prefills:
+        return "mixed" if out.decodes else "prefill"
+    return "decode"
 
 
 def next_batch(sched: Scheduler, now: float) -> tuple[SchedulerOutput, list[Request], int]:
