@@ -172,9 +172,9 @@ def fit_autocorrelation(ratios: np.ndarray, block: int = CORRELATION_BLOCK_STEPS
 class KindNoise:
     """Step-time noise per step kind ("prefill", "decode", "mixed"): a step draws from its
     own kind's measured distribution (``fallback``, the noise of every step, for a kind the
-    profile has none of). One noise for every kind lends one kind's tail to another: a
-    1P1D profile's prefills after an idle wait (3.5x the fit) made the simulated decode
-    instance's steps slow where its measured decodes never were."""
+    profile has none of). One noise for every kind lends one kind's tail to another: in a
+    1P1D instance profile, prefills after an idle wait reached 3.5x the fit, its decodes
+    2.1x; with one table the simulated decode steps drew from both."""
 
     by_kind: dict[str, StepTimeNoise]
     fallback: StepTimeNoise
