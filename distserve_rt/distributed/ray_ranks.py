@@ -136,6 +136,7 @@ class RayRankStarter(RankStarter):
             )
         self.ray_ranks: list[RayRank] = []
         self._spawned: list[RankProcess] = []
+        self._actors: list[Any] = []
         self.rank_node_ips: list[str] = []
         """Where each rank runs, rank order (a Ray rank's as its actor reported it)."""
 
@@ -151,6 +152,7 @@ class RayRankStarter(RankStarter):
         listener = Listener((self.rendezvous_host, 0), authkey=authkey)
         try:
             actors = {rank: self._actor(rank) for rank in remote}
+            self._actors = list(actors.values())  # killed by `close`, even before `run`
             described = ray.get([a.describe.remote() for a in actors.values()], timeout=60)
             for (rank, actor), (pid, node_ip) in zip(actors.items(), described, strict=True):
                 run_ref = actor.run.remote(
@@ -233,7 +235,7 @@ class RayRankStarter(RankStarter):
                 proc.kill()
         if not ray_cluster.import_ray().is_initialized():  # its actors died with Ray
             return
-        for rank in self.ray_ranks:
+        for actor in self._actors:
             # Its node may be gone: then so is the actor.
             with contextlib.suppress(Exception):
-                rank.kill()
+                ray_cluster.import_ray().kill(actor, no_restart=True)

@@ -92,9 +92,9 @@ def test_pp_stages_on_two_nodes_then_a_remote_rank_dies(fake_cluster):
 
 
 def _spanning_prefill(fake_cluster) -> tuple[Placement, DisaggConfig]:
-    placement = Placement.disaggregated(PhaseConfig(tp=1, pp=2), PhaseConfig())
+    placement = Placement.disaggregated(PhaseConfig(tp=1, pp=2), PhaseConfig(tp=1, pp=2))
     config = DisaggConfig(
-        launcher="ray", ray_address=fake_cluster.address, instance_nodes=((0, 1), 1),
+        launcher="ray", ray_address=fake_cluster.address, instance_nodes=((0, 1), (1, 0)),
         placement_timeout_s=20, startup_timeout_s=60,
     )  # fmt: skip
     return placement, config
@@ -114,8 +114,9 @@ def _remote_rank_actor(instance: str):
 
 
 def test_prefill_spanning_nodes_serves_then_its_remote_rank_dies(fake_cluster, single_machine):
-    """Prefill TP=1 x PP=2 with stage 0 on node 0 and stage 1 on node 1, decode on node 1:
-    KV pulled through nixl (a spanning end), greedy tokens of the single-machine run.
+    """Prefill TP=1 x PP=2 with stage 0 on node 0 and stage 1 on node 1, decode TP=1 x
+    PP=2 the other way round: KV pulled through nixl (spanning ends) by each decode rank,
+    greedy tokens of the single-machine run.
     Then stage 1's rank is killed mid-load: the prefill instance dies by the existing
     rules, every request ends (the prefill's own fail clearly, none hangs)."""
     placement, config = _spanning_prefill(fake_cluster)
@@ -124,7 +125,9 @@ def test_prefill_spanning_nodes_serves_then_its_remote_rank_dies(fake_cluster, s
         assert prefill.stage_nodes == (0, 1) and prefill.node_ip == HEAD_IP
         assert prefill.spec.rank_placement.node_ips == (HEAD_IP, WORKER_IP)
         assert _bundle_nodes(prefill.group.pg) == [HEAD_IP, WORKER_IP]  # rank r: bundle r
+        # The decode instance spans the other way: its actor (stage 0) on node 1.
         assert decode.node_ip == WORKER_IP
+        assert decode.spec.rank_placement.node_ips == (WORKER_IP, HEAD_IP)
         assert (prefill.spec.transport, decode.spec.transport) == ("nixl", "nixl")
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert {k: o.outputs[0].token_ids for k, o in outputs.items()} == single_machine
