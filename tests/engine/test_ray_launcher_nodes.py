@@ -8,7 +8,7 @@ import pytest
 from distserve_rt.config import DisaggConfig
 from distserve_rt.distributed.ray_cluster import ClusterNode
 from distserve_rt.engine.disagg.instance import InstanceRole
-from distserve_rt.engine.disagg.ray_launcher import (
+from distserve_rt.engine.disagg.ray_placement import (
     assign_nodes,
     instance_transports,
     pair_transport,
