@@ -56,10 +56,12 @@ class DisaggConfig:
     placement_timeout_s: float = 60.0
     """launcher="ray": seconds to wait for the cluster to reserve an instance's devices
     (a placement group the cluster cannot hold would wait forever)."""
-    instance_nodes: tuple[int, ...] | None = None
+    instance_nodes: tuple[int | tuple[int, ...], ...] | None = None
     """launcher="ray": the node index (cluster order: head first, then by IP) of each
-    instance, prefill instances first; a placement file's ``nodes``. None: each instance
-    on the first node with room for it."""
+    instance, prefill instances first; a placement file's ``nodes``. An entry may instead
+    list one node per PP stage (an instance spanning nodes; a stage's TP ranks share its
+    node). None: each instance on the first node with room for it, or, when no node has,
+    its stages on the first nodes with room for one stage each."""
     stats_interval_s: float = 0.05
     """Seconds between the instances' load reports."""
     decode_prefix_caching: bool = True
@@ -112,10 +114,15 @@ class DisaggConfig:
         check_range("placement_timeout_s", self.placement_timeout_s, low=0, low_open=True,
                     unit="seconds")  # fmt: skip
         if self.instance_nodes is not None:
-            nodes = tuple(self.instance_nodes)
-            if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in nodes):
+            nodes = tuple(
+                n if isinstance(n, int) else tuple(n) if isinstance(n, (list, tuple)) else n
+                for n in self.instance_nodes
+            )
+            if not all(_is_node(n) or (isinstance(n, tuple) and n and all(map(_is_node, n)))
+                       for n in nodes):  # fmt: skip
                 raise ValueError(
-                    f"instance_nodes must be node indices (ints >= 0), got {self.instance_nodes!r}"
+                    "instance_nodes must give each instance a node index (int >= 0) or a "
+                    f"list of them, one per PP stage; got {self.instance_nodes!r}"
                 )
             object.__setattr__(self, "instance_nodes", nodes)
 
@@ -123,3 +130,7 @@ class DisaggConfig:
         if self.transport != "auto":
             return self.transport
         return "shm" if device == "cpu" else "cuda_ipc"
+
+
+def _is_node(n: object) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 0

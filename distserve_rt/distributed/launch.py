@@ -3,8 +3,15 @@
 Layout: global rank ``pp_rank * tp_size + tp_rank``; the TP group of a stage is its
 ``tp_size`` consecutive ranks; a rank's pipeline neighbours are the same TP rank of the
 previous and next stage. Each process (multiprocessing *spawn*: CUDA and OpenMP do not
-survive fork) runs `init_process_group` (gloo on CPU, NCCL on CUDA, rendezvous over TCP on
-127.0.0.1 at a free port), builds the TP groups, then hands a `RankContext` to the target.
+survive fork) runs `init_process_group` (gloo on CPU, NCCL on CUDA, rendezvous over TCP at
+``tcp://<rendezvous host>:<free port>``, 127.0.0.1 on one machine), builds the TP groups,
+then hands a `RankContext` to the target.
+
+How ranks start is a seam (`RankStarter`): `SpawnRankStarter` spawns every rank here; the
+Ray launcher's `distributed.ray_ranks.RayRankStarter` spawns the ranks of this node and
+starts the others as Ray actors on theirs (an instance whose PP stages span nodes). Either
+way a rank runs `_child_main` and the driver holds a `Connection` and a process-like object
+(`RankProcess`) per rank.
 
 The driver (the engine's process) holds one duplex `Connection` per rank. Workers answer
 with ``("ok", payload)`` or ``("error", traceback)``; the driver always waits on every
@@ -18,6 +25,7 @@ correct but slow. ``pin_cores`` gives each rank its own cores (``os.sched_setaff
 
 from __future__ import annotations
 
+import abc
 import collections
 import contextlib
 import datetime
@@ -29,7 +37,7 @@ import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -126,10 +134,73 @@ def check_world(launch: LaunchConfig) -> None:
         )
 
 
-def free_port() -> int:
+def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+class RankProcess(Protocol):
+    """What the driver needs of a started rank (`multiprocessing.Process` has it all)."""
+
+    pid: int | None
+    exitcode: int | None
+
+    @property
+    def sentinel(self) -> int:
+        """A descriptor that becomes readable when the rank ended (`connection.wait`)."""
+
+    def is_alive(self) -> bool: ...
+
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def kill(self) -> None: ...
+
+
+class RankStarter(abc.ABC):
+    """How the ranks of one `WorkerGroup` start: each runs `_child_main` with the group's
+    ``init_method`` and answers on its end of a duplex `Connection`."""
+
+    rendezvous_host = "127.0.0.1"
+    """Where rank 0 listens for the torch.distributed rendezvous (rank 0 runs here)."""
+
+    @abc.abstractmethod
+    def start(
+        self, launch: LaunchConfig, init_method: str, target: WorkerTarget, args: tuple
+    ) -> list[tuple[Connection, RankProcess]]:
+        """Starts every rank; (driver's connection, process) per rank, rank order. Raises
+        when a rank cannot start (what it started is cleaned up by `close`)."""
+
+    def close(self) -> None:  # noqa: B027 (optional: most starters hold nothing more)
+        """Frees what `start` holds beyond the processes (after they were joined/killed)."""
+
+
+class SpawnRankStarter(RankStarter):
+    """Every rank a spawned child process of the driver, on this machine."""
+
+    def start(
+        self, launch: LaunchConfig, init_method: str, target: WorkerTarget, args: tuple
+    ) -> list[tuple[Connection, RankProcess]]:
+        return [
+            spawn_rank(rank, launch, init_method, target, args) for rank in range(launch.world_size)
+        ]
+
+
+def spawn_rank(
+    rank: int, launch: LaunchConfig, init_method: str, target: WorkerTarget, args: tuple
+) -> tuple[Connection, RankProcess]:
+    """One rank as a spawned daemon process (it never outlives the driver's process)."""
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe(duplex=True)
+    proc = ctx.Process(
+        target=_child_main,
+        args=(rank, launch, init_method, child, target, args),
+        name=f"drt-worker-{rank}",
+        daemon=True,
+    )
+    proc.start()
+    child.close()
+    return parent, proc
 
 
 class WorkerGroup:
@@ -139,32 +210,33 @@ class WorkerGroup:
         launch: sizes, device, threads.
         target: the worker main loop, a module-level function (spawn pickles it by name).
         args: extra picklable arguments of `target`.
+        starter: how the ranks start (None: `SpawnRankStarter`, all on this machine).
     """
 
-    def __init__(self, launch: LaunchConfig, target: WorkerTarget, args: tuple = ()) -> None:
+    def __init__(
+        self,
+        launch: LaunchConfig,
+        target: WorkerTarget,
+        args: tuple = (),
+        starter: RankStarter | None = None,
+    ) -> None:
         check_world(launch)
         self.launch = launch
         self.failed: str | None = None
-        ctx = mp.get_context("spawn")
-        port = free_port()
-        self.conns: list[Connection] = []
+        self._starter = starter or SpawnRankStarter()
+        host = self._starter.rendezvous_host
+        init_method = f"tcp://{host}:{free_port(host)}"
         # Answers read while waiting for another rank, per rank, oldest first.
         self._inboxes: list[collections.deque] = [
             collections.deque() for _ in range(launch.world_size)
         ]
-        self.processes: list[Any] = []
-        for rank in range(launch.world_size):
-            parent, child = ctx.Pipe(duplex=True)
-            proc = ctx.Process(
-                target=_child_main,
-                args=(rank, launch, port, child, target, args),
-                name=f"drt-worker-{rank}",
-                daemon=True,  # never outlives the engine's process
-            )
-            proc.start()
-            child.close()
-            self.conns.append(parent)
-            self.processes.append(proc)
+        try:
+            started = self._starter.start(launch, init_method, target, args)
+        except BaseException:
+            self._starter.close()
+            raise
+        self.conns: list[Connection] = [conn for conn, _ in started]
+        self.processes: list[RankProcess] = [proc for _, proc in started]
 
     @property
     def world_size(self) -> int:
@@ -202,7 +274,9 @@ class WorkerGroup:
         for other, proc in enumerate(self.processes):
             if proc.sentinel in ready and not self.conns[other].poll():
                 proc.join(1.0)
-                self._fail(other, f"exited (exit code {proc.exitcode})")
+                # A Ray rank knows why its actor ended (`ray_ranks.RayRank.death_reason`).
+                why = getattr(proc, "death_reason", None)
+                self._fail(other, why or f"exited (exit code {proc.exitcode})")
 
     def gather(self, timeout_s: float | None = None) -> list[Any]:
         """One answer from every rank, in rank order."""
@@ -246,19 +320,20 @@ class WorkerGroup:
             proc.join(timeout_s)
         for conn in self.conns:
             conn.close()
+        self._starter.close()
 
 
 def _child_main(
     rank: int,
     launch: LaunchConfig,
-    port: int,
+    init_method: str,
     conn: Connection,
     target: WorkerTarget,
     args: tuple,
 ) -> None:
     """Entry point of a worker process: bootstrap, run ``target``, report any error."""
     try:
-        ctx = _bootstrap(rank, launch, port)
+        ctx = _bootstrap(rank, launch, init_method)
     except BaseException:
         conn.send_bytes(pickle.dumps(("error", traceback.format_exc())))
         raise
@@ -273,7 +348,7 @@ def _child_main(
             dist.destroy_process_group()
 
 
-def _bootstrap(rank: int, launch: LaunchConfig, port: int) -> RankContext:
+def _bootstrap(rank: int, launch: LaunchConfig, init_method: str) -> RankContext:
     """Threads, device, process group and TP groups of this rank."""
     tp, pp = launch.tp_size, launch.pp_size
     device = launch.device_of(rank)
@@ -287,7 +362,7 @@ def _bootstrap(rank: int, launch: LaunchConfig, port: int) -> RankContext:
         torch.cuda.set_device(device)
     dist.init_process_group(
         "gloo" if device.type == "cpu" else "nccl",
-        init_method=f"tcp://127.0.0.1:{port}",
+        init_method=init_method,
         rank=rank,
         world_size=launch.world_size,
         timeout=datetime.timedelta(seconds=launch.timeout_s),

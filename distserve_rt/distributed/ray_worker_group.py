@@ -3,9 +3,11 @@ with, and what a TP x PP group spanning nodes is wired on.
 
 One placement group per group of ranks. Each bundle is ``resources`` plus, when the caller
 names a node for it, a sliver of that node's ``node:<ip>`` resource (`ray_cluster`), so the
-bundle lands there. An instance is STRICT_PACK over its tp*pp bundles with bundle 0 pinned:
-every rank on one node. `pg.ready()` is always awaited with a timeout: an infeasible group
-never errors in Ray, it waits forever; here it fails in one line naming what is missing.
+bundle lands there. An instance is STRICT_PACK over its tp*pp bundles with bundle 0 pinned
+(every rank on one node), or, spanning nodes, PACK with every bundle pinned to its PP
+stage's node (`engine.disagg.ray_launcher._place`; its ranks: `ray_ranks`). `pg.ready()`
+is always awaited with a timeout: an infeasible group never errors in Ray, it waits
+forever; here it fails in one line naming what is missing.
 
 Ranks are ordered by node (the nodes' order in `ray_cluster.nodes`, then bundle index), so
 consecutive ranks (a TP group) share a node whenever the bundles allow it.
@@ -91,8 +93,8 @@ class RayWorkerGroup:
         strategy: Ray's placement strategy (STRICT_PACK: one node).
         timeout_s: the wait for the cluster to reserve the bundles.
         num_actors: actors on the first bundles (None: one per bundle). An instance has
-            one (bundle 0): it starts its tp*pp rank processes itself, on the node its
-            STRICT_PACK group reserved for them.
+            one (bundle 0): it starts its tp*pp ranks itself, in the bundles its group
+            reserved for them (spawned on its node, Ray actors on the others').
     """
 
     def __init__(

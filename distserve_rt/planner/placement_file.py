@@ -11,11 +11,15 @@ Schema::
     engine: {max_num_batched_tokens: 512, max_num_seqs: 256, gpu_memory_utilization: 0.9}
     predicted: {...}                    # free-form: the planner's numbers
     nodes: {prefill: [0, 0], decode: [1, 1, 1]}  # node index of each instance (optional)
+    # an instance may list one node per PP stage instead: prefill: [[0, 1]] (spans nodes)
     disagg: {local_prefill_max_tokens: 0, ...}   # routing the plan simulated (optional)
 
 ``nodes`` says where each instance runs (node indices in the cluster's order: the Ray
-head first, then by IP; `drt-run serve --launcher ray` places them there). Each instance
-sits on one node. `assign_nodes` packs them, prefill instances first, when plan writes it.
+head first, then by IP; `drt-run serve --launcher ray` places them there). An entry is the
+node of the whole instance, or a list of one node per PP stage (the instance spans nodes;
+each stage's TP ranks share its node). `assign_nodes` packs whole instances, prefill
+instances first, when plan writes it; it writes none when an instance is larger than a
+node (serve then spreads that instance's stages over the first nodes with room).
 
 ``engine`` holds the `EngineConfig` settings the plan assumed (the prefill batch budget L_m,
 the batch size limit, the fraction of device memory for weights + KV; a multi-turn plan
@@ -82,7 +86,8 @@ class PlacementFile:
     engine: dict = field(default_factory=dict)
     """EngineConfig settings the plan assumed (keys from ENGINE_KEYS)."""
     nodes: dict = field(default_factory=dict)
-    """{"prefill": [node per instance], "decode": [...]} (empty: not named)."""
+    """{"prefill": [node per instance], "decode": [...]} (empty: not named); an instance's
+    entry may be a list of one node per PP stage."""
     disagg: dict = field(default_factory=dict)
     """DisaggConfig routing settings the plan assumed (keys from DISAGG_KEYS; empty: none)."""
 
@@ -104,11 +109,13 @@ class PlacementFile:
         _check_nodes(self)
 
     @property
-    def instance_nodes(self) -> tuple[int, ...] | None:
-        """The node of each instance, prefill instances first (None: not named)."""
+    def instance_nodes(self) -> tuple[int | tuple[int, ...], ...] | None:
+        """The node (or per-stage nodes) of each instance, prefill instances first (None:
+        not named): `DisaggConfig.instance_nodes`."""
         if not self.nodes:
             return None
-        return tuple(self.nodes["prefill"]) + tuple(self.nodes.get("decode") or ())
+        entries = list(self.nodes["prefill"]) + list(self.nodes.get("decode") or ())
+        return tuple(tuple(e) if isinstance(e, list) else e for e in entries)
 
     @property
     def num_devices(self) -> int:
@@ -155,21 +162,29 @@ def _check_nodes(pf: PlacementFile) -> None:
         want = phases[phase].num_instances  # type: ignore[union-attr]
         if not isinstance(indices, list) or len(indices) != want:
             raise ValueError(f"nodes.{phase} must list {want} node indices, got {indices!r}")
-        for node in indices:
-            if isinstance(node, bool) or not isinstance(node, int) or node < 0:
-                raise ValueError(f"nodes.{phase}: node indices are ints >= 0, got {node!r}")
-            if num_nodes and node >= num_nodes:
+        pp = phases[phase].pp  # type: ignore[union-attr]
+        for entry in indices:
+            if isinstance(entry, list) and len(entry) != pp:
                 raise ValueError(
-                    f"nodes.{phase} names node {node}; the cluster has num_nodes={num_nodes}"
+                    f"nodes.{phase}: {entry!r} lists {len(entry)} stage nodes; the phase has "
+                    f"pp={pp}: give one node, or one per stage"
                 )
+            for node in entry if isinstance(entry, list) else [entry]:
+                if isinstance(node, bool) or not isinstance(node, int) or node < 0:
+                    raise ValueError(f"nodes.{phase}: node indices are ints >= 0, got {node!r}")
+                if num_nodes and node >= num_nodes:
+                    raise ValueError(
+                        f"nodes.{phase} names node {node}; the cluster has num_nodes={num_nodes}"
+                    )
 
 
 def assign_nodes(
     prefill: PhasePlacement, decode: PhasePlacement | None, devices_per_node: int
 ) -> dict:
     """Packs whole instances onto nodes, prefill instances first (first node with room):
-    the ``nodes`` entry `drt-run plan` writes. {} when an instance is larger than a node
-    (it would span nodes, which serving does not do)."""
+    the ``nodes`` entry `drt-run plan` writes. {} when an instance is larger than a node:
+    the ray launcher then spreads its PP stages over nodes itself (not yet DistServe's
+    "aligned" placement, which would put each stage's prefill and decode on one node)."""
     free: list[int] = []
     out: dict[str, list[int]] = {}
     for phase, p in (("prefill", prefill), ("decode", decode)):

@@ -25,7 +25,7 @@ import numpy as np
 from distserve_rt.config import EngineConfig
 from distserve_rt.config.parallelism import check_parallel_sizes
 from distserve_rt.core.scheduler import SchedulerConfig, SchedulerOutput
-from distserve_rt.distributed.launch import LaunchConfig, WorkerGroup, WorkerTarget
+from distserve_rt.distributed.launch import LaunchConfig, RankStarter, WorkerGroup, WorkerTarget
 from distserve_rt.models.config import ModelConfig
 from distserve_rt.models.loader import DUMMY_PREFIX, read_hf_config
 from distserve_rt.models.presets import get_preset
@@ -51,6 +51,8 @@ class MultiprocExecutor(Executor):
             seeded request it sampled (`ModelRunnerOutput.generator_states`): a prefill
             instance hands it to the decode instance. Off by default (a few KiB per seeded
             row, which only migrating requests need).
+        starter: how the ranks start (None: spawned on this machine; an instance whose PP
+            stages span Ray nodes passes `distributed.ray_ranks.RayRankStarter`).
 
     Raises ValueError before starting any process when the sizes do not fit the model or
     the machine; `distributed.launch.WorkerFailedError` when a worker fails to start.
@@ -64,6 +66,7 @@ class MultiprocExecutor(Executor):
         target_config: object | None = None,
         *,
         report_generator_states: bool = False,
+        starter: RankStarter | None = None,
     ) -> None:
         tp, pp = config.tensor_parallel_size, config.pipeline_parallel_size
         launch = launch or LaunchConfig(tp_size=tp, pp_size=pp, device=config.device)
@@ -76,7 +79,7 @@ class MultiprocExecutor(Executor):
         check_parallel_sizes(mc.num_heads, mc.num_kv_heads, mc.num_layers, tp, pp)
         self._timeout_s = launch.timeout_s
         args = (config,) if target_config is None else (config, target_config)
-        self._group: WorkerGroup | None = WorkerGroup(launch, target, args)
+        self._group: WorkerGroup | None = WorkerGroup(launch, target, args, starter)
         self.processes = list(self._group.processes)
         """The worker processes, rank order (kept after `shutdown`, to check they exited)."""
         try:

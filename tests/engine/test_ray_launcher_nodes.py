@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
+from distserve_rt.config import DisaggConfig
 from distserve_rt.distributed.ray_cluster import ClusterNode
 from distserve_rt.engine.disagg.instance import InstanceRole
-from distserve_rt.engine.disagg.ray_launcher import (
+from distserve_rt.engine.disagg.ray_placement import (
     assign_nodes,
     instance_transports,
     pair_transport,
@@ -17,25 +18,62 @@ P, D = InstanceRole.PREFILL, InstanceRole.DECODE
 CLUSTER = [ClusterNode("10.0.0.1", "a", 4, 0, True), ClusterNode("10.0.0.2", "b", 4, 0, False)]
 
 
+def _one(*num_ranks: int) -> list[tuple[int, int]]:
+    """TP-only instances of these sizes, as (tp, pp)."""
+    return [(n, 1) for n in num_ranks]
+
+
 def test_first_node_with_room_in_instance_order():
-    assert assign_nodes([2, 2, 1, 3], CLUSTER, None) == [0, 0, 1, 1]
+    assert assign_nodes(_one(2, 2, 1, 3), CLUSTER, None) == [(0,), (0,), (1,), (1,)]
+    # An instance that fits one node keeps all its stages there.
+    assert assign_nodes([(1, 2), (2, 2)], CLUSTER, None) == [(0, 0), (1, 1)]
 
 
 def test_named_nodes_checked_against_the_cluster():
-    assert assign_nodes([2, 1], CLUSTER, (1, 0)) == [1, 0]
+    assert assign_nodes(_one(2, 1), CLUSTER, (1, 0)) == [(1,), (0,)]
     with pytest.raises(ValueError, match=r"names node 2; the cluster has 2"):
-        assign_nodes([1, 1], CLUSTER, (0, 2))
+        assign_nodes(_one(1, 1), CLUSTER, (0, 2))
     with pytest.raises(ValueError, match=r"puts 5 ranks on node 0, which has 4 CPUs"):
-        assign_nodes([3, 2], CLUSTER, (0, 0))
+        assign_nodes(_one(3, 2), CLUSTER, (0, 0))
     with pytest.raises(ValueError, match=r"names 1 instances; the placement has 2"):
-        assign_nodes([1, 1], CLUSTER, (0,))
+        assign_nodes(_one(1, 1), CLUSTER, (0,))
     with pytest.raises(ValueError, match="no room for instance 2"):
-        assign_nodes([4, 4, 1], CLUSTER, None)
+        assign_nodes(_one(4, 4, 1), CLUSTER, None)
 
 
-def test_instance_larger_than_any_node_would_span_nodes():
-    with pytest.raises(NotImplementedError, match="spanning nodes .PP across nodes. is not built"):
-        assign_nodes([8], CLUSTER, None)
+def test_instance_larger_than_any_node_spans_nodes_by_stage():
+    """8 ranks, 4 CPUs per node: PP stages across nodes, each stage's TP group on one."""
+    assert assign_nodes([(4, 2)], CLUSTER, None) == [(0, 1)]
+    assert assign_nodes([(2, 4)], CLUSTER, None) == [(0, 0, 1, 1)]
+    # The room left by earlier instances counts: 3 + 3 ranks, then a PP=2 of 2 CPUs each.
+    assert assign_nodes([(3, 1), (3, 1), (1, 2)], CLUSTER, None) == [(0,), (1,), (0, 1)]
+
+
+def test_a_stage_never_splits_across_nodes():
+    with pytest.raises(ValueError, match=r"tensor_parallel_size=8 ranks must share a node") as e:
+        assign_nodes([(8, 1)], CLUSTER, None)
+    assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match=r"no room for instance 1 \(2 stages of 3 CPUs\)"):
+        assign_nodes([(1, 2), (3, 2)], CLUSTER, None)
+
+
+def test_named_stage_nodes():
+    """instance_nodes entries: a node (every stage there) or one node per stage."""
+    assert assign_nodes([(1, 2), (1, 1)], CLUSTER, ((0, 1), 1)) == [(0, 1), (1,)]
+    assert assign_nodes([(2, 2)], CLUSTER, (1,)) == [(1, 1)]
+    with pytest.raises(ValueError, match=r"gives instance 0 3 stage nodes; it has "
+                       r"pipeline_parallel_size=2: give one node, or one per stage"):  # fmt: skip
+        assign_nodes([(1, 2)], CLUSTER, ((0, 1, 1),))
+    with pytest.raises(ValueError, match=r"puts 6 ranks on node 1, which has 4 CPUs"):
+        assign_nodes([(3, 2)], CLUSTER, ((1, 1),))
+
+
+def test_instance_nodes_config_accepts_stage_lists():
+    assert DisaggConfig(instance_nodes=[[0, 1], 1]).instance_nodes == ((0, 1), 1)
+    with pytest.raises(ValueError, match=r"a list of them, one per PP stage; got \[\[0, -1\]\]"):
+        DisaggConfig(instance_nodes=[[0, -1]])
+    with pytest.raises(ValueError, match="one per PP stage"):
+        DisaggConfig(instance_nodes=[[]])
 
 
 def test_transport_chosen_per_pair_not_per_instance():
@@ -45,3 +83,11 @@ def test_transport_chosen_per_pair_not_per_instance():
     assert instance_transports([P, P, D, D], [0, 1, 0, 1], "auto") == ["shm+nixl"] * 4
     assert instance_transports([P, D], [0, 1], "auto") == ["nixl", "nixl"]
     assert instance_transports([P, D, D], [0, 0, 1], "auto") == ["shm+nixl", "shm", "nixl"]
+
+
+def test_a_pair_with_an_end_spanning_nodes_uses_nixl():
+    """shm only when both ends are wholly on one node: a spanning end has ranks elsewhere."""
+    assert pair_transport((0, 0), (0,), "auto") == "shm"
+    assert pair_transport((0, 1), (0,), "auto") == "nixl"
+    assert pair_transport((0,), (1, 0), "auto") == "nixl"
+    assert instance_transports([P, D, D], [(0, 1), (0,), (1,)], "auto") == ["nixl"] * 3

@@ -38,9 +38,19 @@ def test_nodes_round_trip_and_instance_order():
     assert "nodes" not in placement_from_dict(_file()).to_dict()
 
 
+def test_an_instance_may_list_a_node_per_stage():
+    raw = _file(prefill={"tp": 1, "pp": 2, "num_instances": 1})
+    pf = placement_from_dict(raw | {"nodes": {"prefill": [[0, 1]], "decode": [1, 0]}})
+    assert pf.instance_nodes == ((0, 1), 1, 0)
+    assert placement_from_dict(pf.to_dict()) == pf
+    with pytest.raises(ValueError, match=r"\[0, 1, 1\] lists 3 stage nodes; the phase has pp=2"):
+        placement_from_dict(raw | {"nodes": {"prefill": [[0, 1, 1]], "decode": [1, 0]}})
+
+
 @pytest.mark.parametrize(
     ("nodes", "match"),
     [
+        ({"prefill": [[-1]], "decode": [1, 1]}, "ints >= 0, got -1"),
         ({"prefill": [0]}, "nodes must map each phase"),
         ({"prefill": [0], "decode": [1]}, r"nodes.decode must list 2 node indices, got \[1\]"),
         ({"prefill": [0], "decode": [1, -1]}, "ints >= 0, got -1"),

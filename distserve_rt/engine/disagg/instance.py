@@ -21,6 +21,7 @@ from distserve_rt.core.block_manager import BlockManager
 from distserve_rt.core.kv_cache import KVCacheSpec, allocate_kv_pool
 from distserve_rt.core.request import Request
 from distserve_rt.core.stop_checker import StopChecker
+from distserve_rt.distributed.ray_ranks import RankPlacement
 from distserve_rt.engine.disagg import messages as msg
 from distserve_rt.engine.disagg.devices import make_transport
 from distserve_rt.engine.disagg.faults import FaultPlan, FaultyTransport
@@ -59,6 +60,9 @@ class InstanceSpec:
     fault_plan: FaultPlan | None = None
     """Tests (`faults.py`, thread launcher: the plan is shared, never pickled); None in
     production."""
+    rank_placement: RankPlacement | None = None
+    """launcher="ray", an instance spanning nodes: each rank's node and the placement group
+    its bundles are in (`ray_launcher`); None: every rank spawned on this process's node."""
 
     @property
     def name(self) -> str:
@@ -100,9 +104,14 @@ class Instance(abc.ABC):
             rank_config = KVRankConfig(is_prefill, spec.transport, spec.shares_gpu)
             # A prefill instance's seeded streams live in its sampling worker: it reports
             # them with each first token, so that they migrate (`PrefillDone`).
+            starter = None
+            if spec.rank_placement is not None:
+                from distserve_rt.distributed.ray_ranks import RayRankStarter
+
+                starter = RayRankStarter(spec.rank_placement, spec.name)
             self.executor = MultiprocExecutor(
                 config, target=run_kv_worker, target_config=rank_config,
-                report_generator_states=is_prefill,
+                report_generator_states=is_prefill, starter=starter,
             )  # fmt: skip
         self.model_config = self.executor.model_config
         self.scheduler_config = config.scheduler_config(self.model_config.max_position_embeddings)

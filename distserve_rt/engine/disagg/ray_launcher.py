@@ -1,20 +1,27 @@
 """``launcher="ray"``: each instance is a Ray actor on a cluster node, placed by a
-placement group (STRICT_PACK over its tp*pp ranks, bundle 0 pinned to the node the
-placement names: `distributed.ray_worker_group`).
+placement group (`distributed.ray_worker_group`) that reserves one CPU per rank.
 
 The controller's message protocol is unchanged: the actor connects back to the controller
 with `multiprocessing.connection.Client` over TCP (authenticated with a per-controller
 key), and that `Connection` is what a process instance's pipe is. The actor runs the same
-`run_instance`; a TP x PP instance starts its rank processes on its node, where its
-placement group reserved their CPUs.
+`run_instance`. A TP x PP instance that fits one node starts its rank processes there
+(STRICT_PACK). One that does not, or whose ``instance_nodes`` entry lists a node per stage,
+spans nodes by PP stage (`assign_nodes`, `_place`): its actor runs on stage 0's node,
+spawns the ranks there and starts the other stages' ranks as Ray actors in their bundles
+(`distributed.ray_ranks`); torch.distributed rendezvous at ``tcp://<rank-0 node ip>:port``.
 
 Liveness: a dead actor or a lost node shows as `ActorDiedError` / `ActorUnavailableError`
 on the actor's `run` call (a lost node in ~2 s), or as the connection closing, whichever
 comes first; either feeds the controller's existing death rules (`recovery`), through the
-handle's ``sentinel`` and ``death_reason``.
+handle's ``sentinel`` and ``death_reason``. A spanning instance's rank on another node that
+dies fails the instance's executor (`WorkerFailedError`), so the instance dies by the same
+rules.
 
-KV transport per pair (`transfer.per_pair`): shm when both ends share a node, nixl
-otherwise; an instance with peers of both kinds exports and reads through ``shm+nixl``.
+KV transport per pair (`transfer.per_pair`): shm when both ends are wholly on one node,
+nixl otherwise (different nodes, or either end spanning nodes); an instance with peers of
+both kinds exports and reads through ``shm+nixl``. (DistServe's "aligned" placement, each
+stage's prefill and decode on one node with a local transport per stage, is not built:
+spanning pairs move KV over nixl, correct but not the fastest.)
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ from multiprocessing.connection import Client, Connection, Listener
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.distributed import ray_cluster
+from distserve_rt.distributed.ray_ranks import RankPlacement
 from distserve_rt.distributed.ray_worker_group import RayWorkerGroup
 from distserve_rt.engine.disagg.child import describe_reply
 from distserve_rt.engine.disagg.faults import FaultPlan
@@ -36,6 +44,13 @@ from distserve_rt.engine.disagg.instance import InstanceRole, InstanceSpec, run_
 from distserve_rt.engine.disagg.launcher import instance_specs
 from distserve_rt.engine.disagg.messages import InstanceStatus
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
+from distserve_rt.engine.disagg.ray_placement import (
+    StageNodes,
+    assign_nodes,
+    instance_transports,
+    pair_transport,
+    stage_nodes,
+)
 from distserve_rt.logger import init_logger
 from distserve_rt.transfer.per_pair import select_descriptor
 
@@ -43,79 +58,6 @@ logger = init_logger(__name__)
 
 CONNECT_TIMEOUT_S = 60.0
 """Seconds for every placed actor to start and connect back (after its placement)."""
-
-
-def pair_transport(prefill_node: int, decode_node: int, transport: str) -> str:
-    """The transport one (prefill, decode) pair moves KV through: the configured one, or
-    for "auto" shm on one node and nixl between nodes (never a fallback)."""
-    if transport != "auto":
-        return transport
-    return "shm" if prefill_node == decode_node else "nixl"
-
-
-def instance_transports(roles: list[InstanceRole], nodes: list[int], transport: str) -> list[str]:
-    """Per instance, what it exports (prefill) or reads (decode) through: one transport,
-    or ``shm+nixl`` when its peers are on its node and on others."""
-    names = []
-    for role, node in zip(roles, nodes, strict=True):
-        peers = [n for r, n in zip(roles, nodes, strict=True) if r is not role]
-        used = {
-            pair_transport(node, p, transport) if role is InstanceRole.PREFILL else
-            pair_transport(p, node, transport)
-            for p in peers
-        }  # fmt: skip
-        names.append("+".join(t for t in ("shm", "nixl") if t in used) or "shm")
-    return names
-
-
-def assign_nodes(
-    num_ranks: list[int], cluster: list[ray_cluster.ClusterNode], wanted: tuple[int, ...] | None
-) -> list[int]:
-    """The node index of each instance: `wanted` (a placement file's ``nodes``) checked
-    against the cluster, or the first node with room (CPUs) for each instance in turn."""
-    have = ", ".join(f"node {i}: {n.describe()}" for i, n in enumerate(cluster)) or "no node"
-    biggest = max((n.num_cpus for n in cluster), default=0)
-    for i, need in enumerate(num_ranks):
-        if need > biggest:
-            raise NotImplementedError(
-                f"instance {i} has {need} ranks and no node has {need} CPUs ({have}): an "
-                "instance spanning nodes (PP across nodes) is not built; the launcher "
-                "places each instance's ranks on one node (STRICT_PACK)"
-            )
-    if wanted is not None:
-        if len(wanted) != len(num_ranks):
-            raise ValueError(
-                f"instance_nodes={list(wanted)} names {len(wanted)} instances; the placement "
-                f"has {len(num_ranks)} (prefill instances first)"
-            )
-        for node in wanted:
-            if node >= len(cluster):
-                raise ValueError(
-                    f"instance_nodes={list(wanted)} names node {node}; the cluster has "
-                    f"{len(cluster)} ({have})"
-                )
-        used = [0.0] * len(cluster)
-        for node, need in zip(wanted, num_ranks, strict=True):
-            used[node] += need
-        for node, total in enumerate(used):
-            if total > cluster[node].num_cpus:
-                raise ValueError(
-                    f"instance_nodes={list(wanted)} puts {total:g} ranks on node {node}, which "
-                    f"has {cluster[node].num_cpus:g} CPUs ({have})"
-                )
-        return list(wanted)
-    free = [n.num_cpus for n in cluster]
-    nodes = []
-    for i, need in enumerate(num_ranks):
-        node = next((k for k, f in enumerate(free) if f >= need), None)
-        if node is None:
-            raise ValueError(
-                f"the cluster has no room for instance {i} ({need} CPUs) after the ones "
-                f"before it ({have})"
-            )
-        free[node] -= need
-        nodes.append(node)
-    return nodes
 
 
 class InstanceActor:
@@ -137,12 +79,19 @@ class RayInstanceHandle:
     """The controller's end of one Ray instance: the same surface as `InstanceHandle`."""
 
     def __init__(
-        self, spec: InstanceSpec, group: RayWorkerGroup, node: int, run_ref: object, pid: int
+        self,
+        spec: InstanceSpec,
+        group: RayWorkerGroup,
+        nodes: int | StageNodes,
+        run_ref: object,
+        pid: int,
     ) -> None:
         self.spec = spec
         self.group = group
-        self.node = node
-        """Index of its node in the cluster order."""
+        self.stage_nodes = stage_nodes(nodes)
+        """Index of each PP stage's node in the cluster order (one: on one node)."""
+        self.node = self.stage_nodes[0]
+        """Its actor's (stage 0's) node."""
         self.node_ip = group.node_ips[0]
         self.run_ref = run_ref
         self.conn: Connection | None = None
@@ -253,10 +202,16 @@ def launch_ray_instances(
     ray_cluster.connect(dc.ray_address)
     cluster = ray_cluster.nodes()
     specs = instance_specs(config, placement, dc, "shm")
-    nodes = assign_nodes([s.num_ranks for s in specs], cluster, dc.instance_nodes)
-    names = instance_transports([s.role for s in specs], nodes, dc.transport)
-    if dc.transport == "shm" and "nixl" in "".join(names):
-        raise ValueError("transport='shm' cannot reach across nodes; use 'auto' or 'nixl'")
+    shapes = [(s.engine_config.tensor_parallel_size, s.num_ranks) for s in specs]
+    shapes = [(tp, num_ranks // tp) for tp, num_ranks in shapes]
+    nodes = assign_nodes(shapes, cluster, dc.instance_nodes)
+    roles = [s.role for s in specs]
+    names = instance_transports(roles, nodes, dc.transport)
+    if dc.transport == "shm" and "nixl" in "".join(instance_transports(roles, nodes, "auto")):
+        raise ValueError(
+            "transport='shm' cannot reach across nodes (instances on different nodes, or one "
+            "spanning nodes); use 'auto' or 'nixl'"
+        )
     specs = [
         dataclasses.replace(s, transport=t, cpu_cores=None)
         for s, t in zip(specs, names, strict=True)
@@ -266,22 +221,19 @@ def launch_ray_instances(
     address = (ray_cluster.driver_ip(), listener.address[1])
     handles: list[RayInstanceHandle] = []
     try:
-        for spec, node in zip(specs, nodes, strict=True):
-            pinned = [cluster[node].ip] + [None] * (spec.num_ranks - 1)
-            group = RayWorkerGroup(
-                spec.name, [{"CPU": 1}] * spec.num_ranks, pinned,
-                timeout_s=dc.placement_timeout_s, actor_cls=InstanceActor, num_actors=1,
-            )  # fmt: skip
+        for spec, stages in zip(specs, nodes, strict=True):
+            group, spec = _place(spec, [cluster[n].ip for n in stages], dc)
             actor = group.actors[0]
             # Before `run`: an actor runs its calls in order, and `run` lasts its lifetime.
             pid = ray.get(actor.pid.remote(), timeout=CONNECT_TIMEOUT_S)
             run_ref = actor.run.remote(spec, address, authkey)
-            handles.append(RayInstanceHandle(spec, group, node, run_ref, pid))
+            handles.append(RayInstanceHandle(spec, group, stages, run_ref, pid))
         prefills = [h for h in handles if h.role is InstanceRole.PREFILL]
         for h in handles:
             if h.role is InstanceRole.DECODE:
                 h.pair_transports = {
-                    p.spec.index: pair_transport(p.node, h.node, dc.transport) for p in prefills
+                    p.spec.index: pair_transport(p.stage_nodes, h.stage_nodes, dc.transport)
+                    for p in prefills
                 }
         _accept_all(listener, handles)
     except BaseException:
@@ -295,6 +247,36 @@ def launch_ray_instances(
         ", ".join(f"{h.name} on {h.node_ip} ({h.spec.transport})" for h in handles),
     )
     return handles
+
+
+def _place(
+    spec: InstanceSpec, stage_ips: list[str], dc: DisaggConfig
+) -> tuple[RayWorkerGroup, InstanceSpec]:
+    """Reserves one CPU per rank and starts the instance's actor on stage 0's node.
+
+    On one node: STRICT_PACK with bundle 0 pinned (the actor spawns every rank there).
+    Spanning nodes: one group whose bundles (bundle index = rank) are each pinned to their
+    stage's node, strategy PACK (it allows several nodes; the pins decide which). One group
+    per instance, not per stage: Ray reserves a group all at once, so an instance never
+    holds some stages while it waits for the others (two instances could deadlock so).
+    The spec then carries each rank's node and the group (`ray_ranks.RankPlacement`): the
+    actor starts the other nodes' ranks as Ray actors in their bundles."""
+    tp = spec.engine_config.tensor_parallel_size
+    rank_ips = [stage_ips[rank // tp] for rank in range(spec.num_ranks)]
+    bundles = [{"CPU": 1}] * spec.num_ranks
+    if len(set(stage_ips)) == 1:
+        pinned = [rank_ips[0]] + [None] * (spec.num_ranks - 1)
+        strategy = "STRICT_PACK"
+    else:
+        pinned, strategy = list(rank_ips), "PACK"
+    group = RayWorkerGroup(
+        spec.name, bundles, pinned, strategy=strategy, timeout_s=dc.placement_timeout_s,
+        actor_cls=InstanceActor, num_actors=1,
+    )  # fmt: skip
+    if strategy == "PACK":
+        placement = RankPlacement(group.pg, tuple(rank_ips))
+        spec = dataclasses.replace(spec, rank_placement=placement)
+    return group, spec
 
 
 def check_ray_config(config: EngineConfig, dc: DisaggConfig, fault_plan: FaultPlan | None) -> None:
