@@ -279,7 +279,7 @@ class LLMEngine:
         outputs = self._step()
         duration_s = time.perf_counter() - t0
         if self._completed is not None and self.step_log is not None:
-            self.step_log.record(self._completed, duration_s, self._execute_s)
+            self.step_log.record(self._completed, duration_s, self._execute_s, t0)
         return outputs
 
     def _step(self) -> list[RequestOutput]:

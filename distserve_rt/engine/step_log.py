@@ -67,15 +67,25 @@ class StepRecord:
     """The whole `LLMEngine.step`: host scheduling + execute + postprocess."""
     execute_s: float
     """The part inside the executor (submit + wait); ``duration_s - execute_s`` is host."""
+    start_s: float | None = None
+    """When the step began (`time.perf_counter` of the process that ran it; None: not
+    recorded). Consecutive steps' starts give the loop's time between them."""
 
     def to_dict(self) -> dict[str, object]:
-        return {**asdict(self.shape), "duration_s": self.duration_s, "execute_s": self.execute_s}
+        return {
+            **asdict(self.shape), "duration_s": self.duration_s, "execute_s": self.execute_s,
+            "start_s": self.start_s,
+        }  # fmt: skip
 
     @classmethod
     def from_dict(cls, raw: dict) -> StepRecord:
         fields = StepShape.__dataclass_fields__
         shape = StepShape(**{k: int(raw[k]) for k in fields})
-        return cls(shape, float(raw["duration_s"]), float(raw["execute_s"]))
+        start = raw.get("start_s")
+        return cls(
+            shape, float(raw["duration_s"]), float(raw["execute_s"]),
+            None if start is None else float(start),
+        )  # fmt: skip
 
 
 class StepLog:
@@ -90,10 +100,16 @@ class StepLog:
     def capacity(self) -> int:
         return self._records.maxlen or 0
 
-    def record(self, batch: SchedulerOutput, duration_s: float, execute_s: float) -> None:
+    def record(
+        self,
+        batch: SchedulerOutput,
+        duration_s: float,
+        execute_s: float,
+        start_s: float | None = None,
+    ) -> None:
         if batch.is_empty:
             return
-        self._records.append(StepRecord(StepShape.of(batch), duration_s, execute_s))
+        self._records.append(StepRecord(StepShape.of(batch), duration_s, execute_s, start_s))
 
     def records(self) -> list[StepRecord]:
         return list(self._records)

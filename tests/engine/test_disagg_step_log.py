@@ -27,6 +27,9 @@ def test_each_instance_logs_its_own_steps_and_the_controller_gathers_them():
         assert {r.shape.kind for r in decode} == {"decode"}
         assert sum(r.shape.num_decodes for r in decode) == len(PROMPTS) * (MAX_TOKENS - 1)
         assert all(0 < r.execute_s <= r.duration_s for r in prefill + decode)
+        for steps in (prefill, decode):  # each instance's steps in order, with their starts
+            starts = [r.start_s for r in steps]
+            assert None not in starts and starts == sorted(starts)
         assert log.records() == prefill + decode and len(outputs) == len(PROMPTS)
         # Gathering stopped the logs: the next requests are not recorded anywhere.
         run(c, max_tokens=2)

@@ -61,6 +61,9 @@ def test_records_match_the_scheduled_batches(policy):
         assert s.num_decodes == len(batch.decodes)
         assert s.sum_decode_seq_lens == int(np.sum(batch.decode_seq_lens))
         assert 0 < record.execute_s <= record.duration_s
+    # Each step's start: the next one starts after this one ended (the loop's pause).
+    for a, b in zip(records, records[1:], strict=False):
+        assert a.start_s + a.duration_s <= b.start_s
     kinds = {r.shape.kind for r in records}
     assert {"prefill", "decode"} <= kinds
     assert ("mixed" in kinds) == (policy == "chunked_prefill")

@@ -42,6 +42,18 @@ def test_hops_add_to_ttft_and_leave_tpot():
     assert queue == pytest.approx(np.full(2, HOPS.dispatch_s))
 
 
+def test_each_instances_loop_adds_to_each_of_its_steps():
+    """The instances' loops between steps (``prefill_loop_s``, ``decode_loop_s``): a lone
+    request's prefill step and every decode step take that much longer."""
+    loops = ProcessHops(prefill_loop_s=0.004, decode_loop_s=0.001)
+    base, looped = _run(ProcessHops()), _run(loops)
+    assert looped.ttft == pytest.approx(base.ttft + 0.004)
+    assert looped.tpot == pytest.approx(base.tpot + 0.001)
+    assert not loops.is_zero
+    with pytest.raises(ValueError, match="decode_loop_s must be a number of seconds >= 0"):
+        ProcessHops(decode_loop_s=-0.1)
+
+
 def test_the_dispatch_hop_delays_a_conversations_next_turn_too():
     conversations = MultiTurnWorkload.generate(
         4, rate=2.0, min_turns=2, max_turns=2, scale=0.05, vocab_size=100, seed=0

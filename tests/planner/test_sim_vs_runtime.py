@@ -499,6 +499,8 @@ def test_instance_profile_fits_a_running_1p1d_from_its_instances_steps():
     assert m["mode"] == "instances" and m["threads"] == 1
     assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
     assert m["num_steps"]["mixed"] == 0  # no instance runs both
+    # Each busy instance's loop between its steps, from the steps' start times.
+    assert m["loop_gap_ms"]["prefill"] > 0 and m["loop_gap_ms"]["decode"] > 0
     assert profile.entries[0].coefficients.overhead > 0
     # The prefill instance's own wake-up cost, timed from its step log through the
     # controller (a step after each idle wait, back to back first).
@@ -702,3 +704,24 @@ def test_summarize_repeats_gap_at_load_only_when_every_repeat_has_it():
     both = [{**base, "simulated_at_load": {"attainment": 0.8}}] * 2
     assert summarize_repeats(both)["gap_at_load_pp"] == pytest.approx(10.0)
     assert "gap_at_load_pp" not in summarize_repeats([both[0], base])
+
+
+def test_loop_gaps_are_the_short_pauses_between_one_kinds_steps():
+    from distserve_rt.benchmarks.sim_vs_runtime.steps import loop_gaps_s
+    from distserve_rt.engine.step_log import StepRecord, StepShape
+
+    decode, prefill = StepShape(0, 0, 0, 2, 40), StepShape(1, 32, 32 * 32, 0, 0)
+    records = [
+        StepRecord(decode, 0.010, 0.009, 1.000),  # pause 0.001 before the next
+        StepRecord(prefill, 0.020, 0.019, 1.005),  # another instance's step: its own kind
+        StepRecord(decode, 0.010, 0.009, 1.011),  # pause 0.003
+        StepRecord(decode, 0.010, 0.009, 1.024),  # 0.5 s idle after: not the loop's
+        StepRecord(decode, 0.010, 0.009, 1.534),
+        StepRecord(decode, 0.010, 0.009, None),  # no start time: skipped
+    ]
+    gaps = loop_gaps_s(records)
+    assert gaps["decode"] == pytest.approx(0.001)  # 0.003 is above BUSY_GAP_S too
+    assert "prefill" not in gaps  # one step: no pause to measure
+    assert StepRecord.from_dict(records[0].to_dict()) == records[0]
+    old = {k: v for k, v in records[0].to_dict().items() if k != "start_s"}
+    assert StepRecord.from_dict(old).start_s is None  # logs written before start_s load

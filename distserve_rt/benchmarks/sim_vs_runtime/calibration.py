@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes, pinned
+from distserve_rt.benchmarks.sim_vs_runtime.steps import loop_gaps_s
 from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty, measure_wake
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.profiles import ProfileSet
@@ -175,6 +176,7 @@ def _profile_running(
     measurement = {
         "device": "cpu",
         **setting,
+        "loop_gap_ms": {k: 1e3 * v for k, v in loop_gaps_s(records).items()},
         "repeats": repeats,
         "includes": ["schedule", "execute", "postprocess"],
         "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
@@ -234,6 +236,13 @@ def calibrate_at_load(
         cal, profile=profile, latency=profile.latency_model(model, 1),
         noise=profile.step_noise_by_kind(model, 1) if cal.noise is not None else None, wake=None,
     )  # fmt: skip
+
+
+def loops_from_profile(profile: ProfileSet) -> dict[str, float]:
+    """``prefill_loop_s`` / ``decode_loop_s`` of `ProcessHops` from an instance profile's
+    ``measurement.loop_gap_ms`` (`steps.loop_gaps_s` of its steps; {} when it has none)."""
+    raw = profile.measurement.get("loop_gap_ms") or {}
+    return {f"{k}_loop_s": raw[k] / 1e3 for k in ("prefill", "decode") if k in raw}
 
 
 def wake_from_profile(profile: ProfileSet) -> WakePenalty | None:
@@ -301,7 +310,8 @@ def measure_hops(engine, target, cal: Calibration, workload, num_requests: int =
     served and simulated without hops. ``dispatch_s`` is the runtime's extra prefill queue
     (controller -> instance); ``token_s`` the rest of its extra TTFT (the first token back
     to the controller, and what the prefill fit misses on an idle instance: measured
-    0.7 + ~2 ms, bench/README.md)."""
+    0.7 + ~2 ms, bench/README.md). The loops per step come from ``cal``'s instance profile
+    (`loops_from_profile`: its busy instances' pauses between steps), simulated here too."""
     from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
     from distserve_rt.planner.simulator import ProcessHops
     from distserve_rt.workloads.workload import Workload
@@ -310,12 +320,13 @@ def measure_hops(engine, target, cal: Calibration, workload, num_requests: int =
     few = Workload("hops", workload.prompt_lens[:n], workload.output_lens[:n])
     arrival = np.arange(n) * 0.15
     served = replay(engine, arrival, few)
-    setup = dataclasses.replace(target.setup, hops=ProcessHops())
+    loops = loops_from_profile(cal.profile)  # the instances' loops, measured busy
+    setup = dataclasses.replace(target.setup, hops=ProcessHops(**loops))
     simulated = target.simulate(setup, cal.latency, arrival, few, noise=None, wake=cal.wake)
     queue_ms = served.extra["mean_prefill_queue_ms"] - simulated.extra["mean_prefill_queue_ms"]
     dispatch_s = max(0.0, queue_ms / 1e3)
     ttft_s = float(np.mean(served.ttft) - np.mean(simulated.ttft))
-    return ProcessHops(dispatch_s, max(0.0, ttft_s - dispatch_s))
+    return ProcessHops(dispatch_s, max(0.0, ttft_s - dispatch_s), **loops)
 
 
 def load_profiles(path: str | Path) -> list[ProfileSet]:

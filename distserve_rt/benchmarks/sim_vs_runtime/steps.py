@@ -9,6 +9,7 @@ probe measures beside it)."""
 from __future__ import annotations
 
 from collections.abc import Iterable
+from itertools import pairwise
 
 from distserve_rt.engine.step_log import STEP_KINDS, StepRecord, StepShape
 from distserve_rt.planner.latency_model import LatencyModel
@@ -48,4 +49,28 @@ def step_time_ratios(records: Iterable[StepRecord], latency: LatencyModel) -> di
             out[f"step_ratio_{kind}"] = measured[kind] / predicted[kind]
             out[f"num_{kind}_steps"] = float(n)
             out[f"mean_{kind}_step_ms"] = 1e3 * measured[kind] / n
+    return out
+
+
+BUSY_GAP_S = 0.002
+"""A pause between two steps of one instance shorter than this is its loop's work (the
+controller's messages, pulls, outputs sent), not an idle wait for requests."""
+
+
+def loop_gaps_s(records: Iterable[StepRecord]) -> dict[str, float]:
+    """Per step kind present, the mean pause (s) between consecutive steps of that kind
+    shorter than `BUSY_GAP_S`, from the records' start times: a 1P1D instance runs one kind,
+    so this is its loop's time per step (`ProcessHops.prefill_loop_s`/``decode_loop_s``).
+    Records without a start time are skipped; a kind with no such pause is left out."""
+    by_kind: dict[str, list[StepRecord]] = {}
+    for record in records:
+        if record.start_s is not None and record.shape.kind in STEP_KINDS:
+            by_kind.setdefault(record.shape.kind, []).append(record)
+    out = {}
+    for kind, rs in by_kind.items():
+        rs.sort(key=lambda r: r.start_s)
+        gaps = [b.start_s - (a.start_s + a.duration_s) for a, b in pairwise(rs)]
+        busy = [g for g in gaps if 0 <= g < BUSY_GAP_S]
+        if busy:
+            out[kind] = sum(busy) / len(busy)
     return out

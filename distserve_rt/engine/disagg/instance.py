@@ -142,7 +142,7 @@ class Instance(abc.ABC):
     def record_step(self, batch, start: float, execute_s: float) -> None:
         """Logs a step that began at ``start`` (`time.perf_counter`) when the log is on."""
         if self.step_log is not None:
-            self.step_log.record(batch, time.perf_counter() - start, execute_s)
+            self.step_log.record(batch, time.perf_counter() - start, execute_s, start)
 
     @property
     def transport(self) -> KVTransport:

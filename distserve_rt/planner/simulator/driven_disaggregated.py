@@ -252,21 +252,23 @@ class SchedulerDrivenDisaggregated:
         self.block_managers = []
         self.num_preemptions = 0
 
-        def parts(inst_spec, rng, caching=False):
+        def parts(inst_spec, rng, loop_s, caching=False):
             bm = make_block_manager(
                 inst_spec, self.block_size, self.watermark, prefix_caching=caching
             )
             self.block_managers.append(bm)
             config = make_scheduler_config(inst_spec, self._max_len)
-            return config, bm, StepClock(inst_spec.latency, self.noise, rng, self.wake)
+            return config, bm, StepClock(inst_spec.latency, self.noise, rng, self.wake, loop_s)
 
+        hops = spec.hops
         self._prefills = []
         for k in range(spec.num_prefill):
-            config, bm, clock = parts(spec.prefill, rngs[k], prefix_caching)
+            config, bm, clock = parts(spec.prefill, rngs[k], hops.prefill_loop_s, prefix_caching)
             self._prefills.append(_Prefill(PrefillScheduler(config, bm), clock))
         self._decodes = []
         for k in range(spec.num_decode):
-            config, bm, clock = parts(spec.decode, rngs[spec.num_prefill + k], decode_caching)
+            rng = rngs[spec.num_prefill + k]
+            config, bm, clock = parts(spec.decode, rng, hops.decode_loop_s, decode_caching)
             self._decodes.append(_Decode(DecodeScheduler(config, bm), clock))
 
     def _push(self, time: float, kind: int, a, b=None) -> None:

@@ -141,10 +141,11 @@ def migrated_copy(request: Request, max_model_len: int) -> Request:
 
 class StepClock:
     """Step times of one instance: the latency model on the batch's shape, times the noise,
-    plus ``wake(idle_s)`` for a step that starts after the instance idled ``idle_s``
+    plus the instance's loop between steps (``loop_s``), plus ``wake(idle_s)`` for a step
+    that starts after the instance idled ``idle_s``
     (a thread pool woken from sleep runs its first step slower: measured, not fitted)."""
 
-    __slots__ = ("latency", "noise", "rng", "wake", "last_end", "by_kind")
+    __slots__ = ("latency", "noise", "rng", "wake", "loop_s", "last_end", "by_kind")
 
     def __init__(
         self,
@@ -152,8 +153,11 @@ class StepClock:
         noise: StepNoise | None,
         rng: np.random.Generator,
         wake: Callable[[float], float] | None = None,
+        loop_s: float = 0.0,
     ) -> None:
         self.latency = latency
+        self.loop_s = loop_s
+        """The instance's loop between two steps (s), added to each step (`ProcessHops`)."""
         # One sampler per instance: its slow stretches are its own (see StepNoise).
         process = getattr(noise, "process", None)
         self.noise = process() if process is not None else noise
@@ -177,6 +181,7 @@ class StepClock:
             if not (factor > 0 and math.isfinite(factor)):
                 raise ValueError(f"noise.sample must return a finite factor > 0, got {factor!r}")
             t *= factor
+        t += self.loop_s
         if self.wake is not None and now is not None:
             t += self.wake(now - self.last_end)
             self.last_end = now + t

@@ -125,21 +125,32 @@ class ProcessHops:
     """Time between a disaggregated deployment's processes that no step shows (s): a
     request accepted by the controller reaches a prefill instance's queue ``dispatch_s``
     later, and a token reaches the controller ``token_s`` after the step that made it.
-    Zero for the planner's GPU profiles (not measured there); on CPU the runtime's 1P1D
-    measured ~1 ms each (bench/README.md). Only the scheduler-driven simulator models them."""
+    Each instance's loop also runs between two of its steps (the controller's messages,
+    pulls started and polled, outputs sent): ``prefill_loop_s`` / ``decode_loop_s`` per
+    step, added to each step's time. Zero for the planner's GPU profiles (not measured
+    there); on CPU the runtime's 1P1D measured ~1 ms per hop and 0.55 / 0.20 ms of loop per
+    prefill / decode step (5% / 8% of the steps, bench/README.md). Only the
+    scheduler-driven simulator models them."""
 
     dispatch_s: float = 0.0
     token_s: float = 0.0
+    prefill_loop_s: float = 0.0
+    decode_loop_s: float = 0.0
 
     def __post_init__(self) -> None:
-        for key in ("dispatch_s", "token_s"):
+        for key in ("dispatch_s", "token_s", "prefill_loop_s", "decode_loop_s"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
                 raise ValueError(f"{key} must be a number of seconds >= 0, got {value!r}")
 
     @property
     def is_zero(self) -> bool:
-        return self.dispatch_s == 0 and self.token_s == 0
+        return (
+            self.dispatch_s == 0
+            and self.token_s == 0
+            and self.prefill_loop_s == 0
+            and self.decode_loop_s == 0
+        )
 
 
 @dataclass(frozen=True)
