@@ -13,10 +13,16 @@ the simulator as profiled and drift-rescaled).
 
 Simulator (``--simulator``): by default the scheduler-driven simulators (the engine's own
 schedulers on a simulated clock, each step's time drawn from the profile's measured
-step-time noise, a different noise seed per repeat); ``fast`` keeps the fast simulators
-(deterministic) for comparison. A step that starts after the instance idled also pays the
-wake-up cost measured after each profile (`wake.measure_wake`: the engine's thread pool
-sleeps while idle; ``--no-wake`` leaves it out).
+step-time noise of its own kind, a different noise seed per repeat); ``fast`` keeps the
+fast simulators (deterministic) for comparison. A step that starts after the instance
+idled also pays the wake-up cost measured after each profile (`wake.measure_wake`: the
+engine's thread pool sleeps while idle; ``--no-wake`` leaves it out).
+
+1P1D (driven): calibrated on its running instances (`profile_instances`, unless
+``--no-instance-profile``); the time between its processes that no step shows is measured
+and simulated (`ProcessHops`): the controller's hop to the prefill instance
+(`measure_hops`, on the idle runtime) and each instance's loop between two busy steps
+(messages, pulls, outputs sent; from the instance profile's step start times).
 
 Calibration (``--calibration``): by default the latency model is fitted from the steps of an
 `LLMEngine` running a synthetic workload in this process (`engine_profile.EngineWorkload`:
