@@ -5,6 +5,7 @@ where the run logged them)."""
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 
@@ -16,7 +17,11 @@ def plot_attainment(summaries: list[dict], title: str, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     targets = list(dict.fromkeys(s["target"] for s in summaries))
-    fig, axes = plt.subplots(1, len(targets), figsize=(4.2 * len(targets), 3.8), squeeze=False)
+    width = 4.2 * len(targets)
+    fig, axes = plt.subplots(1, len(targets), figsize=(width, 3.8), squeeze=False)
+    # The setup and SLOs in the title must be readable on a one-panel figure too.
+    chars = int(width * 15)
+    title = "\n".join(textwrap.fill(line, chars) for line in title.splitlines())
     for ax, target in zip(axes[0], targets, strict=True):
         rows = sorted((s for s in summaries if s["target"] == target), key=lambda s: s["rate"])
         rates = [s["rate"] for s in rows]
