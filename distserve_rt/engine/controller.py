@@ -181,7 +181,7 @@ class Controller:
             if h.role is InstanceRole.PREFILL
         }
         for handle in self.decodes():
-            # Ray: each pair's transport is chosen by where its ends run (ray_launcher).
+            # Ray: each rank pair's transport is chosen by where its ranks run (ray_launcher).
             handle.send(msg.PeerPools(handle.select_peer_descriptors(descriptors)))  # type: ignore[arg-type]
         # Mapping a peer pool (MAP_POPULATE) takes seconds for a GiB pool: wait for it here,
         # or the first requests' transfer queue time would include it.

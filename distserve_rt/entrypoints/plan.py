@@ -213,9 +213,11 @@ def placement_file(
         }
     prefill, decode = _phase(best.prefill, best.num_prefill), _phase(best.decode, best.num_decode)
     # Where each instance runs (serve --launcher ray places them there): a fitting plan only.
-    nodes = assign_nodes(prefill, decode, inputs.cluster.devices_per_node) if fits else {}
-    if any(n >= inputs.cluster.num_nodes for ns in nodes.values() for n in ns):
-        nodes = {}  # whole instances do not pack onto the cluster's nodes: left unnamed
+    # Algorithm-2 pairs spanning nodes are aligned: stage k of both on one node.
+    dpn = inputs.cluster.devices_per_node
+    nodes = assign_nodes(prefill, decode, dpn, best.num_nodes_spanned) if fits else {}
+    if any(n >= inputs.cluster.num_nodes for n in _node_indices(nodes)):
+        nodes = {}  # the instances do not lay out onto the cluster's nodes: left unnamed
     return PlacementFile(
         model=args.model,
         placement=best.placement.value,
@@ -239,6 +241,16 @@ def placement_file(
             **best.predicted,
         },
     )
+
+
+def _node_indices(nodes: dict) -> list[int]:
+    """Every node index a ``nodes`` entry names (an entry: a node, or one per PP stage)."""
+    return [
+        n
+        for entries in nodes.values()
+        for e in entries
+        for n in (e if isinstance(e, list) else [e])
+    ]
 
 
 def _engine_settings(inputs: PlanInputs, best: Candidate) -> dict:

@@ -11,15 +11,19 @@ Schema::
     engine: {max_num_batched_tokens: 512, max_num_seqs: 256, gpu_memory_utilization: 0.9}
     predicted: {...}                    # free-form: the planner's numbers
     nodes: {prefill: [0, 0], decode: [1, 1, 1]}  # node index of each instance (optional)
-    # an instance may list one node per PP stage instead: prefill: [[0, 1]] (spans nodes)
+    # an instance may list one node per PP stage instead: prefill: [[0, 1]] (spans nodes);
+    # aligned pairs: {prefill: [[0, 1]], decode: [[0, 1]]} (stage k of both on one node)
     disagg: {local_prefill_max_tokens: 0, ...}   # routing the plan simulated (optional)
 
 ``nodes`` says where each instance runs (node indices in the cluster's order: the Ray
 head first, then by IP; `drt-run serve --launcher ray` places them there). An entry is the
 node of the whole instance, or a list of one node per PP stage (the instance spans nodes;
-each stage's TP ranks share its node). `assign_nodes` packs whole instances, prefill
-instances first, when plan writes it; it writes none when an instance is larger than a
-node (serve then spreads that instance's stages over the first nodes with room).
+each stage's TP ranks share its node). Plan writes it with `assign_nodes`: an Algorithm-2
+answer whose pairs span ``s`` nodes is laid out "aligned" (DistServe's placement: each of
+a pair group's ``s`` nodes holds the same layer segment of its prefill and its decode
+instances, so their KV moves inside the node, over shm on Ray); otherwise whole instances
+are packed, prefill instances first, and none is written when an instance is larger than
+a node (serve then spreads that instance's stages over the first nodes with room).
 
 ``engine`` holds the `EngineConfig` settings the plan assumed (the prefill batch budget L_m,
 the batch size limit, the fraction of device memory for weights + KV; a multi-turn plan
@@ -179,12 +183,26 @@ def _check_nodes(pf: PlacementFile) -> None:
 
 
 def assign_nodes(
-    prefill: PhasePlacement, decode: PhasePlacement | None, devices_per_node: int
+    prefill: PhasePlacement,
+    decode: PhasePlacement | None,
+    devices_per_node: int,
+    num_nodes_spanned: int = 1,
 ) -> dict:
-    """Packs whole instances onto nodes, prefill instances first (first node with room):
-    the ``nodes`` entry `drt-run plan` writes. {} when an instance is larger than a node:
-    the ray launcher then spreads its PP stages over nodes itself (not yet DistServe's
-    "aligned" placement, which would put each stage's prefill and decode on one node)."""
+    """The ``nodes`` entry `drt-run plan` writes.
+
+    ``num_nodes_spanned > 1`` (an Algorithm-2 candidate, `planner.candidates.Candidate`):
+    (prefill, decode) pairs, ``num_instances`` of each, each pair's pipeline across ``s``
+    nodes, node ``j`` of its group holding stages ``j * pp / s`` .. of *both* instances
+    (the same layers, the planner's `_segments`): "aligned", every stage's KV stays on its
+    node. Pairs fill a group of ``s`` nodes as `candidates.num_nodes_needed` counts them
+    (``devices_per_node // (tp * pp / s of both)`` pairs a group), then the next group.
+    Entries are lists of one node per stage.
+
+    Otherwise: whole instances packed onto nodes, prefill instances first (first node with
+    room); {} when an instance is larger than a node (the ray launcher then spreads its PP
+    stages over nodes itself)."""
+    if num_nodes_spanned > 1:
+        return _aligned_nodes(prefill, decode, devices_per_node, num_nodes_spanned)
     free: list[int] = []
     out: dict[str, list[int]] = {}
     for phase, p in (("prefill", prefill), ("decode", decode)):
@@ -201,6 +219,35 @@ def assign_nodes(
                 node = len(free) - 1
             free[node] -= need
             out[phase].append(node)
+    return out
+
+
+def _aligned_nodes(
+    prefill: PhasePlacement, decode: PhasePlacement | None, devices_per_node: int, s: int
+) -> dict:
+    if decode is None or prefill.num_instances != decode.num_instances:
+        raise ValueError(
+            f"an aligned placement over {s} nodes places (prefill, decode) pairs: it needs as "
+            f"many decode instances as prefill ones, got prefill={prefill!r}, decode={decode!r}"
+        )
+    for p in (prefill, decode):
+        if p.pp % s:
+            raise ValueError(
+                f"an aligned placement over {s} nodes needs pp divisible by {s}, got {p!r}"
+            )
+    per_node = (prefill.tp * prefill.pp + decode.tp * decode.pp) // s
+    pairs_per_group = devices_per_node // per_node
+    if pairs_per_group < 1:
+        raise ValueError(
+            f"one pair puts {per_node} devices on each of its {s} nodes; a node has "
+            f"{devices_per_node}"
+        )
+    out: dict[str, list[list[int]]] = {"prefill": [], "decode": []}
+    for pair in range(prefill.num_instances):
+        first = (pair // pairs_per_group) * s  # the pair group's first node
+        for phase, p in (("prefill", prefill), ("decode", decode)):
+            stages_per_node = p.pp // s
+            out[phase].append([first + k // stages_per_node for k in range(p.pp)])
     return out
 
 

@@ -12,6 +12,11 @@ transport is chosen per pair, not per instance:
   backend; every later `submit` to the peer goes through it. Its `TransferHandle` is the
   inner backend's, so each transfer is labelled with the transport that moved it.
 
+Since an instance may span nodes (PP stages on different nodes), the ray launcher goes one
+step finer, per (prefill rank, decode rank) pair: `RankDescriptors` gives each decode rank
+its own descriptor of each prefill rank it reads (DistServe's "aligned" placement, each
+node holding the same layers of both instances, then reads every rank pair over ``shm``).
+
 Never a fallback: a descriptor of a transport this object does not hold is refused.
 """
 
@@ -58,6 +63,50 @@ def select_descriptor(raw: bytes, transport: str) -> bytes:
     raise ValueError(
         f"transport {transport!r} chosen for a pair, but the producer's pool is exported "
         f"through {[d.transport for d in found]} only"
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class RankDescriptors:
+    """One prefill instance's pools as each rank of one decode instance reads them.
+
+    ``by_rank[decode rank][prefill rank]`` (ranks ``pp_rank * tp + tp_rank``) is the
+    `PoolDescriptor` bytes of the transport chosen for that rank pair, or None where the
+    pair moves no KV (their layers do not overlap): that pool is not opened by that rank.
+    """
+
+    by_rank: tuple[tuple[bytes | None, ...], ...]
+
+    def for_rank(self, rank: int) -> list[bytes | None]:
+        if not 0 <= rank < len(self.by_rank):
+            raise ValueError(
+                f"decode rank {rank} has no descriptors: chosen for {len(self.by_rank)} ranks"
+            )
+        return list(self.by_rank[rank])
+
+
+def descriptors_for_rank(raws: list[bytes] | RankDescriptors, rank: int) -> list[bytes | None]:
+    """What decode rank `rank` opens of one prefill instance: `raws` as they are (one
+    transport for every rank pair), or its row of a `RankDescriptors`."""
+    return raws.for_rank(rank) if isinstance(raws, RankDescriptors) else list(raws)
+
+
+def select_rank_descriptors(
+    raws: list[bytes], transports: Sequence[Sequence[str | None]]
+) -> RankDescriptors:
+    """`transports[decode rank][prefill rank]` (None: the pair moves no KV) applied to
+    the prefill ranks' announced `raws`; ValueError as `select_descriptor`."""
+    for row in transports:
+        if len(row) != len(raws):
+            raise ValueError(
+                f"transports chosen for {len(row)} prefill ranks, the prefill instance "
+                f"announced {len(raws)}"
+            )
+    return RankDescriptors(
+        tuple(
+            tuple(None if t is None else select_descriptor(raws[q], t) for q, t in enumerate(row))
+            for row in transports
+        )
     )
 
 

@@ -1,7 +1,9 @@
 """An instance whose PP stages span the fake cluster's 2 nodes: stage 0's ranks spawned by
 the driver on node 0, stage 1's ranks Ray actors on node 1 (`distributed.ray_ranks`), TP
 groups within a node and PP send/recv across; then the same as a prefill instance serving
-with the single-machine tokens, and a remote rank killed ending the instance (no hang)."""
+with the single-machine tokens (to an aligned decode instance, KV over shm for every rank
+pair, and to one spanning the other way, over nixl), and a remote rank killed ending the
+instance (no hang)."""
 
 from __future__ import annotations
 
@@ -92,10 +94,14 @@ def test_pp_stages_on_two_nodes_then_a_remote_rank_dies(fake_cluster):
 
 
 def _spanning_prefill(fake_cluster) -> tuple[Placement, DisaggConfig]:
-    placement = Placement.disaggregated(PhaseConfig(tp=1, pp=2), PhaseConfig(tp=1, pp=2))
+    """Prefill PP=2 over nodes (0, 1); decode-0 aligned with it over (0, 1), decode-1 the
+    other way round over (1, 0)."""
+    placement = Placement.disaggregated(
+        PhaseConfig(tp=1, pp=2), PhaseConfig(tp=1, pp=2, num_instances=2)
+    )
     config = DisaggConfig(
-        launcher="ray", ray_address=fake_cluster.address, instance_nodes=((0, 1), (1, 0)),
-        placement_timeout_s=20, startup_timeout_s=60,
+        launcher="ray", ray_address=fake_cluster.address,
+        instance_nodes=((0, 1), (0, 1), (1, 0)), placement_timeout_s=20, startup_timeout_s=60,
     )  # fmt: skip
     return placement, config
 
@@ -114,26 +120,34 @@ def _remote_rank_actor(instance: str):
 
 
 def test_prefill_spanning_nodes_serves_then_its_remote_rank_dies(fake_cluster, single_machine):
-    """Prefill TP=1 x PP=2 with stage 0 on node 0 and stage 1 on node 1, decode TP=1 x
-    PP=2 the other way round: KV pulled through nixl (spanning ends) by each decode rank,
-    greedy tokens of the single-machine run.
+    """Prefill TP=1 x PP=2 with stage 0 on node 0 and stage 1 on node 1. Decode-0 TP=1 x
+    PP=2 aligned with it (stage k of both on node k): every rank pair moves KV over shm,
+    the instances hold no nixl at all. Decode-1 the other way round: each of its ranks
+    pulls over nixl, one of them a Ray actor rank. Greedy tokens of the single-machine run.
     Then stage 1's rank is killed mid-load: the prefill instance dies by the existing
     rules, every request ends (the prefill's own fail clearly, none hangs)."""
     placement, config = _spanning_prefill(fake_cluster)
     with Controller(engine_config(), placement, config) as c:
-        prefill, decode = c.instances
+        prefill, aligned, crossed = c.instances
+        decodes = (aligned, crossed)
         assert prefill.stage_nodes == (0, 1) and prefill.node_ip == HEAD_IP
         assert prefill.spec.rank_placement.node_ips == (HEAD_IP, WORKER_IP)
         assert _bundle_nodes(prefill.group.pg) == [HEAD_IP, WORKER_IP]  # rank r: bundle r
-        # The decode instance spans the other way: its actor (stage 0) on node 1.
-        assert decode.node_ip == WORKER_IP
-        assert decode.spec.rank_placement.node_ips == (WORKER_IP, HEAD_IP)
-        assert (prefill.spec.transport, decode.spec.transport) == ("nixl", "nixl")
+        # Decode-1 spans the other way: its actor (stage 0) on node 1.
+        assert crossed.node_ip == WORKER_IP
+        assert crossed.spec.rank_placement.node_ips == (WORKER_IP, HEAD_IP)
+        # [decode rank][prefill rank]: stage k pulls from stage k only (the same layers).
+        assert aligned.rank_transports == {0: (("shm", None), (None, "shm"))}
+        assert crossed.rank_transports == {0: (("nixl", None), (None, "nixl"))}
+        assert [h.spec.transport for h in c.instances] == ["shm+nixl", "shm", "nixl"]
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert {k: o.outputs[0].token_ids for k, o in outputs.items()} == single_machine
         settle(c, lambda: c.stats().transfers.num_transfers >= len(PROMPTS))
-        totals = c.stats().transfers
-        assert totals.transport == "nixl" and totals.num_failures == 0
+        stats = c.stats()
+        assert stats.transfers.transport == "shm+nixl" and stats.transfers.num_failures == 0
+        # Both decodes pulled KV: decode-0's through its shm transport alone.
+        pulled = {s.name: s.num_blocks_pulled for s in stats.instances if s.role == "decode"}
+        assert all(pulled[h.name] > 0 for h in decodes), pulled
 
         for i in range(len(PROMPTS)):
             c.add_request(f"late-{i}", PROMPTS[i], greedy(MAX_TOKENS))
@@ -143,12 +157,12 @@ def test_prefill_spanning_nodes_serves_then_its_remote_rank_dies(fake_cluster, s
             assert time.monotonic() < deadline, "requests hung after a remote rank died"
             outputs.update({o.request_id: o for o in c.step(0.01) if o.finished})
         settle(c, lambda: not prefill.alive, timeout_s=30)
-        assert decode.alive
+        assert aligned.alive and crossed.alive
         assert len(outputs) == len(PROMPTS)
         for out in outputs.values():
             if out.outputs[0].finish_reason == "error":
                 assert "prefill-0" in (out.error or ""), out
-            else:  # prefilled before the kill: decoded on node 1 as usual
+            else:  # prefilled before the kill: decoded as usual
                 want = single_machine[out.request_id.split("-")[1]]
                 assert out.outputs[0].token_ids == want
         # New requests are refused at once, clearly: no prefill instance is left.

@@ -73,7 +73,8 @@ def test_mixed_pairs_then_node_lost_mid_load(fake_cluster, single_machine):
     config = _ray(fake_cluster, (0, 1, 0, 1), retry_on_instance_failure=True, max_retries=2)
     with Controller(engine_config(**LOAD_CONFIG), placement, config) as c:
         assert {h.spec.transport for h in c.instances} == {"shm+nixl"}
-        assert c.instances[3].pair_transports == {0: "nixl", 1: "shm"}
+        # [decode rank][prefill rank]: one rank each side, on different nodes or one.
+        assert c.instances[3].rank_transports == {0: (("nixl",),), 1: (("shm",),)}
         outputs = run(c, max_tokens=MAX_TOKENS)
         assert {k: o.outputs[0].token_ids for k, o in outputs.items()} == single_machine
         # The counters come with the instances' periodic reports: wait for the last one.

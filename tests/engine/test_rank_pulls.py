@@ -23,6 +23,7 @@ from distserve_rt.engine.protocol import TransferTotals
 from distserve_rt.sampling_params import SamplingParams
 from distserve_rt.transfer import Parallelism
 from distserve_rt.transfer.fake import FakeTransport
+from distserve_rt.transfer.per_pair import RankDescriptors
 
 NUM_LAYERS, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM = 2, 2, 4, 8
 TRANSFER_S = 1.0
@@ -176,3 +177,33 @@ def test_a_pull_that_finished_is_a_success_even_when_polled_after_the_timeout(se
     clock.now = PULL_TIMEOUT_S + 1.0  # the loop was busy: the copy ended long ago
     (done,) = puller.poll(clock.now)
     assert done.outcome is PullOutcome.SUCCESS
+
+
+def test_descriptors_chosen_per_rank_pair_each_rank_opens_its_row():
+    """Prefill PP=2 -> decode PP=2 with a descriptor per (decode rank, prefill rank) pair
+    (`RankDescriptors`, as the ray launcher sends them): rank k opens prefill rank k alone
+    (the same layers) and pulls it; a pull that needs a pool its row left out is refused,
+    never sent another way."""
+    clock = Clock()
+    prefill = FakeTransport(clock=clock)
+    src = [torch.randn(4, 1, 2, NUM_KV_HEADS, BLOCK_SIZE, HEAD_DIM) for _ in range(2)]
+    raws = [prefill.register_pool(pool).to_bytes() for pool in src]
+    transports = [FakeTransport(clock=clock) for _ in range(2)]
+    ranks = [RankPulls(t, 0, pp_rank) for pp_rank, t in enumerate(transports)]
+    pools = [torch.zeros_like(pool) for pool in src]
+    geometry = PullGeometry(NUM_LAYERS, NUM_KV_HEADS, Parallelism(1, 2), Parallelism(1, 2))
+    puller = RankPuller(InProcessRanks(ranks, pools), geometry, "fake")  # type: ignore[arg-type]
+    puller.open_peers({0: RankDescriptors(((raws[0], None), (None, raws[1])))})
+    assert [[p is None for p in r._peers[0]] for r in ranks] == [[False, True], [True, False]]
+    request, migration = _migration()
+    puller.start(request, migration, np.array([1, 3], np.int32), clock.now)
+    (done,) = puller.poll(clock.now)
+    assert done.outcome is PullOutcome.SUCCESS, done.error
+    for stage in range(2):
+        assert torch.equal(pools[stage][[1, 3]], src[stage][[2, 0]])
+    ranks[0].open_peers({0: RankDescriptors(((None, raws[1]), (None, raws[1])))}, geometry)
+    error = ranks[0].submit(pools[0], 7, 0, [2], np.array([1], np.int32))
+    assert "prefill rank 0's pool was not opened here" in error
+    with pytest.raises(ValueError, match="decode rank 2 has no descriptors"):
+        RankDescriptors(((raws[0], None), (None, raws[1]))).for_rank(2)
+    prefill.close()

@@ -1,5 +1,5 @@
 """The ray launcher's choices that need no cluster: which node each instance goes to, and
-which transport each (prefill, decode) pair and each instance uses."""
+which transport each (prefill rank, decode rank) pair and each instance uses."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ from distserve_rt.config import DisaggConfig
 from distserve_rt.distributed.ray_cluster import ClusterNode
 from distserve_rt.engine.disagg.instance import InstanceRole
 from distserve_rt.engine.disagg.ray_placement import (
+    InstanceLayout,
     assign_nodes,
     instance_transports,
-    pair_transport,
+    node_transport,
+    rank_transports,
 )
 
 P, D = InstanceRole.PREFILL, InstanceRole.DECODE
@@ -76,18 +78,55 @@ def test_instance_nodes_config_accepts_stage_lists():
         DisaggConfig(instance_nodes=[[]])
 
 
+def _layouts(*entries) -> list[InstanceLayout]:
+    """TP=1 instances: a bare node is one stage there, a tuple one node per stage."""
+    return [InstanceLayout(1, e if isinstance(e, tuple) else (e,)) for e in entries]
+
+
 def test_transport_chosen_per_pair_not_per_instance():
-    assert pair_transport(0, 0, "auto") == "shm" and pair_transport(0, 1, "auto") == "nixl"
-    assert pair_transport(0, 0, "nixl") == "nixl"  # asked for: used even on one node
+    assert node_transport(0, 0, "auto") == "shm" and node_transport(0, 1, "auto") == "nixl"
+    assert node_transport(0, 0, "nixl") == "nixl"  # asked for: used even on one node
     # 2P2D on 2 nodes: every instance has a peer on its node and one on the other.
-    assert instance_transports([P, P, D, D], [0, 1, 0, 1], "auto") == ["shm+nixl"] * 4
-    assert instance_transports([P, D], [0, 1], "auto") == ["nixl", "nixl"]
-    assert instance_transports([P, D, D], [0, 0, 1], "auto") == ["shm+nixl", "shm", "nixl"]
+    assert instance_transports([P, P, D, D], _layouts(0, 1, 0, 1), 4, "auto") == ["shm+nixl"] * 4
+    assert instance_transports([P, D], _layouts(0, 1), 4, "auto") == ["nixl", "nixl"]
+    assert instance_transports([P, D, D], _layouts(0, 0, 1), 4, "auto") == [
+        "shm+nixl",
+        "shm",
+        "nixl",
+    ]
 
 
-def test_a_pair_with_an_end_spanning_nodes_uses_nixl():
-    """shm only when both ends are wholly on one node: a spanning end has ranks elsewhere."""
-    assert pair_transport((0, 0), (0,), "auto") == "shm"
-    assert pair_transport((0, 1), (0,), "auto") == "nixl"
-    assert pair_transport((0,), (1, 0), "auto") == "nixl"
-    assert instance_transports([P, D, D], [(0, 1), (0,), (1,)], "auto") == ["nixl"] * 3
+def test_transport_chosen_per_rank_pair_between_ranks_that_move_kv():
+    """[decode rank][prefill rank]: only stages whose layers overlap move KV (None: the
+    pair reads nothing), shm when both ranks are on one node."""
+    aligned = InstanceLayout(1, (0, 1))
+    assert rank_transports(aligned, aligned, 4, "auto") == (("shm", None), (None, "shm"))
+    assert rank_transports(aligned, InstanceLayout(1, (1, 0)), 4, "auto") == (
+        ("nixl", None),
+        (None, "nixl"),
+    )
+    # A one-stage decode on node 0 reads both prefill stages: one local, one remote.
+    assert rank_transports(aligned, InstanceLayout(1, (0,)), 4, "auto") == (("shm", "nixl"),)
+    # TP=2 x PP=2 prefill, PP=4 decode two stages a node (aligned): every rank of a stage
+    # pair on one node; decode stage j reads prefill stage j // 2 (its layers), both TP ranks.
+    p, d = InstanceLayout(2, (0, 1)), InstanceLayout(1, (0, 0, 1, 1))
+    assert rank_transports(p, d, 8, "auto") == (
+        ("shm", "shm", None, None),
+        ("shm", "shm", None, None),
+        (None, None, "shm", "shm"),
+        (None, None, "shm", "shm"),
+    )
+    assert rank_transports(p, d, 8, "nixl")[0] == ("nixl", "nixl", None, None)  # as asked
+
+
+def test_an_aligned_pair_needs_no_nixl_a_crossed_one_does():
+    """An end spanning nodes no longer forces nixl: the rank pairs decide."""
+    assert instance_transports([P, D], _layouts((0, 1), (0, 1)), 4, "auto") == ["shm", "shm"]
+    assert instance_transports([P, D, D], _layouts((0, 1), (0, 1), (1, 0)), 4, "auto") == [
+        "shm+nixl",
+        "shm",
+        "nixl",
+    ]
+    # A whole-node decode reads a spanning prefill's stages through both.
+    assert instance_transports([P, D], _layouts((0, 1), 0), 4, "auto") == ["shm+nixl"] * 2
+    assert instance_transports([P], _layouts(0), 4, "auto") == ["shm"]  # no peer

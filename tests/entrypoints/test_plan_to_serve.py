@@ -7,16 +7,26 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+from types import SimpleNamespace
 
 import pytest
 import yaml
 
 from distserve_rt import SamplingParams
+from distserve_rt.config.parallelism import Parallelism
 from distserve_rt.entrypoints import engine_args
 from distserve_rt.entrypoints.cli import build_parser, main
-from distserve_rt.planner.latency_model import FittedCoefficients
+from distserve_rt.entrypoints.plan import placement_file
+from distserve_rt.metrics.slo import SLO
+from distserve_rt.models.presets import get_preset
+from distserve_rt.planner.candidates import Algorithm, Candidate
+from distserve_rt.planner.cluster import ClusterSpec
+from distserve_rt.planner.latency_model import ConstantLatencyModel, FittedCoefficients
+from distserve_rt.planner.placement import PlanInputs, PlanResult
 from distserve_rt.planner.placement_file import load_placement
-from distserve_rt.planner.profiles import ProfileEntry, ProfileSet
+from distserve_rt.planner.profiles import ProfileEntry, ProfileSet, load_profile
+from distserve_rt.planner.simulator import DisaggSpec, SimInstanceSpec
+from distserve_rt.workloads import Workload
 
 
 def _plan(tmp_path, capsys, *flags: str) -> tuple[dict, object]:
@@ -222,3 +232,35 @@ def test_plan_names_the_node_of_each_instance_and_serve_ray_takes_them(tmp_path,
     else:  # "2 x colocated tp8" here: not built on Ray, said before anything starts
         with pytest.raises(NotImplementedError, match="colocated engines on Ray"):
             engine_args.configs_from_args(args)
+
+
+def test_an_algorithm_2_pair_over_2_nodes_is_written_aligned_and_serve_ray_takes_it(tmp_path):
+    """Issue 10: the search's pair across 2 nodes (prefill tp4pp2 + decode tp2pp4, 4 + 4
+    devices on each 8-device node) is written with a node per stage, stage k of both
+    instances on the node of their common layer segment (the decode's 2 stages a node);
+    the file round-trips and `serve --placement --launcher ray` runs that layout."""
+    inputs = PlanInputs(
+        model=get_preset("llama-3-70b"),
+        cluster=ClusterSpec(num_nodes=2, devices_per_node=8),
+        workload=Workload.from_dataset("chat").sample(10, seed=0),
+        slo=SLO(0.25, 0.1),
+        profile=load_profile("a100-80g-distserve"),
+        rate=1.0,
+        show_progress=False,
+    )
+    spec = SimInstanceSpec(ConstantLatencyModel(0.1, 0.01), 1000)
+    pair = Candidate(
+        Algorithm.PAIRS_IN_NODES, Parallelism(4, 2), Parallelism(2, 4), 1, 1, 2.0, 2.0,
+        DisaggSpec(spec, spec, 1, 1), num_nodes_spanned=2,
+    )  # fmt: skip
+    planned = placement_file(
+        SimpleNamespace(model="llama-3-70b"), PlanResult(inputs, pair, [pair], [])
+    )
+    assert planned.nodes == {"prefill": [[0, 1]], "decode": [[0, 0, 1, 1]]}
+    path = planned.save(tmp_path / "placement.yaml")
+    assert load_placement(path).to_dict() == planned.to_dict()
+    args = build_parser().parse_args(["serve", "--placement", str(path), "--launcher", "ray"])
+    _, placement, disagg = engine_args.configs_from_args(args)
+    assert disagg.instance_nodes == ((0, 1), (0, 0, 1, 1))
+    assert (placement.prefill.tp, placement.prefill.pp) == (4, 2)
+    assert (placement.decode.tp, placement.decode.pp) == (2, 4)

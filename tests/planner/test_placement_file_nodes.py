@@ -1,6 +1,6 @@
 """Placement files name the node of each instance (`nodes`): plan packs whole instances
-onto nodes, prefill first; a file naming nodes the placement or cluster does not have is
-refused in one line."""
+onto nodes, prefill first, or aligns Algorithm-2 pairs spanning nodes stage by stage; a
+file naming nodes the placement or cluster does not have is refused in one line."""
 
 from __future__ import annotations
 
@@ -18,6 +18,23 @@ def test_assign_nodes_packs_whole_instances_prefill_first():
     nodes = assign_nodes(PhasePlacement(4, 1, 3), PhasePlacement(2, 1, 2), devices_per_node=8)
     assert nodes == {"prefill": [0, 0, 1], "decode": [1, 1]}
     assert assign_nodes(PhasePlacement(16, 1, 1), None, devices_per_node=8) == {}
+
+
+def test_assign_nodes_aligns_pairs_spanning_nodes():
+    """Algorithm 2 over 2 nodes: node j of a pair group holds the same layers (stages
+    j * pp / 2 ..) of its prefill and its decode instances; a pair puts 2 x 2 + 1 x 4 / 2
+    = 4 devices on each node, so 2 pairs share a group of two 8-device nodes."""
+    nodes = assign_nodes(PhasePlacement(2, 2, 3), PhasePlacement(1, 4, 3), 8, 2)
+    assert nodes == {
+        "prefill": [[0, 1], [0, 1], [2, 3]],
+        "decode": [[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 3, 3]],
+    }
+    with pytest.raises(ValueError, match="as many decode instances as prefill ones"):
+        assign_nodes(PhasePlacement(2, 2, 2), PhasePlacement(1, 2, 1), 8, 2)
+    with pytest.raises(ValueError, match="pp divisible by 2"):
+        assign_nodes(PhasePlacement(2, 2, 1), PhasePlacement(1, 3, 1), 8, 2)
+    with pytest.raises(ValueError, match="puts 10 devices on each of its 2 nodes"):
+        assign_nodes(PhasePlacement(8, 2, 1), PhasePlacement(2, 2, 1), 8, 2)
 
 
 def _file(**kw) -> dict:

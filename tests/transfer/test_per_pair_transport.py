@@ -1,5 +1,6 @@
 """The per-pair transport: one pool exported through shm and nixl, each peer read through
-the transport chosen for its pair (and the transfer labelled with it), nothing else."""
+the transport chosen for its pair (and the transfer labelled with it), nothing else; and
+descriptors chosen per (decode rank, prefill rank) pair."""
 
 from __future__ import annotations
 
@@ -8,7 +9,12 @@ import torch
 
 from distserve_rt.core.kv_cache import KVCacheSpec
 from distserve_rt.transfer import PoolDescriptor, TransferStatus, create_transport
-from distserve_rt.transfer.per_pair import PoolDescriptorSet, select_descriptor
+from distserve_rt.transfer.per_pair import (
+    PoolDescriptorSet,
+    descriptors_for_rank,
+    select_descriptor,
+    select_rank_descriptors,
+)
 from tests.transfer.peer_process import ucx_over_tcp
 
 pytest.importorskip("nixl_cu12", reason="the nixl transport needs nixl-cu12")
@@ -64,3 +70,26 @@ def test_unexported_transport_refused():
 
 def _fields(d: PoolDescriptor) -> dict:
     return {name: getattr(d, name) for name in d.__slots__}
+
+
+def test_descriptors_selected_per_rank_pair():
+    """[decode rank][prefill rank] transports pick each pair's descriptor from the prefill
+    ranks' announced sets (None: not sent); a row of the wrong length is refused."""
+    shm = create_transport("shm")
+    try:
+        d = PoolDescriptor.from_bytes(shm.register_pool(shm.allocate_pool(SPEC)).to_bytes())
+        both = PoolDescriptorSet((d, PoolDescriptor(**{**_fields(d), "transport": "nixl"})))
+        raws = [both.to_bytes(), both.to_bytes()]
+        chosen = select_rank_descriptors(raws, [("shm", None), ("nixl", "shm")])
+        names = [
+            [r and PoolDescriptor.from_bytes(r).transport for r in row] for row in chosen.by_rank
+        ]
+        assert names == [["shm", None], ["nixl", "shm"]]
+        assert descriptors_for_rank(chosen, 1) == list(chosen.by_rank[1])
+        assert descriptors_for_rank(raws, 5) == raws  # one choice for every rank
+        with pytest.raises(
+            ValueError, match="chosen for 1 prefill ranks, the prefill instance announced 2"
+        ):
+            select_rank_descriptors(raws, [("shm",)])
+    finally:
+        shm.close()

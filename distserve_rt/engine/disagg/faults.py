@@ -352,7 +352,7 @@ class FaultyPuller(Puller):
         self.POLL_INTERVAL_S = inner.POLL_INTERVAL_S
         self._held: dict[str, FinishedPull] = {}
 
-    def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
+    def open_peers(self, descriptors: dict) -> None:
         self.inner.open_peers(descriptors)
 
     def _submit(

@@ -35,6 +35,7 @@ from distserve_rt.transfer import (
     kv_head_range,
     plan_kv_pulls,
 )
+from distserve_rt.transfer.per_pair import RankDescriptors, descriptors_for_rank
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,18 +77,20 @@ def submit_pulls(
 ) -> list[TransferHandle]:
     """Submits the pulls that fill this rank's part of `dst_block_ids` (`plan_kv_pulls`).
 
-    `peers`: the prefill instance's opened pools, rank order (``pp_rank * tp + tp_rank``).
+    `peers`: the prefill instance's opened pools, rank order (``pp_rank * tp + tp_rank``);
+    None for a rank this one was told moves it no KV (`per_pair.RankDescriptors`): a pull
+    that needs it is refused (ValueError), never sent another way.
     At equal parallelism every rank copies whole blocks from the same rank.
     """
     g = geometry
     if g.src == g.dst:
-        peer = peers[g.dst_pp_rank * g.src.tp_size + g.dst_tp_rank]
+        peer = _peer(peers, g.dst_pp_rank * g.src.tp_size + g.dst_tp_rank)
         return [transport.submit(peer, pool, src_block_ids, dst_block_ids)]
     plans = plan_kv_pulls(g.num_layers, g.num_kv_heads, g.src, g.dst, g.dst_tp_rank, g.dst_pp_rank)
     handles: list[TransferHandle] = []
     try:
         for p in plans:
-            peer = peers[p.src_pp_rank * g.src.tp_size + p.src_tp_rank]
+            peer = _peer(peers, p.src_pp_rank * g.src.tp_size + p.src_tp_rank)
             handles.append(transport.submit(peer, pool, src_block_ids, dst_block_ids, p.kv_slice))
     except Exception:
         # The caller fails the migration and frees `dst_block_ids`: the slices already
@@ -96,6 +99,23 @@ def submit_pulls(
             handle.wait(SUBMITTED_DRAIN_TIMEOUT_S)
         raise
     return handles
+
+
+def _peer(peers: Sequence[object], rank: int) -> object:
+    peer = peers[rank]
+    if peer is None:
+        raise ValueError(
+            f"prefill rank {rank}'s pool was not opened here: the placement chose no "
+            f"transport for this rank pair (their layers do not overlap)"
+        )
+    return peer
+
+
+def open_peer_list(transport: KVTransport, raws: list[bytes | None]) -> list[object]:
+    """Each prefill rank's pool opened through `transport` (None stays None: not read)."""
+    return [
+        None if raw is None else transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
+    ]
 
 
 def pull_error(handles: Sequence[TransferHandle]) -> str | None:
@@ -134,11 +154,9 @@ class KVPuller(Puller):
         self.geometry = geometry
         self._peers: dict[int, list[object]] = {}
 
-    def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
+    def open_peers(self, descriptors: dict[int, list[bytes] | RankDescriptors]) -> None:
         for index, raws in descriptors.items():
-            self._peers[index] = [
-                self.transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
-            ]
+            self._peers[index] = open_peer_list(self.transport, descriptors_for_rank(raws, 0))
 
     def _submit(
         self, request: Request, migration: Migrate, dst_block_ids: np.ndarray, now: float

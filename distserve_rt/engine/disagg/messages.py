@@ -72,8 +72,9 @@ class Abort:
 class PeerPools:
     """The prefill instances' pool descriptors (to decode instances, once at start-up)."""
 
-    descriptors: dict[int, list[bytes]]
-    """Prefill instance index -> one descriptor per rank (`Ready.pool_descriptors`)."""
+    descriptors: dict[int, list]
+    """Prefill instance index -> one descriptor per rank (`Ready.pool_descriptors`), or
+    per decode rank a descriptor per prefill rank (`transfer.per_pair.RankDescriptors`)."""
 
 
 @dataclass(slots=True)

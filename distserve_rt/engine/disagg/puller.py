@@ -24,6 +24,7 @@ from distserve_rt.core.request import Request
 from distserve_rt.engine.disagg.messages import Migrate
 from distserve_rt.engine.protocol import TransferTotals
 from distserve_rt.transfer import TransferHandle
+from distserve_rt.transfer.per_pair import RankDescriptors
 
 PULL_TIMEOUT_S = 60.0
 """Default `Puller.timeout_s`: a pull of a few blocks takes microseconds to milliseconds,
@@ -99,9 +100,10 @@ class Puller(abc.ABC):
         return len(self.pulls)
 
     @abc.abstractmethod
-    def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
+    def open_peers(self, descriptors: dict[int, list[bytes] | RankDescriptors]) -> None:
         """Maps each prefill instance's pools once: ``{prefill index: [descriptor bytes of
-        each rank, rank order]}`` (raises `transfer.PeerUnavailableError`)."""
+        each rank, rank order]}``, or a `RankDescriptors` choosing them per rank pair
+        (raises `transfer.PeerUnavailableError`)."""
 
     def start(
         self, request: Request, migration: Migrate, dst_block_ids: np.ndarray, now: float

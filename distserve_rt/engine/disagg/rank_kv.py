@@ -37,7 +37,12 @@ from distserve_rt.config import EngineConfig
 from distserve_rt.core.request import Request
 from distserve_rt.distributed.launch import RankContext, send_ok
 from distserve_rt.engine.disagg.devices import make_transport
-from distserve_rt.engine.disagg.kv_migration import PullGeometry, pull_error, submit_pulls
+from distserve_rt.engine.disagg.kv_migration import (
+    PullGeometry,
+    open_peer_list,
+    pull_error,
+    submit_pulls,
+)
 from distserve_rt.engine.disagg.messages import Migrate
 from distserve_rt.engine.disagg.puller import (
     PULL_TIMEOUT_S,
@@ -46,7 +51,8 @@ from distserve_rt.engine.disagg.puller import (
     Puller,
     PullOutcome,
 )
-from distserve_rt.transfer import KVTransport, PoolDescriptor, TransferHandle
+from distserve_rt.transfer import KVTransport, TransferHandle
+from distserve_rt.transfer.per_pair import RankDescriptors, descriptors_for_rank
 from distserve_rt.worker.multiproc_executor import MultiprocExecutor
 from distserve_rt.worker.step_batch import StepBatch, StepSampling
 from distserve_rt.worker.worker_process import WorkerProcess
@@ -76,8 +82,9 @@ class ExportKVCommand:
 class OpenPeersCommand:
     """-> None, once this decode rank mapped every prefill rank's pool."""
 
-    descriptors: dict[int, list[bytes]]
-    """Prefill index -> descriptor bytes of each of its ranks, rank order."""
+    descriptors: dict[int, list[bytes] | RankDescriptors]
+    """Prefill index -> descriptor bytes of each of its ranks, rank order (the same for
+    every rank), or chosen per rank pair (`per_pair.RankDescriptors`: each rank its row)."""
     geometry: PullGeometry
     """The instance's (each rank puts in its own TP and PP rank)."""
 
@@ -187,14 +194,15 @@ class RankPulls:
             f"{', '.join(t.__name__ for t in self.COMMANDS)}"
         )
 
-    def open_peers(self, descriptors: dict[int, list[bytes]], geometry: PullGeometry) -> None:
+    def open_peers(
+        self, descriptors: dict[int, list[bytes] | RankDescriptors], geometry: PullGeometry
+    ) -> None:
         self._geometry = dataclasses.replace(
             geometry, dst_tp_rank=self.tp_rank, dst_pp_rank=self.pp_rank
         )
+        rank = self.pp_rank * geometry.dst.tp_size + self.tp_rank
         for index, raws in descriptors.items():
-            self._peers[index] = [
-                self.transport.open_peer(PoolDescriptor.from_bytes(raw)) for raw in raws
-            ]
+            self._peers[index] = open_peer_list(self.transport, descriptors_for_rank(raws, rank))
 
     def submit(
         self,
@@ -273,7 +281,7 @@ class RankPuller(Puller):
         self._gathers: dict[int, _Gather] = {}  # by pull id
         self._pull_ids = itertools.count()
 
-    def open_peers(self, descriptors: dict[int, list[bytes]]) -> None:
+    def open_peers(self, descriptors: dict[int, list[bytes] | RankDescriptors]) -> None:
         self.executor.broadcast(OpenPeersCommand(descriptors, self.geometry))
 
     def _submit(

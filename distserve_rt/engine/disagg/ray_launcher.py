@@ -17,11 +17,12 @@ handle's ``sentinel`` and ``death_reason``. A spanning instance's rank on anothe
 dies fails the instance's executor (`WorkerFailedError`), so the instance dies by the same
 rules.
 
-KV transport per pair (`transfer.per_pair`): shm when both ends are wholly on one node,
-nixl otherwise (different nodes, or either end spanning nodes); an instance with peers of
-both kinds exports and reads through ``shm+nixl``. (DistServe's "aligned" placement, each
-stage's prefill and decode on one node with a local transport per stage, is not built:
-spanning pairs move KV over nixl, correct but not the fastest.)
+KV transport per (prefill rank, decode rank) pair (`ray_placement.rank_transports`,
+`transfer.per_pair.RankDescriptors`): shm when both ranks are on one node, nixl otherwise,
+between ranks whose layers overlap; an instance whose rank pairs need both exports and
+reads through ``shm+nixl``. DistServe's "aligned" placement (each node holding the same
+layers of a prefill and a decode instance, as `drt-run plan` writes Algorithm-2 pairs)
+so moves all its KV over shm even though both instances span nodes.
 """
 
 from __future__ import annotations
@@ -45,14 +46,17 @@ from distserve_rt.engine.disagg.launcher import instance_specs
 from distserve_rt.engine.disagg.messages import InstanceStatus
 from distserve_rt.engine.disagg.pipe_sender import PipeSender
 from distserve_rt.engine.disagg.ray_placement import (
+    InstanceLayout,
+    RankTransports,
     StageNodes,
     assign_nodes,
     instance_transports,
-    pair_transport,
+    rank_transports,
     stage_nodes,
 )
 from distserve_rt.logger import init_logger
-from distserve_rt.transfer.per_pair import select_descriptor
+from distserve_rt.transfer.per_pair import RankDescriptors, select_rank_descriptors
+from distserve_rt.worker.multiproc_executor import load_model_config
 
 logger = init_logger(__name__)
 
@@ -100,8 +104,9 @@ class RayInstanceHandle:
         self.status: InstanceStatus | None = None
         self.num_queued_tokens = 0
         self.num_assigned = 0
-        self.pair_transports: dict[int, str] = {}
-        """Decode instances: prefill index -> the transport of that pair."""
+        self.rank_transports: dict[int, RankTransports] = {}
+        """Decode instances: prefill index -> the transport of each (this instance's rank,
+        that instance's rank) pair (`ray_placement.rank_transports`)."""
         self.death_reason: str | None = None
         self._read_fd, self._write_fd = os.pipe()
         self._pid = pid
@@ -161,10 +166,13 @@ class RayInstanceHandle:
     def send(self, message: object) -> bool:
         return self.alive and self._sender is not None and self._sender.send(message)
 
-    def select_peer_descriptors(self, descriptors: dict[int, list[bytes]]) -> dict[int, list]:
-        """The prefill pools' descriptors of the transport chosen for each pair."""
+    def select_peer_descriptors(
+        self, descriptors: dict[int, list[bytes]]
+    ) -> dict[int, RankDescriptors]:
+        """Per prefill instance, each of this instance's ranks gets the descriptor of the
+        transport chosen for each of its rank pairs (none for a pair that moves no KV)."""
         return {
-            index: [select_descriptor(raw, self.pair_transports[index]) for raw in raws]
+            index: select_rank_descriptors(raws, self.rank_transports[index])
             for index, raws in descriptors.items()
         }
 
@@ -206,11 +214,14 @@ def launch_ray_instances(
     shapes = [(tp, num_ranks // tp) for tp, num_ranks in shapes]
     nodes = assign_nodes(shapes, cluster, dc.instance_nodes)
     roles = [s.role for s in specs]
-    names = instance_transports(roles, nodes, dc.transport)
-    if dc.transport == "shm" and "nixl" in "".join(instance_transports(roles, nodes, "auto")):
+    layouts = [InstanceLayout(tp, n) for (tp, _), n in zip(shapes, nodes, strict=True)]
+    num_layers = load_model_config(config.model).num_layers
+    names = instance_transports(roles, layouts, num_layers, dc.transport)
+    auto = instance_transports(roles, layouts, num_layers, "auto")
+    if dc.transport == "shm" and "nixl" in "".join(auto):
         raise ValueError(
-            "transport='shm' cannot reach across nodes (instances on different nodes, or one "
-            "spanning nodes); use 'auto' or 'nixl'"
+            "transport='shm' cannot reach across nodes (a prefill rank and a decode rank "
+            "that move KV are on different nodes); use 'auto' or 'nixl'"
         )
     specs = [
         dataclasses.replace(s, transport=t, cpu_cores=None)
@@ -228,13 +239,7 @@ def launch_ray_instances(
             pid = ray.get(actor.pid.remote(), timeout=CONNECT_TIMEOUT_S)
             run_ref = actor.run.remote(spec, address, authkey)
             handles.append(RayInstanceHandle(spec, group, stages, run_ref, pid))
-        prefills = [h for h in handles if h.role is InstanceRole.PREFILL]
-        for h in handles:
-            if h.role is InstanceRole.DECODE:
-                h.pair_transports = {
-                    p.spec.index: pair_transport(p.stage_nodes, h.stage_nodes, dc.transport)
-                    for p in prefills
-                }
+        _choose_rank_transports(handles, layouts, num_layers, dc.transport)
         _accept_all(listener, handles)
     except BaseException:
         for h in handles:
@@ -247,6 +252,27 @@ def launch_ray_instances(
         ", ".join(f"{h.name} on {h.node_ip} ({h.spec.transport})" for h in handles),
     )
     return handles
+
+
+def _choose_rank_transports(
+    handles: list[RayInstanceHandle], layouts: list[InstanceLayout], num_layers: int, transport: str
+) -> None:
+    """Each decode handle's `rank_transports` with every prefill instance (logged, one
+    line a decode instance: how many of its rank pairs with each prefill use which)."""
+    prefills = [
+        (h, lay) for h, lay in zip(handles, layouts, strict=True) if h.role is InstanceRole.PREFILL
+    ]
+    for h, layout in zip(handles, layouts, strict=True):
+        if h.role is not InstanceRole.DECODE:
+            continue
+        told = []
+        for p, p_layout in prefills:
+            chosen = rank_transports(p_layout, layout, num_layers, transport)
+            h.rank_transports[p.spec.index] = chosen
+            used = [t for row in chosen for t in row if t is not None]
+            counts = ", ".join(f"{used.count(t)} {t}" for t in sorted(set(used)))
+            told.append(f"{p.name}: {counts}")
+        logger.info("%s rank pairs: %s", h.name, "; ".join(told))
 
 
 def _place(

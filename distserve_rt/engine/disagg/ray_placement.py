@@ -1,46 +1,96 @@
-"""Where the ray launcher puts each instance and how each (prefill, decode) pair moves KV:
+"""Where the ray launcher puts each instance and how each pair of ranks moves KV:
 pure decisions on the cluster's node list (`ray_cluster.ClusterNode`), tested without Ray.
 
 An instance goes wholly on one node when one has room; otherwise its PP stages go to
 nodes (a stage's TP group never splits). Ranks are stage-major, as `distributed.launch`
 lays them out (rank = pp_rank * tp + tp_rank), so each stage's ranks share a node.
+
+KV moves per (prefill rank, decode rank) pair (`rank_transports`): shm when both ranks are
+on one node, nixl otherwise, and only between ranks whose layers overlap. DistServe's
+"aligned" placement (`drt-run plan`'s Algorithm-2 files: each node holds the same layer
+segment of a prefill and a decode instance) thus keeps every pull on its node.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from distserve_rt.distributed import ray_cluster
+from distserve_rt.distributed.parallel_state import partition_layers
 from distserve_rt.engine.disagg.instance import InstanceRole
 
 StageNodes = tuple[int, ...]
 """The node index of each PP stage of one instance (every stage's TP ranks on its node)."""
 
 
-def pair_transport(
-    prefill_nodes: int | StageNodes, decode_nodes: int | StageNodes, transport: str
-) -> str:
-    """The transport one (prefill, decode) pair moves KV through: the configured one, or
-    for "auto" shm when both instances are wholly on one node, nixl otherwise (ends on
-    different nodes, or either spanning nodes; never a fallback)."""
+@dataclass(frozen=True, slots=True)
+class InstanceLayout:
+    """Where one instance's ranks run: its TP size and the node of each PP stage."""
+
+    tp: int
+    stage_nodes: StageNodes
+
+    @property
+    def num_ranks(self) -> int:
+        return self.tp * len(self.stage_nodes)
+
+    def node_of(self, rank: int) -> int:
+        return self.stage_nodes[rank // self.tp]
+
+
+RankTransports = tuple[tuple[str | None, ...], ...]
+"""``[decode rank][prefill rank]``: the transport that rank pair moves KV through, None
+where it moves none (their layers do not overlap)."""
+
+
+def node_transport(prefill_node: int, decode_node: int, transport: str) -> str:
+    """The transport between two ranks: the configured one, or for "auto" shm when both
+    are on one node and nixl otherwise (never a fallback)."""
     if transport != "auto":
         return transport
-    nodes = set(stage_nodes(prefill_nodes)) | set(stage_nodes(decode_nodes))
-    return "shm" if len(nodes) == 1 else "nixl"
+    return "shm" if prefill_node == decode_node else "nixl"
+
+
+def rank_transports(
+    prefill: InstanceLayout, decode: InstanceLayout, num_layers: int, transport: str
+) -> RankTransports:
+    """The transport of each (decode rank, prefill rank) pair of one (prefill, decode)
+    pair of instances. Only ranks of stages whose layers overlap move KV
+    (`transfer.plan_kv_pulls` reads a decode stage's layers from those stages alone; a
+    TP group shares its node, so its heads do not change the choice): an aligned pair,
+    each node holding the same layers of both instances, needs no nixl at all."""
+    p_ranges = partition_layers(num_layers, len(prefill.stage_nodes))
+    d_ranges = partition_layers(num_layers, len(decode.stage_nodes))
+    rows = []
+    for d_rank in range(decode.num_ranks):
+        d0, d1 = d_ranges[d_rank // decode.tp]
+        row = []
+        for p_rank in range(prefill.num_ranks):
+            p0, p1 = p_ranges[p_rank // prefill.tp]
+            overlap = max(d0, p0) < min(d1, p1)
+            node_pair = prefill.node_of(p_rank), decode.node_of(d_rank)
+            row.append(node_transport(*node_pair, transport) if overlap else None)
+        rows.append(tuple(row))
+    return tuple(rows)
 
 
 def instance_transports(
-    roles: list[InstanceRole], nodes: list[int | StageNodes], transport: str
+    roles: list[InstanceRole], layouts: list[InstanceLayout], num_layers: int, transport: str
 ) -> list[str]:
-    """Per instance, what it exports (prefill) or reads (decode) through: one transport,
-    or ``shm+nixl`` when its peers are on its node and on others."""
+    """Per instance, what it exports (prefill) or reads (decode) through: the transports
+    of its rank pairs with every peer (`rank_transports`), ``shm+nixl`` when they need
+    both."""
     names = []
-    for role, node in zip(roles, nodes, strict=True):
-        peers = [n for r, n in zip(roles, nodes, strict=True) if r is not role]
-        used = {
-            pair_transport(node, p, transport) if role is InstanceRole.PREFILL else
-            pair_transport(p, node, transport)
-            for p in peers
-        }  # fmt: skip
-        names.append("+".join(t for t in ("shm", "nixl") if t in used) or "shm")
+    for role, layout in zip(roles, layouts, strict=True):
+        used: set[str | None] = set()
+        for peer_role, peer in zip(roles, layouts, strict=True):
+            if peer_role is role:
+                continue
+            pair = (layout, peer) if role is InstanceRole.PREFILL else (peer, layout)
+            used.update(t for row in rank_transports(*pair, num_layers, transport) for t in row)
+        joined = "+".join(t for t in ("shm", "nixl") if t in used)
+        # No peers (a lone instance): what the configured rule gives ranks on one node.
+        names.append(joined or node_transport(0, 0, transport))
     return names
 
 
