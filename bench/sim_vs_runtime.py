@@ -439,10 +439,7 @@ def main(argv=None) -> int:
             same = [r for r in rows if r["rate"] == rate]
             summaries.append({"target": target.name, "rate": rate, **summarize_repeats(same)})
         # Saved after every target: a long run stopped later keeps what it measured.
-        _save(
-            args, workload, slo, targets, cals, ctx.instance_cals, ctx.at_load_cals, probe,
-            repeats, summaries, skipped,
-        )  # fmt: skip
+        _save(args, workload, slo, targets, cals, ctx, probe, repeats, summaries, skipped)
     return 0 if summaries and not skipped else 1
 
 
@@ -471,6 +468,9 @@ class Context:
     """1P1D's calibration from its running instances (`--no-instance-profile`: none)."""
     at_load_cals: dict[str, Calibration] = field(default_factory=dict)
     """``target@rate`` -> its calibration at that rate (`--at-load-requests`)."""
+    at_load_skipped: dict[str, str] = field(default_factory=dict)
+    """``target@rate`` -> why its steps at that rate could not be fitted (that rate's
+    repeats then have no ``simulated_at_load`` row)."""
 
 
 def _run_target(ctx: Context, target: Target, cal: Calibration) -> tuple[Target, list[dict]]:
@@ -526,12 +526,18 @@ def _calibrate_at_load(ctx: Context, engine, target: Target, cal: Calibration, r
     held_out = Workload.synthetic(n, *_length_dists(args), seed=seed)
     arrival = np.cumsum(unit_interarrivals(n, seed=seed)) / rate
     desc = f"{target.name} calibration @ {rate:g} req/s"
+    key = f"{target.name}@{rate:g}"
     with tqdm(total=n, desc=desc, unit="req", leave=False) as bar:
-        at_load = calibrate_at_load(
-            engine, cal, arrival, held_out, seed=seed, hardware=hardware_name("cpu"),
-            progress=bar.update,
-        )  # fmt: skip
-    ctx.at_load_cals[f"{target.name}@{rate:g}"] = at_load
+        try:
+            at_load = calibrate_at_load(
+                engine, cal, arrival, held_out, seed=seed, hardware=hardware_name("cpu"),
+                progress=bar.update,
+            )  # fmt: skip
+        except ValueError as exc:  # too few steps of a kind to fit (chunked prefill at load)
+            print(f"{key}: no calibration at the rate: {exc}", flush=True)
+            ctx.at_load_skipped[key] = str(exc)
+            return None
+    ctx.at_load_cals[key] = at_load
     return at_load
 
 
@@ -554,17 +560,7 @@ def _line(s) -> str:
 
 
 def _save(
-    args,
-    workload,
-    slo,
-    targets,
-    cals,
-    instance_cals,
-    at_load_cals,
-    probe,
-    repeats,
-    summaries,
-    skipped,
+    args, workload, slo, targets, cals, ctx: Context, probe, repeats, summaries, skipped
 ) -> None:
     payload = {
         "benchmark": "sim_vs_runtime",
@@ -584,7 +580,7 @@ def _save(
         "command": " ".join(sys.argv),
         "targets": {t.name: t.setup.describe() for t in targets},
         "profiles": {str(k): c.describe() for k, c in cals.items()},
-        "instance_profiles": {k: c.describe() for k, c in instance_cals.items()},
+        "instance_profiles": {k: c.describe() for k, c in ctx.instance_cals.items()},
         "drift_probe": {**probe.to_dict(), "repeats": args.probe_repeats},
         "max_abs_gap_pp": max(abs(s["gap_pp"]) for s in summaries),
         "max_abs_gap_rescaled_pp": max(abs(s["gap_rescaled_pp"]) for s in summaries),
@@ -595,7 +591,8 @@ def _save(
             (abs(s["gap_at_load_pp"]) for s in summaries if "gap_at_load_pp" in s), default=None
         ),
         "at_load_requests": args.at_load_requests,
-        "at_load_profiles": {k: c.describe() for k, c in at_load_cals.items()},
+        "at_load_profiles": {k: c.describe() for k, c in ctx.at_load_cals.items()},
+        "at_load_skipped": ctx.at_load_skipped,
         "skipped_targets": skipped,
         "summaries": summaries,
         "repeats": repeats,
