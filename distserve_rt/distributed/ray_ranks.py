@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import queue
 import secrets
 import threading
-import time
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
 from distserve_rt.distributed import ray_cluster
+from distserve_rt.distributed.connect_back import accept_named
 from distserve_rt.distributed.launch import (
     LaunchConfig,
     RankProcess,
@@ -165,7 +164,10 @@ class RayRankStarter(RankStarter):
                 if rank not in by_rank:
                     started[rank] = spawn_rank(rank, launch, init_method, target, args)
                     self._spawned.append(started[rank][1])  # type: ignore[index]
-            for rank, conn in self._accept(listener, by_rank, launch.timeout_s).items():
+            for rank, conn in accept_named(
+                listener, by_rank, lambda r: _ended(by_rank[r]), launch.timeout_s,
+                f"{self.name}: rank",
+            ).items():  # fmt: skip
                 started[rank] = (conn, by_rank[rank])
         finally:
             listener.close()
@@ -188,46 +190,6 @@ class RayRankStarter(RankStarter):
         options = dict(name=name, num_cpus=1, max_restarts=0, scheduling_strategy=strategy)
         return ray.remote(RayRankActor).options(**options).remote()
 
-    def _accept(
-        self, listener: Listener, by_rank: dict[int, RayRank], timeout_s: float
-    ) -> dict[int, Connection]:
-        """Each Ray rank's connection (it names its rank first); a rank that ended before
-        connecting is reported at once, none connecting within `timeout_s` is an error."""
-        accepted: queue.Queue = queue.Queue()
-
-        def accept() -> None:
-            for _ in by_rank:
-                try:
-                    conn = listener.accept()
-                    accepted.put((conn.recv(), conn))
-                except (OSError, EOFError) as exc:  # closed by the caller, or a bad peer
-                    accepted.put((None, exc))
-                    return
-
-        threading.Thread(target=accept, name=f"accept-{self.name}", daemon=True).start()
-        deadline = time.monotonic() + timeout_s
-        conns: dict[int, Connection] = {}
-        while len(conns) < len(by_rank):
-            try:
-                rank, conn = accepted.get(timeout=0.1)
-            except queue.Empty:
-                dead = [r for r, rr in by_rank.items() if r not in conns and not rr.is_alive()]
-                if dead:
-                    why = by_rank[dead[0]].death_reason or "returned"
-                    raise RuntimeError(
-                        f"{self.name}: rank {dead[0]} failed to start: {why}"
-                    ) from None
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"{self.name}: ranks {sorted(set(by_rank) - set(conns))} did not "
-                        f"connect back within {timeout_s:g} s"
-                    ) from None
-                continue
-            if rank not in by_rank:
-                raise RuntimeError(f"{self.name}: accepting the ranks' connections: {conn}")
-            conns[rank] = conn
-        return conns
-
     def close(self) -> None:
         """Kills the Ray ranks, and the spawned ones a failed `start` left running."""
         for proc in self._spawned:
@@ -239,3 +201,8 @@ class RayRankStarter(RankStarter):
             # Its node may be gone: then so is the actor.
             with contextlib.suppress(Exception):
                 ray_cluster.import_ray().kill(actor, no_restart=True)
+
+
+def _ended(rank: RayRank) -> str | None:
+    """Why a Ray rank ended before connecting back (None while it runs)."""
+    return None if rank.is_alive() else rank.death_reason or "returned"

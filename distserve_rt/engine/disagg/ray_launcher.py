@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import queue
 import secrets
 import threading
 import time
@@ -37,6 +36,7 @@ from multiprocessing.connection import Client, Connection, Listener
 
 from distserve_rt.config import DisaggConfig, EngineConfig, Placement
 from distserve_rt.distributed import ray_cluster
+from distserve_rt.distributed.connect_back import accept_named
 from distserve_rt.distributed.ray_ranks import RankPlacement
 from distserve_rt.distributed.ray_worker_group import RayWorkerGroup
 from distserve_rt.engine.disagg.child import describe_reply
@@ -322,41 +322,14 @@ def check_ray_config(config: EngineConfig, dc: DisaggConfig, fault_plan: FaultPl
 
 
 def _accept_all(listener: Listener, handles: list[RayInstanceHandle]) -> None:
-    """Accepts each actor's connection (it names its instance first). Waits at most
+    """Attaches each actor's connection (it names its instance first), within
     CONNECT_TIMEOUT_S; an actor that failed before connecting is reported at once."""
     by_name = {h.name: h for h in handles}
-    accepted: queue.Queue = queue.Queue()
-
-    def accept() -> None:
-        for _ in handles:
-            try:
-                conn = listener.accept()
-                accepted.put((conn.recv(), conn))
-            except (OSError, EOFError) as exc:  # closed by the caller, or a bad peer
-                accepted.put((None, exc))
-                return
-
-    threading.Thread(target=accept, name="ray-accept", daemon=True).start()
-    deadline = time.monotonic() + CONNECT_TIMEOUT_S
-    pending = set(by_name)
-    while pending:
-        try:
-            name, conn = accepted.get(timeout=0.1)
-        except queue.Empty:
-            dead = [h for h in handles if h.name in pending and h.death_reason is not None]
-            if dead:
-                why = dead[0].death_reason
-                raise RuntimeError(f"{dead[0].name} failed to start: {why}") from None
-            if time.monotonic() > deadline:
-                raise TimeoutError(
-                    f"instances {sorted(pending)} placed but not connected to the controller "
-                    f"within {CONNECT_TIMEOUT_S:g} s"
-                ) from None
-            continue
-        if name is None:
-            raise RuntimeError(f"accepting the instances' connections failed: {conn}")
+    conns = accept_named(
+        listener, by_name, lambda name: by_name[name].death_reason, CONNECT_TIMEOUT_S, "instance"
+    )
+    for name, conn in conns.items():
         by_name[name].attach(conn)
-        pending.discard(name)
 
 
 def _first_line(exc: BaseException) -> str:
