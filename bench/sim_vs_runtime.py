@@ -530,7 +530,8 @@ def _calibrate_at_load(ctx: Context, engine, target: Target, cal: Calibration, r
     with tqdm(total=n, desc=desc, unit="req", leave=False) as bar:
         try:
             at_load = calibrate_at_load(
-                engine, cal, arrival, held_out, seed=seed, hardware=hardware_name("cpu"),
+                engine, cal, arrival, held_out, rate=rate, seed=seed,
+                hardware=hardware_name("cpu"),
                 progress=bar.update,
             )  # fmt: skip
         except ValueError as exc:  # too few steps of a kind to fit (chunked prefill at load)

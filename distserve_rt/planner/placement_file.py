@@ -251,19 +251,28 @@ def _aligned_nodes(
     return out
 
 
-def _check_engine(engine: dict) -> None:
-    if not isinstance(engine, dict):
-        raise ValueError(f"engine must be a mapping of {ENGINE_KEYS}, got {engine!r}")
-    unknown = set(engine) - set(ENGINE_KEYS)
+def _check_section(
+    name: str, raw: dict, keys: tuple, int_keys: tuple, bool_keys: tuple, min_int: int
+) -> None:
+    """The shape both optional sections share: a mapping of known keys, ints >= `min_int`,
+    booleans (the dataclasses serve builds check the ranges fully)."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{name} must be a mapping of {keys}, got {raw!r}")
+    unknown = set(raw) - set(keys)
     if unknown:
-        raise ValueError(f"unknown engine keys {sorted(unknown)}; allowed: {list(ENGINE_KEYS)}")
-    for key in ENGINE_INT_KEYS:
-        value = engine.get(key, 1)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"engine.{key} must be a positive int, got {value!r}")
-    for key in ENGINE_BOOL_KEYS:
-        if not isinstance(engine.get(key, True), bool):
-            raise ValueError(f"engine.{key} must be true or false, got {engine[key]!r}")
+        raise ValueError(f"unknown {name} keys {sorted(unknown)}; allowed: {list(keys)}")
+    for key in int_keys:
+        value = raw.get(key, min_int)
+        if isinstance(value, bool) or not isinstance(value, int) or value < min_int:
+            what = "a positive int" if min_int == 1 else f"an int >= {min_int}"
+            raise ValueError(f"{name}.{key} must be {what}, got {value!r}")
+    for key in bool_keys:
+        if not isinstance(raw.get(key, True), bool):
+            raise ValueError(f"{name}.{key} must be true or false, got {raw[key]!r}")
+
+
+def _check_engine(engine: dict) -> None:
+    _check_section("engine", engine, ENGINE_KEYS, ENGINE_INT_KEYS, ENGINE_BOOL_KEYS, 1)
     fraction = engine.get("gpu_memory_utilization", 1.0)
     if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         raise ValueError(f"engine.gpu_memory_utilization must be in (0, 1], got {fraction!r}")
@@ -274,18 +283,7 @@ def _check_engine(engine: dict) -> None:
 def _check_disagg(disagg: dict) -> None:
     """A malformed ``disagg`` refused in one line (DisaggConfig checks the ranges fully when
     serve builds it; ints >= 0 here, as it allows)."""
-    if not isinstance(disagg, dict):
-        raise ValueError(f"disagg must be a mapping of {DISAGG_KEYS}, got {disagg!r}")
-    unknown = set(disagg) - set(DISAGG_KEYS)
-    if unknown:
-        raise ValueError(f"unknown disagg keys {sorted(unknown)}; allowed: {list(DISAGG_KEYS)}")
-    for key in DISAGG_INT_KEYS:
-        value = disagg.get(key, 0)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-            raise ValueError(f"disagg.{key} must be an int >= 0, got {value!r}")
-    for key in DISAGG_BOOL_KEYS:
-        if not isinstance(disagg.get(key, True), bool):
-            raise ValueError(f"disagg.{key} must be true or false, got {disagg[key]!r}")
+    _check_section("disagg", disagg, DISAGG_KEYS, DISAGG_INT_KEYS, DISAGG_BOOL_KEYS, 0)
 
 
 def _phase(raw, key: str) -> PhasePlacement | None:

@@ -685,7 +685,9 @@ def test_calibrate_at_load_refits_on_the_steps_served_at_the_rate():
     held_out = Workload("h", rng.integers(8, 64, 40), rng.integers(2, 12, 40))
     arrival = np.cumsum(rng.exponential(0.01, 40))
     try:
-        cal = calibrate_at_load(engine, wrong, arrival, held_out, seed=1, hardware="cpu")
+        cal = calibrate_at_load(
+            engine, wrong, arrival, held_out, rate=100.0, seed=1, hardware="cpu"
+        )
     finally:
         engine.shutdown()
     m = cal.profile.measurement

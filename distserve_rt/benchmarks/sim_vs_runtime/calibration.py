@@ -194,18 +194,20 @@ def calibrate_at_load(
     arrival: np.ndarray,
     workload,
     *,
+    rate: float,
     seed: int,
     hardware: str,
     progress=None,
 ) -> Calibration:
     """``cal`` refitted on ``engine``'s own steps while it serves ``workload`` (held-out
     requests: other lengths, arrivals and prompt tokens than the compared runs') at
-    ``arrival``, the rate a run is compared at: the batch shapes, idle gaps and the other
-    instance's load are those of that rate, which a closed-loop profile does not have
-    (1P1D's decode steps ran 0.85-1.02x its instance profile depending on the rate, its
-    prefill steps 1.06-1.26x; bench/README.md). The steps after an idle wait are in the
-    fit and its noise, so no wake-up cost is added on top (``wake`` None). The drift-probe
-    reference stays ``cal``'s: the probe compares the machine with the first profile."""
+    ``arrival`` (``rate`` req/s, the rate a run is compared at): the batch shapes, idle
+    gaps and the other instance's load are those of that rate, which a closed-loop profile
+    does not have (1P1D's decode steps ran 0.85-1.02x its instance profile depending on
+    the rate, its prefill steps 1.06-1.26x; bench/README.md). The steps after an idle
+    wait are in the fit and its noise, so no wake-up cost is added on top (``wake``
+    None). The drift-probe reference stays ``cal``'s: the probe compares the machine with
+    the first profile."""
     from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
     from distserve_rt.planner.profiler import fit_engine_profile
 
@@ -215,7 +217,6 @@ def calibrate_at_load(
     finally:
         records = log.records()
         engine.disable_step_log()
-    rate = (len(arrival) - 1) / float(arrival[-1] - arrival[0]) if len(arrival) > 1 else 0.0
     kinds = [r.shape.kind for r in records]
     measurement = {
         "device": "cpu",
