@@ -14,9 +14,11 @@ the simulator as profiled and drift-rescaled).
 Simulator (``--simulator``): by default the scheduler-driven simulators (the engine's own
 schedulers on a simulated clock, each step's time drawn from the profile's measured
 step-time noise of its own kind, a different noise seed per repeat); ``fast`` keeps the
-fast simulators (deterministic) for comparison. A step that starts after the instance
-idled also pays the wake-up cost measured after each profile (`wake.measure_wake`: the
-engine's thread pool sleeps while idle; ``--no-wake`` leaves it out).
+fast simulators (deterministic) for comparison. Each simulated instance replays the
+measured noise sequence of its step kind in blocks (`step_noise.ReplayedDraws`), so slow
+stretches and isolated spikes come as they were measured. A step that starts after the
+instance idled also pays the wake-up cost measured after each profile (`wake.measure_wake`:
+the engine's thread pool sleeps while idle; ``--no-wake`` leaves it out).
 
 1P1D (driven): calibrated on its running instances (`profile_instances`, unless
 ``--no-instance-profile``); the time between its processes that no step shows is measured
@@ -50,7 +52,9 @@ served at that rate with the step log on, and the latency model refitted on thos
 (``simulated_at_load``, ``gap_at_load_pp``). A closed-loop profile has other batch shapes,
 idle gaps and load on the other core than a served rate has (1P1D's steps ran 0.85-1.26x
 its instance profile, depending on the rate). It is a prediction: its steps are other
-requests' than the compared runs'.
+requests' than the compared runs'. A step kind served too rarely to fit its form (chunked
+prefill at a rate runs almost no prefill-only steps) keeps the profile's form, scaled to
+the steps it had (the profile's ``measurement.borrowed``).
 
 SLOs and rates adapt to the machine, so that attainment spans ~30-100%: the SLOs are
 multiples of the profile's unloaded step times (``--ttft-scale``, ``--tpot-scale``), and
@@ -534,7 +538,7 @@ def _calibrate_at_load(ctx: Context, engine, target: Target, cal: Calibration, r
                 hardware=hardware_name("cpu"),
                 progress=bar.update,
             )  # fmt: skip
-        except ValueError as exc:  # too few steps of a kind to fit (chunked prefill at load)
+        except ValueError as exc:  # too few decode steps to fit, even with the fallback
             print(f"{key}: no calibration at the rate: {exc}", flush=True)
             ctx.at_load_skipped[key] = str(exc)
             return None

@@ -346,7 +346,7 @@ def _print_summary(profile, path: Path) -> None:
         q = noise.quantiles
         print(
             f"  step time / model {kind:<8} p10 {q[2]:.2f}  p50 {q[10]:.2f}  p90 {q[18]:.2f}"
-            f"  autocorrelation {noise.autocorrelation:.2f}"
+            f"  autocorrelation {noise.autocorrelation:.2f}  replays {len(noise.sequence)} steps"
             if len(q) == 21
             else f"  step time / model {kind}: {len(q)} quantiles"
         )

@@ -13,6 +13,7 @@ Samples (times in ms, lengths in tokens):
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -172,6 +173,8 @@ class EngineStepFit:
     """Per-step error on steps whose shapes the fit never saw, keyed by step kind."""
     noise: dict[str, StepTimeNoise]
     """measured/predicted per step kind, and "all" pooled (`step_noise`)."""
+    borrowed: tuple[str, ...] = ()
+    """Fit groups whose coefficients came from ``fit_engine_steps``' ``fallback``."""
 
 
 def _step_table(records) -> dict[str, np.ndarray]:
@@ -250,9 +253,13 @@ def _kind_masks(c: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"prefill": has_p & ~has_d, "decode": has_d & ~has_p, "mixed": has_p & has_d}
 
 
-def _fit_kinds(c, masks, overhead: float, threshold: int) -> dict[str, np.ndarray]:
-    """Coefficients per fit group ("prefill", "decode_small", "decode_large", "mixed")."""
-    fits = {}
+def _fit_kinds(
+    c, masks, overhead: float, threshold: int, fallback: FittedCoefficients | None = None
+) -> tuple[dict[str, np.ndarray], tuple[str, ...]]:
+    """Coefficients per fit group ("prefill", "decode_small", "decode_large", "mixed"), and
+    the groups borrowed from ``fallback`` (too few distinct shapes to fit their form: its
+    coefficients, scaled so they predict the mean of the group's steps when it has any)."""
+    fits, borrowed = {}, []
     groups = {
         "prefill": masks["prefill"],
         "decode_small": masks["decode"] & (c["num_decodes"] < threshold),
@@ -263,13 +270,33 @@ def _fit_kinds(c, masks, overhead: float, threshold: int) -> dict[str, np.ndarra
         x = _design(name.split("_")[0], c)[mask]
         if len(np.unique(x, axis=0)) >= 2 * x.shape[1]:  # twice the unknowns, at least
             fits[name] = _fit_offset_medians(x, c["ms"][mask], overhead, f"{name} fit")
+        elif fallback is not None and mask.any() and getattr(fallback, name) is not None:
+            fits[name] = _rescaled(np.asarray(getattr(fallback, name)), x, c["ms"][mask], overhead)
+            borrowed.append(name)
+    if fallback is not None:  # a kind without a single step keeps the fallback's as is
+        decode_fitted = any(k.startswith("decode") for k in fits)
+        for name in groups:
+            if decode_fitted and name.startswith("decode"):
+                continue  # the other decode group stands in, as without a fallback
+            if name not in fits and getattr(fallback, name) is not None:
+                fits[name] = np.asarray(getattr(fallback, name))
+                borrowed.append(name)
     for kind in ("prefill", "decode"):
         if not any(k.startswith(kind) for k in fits):
             raise ValueError(
                 f"engine step fit: too few {kind}-only steps ({int(masks[kind].sum())}); the "
                 f"workload must produce at least 6 of distinct shapes (run more steps)"
             )
-    return fits
+    return fits, tuple(borrowed)
+
+
+def _rescaled(coef: np.ndarray, x: np.ndarray, y: np.ndarray, overhead: float) -> np.ndarray:
+    """``coef`` scaled so that ``overhead + x·coef`` predicts the mean of ``y`` (as a fit
+    is, `_fit_offset_medians`); unchanged when it puts every step at the overhead."""
+    work = x @ coef
+    if np.any(work <= 0):
+        return coef
+    return coef * max(float(np.mean((y - overhead) / work)), 0.0)
 
 
 def _coefficients(fits, overhead: float, threshold: int) -> FittedCoefficients:
@@ -307,7 +334,11 @@ def _select(c: dict[str, np.ndarray], mask: np.ndarray) -> dict[str, np.ndarray]
 
 
 def fit_engine_steps(
-    records, decode_threshold: int = 95, held_out: float = 0.2, seed: int = 0
+    records,
+    decode_threshold: int = 95,
+    held_out: float = 0.2,
+    seed: int = 0,
+    fallback: FittedCoefficients | None = None,
 ) -> EngineStepFit:
     """The latency model of the steps an engine recorded (`engine.step_log`).
 
@@ -318,7 +349,11 @@ def fit_engine_steps(
       mixed steps are fitted only when there are enough of them;
     * **held-out error**: the fit is repeated without a random ``held_out`` share of each
       kind's shapes and judged on their steps (shapes it never saw);
-    * **noise**: measured/predicted per step of each kind (`StepTimeNoise`, mean 1).
+    * **noise**: measured/predicted per step of each kind (`StepTimeNoise`, mean 1);
+    * **fallback** (optional, e.g. a closed-loop profile's): the coefficients of a group with
+      too few distinct shapes to fit its form (chunked prefill served at a rate runs almost
+      no prefill-only steps), scaled to the mean of its steps (`EngineStepFit.borrowed`).
+      Without one, too few prefill- or decode-only shapes is an error.
     """
     if not 0 <= held_out < 1:
         raise ValueError(f"held_out must be a fraction in [0, 1), got {held_out!r}")
@@ -327,15 +362,16 @@ def fit_engine_steps(
         raise ValueError("engine step fit: needs recorded steps with durations > 0")
     overhead = max(float(np.median(c["host_ms"])), 0.0)
     masks = _kind_masks(c)
-    co = _coefficients(_fit_kinds(c, masks, overhead, decode_threshold), overhead, decode_threshold)
+    fits, borrowed = _fit_kinds(c, masks, overhead, decode_threshold, fallback)
+    co = _coefficients(fits, overhead, decode_threshold)
     rng = np.random.default_rng(seed)
     test = np.zeros(c["ms"].size, dtype=bool)
     for kind, mask in masks.items():
         test |= _split(mask, _design(kind, c), rng, held_out)
     train = _select(c, ~test)
-    train_fits = _fit_kinds(train, _kind_masks(train), overhead, decode_threshold)
+    train_fits, _ = _fit_kinds(train, _kind_masks(train), overhead, decode_threshold, fallback)
     train_co = _coefficients(train_fits, overhead, decode_threshold)
-    return _judge(co, train_co, c, masks, test)
+    return dataclasses.replace(_judge(co, train_co, c, masks, test), borrowed=borrowed)
 
 
 def _judge(co, train_co, c, masks, test) -> EngineStepFit:

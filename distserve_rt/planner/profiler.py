@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from distserve_rt.models.config import ModelConfig
+from distserve_rt.planner.latency_model import FittedCoefficients
 from distserve_rt.planner.profile_fit import (
     fit_analytic_form,
     fit_engine_steps,
@@ -173,11 +174,17 @@ def fit_engine_profile(
     held_out: float = 0.2,
     source: str = "",
     measurement: dict[str, object] | None = None,
+    fallback: FittedCoefficients | None = None,
 ) -> ProfileSet:
     """A one-entry `ProfileSet` for ``(model.name, tp)`` fitted from the engine's step
-    ``records`` (`engine.step_log.StepRecord`s), with held-out error and step noise."""
-    fit = fit_engine_steps(records, decode_threshold, held_out)
+    ``records`` (`engine.step_log.StepRecord`s), with held-out error and step noise.
+    ``fallback``: coefficients for step kinds the records have too few shapes of
+    (`fit_engine_steps`); the groups taken from it are in ``measurement["borrowed"]``."""
+    fit = fit_engine_steps(records, decode_threshold, held_out, fallback=fallback)
     entry = ProfileEntry(
         model.name, tp, fit.coefficients, fit.fit_error, fit.held_out_error, fit.noise
     )
-    return ProfileSet(hardware, [entry], source, measurement=dict(measurement or {}))
+    measurement = dict(measurement or {})
+    if fit.borrowed:
+        measurement["borrowed"] = list(fit.borrowed)
+    return ProfileSet(hardware, [entry], source, measurement=measurement)

@@ -10,7 +10,8 @@ Schema (``schema_version`` 2; times in ms, lengths in tokens)::
                   "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...},
                   "held_out_error": {"decode": {...}, ...},               # optional
                   "step_noise": {"decode": [21 quantiles], ..., "all": [...]},  # optional
-                  "step_noise_autocorrelation": {"decode": 0.8, ...}}],  # optional, 0
+                  "step_noise_autocorrelation": {"decode": 0.8, ...},  # optional, 0
+                  "step_noise_sequence": {"decode": [ratios in step order], ...}}],  # opt.
      "analytic": {"coefficients": {"c1": .., ..., "attn_block_size": 128},
                   "fit_error": {...}},           # optional
      "measurement": {"hardware": .., "model": .., "dtype": "float32", "tp": 1, "pp": 1,
@@ -243,6 +244,9 @@ def _engine_fit_dict(entry: ProfileEntry) -> dict[str, object]:
         out["step_noise_autocorrelation"] = {
             k: v.autocorrelation for k, v in entry.step_noise.items()
         }
+        sequences = {k: list(v.sequence) for k, v in entry.step_noise.items() if v.sequence}
+        if sequences:
+            out["step_noise_sequence"] = sequences
     return out
 
 
@@ -271,7 +275,11 @@ def profile_from_dict(raw: dict, where: str = "profile") -> ProfileSet:
                 _fit_errors(e.get("fit_error", {})),
                 _fit_errors(e.get("held_out_error", {})),
                 {
-                    k: StepTimeNoise(tuple(q), e.get("step_noise_autocorrelation", {}).get(k, 0.0))
+                    k: StepTimeNoise(
+                        tuple(q),
+                        e.get("step_noise_autocorrelation", {}).get(k, 0.0),
+                        tuple(e.get("step_noise_sequence", {}).get(k, ())),
+                    )
                     for k, q in e.get("step_noise", {}).items()
                 },
             )

@@ -11,7 +11,10 @@ from distserve_rt.planner.latency_model import FittedCoefficients, FittedLatency
 from distserve_rt.planner.profile_fit import fit_engine_steps
 from distserve_rt.planner.step_noise import (
     CORRELATION_BLOCK_STEPS,
+    MAX_SEQUENCE_STEPS,
     NUM_QUANTILES,
+    REPLAY_MEAN_BLOCK_STEPS,
+    ReplayedDraws,
     StepTimeNoise,
     fit_autocorrelation,
 )
@@ -200,3 +203,98 @@ def test_too_few_steps_of_a_kind_is_a_clear_error():
         fit_engine_steps(steps)
     with pytest.raises(ValueError, match="held_out must be a fraction"):
         fit_engine_steps(_steps(300, 0.0), held_out=1.0)
+
+
+def _without_prefill_only(steps: list[StepRecord], keep: int) -> list[StepRecord]:
+    """``steps`` with only the first ``keep`` prefill-only steps (chunked prefill at load)."""
+    out, kept = [], 0
+    for s in steps:
+        if s.shape.num_prefills and not s.shape.num_decodes:
+            if kept == keep:
+                continue
+            kept += 1
+        out.append(s)
+    return out
+
+
+def test_a_kind_with_too_few_shapes_borrows_the_fallback_scaled_to_its_steps():
+    steps = _without_prefill_only(_steps(600, sigma=0.0), keep=3)
+    with pytest.raises(ValueError, match="too few prefill-only steps"):
+        fit_engine_steps(steps)
+    # A fallback twice as slow on prefill: its form is kept, its level is the steps'.
+    slow = FittedCoefficients(
+        tuple(2 * c for c in TRUE.prefill), TRUE.decode_small, TRUE.decode_large,
+        overhead=TRUE.overhead, mixed=TRUE.mixed,
+    )  # fmt: skip
+    fit = fit_engine_steps(steps, fallback=slow)
+    assert fit.borrowed == ("prefill",)
+    assert np.allclose(fit.coefficients.prefill, TRUE.prefill, rtol=0.02)
+    # The kinds with enough shapes are fitted from the steps, not taken from the fallback.
+    assert fit.coefficients.decode_small[0] == pytest.approx(TRUE.decode_small[0], rel=0.05)
+    assert fit.coefficients.mixed[1] == pytest.approx(TRUE.mixed[1], rel=0.05)
+
+
+def test_a_kind_without_steps_keeps_the_fallback_as_it_is():
+    steps = _without_prefill_only(_steps(600, sigma=0.0), keep=0)
+    slow = FittedCoefficients((4.0, 0.02, 2e-5), TRUE.decode_small, TRUE.decode_large)
+    fit = fit_engine_steps(steps, fallback=slow)
+    assert fit.borrowed == ("prefill",)
+    assert fit.coefficients.prefill == slow.prefill
+    assert "prefill" not in fit.noise  # no steps of it: no measured spread either
+    # A fallback is not used where the steps fit: all kinds present, nothing borrowed.
+    assert fit_engine_steps(_steps(600, sigma=0.0), fallback=slow).borrowed == ()
+
+
+def _block_variance(x: np.ndarray, m: int) -> float:
+    """Variance of the means of ``m`` consecutive values over that of independent ones."""
+    n = x.size // m
+    return m * float(x[: n * m].reshape(n, m).mean(axis=1).var()) / float(x.var())
+
+
+def test_replay_keeps_the_measured_distribution_and_its_dependence_at_every_lag():
+    # Isolated spikes on top of slow stretches: the shape one AR(1) cannot give both of.
+    rng = np.random.default_rng(0)
+    slow = np.exp(0.08 * _ar1(0.995, 4000))
+    spikes = np.where(rng.random(4000) < 0.03, 2.5, 1.0)
+    measured = slow * spikes
+    noise = StepTimeNoise.from_ratios(measured)
+    assert len(noise.sequence) == 4000
+    assert np.mean(noise.sequence) == pytest.approx(1.0, abs=1e-3)
+    process = noise.process()
+    assert isinstance(process, ReplayedDraws) and noise.process() is not process
+    draws = np.asarray([process.sample(rng) for _ in range(40000)])
+    ref = np.asarray(noise.sequence)
+    assert np.quantile(draws, [0.1, 0.5, 0.9, 0.99]) == pytest.approx(
+        np.quantile(ref, [0.1, 0.5, 0.9, 0.99]), rel=0.03
+    )
+    # The spikes stay isolated (lag 1 as measured) and the stretches long (block variance
+    # over 128 steps as measured, well above independent draws').
+    lag1 = np.corrcoef(ref[:-1], ref[1:])[0, 1]
+    assert np.corrcoef(draws[:-1], draws[1:])[0, 1] == pytest.approx(lag1, abs=0.05)
+    assert _block_variance(draws, 128) == pytest.approx(_block_variance(ref, 128), rel=0.35)
+    assert _block_variance(draws, 128) > 5
+    # sample() stays independent draws from the table.
+    plain = np.asarray([noise.sample(rng) for _ in range(20000)])
+    assert abs(np.corrcoef(plain[:-1], plain[1:])[0, 1]) < 0.05
+
+
+def test_replay_jumps_to_a_random_position_once_per_mean_block():
+    sequence = tuple(float(i + 1) for i in range(1000))
+    draws = ReplayedDraws(sequence, mean_block=50)
+    rng = np.random.default_rng(3)
+    values = np.asarray([draws.sample(rng) for _ in range(20000)])
+    steps = np.diff(values)
+    jumps = np.count_nonzero((steps != 1) & (steps != -999))  # -999: wrapped around
+    assert jumps / values.size == pytest.approx(1 / 50, rel=0.15)
+    with pytest.raises(ValueError, match="mean_block must be >= 1"):
+        ReplayedDraws(sequence, mean_block=0)
+    assert REPLAY_MEAN_BLOCK_STEPS > CORRELATION_BLOCK_STEPS
+
+
+def test_only_the_first_steps_are_kept_and_bad_sequences_are_refused():
+    noise = StepTimeNoise.from_ratios(np.exp(0.1 * _ar1(0.5, MAX_SEQUENCE_STEPS + 500)))
+    assert len(noise.sequence) == MAX_SEQUENCE_STEPS
+    with pytest.raises(ValueError, match="sequence must hold finite factors > 0, got 0.0"):
+        StepTimeNoise((0.9, 1.1), sequence=(1.0, 0.0))
+    # Without a sequence (a profile written before it) the AR(1) process stands in.
+    assert StepTimeNoise((0.9, 1.1), 0.5).process().z is None

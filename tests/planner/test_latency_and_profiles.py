@@ -159,6 +159,7 @@ def test_engine_profile_round_trips_and_gives_back_its_noise(tmp_path):
     assert again.entries == profile.entries and again.measurement == profile.measurement
     noise = again.step_noise("llama-tiny", 1)
     assert noise is not None and noise == profile.entries[0].step_noise["all"]
+    assert len(noise.sequence) == 50  # the replayed steps survive the file
     decode = again.step_noise(get_preset("llama-tiny"), 1, "decode")
     assert decode.quantiles == noise.quantiles and decode.autocorrelation == 0.6
     assert again.step_noise("llama-tiny", 1, "mixed") is None

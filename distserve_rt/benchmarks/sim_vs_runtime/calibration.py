@@ -72,7 +72,8 @@ class Calibration:
 
 
 def _describe_noise(noise) -> dict[str, object]:
-    """Quantiles and autocorrelation of ``noise``: one table, or one per step kind."""
+    """Quantiles, autocorrelation and replayed steps of ``noise`` (the sequences themselves
+    are in the embedded profile): one table, or one per step kind."""
     if noise is None:
         return {"step_noise": None, "step_noise_autocorrelation": None}
     by_kind = getattr(noise, "by_kind", None)
@@ -80,11 +81,13 @@ def _describe_noise(noise) -> dict[str, object]:
         return {
             "step_noise": getattr(noise, "quantiles", None),
             "step_noise_autocorrelation": getattr(noise, "autocorrelation", None),
+            "step_noise_replayed_steps": len(getattr(noise, "sequence", ())),
         }
     kinds = {**by_kind, "all": noise.fallback}
     return {
         "step_noise": {k: list(n.quantiles) for k, n in kinds.items()},
         "step_noise_autocorrelation": {k: n.autocorrelation for k, n in kinds.items()},
+        "step_noise_replayed_steps": {k: len(n.sequence) for k, n in kinds.items()},
     }
 
 
@@ -229,9 +232,12 @@ def calibrate_at_load(
         "num_steps": {k: kinds.count(k) for k in ("prefill", "decode", "mixed")},
     }
     model = engine.model_config
+    # Chunked prefill at a rate runs almost no prefill-only steps: that kind keeps the
+    # profile's form, scaled to the few it ran (`fit_engine_steps`' fallback).
+    entry = cal.profile.find(model.name, 1)
     profile = fit_engine_profile(
         records, model, hardware=hardware, source="sim_vs_runtime steps served at the rate",
-        measurement=measurement,
+        measurement=measurement, fallback=None if entry is None else entry.coefficients,
     )  # fmt: skip
     return dataclasses.replace(
         cal, profile=profile, latency=profile.latency_model(model, 1),
