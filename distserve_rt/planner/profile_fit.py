@@ -273,12 +273,12 @@ def _fit_kinds(
         elif fallback is not None and mask.any() and getattr(fallback, name) is not None:
             fits[name] = _rescaled(np.asarray(getattr(fallback, name)), x, c["ms"][mask], overhead)
             borrowed.append(name)
-    if fallback is not None:  # a kind without a single step keeps the fallback's as is
+    if fallback is not None:  # a needed kind without a single step keeps the fallback's
         decode_fitted = any(k.startswith("decode") for k in fits)
-        for name in groups:
+        for name in ("prefill", "decode_small", "decode_large"):  # mixed: optional
             if decode_fitted and name.startswith("decode"):
                 continue  # the other decode group stands in, as without a fallback
-            if name not in fits and getattr(fallback, name) is not None:
+            if name not in fits:
                 fits[name] = np.asarray(getattr(fallback, name))
                 borrowed.append(name)
     for kind in ("prefill", "decode"):

@@ -243,6 +243,12 @@ def test_a_kind_without_steps_keeps_the_fallback_as_it_is():
     assert "prefill" not in fit.noise  # no steps of it: no measured spread either
     # A fallback is not used where the steps fit: all kinds present, nothing borrowed.
     assert fit_engine_steps(_steps(600, sigma=0.0), fallback=slow).borrowed == ()
+    # Mixed steps are optional (continuous batching runs none): none ran, none borrowed.
+    no_mixed = [
+        s for s in _steps(600, sigma=0.0) if not (s.shape.num_prefills and s.shape.num_decodes)
+    ]
+    fit = fit_engine_steps(no_mixed, fallback=TRUE)
+    assert fit.borrowed == () and fit.coefficients.mixed is None
 
 
 def _block_variance(x: np.ndarray, m: int) -> float:

@@ -524,6 +524,7 @@ def test_engine_profile_fits_the_running_engine_with_noise():
     assert m["num_steps"]["prefill"] > 0 and m["num_steps"]["decode"] > 0
     entry = profile.entries[0]
     assert entry.coefficients.overhead > 0  # the host's part of every step
+    assert 0 < m["loop_gap_ms"]["engine"] < 2  # its loop between busy steps
     assert profile.step_noise(engine.model_config, 1) is not None
 
 
@@ -679,7 +680,7 @@ def test_calibrate_at_load_refits_on_the_steps_served_at_the_rate():
     engine = setup.make_engine(bytes_per_token=4 * 2 * 2 * 64 * 4)
     wrong = Calibration(
         1, ProfileSet("cpu", []), ConstantLatencyModel(1.0, 1.0), ProbeTimes(1.0, 1.0), "t",
-        wake=WakePenalty((0.0, 1.0), (0.0, 1.0)),
+        wake=WakePenalty((0.0, 1.0), (0.0, 1.0)), engine_loop_s=1.0,
     )  # fmt: skip
     rng = np.random.default_rng(3)
     held_out = Workload("h", rng.integers(8, 64, 40), rng.integers(2, 12, 40))
@@ -697,6 +698,9 @@ def test_calibrate_at_load_refits_on_the_steps_served_at_the_rate():
     assert cal.probe_reference == wrong.probe_reference
     assert 0 < cal.latency.decode_s(4, 4 * 40) < 0.1  # the engine's steps, not 1 s
     assert 0 < cal.latency.prefill_s(32, 32 * 32) < 0.1
+    # The engine's loop between steps at this rate replaces the profile's (not 1 s).
+    assert 0 < cal.engine_loop_s < 0.002
+    assert m["loop_gap_ms"]["engine"] == pytest.approx(1e3 * cal.engine_loop_s)
 
 
 def test_summarize_repeats_gap_at_load_only_when_every_repeat_has_it():
@@ -727,3 +731,57 @@ def test_loop_gaps_are_the_short_pauses_between_one_kinds_steps():
     assert StepRecord.from_dict(records[0].to_dict()) == records[0]
     old = {k: v for k, v in records[0].to_dict().items() if k != "start_s"}
     assert StepRecord.from_dict(old).start_s is None  # logs written before start_s load
+
+
+def test_engine_loop_is_the_short_pauses_between_any_two_steps():
+    from distserve_rt.benchmarks.sim_vs_runtime.steps import engine_loop_s
+    from distserve_rt.engine.step_log import StepRecord, StepShape
+
+    decode, prefill = StepShape(0, 0, 0, 2, 40), StepShape(1, 32, 32 * 32, 0, 0)
+    records = [
+        StepRecord(prefill, 0.020, 0.019, 1.000),  # pause 0.0002 before the next
+        StepRecord(decode, 0.010, 0.009, 1.0202),  # pause 0.0004: a colocated engine's
+        StepRecord(decode, 0.010, 0.009, 1.0306),  # 0.5 s idle after: not the loop's
+        StepRecord(decode, 0.010, 0.009, 1.5406),
+        StepRecord(decode, 0.010, 0.009, None),  # no start time: skipped
+    ]
+    assert engine_loop_s(records) == pytest.approx(0.0003)
+    assert engine_loop_s(records[2:4]) is None  # only an idle wait
+
+
+def test_the_driven_colocated_simulator_adds_the_engines_loop_to_every_step():
+    from dataclasses import replace
+
+    from distserve_rt.benchmarks.sim_vs_runtime import default_simulator
+
+    setup = ColocatedSetup(ColocatedPolicy.CONTINUOUS_BATCHING, 64, 4, 64, 4 * 64)
+    latency, arrival = ConstantLatencyModel(0.1, 0.01), np.array([0.0, 10.0, 20.0, 30.0])
+    simulate = default_simulator(setup)
+    base = simulate(setup, latency, arrival, WORKLOAD)
+    looped = simulate(replace(setup, loop_s=0.002), latency, arrival, WORKLOAD)
+    np.testing.assert_allclose(looped.ttft, base.ttft + 0.002)
+    one_token = WORKLOAD.output_lens == 1  # no second token: no TPOT
+    np.testing.assert_allclose(looped.tpot, base.tpot + np.where(one_token, 0, 0.002))
+    with pytest.raises(ValueError, match="loop_s must be 0 for the fast simulator"):
+        default_simulator(setup, "fast")(replace(setup, loop_s=0.002), latency, arrival, WORKLOAD)
+    with pytest.raises(ValueError, match="loop_s must be a finite time >= 0 s, got -1"):
+        simulate(replace(setup, loop_s=-1), latency, arrival, WORKLOAD)
+
+
+def test_results_leave_the_at_load_noise_sequences_out():
+    from distserve_rt.benchmarks.sim_vs_runtime.calibration import Calibration
+    from distserve_rt.planner.latency_model import FittedCoefficients
+    from distserve_rt.planner.profiles import ProfileEntry, ProfileSet
+    from distserve_rt.planner.step_noise import StepTimeNoise
+
+    co = FittedCoefficients((1.0, 0.01, 0.0), (1.0, 0.001, 0.01), (1.0, 0.001, 0.01))
+    noise = {"all": StepTimeNoise.from_ratios(np.linspace(0.8, 1.2, 100))}
+    profile = ProfileSet("cpu", [ProfileEntry("llama-tiny", 1, co, step_noise=noise)])
+    cal = Calibration(1, profile, ConstantLatencyModel(1.0, 1.0), ProbeTimes(1.0, 1.0), "t")
+    full, short = cal.describe(), cal.describe(sequences=False)
+    assert len(full["profile"]["entries"][0]["step_noise_sequence"]["all"]) == 100
+    assert "step_noise_sequence" not in short["profile"]["entries"][0]
+    assert (
+        short["profile"]["entries"][0]["step_noise"] == full["profile"]["entries"][0]["step_noise"]
+    )
+    assert "step_noise_sequence" in cal.profile.to_dict()["entries"][0]  # the profile keeps it

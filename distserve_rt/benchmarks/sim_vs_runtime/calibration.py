@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ProbeTimes, pinned
-from distserve_rt.benchmarks.sim_vs_runtime.steps import loop_gaps_s
+from distserve_rt.benchmarks.sim_vs_runtime.steps import engine_loop_s, loop_gaps_s
 from distserve_rt.benchmarks.sim_vs_runtime.wake import WakePenalty, measure_wake
 from distserve_rt.planner.latency_model import LatencyModel
 from distserve_rt.planner.profiles import ProfileSet
@@ -52,9 +52,20 @@ class Calibration:
     """What each simulated step's time is multiplied by (None: the model's mean step)."""
     wake: WakePenalty | None = None
     """Extra time of a step after the instance idled (None: not modelled)."""
+    engine_loop_s: float = 0.0
+    """A colocated engine's loop between two busy steps (s; `steps.engine_loop_s` of the
+    calibration's steps), which its simulation adds to each step (`ColocatedSetup.loop_s`).
+    1P1D's instances' loops are in its `ProcessHops`; 0: not modelled."""
 
-    def describe(self) -> dict[str, object]:
+    def describe(self, *, sequences: bool = True) -> dict[str, object]:
+        """What the results record of this calibration; ``sequences`` False leaves the
+        replayed noise sequences (thousands of numbers per kind) out of the embedded profile
+        (the calibrations at a rate: nothing reloads them, and there are one per rate)."""
         entry = self.profile.entries[0] if self.profile.entries else None
+        profile = self.profile.to_dict()
+        if not sequences:
+            for raw in profile["entries"]:
+                raw.pop("step_noise_sequence", None)
         return {
             "threads": self.threads,
             "hardware": self.profile.hardware,
@@ -66,8 +77,9 @@ class Calibration:
             "drift_probe_reference_source": self.reference_source,
             **_describe_noise(self.noise),
             "wake_penalty": None if self.wake is None else self.wake.to_dict(),
+            "engine_loop_ms": 1e3 * self.engine_loop_s,
             # The whole profile (samples included): --profile can reuse it after extraction.
-            "profile": self.profile.to_dict(),
+            "profile": profile,
         }
 
 
@@ -179,7 +191,7 @@ def _profile_running(
     measurement = {
         "device": "cpu",
         **setting,
-        "loop_gap_ms": {k: 1e3 * v for k, v in loop_gaps_s(records).items()},
+        "loop_gap_ms": _loop_gaps_ms(records, colocated=setting["mode"] == "engine"),
         "repeats": repeats,
         "includes": ["schedule", "execute", "postprocess"],
         "workload": {k: getattr(workload, k) for k in workload.__dataclass_fields__},
@@ -221,9 +233,12 @@ def calibrate_at_load(
         records = log.records()
         engine.disable_step_log()
     kinds = [r.shape.kind for r in records]
+    colocated = not hasattr(engine, "prefills")
+    loops = _loop_gaps_ms(records, colocated=colocated)
     measurement = {
         "device": "cpu",
         "mode": "at_load",
+        "loop_gap_ms": loops,
         "threads": cal.threads,
         "includes": ["schedule", "execute", "postprocess"],
         "num_requests": int(workload.num_requests),
@@ -239,10 +254,30 @@ def calibrate_at_load(
         records, model, hardware=hardware, source="sim_vs_runtime steps served at the rate",
         measurement=measurement, fallback=None if entry is None else entry.coefficients,
     )  # fmt: skip
+    # A colocated engine's loop at this rate replaces the profile's (if it was modelled);
+    # 1P1D keeps the loops of its hops.
+    loop_s = loops.get("engine", 0.0) / 1e3 if colocated and cal.engine_loop_s else 0.0
     return dataclasses.replace(
         cal, profile=profile, latency=profile.latency_model(model, 1),
         noise=profile.step_noise_by_kind(model, 1) if cal.noise is not None else None, wake=None,
+        engine_loop_s=loop_s,
     )  # fmt: skip
+
+
+def _loop_gaps_ms(records, *, colocated: bool) -> dict[str, float]:
+    """Per step kind (`steps.loop_gaps_s`: a 1P1D instance runs one kind) and, for a
+    colocated engine, its loop between any two steps ("engine", `steps.engine_loop_s`)."""
+    out = {k: 1e3 * v for k, v in loop_gaps_s(records).items()}
+    loop = engine_loop_s(records) if colocated else None
+    if loop is not None:
+        out["engine"] = 1e3 * loop
+    return out
+
+
+def engine_loop_from_profile(profile: ProfileSet) -> float:
+    """A colocated engine profile's loop between busy steps (s; 0 when it has none)."""
+    raw = profile.measurement.get("loop_gap_ms") or {}
+    return raw.get("engine", 0.0) / 1e3
 
 
 def loops_from_profile(profile: ProfileSet) -> dict[str, float]:

@@ -4,7 +4,7 @@ measured and rescaled by the probe's ratio, serve the same requests on the engin
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from tqdm import tqdm
@@ -14,7 +14,7 @@ from distserve_rt.benchmarks.sim_vs_runtime.cpu_time import CpuMeter, engine_pid
 from distserve_rt.benchmarks.sim_vs_runtime.drift import DriftProbe, ScaledLatencyModel
 from distserve_rt.benchmarks.sim_vs_runtime.replay import replay
 from distserve_rt.benchmarks.sim_vs_runtime.steps import step_time_ratios
-from distserve_rt.benchmarks.sim_vs_runtime.targets import Target
+from distserve_rt.benchmarks.sim_vs_runtime.targets import ColocatedSetup, Target
 from distserve_rt.engine.protocol import EngineCore
 from distserve_rt.metrics.slo import SLO
 from distserve_rt.planner.step_timer import StepTimer
@@ -55,9 +55,10 @@ def one_run(
     ratio = probe.measure(probe_timer, *instance_cores(engine)).ratio(cal.probe_reference)
     set_threads(run.engine_threads)
     kw = {"noise": cal.noise, "seed": run.noise_seed, "wake": cal.wake}
-    simulated = target.simulate(target.setup, cal.latency, run.arrival, run.workload, **kw)
+    setup = with_loop(target.setup, cal)
+    simulated = target.simulate(setup, cal.latency, run.arrival, run.workload, **kw)
     rescaled_latency = ScaledLatencyModel.from_ratio(cal.latency, ratio)
-    rescaled = target.simulate(target.setup, rescaled_latency, run.arrival, run.workload, **kw)
+    rescaled = target.simulate(setup, rescaled_latency, run.arrival, run.workload, **kw)
     desc = f"{target.name} @ {run.rate:g} req/s"
     # The engine logs its steps (1P1D: each instance its own, gathered by the controller):
     # their times against the model's, in the row.
@@ -91,7 +92,16 @@ def _at_load(run: RunSpec):
     its steps came from other requests than these)."""
     cal = run.at_load
     kw = {"noise": cal.noise, "seed": run.noise_seed, "wake": cal.wake}
-    return run.target.simulate(run.target.setup, cal.latency, run.arrival, run.workload, **kw)
+    setup = with_loop(run.target.setup, cal)
+    return run.target.simulate(setup, cal.latency, run.arrival, run.workload, **kw)
+
+
+def with_loop(setup, cal: Calibration):
+    """A colocated ``setup`` with ``cal``'s engine loop between steps (1P1D: unchanged, its
+    loops are in its hops)."""
+    if isinstance(setup, ColocatedSetup):
+        return replace(setup, loop_s=cal.engine_loop_s)
+    return setup
 
 
 def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
@@ -107,7 +117,8 @@ def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
     if latency is None:
         return None
     kw = {"noise": run.cal.noise, "seed": run.noise_seed, "wake": None}
-    return run.target.simulate(run.target.setup, latency, run.arrival, run.workload, **kw)
+    setup = with_loop(run.target.setup, run.cal)
+    return run.target.simulate(setup, latency, run.arrival, run.workload, **kw)
 
 
 def instance_cores(engine) -> tuple[tuple[int, ...] | None, tuple[int, ...] | None]:

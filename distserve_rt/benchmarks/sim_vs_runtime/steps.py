@@ -74,3 +74,13 @@ def loop_gaps_s(records: Iterable[StepRecord]) -> dict[str, float]:
         if busy:
             out[kind] = sum(busy) / len(busy)
     return out
+
+
+def engine_loop_s(records: Iterable[StepRecord]) -> float | None:
+    """The mean pause (s) between consecutive steps of one colocated engine (any kinds)
+    shorter than `BUSY_GAP_S`: its loop's time per step (building outputs, adding arrived
+    requests), which `ColocatedSetup.loop_s` simulates. None without such a pause."""
+    timed = sorted((r for r in records if r.start_s is not None), key=lambda r: r.start_s)
+    gaps = [b.start_s - (a.start_s + a.duration_s) for a, b in pairwise(timed)]
+    busy = [g for g in gaps if 0 <= g < BUSY_GAP_S]
+    return sum(busy) / len(busy) if busy else None

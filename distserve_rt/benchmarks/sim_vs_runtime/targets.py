@@ -43,6 +43,9 @@ class ColocatedSetup:
     """KV the engine's pool holds (the simulator reserves prompt + output of it)."""
     model: str = "dummy:llama-tiny"
     block_size: int = 16
+    loop_s: float = 0.0
+    """The engine's loop between two busy steps (s), which no step's record holds: the
+    driven simulator adds it to each step (`Calibration.engine_loop_s`)."""
 
     threads_per_instance = None
     """Threads the engine's one process uses: the harness's own setting (None)."""
@@ -157,8 +160,14 @@ def simulate_colocated(
     seed: int = 0,
     wake: Wake | None = None,
 ) -> RunLatencies:
-    """The fast colocated simulator (deterministic, no wake-up cost: both must be None)."""
+    """The fast colocated simulator (deterministic, no wake-up cost or loop: noise and wake
+    must be None, ``setup.loop_s`` 0)."""
     _check_driven_only(noise, wake)
+    if setup.loop_s:
+        raise ValueError(
+            f"loop_s must be 0 for the fast simulator (it has no loop between steps), got "
+            f"{setup.loop_s!r}; use simulator 'driven'"
+        )
     result = ColocatedSimulator(setup.instance_spec(latency), setup.policy).run(
         arrival, workload.prompt_lens, workload.output_lens
     )
@@ -200,6 +209,7 @@ def simulate_colocated_driven(
         noise=noise,
         seed=seed,
         wake=wake,
+        loop_s=setup.loop_s,
     )
     return _run_latencies(sim.run(arrival, workload.prompt_lens, workload.output_lens), arrival)
 

@@ -55,6 +55,9 @@ class SchedulerDrivenColocated:
         seed: seeds the noise's generator.
         wake: extra seconds of a step that starts after the instance idled (its argument,
             s); None: none.
+        loop_s: the engine's loop between two busy steps (s: building outputs, adding the
+            requests that arrived), added to every step as `StepClock` does for a
+            disaggregated instance's; measured from a step log's start times.
     """
 
     def __init__(
@@ -68,9 +71,13 @@ class SchedulerDrivenColocated:
         noise: StepNoise | None = None,
         seed: int = 0,
         wake: Callable[[float], float] | None = None,
+        loop_s: float = 0.0,
     ) -> None:
         check_pp1(spec, "colocated")
+        if not 0 <= loop_s < _INF:
+            raise ValueError(f"loop_s must be a finite time >= 0 s, got {loop_s!r}")
         self.wake = wake
+        self.loop_s = loop_s
         self.spec = spec
         self.policy = ColocatedPolicy(policy)
         self.block_size = block_size
@@ -92,7 +99,7 @@ class SchedulerDrivenColocated:
         self.num_preemptions = 0
         sched = make_scheduler(self.policy.value, make_scheduler_config(self.spec, max_len), bm)
         clock = StepClock(
-            self.spec.latency, self.noise, np.random.default_rng(self.seed), self.wake
+            self.spec.latency, self.noise, np.random.default_rng(self.seed), self.wake, self.loop_s
         )
         n = arrival.size
         requests = [
@@ -129,7 +136,7 @@ class SchedulerDrivenColocated:
         self.num_preemptions = 0
         sched = make_scheduler(self.policy.value, make_scheduler_config(self.spec, max_len), bm)
         clock = StepClock(
-            self.spec.latency, self.noise, np.random.default_rng(self.seed), self.wake
+            self.spec.latency, self.noise, np.random.default_rng(self.seed), self.wake, self.loop_s
         )
         source = ConversationArrivals(workload, max_len)
         step_start = self._drive(sched, clock, source.pop_due, source.next_arrival, source.finished)
