@@ -45,10 +45,12 @@ were measured with, the missing ones are profiled here.
 Drift: before every run, a fixed probe (one prefill, one decode batch; median of
 ``--probe-repeats``) is timed and divided by the same probe timed right after profiling.
 Each run is simulated twice: with the profile as measured, and with its step times scaled
-by that ratio (a gap left after rescaling is the model's, not the machine's). A colocated
-run is simulated a third time at the speed its own steps had (its step log's
-measured/predicted ratio per step kind, ``simulated_in_run``): not a prediction, a split of
-the gap into the step times' level (fit or machine) and the rest (the simulator's).
+by that ratio (a gap left after rescaling is the model's, not the machine's). Every run is
+also simulated at the speed its own steps had (its step log's measured/predicted ratio per
+step kind against the calibration at the rate, else the profile; ``simulated_in_run``): not
+a prediction, a split of the gap into the step times' level (fit or machine) and the rest
+(the simulator's). ``runtime_mean_se_pp`` is the standard error of the runtime's mean over
+the repeats: how far the runtime itself would move on another three.
 
 Calibrated at the rate (``--at-load-requests``, default half of ``--num-requests``): before
 each rate's repeats, held-out requests (the next seed's lengths, arrivals and prompts) are
@@ -569,6 +571,7 @@ def _line(s) -> str:
         f"  drift p {s['drift_prefill']['mean']:.2f} d {s['drift_decode']['mean']:.2f}"
         + (f"  in-run gap {s['gap_in_run_pp']:+5.1f} pp" if "gap_in_run_pp" in s else "")
         + (f"  at-load gap {s['gap_at_load_pp']:+5.1f} pp" if "gap_at_load_pp" in s else "")
+        + f"  runtime mean's s.e. {s['runtime_mean_se_pp']:.1f} pp"
     )
 
 

@@ -4,6 +4,8 @@ aggregation over repeats."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -227,6 +229,7 @@ def test_summarize_repeats_mean_spread_and_gap():
     assert runtime["mean"] == pytest.approx(0.8)
     assert (runtime["min"], runtime["max"]) == (0.7, 0.9)
     assert runtime["std"] == pytest.approx(0.1)
+    assert summary["runtime_mean_se_pp"] == pytest.approx(10 / np.sqrt(3))
     assert summary["gap_pp"] == pytest.approx(-10.0)
     assert summary["gap_rescaled_pp"] == pytest.approx(100 * (0.8 - (0.82 + 0.71 + 0.88) / 3))
     assert summary["drift_decode"]["mean"] == pytest.approx(2.4)
@@ -359,6 +362,17 @@ def test_one_run_probes_simulates_twice_and_serves():
     ratio = record["runtime"]["step_ratio_prefill"]
     in_run = record["simulated_in_run"]
     assert in_run["mean_ttft_s"] == pytest.approx(0.1 * ratio, rel=1e-6)
+    # With a calibration at the rate, the run's speed rescales that model and its loop
+    # instead (a prefill 5x the profile's, so a fifth of the ratio; a 5 ms loop).
+    at_load = Calibration(
+        1, ProfileSet("cpu", []), ConstantLatencyModel(0.5, 0.01), ProbeTimes(10.0, 2.0), "t",
+        engine_loop_s=0.005,
+    )  # fmt: skip
+    record = one_run(replace(run, at_load=at_load), engine, DriftProbe(16, 2, 16), Timer())
+    ratio = record["runtime"]["step_ratio_prefill"]  # still against the profile
+    in_run = record["simulated_in_run"]
+    assert in_run["mean_ttft_s"] == pytest.approx(0.1 * ratio + 0.005, rel=1e-6)
+    engine.shutdown()
 
 
 def test_one_run_on_1p1d_reads_the_instances_steps():

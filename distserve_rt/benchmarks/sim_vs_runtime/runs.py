@@ -73,7 +73,11 @@ def one_run(
     runtime.extra.update(meter.shares())
     ratios = step_time_ratios(records, cal.latency)
     runtime.extra.update(ratios)
-    in_run = in_run_simulation(run, ratios)
+    # At the run's own speed, from the calibration at the rate where there is one: its fit
+    # has this rate's batch shapes, so a per-kind ratio rescales it most evenly.
+    base = run.at_load or cal
+    in_run_ratios = ratios if base is cal else step_time_ratios(records, base.latency)
+    in_run = in_run_simulation(run, base, in_run_ratios)
     return {
         "drift_ratio": ratio.to_dict(),
         "noise_seed": run.noise_seed,
@@ -104,20 +108,21 @@ def with_loop(setup, cal: Calibration):
     return setup
 
 
-def in_run_simulation(run: RunSpec, ratios: dict[str, float]):
-    """The same requests simulated at the speed the served run's steps had (the model's
-    step times times the run's measured/predicted ratio per step kind: 1P1D's prefill
+def in_run_simulation(run: RunSpec, cal: Calibration, ratios: dict[str, float]):
+    """The same requests simulated at the speed the served run's steps had (``cal``'s
+    model's step times times the run's measured/predicted ``ratios`` per step kind (against
+    that model, `step_time_ratios`): 1P1D's prefill
     steps are the prefill instance's, its decode steps the decode instance's); None
     without a step log. Not a prediction (it uses the run's own measurement): it splits a
     gap in two. What is left against the runtime is the simulator's (scheduling,
     queueing, time outside the steps, the shape of the noise); what it closes is the step
     times' level, from the model's fit or the machine's speed during the run. The wake-up
     cost is already in the measured prefill steps, so it is not charged again."""
-    latency = ScaledLatencyModel.from_step_ratios(run.cal.latency, ratios)
+    latency = ScaledLatencyModel.from_step_ratios(cal.latency, ratios)
     if latency is None:
         return None
-    kw = {"noise": run.cal.noise, "seed": run.noise_seed, "wake": None}
-    setup = with_loop(run.target.setup, run.cal)
+    kw = {"noise": cal.noise, "seed": run.noise_seed, "wake": None}
+    setup = with_loop(run.target.setup, cal)
     return run.target.simulate(setup, latency, run.arrival, run.workload, **kw)
 
 
