@@ -333,6 +333,9 @@ def _print_summary(profile, path: Path) -> None:
         print(f"  mixed     a, b, c, d (ms) = {_fmt(co.mixed)}")
     if co.overhead:
         print(f"  overhead per step    (ms) = {co.overhead:.4g}")
+    if co.decode_batch_factors:
+        rows = ", ".join(f"B>={size}: {f:.3f}" for size, f in co.decode_batch_factors)
+        print(f"  decode x by batch size    = {rows}")
     errors = {f"fit error {k}": v for k, v in entry.fit_error.items()}
     errors.update({f"fit error analytic {k}": v for k, v in profile.analytic_fit_error.items()})
     errors.update({f"held-out {k}": v for k, v in entry.held_out_error.items()})

@@ -59,6 +59,23 @@ def _check_mixed(value) -> tuple[float, float, float, float] | None:
     return a, b, c, d
 
 
+def _check_batch_factors(value) -> tuple[tuple[int, float], ...]:
+    try:
+        rows = tuple((int(size), float(f)) for size, f in value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"decode_batch_factors must be [batch size, factor] pairs, got {value!r}"
+        ) from None
+    sizes = [size for size, _ in rows]
+    if any(size < 1 for size in sizes) or sizes != sorted(set(sizes)):
+        raise ValueError(
+            f"decode_batch_factors' batch sizes must be ascending ints >= 1, got {sizes!r}"
+        )
+    if not all(0 < f < float("inf") for _, f in rows):
+        raise ValueError(f"decode_batch_factors' factors must be finite and > 0, got {value!r}")
+    return rows
+
+
 class LatencyModel:
     """Interface: step times of one instance stage-less (all layers, ``tp`` devices), in s."""
 
@@ -112,11 +129,21 @@ class FittedCoefficients:
     """Per-step host cost (ms) added to every step; 0 in DistServe's profiles."""
     mixed: tuple[float, float, float, float] | None = None
     """Chunked-prefill steps ``[a, b, c, d]`` (module docstring); None = approximated."""
+    decode_batch_factors: tuple[tuple[int, float], ...] = ()
+    """``(smallest batch size, factor)`` rows, sizes ascending: a decode step of B requests
+    takes the form's time times the factor of the last row whose size is <= B (1 before
+    the first row; none: the form alone). Fitted from engine steps
+    (`profile_fit.fit_engine_steps`): the measured/predicted ratio per batch-size bucket,
+    what the affine form leaves by batch size (on 2 CPU cores, steps of one request ran
+    6-9% above it and steps of 16-32 4-15% below, where queues build)."""
 
     def __post_init__(self) -> None:
         for key in ("prefill", "decode_small", "decode_large"):
             object.__setattr__(self, key, _check_triple(key, getattr(self, key)))
         object.__setattr__(self, "mixed", _check_mixed(self.mixed))
+        object.__setattr__(
+            self, "decode_batch_factors", _check_batch_factors(self.decode_batch_factors)
+        )
         if not isinstance(self.decode_threshold, int) or self.decode_threshold < 1:
             raise ValueError(
                 f"decode_threshold must be a positive int, got {self.decode_threshold!r}"
@@ -135,7 +162,18 @@ class FittedCoefficients:
             out["overhead"] = self.overhead
         if self.mixed is not None:
             out["mixed"] = list(self.mixed)
+        if self.decode_batch_factors:
+            out["decode_batch_factors"] = [list(row) for row in self.decode_batch_factors]
         return out
+
+    def decode_factor(self, batch_size: int) -> float:
+        """The `decode_batch_factors` factor of a decode step of ``batch_size`` requests."""
+        factor = 1.0
+        for size, f in self.decode_batch_factors:
+            if size > batch_size:
+                break
+            factor = f
+        return factor
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,7 +189,8 @@ class FittedLatencyModel(LatencyModel):
     def decode_affine(self, batch_size: int) -> tuple[float, float]:
         co = self.coefficients
         a, b, c = co.decode_small if batch_size < co.decode_threshold else co.decode_large
-        return (co.overhead + a + c * batch_size) * _MS, b * _MS
+        f = co.decode_factor(batch_size) * _MS
+        return (co.overhead + a + c * batch_size) * f, b * f
 
     def mixed_s(
         self, num_prefill_tokens: int, prefill_sum_sq: int, batch_size: int, num_ctx_tokens: int

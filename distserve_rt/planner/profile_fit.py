@@ -349,6 +349,10 @@ def fit_engine_steps(
       mixed steps are fitted only when there are enough of them;
     * **held-out error**: the fit is repeated without a random ``held_out`` share of each
       kind's shapes and judged on their steps (shapes it never saw);
+    * **decode batch factors**: the decode form's measured/predicted ratio (time-weighted)
+      per batch-size bucket [1], [2, 3], [4, 7], ... with at least `MIN_BUCKET_STEPS`
+      steps (a sparser bucket keeps the smaller one's factor), as
+      ``FittedCoefficients.decode_batch_factors``;
     * **noise**: measured/predicted per step of each kind (`StepTimeNoise`, mean 1);
     * **fallback** (optional, e.g. a closed-loop profile's): the coefficients of a group with
       too few distinct shapes to fit its form (chunked prefill served at a rate runs almost
@@ -363,15 +367,41 @@ def fit_engine_steps(
     overhead = max(float(np.median(c["host_ms"])), 0.0)
     masks = _kind_masks(c)
     fits, borrowed = _fit_kinds(c, masks, overhead, decode_threshold, fallback)
-    co = _coefficients(fits, overhead, decode_threshold)
+    co = _with_batch_factors(_coefficients(fits, overhead, decode_threshold), c, masks["decode"])
     rng = np.random.default_rng(seed)
     test = np.zeros(c["ms"].size, dtype=bool)
     for kind, mask in masks.items():
         test |= _split(mask, _design(kind, c), rng, held_out)
     train = _select(c, ~test)
-    train_fits, _ = _fit_kinds(train, _kind_masks(train), overhead, decode_threshold, fallback)
-    train_co = _coefficients(train_fits, overhead, decode_threshold)
+    train_masks = _kind_masks(train)
+    train_fits, _ = _fit_kinds(train, train_masks, overhead, decode_threshold, fallback)
+    train_co = _with_batch_factors(
+        _coefficients(train_fits, overhead, decode_threshold), train, train_masks["decode"]
+    )
     return dataclasses.replace(_judge(co, train_co, c, masks, test), borrowed=borrowed)
+
+
+MIN_BUCKET_STEPS = 20
+"""Decode steps a batch-size bucket needs for its own factor (`fit_engine_steps`)."""
+
+
+def _with_batch_factors(
+    co: FittedCoefficients, c: dict[str, np.ndarray], decode: np.ndarray
+) -> FittedCoefficients:
+    """``co`` with the decode form's residual per batch-size bucket (powers of two) of the
+    decode-only steps ``decode``: what the affine form misses by batch size, measured."""
+    if not decode.any():
+        return co
+    sel = _select(c, decode)
+    predicted = _predict_ms(co, "decode", sel)
+    batch = sel["num_decodes"].astype(np.int64)
+    rows, size = [], 1
+    while size <= batch.max():
+        bucket = (batch >= size) & (batch < 2 * size)
+        if bucket.sum() >= MIN_BUCKET_STEPS:
+            rows.append((size, float(sel["ms"][bucket].sum() / predicted[bucket].sum())))
+        size *= 2
+    return dataclasses.replace(co, decode_batch_factors=tuple(rows))
 
 
 def _judge(co, train_co, c, masks, test) -> EngineStepFit:

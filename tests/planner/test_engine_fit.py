@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -304,3 +306,40 @@ def test_only_the_first_steps_are_kept_and_bad_sequences_are_refused():
         StepTimeNoise((0.9, 1.1), sequence=(1.0, 0.0))
     # Without a sequence (a profile written before it) the AR(1) process stands in.
     assert StepTimeNoise((0.9, 1.1), 0.5).process().z is None
+
+
+def test_the_fit_measures_what_the_decode_form_leaves_by_batch_size():
+    # Decode steps of one request run 10% above the form, of 16 or more 20% below it (the
+    # shape a CPU's GEMMs gave): the fit's factors per batch-size bucket recover both.
+    def bias(batch: int) -> float:
+        return 1.1 if batch == 1 else 0.8 if batch >= 16 else 1.0
+
+    steps = []
+    for s in _steps(3000, sigma=0.02):
+        if s.shape.num_decodes and not s.shape.num_prefills:
+            f = bias(s.shape.num_decodes)
+            s = StepRecord(
+                s.shape, HOST_MS * 1e-3 + (s.duration_s - HOST_MS * 1e-3) * f, s.execute_s * f
+            )
+        steps.append(s)
+    fit = fit_engine_steps(steps)
+    factors = dict(fit.coefficients.decode_batch_factors)
+    form = FittedLatencyModel(replace(fit.coefficients, decode_batch_factors=()))
+    corrected = FittedLatencyModel(fit.coefficients)
+    decodes = [s for s in steps if s.shape.num_decodes and not s.shape.num_prefills]
+    for low, high in ((1, 2), (2, 4), (4, 8), (8, 16), (16, 32)):
+        bucket = [s for s in decodes if low <= s.shape.num_decodes < high]
+        measured = sum(s.duration_s for s in bucket)
+
+        def predicted(lm, bucket=bucket):
+            return sum(
+                lm.decode_s(s.shape.num_decodes, s.shape.sum_decode_seq_lens) for s in bucket
+            )
+
+        assert measured / predicted(corrected) == pytest.approx(1.0, abs=0.02), low
+        if low in (1, 16):  # the form alone misses these buckets by the bias
+            assert abs(measured / predicted(form) - 1) > 0.04, low
+    assert set(factors) <= {1, 2, 4, 8, 16}
+    # Without a bias there is little to correct: every factor is near 1.
+    plain = dict(fit_engine_steps(_steps(3000, sigma=0.02)).coefficients.decode_batch_factors)
+    assert all(f == pytest.approx(1.0, abs=0.05) for f in plain.values())

@@ -131,6 +131,29 @@ def test_overhead_and_fitted_mixed_form_hand_computed():
         FittedCoefficients((1, 0, 0), (1, 0, 0), (1, 0, 0), mixed=(1, 2))
 
 
+def test_decode_batch_factors_scale_a_decode_step_by_its_batch_size():
+    base = FittedCoefficients((10, 0.1, 0), (20, 0.001, 0.05), (20, 0.001, 0.05), 95, 0.5)
+    co = FittedCoefficients(
+        base.prefill, base.decode_small, base.decode_large, 95, 0.5,
+        decode_batch_factors=[[2, 1.1], [16, 0.8]],
+    )  # fmt: skip
+    plain, lm = FittedLatencyModel(base), FittedLatencyModel(co)
+    assert lm.decode_s(1, 100) == plain.decode_s(1, 100)  # below the first row: the form
+    assert lm.decode_s(3, 300) == pytest.approx(1.1 * plain.decode_s(3, 300))
+    assert lm.decode_s(15, 1500) == pytest.approx(1.1 * plain.decode_s(15, 1500))
+    assert lm.decode_s(40, 4000) == pytest.approx(0.8 * plain.decode_s(40, 4000))
+    assert lm.prefill_s(300, 50_000) == plain.prefill_s(300, 50_000)  # decode steps only
+    again = FittedCoefficients(**co.to_dict())
+    assert again == co and again.decode_batch_factors == ((2, 1.1), (16, 0.8))
+    assert "decode_batch_factors" not in base.to_dict()
+    with pytest.raises(
+        ValueError, match="batch sizes must be ascending ints >= 1, got \\[16, 2\\]"
+    ):
+        FittedCoefficients((1, 0, 0), (1, 0, 0), (1, 0, 0), decode_batch_factors=[(16, 1), (2, 1)])
+    with pytest.raises(ValueError, match="factors must be finite and > 0"):
+        FittedCoefficients((1, 0, 0), (1, 0, 0), (1, 0, 0), decode_batch_factors=[(1, 0.0)])
+
+
 def _engine_profile():
     from distserve_rt.planner.profile_fit import FitError
     from distserve_rt.planner.profiles import ProfileEntry, ProfileSet

@@ -150,6 +150,10 @@ def test_drt_run_profile_fits_the_engine_steps(tmp_path, capsys):
     assert m["hardware"] == profile.hardware != "" and m["threads"] == torch.get_num_threads()
     assert min(m["num_steps"]["prefill"], m["num_steps"]["decode"]) >= 6
     assert profile.step_noise("llama-tiny", 1) == entry.step_noise["all"]
+    # The replayed noise is in the file, and the batch-size factors are shown when fitted
+    # (this short workload may have fewer than MIN_BUCKET_STEPS per bucket).
+    assert entry.step_noise["decode"].sequence and "replays" in text
+    assert bool(entry.coefficients.decode_batch_factors) == ("decode x by batch size" in text)
 
 
 def test_engine_workload_repeats_the_same_batches():
