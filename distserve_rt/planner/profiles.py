@@ -6,7 +6,8 @@ Schema (``schema_version`` 2; times in ms, lengths in tokens)::
      "entries": [{"model": "opt-13b", "tp": 1, "form": "fitted",
                   "coefficients": {"prefill": [a, b, c], "decode_small": [a, b, c],
                                    "decode_large": [a, b, c], "decode_threshold": 95,
-                                   "overhead": o, "mixed": [a, b, c, d]},  # both optional
+                                   "overhead": o, "mixed": [a, b, c, d],  # optional
+                                   "decode_batch_factors": [[1, f1], [2, f2], ...]},  # opt.
                   "fit_error": {"prefill": {"mean_rel": .., "max_rel": .., ...}, ...},
                   "held_out_error": {"decode": {...}, ...},               # optional
                   "step_noise": {"decode": [21 quantiles], ..., "all": [...]},  # optional
