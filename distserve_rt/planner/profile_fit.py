@@ -228,10 +228,7 @@ def _fit_offset_medians(x: np.ndarray, y: np.ndarray, overhead: float, what: str
         if coef.min() >= 0:
             break
         active &= coef > 0
-    work = x @ coef
-    if np.any(work <= 0):  # nothing to scale: the fit put every step at the overhead
-        return coef
-    return coef * float(np.mean((y - overhead) / work))
+    return _rescaled(coef, x, y, overhead)
 
 
 def _split(kind_mask: np.ndarray, x: np.ndarray, rng, held_out: float) -> np.ndarray:
@@ -291,12 +288,13 @@ def _fit_kinds(
 
 
 def _rescaled(coef: np.ndarray, x: np.ndarray, y: np.ndarray, overhead: float) -> np.ndarray:
-    """``coef`` scaled so that ``overhead + x·coef`` predicts the mean of ``y`` (as a fit
-    is, `_fit_offset_medians`); unchanged when it puts every step at the overhead."""
+    """``coef`` scaled so that ``overhead + x·coef`` predicts the mean of ``y`` (the last
+    step of a fit, and a borrowed group's only one); unchanged when it puts every step at
+    the overhead (nothing to scale)."""
     work = x @ coef
     if np.any(work <= 0):
         return coef
-    return coef * max(float(np.mean((y - overhead) / work)), 0.0)
+    return coef * float(np.mean((y - overhead) / work))
 
 
 def _coefficients(fits, overhead: float, threshold: int) -> FittedCoefficients:

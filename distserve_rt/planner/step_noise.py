@@ -87,8 +87,8 @@ class StepTimeNoise:
         if not (isinstance(rho, (int, float)) and 0 <= rho < 1):
             raise ValueError(f"step noise autocorrelation must be in [0, 1), got {rho!r}")
         seq = tuple(float(x) for x in self.sequence)
-        if not all(0 < x < math.inf for x in seq):
-            bad = next(x for x in seq if not 0 < x < math.inf)
+        bad = next((x for x in seq if not 0 < x < math.inf), None)
+        if bad is not None:
             raise ValueError(f"step noise sequence must hold finite factors > 0, got {bad!r}")
         object.__setattr__(self, "sequence", seq)
         q = tuple(float(x) for x in self.quantiles)

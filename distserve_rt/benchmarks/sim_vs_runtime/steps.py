@@ -64,15 +64,13 @@ def loop_gaps_s(records: Iterable[StepRecord]) -> dict[str, float]:
     Records without a start time are skipped; a kind with no such pause is left out."""
     by_kind: dict[str, list[StepRecord]] = {}
     for record in records:
-        if record.start_s is not None and record.shape.kind in STEP_KINDS:
+        if record.shape.kind in STEP_KINDS:
             by_kind.setdefault(record.shape.kind, []).append(record)
     out = {}
     for kind, rs in by_kind.items():
-        rs.sort(key=lambda r: r.start_s)
-        gaps = [b.start_s - (a.start_s + a.duration_s) for a, b in pairwise(rs)]
-        busy = [g for g in gaps if 0 <= g < BUSY_GAP_S]
-        if busy:
-            out[kind] = sum(busy) / len(busy)
+        gap = _mean_busy_gap_s(rs)
+        if gap is not None:
+            out[kind] = gap
     return out
 
 
@@ -80,6 +78,12 @@ def engine_loop_s(records: Iterable[StepRecord]) -> float | None:
     """The mean pause (s) between consecutive steps of one colocated engine (any kinds)
     shorter than `BUSY_GAP_S`: its loop's time per step (building outputs, adding arrived
     requests), which `ColocatedSetup.loop_s` simulates. None without such a pause."""
+    return _mean_busy_gap_s(records)
+
+
+def _mean_busy_gap_s(records: Iterable[StepRecord]) -> float | None:
+    """Mean pause (s) between consecutive ``records`` (by start time; those without one
+    skipped) shorter than `BUSY_GAP_S`; None without such a pause."""
     timed = sorted((r for r in records if r.start_s is not None), key=lambda r: r.start_s)
     gaps = [b.start_s - (a.start_s + a.duration_s) for a, b in pairwise(timed)]
     busy = [g for g in gaps if 0 <= g < BUSY_GAP_S]
